@@ -1,0 +1,31 @@
+"""torchjax-parity: prove a Flax port computes what its PyTorch model computes.
+
+Public API: check, assert_parity, Report, Comparison, registry helpers. Heavy imports are lazy so
+``import parity.configs`` stays framework-free.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "check": "parity.checker",
+    "assert_parity": "parity.checker",
+    "Report": "parity.report",
+    "Comparison": "parity.compare",
+    "compare": "parity.compare",
+    "Tolerance": "parity.tolerances",
+    "TOLERANCES": "parity.tolerances",
+    "tolerance_for": "parity.tolerances",
+    "PAIRS": "parity.registry",
+    "ModelPair": "parity.registry",
+    "pin_numerics": "parity.numerics",
+    "numerics_env": "parity.numerics",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")

@@ -1,0 +1,119 @@
+"""The one registry of model pairs that tests, the CLI and the benchmarks all iterate over."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from parity.configs import CNNConfig, MLPConfig, UNetConfig
+from weight_port.layout import AS_IS, CHANNELS_FIRST
+
+
+def _mlp_input(cfg: MLPConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((batch, cfg.in_features))
+
+
+def _cnn_input(cfg: CNNConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((batch, cfg.in_channels, cfg.image_size, cfg.image_size))
+
+
+def _unet_input(cfg: UNetConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((batch, cfg.in_channels, cfg.image_size, cfg.image_size))
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """A torch model and its Flax twin, built from one config.
+
+    make_input returns a float64 array in torch layout ([N, F] or [N, C, H, W]); layout says how
+    the Flax side sees it (weight_port.layout).
+    """
+
+    name: str
+    tiny: Callable[[], Any]
+    full: Callable[[], Any]
+    torch_cls: Callable[[], Any]
+    flax_cls: Callable[[], Any]
+    make_input: Callable[[Any, int, np.random.Generator], np.ndarray]
+    layout: str
+
+    @property
+    def family(self) -> str:
+        return self.name.split("-")[0]
+
+    def config(self, size: str = "tiny"):
+        if size not in ("tiny", "full"):
+            raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+        return self.tiny() if size == "tiny" else self.full()
+
+    def build(self, config=None, *, seed: int = 0):
+        """(torch_module, flax_module): torch weights from torch.manual_seed(seed)."""
+        import torch
+
+        config = config if config is not None else self.tiny()
+        torch.manual_seed(seed)
+        return self.torch_cls()(config), self.flax_cls()(config)
+
+    def example_input(self, config=None, *, batch: int = 2, seed: int = 0) -> np.ndarray:
+        config = config if config is not None else self.tiny()
+        return self.make_input(config, batch, np.random.default_rng(seed))
+
+    def has_batch_norm(self, config=None) -> bool:
+        return bool(getattr(config if config is not None else self.tiny(), "batch_norm", False))
+
+
+def _torch(name: str):
+    import torch_ref
+
+    return getattr(torch_ref, name)
+
+
+def _flax(name: str):
+    import flax_impl
+
+    return getattr(flax_impl, name)
+
+
+def _unet(name: str, **kw) -> ModelPair:
+    return ModelPair(
+        name=name,
+        tiny=partial(UNetConfig.tiny, **kw),
+        full=partial(UNetConfig.full, **kw),
+        torch_cls=partial(_torch, "UNet"),
+        flax_cls=partial(_flax, "UNet"),
+        make_input=_unet_input,
+        layout=CHANNELS_FIRST,
+    )
+
+
+PAIRS: dict[str, ModelPair] = {
+    p.name: p
+    for p in (
+        ModelPair("mlp", MLPConfig.tiny, MLPConfig.full, partial(_torch, "ExplicitMLP"),
+                  partial(_flax, "ExplicitMLP"), _mlp_input, AS_IS),
+        ModelPair("cnn", CNNConfig.tiny, CNNConfig.full, partial(_torch, "CNN"),
+                  partial(_flax, "CNN"), _cnn_input, CHANNELS_FIRST),
+        _unet("unet-valid", padding="valid"),
+        _unet("unet-same", padding="same"),
+        _unet("unet-same-bn", padding="same", batch_norm=True),
+        _unet("unet-valid-retain", padding="valid", retain_dim=True),
+    )
+}
+
+
+def select(names: list[str] | tuple[str, ...] | str) -> list[ModelPair]:
+    """Pairs by exact name or family ("unet" selects every unet-*); "all" selects everything."""
+    if isinstance(names, str):
+        names = [names]
+    chosen: list[ModelPair] = []
+    for name in names:
+        hits = list(PAIRS.values()) if name == "all" else [
+            p for p in PAIRS.values() if p.name == name or p.family == name
+        ]
+        if not hits:
+            raise KeyError(f"unknown model {name!r}; choose from all, {', '.join(sorted({p.family for p in PAIRS.values()} | set(PAIRS)))}")
+        chosen.extend(p for p in hits if p not in chosen)
+    return chosen
