@@ -12,7 +12,6 @@ _LAZY = {
     "assert_parity": "parity.checker",
     "Report": "parity.report",
     "Comparison": "parity.compare",
-    "compare": "parity.compare",
     "Tolerance": "parity.tolerances",
     "TOLERANCES": "parity.tolerances",
     "tolerance_for": "parity.tolerances",
