@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_impl.batchnorm import BatchNorm
 from flax_impl.layers import center_crop, resize_bilinear, torch_conv_transpose_padding
 from parity.configs import UNetConfig
 
@@ -26,8 +27,8 @@ class DoubleConv(nn.Module):
             # which is Flax momentum 0.9 on the old one. use_fast_variance=False computes
             # E[(x - mean)^2] like torch, not E[x^2] - mean^2 (cancellation in float32).
             bn = dict(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
-            self.bn1 = nn.BatchNorm(**bn)
-            self.bn2 = nn.BatchNorm(**bn)
+            self.bn1 = BatchNorm(**bn)  # torch-exact: unbiased running_var
+            self.bn2 = BatchNorm(**bn)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self.conv1(x)

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from parity.errors import UsageError
+
 # name -> (module, one-line help). Each module: add_arguments(parser), run(args) -> int.
 COMMANDS = {
     "check": ("parity.commands.check", "check built-in or your own model pairs for parity"),
@@ -15,10 +17,6 @@ COMMANDS = {
     "bench": ("parity.commands.bench", "benchmark torch vs jax.jit on the built-in models"),
     "train": ("parity.commands.train", "train both twins side by side and compare per step"),
 }
-
-
-class UsageError(Exception):
-    """Bad arguments or setup found after parsing; reported as one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ") or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, UsageError) else text
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])  # KeyError's str() adds quotes around the message
+    return text if isinstance(exc, UsageError) else f"{type(exc).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, KeyError, ValueError, TypeError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError, ImportError, AttributeError, OSError) as exc:
-        from weight_port.errors import PortError  # noqa: F401  (PortError is a plain Exception)
-
-        print(f"parity: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except Exception as exc:
         from weight_port.errors import PortError
 
-        if isinstance(exc, PortError):
+        # Expected failures (bad input, bad files, a port that cannot be made) are one line.
+        # Anything else is a bug in this tool and keeps its traceback.
+        if isinstance(exc, (UsageError, PortError, KeyError, ValueError, TypeError, OSError,
+                            ImportError, AttributeError)):
             print(f"parity: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise

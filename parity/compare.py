@@ -1,7 +1,7 @@
 """The one comparison helper: torch-layout vs Flax-layout arrays, reported by path and worst element."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -25,9 +25,26 @@ class Comparison:
     actual_at_worst: float
     tolerance: str
     ok: bool
+    # Error over allowance, the worst criterion (elementwise or norm-wise): <= 1 passes. One
+    # number per tensor that is comparable across dtypes, used for plots and ranking.
+    score: float = 0.0
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def failed_comparison(name: str, reason: str, tol: Tolerance) -> Comparison:
+    """A comparison that could not be made (shape or arity mismatch): always out of tolerance."""
+    inf = float("inf")
+    return Comparison(name=name, shape=(), max_abs=inf, max_rel=inf, rel_norm=inf, mismatches=-1,
+                      worst_index=(), expected_at_worst=float("nan"), actual_at_worst=float("nan"),
+                      tolerance=tol.describe(), ok=False, score=inf, note=reason)
+
+
+def worst_of(comps: list[Comparison]) -> Comparison | None:
+    """The comparison that decides a verdict: any failure first, then the highest score."""
+    return max(comps, key=lambda c: (not c.ok, c.score, c.rel_norm), default=None)
 
 
 def _as_float64(x) -> np.ndarray:
@@ -64,10 +81,16 @@ def compare(
         bad = np.zeros(diff.shape, dtype=bool)
     mismatches = int(bad.sum())
     ok = mismatches == 0 and (tol.rel_norm is None or rel_norm <= tol.rel_norm)
+    score = 0.0
+    if tol.rtol is not None and diff.size:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = float(np.max(diff / (tol.atol + tol.rtol * denom)))
+    if tol.rel_norm is not None:
+        score = max(score, rel_norm / tol.rel_norm if tol.rel_norm > 0 else np.inf)
     if diff.size:
         # Worst element: the most out-of-tolerance one when the elementwise check is on.
-        score = diff - (tol.atol + tol.rtol * denom) if tol.rtol is not None else diff
-        flat = int(np.argmax(score))
+        excess = diff - (tol.atol + tol.rtol * denom) if tol.rtol is not None else diff
+        flat = int(np.argmax(excess))
         worst = tuple(int(i) for i in np.unravel_index(flat, diff.shape))
         exp_w, act_w = float(expected[worst]), float(actual[worst])
     else:
@@ -84,4 +107,31 @@ def compare(
         actual_at_worst=act_w,
         tolerance=tol.describe(),
         ok=bool(ok),
+        score=float(score),
+    )
+
+
+def compare_to_reference(
+    name: str, flax_value, torch_value, reference, tol: Tolerance, *, layout: str = AS_IS
+) -> Comparison:
+    """fp64-reference verdict: Flax's error against a float64 reference, measured in units of
+    torch's own error against it (both relative to ||reference||).
+
+    flax_value is in Flax layout; torch_value and reference (the float64 torch run) in torch
+    layout. The returned Comparison carries flax-vs-torch statistics for reading, but ``ok`` and
+    ``score`` come from ``||flax - ref|| <= tol.k * max(||torch - ref||, tol.floor)``.
+    """
+    if tol.k is None:
+        raise ValueError(f"{name}: compare_to_reference needs an fp64-reference Tolerance (k, floor)")
+    loose = Tolerance(rel_norm=float("inf"), reason="statistics only")
+    stats = compare(name, flax_value, torch_value, loose, layout=layout)
+    flax_err = compare(name, flax_value, reference, loose, layout=layout).rel_norm
+    torch_err = compare(name, torch_value, reference, loose).rel_norm
+    allowed = tol.k * max(torch_err, tol.floor)
+    return replace(
+        stats,
+        ok=bool(flax_err <= allowed),
+        score=float(flax_err / allowed),
+        tolerance=tol.describe(),
+        note=f"vs fp64: flax {flax_err:.2e}, torch {torch_err:.2e}",
     )

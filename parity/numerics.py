@@ -11,18 +11,52 @@ import jax
 import torch
 
 
-def pin_numerics(precision: str = "highest", tf32: bool = False) -> None:
-    """Set JAX matmul precision and torch TF32 flags (both sides at the same precision)."""
+# JAX precisions that use reduced-precision (TF32 or bf16) passes for float32 on GPU.
+_REDUCED = {"default", "high", "tensorfloat32", "bfloat16", "bfloat16_3x"}
+
+
+def tf32_for(precision: str) -> bool:
+    """The torch TF32 setting that matches a JAX matmul precision (so both sides agree)."""
+    return precision in _REDUCED
+
+
+def pin_numerics(precision: str = "highest", tf32: bool | None = None) -> None:
+    """Set JAX matmul precision and torch TF32 flags (both sides at the same precision).
+
+    tf32=None derives torch's setting from ``precision``: TF32 on exactly when JAX uses reduced
+    float32 passes, so the two sides compute the same approximation.
+    """
+    tf32 = tf32_for(precision) if tf32 is None else tf32
     jax.config.update("jax_default_matmul_precision", precision)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def precision_warnings(env: dict) -> list[str]:
+    """Say when torch and JAX are set to different float32 matmul precisions."""
+    jax_reduced = env["jax_default_matmul_precision"] in _REDUCED
+    torch_mm = env["torch_matmul_allow_tf32"] or env["torch_float32_matmul_precision"] != "highest"
+    out = []
+    if jax_reduced != torch_mm:
+        out.append(
+            f"the two sides use different matmul precision: JAX {env['jax_default_matmul_precision']!r}, "
+            f"torch allow_tf32={env['torch_matmul_allow_tf32']} "
+            f"float32_matmul_precision={env['torch_float32_matmul_precision']!r}"
+        )
+    if jax_reduced != env["torch_cudnn_allow_tf32"]:
+        out.append(
+            f"the two sides use different conv precision: JAX {env['jax_default_matmul_precision']!r}, "
+            f"torch cudnn.allow_tf32={env['torch_cudnn_allow_tf32']}"
+        )
+    return out
 
 
 def jax_precision() -> str:
     return str(jax.config.jax_default_matmul_precision or "default")
 
 
-def numerics_env() -> dict:
+def numerics_env(torch_device: str | None = None) -> dict:
     """Everything that changes the numbers: precision flags, x64, devices, versions."""
     import flax
 
@@ -34,7 +68,8 @@ def numerics_env() -> dict:
         "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
-        "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_device": torch_device or "cpu",
+        "torch_cuda_available": torch.cuda.is_available(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -48,7 +83,7 @@ def numerics_env() -> dict:
 class pinned:
     """Context manager: JAX matmul precision and torch TF32 flags set for the block, then restored."""
 
-    def __init__(self, precision: str = "highest", tf32: bool = False):
+    def __init__(self, precision: str = "highest", tf32: bool | None = None):
         self.precision, self.tf32 = precision, tf32
 
     def __enter__(self) -> "pinned":
@@ -56,12 +91,14 @@ class pinned:
             jax.config.jax_default_matmul_precision,
             torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(),
         )
         pin_numerics(self.precision, self.tf32)
         return self
 
     def __exit__(self, *exc) -> None:
-        prec, mm, cudnn = self._saved
+        prec, mm, cudnn, mm_prec = self._saved
         jax.config.update("jax_default_matmul_precision", prec)
+        torch.set_float32_matmul_precision(mm_prec)  # before allow_tf32: it sets that flag too
         torch.backends.cuda.matmul.allow_tf32 = mm
         torch.backends.cudnn.allow_tf32 = cudnn

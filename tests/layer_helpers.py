@@ -49,4 +49,5 @@ def layer_report(torch_layer, make_flax_layer, x, *, dtype="float64", train=Fals
         FlaxWrap(make_flax_layer, post=post, train_kw=train_kw),
         x, dtype=dtype, train=train, input_layout=layout, variables=variables,
         name=type(torch_layer).__name__,
+        layers=False,  # per-layer rows add nothing for a one-layer wrapper, and cost a compile
     )

@@ -63,3 +63,15 @@ def test_unet_output_sizes(name):
     out = torch_model(torch.as_tensor(pair.example_input(cfg), dtype=torch.float32))
     size = cfg.image_size if cfg.retain_dim else cfg.output_size(cfg.image_size)
     assert tuple(out.shape) == (2, cfg.num_classes, size, size)
+
+
+def test_float64_check_does_not_leave_x64_on():
+    import jax
+
+    pair = PAIRS["mlp"]
+    torch_model, flax_model = pair.build()
+    assert not jax.config.jax_enable_x64
+    report = parity.check(torch_model, flax_model, pair.example_input(), dtype="float64",
+                          input_layout=pair.layout)
+    assert report.ok and report.env["jax_enable_x64"]  # recorded as on during the check
+    assert not jax.config.jax_enable_x64  # and restored afterwards

@@ -121,3 +121,18 @@ def test_dtype_preserved_and_optional_target_dtype():
     assert variables["params"]["conv1"]["kernel"].dtype == np.float32
     halved = torch_to_flax(torch_model, flax_model, x, dtype=np.float16)
     assert halved["params"]["conv1"]["kernel"].dtype == np.float16
+
+
+@pytest.mark.parametrize("source", ["module", "state_dict"])
+def test_ported_arrays_do_not_alias_live_torch_tensors(source):
+    """An optimizer step or train-mode BatchNorm update on the torch side must not leak into Flax."""
+    _, torch_model, flax_model, x = _built("unet-same-bn")
+    src = torch_model if source == "module" else torch_model.state_dict()
+    variables = torch_to_flax(src, flax_model, x, torch_module=torch_model)
+    before_bias = np.array(variables["params"]["head"]["bias"])
+    before_mean = np.array(variables["batch_stats"]["down_0"]["bn1"]["mean"])
+    with torch.no_grad():
+        torch_model.head.bias.add_(1.0)
+    torch_model.train()(x)  # updates running_mean in place
+    assert np.array_equal(np.asarray(variables["params"]["head"]["bias"]), before_bias)
+    assert np.array_equal(np.asarray(variables["batch_stats"]["down_0"]["bn1"]["mean"]), before_mean)

@@ -43,3 +43,42 @@ class NoRuleError(PortError):
             f"no conversion rule for {listed}; register one with "
             "weight_port.register_rule(TorchLayerType, Rule(...)) (see README, 'Extending the port')"
         )
+
+
+class ShapeMismatchError(KeyMismatchError):
+    """Every key lines up but some shapes do not (e.g. a class token of another length)."""
+
+
+class AttributeMismatchError(PortError):
+    """The Flax twin is configured differently from the torch layer (eps, momentum, groups).
+
+    The port copies tensors; it cannot change a Flax module's hyperparameters, so a twin built
+    with Flax's defaults (LayerNorm epsilon 1e-6 vs torch 1e-5) would compute something else.
+    """
+
+    def __init__(self, entries: Sequence[str]):
+        self.entries = list(entries)
+        super().__init__(f"{len(self.entries)} attribute mismatch: " + "; ".join(self.entries))
+
+
+class NonFiniteWeightError(PortError):
+    """NaN or Inf in source tensors (usually a diverged run); opt out with allow_nonfinite=True."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = list(keys)
+        super().__init__(
+            f"NaN/Inf in {len(self.keys)} tensor(s): " + ", ".join(self.keys)
+            + " (pass allow_nonfinite=True / --allow-nonfinite to port them anyway)"
+        )
+
+
+class CheckpointError(PortError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or of an unknown kind."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        super().__init__(f"cannot read checkpoint {self.path}: {reason}")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A .pt/.pth file that only loads by unpickling arbitrary objects (refused: it can run code)."""

@@ -106,11 +106,19 @@ def find_flattened_linears(
             with torch.no_grad():
                 ShapeProp(gm).propagate(*example_inputs)
             gm.train(was_training)
-    except Exception as exc:  # any tracing failure: port anyway, but say so once
+    except Exception as fx_exc:  # fx cannot trace Python control flow on tensors; try export
+        if example_inputs is not None:
+            try:
+                return _find_with_export(module, example_inputs)
+            except Exception as export_exc:
+                reason = f"torch.fx: {type(fx_exc).__name__}; torch.export: {type(export_exc).__name__}"
+        else:
+            reason = f"torch.fx: {type(fx_exc).__name__}: {fx_exc}"
+        # One warning per port (not per layer): porting goes on, only flatten detection is off.
         warnings.warn(
-            f"could not trace {type(module).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-            "porting without flatten-order detection. If a Linear follows a flatten of a "
-            "channels-first tensor, pass flatten={'<linear path>': (C, H, W)}.",
+            f"could not trace {type(module).__name__} ({reason}); porting without flatten-order "
+            "detection. If a Linear follows a flatten of a channels-first tensor, pass the "
+            "override flatten={'<linear path>': (C, H, W)}.",
             FlattenTraceWarning,
             stacklevel=3,
         )
@@ -126,4 +134,45 @@ def find_flattened_linears(
                     src = _flattened_source(arg, gm)
                 if src is not None:
                     found[node.target] = src
+    return found
+
+
+# torch.export sees through Python control flow (it runs the model on the example input), at the
+# price of an ATen-level graph: Linear is aten.linear with its weight as a lifted placeholder.
+_ATEN_FLATTENS = ("view", "reshape", "_unsafe_view", "flatten")
+_ATEN_ELEMENTWISE = ("relu", "gelu", "silu", "tanh", "sigmoid", "dropout", "clone", "alias",
+                     "contiguous", "identity")
+
+
+def _aten_name(node: fx.Node) -> str:
+    # an OpOverload's __name__ is "<op>.<overload>", e.g. "linear.default", "_unsafe_view.default"
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _find_with_export(module: nn.Module, example_inputs: tuple) -> dict[str, tuple[int, ...]]:
+    was_training = module.training
+    module.eval()  # running the example must not update BatchNorm running stats
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(example_inputs), strict=False)
+    finally:
+        module.train(was_training)
+    param_of = dict(ep.graph_signature.inputs_to_parameters)
+    found: dict[str, tuple[int, ...]] = {}
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function" or _aten_name(node) != "linear":
+            continue
+        weight = param_of.get(getattr(node.args[1], "name", None))
+        src = node.args[0]
+        while isinstance(src, fx.Node) and src.op == "call_function" and _aten_name(src) in _ATEN_ELEMENTWISE:
+            src = src.args[0]
+        if weight is None or not isinstance(src, fx.Node) or src.op != "call_function":
+            continue
+        if _aten_name(src) not in _ATEN_FLATTENS or not isinstance(src.args[0], fx.Node):
+            continue
+        before, after = src.args[0].meta.get("val"), src.meta.get("val")
+        if before is None or after is None or before.ndim < 3 or after.ndim != 2:
+            continue
+        if before.shape[0] == after.shape[0] and math.prod(before.shape[1:]) == after.shape[1]:
+            found[weight.rpartition(".")[0]] = tuple(int(d) for d in before.shape[1:])
     return found

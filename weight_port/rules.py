@@ -10,6 +10,7 @@ gradients of the parameters. A rule that rescaled values would break that: keep 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ class Rule:
 
     tensors: tuple[TensorMap, ...]
     dropped: tuple[str, ...] = field(default_factory=tuple)
+    # Hyperparameters the port cannot copy (eps, momentum, groups): returns one line per
+    # difference between the torch layer and its Flax module, [] when they agree or are unknown.
+    check: Callable[["LayerInfo"], list[str]] | None = None
+    name: str = ""
 
     def by_torch_name(self) -> dict[str, TensorMap]:
         return {t.torch_name: t for t in self.tensors}
@@ -87,7 +92,8 @@ LINEAR = Rule(
     (
         TensorMap("weight", "params", "kernel", linear_weight_to_flax, linear_weight_to_torch),
         TensorMap("bias", "params", "bias"),
-    )
+    ),
+    name="linear",
 )
 
 
@@ -106,7 +112,8 @@ CONV = Rule(
     (
         TensorMap("weight", "params", "kernel", conv_weight_to_flax, conv_weight_to_torch),
         TensorMap("bias", "params", "bias"),
-    )
+    ),
+    name="conv",
 )
 
 
@@ -115,15 +122,34 @@ CONV = Rule(
 # and have in/out swapped. flax ConvTranspose(transpose_kernel=False) runs its kernel [*k, in, out]
 # as given, so the port flips; with transpose_kernel=True Flax flips and swaps itself and expects
 # [*k, out, in] unflipped. (Padding is the twin's job: flax_impl.layers.torch_conv_transpose_padding.)
+# With groups g, torch's in axis is g blocks of in/g, each mapping to its own out/g outputs; the
+# equivalent grouped conv (weight_port.flax_layers.GroupedConvTranspose) has kernel
+# [*k, in/g, out] with out ordered (group, out/g) -- the same group-major order torch uses.
 def _flax_transposes_kernel(layer: LayerInfo) -> bool:
     return bool(getattr(layer.flax_module, "transpose_kernel", False))
+
+
+def conv_groups(layer: LayerInfo) -> int:
+    """groups from the torch layer, else from the Flax module (feature_group_count), else 1."""
+    for obj, attr in ((layer.torch_module, "groups"), (layer.flax_module, "feature_group_count")):
+        value = getattr(obj, attr, None)
+        if isinstance(value, int):
+            return value
+    return 1
 
 
 def conv_transpose_weight_to_flax(w: np.ndarray, layer: LayerInfo) -> np.ndarray:
     spatial = tuple(range(2, w.ndim))
     if _flax_transposes_kernel(layer):
         return np.transpose(w, (*spatial, 1, 0))
-    return np.transpose(np.flip(w, axis=spatial), (*spatial, 0, 1))
+    g = conv_groups(layer)
+    if g == 1:  # a view (no copy): the materializer does the one copy
+        return np.transpose(np.flip(w, axis=spatial), (*spatial, 0, 1))
+    cin, cout_g, *k = w.shape
+    w = np.flip(w, axis=spatial).reshape(g, cin // g, cout_g, *k)  # [g, in/g, out/g, *k]
+    n = len(k)
+    w = np.transpose(w, (*range(3, 3 + n), 1, 0, 2))  # [*k, in/g, g, out/g]
+    return w.reshape(*k, cin // g, g * cout_g)
 
 
 def conv_transpose_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
@@ -131,7 +157,20 @@ def conv_transpose_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarra
     spatial = tuple(range(2, n))
     if _flax_transposes_kernel(layer):
         return np.transpose(k, (n - 1, n - 2, *range(n - 2)))
-    return np.flip(np.transpose(k, (n - 2, n - 1, *range(n - 2))), axis=spatial)
+    g = conv_groups(layer)
+    if g == 1:
+        return np.flip(np.transpose(k, (n - 2, n - 1, *range(n - 2))), axis=spatial)
+    *ks, cin_g, cout = k.shape
+    w = k.reshape(*ks, cin_g, g, cout // g)  # [*k, in/g, g, out/g]
+    w = np.transpose(w, (n - 1, n - 2, n, *range(n - 2)))  # [g, in/g, out/g, *k]
+    return np.flip(w.reshape(g * cin_g, cout // g, *ks), axis=spatial)
+
+
+def _check_conv_transpose(layer: LayerInfo) -> list[str]:
+    if conv_groups(layer) > 1 and _flax_transposes_kernel(layer):
+        return [f"{layer.torch_path or '<root>'}: groups={conv_groups(layer)} with a Flax "
+                "ConvTranspose(transpose_kernel=True); use weight_port.flax_layers.GroupedConvTranspose"]
+    return []
 
 
 CONV_TRANSPOSE = Rule(
@@ -140,8 +179,52 @@ CONV_TRANSPOSE = Rule(
             "weight", "params", "kernel", conv_transpose_weight_to_flax, conv_transpose_weight_to_torch
         ),
         TensorMap("bias", "params", "bias"),
-    )
+    ),
+    check=_check_conv_transpose,
+    name="conv_transpose",
 )
+
+
+# --- Attribute checks shared by the norm rules. -------------------------------------------------
+def _differs(a: float, b: float) -> bool:
+    return not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+
+
+def _eps_check(layer: LayerInfo) -> list[str]:
+    # torch's default eps is 1e-5 for every norm layer; Flax's LayerNorm/GroupNorm/InstanceNorm
+    # default to 1e-6, so a twin written with defaults is silently off by ~1e-6 relative.
+    t_eps = getattr(layer.torch_module, "eps", None)
+    f_eps = getattr(layer.flax_module, "epsilon", None)
+    if t_eps is not None and f_eps is not None and _differs(t_eps, f_eps):
+        return [f"{layer.torch_path or '<root>'}: torch eps={t_eps:g} but flax "
+                f"{'/'.join(layer.flax_path) or '<root>'} epsilon={f_eps:g} (set epsilon={t_eps:g})"]
+    return []
+
+
+def _batch_norm_check(layer: LayerInfo) -> list[str]:
+    out = _eps_check(layer)
+    t_m = getattr(layer.torch_module, "momentum", 0.1) if layer.torch_module is not None else None
+    f_m = getattr(layer.flax_module, "momentum", None)
+    where = f"{layer.torch_path or '<root>'}"
+    if layer.torch_module is not None and f_m is not None:
+        if t_m is None:
+            # momentum=None is a cumulative average (weights 1/num_batches_tracked); Flax has none.
+            out.append(f"{where}: torch momentum=None (cumulative average) has no Flax equivalent")
+        elif _differs(1.0 - t_m, f_m):
+            # torch weights the *new* batch statistic by momentum, Flax the *old* running value.
+            out.append(f"{where}: torch momentum={t_m:g} is flax momentum={1 - t_m:g}, "
+                       f"but flax {'/'.join(layer.flax_path)} has momentum={f_m:g}")
+    return out
+
+
+def _group_norm_check(layer: LayerInfo) -> list[str]:
+    out = _eps_check(layer)
+    t_g = getattr(layer.torch_module, "num_groups", None)
+    f_g = getattr(layer.flax_module, "num_groups", None)
+    if t_g is not None and f_g is not None and t_g != f_g:
+        out.append(f"{layer.torch_path or '<root>'}: torch num_groups={t_g} but flax "
+                   f"{'/'.join(layer.flax_path)} num_groups={f_g}")
+    return out
 
 
 # --- BatchNormNd: affine weight/bias are Flax scale/bias; running stats live in the separate
@@ -155,7 +238,38 @@ BATCH_NORM = Rule(
         TensorMap("running_var", "batch_stats", "var"),
     ),
     dropped=("num_batches_tracked",),
+    check=_batch_norm_check,
+    name="batch_norm",
 )
+
+
+# --- LayerNorm / GroupNorm / InstanceNorm: torch's affine weight/bias are Flax's scale/bias, same
+# shape and order (GroupNorm groups contiguous channels on both sides: torch splits axis 1 into
+# (G, C/G), Flax the last axis). No layout change; only eps (and groups) must agree.
+NORM = Rule(
+    (TensorMap("weight", "params", "scale"), TensorMap("bias", "params", "bias")),
+    check=_eps_check,
+    name="norm",
+)
+LAYER_NORM = NORM
+GROUP_NORM = Rule(NORM.tensors, check=_group_norm_check, name="group_norm")
+# torch InstanceNorm with track_running_stats=True has running stats Flax's InstanceNorm lacks:
+# they are deliberately not in this rule, so they surface as unexpected keys instead of vanishing.
+INSTANCE_NORM = Rule(NORM.tensors, dropped=("num_batches_tracked",), check=_eps_check,
+                     name="instance_norm")
+
+
+# --- Embedding: both store the table as [num_embeddings, features]; lookups index row-wise. ------
+EMBEDDING = Rule((TensorMap("weight", "params", "embedding"),), name="embedding")
+
+
+def direct_rule(names: Mapping[str, str]) -> Rule:
+    """Tensors registered directly on a module (class tokens, position embeddings, scalars).
+
+    names: {torch tensor name: Flax collection}. They have no layer semantics, so they are copied
+    unchanged under the same name; a shape difference is an error, never a reshape.
+    """
+    return Rule(tuple(TensorMap(n, c, n) for n, c in names.items()), name="direct")
 
 
 _RULES: dict[type, Rule] = {
@@ -169,14 +283,57 @@ _RULES: dict[type, Rule] = {
     nn.BatchNorm1d: BATCH_NORM,
     nn.BatchNorm2d: BATCH_NORM,
     nn.BatchNorm3d: BATCH_NORM,
+    nn.LayerNorm: LAYER_NORM,
+    nn.GroupNorm: GROUP_NORM,
+    nn.InstanceNorm1d: INSTANCE_NORM,
+    nn.InstanceNorm2d: INSTANCE_NORM,
+    nn.InstanceNorm3d: INSTANCE_NORM,
+    nn.Embedding: EMBEDDING,
 }
+# Flax-side types, for ports without a torch module (a state_dict or checkpoint file): the layer
+# type is then read off the Flax twin at each path. Filled lazily (importing flax is slow).
+_FLAX_RULES: dict[type, Rule] = {}
 
 
-def register_rule(torch_type: type, rule: Rule) -> None:
-    """Extension hook: teach the port a torch layer type (subclasses inherit it)."""
-    if not (isinstance(torch_type, type) and issubclass(torch_type, torch.nn.Module)):
-        raise TypeError(f"register_rule needs a torch.nn.Module subclass, got {torch_type!r}")
-    _RULES[torch_type] = rule
+def _builtin_flax_rules() -> dict[type, Rule]:
+    import flax.linen as fnn
+    from flax import nnx
+
+    from weight_port.flax_layers import GroupedConvTranspose
+
+    return {
+        fnn.Dense: LINEAR, nnx.Linear: LINEAR,
+        fnn.Conv: CONV, nnx.Conv: CONV,
+        fnn.ConvTranspose: CONV_TRANSPOSE, nnx.ConvTranspose: CONV_TRANSPOSE,
+        GroupedConvTranspose: CONV_TRANSPOSE,
+        fnn.BatchNorm: BATCH_NORM, nnx.BatchNorm: BATCH_NORM,
+        fnn.LayerNorm: LAYER_NORM, nnx.LayerNorm: LAYER_NORM,
+        fnn.GroupNorm: GROUP_NORM, nnx.GroupNorm: GROUP_NORM,
+        fnn.InstanceNorm: INSTANCE_NORM,
+        fnn.Embed: EMBEDDING, nnx.Embed: EMBEDDING,
+    }
+
+
+def _is_flax_module_type(t: type) -> bool:
+    import flax.linen as fnn
+    from flax import nnx
+
+    return issubclass(t, (fnn.Module, nnx.Module))
+
+
+def register_rule(layer_type: type, rule: Rule) -> None:
+    """Extension hook: teach the port a layer type (subclasses inherit it).
+
+    layer_type: a torch.nn.Module subclass (used when the source is a torch module), or a Flax
+    linen/nnx Module subclass (used when the source is a bare state_dict or checkpoint file and the
+    layer type must be read off the Flax twin). Register both for a layer you port both ways.
+    """
+    if isinstance(layer_type, type) and issubclass(layer_type, torch.nn.Module):
+        _RULES[layer_type] = rule
+    elif isinstance(layer_type, type) and _is_flax_module_type(layer_type):
+        _flax_rules()[layer_type] = rule
+    else:
+        raise TypeError(f"register_rule needs a torch.nn.Module or Flax Module subclass, got {layer_type!r}")
 
 
 def rule_for(torch_type: type) -> Rule | None:
@@ -184,6 +341,21 @@ def rule_for(torch_type: type) -> Rule | None:
     for cls in torch_type.__mro__:
         if cls in _RULES:
             return _RULES[cls]
+    return None
+
+
+def _flax_rules() -> dict[type, Rule]:
+    if not _FLAX_RULES:
+        _FLAX_RULES.update(_builtin_flax_rules())
+    return _FLAX_RULES
+
+
+def flax_rule_for(flax_type: type) -> Rule | None:
+    """The rule for a Flax module class (linen or nnx), by MRO, or None."""
+    rules = _flax_rules()
+    for cls in flax_type.__mro__:
+        if cls in rules:
+            return rules[cls]
     return None
 
 

@@ -1,50 +1,224 @@
-"""``parity check [mlp|cnn|unet|all]``: the built-in pairs on random inputs, one table."""
+"""``parity check``: built-in pairs (``parity check [mlp|cnn|unet|all]``) or your own
+(``parity check --torch MODULE:FACTORY --flax MODULE:FACTORY --input-shape 2,3,64,64``).
+
+Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one line on stderr). Progress
+lines go to stderr, results to stdout, so ``--json -`` style piping stays clean.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from parity.registry import PAIRS, select
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+class SetupError(Exception):
+    """A bad --torch/--flax spec, a factory that raises, a bad --input-shape: exit 2."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     families = sorted({pair.family for pair in PAIRS.values()})
-    p.add_argument("models", nargs="*", default=["all"], metavar="MODEL",
-                   help=f"all, a family ({', '.join(families)}) or a pair name ({', '.join(PAIRS)})")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help=f"all (default), a family ({', '.join(families)}) or a pair name ({', '.join(PAIRS)})")
+    own = p.add_argument_group("your own pair (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
+    own.add_argument("--flax", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the Flax twin (a linen Module)")
+    own.add_argument("--input-shape", metavar="N,C,H,W",
+                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+    own.add_argument("--layout", choices=("NC...", "as_is"), default=None,
+                     help="torch-side layout of the input: NC... (channels-first; default for >= 3 "
+                          "dims) or as_is ([N, F], default for 2 dims)")
+    own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                   help="model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
-    p.add_argument("--dtype", action="append", choices=("float32", "float64"),
-                   help="repeatable; default: float32 and float64")
-    p.add_argument("--batch", type=int, default=2)
+                   help="built-in model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
+    p.add_argument("--dtype", action="append", choices=DTYPES,
+                   help="repeatable; default: float32 and float64 (built-ins), float32 (your pair)")
+    p.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
+                   help="JAX matmul precision; torch TF32 is set to match")
+    p.add_argument("--fp64-reference", action="store_true",
+                   help="judge low-precision runs against a float64 run (Flax error within k x torch's)")
+    p.add_argument("--rtol", type=float, default=None, help="override the tolerance table (needs --atol)")
+    p.add_argument("--atol", type=float, default=None, help="override the tolerance table (needs --rtol)")
+    p.add_argument("--train", action="store_true", help="your pair: BatchNorm in training mode")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer analysis (faster)")
+    p.add_argument("--no-grads", action="store_true", help="forward only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=2, help="built-ins: batch size of the example input")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON (a list when several)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write the per-layer error plot as PNG (several reports: PATH-<model>-<dtype>-<mode>.png)")
+    p.add_argument("--full", action="store_true", help="print every report in full, not only failing ones")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def load_factory(spec: str, flag: str) -> Callable[[], object]:
+    """'pkg.module:factory' -> the callable; SetupError with one readable line otherwise."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SetupError(f"{flag} {spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:make_model")
+    sys.path.insert(0, ".")  # like `python -m`: modules in the current directory are found
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module itself raising at import
+        raise SetupError(f"{flag} {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+    finally:
+        sys.path.remove(".")
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SetupError(f"{flag} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SetupError(f"{flag} {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def _call_factory(factory: Callable[[], object], spec: str, flag: str) -> object:
+    try:
+        return factory()
+    except Exception as exc:
+        raise SetupError(f"{flag} {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise SetupError(f"--input-shape {text!r}: expected positive integers like 2,3,64,64")
+    return shape
+
+
+def _fits(torch_model, x, text: str) -> None:
+    """Run the torch model once so a wrong --input-shape is one line, not a trace from deep inside."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            torch_model.eval()(torch.as_tensor(x, dtype=next(torch_model.parameters(), torch.zeros(())).dtype))
+    except Exception as exc:
+        raise SetupError(f"--input-shape {text}: the torch model rejects this input "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _plot_path(base: str, report, many: bool) -> str:
+    if not many:
+        return base
+    p = Path(base)
+    return str(p.with_name(f"{p.stem}-{report.model}-{report.dtype}-{report.mode}{p.suffix or '.png'}"))
+
+
+def _summary_line(r, seconds: float) -> str:
+    out, grad = r.worst(r.outputs), r.worst(r.grads)
+    where = f"  first divergence: {r.first_divergence} ({r.divergence_kind})" if r.first_divergence else ""
+    bad = ", ".join(c.name for c in r.outputs + r.grads if not c.ok)
+    verdict = "PASS" if r.ok else f"FAIL{(' (' + bad[:50] + ')') if bad else ''}"
+    gmax = f"{grad.max_abs:12.2e} {grad.rel_norm:9.2e}" if grad is not None else f"{'-':>12} {'-':>9}"
+    return (f"{r.model[:18]:<18} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
+            f"{gmax} {seconds:5.1f}s  {verdict}{where}")
+
+
+def _jobs(args: argparse.Namespace):
+    """(label, thunk) per check to run; thunk(progress) -> Report."""
+    import numpy as np
+
+    from parity.checker import check
+
+    common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
+                  precision=args.precision, device=args.device, seed=args.seed,
+                  reference="float64" if args.fp64_reference else None)
+    if args.torch or args.flax or args.input_shape:
+        if args.models:
+            raise SetupError("give either MODEL names or --torch/--flax/--input-shape, not both")
+        missing = [f for f, v in (("--torch", args.torch), ("--flax", args.flax),
+                                  ("--input-shape", args.input_shape)) if not v]
+        if missing:
+            raise SetupError(f"checking your own pair needs {', '.join(missing)} as well")
+        shape = parse_shape(args.input_shape)
+        make_torch = load_factory(args.torch, "--torch")
+        make_flax = load_factory(args.flax, "--flax")
+        torch_model = _call_factory(make_torch, args.torch, "--torch")
+        flax_model = _call_factory(make_flax, args.flax, "--flax")
+        layout = args.layout or ("NC..." if len(shape) >= 3 else "as_is")
+        x = np.random.default_rng(args.seed).standard_normal(shape)
+        _fits(torch_model, x, args.input_shape)
+        name = args.name or type(torch_model).__name__
+        for dtype in args.dtype or ["float32"]:
+            yield f"{name} {dtype}", lambda say, dtype=dtype: check(
+                torch_model, flax_model, x, dtype=dtype, train=args.train, input_layout=layout,
+                name=name, progress=say, **common)
+        return
+    pairs = select(args.models or ["all"])
+    for pair in pairs:
+        config = pair.config(args.size)
+        for dtype in args.dtype or ["float32", "float64"]:
+            for train in ([False, True] if pair.has_batch_norm(config) else [False]):
+                def job(say, pair=pair, config=config, dtype=dtype, train=train):
+                    torch_model, flax_model = pair.build(config, seed=args.seed)
+                    x = pair.example_input(config, batch=args.batch, seed=args.seed)
+                    return check(torch_model, flax_model, x, dtype=dtype, train=train,
+                                 input_layout=pair.layout, name=pair.name, progress=say, **common)
+                yield f"{pair.name} {dtype} {'train' if train else 'eval'}", job
 
 
 def run(args: argparse.Namespace) -> int:
-    from parity.checker import check
-
-    pairs = select(args.models)
-    dtypes = args.dtype or ["float32", "float64"]
+    if (args.rtol is None) != (args.atol is None):
+        return _fail("--rtol and --atol must be given together")
+    try:
+        jobs = list(_jobs(args))
+    except (SetupError, KeyError) as exc:
+        return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     header = (f"{'model':<18} {'dtype':<8} {'mode':<5} {'out max_abs':>11} {'out rel':>9} "
               f"{'grad max_abs':>12} {'grad rel':>9} {'time':>6}  result")
     print(header)
-    print("-" * len(header))
-    failed = 0
-    for pair in pairs:
-        config = pair.config(args.size)
-        for dtype in dtypes:
-            for train in ([False, True] if pair.has_batch_norm(config) else [False]):
-                start = time.perf_counter()
-                torch_model, flax_model = pair.build(config, seed=args.seed)
-                x = pair.example_input(config, batch=args.batch, seed=args.seed)
-                r = check(torch_model, flax_model, x, dtype=dtype, train=train,
-                          input_layout=pair.layout, seed=args.seed, name=pair.name)
-                out = r.worst(r.outputs)
-                grad = r.worst(r.grads)
-                failed += not r.ok
-                print(f"{pair.name:<18} {dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
-                      f"{grad.max_abs:12.2e} {grad.rel_norm:9.2e} {time.perf_counter() - start:5.1f}s  "
-                      f"{'PASS' if r.ok else 'FAIL (' + ', '.join(c.name for c in r.outputs + r.grads if not c.ok)[:60] + ')'}",
-                      flush=True)
-    print(f"\n{'all pass' if not failed else f'{failed} FAILED'} (rel = ||flax - torch|| / ||torch||; "
-          "JAX matmul precision 'highest', TF32 off)")
+    print("-" * len(header), flush=True)
+    reports = []
+    for i, (label, job) in enumerate(jobs, 1):
+        start = time.perf_counter()
+
+        def say(msg: str, label=label, i=i) -> None:
+            if not args.quiet:
+                print(f"[{i}/{len(jobs)}] {label}: {msg} ({time.perf_counter() - start:.1f}s)",
+                      file=sys.stderr, flush=True)
+
+        try:
+            report = job(say)
+        except Exception as exc:  # a pair that cannot even be run (port refuses, shapes) is setup
+            if os.environ.get("PARITY_DEBUG"):
+                raise
+            return _fail(f"{label}: {type(exc).__name__}: {exc} (PARITY_DEBUG=1 for the traceback)")
+        reports.append(report)
+        print(_summary_line(report, time.perf_counter() - start), flush=True)
+    failed = [r for r in reports if not r.ok]
+    for r in reports if args.full else failed:
+        print()
+        print(r)
+    if args.json:
+        payload = [r.to_dict() for r in reports]
+        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=str))
+    if args.plot:
+        from parity.plot import plot_layers
+
+        for r in reports:
+            if r.layers:
+                plot_layers(r, _plot_path(args.plot, r, len(reports) > 1))
+    print(f"\n{'all pass' if not failed else f'{len(failed)} FAILED'} (rel = ||flax - torch|| / ||torch||; "
+          f"JAX matmul precision {args.precision!r}, torch TF32 {'on' if args.precision != 'highest' else 'off'})")
     return 1 if failed else 0
+
+
+def _fail(message: str) -> int:
+    print(f"parity: error: {message}", file=sys.stderr)
+    return 2

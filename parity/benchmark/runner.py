@@ -1,0 +1,305 @@
+"""Run the benchmark grid: parity gate per model and batch, then every phase x variant, timed.
+
+A variant that cannot run here is recorded as ``n/a`` with the reason; one that raises (e.g.
+torch.compile without a working C++ compiler) as ``failed`` with the reason; neither stops the
+run. A torch variant whose first result disagrees with jax.jit's is ``failed`` too, so a fast
+wrong model cannot win.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import jax
+import torch
+
+from parity.benchmark.devices import Device
+from parity.benchmark.timing import Timing, measure
+from parity.benchmark.workloads import PHASES, VARIANTS, Prepared, VariantUnavailable, make_step, prepare
+from parity.configs import UNetConfig
+from parity.numerics import numerics_env, pinned
+from parity.registry import select
+from parity.tolerances import FORWARD, TOLERANCES, tolerance_for
+
+SIZES = ("tiny", "cpu", "full")
+# Equal precision on both sides while timing: full-fp32 matmuls/convs (no TF32, no bf16 passes).
+TIMED_PRECISION = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. size: 'tiny' (registry tiny, for smoke runs), 'cpu' (CPU-sized, see
+    cpu_config) or 'full' (registry full / paper sizes)."""
+
+    models: tuple[str, ...] = ("mlp", "cnn", "unet-same", "unet-same-bn")
+    batches: tuple[int, ...] = (2, 8)
+    size: str = "cpu"
+    dtype: str = "float32"
+    phases: tuple[str, ...] = PHASES
+    variants: tuple[str, ...] = VARIANTS
+    warmup: int = 3
+    min_rounds: int = 10
+    max_rounds: int = 200
+    min_time_s: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ValueError(f"batch sizes must be positive integers, got {list(self.batches)}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+
+
+def cpu_config(pair):
+    """A config that runs in seconds per step on a few CPU cores but is not toy-sized:
+    MLP and CNN at their full (paper) sizes; UNets with channels (16, 32, 64, 128) at ~128 px."""
+    full = pair.config("full")
+    if not isinstance(full, UNetConfig):
+        return full
+    cfg = dataclasses.replace(full, in_channels=3, channels=(16, 32, 64, 128), image_size=128)
+    if cfg.padding == "valid":  # the smallest size >= 128 that the unpadded UNet accepts
+        size = 128
+        while True:
+            try:
+                cfg.output_size(size)
+                break
+            except ValueError:
+                size += 1
+        cfg = dataclasses.replace(cfg, image_size=size)
+    return cfg
+
+
+def sized_config(pair, size: str):
+    return cpu_config(pair) if size == "cpu" else pair.config(size)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    phase: str
+    batch: int
+    variant: str
+    dtype: str
+    status: str  # "ok", "failed" or "n/a"
+    reason: str = ""
+    note: str = ""
+    timing: Timing | None = None
+    flops: int | None = None
+    flops_source: str = ""
+    peak_bytes: int | None = None
+    peak_source: str = ""
+    check: str = ""  # this variant's first result vs jax.jit's
+
+    @property
+    def median_s(self) -> float | None:
+        return self.timing.median_s if self.timing else None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.batch / self.timing.median_s if self.timing else None
+
+    @property
+    def tflops_per_s(self) -> float | None:
+        return self.flops / self.timing.median_s / 1e12 if self.timing and self.flops else None
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "timing"}
+        d["timing"] = self.timing.to_dict() if self.timing else None
+        d.update(median_s=self.median_s, samples_per_s=self.samples_per_s, tflops_per_s=self.tflops_per_s)
+        return d
+
+
+@dataclass
+class GateResult:
+    model: str
+    batch: int
+    dtype: str
+    ok: bool
+    verdicts: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
+
+
+def gate_dtype(dtype: str) -> str:
+    """The dtype the parity gate runs at: the benchmark's, when the tolerance table covers it."""
+    return dtype if any(k[0] == dtype for k in TOLERANCES) else "float32"
+
+
+def gate(prep: Prepared) -> GateResult:
+    """One parity.check of the eager torch module against the Flax twin on this input (eval, and
+    train too for BatchNorm models), forward and gradients, at the benchmark's dtype.
+
+    A check that misses the table's elementwise tolerance is re-judged against a float64 run
+    (check(reference="float64")): Flax passes if its error vs float64 is within a small factor of
+    torch's own. That is the sharper verdict where float32 rounding is amplified, e.g. BatchNorm's
+    train-mode backward (batch-statistics gradients cancel), and it still fails a wrong model.
+    """
+    from parity.checker import check
+
+    dtype = gate_dtype(prep.dtype)
+    modes = [False, True] if prep.pair.has_batch_norm(prep.config) else [False]
+    # check() works on a copy cast to ``dtype`` and ports that copy's weights itself. It runs on
+    # the benchmark's device where it can (CPU and CUDA); a TPU run is gated on the host CPU.
+    kwargs = dict(dtype=dtype, input_layout=prep.pair.layout, name=prep.pair.name, layers=False,
+                  **({"device": "cuda"} if prep.device.kind == "cuda" else {}))
+    ok, verdicts, reports = True, [], []
+    for train in modes:
+        mode = "train" if train else "eval"
+        r = check(prep.torch_module, prep.flax_module, prep.x, train=train, **kwargs)
+        verdict = f"{mode}: PASS (tolerance table)"
+        if not r.ok and dtype != "float64":
+            worst = r.worst(r.outputs + r.grads)
+            r = check(prep.torch_module, prep.flax_module, prep.x, train=train, reference="float64", **kwargs)
+            verdict = (f"{mode}: {'PASS' if r.ok else 'FAIL'} (fp64 reference; the table's elementwise "
+                       f"check missed on {worst.name}, rel_norm {worst.rel_norm:.1e})")
+        elif not r.ok:
+            verdict = f"{mode}: FAIL (tolerance table)"
+        ok &= r.ok
+        verdicts.append(verdict)
+        reports.append(str(r))
+    return GateResult(prep.pair.name, prep.batch, dtype, ok, verdicts, reports)
+
+
+def environment(device: Device, cfg: BenchConfig) -> dict:
+    env = numerics_env()
+    env.update(
+        device=device.describe(),
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        threads={
+            "torch_intra_op": torch.get_num_threads(),
+            "torch_inter_op": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+            "note": "XLA:CPU sizes its own thread pool to the visible cores",
+        },
+        torch_compile_mode="default",
+        torchinductor_env={k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")},
+        python_executable=sys.executable,
+        git_commit=_git_commit(),
+        config=asdict(cfg),
+        timed_precision=dict(TIMED_PRECISION),
+    )
+    env["versions"]["optax"] = _version("optax")
+    return env
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(__file__))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_first_value(ref, value, dtype: str) -> tuple[bool, str]:
+    """Compare a variant's first result with jax.jit's (both torch layout), forward tolerance."""
+    from parity.compare import compare
+
+    if not any(k[0] == dtype for k in TOLERANCES):
+        return True, f"not checked: no {dtype} entry in parity/tolerances.py"
+    c = compare("first result", ref, value, tolerance_for(dtype, FORWARD))
+    text = f"max_abs {c.max_abs:.2e}, rel_norm {c.rel_norm:.2e} vs jax-jit ({c.tolerance})"
+    return c.ok, text
+
+
+def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] = print
+                   ) -> tuple[list[BenchResult], list[GateResult]]:
+    """Every model x batch x phase x variant of ``cfg`` on ``device``; JAX matmul precision
+    'highest' and torch TF32 off (equal precision on both sides) for the whole run."""
+    results: list[BenchResult] = []
+    gates: list[GateResult] = []
+    # jax-jit first: it is the reference each torch variant's first result is checked against.
+    variants = sorted(cfg.variants, key=lambda v: v != "jax-jit")
+    with pinned(precision=TIMED_PRECISION["jax_default_matmul_precision"],
+                tf32=TIMED_PRECISION["torch_allow_tf32"]), jax.default_device(device.jax_device):
+        for pair in select(list(cfg.models)):
+            config = sized_config(pair, cfg.size)
+            batches = sorted(cfg.batches)
+            prep = prepare(pair, config, batches[0], device, dtype=cfg.dtype, seed=cfg.seed)
+            # One parity gate per model (at the smallest batch); every timed variant at every
+            # batch is then checked against jax.jit's first result (check_first_value).
+            g = gate(prep)
+            gates.append(g)
+            log(f"[gate] {pair.name} b{g.batch} {g.dtype}: {'PASS' if g.ok else 'FAIL'}: " + "; ".join(g.verdicts))
+            if not g.ok:
+                for r in g.reports:
+                    log(r)
+            for batch in batches:
+                if batch != prep.batch:
+                    prep = prepare(pair, config, batch, device, dtype=cfg.dtype, seed=cfg.seed)
+                for phase in cfg.phases:
+                    if not g.ok:
+                        results.extend(BenchResult(pair.name, phase, batch, v, cfg.dtype, "failed",
+                                                   reason="parity gate failed") for v in variants)
+                        continue
+                    ref = None
+                    for variant in variants:
+                        r, value = _run_one(prep, variant, phase, cfg, ref)
+                        if variant == "jax-jit":
+                            ref = value
+                        results.append(r)
+                        log(_line(r))
+    return results, gates
+
+
+def _run_one(prep: Prepared, variant: str, phase: str, cfg: BenchConfig, ref):
+    """(result, first value in torch layout or None)."""
+    base = dict(model=prep.pair.name, phase=phase, batch=prep.batch, variant=variant, dtype=cfg.dtype)
+    try:
+        step = make_step(prep, variant, phase)
+        step.reset_peak()
+        timing = measure(step, warmup=cfg.warmup, min_rounds=cfg.min_rounds,
+                         max_rounds=cfg.max_rounds, min_time_s=cfg.min_time_s)
+    except VariantUnavailable as exc:
+        return BenchResult(**base, status="n/a", reason=str(exc)), None
+    except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
+        return BenchResult(**base, status="failed", reason=_one_line(exc)), None
+    flops, flops_source = step.flops()
+    peak, peak_source = step.peak_bytes()
+    result = BenchResult(**base, status="ok", note=step.note, timing=timing, flops=flops,
+                         flops_source=flops_source, peak_bytes=peak, peak_source=peak_source)
+    value = step.first_value()
+    if variant == "jax-jit":
+        result.check = "reference"
+    elif ref is None:
+        result.check = "not checked: no jax-jit reference"
+    else:
+        ok, result.check = check_first_value(ref, value, prep.dtype)
+        if not ok:
+            result.status, result.reason = "failed", f"first result disagrees with jax-jit: {result.check}"
+    return result, value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _line(r: BenchResult) -> str:
+    head = f"{r.model:<18} {r.phase:<7} b{r.batch:<4} {r.variant:<20}"
+    if r.status != "ok":
+        return f"{head} {r.status}: {r.reason}"
+    t = r.timing
+    return (f"{head} {t.median_s * 1e3:9.3f} ms  IQR {t.iqr_s * 1e3:7.3f}  n={t.rounds:<3} "
+            f"first call {t.first_call_s:6.2f} s  {r.samples_per_s:9.1f} samples/s")

@@ -1,0 +1,84 @@
+"""`parity check` as users run it (subprocess): exit codes, one-line errors, JSON and PNG files.
+
+Own-pair runs use the small LayerNorm/GELU pair from tests/planted.py (cheap to start)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parity.cli import main
+
+TESTS = Path(__file__).parent
+
+
+def _parity(*args: str, cwd: Path = TESTS) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "parity.cli", "check", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_own_pair_passes_and_writes_json_and_png(tmp_path):
+    proc = _parity("--torch", "planted:make_torch_block", "--flax", "planted:make_flax_block",
+                   "--input-shape", "3,8", "--dtype", "float64",
+                   "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all pass" in proc.stdout
+    assert "[1/1] TorchBlock float64: per-layer" in proc.stderr  # progress goes to stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] is True and [r["name"] for r in report["layers"]] == ["fc1", "norm", "act", "fc2", "<root>"]
+    png = (tmp_path / "r.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_own_pair_mismatch_exits_1_and_names_the_layer(tmp_path):
+    proc = _parity("--torch", "planted:make_torch_block", "--flax", "planted:make_flax_block_tanh",
+                   "--input-shape", "3,8", "--dtype", "float64", "--quiet")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "first divergence: act" in proc.stdout and "1 FAILED" in proc.stdout
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--torch", "no_such_module:make", "--flax", "planted:make_flax_block", "--input-shape", "3,8"),
+     "cannot import 'no_such_module'"),
+    (("--torch", "planted:make_broken", "--flax", "planted:make_flax_block", "--input-shape", "3,8"),
+     "the factory raised RuntimeError: cannot build this model today"),
+], ids=["bad-module", "factory-raises"])
+def test_setup_errors_exit_2_with_one_line(args, expected):
+    assert expected in _one_line_error(_parity(*args))
+
+
+def test_built_in_model_passes():
+    proc = _parity("mlp", "--dtype", "float64", "--no-layers", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[2].startswith("mlp ")
+
+
+# Argument errors are decided before anything heavy runs: checked in-process (same main()).
+@pytest.mark.parametrize("args, expected", [
+    (["--torch", "planted:make_torch_block", "--input-shape", "3,8"], "needs --flax"),
+    (["--torch", "planted", "--flax", "planted:make_flax_block", "--input-shape", "3,8"], "expected MODULE:FACTORY"),
+    (["--torch", "planted:nope", "--flax", "planted:make_flax_block", "--input-shape", "3,8"], "has no attribute 'nope'"),
+    (["--torch", "planted:make_torch_block", "--flax", "planted:make_flax_block", "--input-shape", "3,x"], "--input-shape"),
+    (["mlp", "--torch", "planted:make_torch_block", "--flax", "planted:make_flax_block", "--input-shape", "3,8"], "not both"),
+    (["no-such-model"], "unknown model"),
+    (["mlp", "--rtol", "1e-3"], "--rtol and --atol"),
+], ids=["missing-flax", "no-colon", "no-attr", "bad-shape", "both", "unknown-model", "rtol-alone"])
+def test_usage_errors_exit_2(args, expected, capsys, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    assert main(["check", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("parity: error:") and expected in err[0], err
