@@ -121,11 +121,13 @@ def _plot_path(base: str, report, many: bool) -> str:
 
 
 def _summary_line(r, seconds: float) -> str:
-    out, grad = r.worst(r.outputs), r.worst(r.grads)
+    out = r.worst(r.outputs)
     where = f"  first divergence: {r.first_divergence} ({r.divergence_kind})" if r.first_divergence else ""
     bad = ", ".join(c.name for c in r.outputs + r.grads if not c.ok)
     verdict = "PASS" if r.ok else f"FAIL{(' (' + bad[:50] + ')') if bad else ''}"
-    gmax = f"{grad.max_abs:12.2e} {grad.rel_norm:9.2e}" if grad is not None else f"{'-':>12} {'-':>9}"
+    # Maxima over every gradient (input and each parameter), each column on its own.
+    gmax = (f"{max(c.max_abs for c in r.grads):12.2e} {max(c.rel_norm for c in r.grads):9.2e}"
+            if r.grads else f"{'-':>12} {'-':>9}")
     return (f"{r.model[:18]:<18} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
             f"{gmax} {seconds:5.1f}s  {verdict}{where}")
 
