@@ -78,7 +78,11 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("float32", "highest", GRAD): Tolerance(
         rtol=1e-4, atol=1e-4,
         reason="gradients are sums over the whole batch and spatial extent (one more reduction "
-        "level than the forward), so order-dependent rounding is ~10x the forward's",
+        "level than the forward), so order-dependent rounding is ~10x the forward's. Calibrated "
+        "on test- and benchmark-size models; it is NOT loosened for paper-size ones: the 572x572 "
+        "UNet's float32 gradients differ by rel_norm ~1e-3 (torch's own float32 gradients are as "
+        "far from float64), which the fp64-reference mode judges correctly, and parity check "
+        "points there",
     ),
     # TF32 (10-bit mantissa, eps ~9.8e-4) in matmuls and convs on GPU: JAX "default"/"high"
     # on Ampere+ with torch allow_tf32=True. Products are rounded to ~1e-3 before fp32

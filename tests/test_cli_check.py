@@ -82,3 +82,15 @@ def test_usage_errors_exit_2(args, expected, capsys, monkeypatch):
     assert main(["check", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("parity: error:") and expected in err[0], err
+
+
+def test_unlocated_low_precision_failure_suggests_fp64_reference(capsys):
+    """A float32 miss with no wrong layer (here forced by a 1e-12 tolerance) points to the fp64
+    reference mode instead of leaving the user with a bare FAIL."""
+    from parity.cli import main
+
+    rc = main(["check", "cnn", "--dtype", "float32", "--rtol", "1e-12", "--atol", "1e-12",
+               "--no-layers", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "--fp64-reference" in out
