@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -142,10 +141,10 @@ def _run(torch_module, flax_module, example_input, variables, dname, train, inpu
     say("porting weights")
     # A Flax hyperparameter that differs from torch's (LayerNorm eps) is something this check
     # should measure and locate, not refuse: ask the port to warn, and keep its words.
-    kw = {"check_attributes": "warn"} if "check_attributes" in inspect.signature(build_plan).parameters else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = build_plan(tm, flax_module, [x.detach().cpu() for x in inputs], input_layout=input_layout, **kw)
+        plan = build_plan(tm, flax_module, [x.detach().cpu() for x in inputs], input_layout=input_layout,
+                          check_attributes="warn")
     port_notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     if variables is None:
         variables = plan.to_flax(tm.state_dict())

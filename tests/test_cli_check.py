@@ -94,3 +94,21 @@ def test_unlocated_low_precision_failure_suggests_fp64_reference(capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "FAIL" in out and "--fp64-reference" in out
+
+
+def test_summary_grad_columns_are_maxima_over_every_gradient():
+    """The table's grad max_abs is the largest absolute error of any gradient, not the max_abs of
+    the tensor with the worst relative error (they differ when a small gradient is relatively off)."""
+    from parity.commands.check import _summary_line
+    from parity.compare import Comparison
+    from parity.report import Report
+
+    def comp(name, max_abs, rel_norm):
+        return Comparison(name, (2,), max_abs, rel_norm, rel_norm, 0, (0,), 0.0, 0.0, "", True)
+
+    report = Report(model="m", dtype="float32", mode="eval", outputs=[comp("output", 1e-7, 1e-8)],
+                    input_grads=[comp("grad input", 5e-3, 1e-7)],
+                    param_grads=[comp("grad w", 1e-9, 3e-6)])
+    fields = _summary_line(report, 1.0).split()
+    assert float(fields[5]) == 5e-3  # grad max_abs: from "grad input"
+    assert float(fields[6]) == 3e-6  # grad rel: from "grad w"

@@ -22,7 +22,6 @@ from parity.compare import compare
 from parity.registry import PAIRS
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port import build_plan, torch_to_flax
-from weight_port.rules import conv_transpose_weight_to_flax
 
 
 def _tconv_pair(padding):

@@ -46,11 +46,19 @@ def _is_flatten(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_method" and node.target in _FLATTEN_METHODS
 
 
-def _flattened_source(node: fx.Node, gm: fx.GraphModule) -> tuple[int, ...] | None:
-    """Per-sample [C, *S] shape if ``node`` is a channels-first tensor flattened to [N, F]."""
+def _flatten_feeding(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The flatten op behind ``node`` (walking back through order-keeping elementwise ops)."""
     while _is_elementwise(node, gm) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     if not _is_flatten(node, gm) or not isinstance(node.args[0], fx.Node):
+        return None
+    return node
+
+
+def _flattened_source(node: fx.Node, gm: fx.GraphModule) -> tuple[int, ...] | None:
+    """Per-sample [C, *S] shape if ``node`` is a channels-first tensor flattened to [N, F]."""
+    node = _flatten_feeding(node, gm)
+    if node is None:
         return None
     src, out = _shape(node.args[0]), _shape(node)
     if src is None or out is None or len(src) < 3 or len(out) != 2:
@@ -77,9 +85,8 @@ def _channels_without_shapes(node: fx.Node, gm: fx.GraphModule) -> int | None:
 
 
 def _flattened_source_without_shapes(node: fx.Node, gm: fx.GraphModule, linear: nn.Linear):
-    while _is_elementwise(node, gm) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    if not _is_flatten(node, gm) or not isinstance(node.args[0], fx.Node):
+    node = _flatten_feeding(node, gm)
+    if node is None:
         return None
     channels = _channels_without_shapes(node.args[0], gm)
     if channels is None or linear.in_features % channels or linear.in_features == channels:

@@ -192,13 +192,6 @@ class PortPlan:
             out.update(self.dropped_defaults)
         return out
 
-    def torch_name_of(self, leaf: Leaf) -> str | None:
-        for layer in self.layers:
-            for tmap in layer.rule.tensors:
-                if layer.flax_leaf(tmap.collection, tmap.flax_name) == leaf:
-                    return layer.torch_key(tmap.torch_name)
-        return None
-
 
 def _as_tuple(example_input) -> tuple:
     return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
