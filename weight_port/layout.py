@@ -12,6 +12,8 @@ to decide; a channels-first conversion of a tensor with fewer than 3 dims is an 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 CHANNELS_FIRST = "NC..."
@@ -50,6 +52,15 @@ def to_torch_layout(x: np.ndarray, layout: str = CHANNELS_FIRST, where: str = "t
         _need_spatial(x, layout, where)
         return np.moveaxis(x, -1, 1)
     return x
+
+
+def per_arg(layout: str | Sequence[str], n: int) -> list[str]:
+    """One layout per positional argument: a string applies to all ``n``, a sequence is one each."""
+    if isinstance(layout, str):
+        return [layout] * n
+    if len(layout) != n:
+        raise LayoutError(f"{len(layout)} input layouts for {n} inputs")
+    return list(layout)
 
 
 def flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -116,5 +127,5 @@ def consumer_layout(layer_type: type) -> str | None:
 
 
 __all__ = ["AS_IS", "CHANNELS_FIRST", "INHERIT", "LAYOUTS", "LayoutError", "check_layout",
-           "consumer_layout", "flax_shape", "kind_layout", "layout_from_shapes", "to_flax_layout",
+           "consumer_layout", "flax_shape", "per_arg", "kind_layout", "layout_from_shapes", "to_flax_layout",
            "to_torch_layout"]

@@ -136,6 +136,27 @@ class ActivationLayouts:
                 if lay is not None and id(o) not in self.known:
                     self.known[id(o)] = lay
             self.outputs[(c.path, c.call)] = outs
+        # Second pass for tensors made by plain functions between modules (F.relu, torch.cat):
+        # the kind of layer that consumes them says their layout (a Conv2d eats [N, C, H, W]).
+        consumed: dict[int, str] = {}
+        for c in sorted(calls, key=lambda c: c.start):
+            want = consumer_layout(type(c.module))
+            if want is not None:
+                for n, i in c.input_ids.items():
+                    consumed.setdefault(self._root(i), want)
+        for c in calls:
+            for n, lay in self.inputs[(c.path, c.call)].items():
+                if lay is None:
+                    self.inputs[(c.path, c.call)][n] = consumed.get(self._root(c.input_ids[n]))
+            for p, lay in self.outputs[(c.path, c.call)].items():
+                if lay is None:
+                    self.outputs[(c.path, c.call)][p] = consumed.get(self._root(id(c.outputs[p])))
+
+    def _root(self, i: int) -> int:
+        seen = 0
+        while i in self.aliases and seen < 64:
+            i, seen = self.aliases[i], seen + 1
+        return i
 
     def _get(self, i: int) -> str | None:
         seen = 0
