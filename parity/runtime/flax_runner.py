@@ -161,8 +161,12 @@ class FlaxTwin:
     """
 
     def __init__(self, module, *, train: bool = False, train_kwarg: str | None = None,
-                 train_mode_matters: bool = True):
+                 train_mode_matters: bool = True, dropout: bool | None = None):
         self.module, self.train = module, train
+        # NNX: dropout on or off separately from BatchNorm (training parity holds dropout off:
+        # no Flax RNG can reproduce torch's masks); None: as ``train``.
+        self._attrs = {"use_running_average": not train,
+                       "deterministic": not (train if dropout is None else dropout)}
         self.nnx = is_nnx(module)
         self.kwargs = call_kwargs(module, train, train_kwarg)
         self._mode_attrs = False
@@ -211,7 +215,7 @@ class FlaxTwin:
         fresh = jax.tree_util.tree_map_with_path(lambda p, leaf: by_path.get(_key(p), leaf), state)
         model = nnx.merge(self._graphdef if graphdef is None else graphdef, fresh)
         if self._mode_attrs:
-            model.set_attributes(**{a: not self.train for a in _NNX_MODE_ATTRS}, raise_if_not_found=False)
+            model.set_attributes(**self._attrs, raise_if_not_found=False)
         return model
 
     def _apply_nnx(self, variables, args, recorder):
@@ -254,7 +258,7 @@ class FlaxTwin:
                 fresh = jax.tree_util.tree_map_with_path(lambda p, leaf: by_path.get(_key(p), leaf), state)
                 model = nnx.merge(graphdef, fresh)
                 if mode:
-                    model.set_attributes(**{a: not self.train for a in _NNX_MODE_ATTRS}, raise_if_not_found=False)
+                    model.set_attributes(**self._attrs, raise_if_not_found=False)
                 return model(*args, **kwargs)
             return run
 
