@@ -231,7 +231,7 @@ def analyze_layers(
             row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
             continue
         f_out = f_run.call_outputs[key]
-        t_out = {p: to_numpy(o.detach()) for p, o in tc.outputs.items()}
+        t_out = tc.output_values
         out_layouts = {}
         for p, t in t_out.items():
             lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
@@ -293,7 +293,7 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
     arrays, in_layouts, names = {}, {}, {}
     t_lay = layouts.inputs.get((tc.path, tc.call), {})
     for tn, fn in zip(t_names, fc.input_names):
-        t = to_numpy(tc.inputs[tn].detach())
+        t = tc.input_values[tn]
         f_shape = np.shape(f_inputs[fn]) if fn in f_inputs else None
         if flatten_ is not None:
             lay = _InputLayout(AS_IS, flatten_)

@@ -69,6 +69,10 @@ class TorchCall:
     input_grads: dict[str, np.ndarray] = field(default_factory=dict)
     output_grads: dict[str, np.ndarray] = field(default_factory=dict)
     input_ids: dict[str, int] = field(default_factory=dict)  # id() of the tensor as it arrived
+    # Values copied when the hook ran: a later in-place op (``h += residual``, ReLU(inplace=True))
+    # would otherwise change what this call is said to have seen and returned.
+    input_values: dict[str, np.ndarray] = field(default_factory=dict)
+    output_values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +128,7 @@ class _Recorder:
             if not isinstance(x, torch.Tensor):
                 return x
             call.input_ids[name] = id(x)
+            call.input_values[name] = to_numpy(x.detach()).copy()
             if self.grads and x.requires_grad:
                 v = x.view_as(x)
                 self.aliases[id(v)] = id(x)  # the module (and its children) see the view
@@ -140,6 +145,7 @@ class _Recorder:
     def post(self, mod, args, output):
         call = self.open[id(mod)].pop()
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
+        call.output_values = {p: to_numpy(o.detach()).copy() for p, o in call.outputs.items()}
         for p, o in call.outputs.items():
             if self.grads and o.requires_grad:
                 o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
