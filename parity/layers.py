@@ -129,13 +129,36 @@ def _subtree(variables: Mapping, path: tuple[str, ...]) -> dict:
     return out
 
 
-def _flax_path_of(torch_path: str, plan: PortPlan) -> tuple[str, ...]:
-    # Layers that own tensors: exactly the port's pairing. Containers and parameter-free layers
-    # (not in the plan): the port's own name rule, so both agree by construction.
+def _flax_path_of(torch_path: str, plan: PortPlan, recorded: set[tuple[str, ...]]) -> tuple[str, ...]:
+    """Flax module path of a torch module path.
+
+    Layers that own tensors: exactly the port's pairing. Others: the port's own name rule when
+    the Flax twin has a module there; else (containers of a model written outside this project,
+    e.g. HF ``encoder.layer.0`` <-> ``encoder/layer/0``) the path their ported children share,
+    less the part below the container that the children's torch paths share too.
+    """
     for layer in plan.layers:
         if layer.info.torch_path == torch_path:
             return tuple(layer.info.flax_path)
-    return torch_to_flax_path(torch_path)
+    by_rule = tuple(torch_to_flax_path(torch_path))
+    if by_rule in recorded or not torch_path:
+        return by_rule
+    prefix = torch_path + "."
+    kids = [(layer.info.torch_path[len(prefix):].split("."), tuple(layer.info.flax_path))
+            for layer in plan.layers if layer.info.torch_path.startswith(prefix)]
+    if not kids:
+        return by_rule
+    common = list(kids[0][1])
+    for _, f in kids[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(common, f)) if a != b), min(len(common), len(f)))
+        common = common[:n]
+    rel_common = 0  # leading torch components below the container that every child shares
+    while all(len(r) > rel_common + 1 and r[rel_common] == kids[0][0][rel_common] for r, _ in kids):
+        rel_common += 1
+    if len(kids) == 1:
+        rel_common = len(kids[0][0])
+    guess = tuple(common[:len(common) - rel_common]) if rel_common else tuple(common)
+    return guess if guess in recorded else by_rule
 
 
 @dataclass(frozen=True)
@@ -221,8 +244,9 @@ def analyze_layers(
 
     rows: list[LayerRow] = []
     jobs: list[_IsoJob] = []
+    recorded = {fc.path for fc in f_run.calls.values()}
     for tc in t_calls:
-        fpath = _flax_path_of(tc.path, plan)
+        fpath = _flax_path_of(tc.path, plan, recorded)
         key = call_key(fpath, tc.call)
         row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
                        backward_order=bwd_pos[(tc.path, tc.call)])
