@@ -194,6 +194,17 @@ def _flatten_of(torch_path: str, plan: PortPlan) -> tuple[int, ...] | None:
     return None
 
 
+def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str]:
+    """{flax output path: torch output path} of one layer: by name when both sides name the leaves
+    alike, else by order when the counts agree (an HF Flax layer returns ``(h,)`` where its torch
+    twin returns ``h``); {} otherwise (the comparison then reports the structural difference)."""
+    if set(flax_paths) == set(torch_paths):
+        return {p: p for p in flax_paths}
+    if len(flax_paths) == len(torch_paths):
+        return dict(zip(flax_paths, torch_paths))
+    return {}
+
+
 def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
                     layouts: Mapping[str, str], tol: Tolerance) -> Comparison | None:
     """Worst comparison over the leaves both sides have (by path); a structural difference fails."""
@@ -254,8 +265,9 @@ def analyze_layers(
         if key not in f_run.call_outputs:
             row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
             continue
-        f_out = f_run.call_outputs[key]
         t_out = tc.output_values
+        out_map = _align_outputs(list(f_run.call_outputs[key]), list(t_out))
+        f_out = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
         out_layouts = {}
         for p, t in t_out.items():
             lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
@@ -266,7 +278,7 @@ def analyze_layers(
                 out_layouts[p] = lay
         row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, forward_tol)
         t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
-        f_g = f_run.call_output_cots.get(key, {})
+        f_g = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
         if grads and t_g and set(t_g) <= set(f_g):
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: f_g[p] for p in t_g}, t_g,
                                                    out_layouts, grad_tol)
@@ -274,7 +286,7 @@ def analyze_layers(
             row.isolated, row.grad_isolated = root
             continue
         job = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
-                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan))
+                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan), out_map)
         if job is not None:
             jobs.append(job)
 
@@ -304,11 +316,13 @@ class _IsoJob:
     out_layouts: dict[str, str]
     in_layouts: dict[str, _InputLayout]  # by Flax input name
     torch_names: dict[str, str]  # Flax input name -> torch input name
+    out_map: dict[str, str]  # Flax output path -> torch output path
 
 
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
              variables: Mapping, fpath: tuple[str, ...], t_out: dict, out_layouts: dict, grads: bool,
-             layouts: ActivationLayouts, flatten_: tuple[int, ...] | None) -> _IsoJob | None:
+             layouts: ActivationLayouts, flatten_: tuple[int, ...] | None,
+             out_map: dict[str, str]) -> _IsoJob | None:
     t_names = list(tc.inputs)
     if len(t_names) != len(fc.input_names):
         row.notes.append(f"inputs differ: torch {len(t_names)} tensors, flax {len(fc.input_names)} arrays; "
@@ -346,9 +360,11 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
     cots = None
     t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
     if grads and t_g:
-        cots = {p: jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}")) for p, g in t_g.items()}
+        to_f = {t: f for f, t in out_map.items()}
+        cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
+                for p, g in t_g.items()}
     return _IsoJob(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
-                   t_out, out_layouts, in_layouts, names)
+                   t_out, out_layouts, in_layouts, names, out_map)
 
 
 def _one(job: _IsoJob, params, floats, cots):
@@ -391,7 +407,7 @@ def _judge(job: _IsoJob, result, plan: PortPlan, zero_params, t_param_grads: Map
            tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance) -> None:
     row, tc = job.row, job.tc
     out, grads = result
-    row.isolated = _compare_leaves(row.name, {p: np.asarray(o) for p, o in out.items()}, job.t_out,
+    row.isolated = _compare_leaves(row.name, {job.out_map.get(p, p): np.asarray(o) for p, o in out.items()}, job.t_out,
                                    job.out_layouts, forward_tol)
     if grads is None:
         return
