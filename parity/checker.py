@@ -23,7 +23,7 @@ from parity.numerics import jax_precision, numerics_env, pinned, precision_warni
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, output_layouts, output_shapes, run_torch,
-                            structure, torch_inputs)
+                            structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
@@ -102,7 +102,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     tm.train(train)
     args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
     in_layouts = input_layouts(tm, args, input_layout)
-    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg)
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))
     say("porting weights")
     plan, notes = _port(tm, flax_module, args, in_layouts, rename)
     if variables is None:

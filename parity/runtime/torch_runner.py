@@ -203,6 +203,14 @@ def run_torch(
                     recorder.aliases if recorder else {})
 
 
+def train_mode_matters(module: torch.nn.Module) -> bool:
+    """Whether train() changes what ``module`` computes: it has a BatchNorm/InstanceNorm with
+    running statistics or a Dropout (user layers that read ``self.training`` are not seen)."""
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm,
+             torch.nn.modules.dropout._DropoutNd)
+    return any(isinstance(m, kinds) for m in module.modules())
+
+
 def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
     """{input path: type of the first leaf-ish layer that receives that very tensor} from one
     forward without gradients (used to infer an input's layout from the layer that eats it)."""
@@ -227,5 +235,5 @@ def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
     return found
 
 
-__all__ = ["TorchCall", "TorchRun", "first_consumers", "input_paths", "is_float", "keystr",
+__all__ = ["TorchCall", "TorchRun", "first_consumers", "train_mode_matters", "input_paths", "is_float", "keystr",
            "random_cotangents", "run_torch", "torch_inputs"]
