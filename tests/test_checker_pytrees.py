@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import parity
+import planted
 from weight_port.layout import AS_IS, LayoutError
 
 
@@ -84,29 +85,13 @@ def test_model_output_fields_match_dict_keys():
 
 
 # --- integer inputs ---------------------------------------------------------------------------------
-class TorchTokens(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)
-
-    def forward(self, ids, mask):
-        return self.fc(self.emb(ids) * mask[..., None])
-
-
-class FlaxTokens(nn.Module):
-    @nn.compact
-    def __call__(self, ids, mask):
-        return nn.Dense(5, name="fc")(nn.Embed(11, 6, name="emb")(ids) * mask[..., None])
-
-
 def test_integer_inputs_are_fed_as_is_and_get_no_gradient():
-    ids = torch.randint(0, 11, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 4:] = 0
-    r = parity.check(TorchTokens(), FlaxTokens(), (ids, mask), dtype="float64")
+    ids, mask = planted.example_tokens()
+    r = parity.check(planted.make_torch_tokens(), planted.make_flax_tokens(), (ids, mask.long()),
+                     dtype="float64")
     assert r.ok, r
-    assert r.input_grads == []
-    assert {row.name for row in r.layers} >= {"emb", "fc", "<root>"}
+    assert r.input_grads == []  # token ids and an integer mask: nothing to differentiate
+    assert {row.name for row in r.layers} >= {"emb", "head", "<root>"}
 
 
 # --- image in, tokens out -------------------------------------------------------------------------------

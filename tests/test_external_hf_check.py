@@ -23,15 +23,20 @@ transformers = pytest.importorskip("transformers")
 _JDT = {"float32": jnp.float32, "float64": jnp.float64}
 
 
+def _flax(flax_cls, cfg, dtype: str, overrides: dict):
+    """The Flax linen module of ``flax_cls`` on a copy of ``cfg`` with ``overrides`` (a planted bug)."""
+    fcfg = copy.deepcopy(cfg)
+    for k, v in overrides.items():
+        setattr(fcfg, k, v)
+    return flax_cls(fcfg, dtype=_JDT[dtype], _do_init=False).module
+
+
 def _bert(dtype: str, **flax_overrides):
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=16)
     torch.manual_seed(0)
     tm = transformers.BertModel(cfg).eval()
-    fcfg = copy.deepcopy(cfg)
-    for k, v in flax_overrides.items():
-        setattr(fcfg, k, v)
-    fm = transformers.FlaxBertModel(fcfg, dtype=_JDT[dtype], _do_init=False).module
+    fm = _flax(transformers.FlaxBertModel, cfg, dtype, flax_overrides)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0  # padding: the mask matters
@@ -43,12 +48,9 @@ def _vit(dtype: str, **flax_overrides):
                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     torch.manual_seed(0)
     tm = transformers.ViTModel(cfg).eval()
-    fcfg = copy.deepcopy(cfg)
-    for k, v in flax_overrides.items():
-        setattr(fcfg, k, v)
     # The Flax *module* takes NHWC pixels (the FlaxViTModel wrapper transposes NCHW itself); the
     # checker's inferred input layout (a Conv2d eats it: channels-first) does that conversion.
-    fm = transformers.FlaxViTModel(fcfg, dtype=_JDT[dtype], _do_init=False).module
+    fm = _flax(transformers.FlaxViTModel, cfg, dtype, flax_overrides)
     return tm, fm, np.random.default_rng(0).standard_normal((2, 3, 8, 8))
 
 
@@ -57,7 +59,7 @@ def _resnet(dtype: str, **flax_overrides):
                                     layer_type="basic")
     torch.manual_seed(0)
     tm = transformers.ResNetModel(cfg).eval()
-    fm = transformers.FlaxResNetModel(cfg, dtype=_JDT[dtype], _do_init=False).module
+    fm = _flax(transformers.FlaxResNetModel, cfg, dtype, flax_overrides)
     return tm, fm, np.random.default_rng(0).standard_normal((2, 3, 16, 16))
 
 
