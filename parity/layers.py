@@ -372,7 +372,7 @@ def _one(job: _IsoJob, params, floats, cots):
     def f(params, floats):
         return flatten(job.run(params, {**job.arrays, **dict(zip(job.float_names, floats))}))
 
-    out, vjp = jax.vjp(f, params, [job.arrays[n] for n in job.float_names] if floats is None else floats)
+    out, vjp = jax.vjp(f, params, floats)
     if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
         return out, None  # wrong output shape: the forward comparison says so
     ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)

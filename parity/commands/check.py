@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     own.add_argument("--torch", metavar="MODULE:FACTORY",
                      help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
     own.add_argument("--flax", metavar="MODULE:FACTORY",
-                     help="zero-argument callable returning the Flax twin (a linen Module)")
+                     help="zero-argument callable returning the Flax twin (a Linen or NNX Module)")
     own.add_argument("--input-shape", metavar="N,C,H,W",
                      help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
     add_pair_arguments(own)
