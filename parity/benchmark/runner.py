@@ -20,13 +20,13 @@ import torch
 
 from parity.benchmark.devices import Device
 from parity.benchmark.timing import Timing, measure
-from parity.benchmark.workloads import PHASES, VARIANTS, Prepared, VariantUnavailable, make_step, prepare
+from parity.benchmark.names import PHASES, SIZES, VARIANTS
+from parity.benchmark.workloads import Prepared, VariantUnavailable, make_step, prepare
 from parity.configs import UNetConfig
 from parity.numerics import numerics_env, pinned
 from parity.registry import select
 from parity.tolerances import FORWARD, TOLERANCES, tolerance_for
 
-SIZES = ("tiny", "cpu", "full")
 # Equal precision on both sides while timing: full-fp32 matmuls/convs (no TF32, no bf16 passes).
 TIMED_PRECISION = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False}
 

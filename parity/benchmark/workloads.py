@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from parity.benchmark.devices import Device
+from parity.benchmark.names import PHASES, VARIANTS
 from weight_port import torch_to_flax
 from weight_port.flax_tree import call_kwargs
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 
-VARIANTS = ("torch-eager", "torch-channels_last", "torch-compile", "jax-jit")
-PHASES = ("forward", "train")
 LR, MOMENTUM = 1e-3, 0.9
 TORCH_COMPILE_MODE = "default"
 

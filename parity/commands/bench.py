@@ -4,37 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from parity.registry import PAIRS, select
 
 DEFAULT_MODELS = ["mlp", "cnn", "unet-same", "unet-same-bn"]
 QUICK_MODELS = ["mlp", "cnn", "unet-same-bn"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from parity.benchmark.workloads import VARIANTS
-
-    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help=f"pair names or families (default: {' '.join(DEFAULT_MODELS)}; all = {', '.join(PAIRS)})")
-    p.add_argument("--device", choices=("cpu", "cuda", "tpu"), default="cpu",
-                   help="runs both frameworks there; exit 2 if either cannot (default: cpu)")
-    p.add_argument("--batch", nargs="+", type=int, default=None, metavar="N",
-                   help="batch sizes to sweep (default: 2 8 on cpu, 8 32 elsewhere)")
-    p.add_argument("--size", choices=("tiny", "cpu", "full"), default=None,
-                   help="model configs (default: cpu-sized on cpu, full elsewhere; tiny with --quick)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                   help="default: all (with --quick: all but torch-compile, whose first call takes ~30 s)")
-    p.add_argument("--phase", nargs="+", choices=("forward", "train"), default=["forward", "train"])
-    p.add_argument("--bf16", action="store_true",
-                   help="a separate, labelled bfloat16 run (weights and inputs in bf16 on both sides)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for both frameworks (torch.set_num_threads and XLA:CPU's "
-                   "intra-op pool); default: each framework's own default, recorded in the report")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: tiny models, batch 2, one warm-up, one timed round")
-    p.add_argument("--port", action="store_true",
-                   help="also run the port-throughput benchmark (bench/port_throughput.py)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
-                   help="where the JSON, markdown table and PNG chart go (default: bench/results)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from parity.benchmark.report import write_report
     from parity.benchmark.runner import environment
     from parity.benchmark.workloads import VARIANTS
+    from parity.registry import select
 
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
