@@ -115,8 +115,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     prof = p.add_argument_group("per-layer speed profile (instead of the model grid)")
     prof.add_argument("--layers", metavar="MODEL", default=None,
                       help="time every paired layer alone in both frameworks, forward and forward+"
-                           "backward, on the inputs the parity check captures; a registry pair name, "
-                           "or 'own' with --torch/--flax")
+                           "backward, on the inputs the parity check captures: a registry pair name "
+                           "(with --torch/--flax: the name used in the report)")
     prof.add_argument("--torch", metavar="MODULE:FACTORY", help="your pair's torch model (zero-argument callable)")
     prof.add_argument("--flax", metavar="MODULE:FACTORY", help="your pair's Flax twin (zero-argument callable)")
     prof.add_argument("--input-shape", metavar="N,C,H,W", help="your pair: random input of this torch-layout shape")
