@@ -22,6 +22,15 @@ def file_stem(env: dict, dtype: str, quick: bool = False) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem) + ("_quick" if quick else "")
 
 
+def device_file_stem(kind: str, label: str) -> str:
+    """file_stem for output that is not one benchmark run (a check, a profile): ``label`` takes
+    the dtype's place, e.g. ``cuda-NVIDIA-H100-80GB-HBM3_float32-tf32-off_torch-..._flax-...``."""
+    from parity.benchmark.devices import select_device
+    from parity.benchmark.runner import BenchConfig, environment
+
+    return file_stem(environment(select_device(kind), BenchConfig()), label)
+
+
 def _device_label(env: dict) -> str:
     d = env["device"]
     return f"{d['kind']}-{d.get('torch_device_name') or d.get('jax_device_kind') or ''}".rstrip("-")

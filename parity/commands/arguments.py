@@ -103,6 +103,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, metavar="X",
                    help="the device's peak dense TFLOP/s for this dtype, for the MFU column (default: "
                         "looked up by device name; unknown devices get MFU n/a with the reason)")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help="timed seconds per variant and row, at least (default 2.0; GPU steps take "
+                        "milliseconds, so 0.5 already gives hundreds of samples)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for both frameworks (torch.set_num_threads and XLA:CPU's "
                    "intra-op pool); default: each framework's own default, recorded in the report")

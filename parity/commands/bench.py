@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         phases=tuple(args.phase),
         variants=tuple(variants),
         peak_tflops=args.peak_tflops,
-        **(dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else {}),
+        **(dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else
+           dict(min_time_s=args.min_time) if args.min_time is not None else {}),
     )
     env = environment(device, cfg)
     d = env["device"]
