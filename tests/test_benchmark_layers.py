@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ def test_every_paired_layer_is_timed_on_both_sides(name):
     assert {t.name for t in profile.layers} == leaves
     assert profile.unpaired == []
     for t in profile.layers:
+        assert t.parity == "ok", (t.name, t.parity)
         assert all(t.times[k] is not None and t.times[k] > 0 for k in KEYS), (t.name, t.times)
         assert t.ratio("fwd+bwd") is not None
     for k in KEYS:
@@ -51,3 +53,18 @@ def test_own_pair_needs_an_input(capsys):
 
     assert main(["bench", "--torch", "torch_ref:ExplicitMLP", "--flax", "flax_impl:ExplicitMLP"]) == 2
     assert "--input-shape or --example-input" in capsys.readouterr().err
+
+
+def test_own_pair_layer_that_computes_something_else_is_flagged(tmp_path, capsys, monkeypatch):
+    """A twin with tanh-approximate GELU where torch has the exact one: the profile still times
+    every layer, but names the one whose output differs and exits 1 (its time means nothing)."""
+    from parity.cli import main
+
+    monkeypatch.chdir(Path(__file__).parent)  # --torch/--flax factories come from tests/planted.py
+    own = ["bench", "--torch", "planted:make_torch_block", "--input-shape", "4,8", "--quick"]
+    assert main([*own, "--flax", "planted:make_flax_block", "--out", str(tmp_path / "ok")]) == 0
+    assert main([*own, "--flax", "planted:make_flax_block_tanh", "--out", str(tmp_path / "bad")]) == 1
+    assert "parity FAILED for 1 layer(s): act" in capsys.readouterr().out
+    (js,) = (tmp_path / "bad").glob("layers_TorchBlock_*.json")
+    rows = {row["name"]: row for row in json.loads(js.read_text())["layers"]}
+    assert rows["act"]["parity"].startswith("FAIL") and rows["fc1"]["parity"] == "ok"

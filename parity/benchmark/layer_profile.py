@@ -69,6 +69,7 @@ class CapturedLayer:
     flax_fwd_bwd: Callable | None = None
     flax_args: tuple = ()
     flax_bwd_args: tuple = ()
+    check: Callable | None = None  # Flax forward output -> Comparison against torch's output
     note: str = ""
 
 
@@ -82,10 +83,11 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     """
     from parity import layers as engine
     from parity.benchmark.workloads import _TORCH_DTYPES
+    from parity.tolerances import FORWARD, tolerance_for
     from weight_port.flax_tree import call_kwargs
     from weight_port.layout import AS_IS, to_flax_layout
     from weight_port.plan import build_plan
-    from weight_port.tensors import to_numpy
+    from weight_port.tensors import numpy_to_torch, to_numpy
 
     tdt = _TORCH_DTYPES[dtype]
     tm = copy.deepcopy(torch_module).to(device=device.torch_device, dtype=tdt).eval()
@@ -107,6 +109,7 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     cots = [rng.standard_normal(tuple(o.shape)) for o in outs]
     t_calls = engine.capture_torch(tm, inputs, cots, train=False)
     f_cots = [to_flax_layout(c, layout if np.ndim(c) >= 3 else AS_IS) for c in cots]
+    forward_tol = tolerance_for(dtype, FORWARD)
     f_calls = engine.capture_flax(flax_module, variables, flax_inputs, f_cots,
                                   call_kwargs(flax_module, False), False)[0]
 
@@ -114,8 +117,8 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     for tc in t_calls:
         fpath = engine._flax_path_of(tc.path, plan)
         row = engine.LayerRow(tc.path, "/".join(fpath), type(tc.module).__name__, tc.call)
-        t_cots = [None if tc.out_grads.get(i) is None else
-                  torch.as_tensor(tc.out_grads[i], device=device.torch_device).to(tc.outputs[i].dtype)
+        t_cots = [None if tc.out_grads.get(i) is None else  # numpy_to_torch: bf16 numpy too
+                  numpy_to_torch(tc.out_grads[i]).to(device=device.torch_device, dtype=tc.outputs[i].dtype)
                   for i in range(len(tc.outputs))]
         layer = CapturedLayer(
             name=row.name, torch_type=row.torch_type, flax_path=None, is_root=tc.path == "",
@@ -135,6 +138,9 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
             continue
         layer.flax_path = row.flax_path
         layer.flax_forward = job.run
+        t_out = [to_numpy(o.detach()) if isinstance(o, torch.Tensor) else None for o in tc.outputs]
+        layer.check = lambda out, name=row.name, t_out=t_out, lay=job.in_layout.layout: engine._compare_leaves(
+            name, [np.asarray(o) for o in engine._leaves(out)], t_out, forward_tol, lay)
         layer.flax_args = (job.params, *job.floats)
         if job.cots is not None:
             layer.flax_fwd_bwd = lambda p, f, c, job=job: engine._one(job, p, f, c)
@@ -151,6 +157,7 @@ class LayerTime:
     flax_path: str | None
     times: dict[str, float | None] = field(default_factory=dict)
     share: dict[str, float | None] = field(default_factory=dict)  # of the sum over paired layers
+    parity: str = ""  # the Flax layer's first output vs torch's: "ok" or what missed
     note: str = ""
 
     @property
@@ -165,7 +172,8 @@ class LayerTime:
     def to_dict(self) -> dict:
         return {"name": self.name, "torch_type": self.torch_type, "flax_path": self.flax_path,
                 "times_s": dict(self.times), "share": dict(self.share),
-                "ratio_jax_over_torch": {ph: self.ratio(ph) for ph in PHASES}, "note": self.note}
+                "ratio_jax_over_torch": {ph: self.ratio(ph) for ph in PHASES}, "parity": self.parity,
+                "note": self.note}
 
 
 @dataclass
@@ -223,12 +231,19 @@ def _torch_timers(layer: CapturedLayer, device: Device) -> dict[str, Callable[[]
     return timers
 
 
-def _jax_timers(layer: CapturedLayer) -> dict[str, Callable[[], None]]:
-    """The engine's layer functions, jitted per layer; each call blocks until the device is done."""
+def _jax_timers(layer: CapturedLayer, first: list) -> dict[str, Callable[[], None]]:
+    """The engine's layer functions, jitted per layer; each call blocks until the device is done.
+    The forward's first output is appended to ``first`` (the parity check of the timed layer)."""
     timers = {}
     if layer.flax_forward is not None:
         fwd, args = jax.jit(layer.flax_forward), layer.flax_args
-        timers["forward"] = lambda: jax.block_until_ready(fwd(*args))
+
+        def forward() -> None:
+            out = jax.block_until_ready(fwd(*args))
+            if not first:
+                first.append(out)
+
+        timers["forward"] = forward
     if layer.flax_fwd_bwd is not None:
         fb, bargs = jax.jit(layer.flax_fwd_bwd), layer.flax_bwd_args
         timers["fwd+bwd"] = lambda: jax.block_until_ready(fb(*bargs))
@@ -237,7 +252,8 @@ def _jax_timers(layer: CapturedLayer) -> dict[str, Callable[[], None]]:
 
 def _time(layer: CapturedLayer, device: Device, settings: ProfileSettings) -> LayerTime:
     out = LayerTime(layer.name, layer.torch_type, layer.flax_path, note=layer.note)
-    for fw, timers in (("torch", _torch_timers(layer, device)), ("jax", _jax_timers(layer))):
+    first: list = []
+    for fw, timers in (("torch", _torch_timers(layer, device)), ("jax", _jax_timers(layer, first))):
         for phase in PHASES:
             step = timers.get(phase)
             if step is None:
@@ -250,6 +266,10 @@ def _time(layer: CapturedLayer, device: Device, settings: ProfileSettings) -> La
             except Exception as exc:  # noqa: BLE001 - one layer that cannot run is a note, not a crash
                 out.times[f"{fw} {phase}"] = None
                 out.note = f"{fw} {phase}: {type(exc).__name__}: {' '.join(str(exc).split())[:150]}"
+    if first and layer.check is not None:
+        # A benchmark checks parity before its numbers count: a wrong layer's time means nothing.
+        c = layer.check(first[0])
+        out.parity = "ok" if c is None or c.ok else f"FAIL: max_abs {c.max_abs:.2e}, rel_norm {c.rel_norm:.2e} ({c.tolerance})"
     return out
 
 

@@ -34,9 +34,9 @@ def summary_lines(profile: LayerProfile) -> list[str]:
     lines = []
     for key in KEYS:
         whole, total = profile.whole.times.get(key), profile.layer_sum(key)
-        gap = f"{(whole - total) / whole:+.0%} of the whole" if whole and total is not None else "n/a"
+        ratio = f"{total / whole:.2f}x" if whole and total is not None else "n/a"
         lines.append(f"{key:<14} whole model {_ms(whole):>8} ms   sum of {len(profile.layers)} layers "
-                     f"{_ms(total):>8} ms   whole - sum: {gap}")
+                     f"{_ms(total):>8} ms   sum / whole {ratio}")
     return lines
 
 
@@ -50,8 +50,10 @@ def markdown(profile: LayerProfile) -> str:
              "Each leaf layer runs alone on the input (and output cotangent) that torch gave it in one "
              "forward + backward of the whole model: torch eager, Flax jitted per layer; median per "
              "call, first call and warm-up untimed. fwd+bwd = forward + gradients of the input and "
-             "the layer's parameters. Whole model - sum of layers = what fusion wins (negative) or the "
-             "glue between layers costs (positive: concatenations, crops, functional activations).",
+             "the layer's parameters. Sum of layers / whole model above 1: what fusion (or fewer "
+             "launches) wins; below 1: the glue that is no layer (concatenations, crops, functional "
+             "activations) costs. Each layer's first JAX output is checked against torch's (forward "
+             "tolerance); a failing layer is listed below the tables.",
              "", "```", *summary_lines(profile), "```", "",
              "Ranked by share of the JAX fwd+bwd total:", "",
              "| layer | type | jax fwd+bwd ms | share | torch fwd+bwd ms | share | jax fwd ms | torch fwd ms | JAX/torch fwd+bwd | JAX/torch fwd |",
@@ -69,6 +71,9 @@ def markdown(profile: LayerProfile) -> str:
         lines.append(f"| {t.name} | {t.torch_type} | {_ratio(t.ratio('fwd+bwd'))} | "
                      f"{_ratio(t.ratio('forward'))} | {_ms(t.times.get('jax fwd+bwd'))} | "
                      f"{_ms(t.times.get('torch fwd+bwd'))} |")
+    failed = [f"- {t.name} ({t.torch_type}): parity {t.parity}" for t in profile.layers if t.parity.startswith("FAIL")]
+    if failed:
+        lines += ["", "**Layers whose Flax output misses torch's (their times compare different work):**", "", *failed]
     notes = [f"- {t.name} ({t.torch_type}): {t.note}" for t in [*profile.layers, *profile.unpaired] if t.note]
     if notes:
         lines += ["", "Not timed on both sides:", "", *notes]

@@ -89,12 +89,15 @@ def _profile(args: argparse.Namespace, device) -> int:
         share, ratio = t.share.get("jax fwd+bwd"), t.ratio("fwd+bwd")
         print(f"  {t.name:<28} {t.torch_type:<18} {share:7.1%}" if share is not None else f"  {t.name} n/a",
               f" JAX/torch {ratio:.3g}x" if ratio else "")
+    bad = [t.name for t in profile.layers if t.parity.startswith("FAIL")]
+    if bad:
+        print(f"parity FAILED for {len(bad)} layer(s): {', '.join(bad)} (their times compare different work)")
     worst = by_ratio(profile)[:1]
     if worst and worst[0].ratio("fwd+bwd"):
         print(f"largest JAX/torch ratio (fwd+bwd): {worst[0].name} {worst[0].ratio('fwd+bwd'):.3g}x")
     for kind, path in write_profile(profile, args.out, file_stem(env, dtype, args.quick)).items():
         print(f"wrote {kind}: {path}")
-    return 0
+    return 1 if bad else 0
 
 
 def _profile_pair(args: argparse.Namespace, device):
