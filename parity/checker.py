@@ -11,21 +11,22 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.compare import Comparison, compare, compare_to_reference, worst_of
-from parity.layers import LayerRow, analyze_layers, capture_flax, first_divergence
+from parity.compare import Comparison, compare, compare_to_reference, failed_comparison, worst_of
+from parity.layers import LayerRow, analyze_layers, first_divergence
 from parity.numerics import jax_precision, numerics_env, pinned, precision_warnings
 from parity.report import Report
+from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
+                            forward_backward, input_layouts, output_layouts, output_shapes, run_torch,
+                            structure, torch_inputs)
+from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
-from weight_port.flax_tree import call_kwargs
-from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout
+from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
-from weight_port.tensors import to_numpy
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -39,84 +40,24 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (tuple, list)) else [x]
-
-
-def _torch_inputs(example_input, tdtype) -> list[torch.Tensor]:
-    out = []
-    for x in _as_list(example_input):
-        t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        if t.is_floating_point():
-            t = t.to(tdtype).requires_grad_(True)
-        out.append(t)
-    return out
-
-
-def run_torch(module: torch.nn.Module, inputs: list[torch.Tensor], cotangent_seed: int, train: bool):
-    """Forward + backward of <out, cot>. Returns (outs, cots, input grads, param grads), numpy."""
-    module.train(train)
-    outs = _as_list(module(*inputs))
-    rng = np.random.default_rng(cotangent_seed)
-    cots = [rng.standard_normal(tuple(o.shape)) for o in outs]
-    loss = sum((o * torch.as_tensor(c, dtype=o.dtype, device=o.device)).sum() for o, c in zip(outs, cots))
-    loss.backward()
-    in_grads = [to_numpy(x.grad) if x.grad is not None else np.zeros(tuple(x.shape)) for x in inputs if x.is_floating_point()]
-    p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
-               for n, p in module.named_parameters()}
-    return [to_numpy(o.detach()) for o in outs], cots, in_grads, p_grads
-
-
-def run_flax(module: nn.Module, variables: Mapping, flax_inputs: list, cots: list, train: bool):
-    """Forward + VJP with the same cotangents (given in Flax layout). Returns numpy/pytrees."""
-    params = variables["params"]
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    kwargs = call_kwargs(module, train)
-    float_idx = [i for i, x in enumerate(flax_inputs) if jnp.issubdtype(x.dtype, jnp.floating)]
-
-    def forward(params, *float_inputs):
-        xs = list(flax_inputs)
-        for i, x in zip(float_idx, float_inputs):
-            xs[i] = x
-        v = {"params": params, **rest}
-        if train and "batch_stats" in rest:
-            out, _ = module.apply(v, *xs, mutable=["batch_stats"], **kwargs)
-        else:
-            out = module.apply(v, *xs, **kwargs)
-        return out
-
-    def forward_backward(params, float_inputs, cots):
-        outs, vjp = jax.vjp(forward, params, *float_inputs)
-        flat = _as_list(outs)
-        cot_tree = (type(outs)(c.astype(o.dtype) for c, o in zip(cots, flat))
-                    if isinstance(outs, (tuple, list)) else cots[0].astype(outs.dtype))
-        return flat, vjp(cot_tree)
-
-    # One jitted program: XLA compiles it once, where running eagerly compiles every primitive
-    # separately (several times slower on CPU for a first call). Numerics are the same ops.
-    flat_outs, grads = jax.jit(forward_backward)(
-        params, [flax_inputs[i] for i in float_idx], [jnp.asarray(c) for c in cots])
-    return [np.asarray(o) for o in flat_outs], [np.asarray(g) for g in grads[1:]], grads[0]
-
-
 @dataclass
 class _Run:
     """Raw results of one forward + backward on both sides (numpy; torch values in torch layout)."""
 
     plan: PortPlan
+    twin: FlaxTwin
     variables: Mapping
-    torch_inputs: list[torch.Tensor]
-    flax_inputs: list
-    cots: list[np.ndarray]
-    t_outs: list[np.ndarray]
-    f_outs: list[np.ndarray]
-    t_in_grads: list[np.ndarray]
-    f_in_grads: list[np.ndarray]
-    t_p_grads: dict[str, np.ndarray]
-    f_p_grads: dict[str, np.ndarray]
+    torch_args: tuple
+    flax_args: tuple
+    torch: TorchRun
+    flax: FlaxRun | None  # None when the output structures differ (nothing to compare leaf by leaf)
+    f_p_grads: dict[str, np.ndarray]  # Flax param grads named and laid out as torch's
+    in_layouts: dict[str, str]
+    out_layouts: dict[str, str]
+    act_layouts: ActivationLayouts | None
     torch_module: torch.nn.Module
-    port_notes: list[str]
-    flax_capture: tuple | None = None  # parity.layers.capture_flax's result, when layers=True
+    notes: list[str]
+    structure_error: str | None = None
 
 
 def _device(device: str | None) -> tuple[str, object]:
@@ -133,48 +74,75 @@ def _device(device: str | None) -> tuple[str, object]:
     raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
 
 
-def _run(torch_module, flax_module, example_input, variables, dname, train, input_layout, seed,
-         grads, tdev, say, layers) -> _Run:
-    tdtype = _DTYPES[dname]
-    tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
-    inputs = [x.to(tdev) for x in _torch_inputs(example_input, tdtype)]
-    say("porting weights")
+def _plan_layouts(args: tuple, in_layouts: Mapping[str, str]) -> list[str]:
+    # build_plan takes one layout per positional argument (its example input is flat).
+    return [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
+
+
+def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str]]:
     # A Flax hyperparameter that differs from torch's (LayerNorm eps) is something this check
     # should measure and locate, not refuse: ask the port to warn, and keep its words.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = build_plan(tm, flax_module, [x.detach().cpu() for x in inputs], input_layout=input_layout,
-                          check_attributes="warn")
-    port_notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+        plain = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in args)
+        plan = build_plan(tm, flax_module, plain, input_layout=_plan_layouts(args, in_layouts),
+                          check_attributes="warn", rename=rename)
+    notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    # Pairings the port made by structure rather than by name (PortPlan.pairing_notes, when the
+    # port records them): a user should see them, since a wrong one shifts every verdict.
+    notes += [f"weight port pairing: {n}" for n in getattr(plan, "pairing_notes", None) or []]
+    return plan, notes
+
+
+def _run(torch_module, flax_module, example_input, variables, dname, *, train, train_kwarg, input_layout,
+         output_layout, rename, seed, grads, tdev, say, layers) -> _Run:
+    tdtype = _DTYPES[dname]
+    tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
+    tm.train(train)
+    args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
+    in_layouts = input_layouts(tm, args, input_layout)
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg)
+    say("porting weights")
+    plan, notes = _port(tm, flax_module, args, in_layouts, rename)
     if variables is None:
         variables = plan.to_flax(tm.state_dict())
-    flax_inputs = [jnp.asarray(to_flax_layout(to_numpy(x.detach()), input_layout)) for x in inputs]
+    f_args = flax_inputs(args, in_layouts)
     say("torch forward/backward")
-    t_outs, cots, t_in_grads, t_p_grads = run_torch(tm, inputs, seed + 1, train)
-    f_cots = [to_flax_layout(c, input_layout if np.ndim(c) >= 3 else AS_IS) for c in cots]
-    capture = None
-    if layers:
-        # The per-layer capture is a full forward + VJP too: one Flax pass (one compile) serves both.
-        say("flax forward/vjp with every layer recorded")
-        capture = capture_flax(flax_module, variables, flax_inputs, f_cots, call_kwargs(flax_module, train), train)
-        f_outs, f_in_grads, f_p_grads = capture[4]
-    else:
-        say("flax forward/vjp")
-        f_outs, f_in_grads, f_p_grads = run_flax(flax_module, variables, flax_inputs, f_cots, train)
-    f_named = plan.to_torch({"params": f_p_grads}, collections=("params",)) if grads else {}
-    return _Run(plan, variables, inputs, flax_inputs, cots, t_outs, f_outs, t_in_grads, f_in_grads,
-                t_p_grads, f_named, tm, port_notes, capture)
+    t = run_torch(tm, args, train=train, grads=grads, cotangent_seed=seed + 1, capture=layers)
+    f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
+    if set(f_shapes) != set(t.outputs):
+        err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
+               f"{'{' + ', '.join(f_shapes) + '}'}")
+        return _Run(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+    acts = None
+    if t.calls is not None:
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
 
+    def producer(path: str):
+        nonlocal acts
+        if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
+            probe = run_torch(copy.deepcopy(tm), torch_inputs(args, tdtype, tdev, False), train=train,
+                              grads=False, capture=True)
+            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases)
+            return acts.of_tensor(probe.raw_outputs[path])
+        return acts.of_tensor(t.raw_outputs[path])
 
-def _names(prefix: str, n: int) -> list[str]:
-    return [prefix] if n == 1 else [f"{prefix}[{i}]" for i in range(n)]
+    out_layouts = output_layouts(output_layout, {p: o.shape for p, o in t.outputs.items()}, f_shapes, producer)
+    f_cots = {p: to_flax_layout(c, out_layouts[p], p) for p, c in t.cotangents.items()} if grads else None
+    say("flax forward/vjp" + (" with every layer recorded" if layers else ""))
+    f = forward_backward(twin, variables, f_args, f_cots, capture=layers)
+    f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
+    if t.calls is not None and acts is None:
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+    return _Run(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
+                acts, tm, notes)
 
 
 def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:
     out = []
-    for i, f in enumerate(run.f_outs):
+    for path, f in (run.flax.outputs.items() if run.flax else ()):
         if np.issubdtype(f.dtype, np.floating) and f.dtype.name != dname:
-            out.append(f"Flax output[{i}] is {f.dtype.name} but the check runs in {dname}: the Flax "
+            out.append(f"Flax {path} is {f.dtype.name} but the check runs in {dname}: the Flax "
                        "module computes at a different precision (its dtype/param_dtype?)")
     if user_variables:
         leaves = jax.tree_util.tree_leaves(run.variables.get("params", {}))
@@ -184,9 +152,14 @@ def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:
     return out
 
 
+def _label(prefix: str, path: str, root: str, single: bool) -> str:
+    """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
+    return prefix if single else prefix + path[len(root):]
+
+
 def check(
     torch_module: torch.nn.Module,
-    flax_module: nn.Module,
+    flax_module,
     example_input,
     *,
     variables: Mapping | None = None,
@@ -196,7 +169,10 @@ def check(
     rtol: float | None = None,
     atol: float | None = None,
     train: bool = False,
-    input_layout: str = CHANNELS_FIRST,
+    train_kwarg: str | None = None,
+    input_layout: LayoutSpec = None,
+    output_layout: LayoutSpec = None,
+    rename=None,
     precision: str = "highest",
     tf32: bool | None = None,
     reference: str | None = None,
@@ -205,18 +181,28 @@ def check(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Compare ``torch_module`` and its Flax twin on ``example_input`` (torch layout, [N, C, H, W]).
+    """Compare ``torch_module`` and its Flax twin (Linen or NNX) on ``example_input``.
 
-    variables: Flax variables to use (default: ported from the torch module after casting it to
-    ``dtype``). train: BatchNorm uses batch statistics on both sides. layers: per-layer rows with
-    isolated and accumulated error, and ``first_divergence``. rtol/atol: override the table.
-    precision: JAX matmul precision; tf32 (default: matching ``precision``) is torch's TF32 flag,
-    and the report warns when the two disagree. reference="float64": also run both sides in
-    float64 and judge the ``dtype`` run by Flax's error against the torch float64 result relative
-    to torch's own (the per-layer analysis then runs in float64, where verdicts are sharp).
-    device: "cpu" (default) or "cuda". The torch module is copied, never mutated. Runs under
-    pinned numerics and, for float64, with x64 enabled for the duration of the call only.
-    progress: called with short status lines (the CLI prints them).
+    example_input: the torch module's positional arguments in torch layout: one tensor / array,
+    or a tuple/list of them (pytrees allowed: dicts, tuples with None); integer leaves (token
+    ids, masks) are fed as they are and get no gradient. Outputs may be any pytree (tensors,
+    tuples, dicts, dataclasses, HF ModelOutput) and are compared leaf by leaf by path.
+    input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
+    one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
+    ``out.logits``, or by key); default: inferred (weight_port.layout, parity.runtime.layouts),
+    a LayoutError naming the leaf when it cannot be.
+    variables: Flax variables to use (linen-style; default: ported from the torch module after
+    casting it to ``dtype``). rename: passed to the port (weight_port.build_plan).
+    train: BatchNorm uses batch statistics on both sides; the twin's train keyword is found from
+    its ``__call__`` (train / training / deterministic / use_running_average) or ``train_kwarg``.
+    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``.
+    rtol/atol: override the table. precision: JAX matmul precision; tf32 (default: matching
+    ``precision``) is torch's TF32 flag, and the report warns when the two disagree.
+    reference="float64": also run both sides in float64 and judge the ``dtype`` run by Flax's
+    error against the torch float64 result relative to torch's own (the per-layer analysis then
+    runs in float64, where verdicts are sharp). device: "cpu" (default) or "cuda". The torch
+    module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
+    enabled for the duration of the call only. progress: called with short status lines.
     """
     say = progress or (lambda msg: None)
     dname = _dtype_name(dtype)
@@ -227,15 +213,25 @@ def check(
     if reference and (rtol is not None or atol is not None):
         raise ValueError("rtol/atol override the table; they do not combine with reference='float64'")
     tdev, jdev = _device(device)
+    opts = dict(train=train, train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
+                rename=rename, seed=seed, grads=grads, tdev=tdev, say=say)
     x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
     with jax.default_device(jdev), pinned(precision=precision, tf32=tf32):
         with x64:  # record x64 as it is for the run itself (on only inside float64 checks)
             env = numerics_env(tdev)
         notes = precision_warnings(env)
         with x64:
-            run = _run(torch_module, flax_module, example_input, variables, dname, train, input_layout,
-                       seed, grads, tdev, say, layers and not reference)
-        notes += run.port_notes + _dtype_warnings(run, dname, variables is not None)
+            run = _run(torch_module, flax_module, example_input, variables, dname,
+                       layers=layers and not reference, **opts)
+        notes += run.notes + _dtype_warnings(run, dname, variables is not None)
+        report = Report(model=name or type(torch_module).__name__, dtype=dname,
+                        mode="train" if train else "eval", outputs=[], reference=reference, env=env,
+                        warnings=notes)
+        prec = jax_precision()
+        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        if run.structure_error:
+            report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
+            return report
         ref = None
         if reference:
             say("float64 reference run")
@@ -249,64 +245,67 @@ def check(
                 # low-precision runs by their arithmetic only, and user-given low-precision
                 # variables upcast to exactly the reference's weights.
                 rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
-                ref = _run(rounded, flax_module, example_input, ref_vars, "float64", train,
-                           input_layout, seed, grads, tdev, say, layers)
-        prec = jax_precision()
-        if ref is None:
-            fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-            grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
-
-            def judge(kind, nm, f, t, layout, ref_value):
-                return compare(nm, f, t, fwd if kind == FORWARD else grd, layout=layout)
-        else:
-            ref_tol = tolerance_for(dname, REFERENCE, prec)
-
-            def judge(kind, nm, f, t, layout, ref_value):
-                return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout)
-
-        outputs = [judge(FORWARD, n, f, t, input_layout, ref.t_outs[i] if ref else None)
-                   for i, (n, f, t) in enumerate(zip(_names("output", len(run.t_outs)), run.f_outs, run.t_outs))]
-        in_comps: list[Comparison] = []
-        p_comps: list[Comparison] = []
-        if grads:
-            in_comps = [judge(GRAD, n, f, t, input_layout, ref.t_in_grads[i] if ref else None)
-                        for i, (n, f, t) in enumerate(zip(_names("grad input", len(run.t_in_grads)),
-                                                          run.f_in_grads, run.t_in_grads))]
-            p_comps = [judge(GRAD, f"grad {n}", run.f_p_grads[n], g, AS_IS, ref.t_p_grads[n] if ref else None)
-                       for n, g in run.t_p_grads.items()]
-        rows: list[LayerRow] = []
-        divergence, kind = None, None
+                ref = _run(rounded, flax_module, example_input, ref_vars, "float64", layers=layers, **opts)
+        _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
         if layers:
             # Per-layer verdicts need sharp tolerances: in reference mode they run in float64.
             lr = ref or run
             ldt = "float64" if ref else dname
+            over = (rtol, atol) if not ref else (None, None)
             with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
-                rows = analyze_layers(
-                    lr.torch_module, flax_module, lr.variables, lr.plan, lr.torch_inputs, lr.flax_inputs,
-                    lr.cots if grads else None, call_kwargs=call_kwargs(flax_module, train), train=train,
-                    layout=input_layout,
-                    forward_tol=tolerance_for(ldt, FORWARD, prec).override(*((rtol, atol) if not ref else (None, None))),
-                    grad_tol=tolerance_for(ldt, GRAD, prec).override(*((rtol, atol) if not ref else (None, None))),
-                    progress=say,
-                    root=None if ref else (worst_of(outputs), worst_of(in_comps + p_comps)),
-                    flax_capture=lr.flax_capture if grads else None,
+                report.layers = analyze_layers(
+                    lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
+                    grads=grads, train=train,
+                    forward_tol=tolerance_for(ldt, FORWARD, prec).override(*over),
+                    grad_tol=tolerance_for(ldt, GRAD, prec).override(*over),
+                    param_grads=lr.torch.param_grads, progress=say,
+                    root=None if ref else (worst_of(report.outputs), worst_of(report.grads)),
                 )
-            divergence, kind = first_divergence(rows)
+            report.first_divergence, report.divergence_kind = first_divergence(report.layers)
         say("done")
-        return Report(
-            model=name or type(torch_module).__name__,
-            dtype=dname,
-            mode="train" if train else "eval",
-            outputs=outputs,
-            input_grads=in_comps,
-            param_grads=p_comps,
-            layers=rows,
-            first_divergence=divergence,
-            divergence_kind=kind,
-            reference=reference,
-            env=env,
-            warnings=notes,
-        )
+        return report
+
+
+def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
+                 grads: bool) -> None:
+    """Fill the report's output, input-gradient and parameter-gradient comparisons."""
+    if ref is None:
+        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
+
+        def judge(kind, nm, f, t, layout, ref_value):
+            return compare(nm, f, t, fwd if kind == FORWARD else grd, layout=layout)
+    else:
+        ref_tol = tolerance_for(dname, REFERENCE, prec)
+
+        def judge(kind, nm, f, t, layout, ref_value):
+            return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout)
+
+    def safe(kind, nm, f, t, layout, ref_value):
+        try:
+            return judge(kind, nm, f, t, layout, ref_value)
+        except ValueError as exc:  # shape mismatch: a wrong twin, reported, not raised
+            return failed_comparison(nm, str(exc), tolerance_for(dname, kind, prec))
+
+    t, f = run.torch, run.flax
+    single = len(t.outputs) == 1
+    report.outputs = [safe(FORWARD, _label("output", p, "out", single), f.outputs[p], v, run.out_layouts[p],
+                           ref.torch.outputs[p] if ref else None) for p, v in t.outputs.items()]
+    if not grads:
+        return
+    single = len(t.input_grads) == 1
+    report.input_grads = [safe(GRAD, _label("grad input", p, "input", single), f.input_grads[p], g,
+                               run.in_layouts[p], ref.torch.input_grads[p] if ref else None)
+                          for p, g in t.input_grads.items()]
+    tied = getattr(run.plan, "tied", None) or {}
+    for n, g in t.param_grads.items():
+        if n not in run.f_p_grads:
+            report.param_grads.append(failed_comparison(
+                f"grad {n}", "the port gives no Flax gradient for this torch parameter"
+                + (f" (tied to {tied[n]})" if n in tied else ""), tolerance_for(dname, GRAD, prec)))
+            continue
+        report.param_grads.append(safe(GRAD, f"grad {n}", run.f_p_grads[n], g, AS_IS,
+                                       ref.torch.param_grads[n] if ref else None))
 
 
 def assert_parity(*args, **kwargs) -> Report:

@@ -1,10 +1,12 @@
 """Per-layer parity: every module's output and cotangent on both sides, isolated and inherited error.
 
-Torch side: forward pre/post hooks on every module record its inputs and outputs in execution
-order, and tensor hooks record the gradient of the loss with respect to both. Flax side: a method
-interceptor records every ``__call__`` under the module path that the port's name rule gives
-(``down.0.conv1`` <-> ``down_0/conv1``), and adds a zero "perturbation" to each output so that
-one ``jax.vjp`` also yields the cotangent at every layer output.
+Both sides are recorded by the one engine (parity.runtime): torch hooks on every module record
+its inputs, outputs and their gradients; the Flax runner records every submodule call (Linen
+interceptors, or NNX recording subclasses) under the module path the port's pairing gives
+(``down.0.conv1`` <-> ``down_0/conv1``), with the cotangent at every output. Each activation's
+layout comes from the kind of layer that made it (weight_port.layout.kind_layout), never from
+its number of dimensions; tensors made between modules by plain functions take the one layout
+their torch and Flax shapes agree on, or are reported as unknown.
 
 Two errors per layer:
   accumulated  the Flax model's own intermediate vs torch's: includes everything inherited from
@@ -17,10 +19,9 @@ bug that only exists in gradients (stop_gradient, a wrong custom_vjp) is pinned 
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,8 @@ import torch
 from flax import traverse_util
 
 from parity.compare import Comparison, compare, failed_comparison, worst_of
+from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
+from parity.runtime.layouts import resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
@@ -35,8 +38,6 @@ from weight_port.plan import PortPlan
 from weight_port.tensors import to_numpy
 
 ROOT = "<root>"  # how the report names the top-level module (its torch path is "")
-
-Key = tuple[tuple[str, ...], int]  # (flax module path, call index)
 
 
 @dataclass
@@ -113,94 +114,7 @@ def first_divergence(rows: Sequence[LayerRow]) -> tuple[str | None, str | None]:
     return None, None
 
 
-# --- torch capture -------------------------------------------------------------------------------
-@dataclass
-class _TorchCall:
-    path: str
-    call: int
-    module: torch.nn.Module
-    start: int
-    args: tuple = ()
-    outputs: list = field(default_factory=list)
-    arg_grads: dict[int, np.ndarray] = field(default_factory=dict)
-    out_grads: dict[int, np.ndarray] = field(default_factory=dict)
-
-
-def _leaves(x) -> list:
-    return list(x) if isinstance(x, (tuple, list)) else [x]
-
-
-def capture_torch(
-    module: torch.nn.Module, inputs: Sequence[torch.Tensor], cots: Sequence[np.ndarray] | None, train: bool
-) -> list[_TorchCall]:
-    """Run forward (and backward of <outputs, cots> when cots is given) with every module hooked.
-
-    Returns the calls in completion order. The pre-hook hands each module a ``view_as`` of its
-    float inputs, so the gradient hook on that view sees exactly this module's share of the
-    input cotangent even when the same tensor feeds several modules (a UNet skip).
-    """
-    module.train(train)
-    calls: list[_TorchCall] = []
-    open_calls: dict[int, list[_TorchCall]] = defaultdict(list)
-    counts: dict[str, int] = defaultdict(int)
-    starts = [0]
-    names = {id(m): p for p, m in module.named_modules()}
-    handles = []
-
-    def pre(mod, args):
-        path = names[id(mod)]
-        call = _TorchCall(path, counts[path], mod, starts[0])
-        counts[path] += 1
-        starts[0] += 1
-        new_args = []
-        for i, a in enumerate(args):
-            if cots is not None and isinstance(a, torch.Tensor) and a.requires_grad:
-                a = a.view_as(a)
-                a.register_hook(lambda g, i=i, c=call: c.arg_grads.__setitem__(i, to_numpy(g).copy()))
-            new_args.append(a)
-        call.args = tuple(new_args)
-        open_calls[id(mod)].append(call)
-        return tuple(new_args)
-
-    def post(mod, args, output):
-        call = open_calls[id(mod)].pop()
-        call.outputs = _leaves(output)
-        for i, o in enumerate(call.outputs):
-            if cots is not None and isinstance(o, torch.Tensor) and o.requires_grad:
-                o.register_hook(lambda g, i=i, c=call: c.out_grads.__setitem__(i, to_numpy(g).copy()))
-        calls.append(call)
-
-    try:
-        for mod in dict((id(m), m) for _, m in module.named_modules()).values():
-            handles.append(mod.register_forward_pre_hook(pre))
-            handles.append(mod.register_forward_hook(post))
-        outs = _leaves(module(*inputs))
-        if cots is not None:
-            loss = sum((o * torch.as_tensor(c, dtype=o.dtype, device=o.device)).sum() for o, c in zip(outs, cots))
-            loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
-# --- flax capture --------------------------------------------------------------------------------
-@dataclass
-class _FlaxCall:
-    module: nn.Module  # an unbound clone, runnable on its own with .apply
-    args: tuple  # positional args with arrays replaced by None (arrays travel in aux)
-    kwargs: dict
-    array_pos: list[int]  # positions of array arguments
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval")
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
-
-
+# --- pairing and layouts ---------------------------------------------------------------------
 def _subtree(variables: Mapping, path: tuple[str, ...]) -> dict:
     out = {}
     for col, tree in variables.items():
@@ -215,96 +129,6 @@ def _subtree(variables: Mapping, path: tuple[str, ...]) -> dict:
     return out
 
 
-def capture_flax(
-    module: nn.Module,
-    variables: Mapping,
-    flax_inputs: Sequence,
-    cots: Sequence | None,
-    call_kwargs: Mapping,
-    train: bool,
-) -> tuple:
-    """Run the Flax model with every ``__call__`` recorded.
-
-    Returns (calls, args, outputs, output cotangents, model) with the middle three keyed by
-    (module path, call index), numpy in Flax layout; cotangents are empty when cots is None.
-    model: (outputs, input grads, param grads) of the whole model, as parity.checker.run_flax
-    returns them (None without cots), so a check with layers needs only this one Flax pass.
-    """
-    params = variables.get("params", {})
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    calls: dict[Key, _FlaxCall] = {}
-    float_idx = [i for i, x in enumerate(flax_inputs) if _is_float(x)]
-
-    def make_fn():
-        def fn(params, float_inputs, perts_in):
-            counts: dict[tuple[str, ...], int] = defaultdict(int)
-            aux_args: dict[Key, list] = {}
-            aux_outs: dict[Key, list] = {}
-
-            def intercept(next_fun, args, kwargs, ctx):
-                if ctx.method_name != "__call__":
-                    return next_fun(*args, **kwargs)
-                path = tuple(ctx.module.path)
-                key = (path, counts[path])
-                counts[path] += 1
-                out = next_fun(*args, **kwargs)
-                leaves = _leaves(out)
-                if perts_in is not None and key in perts_in:
-                    leaves = [o + p if p is not None else o for o, p in zip(leaves, perts_in[key])]
-                    out = type(out)(leaves) if isinstance(out, (tuple, list)) else leaves[0]
-                array_pos = [i for i, a in enumerate(args) if _is_array(a)]
-                if key not in calls:
-                    calls[key] = _FlaxCall(
-                        module=ctx.module.clone(parent=None, _deep_clone=True),
-                        args=tuple(None if i in array_pos else a for i, a in enumerate(args)),
-                        kwargs={k: v for k, v in kwargs.items()},
-                        array_pos=array_pos,
-                    )
-                aux_args[key] = [args[i] for i in array_pos]
-                aux_outs[key] = [o for o in leaves if _is_array(o)]
-                return out
-
-            xs = list(flax_inputs)
-            for i, x in zip(float_idx, float_inputs):
-                xs[i] = x
-            v = {"params": params, **rest}
-            with nn.intercept_methods(intercept):
-                if train and rest:
-                    out, _ = module.apply(v, *xs, mutable=list(rest), **call_kwargs)
-                else:
-                    out = module.apply(v, *xs, **call_kwargs)
-            return out, (aux_args, aux_outs)
-
-        return fn
-
-    float_inputs = [flax_inputs[i] for i in float_idx]
-    if cots is None:
-        out, (aux_args, aux_outs) = make_fn()(params, float_inputs, None)
-        return calls, _np(aux_args), _np(aux_outs), {}, None
-    # Zero perturbations on every float output: their gradient is the cotangent at that output.
-    _, (_, shapes) = jax.eval_shape(make_fn(), params, float_inputs, None)
-    calls.clear()
-    perts = {k: [jnp.zeros(s.shape, s.dtype) if jnp.issubdtype(s.dtype, jnp.floating) else None for s in v]
-             for k, v in shapes.items()}
-    def forward_backward(params, float_inputs, perts, cots):
-        out, vjp, aux = jax.vjp(make_fn(), params, float_inputs, perts, has_aux=True)
-        flat_out = _leaves(out)
-        cot_tree = (type(out)(c.astype(o.dtype) for c, o in zip(cots, flat_out))
-                    if isinstance(out, (tuple, list)) else cots[0].astype(out.dtype))
-        return flat_out, aux, vjp(cot_tree)
-
-    # Jitted: one compile for the whole model (see parity.checker.run_flax).
-    flat_out, (aux_args, aux_outs), (p_grads, in_grads, pert_grads) = jax.jit(forward_backward)(
-        params, float_inputs, perts, [jnp.asarray(c) for c in cots])
-    model = ([np.asarray(o) for o in flat_out], [np.asarray(g) for g in in_grads], p_grads)
-    return calls, _np(aux_args), _np(aux_outs), _np(pert_grads), model
-
-
-def _np(tree: Mapping[Key, list]) -> dict[Key, list]:
-    return {k: [None if a is None else np.asarray(a) for a in v] for k, v in tree.items()}
-
-
-# --- pairing and comparison ----------------------------------------------------------------------
 def _flax_path_of(torch_path: str, plan: PortPlan) -> tuple[str, ...]:
     # Layers that own tensors: exactly the port's pairing. Containers and parameter-free layers
     # (not in the plan): the port's own name rule, so both agree by construction.
@@ -318,121 +142,115 @@ def _flax_path_of(torch_path: str, plan: PortPlan) -> tuple[str, ...]:
 class _InputLayout:
     """How torch's input to one layer becomes the Flax layer's input, and its cotangent back.
 
-    Activations move channels-first <-> channels-last by ``layout``. A Linear right after a
-    flatten of [N, C, *S] is different: torch's features are ordered (C, *S) and the Flax twin's
-    (*S, C) (the port permutes that Linear's kernel), so its 2-D input is permuted instead.
+    Activations move by ``layout``. A Linear right after a flatten of [N, C, *S] is different:
+    torch's features are ordered (C, *S) and the Flax twin's (*S, C) (the port permutes that
+    Linear's kernel), so its [N, C*prod(S)] input is permuted instead (the plan says so).
     """
 
     layout: str
     flatten: tuple[int, ...] | None = None
 
-    def to_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.flatten is not None and x.ndim == 2:
+    def to_flax(self, x: np.ndarray, where: str) -> np.ndarray:
+        if self.flatten is not None:
             n = x.shape[0]
             return np.moveaxis(x.reshape(n, *self.flatten), 1, -1).reshape(n, -1)
-        return to_flax_layout(x, self.layout)
+        return to_flax_layout(x, self.layout, where)
 
-    def to_torch(self, x: np.ndarray) -> np.ndarray:
-        if self.flatten is not None and x.ndim == 2:
+    def to_torch(self, x: np.ndarray, where: str) -> np.ndarray:
+        if self.flatten is not None:
             n, (c, *spatial) = x.shape[0], self.flatten
             return np.moveaxis(x.reshape(n, *spatial, c), -1, 1).reshape(n, -1)
-        return to_torch_layout(x, self.layout)
+        return to_torch_layout(x, self.layout, where)
 
 
-def _input_layout(torch_path: str, plan: PortPlan, layout: str) -> _InputLayout:
+def _flatten_of(torch_path: str, plan: PortPlan) -> tuple[int, ...] | None:
     for layer in plan.layers:
         if layer.info.torch_path == torch_path:
-            flatten = getattr(layer.info, "flatten", None)
-            return _InputLayout(layout, tuple(flatten) if flatten else None)
-    return _InputLayout(layout)
+            flat = getattr(layer.info, "flatten", None)
+            return tuple(flat) if flat else None
+    return None
 
 
-def _compare_leaves(name: str, flax_vals: Sequence, torch_vals: Sequence, tol: Tolerance, layout: str
-                    ) -> Comparison | None:
+def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
+                    layouts: Mapping[str, str], tol: Tolerance) -> Comparison | None:
+    """Worst comparison over the leaves both sides have (by path); a structural difference fails."""
+    if set(flax_vals) != set(torch_vals):
+        return failed_comparison(name, f"flax returns {sorted(flax_vals)}, torch {sorted(torch_vals)}", tol)
     comps = []
-    pairs = [(f, t) for f, t in zip(flax_vals, torch_vals) if f is not None and t is not None]
-    if len(flax_vals) != len(torch_vals):
-        return failed_comparison(name, f"flax returns {len(flax_vals)} arrays, torch {len(torch_vals)}", tol)
-    for i, (f, t) in enumerate(pairs):
-        leaf_name = name if len(pairs) == 1 else f"{name}[{i}]"
+    for p in torch_vals:
+        if p not in layouts:
+            continue
+        leaf_name = name if len(torch_vals) == 1 else f"{name} {p}"
         try:
-            comps.append(compare(leaf_name, f, t, tol, layout=layout))
+            comps.append(compare(leaf_name, flax_vals[p], torch_vals[p], tol, layout=layouts[p]))
         except ValueError as exc:
             comps.append(failed_comparison(leaf_name, str(exc), tol))
     return worst_of(comps)
 
 
 def analyze_layers(
-    torch_module: torch.nn.Module,
-    flax_module: nn.Module,
+    t_calls: Sequence[TorchCall],
+    f_run: FlaxRun,
+    twin: FlaxTwin,
     variables: Mapping,
     plan: PortPlan,
-    torch_inputs: Sequence[torch.Tensor],
-    flax_inputs: Sequence,
-    cots: Sequence[np.ndarray] | None,
+    layouts: ActivationLayouts,
     *,
-    call_kwargs: Mapping,
+    grads: bool,
     train: bool,
-    layout: str,
     forward_tol: Tolerance,
     grad_tol: Tolerance,
+    param_grads: Mapping[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
     root: tuple[Comparison | None, Comparison | None] | None = None,
-    flax_capture: tuple | None = None,
 ) -> list[LayerRow]:
-    """Per-layer rows in execution order. cots (torch layout) = None skips the backward columns.
+    """Per-layer rows in execution order from one recorded run of each side (parity.runtime).
 
-    torch_module must be a private copy (hooks are attached and removed, grads accumulate).
-    root: the top module's isolated (forward, backward) verdicts when the caller already has
-    them: the top module alone on torch's input *is* the whole-model check, so it is not rerun.
-    flax_capture: capture_flax's result when the caller already ran it (same inputs and cots).
+    t_calls: run_torch(capture=True).calls; f_run: forward_backward(capture=True); layouts: the
+    activation layouts of the torch calls. grads=False skips the backward columns. param_grads:
+    torch's parameter gradients of the same run. root: the top module's isolated (forward,
+    backward) verdicts, which *are* the whole-model check, so the top module is not rerun.
     """
     say = progress or (lambda msg: None)
-    torch_module.zero_grad(set_to_none=True)
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point() and cots is not None) for x in torch_inputs]
-    say("per-layer: torch forward/backward with hooks")
-    t_calls = capture_torch(torch_module, inputs, cots, train)
-    t_param_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
-                     for n, p in torch_module.named_parameters()}
-    say("per-layer: flax forward/backward with interceptors")
-    f_cots = None
-    if cots is not None:
-        f_cots = [to_flax_layout(c, layout) for c in cots]
-    if flax_capture is None:
-        flax_capture = capture_flax(flax_module, variables, flax_inputs, f_cots, call_kwargs, train)
-    f_calls, f_args, f_outs, f_out_cots, _ = flax_capture
-
     # Backward order: a module's backward finishes after its children's, and later modules'
     # backward runs first, so sort by forward *start* descending.
     by_start = sorted(t_calls, key=lambda c: -c.start)
     bwd_pos = {(c.path, c.call): i for i, c in enumerate(by_start)}
     zero_params = jax.tree_util.tree_map(np.zeros_like, dict(variables.get("params", {})))
+    tied = getattr(plan, "tied", None) or {}
 
     rows: list[LayerRow] = []
     jobs: list[_IsoJob] = []
     for tc in t_calls:
         fpath = _flax_path_of(tc.path, plan)
-        key = (fpath, tc.call)
+        key = call_key(fpath, tc.call)
         row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
                        backward_order=bwd_pos[(tc.path, tc.call)])
         rows.append(row)
-        if key not in f_calls:
+        if key not in f_run.call_outputs:
             row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
             continue
-        t_out = [to_numpy(o.detach()) if isinstance(o, torch.Tensor) else None for o in tc.outputs]
-        row.accumulated = _compare_leaves(row.name, f_outs[key], t_out, forward_tol, layout)
-        if cots is not None:
-            t_g = [tc.out_grads.get(i) for i in range(len(tc.outputs))]
-            f_g = f_out_cots.get(key, [])
-            if any(g is not None for g in t_g) and len(f_g) == len(t_g):
-                row.grad_accumulated = _compare_leaves(
-                    f"d/d {row.name}", [f if t is not None else None for f, t in zip(f_g, t_g)],
-                    t_g, grad_tol, layout)
+        f_out = f_run.call_outputs[key]
+        t_out = {p: to_numpy(o.detach()) for p, o in tc.outputs.items()}
+        out_layouts = {}
+        for p, t in t_out.items():
+            lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
+                               f_out[p].shape if p in f_out else None)
+            if lay is None:
+                row.notes.append(f"{p}: {why}; not compared")
+            else:
+                out_layouts[p] = lay
+        row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, forward_tol)
+        t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
+        f_g = f_run.call_output_cots.get(key, {})
+        if grads and t_g and set(t_g) <= set(f_g):
+            row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: f_g[p] for p in t_g}, t_g,
+                                                   out_layouts, grad_tol)
         if root is not None and tc.path == "" and tc.call == 0:
             row.isolated, row.grad_isolated = root
             continue
-        job = _prepare(row, tc, f_calls[key], variables, fpath, t_out, cots is not None, layout,
-                       _input_layout(tc.path, plan, layout), train)
+        job = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
+                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan))
         if job is not None:
             jobs.append(job)
 
@@ -442,68 +260,85 @@ def analyze_layers(
         if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             continue
-        _judge(job, result, plan, zero_params, t_param_grads, forward_tol, grad_tol)
+        _judge(job, result, plan, zero_params, param_grads, tied, forward_tol, grad_tol)
     return rows
 
 
 @dataclass
 class _IsoJob:
-    """One Flax layer to run alone: ``run(params, *float_inputs)`` on torch's input."""
+    """One Flax layer to run alone: ``run(params, arrays)`` on torch's input."""
 
     row: LayerRow
-    tc: _TorchCall
+    tc: TorchCall
     fpath: tuple[str, ...]
     run: Callable
     params: Mapping
-    floats: list
-    cots: list | None  # torch's output cotangents in Flax layout (None: forward only)
-    t_out: list
-    in_layout: _InputLayout
+    arrays: dict[str, jax.Array]  # by Flax input name, Flax layout
+    float_names: list[str]
+    cots: dict[str, jax.Array] | None  # torch's output cotangents in Flax layout (None: forward only)
+    t_out: dict[str, np.ndarray]
+    out_layouts: dict[str, str]
+    in_layouts: dict[str, _InputLayout]  # by Flax input name
+    torch_names: dict[str, str]  # Flax input name -> torch input name
 
 
-def _prepare(row: LayerRow, tc: _TorchCall, fc: _FlaxCall, variables: Mapping, fpath: tuple[str, ...],
-             t_out: list, grads: bool, layout: str, in_layout: _InputLayout, train: bool) -> _IsoJob | None:
-    t_arrays = [a for a in tc.args if isinstance(a, torch.Tensor)]
-    if len(t_arrays) != len(fc.array_pos):
-        row.notes.append(f"inputs differ: torch {len(t_arrays)} tensors, flax {len(fc.array_pos)} arrays")
+def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
+             variables: Mapping, fpath: tuple[str, ...], t_out: dict, out_layouts: dict, grads: bool,
+             layouts: ActivationLayouts, flatten_: tuple[int, ...] | None) -> _IsoJob | None:
+    t_names = list(tc.inputs)
+    if len(t_names) != len(fc.input_names):
+        row.notes.append(f"inputs differ: torch {len(t_names)} tensors, flax {len(fc.input_names)} arrays; "
+                         "not run alone")
         return None
-    # torch's own input to this layer, in Flax layout (and its cotangent back, in _judge).
-    x_in = [jnp.asarray(in_layout.to_flax(to_numpy(a.detach()))) for a in t_arrays]
-    sub = _subtree(variables, fpath)
-    rest = {k: v for k, v in sub.items() if k != "params"}
-    float_pos = [i for i, x in enumerate(x_in) if _is_float(x)]
-
-    def run(p, *floats):
-        xs = list(x_in)
-        for i, x in zip(float_pos, floats):
-            xs[i] = x
-        args = list(fc.args)
-        for pos, x in zip(fc.array_pos, xs):
-            args[pos] = x
-        v = {"params": p, **rest} if "params" in sub else dict(rest)
-        if train and rest:
-            out, _ = fc.module.apply(v, *args, mutable=list(rest), **fc.kwargs)
+    arrays, in_layouts, names = {}, {}, {}
+    t_lay = layouts.inputs.get((tc.path, tc.call), {})
+    for tn, fn in zip(t_names, fc.input_names):
+        t = to_numpy(tc.inputs[tn].detach())
+        f_shape = np.shape(f_inputs[fn]) if fn in f_inputs else None
+        if flatten_ is not None:
+            lay = _InputLayout(AS_IS, flatten_)
         else:
-            out = fc.module.apply(v, *args, **fc.kwargs)
-        return out
-
-    t_g = [tc.out_grads.get(i) for i in range(len(tc.outputs))]
+            kind, why = resolve(t_lay.get(tn), t.shape, f_shape)
+            if kind is None:
+                row.notes.append(f"input {tn}: {why}; not run alone")
+                return None
+            lay = _InputLayout(kind)
+        try:
+            x = lay.to_flax(t, f"{row.name} {tn}")
+        except ValueError as exc:
+            row.notes.append(f"input {tn}: {exc}; not run alone")
+            return None
+        # HF-style models hand a layer differently prepared inputs on each side (an extended float
+        # mask in torch, the raw integer mask in Flax): running the Flax layer on torch's would
+        # blame it for a difference it does not have.
+        if f_shape is not None and (tuple(x.shape) != tuple(f_shape) or
+                                    np.issubdtype(x.dtype, np.floating) != jnp.issubdtype(f_inputs[fn].dtype, jnp.floating)):
+            row.notes.append(f"input {tn}: torch gives {tuple(t.shape)} {t.dtype}, the Flax layer takes "
+                             f"{tuple(f_shape)} {np.dtype(f_inputs[fn].dtype)}; not run alone")
+            return None
+        arrays[fn], in_layouts[fn], names[fn] = jnp.asarray(x), lay, tn
+    float_names = [n for n, a in arrays.items() if jnp.issubdtype(a.dtype, jnp.floating)]
+    sub = _subtree(variables, fpath)
     cots = None
-    if grads and any(g is not None for g in t_g):
-        cots = [None if g is None else jnp.asarray(to_flax_layout(g, layout)) for g in t_g]
-    return _IsoJob(row, tc, fpath, run, sub.get("params", {}), [x_in[i] for i in float_pos], cots,
-                   t_out, in_layout)
+    t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
+    if grads and t_g:
+        cots = {p: jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}")) for p, g in t_g.items()}
+    return _IsoJob(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
+                   t_out, out_layouts, in_layouts, names)
 
 
 def _one(job: _IsoJob, params, floats, cots):
     """Output, and (param grads, input grads) from the VJP with torch's output cotangent."""
-    out, vjp = jax.vjp(job.run, params, *floats)
-    leaves, tree = jax.tree_util.tree_flatten(out)
-    if cots is None or len(cots) != len(leaves) or any(
-            c is not None and c.shape != o.shape for c, o in zip(cots, leaves)):
+    def f(params, floats):
+        return flatten(job.run(params, {**job.arrays, **dict(zip(job.float_names, floats))}))
+
+    out, vjp = jax.vjp(f, params, [job.arrays[n] for n in job.float_names] if floats is None else floats)
+    if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
         return out, None  # wrong output shape: the forward comparison says so
-    cot = [jnp.zeros_like(o) if c is None else c.astype(o.dtype) for c, o in zip(cots, leaves)]
-    p_grads, *in_grads = vjp(jax.tree_util.tree_unflatten(tree, cot))
+    ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
+              else (jnp.zeros_like(o) if jnp.issubdtype(o.dtype, jnp.floating)
+                    else np.zeros(o.shape, jax.dtypes.float0))) for p, o in out.items()}
+    p_grads, in_grads = vjp(ct)
     return out, (p_grads, in_grads)
 
 
@@ -513,7 +348,7 @@ def _run_jobs(jobs: list[_IsoJob]) -> list:
     cannot run alone costs only its own row."""
     if not jobs:
         return []
-    args = [(j.params, j.floats, j.cots) for j in jobs]
+    args = [(j.params, [j.arrays[n] for n in j.float_names], j.cots) for j in jobs]
     try:
         batched = jax.jit(lambda a: [_one(j, *x) for j, x in zip(jobs, a)])
         return jax.device_get(batched(args))
@@ -522,37 +357,39 @@ def _run_jobs(jobs: list[_IsoJob]) -> list:
     results = []
     for j, a in zip(jobs, args):
         try:
-            results.append(jax.device_get(_one(j, *a)))
+            results.append(jax.device_get(jax.jit(lambda x, j=j: _one(j, *x))(a)))
         except Exception as exc:
             results.append(exc)
     return results
 
 
 def _judge(job: _IsoJob, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
-           forward_tol: Tolerance, grad_tol: Tolerance) -> None:
+           tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance) -> None:
     row, tc = job.row, job.tc
     out, grads = result
-    layout = job.in_layout.layout
-    row.isolated = _compare_leaves(row.name, [np.asarray(o) for o in _leaves(out)], job.t_out,
-                                   forward_tol, layout)
+    row.isolated = _compare_leaves(row.name, {p: np.asarray(o) for p, o in out.items()}, job.t_out,
+                                   job.out_layouts, forward_tol)
     if grads is None:
         return
     p_grads, in_grads = grads
     comps = []
-    t_in = [tc.arg_grads.get(i) for i, a in enumerate(tc.args) if isinstance(a, torch.Tensor)]
-    t_in_float = [g for g, a in zip(t_in, [a for a in tc.args if isinstance(a, torch.Tensor)])
-                  if a.is_floating_point()]
-    for j, (g, t) in enumerate(zip(in_grads, t_in_float)):
+    for fn, g in zip(job.float_names, in_grads):
+        t = tc.input_grads.get(job.torch_names[fn])
         if t is not None:
-            comps.append(_compare_leaves(f"d/d input[{j}] of {row.name}",
-                                         [job.in_layout.to_torch(np.asarray(g))], [t], grad_tol, AS_IS))
+            name = f"d/d {job.torch_names[fn]} of {row.name}"
+            try:
+                comps.append(compare(name, job.in_layouts[fn].to_torch(np.asarray(g), name), t, grad_tol))
+            except ValueError as exc:
+                comps.append(failed_comparison(name, str(exc), grad_tol))
     if job.params and tc.call == 0:
-        comps.extend(_param_grad_comps(row, p_grads, job.fpath, plan, zero_params, t_param_grads, grad_tol))
+        comps.extend(_param_grad_comps(row, p_grads, job.fpath, plan, zero_params, t_param_grads, tied,
+                                       grad_tol))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params,
-                      t_param_grads: Mapping[str, np.ndarray], grad_tol: Tolerance) -> list[Comparison]:
+                      t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
+                      grad_tol: Tolerance) -> list[Comparison]:
     # Put the subtree's gradients into a zero tree of the whole model so the port's own
     # flax -> torch mapping (kernel transposes, flips, flatten permutations) names and lays them out.
     flat = traverse_util.flatten_dict(zero_params)
@@ -560,6 +397,16 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params
         flat[(*fpath, *k)] = np.asarray(v)
     named = plan.to_torch({"params": traverse_util.unflatten_dict(flat)}, collections=("params",))
     prefix = f"{row.torch_path}." if row.torch_path else ""
-    return [compare(f"grad {name} (isolated)", value, t_param_grads[name], grad_tol)
-            for name, value in named.items() if name.startswith(prefix) and name in t_param_grads]
-
+    shared = set(tied) | set(tied.values())
+    out = []
+    for name, value in named.items():
+        if not name.startswith(prefix) or name not in t_param_grads:
+            continue
+        if name in shared:
+            # A tied tensor's torch gradient is the sum over every layer that uses it; this layer
+            # alone sees one use. Its total is judged at model level ("grad <name>").
+            row.notes.append(f"{name} is tied ({'alias of ' + tied[name] if name in tied else 'shared'}); "
+                             "its gradient is judged whole-model")
+            continue
+        out.append(compare(f"grad {name} (isolated)", value, t_param_grads[name], grad_tol))
+    return out

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 
 from parity.configs import CNNConfig, MLPConfig, UNetConfig
-from weight_port.layout import AS_IS, CHANNELS_FIRST
+# weight_port.layout's two layout names, spelled here because importing weight_port imports torch
+# and the registry must stay light (``parity --help``); tests/test_runtime_layout.py pins them equal.
+CHANNELS_FIRST = "NC..."
+AS_IS = "as_is"
 
 
 def _mlp_input(cfg: MLPConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -26,10 +29,15 @@ def _unet_input(cfg: UNetConfig, batch: int, rng: np.random.Generator) -> np.nda
 
 @dataclass(frozen=True)
 class ModelPair:
-    """A torch model and its Flax twin, built from one config.
+    """A torch model and its Flax twin (Linen or NNX), built from one config, with its facts.
 
-    make_input returns a float64 array in torch layout ([N, F] or [N, C, H, W]); layout says how
-    the Flax side sees it (weight_port.layout).
+    make_input(config, batch, rng) returns a float64 array in torch layout ([N, F] or
+    [N, C, H, W]). input_layout / output_layout: the torch-side layout of the input and of the
+    output (weight_port.layout; output_layout None means "as input_layout"). loss: what the
+    output is for training ("cross_entropy" on logits, "nll" on log-probabilities, "mse").
+    train_mode: whether train and eval differ (BatchNorm, dropout): a bool, or a callable of the
+    config. train_kwarg: the twin's train-mode keyword when its signature does not say.
+    bench_batch: batch sizes per config size for the benchmarks.
     """
 
     name: str
@@ -38,11 +46,24 @@ class ModelPair:
     torch_cls: Callable[[], Any]
     flax_cls: Callable[[], Any]
     make_input: Callable[[Any, int, np.random.Generator], np.ndarray]
-    layout: str
+    input_layout: str
+    output_layout: str | None = None
+    loss: str = "cross_entropy"
+    train_mode: bool | Callable[[Any], bool] = False
+    train_kwarg: str | None = None
+    bench_batch: dict[str, int] = field(default_factory=lambda: {"tiny": 2, "full": 1})
 
     @property
     def family(self) -> str:
         return self.name.split("-")[0]
+
+    @property
+    def layout(self) -> str:
+        """The input layout (the name older callers use)."""
+        return self.input_layout
+
+    def out_layout(self) -> str:
+        return self.output_layout or self.input_layout
 
     def config(self, size: str = "tiny"):
         if size not in ("tiny", "full"):
@@ -60,6 +81,15 @@ class ModelPair:
     def example_input(self, config=None, *, batch: int = 2, seed: int = 0) -> np.ndarray:
         config = config if config is not None else self.tiny()
         return self.make_input(config, batch, np.random.default_rng(seed))
+
+    def train_matters(self, config=None) -> bool:
+        """Whether train mode computes something else than eval mode for this config."""
+        config = config if config is not None else self.tiny()
+        return bool(self.train_mode(config) if callable(self.train_mode) else self.train_mode)
+
+    def modes(self, config=None) -> list[bool]:
+        """train flags worth checking: [False], or [False, True] when train mode matters."""
+        return [False, True] if self.train_matters(config) else [False]
 
     def has_batch_norm(self, config=None) -> bool:
         return bool(getattr(config if config is not None else self.tiny(), "batch_norm", False))
@@ -85,7 +115,10 @@ def _unet(name: str, **kw) -> ModelPair:
         torch_cls=partial(_torch, "UNet"),
         flax_cls=partial(_flax, "UNet"),
         make_input=_unet_input,
-        layout=CHANNELS_FIRST,
+        input_layout=CHANNELS_FIRST,
+        output_layout=CHANNELS_FIRST,  # per-pixel logits [N, classes, H, W]
+        loss="cross_entropy",
+        train_mode=lambda cfg: bool(cfg.batch_norm),
     )
 
 
@@ -93,9 +126,10 @@ PAIRS: dict[str, ModelPair] = {
     p.name: p
     for p in (
         ModelPair("mlp", MLPConfig.tiny, MLPConfig.full, partial(_torch, "ExplicitMLP"),
-                  partial(_flax, "ExplicitMLP"), _mlp_input, AS_IS),
+                  partial(_flax, "ExplicitMLP"), _mlp_input, AS_IS, loss="cross_entropy"),
+        # The CNN ends in log_softmax: its output is log-probabilities [N, classes].
         ModelPair("cnn", CNNConfig.tiny, CNNConfig.full, partial(_torch, "CNN"),
-                  partial(_flax, "CNN"), _cnn_input, CHANNELS_FIRST),
+                  partial(_flax, "CNN"), _cnn_input, CHANNELS_FIRST, output_layout=AS_IS, loss="nll"),
         _unet("unet-valid", padding="valid"),
         _unet("unet-same", padding="same"),
         _unet("unet-same-bn", padding="same", batch_norm=True),

@@ -21,7 +21,7 @@ from weight_port.errors import (
 )
 from weight_port.flatten import find_flattened_linears
 from weight_port.flax_tree import FlaxTarget, abstract_target
-from weight_port.layout import CHANNELS_FIRST, to_flax_layout
+from weight_port.layout import CHANNELS_FIRST, per_arg, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for, rule_for
@@ -338,7 +338,7 @@ def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarg
     if flax_module is not None:
         if example_input is None:
             raise TypeError("build_plan needs example_input together with a linen flax_module")
-        flax_inputs = tuple(to_flax_layout(to_numpy(x), input_layout) for x in _as_tuple(example_input))
+        flax_inputs = tuple(to_flax_layout(to_numpy(x), lay) for x, lay in zip(_as_tuple(example_input), per_arg(input_layout, len(_as_tuple(example_input)))))
         return abstract_target(flax_module, flax_inputs)
     if variables is not None:
         return target_from_variables(variables)

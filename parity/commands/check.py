@@ -35,9 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="zero-argument callable returning the Flax twin (a linen Module)")
     own.add_argument("--input-shape", metavar="N,C,H,W",
                      help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
-    own.add_argument("--layout", choices=("NC...", "as_is"), default=None,
-                     help="torch-side layout of the input: NC... (channels-first; default for >= 3 "
-                          "dims) or as_is ([N, F], default for 2 dims)")
+    add_pair_arguments(own)
     own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
                    help="built-in model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
@@ -60,6 +58,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the per-layer error plot as PNG (several reports: PATH-<model>-<dtype>-<mode>.png)")
     p.add_argument("--full", action="store_true", help="print every report in full, not only failing ones")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def add_pair_arguments(own) -> None:
+    """Flags shared by every command that takes your own pair (check, train)."""
+    own.add_argument("--example-input", metavar="MODULE:FN",
+                     help="zero-argument callable returning the torch input pytree (a tensor, a tuple "
+                          "of positional inputs, token ids...), instead of --input-shape")
+    own.add_argument("--layout", default=None,
+                     help="torch-side layout of the float inputs: NC... (channels-first) or as_is; "
+                          "per input: input[0]=NC...,input[1]=as_is (default: inferred from the layer "
+                          "that consumes each input)")
+    own.add_argument("--output-layout", default=None,
+                     help="torch-side layout of the outputs, same forms (e.g. out.logits=as_is); "
+                          "default: inferred from the shapes on both sides and the producing layer")
+    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
+                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
+    own.add_argument("--train-kwarg", default=None,
+                     help="the Flax twin's train-mode keyword when its __call__ does not use train, "
+                          "training, deterministic or use_running_average")
+
+
+def parse_layout(text: str | None, flag: str):
+    """'NC...' -> 'NC...'; 'input[0]=NC...,input[1]=as_is' -> {path: layout}."""
+    if text is None or "=" not in text:
+        return text
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise SetupError(f"{flag} {text!r}: expected LAYOUT or PATH=LAYOUT[,PATH=LAYOUT]")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_rename(items: list[str] | None):
+    """['a\\.b=c', ...] -> [(regex, replacement)] for weight_port.build_plan(rename=)."""
+    if not items:
+        return None
+    pairs = []
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise SetupError(f"--rename {item!r}: expected OLD=NEW (OLD a regex over torch module paths)")
+        pairs.append((old, new))
+    return pairs
+
+
+def own_pair(args: argparse.Namespace):
+    """(torch_model, flax_model, example input, name) from --torch/--flax and --example-input or
+    --input-shape; SetupError with one readable line for anything missing or broken."""
+    import numpy as np
+
+    given = [f for f, v in (("--torch", args.torch), ("--flax", args.flax)) if v]
+    if len(given) != 2:
+        raise SetupError(f"checking your own pair needs {'--flax' if args.torch else '--torch'} as well")
+    if bool(args.input_shape) == bool(args.example_input):
+        raise SetupError("your own pair needs exactly one of --input-shape and --example-input")
+    torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
+    flax_model = _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
+    if args.example_input:
+        x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
+                          "--example-input")
+        text = args.example_input
+    else:
+        x = np.random.default_rng(args.seed).standard_normal(parse_shape(args.input_shape))
+        text = args.input_shape
+    _fits(torch_model, x, text)
+    return torch_model, flax_model, x, args.name or type(torch_model).__name__
 
 
 def load_factory(spec: str, flag: str) -> Callable[[], object]:
@@ -102,14 +168,25 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _fits(torch_model, x, text: str) -> None:
-    """Run the torch model once so a wrong --input-shape is one line, not a trace from deep inside."""
+    """Run the torch model once so a wrong input is one line, not a trace from deep inside."""
+    import jax
+    import numpy as np
     import torch
 
+    dtype = next((p.dtype for p in torch_model.parameters() if p.is_floating_point()), torch.float32)
+
+    def conv(a):
+        if not isinstance(a, (np.ndarray, torch.Tensor)):
+            return a
+        t = torch.as_tensor(a)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    args = x if isinstance(x, (tuple, list)) else (x,)
     try:
         with torch.no_grad():
-            torch_model.eval()(torch.as_tensor(x, dtype=next(torch_model.parameters(), torch.zeros(())).dtype))
+            torch_model.eval()(*jax.tree_util.tree_map(conv, tuple(args)))
     except Exception as exc:
-        raise SetupError(f"--input-shape {text}: the torch model rejects this input "
+        raise SetupError(f"{text}: the torch model rejects this input "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
@@ -141,37 +218,29 @@ def _jobs(args: argparse.Namespace):
     common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                   precision=args.precision, device=args.device, seed=args.seed,
                   reference="float64" if args.fp64_reference else None)
-    if args.torch or args.flax or args.input_shape:
+    if args.torch or args.flax or args.input_shape or args.example_input:
         if args.models:
-            raise SetupError("give either MODEL names or --torch/--flax/--input-shape, not both")
-        missing = [f for f, v in (("--torch", args.torch), ("--flax", args.flax),
-                                  ("--input-shape", args.input_shape)) if not v]
-        if missing:
-            raise SetupError(f"checking your own pair needs {', '.join(missing)} as well")
-        shape = parse_shape(args.input_shape)
-        make_torch = load_factory(args.torch, "--torch")
-        make_flax = load_factory(args.flax, "--flax")
-        torch_model = _call_factory(make_torch, args.torch, "--torch")
-        flax_model = _call_factory(make_flax, args.flax, "--flax")
-        layout = args.layout or ("NC..." if len(shape) >= 3 else "as_is")
-        x = np.random.default_rng(args.seed).standard_normal(shape)
-        _fits(torch_model, x, args.input_shape)
-        name = args.name or type(torch_model).__name__
+            raise SetupError("give either MODEL names or --torch/--flax, not both")
+        torch_model, flax_model, x, name = own_pair(args)
+        layout = parse_layout(args.layout, "--layout")
+        out_layout = parse_layout(args.output_layout, "--output-layout")
         for dtype in args.dtype or ["float32"]:
             yield f"{name} {dtype}", lambda say, dtype=dtype: check(
                 torch_model, flax_model, x, dtype=dtype, train=args.train, input_layout=layout,
+                output_layout=out_layout, rename=parse_rename(args.rename), train_kwarg=args.train_kwarg,
                 name=name, progress=say, **common)
         return
     pairs = select(args.models or ["all"])
     for pair in pairs:
         config = pair.config(args.size)
         for dtype in args.dtype or ["float32", "float64"]:
-            for train in ([False, True] if pair.has_batch_norm(config) else [False]):
+            for train in pair.modes(config):
                 def job(say, pair=pair, config=config, dtype=dtype, train=train):
                     torch_model, flax_model = pair.build(config, seed=args.seed)
                     x = pair.example_input(config, batch=args.batch, seed=args.seed)
                     return check(torch_model, flax_model, x, dtype=dtype, train=train,
-                                 input_layout=pair.layout, name=pair.name, progress=say, **common)
+                                 input_layout=pair.input_layout, output_layout=pair.out_layout(),
+                                 train_kwarg=pair.train_kwarg, name=pair.name, progress=say, **common)
                 yield f"{pair.name} {dtype} {'train' if train else 'eval'}", job
 
 

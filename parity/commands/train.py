@@ -18,8 +18,18 @@ _DEFAULT_LR = {"sgd": 0.05, "sgd-momentum": 0.05, "nesterov": 0.05, "adam": 1e-3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from parity.training.optim import OPTIMIZERS, SCHEDULES
 
-    p.add_argument("model", help="mlp, cnn (the digits demo), unet, or a registry pair name "
-                   f"({', '.join(PAIRS)})")
+    from parity.commands.check import add_pair_arguments
+
+    p.add_argument("model", nargs="?", help="mlp, cnn (the digits demo), unet, or a registry pair name "
+                   f"({', '.join(PAIRS)}); or your own pair with --torch/--flax")
+    own = p.add_argument_group("your own pair (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch module")
+    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin")
+    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of random float inputs, torch layout")
+    own.add_argument("--name", default=None, help="name used in the report")
+    own.add_argument("--loss", choices=("cross_entropy", "nll", "mse"), default=None,
+                     help="your pair: what the output is (default cross_entropy: logits, class axis 1)")
+    add_pair_arguments(own)
     p.add_argument("--steps", type=int, default=None, help="default: 250 for cnn, 20 otherwise")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd-momentum")
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 for SGD, 1e-3 for Adam(W)")
@@ -41,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     spec = OptimizerSpec(args.optimizer, lr=args.lr if args.lr is not None else _DEFAULT_LR[args.optimizer],
                          schedule=args.schedule, weight_decay=args.weight_decay)
-    if args.model == "cnn":
+    if args.torch or args.flax or args.example_input or args.input_shape:
+        report = _own_pair(args, spec)
+        print(report)
+    elif args.model is None:
+        raise ValueError("give a MODEL or your own pair with --torch/--flax")
+    elif args.model == "cnn":
         result = digits_demo(steps=args.steps or 250, optimizer=spec, dtype=args.dtype,
                              batch=args.batch or 64, seed=args.seed)
         report = result.report
@@ -55,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         torch_model, flax_model = pair.build(config, seed=args.seed)
         data = synthetic_batches(pair, config, torch_model, batch=args.batch or 4, seed=args.seed)
         report = train_check(torch_model, flax_model, data, steps=args.steps or 20, optimizer=spec,
-                             loss=default_loss(pair), dtype=args.dtype, input_layout=pair.layout, name=name)
+                             loss=default_loss(pair), dtype=args.dtype, input_layout=pair.input_layout,
+                             output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg, name=name)
         print(report)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -64,3 +80,33 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return 0 if report.ok else 1
+
+
+def _own_pair(args: argparse.Namespace, spec):
+    """train_check on --torch/--flax: the example input every step, labels drawn once per batch
+    from the torch output's class axis (1), so the two twins see identical batches."""
+    import numpy as np
+    import torch
+
+    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+    from parity.runtime import as_args, flatten, torch_inputs
+    from parity.training import train_check
+
+    if args.model:
+        raise SetupError("give either MODEL or --torch/--flax, not both")
+    torch_model, flax_model, x, name = own_pair(args)
+    loss = args.loss or "cross_entropy"
+    with torch.no_grad():
+        dtype = next((p.dtype for p in torch_model.parameters() if p.is_floating_point()), torch.float32)
+        out = next(iter(flatten(torch_model.eval()(*torch_inputs(as_args(x), dtype, grads=False))).values()))
+    rng = np.random.default_rng(args.seed)
+    n = max(1, args.batch or 4)
+    if loss == "mse":
+        data = [(x, rng.standard_normal(tuple(out.shape))) for _ in range(n)]
+    else:
+        shape = (out.shape[0], *out.shape[2:])
+        data = [(x, rng.integers(0, out.shape[1], size=shape)) for _ in range(n)]
+    return train_check(torch_model, flax_model, data, steps=args.steps or 20, optimizer=spec, loss=loss,
+                       dtype=args.dtype, input_layout=parse_layout(args.layout, "--layout"),
+                       output_layout=parse_layout(args.output_layout, "--output-layout"),
+                       train_kwarg=args.train_kwarg, rename=parse_rename(args.rename), name=name)

@@ -8,8 +8,8 @@ from parity.registry import ModelPair
 
 
 def default_loss(pair: ModelPair) -> str:
-    """The CNN ends in log_softmax (nll); the MLP and UNet output logits (per-pixel for the UNet)."""
-    return "nll" if pair.family == "cnn" else "cross_entropy"
+    """The loss the registry entry declares for its output (logits, log-probabilities, ...)."""
+    return pair.loss
 
 
 def synthetic_batches(pair: ModelPair, config, torch_module: torch.nn.Module, *, batch: int = 4,

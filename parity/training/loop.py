@@ -26,8 +26,10 @@ from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UP
 from parity.training.bn_audit import BNFinding, audit_batch_norms
 from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_optimizer,
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
-from weight_port.flax_tree import call_kwargs
-from weight_port.layout import CHANNELS_FIRST, to_flax_layout
+from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
+                            output_shapes, torch_inputs, value_and_grad_fn)
+from parity.runtime.layouts import LayoutSpec
+from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 from weight_port.tensors import to_numpy
 
@@ -40,6 +42,7 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 # --- losses: the same formula on both sides; class axis 1 in torch, last in Flax -------------
 def torch_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss on torch's output: class axis 1 ([N, C] or [N, C, *S])."""
     if kind == "cross_entropy":
         return F.cross_entropy(out, y)  # logits [N, C, *S], labels [N, *S]
     if kind == "nll":
@@ -207,18 +210,26 @@ def train_check(
     optimizer: OptimizerSpec | str = "sgd-momentum",
     loss: str = "cross_entropy",
     dtype: str = "float64",
-    input_layout: str = CHANNELS_FIRST,
+    input_layout: LayoutSpec = None,
+    output_layout: LayoutSpec = None,
+    train_kwarg: str | None = None,
+    rename=None,
     flax_optimizer: optax.GradientTransformation | None = None,
     precision: str = "highest",
     name: str | None = None,
 ) -> TrainReport:
     """Train ``torch_module`` and its Flax twin side by side for ``steps`` steps and compare.
 
-    data: a sequence of (x, y) batches, cycled, or a callable step -> (x, y). x is in torch layout
-    ([N, F] or [N, C, H, W]); y holds class labels ([N] or [N, H, W], int) for "cross_entropy"
+    data: a sequence of (x, y) batches, cycled, or a callable step -> (x, y). x is the torch
+    module's input in torch layout (one array, or a tuple of positional inputs; integer leaves
+    such as token ids are fed as they are); y holds class labels ([N] or [N, H, W], int) for "cross_entropy"
     (logits) and "nll" (log-probabilities), or targets shaped like the torch output for "mse".
     optimizer: an OptimizerSpec or an optimizer name (OPTIMIZERS); its optax twin is built here
     unless ``flax_optimizer`` is given (to test your own optax setup against torch's).
+    input_layout / output_layout: as in parity.check (declared, or inferred); the loss reads the
+    output (its first leaf when the model returns a pytree: logits of a ModelOutput). The Flax
+    twin (Linen or NNX) runs in train mode through its train keyword (found from its signature,
+    or ``train_kwarg``); rename is passed to the port.
     The torch module is copied, never mutated. Both sides run in train mode (BatchNorm uses batch
     statistics and updates running ones) with dropout held deterministic.
     """
@@ -233,16 +244,25 @@ def train_check(
     x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
     with x64, pinned(precision=precision, tf32=False):
         return _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout,
-                    flax_optimizer, name or type(torch_module).__name__)
+                    output_layout, train_kwarg, rename, flax_optimizer, name or type(torch_module).__name__)
 
 
-def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layout, flax_tx, name):
+def _first_leaf(out):
+    """The output the loss reads: the output itself, or the first leaf of a pytree output."""
+    return next(iter(flatten(out).values()))
+
+
+def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout, output_layout,
+         train_kwarg, rename, flax_tx, name):
     tm = copy.deepcopy(torch_module).to(tdtype)
+    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False)
     x0, _ = _batch(data, 0)
-    example = torch.as_tensor(np.asarray(x0), dtype=tdtype)
+    example = torch_inputs(as_args(x0), tdtype, grads=False)
+    in_layouts = input_layouts(tm, example, input_layout)
     # check_attributes="ignore": BatchNorm momentum/eps mismatches are named by the audit below
     # (with the drift they cause) instead of stopping the run.
-    plan: PortPlan = build_plan(tm, flax_module, example, input_layout=layout, check_attributes="ignore")
+    plan: PortPlan = build_plan(tm, flax_module, example, check_attributes="ignore", rename=rename,
+                                input_layout=[in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(example))])
     # Copy: on CPU, plan.to_flax can hand back jax arrays that alias the torch tensors' memory
     # (zero-copy jnp.asarray), so torch's in-place optimizer.step() would move the Flax weights too.
     # (A numpy copy, then device_put: committed arrays from the start, so the jitted step is
@@ -251,7 +271,8 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layo
     variables = jax.device_put(jax.tree_util.tree_map(lambda a: np.array(a, copy=True),
                                                       plan.to_flax(tm.state_dict())), device)
     params = variables["params"]
-    bstats = variables.get("batch_stats", {})
+    # Non-param collections (BatchNorm statistics) travel through the step and come back updated.
+    bstats = {k: v for k, v in variables.items() if k != "params"}
     has_bs = "batch_stats" in variables
 
     notes = []
@@ -272,20 +293,14 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layo
     tx = flax_tx if flax_tx is not None else optax_optimizer(spec, steps)
     schedule = optax_schedule(spec, steps)
     opt_state = jax.device_put(jax.jit(tx.init)(params), device)  # one compile, not one per leaf shape
-    kwargs = call_kwargs(flax_module, True)
-
-    def loss_and_stats(p, bs, x, y):
-        v = {"params": p}
-        if has_bs:
-            out, new = flax_module.apply({**v, "batch_stats": bs}, x, mutable=["batch_stats"], **kwargs)
-            return flax_loss(loss, out, y), new["batch_stats"]
-        return flax_loss(loss, flax_module.apply(v, x, **kwargs), y), bs
+    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    out_layout: list[str] = []  # the loss output's layout, found at the first step (mse targets)
 
     @jax.jit
     def flax_step(p, bs, state, x, y):
-        (value, new_bs), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(p, bs, x, y)
+        value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
         updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), new_bs, state, value, optax.tree.norm(grads), grads
+        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
 
     def named(tree, collection):
         return {k: np.asarray(v, np.float64) for k, v in
@@ -301,10 +316,11 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layo
         x_np, y_np = _batch(data, i)
         y_np = np.asarray(y_np)
         # torch step
-        xt = torch.as_tensor(np.asarray(x_np), dtype=tdtype)
+        xt = torch_inputs(as_args(x_np), tdtype, grads=False)
         yt = torch.as_tensor(y_np) if loss != "mse" else torch.as_tensor(y_np, dtype=tdtype)
         t_opt.zero_grad(set_to_none=False)
-        t_loss = torch_loss(loss, tm(xt), yt)
+        t_out = _first_leaf(tm(*xt))
+        t_loss = torch_loss(loss, t_out, yt)
         t_loss.backward()
         t_loss = t_loss.detach()
         t_gnorm = float(np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in tm.parameters()
@@ -314,9 +330,14 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layo
         if t_sched is not None:
             t_sched.step()
         # flax step
-        xf = jnp.asarray(to_flax_layout(np.asarray(x_np), layout), dtype=tdtype_to_jnp(dtype))
+        xf = flax_inputs(xt, in_layouts)
         if loss == "mse":
-            yf = jnp.asarray(to_flax_layout(y_np, layout), dtype=tdtype_to_jnp(dtype))
+            if not out_layout:
+                shape = next(iter(output_shapes(twin, {"params": params, **bstats}, xf).values())).shape
+                out_layout.append(output_layouts(output_layout, {"out": tuple(t_out.shape)}, {"out": shape})["out"]
+                                  if isinstance(output_layout, (str, type(None))) else
+                                  next(iter(output_layout.values())))
+            yf = jnp.asarray(to_flax_layout(y_np, out_layout[0], "mse target"), dtype=tdtype_to_jnp(dtype))
         else:
             yf = jnp.asarray(y_np)
         try:
@@ -341,14 +362,14 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, layo
         updates = [compare(f"update {n}", f_upd[n], t_upd[n], tol_u) for n in t_upd]
         stats = []
         if bn_paths:
-            f_stats = named(bstats, "batch_stats") if has_bs else {}
+            f_stats = named(bstats["batch_stats"], "batch_stats") if has_bs else {}
             t_stats = _bn_stats_torch(tm, bn_paths)
             stats = [compare(n, f_stats[n], v, tol_b) for n, v in t_stats.items() if n in f_stats]
         results.append(StepResult(k, float(t_loss), float(f_loss), scalars, updates, stats))
 
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
                          conventions=conventions(spec), notes=notes, env=numerics_env(),
-                         torch_module=tm, flax_variables={"params": params, **({"batch_stats": bstats} if has_bs else {})})
+                         torch_module=tm, flax_variables={"params": params, **bstats})
     report.findings += _bn_drift(bn_findings, results)
     if not report.ok:
         report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)

@@ -1,0 +1,225 @@
+"""The torch runner: forward (and backward of <outputs, cotangents>) of a module on a pytree of
+inputs, optionally with every submodule call recorded. The only place parity runs torch.
+
+Inputs are the positional arguments (a pytree: tensors, numpy arrays, tuples/lists/dicts, None).
+Float leaves are cast to the run's dtype and get gradients; integer leaves (token ids, masks) are
+fed as they are and get none. Outputs may be any pytree (tensors, tuples with None, dicts,
+dataclasses, HF ModelOutput): they are flattened to {path: array} (parity.runtime.tree).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+import torch
+
+from parity.runtime.tree import flatten
+from weight_port.tensors import to_numpy
+
+
+def input_paths(args: tuple) -> list[str]:
+    """Readable names of the leaves of a tuple of positional arguments: input[0], input[1]['ids']."""
+    return [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+
+
+def keystr(path, root: str = "input") -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(f"[{k.idx}]")
+        elif isinstance(k, jax.tree_util.DictKey):
+            parts.append(f"[{k.key!r}]")
+        else:
+            parts.append(f".{getattr(k, 'name', k)}")
+    return root + "".join(parts)
+
+
+def torch_inputs(args: tuple, dtype: torch.dtype, device: str = "cpu", grads: bool = True) -> tuple:
+    """A private copy of the input pytree as torch tensors on ``device``: float leaves in ``dtype``
+    (requiring grad when ``grads``), integer and bool leaves as they are."""
+
+    def conv(x):
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            return x
+        t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.as_tensor(np.array(x))
+        t = t.to(device)
+        if t.is_floating_point():
+            t = t.to(dtype).requires_grad_(grads)
+        return t
+
+    return jax.tree_util.tree_map(conv, tuple(args))
+
+
+def is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+@dataclass
+class TorchCall:
+    """One module call, recorded by the hooks. Leaves are named args[i]... / kwargs['k']..."""
+
+    path: str  # torch module path ("" for the root)
+    call: int  # how many times this module ran before
+    module: torch.nn.Module
+    start: int  # forward start order
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor leaves of (args, kwargs)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # flattened outputs
+    input_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    output_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    input_ids: dict[str, int] = field(default_factory=dict)  # id() of the tensor as it arrived
+
+
+@dataclass
+class TorchRun:
+    """Results of run_torch, numpy in torch layout. Paths: outputs ``out...``, inputs ``input[i]...``."""
+
+    outputs: dict[str, np.ndarray]
+    cotangents: dict[str, np.ndarray]  # float output leaves only
+    input_grads: dict[str, np.ndarray]  # float input leaves only
+    param_grads: dict[str, np.ndarray]  # by torch parameter name
+    calls: list[TorchCall] | None  # completion order, when capture=True
+    raw_outputs: dict[str, torch.Tensor]  # the output tensors themselves (for producer lookup)
+    aliases: dict[int, int] = field(default_factory=dict)  # id(view made by a hook) -> id(tensor)
+
+
+def random_cotangents(outputs: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """One seeded standard-normal cotangent per float output leaf (a plain sum would hide sign
+    and permutation errors that cancel)."""
+    rng = np.random.default_rng(seed)
+    return {p: rng.standard_normal(o.shape) for p, o in outputs.items() if np.issubdtype(o.dtype, np.floating)}
+
+
+def _call_leaves(args: tuple, kwargs: dict) -> list[tuple[str, object]]:
+    flat = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]
+    out = []
+    for path, leaf in flat:
+        head, *rest = path
+        out.append((keystr(rest, "args" if head.idx == 0 else "kwargs"), leaf))
+    return out
+
+
+class _Recorder:
+    """Forward pre/post hooks on every submodule. The pre-hook hands each module a ``view_as`` of
+    its float inputs, so a gradient hook on that view sees exactly this module's share of the
+    input cotangent even when one tensor feeds several modules (a UNet skip)."""
+
+    def __init__(self, module: torch.nn.Module, grads: bool):
+        self.grads, self.calls, self.handles = grads, [], []
+        self.aliases: dict[int, int] = {}
+        self.open: dict[int, list[TorchCall]] = defaultdict(list)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.names = {id(m): p for p, m in module.named_modules()}
+        for mod in dict((id(m), m) for _, m in module.named_modules()).values():
+            self.handles.append(mod.register_forward_pre_hook(self.pre, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self.post))
+
+    def pre(self, mod, args, kwargs):
+        path = self.names[id(mod)]
+        call = TorchCall(path, self.counts[path], mod, sum(self.counts.values()))
+        self.counts[path] += 1
+
+        def view(x, name):
+            if not isinstance(x, torch.Tensor):
+                return x
+            call.input_ids[name] = id(x)
+            if self.grads and x.requires_grad:
+                v = x.view_as(x)
+                self.aliases[id(v)] = id(x)  # the module (and its children) see the view
+                x = v
+                x.register_hook(lambda g: call.input_grads.__setitem__(name, to_numpy(g).copy()))
+            call.inputs[name] = x
+            return x
+
+        names = iter(n for n, _ in _call_leaves(args, kwargs))
+        new_args, new_kwargs = jax.tree_util.tree_map(lambda x: view(x, next(names)), (tuple(args), dict(kwargs)))
+        self.open[id(mod)].append(call)
+        return new_args, new_kwargs
+
+    def post(self, mod, args, output):
+        call = self.open[id(mod)].pop()
+        call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
+        for p, o in call.outputs.items():
+            if self.grads and o.requires_grad:
+                o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
+        self.calls.append(call)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run_torch(
+    module: torch.nn.Module,
+    args: tuple,
+    *,
+    train: bool = False,
+    grads: bool = True,
+    cotangents: dict[str, np.ndarray] | None = None,
+    cotangent_seed: int = 1,
+    capture: bool = False,
+) -> TorchRun:
+    """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
+
+    args: positional inputs from ``torch_inputs`` (the module is run as ``module(*args)``).
+    cotangents: by output path, torch layout; default: ``random_cotangents(outputs, seed)``.
+    capture: record every submodule call (TorchCall, completion order) for per-layer analysis.
+    The module's parameter .grad fields are reset first; call it on a private copy.
+    """
+    module.train(train)
+    module.zero_grad(set_to_none=True)
+    recorder = _Recorder(module, grads) if capture else None
+    try:
+        raw = module(*args)
+        outs = {p: o for p, o in flatten(raw).items() if isinstance(o, torch.Tensor)}
+        values = {p: to_numpy(o.detach()).copy() for p, o in outs.items()}
+        cots: dict[str, np.ndarray] = {}
+        if grads:
+            cots = cotangents if cotangents is not None else random_cotangents(values, cotangent_seed)
+            pairs = [(outs[p], c) for p, c in cots.items() if outs[p].requires_grad]
+            if pairs:
+                loss = sum((o * torch.as_tensor(c, dtype=o.dtype, device=o.device)).sum() for o, c in pairs)
+                loss.backward()
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    in_grads = {}
+    if grads:
+        for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(tuple(args))[0],
+                                   jax.tree_util.tree_leaves(tuple(args))):
+            if is_float(leaf):
+                in_grads[keystr(path)] = (to_numpy(leaf.grad) if leaf.grad is not None
+                                          else np.zeros(tuple(leaf.shape)))
+    p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
+               for n, p in module.named_parameters()} if grads else {}
+    return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
+                    recorder.aliases if recorder else {})
+
+
+def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
+    """{input path: type of the first leaf-ish layer that receives that very tensor} from one
+    forward without gradients (used to infer an input's layout from the layer that eats it)."""
+    leaves = {id(leaf): keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(tuple(args))[0]
+              if isinstance(leaf, torch.Tensor)}
+    found: dict[str, type] = {}
+    from weight_port.layout import consumer_layout
+
+    def pre(mod, a, kw):
+        for _, x in _call_leaves(a, kw):
+            name = leaves.get(id(x))
+            if name and name not in found and consumer_layout(type(mod)) is not None:
+                found[name] = type(mod)
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+__all__ = ["TorchCall", "TorchRun", "first_consumers", "input_paths", "is_float", "keystr",
+           "random_cotangents", "run_torch", "torch_inputs"]
