@@ -18,8 +18,9 @@ def test_every_paired_layer_is_timed_on_both_sides(name):
     config = pair.config("tiny")
     torch_model, flax_model = pair.build(config)
     x = pair.example_input(config, batch=2)
-    profile = profile_layers(torch_model, flax_model, x, layout=pair.layout, device=select_device("cpu"),
-                             name=name, settings=ProfileSettings.quick())
+    profile = profile_layers(torch_model, flax_model, x, input_layout=pair.input_layout,
+                             output_layout=pair.out_layout(), device=select_device("cpu"), name=name,
+                             settings=ProfileSettings.quick())
     # The layers that own weights are exactly the leaves of the torch model; each is paired.
     leaves = {n for n, m in torch_model.named_modules() if n and next(m.children(), None) is None}
     assert {t.name for t in profile.layers} == leaves
@@ -52,7 +53,7 @@ def test_own_pair_needs_an_input(capsys):
     from parity.cli import main
 
     assert main(["bench", "--torch", "torch_ref:ExplicitMLP", "--flax", "flax_impl:ExplicitMLP"]) == 2
-    assert "--input-shape or --example-input" in capsys.readouterr().err
+    assert "exactly one of --input-shape and --example-input" in capsys.readouterr().err
 
 
 def test_own_pair_layer_that_computes_something_else_is_flagged(tmp_path, capsys, monkeypatch):

@@ -13,14 +13,12 @@ so switching to another engine is a change in that function only.
 """
 from __future__ import annotations
 
-import copy
-import warnings
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -51,100 +49,119 @@ class ProfileSettings:
 class CapturedLayer:
     """One module call as the parity engine captured it, runnable alone on both sides.
 
-    torch_args: torch's inputs to this call ([N, C, H, W] where channels-first), on the torch
-    device; torch_cots: torch's cotangents at its outputs (None where an output has none).
-    flax_forward(params, *floats) / flax_fwd_bwd(params, floats, cots): the Flax layer alone on
-    the same inputs in Flax layout ([N, H, W, C]); flax_fwd_bwd is None when nothing flows back.
+    torch_args / torch_kwargs: torch's inputs to this call (torch layout, [N, C, H, W] where
+    channels-first) on the torch device, or None when they cannot be rebuilt (nested inputs);
+    torch_cots: torch's cotangents at its outputs, by output path. flax_forward(params, floats)
+    / flax_fwd_bwd(params, floats, cots): the Flax layer alone on the same inputs in Flax layout
+    ([N, H, W, C]), as the engine runs it; flax_fwd_bwd is None when nothing flows back.
+    check(flax outputs by path) -> Comparison against torch's outputs (forward tolerance).
     """
 
     name: str
     torch_type: str
-    flax_path: str | None
     is_root: bool
     is_leaf: bool
     torch_module: torch.nn.Module
-    torch_args: tuple
-    torch_cots: list
+    torch_args: tuple | None
+    torch_kwargs: dict
+    torch_cots: dict
+    flax_path: str | None = None
     flax_forward: Callable | None = None
     flax_fwd_bwd: Callable | None = None
     flax_args: tuple = ()
     flax_bwd_args: tuple = ()
-    check: Callable | None = None  # Flax forward output -> Comparison against torch's output
+    check: Callable | None = None
     note: str = ""
 
 
-def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_input, *, layout: str,
-                    dtype: str, device: Device, seed: int = 0) -> list[CapturedLayer]:
-    """THE adapter onto the parity engine: every module call of one forward + backward, in
-    execution order, with what it takes to run each alone on both sides.
+_ARG = re.compile(r"^args\[(\d+)\]$")
+_KWARG = re.compile(r"^kwargs\['(\w+)'\]$")
 
-    example_input: the torch-layout input (array or tensor, or a tuple of them). The torch module
-    is copied and cast to ``dtype``; the Flax variables are ported from that copy.
+
+def _call_args(inputs: dict) -> tuple[tuple | None, dict]:
+    """Rebuild (args, kwargs) of a recorded torch call from its tensor leaves (named args[i] /
+    kwargs['k'] by the torch runner); (None, {}) when that is not possible (nested inputs, or
+    positional arguments that were not tensors)."""
+    args, kwargs = {}, {}
+    for name, t in inputs.items():
+        if m := _ARG.match(name):
+            args[int(m.group(1))] = t.detach()
+        elif m := _KWARG.match(name):
+            kwargs[m.group(1)] = t.detach()
+        else:
+            return None, {}
+    if sorted(args) != list(range(len(args))):
+        return None, {}
+    return tuple(args[i] for i in range(len(args))), kwargs
+
+
+def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_input, *, dtype: str,
+                    device: Device, input_layout=None, output_layout=None, rename=None,
+                    train_kwarg: str | None = None, seed: int = 0) -> list[CapturedLayer]:
+    """THE adapter onto the parity engine (parity.checker's run with capture, parity.layers'
+    isolated-layer jobs): every module call of one eval forward + backward, in execution order,
+    with what it takes to run each alone on both sides.
+
+    example_input: the torch-layout input pytree; input_layout / output_layout / rename /
+    train_kwarg: as for parity.check. The torch module is copied and cast to ``dtype``; the Flax
+    variables are ported from that copy. Call under jax.default_device(device.jax_device).
     """
+    from parity import checker
     from parity import layers as engine
-    from parity.benchmark.workloads import _TORCH_DTYPES
+    from parity.runtime import call_key, flatten
+    from parity.runtime.layouts import resolve
     from parity.tolerances import FORWARD, tolerance_for
-    from weight_port.flax_tree import call_kwargs
-    from weight_port.layout import AS_IS, to_flax_layout
-    from weight_port.plan import build_plan
+    from weight_port.naming import flax_path_str
     from weight_port.tensors import numpy_to_torch, to_numpy
 
-    tdt = _TORCH_DTYPES[dtype]
-    tm = copy.deepcopy(torch_module).to(device=device.torch_device, dtype=tdt).eval()
-    raw = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    inputs = []
-    for x in raw:
-        t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        t = t.to(device.torch_device)
-        inputs.append(t.to(tdt).requires_grad_(True) if t.is_floating_point() else t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the parity check reports port warnings; timing does not
-        plan = build_plan(tm, flax_module, [x.detach().cpu() for x in inputs], input_layout=layout,
-                          check_attributes="warn")
-    variables = plan.to_flax(tm.state_dict())
-    flax_inputs = [jnp.asarray(to_flax_layout(to_numpy(x.detach()), layout)) for x in inputs]
-    with torch.no_grad():
-        outs = engine._leaves(tm(*inputs))
-    rng = np.random.default_rng(seed + 1)
-    cots = [rng.standard_normal(tuple(o.shape)) for o in outs]
-    t_calls = engine.capture_torch(tm, inputs, cots, train=False)
-    f_cots = [to_flax_layout(c, layout if np.ndim(c) >= 3 else AS_IS) for c in cots]
-    forward_tol = tolerance_for(dtype, FORWARD)
-    f_calls = engine.capture_flax(flax_module, variables, flax_inputs, f_cots,
-                                  call_kwargs(flax_module, False), False)[0]
-
+    if device.kind not in ("cpu", "cuda"):
+        raise ValueError(f"the per-layer profile runs on cpu or cuda, not {device.kind}")
+    run = checker._run(torch_module, flax_module, example_input, None, dtype, train=False,
+                       train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
+                       rename=rename, seed=seed, grads=True, tdev=device.kind, say=lambda s: None,
+                       layers=True)
+    if run.flax is None:
+        raise ValueError(run.structure_error or "the Flax twin could not be run")
+    f, acts, forward_tol = run.flax, run.act_layouts, tolerance_for(dtype, FORWARD)
     layers = []
-    for tc in t_calls:
-        fpath = engine._flax_path_of(tc.path, plan)
-        row = engine.LayerRow(tc.path, "/".join(fpath), type(tc.module).__name__, tc.call)
-        t_cots = [None if tc.out_grads.get(i) is None else  # numpy_to_torch: bf16 numpy too
-                  numpy_to_torch(tc.out_grads[i]).to(device=device.torch_device, dtype=tc.outputs[i].dtype)
-                  for i in range(len(tc.outputs))]
-        layer = CapturedLayer(
-            name=row.name, torch_type=row.torch_type, flax_path=None, is_root=tc.path == "",
-            is_leaf=tc.path != "" and next(iter(tc.module.children()), None) is None,
-            torch_module=tc.module, torch_args=tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                                     for a in tc.args),
-            torch_cots=t_cots)
+    for tc in run.torch.calls:
+        fpath = engine._flax_path_of(tc.path, run.plan)
+        row = engine.LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call)
+        args, kwargs = _call_args(tc.inputs)
+        cots = {p: numpy_to_torch(g).to(device=device.torch_device, dtype=tc.outputs[p].dtype)
+                for p, g in tc.output_grads.items()}  # numpy_to_torch: bf16 numpy too
+        layer = CapturedLayer(row.name, row.torch_type, tc.path == "",
+                              tc.path != "" and next(iter(tc.module.children()), None) is None,
+                              tc.module, args, kwargs, cots)
         layers.append(layer)
-        key = (tuple(fpath), tc.call)
-        if key not in f_calls:
+        key = call_key(fpath, tc.call)
+        if key not in f.call_outputs:
             layer.note = "no Flax module at this path (parameter-free layer inlined as a function?)"
             continue
-        job = engine._prepare(row, tc, f_calls[key], variables, tuple(fpath), [], True, layout,
-                              engine._input_layout(tc.path, plan, layout), False)
+        # From here on exactly what parity.layers.analyze_layers does to run a layer alone.
+        f_out = f.call_outputs[key]
+        t_out = {p: to_numpy(o.detach()) for p, o in tc.outputs.items()}
+        out_layouts = {}
+        for p, t in t_out.items():
+            lay, _ = resolve(acts.outputs[(tc.path, tc.call)].get(p), t.shape,
+                             f_out[p].shape if p in f_out else None)
+            if lay is not None:
+                out_layouts[p] = lay
+        job = engine._prepare(row, tc, f.calls[key], f.call_inputs.get(key, {}), run.twin, run.variables,
+                              fpath, t_out, out_layouts, True, acts, engine._flatten_of(tc.path, run.plan))
         if job is None:
             layer.note = "; ".join(row.notes) or "the Flax layer cannot run alone"
             continue
+        floats = [job.arrays[n] for n in job.float_names]
         layer.flax_path = row.flax_path
-        layer.flax_forward = job.run
-        t_out = [to_numpy(o.detach()) if isinstance(o, torch.Tensor) else None for o in tc.outputs]
-        layer.check = lambda out, name=row.name, t_out=t_out, lay=job.in_layout.layout: engine._compare_leaves(
-            name, [np.asarray(o) for o in engine._leaves(out)], t_out, forward_tol, lay)
-        layer.flax_args = (job.params, *job.floats)
+        layer.flax_forward = lambda p, fl, job=job: flatten(
+            job.run(p, {**job.arrays, **dict(zip(job.float_names, fl))}))
+        layer.flax_args = (job.params, floats)
         if job.cots is not None:
-            layer.flax_fwd_bwd = lambda p, f, c, job=job: engine._one(job, p, f, c)
-            layer.flax_bwd_args = (job.params, job.floats, job.cots)
+            layer.flax_fwd_bwd = lambda p, fl, c, job=job: engine._one(job, p, fl, c)
+            layer.flax_bwd_args = (job.params, floats, job.cots)
+        layer.check = lambda out, name=row.name, t_out=t_out, lays=out_layouts: engine._compare_leaves(
+            name, {p: np.asarray(o) for p, o in out.items()}, t_out, lays, forward_tol)
     return layers
 
 
@@ -205,25 +222,28 @@ class LayerProfile:
 def _torch_timers(layer: CapturedLayer, device: Device) -> dict[str, Callable[[], None]]:
     """forward (no autograd) and forward + backward (autograd.grad of <outputs, cotangents> with
     respect to the float inputs and the layer's parameters, like JAX's VJP: nothing accumulates)."""
-    module, args = layer.torch_module, layer.torch_args
-    sync = device.sync_torch
+    from parity.runtime import flatten
+
+    if layer.torch_args is None:
+        return {}
+    module, args, kwargs, sync = layer.torch_module, layer.torch_args, layer.torch_kwargs, device.sync_torch
 
     def forward() -> None:
         with torch.no_grad():
-            module(*args)
+            module(*args, **kwargs)
         sync()
 
-    wrt_args = [a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                else a for a in args]
-    wrt = [a for a in wrt_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    def leaf(a):
+        return a.detach().requires_grad_(True) if a.is_floating_point() else a
+
+    g_args, g_kwargs = tuple(leaf(a) for a in args), {k: leaf(a) for k, a in kwargs.items()}
+    wrt = [a for a in (*g_args, *g_kwargs.values()) if a.requires_grad]
     wrt += [p for p in module.parameters() if p.requires_grad]
     timers = {"forward": forward}
-    if any(c is not None for c in layer.torch_cots) and wrt:
+    if layer.torch_cots and wrt:
         def fwd_bwd() -> None:
-            outs = module(*wrt_args)
-            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-            pairs = [(o, c) for o, c in zip(outs, layer.torch_cots)
-                     if c is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            outs = flatten(module(*g_args, **g_kwargs))
+            pairs = [(outs[p], c) for p, c in layer.torch_cots.items() if p in outs and outs[p].requires_grad]
             torch.autograd.grad([o for o, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True)
             sync()
 
@@ -273,20 +293,24 @@ def _time(layer: CapturedLayer, device: Device, settings: ProfileSettings) -> La
     return out
 
 
-def profile_layers(torch_module: torch.nn.Module, flax_module: Any, example_input, *, layout: str,
-                   device: Device, dtype: str = "float32", name: str | None = None,
+def profile_layers(torch_module: torch.nn.Module, flax_module: Any, example_input, *, device: Device,
+                   dtype: str = "float32", input_layout=None, output_layout=None, rename=None,
+                   train_kwarg: str | None = None, name: str | None = None,
                    settings: ProfileSettings | None = None, seed: int = 0,
                    log: Callable[[str], None] = lambda s: None) -> LayerProfile:
     """Time every paired leaf layer alone and the whole model, forward and fwd+bwd, both sides.
 
-    Numerics pinned like the benchmark (JAX 'highest', torch TF32 off). Shares are each layer's
-    fraction of the sum over paired layers, per column.
+    example_input: torch layout ([N, C, H, W] for images), a pytree of positional inputs;
+    input_layout / output_layout / rename / train_kwarg: as for parity.check (default: the
+    engine infers layouts). Eval mode. Numerics pinned like the benchmark (JAX 'highest', torch
+    TF32 off). Shares are each layer's fraction of the sum over paired layers, per column.
     """
     settings = settings or ProfileSettings()
     with pinned(precision="highest", tf32=False), jax.default_device(device.jax_device):
         log("capturing every layer's inputs and cotangents (the parity engine's capture)")
-        captured = captured_layers(torch_module, flax_module, example_input, layout=layout,
-                                   dtype=dtype, device=device, seed=seed)
+        captured = captured_layers(torch_module, flax_module, example_input, dtype=dtype, device=device,
+                                   input_layout=input_layout, output_layout=output_layout, rename=rename,
+                                   train_kwarg=train_kwarg, seed=seed)
         roots = [c for c in captured if c.is_root]
         if not roots:
             raise ValueError("the parity engine captured no call of the whole model")

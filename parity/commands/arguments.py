@@ -28,9 +28,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
                      help="zero-argument callable returning the Flax twin (a linen Module)")
     own.add_argument("--input-shape", metavar="N,C,H,W",
                      help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
-    own.add_argument("--layout", choices=("NC...", "as_is"), default=None,
-                     help="torch-side layout of the input: NC... (channels-first; default for >= 3 "
-                          "dims) or as_is ([N, F], default for 2 dims)")
+    add_pair_arguments(own)
     own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
                    help="built-in model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
@@ -55,6 +53,25 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
+def add_pair_arguments(own) -> None:
+    """Flags shared by every command that takes your own pair (check, train, bench --layers)."""
+    own.add_argument("--example-input", metavar="MODULE:FN",
+                     help="zero-argument callable returning the torch input pytree (a tensor, a tuple "
+                          "of positional inputs, token ids...), instead of --input-shape")
+    own.add_argument("--layout", default=None,
+                     help="torch-side layout of the float inputs: NC... (channels-first) or as_is; "
+                          "per input: input[0]=NC...,input[1]=as_is (default: inferred from the layer "
+                          "that consumes each input)")
+    own.add_argument("--output-layout", default=None,
+                     help="torch-side layout of the outputs, same forms (e.g. out.logits=as_is); "
+                          "default: inferred from the shapes on both sides and the producing layer")
+    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
+                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
+    own.add_argument("--train-kwarg", default=None,
+                     help="the Flax twin's train-mode keyword when its __call__ does not use train, "
+                          "training, deterministic or use_running_average")
+
+
 def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help=".safetensors, .pt/.pth (loaded with weights_only=True), a sharded "
@@ -68,7 +85,16 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="mlp, cnn (the digits demo), unet, or a registry pair name")
+    p.add_argument("model", nargs="?", help="mlp, cnn (the digits demo), unet, or a registry pair name; "
+                   "or your own pair with --torch/--flax")
+    own = p.add_argument_group("your own pair (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch module")
+    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin")
+    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of random float inputs, torch layout")
+    own.add_argument("--name", default=None, help="name used in the report")
+    own.add_argument("--loss", choices=("cross_entropy", "nll", "mse"), default=None,
+                     help="your pair: what the output is (default cross_entropy: logits, class axis 1)")
+    add_pair_arguments(own)
     p.add_argument("--steps", type=int, default=None, help="default: 250 for cnn, 20 otherwise")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd-momentum")
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 for SGD, 1e-3 for Adam(W)")
@@ -123,7 +149,4 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     prof.add_argument("--torch", metavar="MODULE:FACTORY", help="your pair's torch model (zero-argument callable)")
     prof.add_argument("--flax", metavar="MODULE:FACTORY", help="your pair's Flax twin (zero-argument callable)")
     prof.add_argument("--input-shape", metavar="N,C,H,W", help="your pair: random input of this torch-layout shape")
-    prof.add_argument("--example-input", metavar="MODULE:FN",
-                      help="your pair: zero-argument callable returning the torch input (instead of --input-shape)")
-    prof.add_argument("--layout", choices=("NC...", "as_is"), default=None,
-                      help="your pair: torch-side input layout (default: NC... for >= 3 dims, else as_is)")
+    add_pair_arguments(prof)

@@ -72,14 +72,14 @@ def _profile(args: argparse.Namespace, device) -> int:
     from parity.benchmark.runner import BenchConfig, environment
 
     dtype = "bfloat16" if args.bf16 else "float32"
-    torch_model, flax_model, x, layout, name, size, batch = _profile_pair(args, device)
+    torch_model, flax_model, x, facts, name, size, batch = _profile_pair(args, device)
     cfg = BenchConfig(models=(name,), batches=(batch,), size=size if size != "own" else "full", dtype=dtype)
     env = environment(device, cfg)
     print(f"per-layer profile: {name} ({size}, batch {batch}, {dtype}) on {device.kind} "
           f"({env['device'].get('torch_device_name') or env['device']['jax_device_kind']})", flush=True)
-    profile = profile_layers(torch_model, flax_model, x, layout=layout, device=device, dtype=dtype,
-                             name=name, settings=ProfileSettings.quick() if args.quick else None,
-                             log=lambda s: print(s, flush=True))
+    profile = profile_layers(torch_model, flax_model, x, device=device, dtype=dtype, name=name,
+                             settings=ProfileSettings.quick() if args.quick else None,
+                             log=lambda s: print(s, flush=True), **facts)
     profile.env = {"versions": env["versions"], "device_name": env["device"].get("torch_device_name"),
                    "device": env["device"], "size": size, "batch": batch, "git_commit": env["git_commit"],
                    "timed_precision": env["timed_precision"]}
@@ -101,49 +101,42 @@ def _profile(args: argparse.Namespace, device) -> int:
 
 
 def _profile_pair(args: argparse.Namespace, device):
-    """(torch model, flax model, torch-layout input, layout, name, size, batch) for --layers."""
+    """(torch model, flax model, torch-layout input, layout facts for profile_layers, name, size,
+    batch) for --layers."""
     from parity.benchmark.sizes import default_batches, parse_model_batches, sized_config
-    from parity.commands.check import SetupError as SetupErrors
     from parity.registry import select
 
     if args.torch or args.flax:
-        try:
-            return _own_pair(args)
-        except SetupErrors as exc:  # check.py's SetupError: one line, exit 2
-            raise UsageError(str(exc)) from None
+        return _own_pair(args)
     pairs = select(args.layers)
     if len(pairs) != 1:
         raise ValueError(f"--layers needs one pair, {args.layers!r} selects {', '.join(p.name for p in pairs)}")
     pair = pairs[0]
     on_cpu = device.kind == "cpu"
     size = args.size or ("tiny" if args.quick else "cpu" if on_cpu else "full")
-    batches = (parse_model_batches(args.model_batch).get(pair.name)
-               or parse_model_batches(args.model_batch).get(pair.family)
-               or args.batch or default_batches(pair, size, on_cpu, args.quick))
+    by_model = parse_model_batches(args.model_batch)
+    batches = (by_model.get(pair.name) or by_model.get(pair.family) or args.batch
+               or default_batches(pair, size, on_cpu, args.quick))
     config = sized_config(pair, size)
     torch_model, flax_model = pair.build(config)
     x = pair.example_input(config, batch=batches[0])
-    return torch_model, flax_model, x, pair.layout, pair.name, size, batches[0]
+    facts = dict(input_layout=pair.input_layout, output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg)
+    return torch_model, flax_model, x, facts, pair.name, size, batches[0]
 
 
 def _own_pair(args: argparse.Namespace):
-    from parity.commands.check import load_factory, parse_shape
+    """--torch/--flax with --input-shape or --example-input, as `parity check` takes them."""
+    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
 
-    if not (args.torch and args.flax) or bool(args.input_shape) == bool(args.example_input):
-        raise UsageError("profiling your own pair needs --torch, --flax and one of --input-shape "
-                         "or --example-input")
-    torch_model = load_factory(args.torch, "--torch")()
-    flax_model = load_factory(args.flax, "--flax")()
-    if args.example_input:
-        x = load_factory(args.example_input, "--example-input")()
-    else:
-        import numpy as np
-
-        x = np.random.default_rng(0).standard_normal(parse_shape(args.input_shape))
-    first = x[0] if isinstance(x, (tuple, list)) else x
-    layout = args.layout or ("NC..." if len(first.shape) >= 3 else "as_is")
-    return (torch_model, flax_model, x, layout, args.layers or type(torch_model).__name__,
-            "own", int(first.shape[0]))
+    try:
+        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**vars(args), seed=0, name=args.layers))
+        facts = dict(input_layout=parse_layout(args.layout, "--layout"),
+                     output_layout=parse_layout(args.output_layout, "--output-layout"),
+                     rename=parse_rename(args.rename), train_kwarg=args.train_kwarg)
+    except SetupError as exc:  # one line, exit 2
+        raise UsageError(str(exc)) from None
+    first = next(iter(x)) if isinstance(x, (tuple, list)) else x
+    return torch_model, flax_model, x, facts, name, "own", int(first.shape[0])
 
 
 def _port_benchmark(args: argparse.Namespace) -> int:
