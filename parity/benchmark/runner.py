@@ -143,10 +143,11 @@ def gate(prep: Prepared) -> GateResult:
     from parity.checker import check
 
     dtype = gate_dtype(prep.dtype)
-    modes = [False, True] if prep.pair.has_batch_norm(prep.config) else [False]
+    modes = prep.pair.modes(prep.config)
     # check() works on a copy cast to ``dtype`` and ports that copy's weights itself. It runs on
     # the benchmark's device where it can (CPU and CUDA); a TPU run is gated on the host CPU.
-    kwargs = dict(dtype=dtype, input_layout=prep.pair.layout, name=prep.pair.name, layers=False,
+    kwargs = dict(dtype=dtype, input_layout=prep.pair.input_layout, output_layout=prep.pair.out_layout(),
+                  train_kwarg=prep.pair.train_kwarg, name=prep.pair.name, layers=False,
                   **({"device": "cuda"} if prep.device.kind == "cuda" else {}))
     ok, verdicts, reports = True, [], []
     for train in modes:
