@@ -8,8 +8,8 @@ shows what fusion (XLA, or torch's fewer launches) wins or loses, plus the glue 
 (concatenations, crops, functional activations).
 
 Running the layers is the parity engine's job, not this module's: ``captured_layers`` is the one
-adapter onto it (today parity.layers' capture_torch / capture_flax and its isolated-layer jobs),
-so switching to another engine is a change in that function only.
+adapter onto it (parity.checker's recorded run on parity.runtime, and parity.layers' isolated-
+layer jobs), so a change in the engine's API is a change in that function only.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Benchmark sizes per model family: CPU-sized and accelerator-sized configs and batches.
 
-These are model facts the registry should carry (STYLE.md 16); until it does, they live here,
-keyed by the registry family, and nothing else in the benchmark asks which family a model is.
+These are model facts the registry should carry (STYLE.md 16): a pair's ``bench_batch["gpu"]``
+wins where the registry declares it; until every pair does, GPU batches live here, keyed by the
+registry family, and nothing else in the benchmark asks which family a model is.
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ def default_batches(pair, size: str, on_cpu: bool, quick: bool) -> tuple[int, ..
     if quick:
         return (2,)
     if size == "gpu":
+        # A registry entry that declares its GPU batch wins over the family table.
+        declared = (getattr(pair, "bench_batch", None) or {}).get("gpu")
+        if declared is not None:
+            return tuple(declared) if isinstance(declared, (tuple, list)) else (int(declared),)
         return GPU_BATCHES.get(pair.family, GPU_DEFAULT_BATCHES)
     return (2, 8) if on_cpu else (8, 32)
 
