@@ -1,6 +1,7 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
-Public API: check, assert_parity, Report, Comparison, registry helpers. Heavy imports are lazy so
+Public API: check, assert_parity, Report, Comparison, registry helpers, and the execution engine
+(parity.runtime: FlaxTwin, layouts). Heavy imports are lazy so
 ``import parity.configs`` stays framework-free.
 """
 from __future__ import annotations
@@ -25,6 +26,11 @@ _LAZY = {
     "PAIRS": "parity.registry",
     "ModelPair": "parity.registry",
     "pin_numerics": "parity.numerics",
+    "FlaxTwin": "parity.runtime",
+    "LayoutError": "parity.runtime",
+    "TrainModeError": "parity.runtime",
+    "CHANNELS_FIRST": "parity.runtime",
+    "AS_IS": "parity.runtime",
     "numerics_env": "parity.numerics",
 }
 

@@ -6,6 +6,7 @@ plain sum would hide sign and permutation errors that cancel).
 from __future__ import annotations
 
 import contextlib
+import re
 import copy
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from parity.numerics import jax_precision, numerics_env, pinned, precision_warni
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, output_layouts, output_shapes, run_torch,
-                            structure, torch_inputs)
+                            structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
@@ -101,7 +102,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     tm.train(train)
     args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
     in_layouts = input_layouts(tm, args, input_layout)
-    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg)
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))
     say("porting weights")
     plan, notes = _port(tm, flax_module, args, in_layouts, rename)
     if variables is None:
@@ -110,7 +111,8 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     say("torch forward/backward")
     t = run_torch(tm, args, train=train, grads=grads, cotangent_seed=seed + 1, capture=layers)
     f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
-    if set(f_shapes) != set(t.outputs):
+    to_t = _align(list(f_shapes), list(t.outputs))
+    if to_t is None:
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
         return _Run(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
@@ -127,15 +129,34 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
             return acts.of_tensor(probe.raw_outputs[path])
         return acts.of_tensor(t.raw_outputs[path])
 
+    f_shapes = {to_t[p]: shape for p, shape in f_shapes.items()}
     out_layouts = output_layouts(output_layout, {p: o.shape for p, o in t.outputs.items()}, f_shapes, producer)
-    f_cots = {p: to_flax_layout(c, out_layouts[p], p) for p, c in t.cotangents.items()} if grads else None
+    to_f = {tp: fp for fp, tp in to_t.items()}
+    f_cots = ({to_f[p]: to_flax_layout(c, out_layouts[p], p) for p, c in t.cotangents.items()}
+              if grads else None)
     say("flax forward/vjp" + (" with every layer recorded" if layers else ""))
     f = forward_backward(twin, variables, f_args, f_cots, capture=layers)
+    f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
     return _Run(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
                 acts, tm, notes)
+
+
+def _canonical(path: str) -> str:
+    # A field of a ModelOutput/dataclass (``out.logits``) and a dict key (``out['logits']``) are
+    # the same leaf to a user comparing a torch ModelOutput against a Flax dict.
+    return re.sub(r"\['([^']*)'\]", r".\1", path)
+
+
+def _align(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str] | None:
+    """{flax output path: torch output path}, or None when the two output structures differ."""
+    by_canon = {_canonical(p): p for p in torch_paths}
+    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
+    if None in out.values() or len(set(out.values())) != len(torch_paths):
+        return None
+    return out
 
 
 def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:

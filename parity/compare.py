@@ -80,13 +80,17 @@ def compare(
     else:
         bad = np.zeros(diff.shape, dtype=bool)
     mismatches = int(bad.sum())
-    ok = mismatches == 0 and (tol.rel_norm is None or rel_norm <= tol.rel_norm)
+    tiny = tol.abs_norm is not None and norm_diff <= tol.abs_norm and not np.isinf(diff).any()
+    ok = mismatches == 0 and (tol.rel_norm is None or rel_norm <= tol.rel_norm or tiny)
     score = 0.0
     if tol.rtol is not None and diff.size:
         with np.errstate(invalid="ignore", divide="ignore"):
             score = float(np.max(diff / (tol.atol + tol.rtol * denom)))
     if tol.rel_norm is not None:
-        score = max(score, rel_norm / tol.rel_norm if tol.rel_norm > 0 else np.inf)
+        norm_score = rel_norm / tol.rel_norm if tol.rel_norm > 0 else np.inf
+        if tol.abs_norm:
+            norm_score = min(norm_score, norm_diff / tol.abs_norm)
+        score = max(score, norm_score)
     if diff.size:
         # Worst element: the most out-of-tolerance one when the elementwise check is on.
         excess = diff - (tol.atol + tol.rtol * denom) if tol.rtol is not None else diff

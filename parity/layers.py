@@ -129,13 +129,36 @@ def _subtree(variables: Mapping, path: tuple[str, ...]) -> dict:
     return out
 
 
-def _flax_path_of(torch_path: str, plan: PortPlan) -> tuple[str, ...]:
-    # Layers that own tensors: exactly the port's pairing. Containers and parameter-free layers
-    # (not in the plan): the port's own name rule, so both agree by construction.
+def _flax_path_of(torch_path: str, plan: PortPlan, recorded: set[tuple[str, ...]]) -> tuple[str, ...]:
+    """Flax module path of a torch module path.
+
+    Layers that own tensors: exactly the port's pairing. Others: the port's own name rule when
+    the Flax twin has a module there; else (containers of a model written outside this project,
+    e.g. HF ``encoder.layer.0`` <-> ``encoder/layer/0``) the path their ported children share,
+    less the part below the container that the children's torch paths share too.
+    """
     for layer in plan.layers:
         if layer.info.torch_path == torch_path:
             return tuple(layer.info.flax_path)
-    return torch_to_flax_path(torch_path)
+    by_rule = tuple(torch_to_flax_path(torch_path))
+    if by_rule in recorded or not torch_path:
+        return by_rule
+    prefix = torch_path + "."
+    kids = [(layer.info.torch_path[len(prefix):].split("."), tuple(layer.info.flax_path))
+            for layer in plan.layers if layer.info.torch_path.startswith(prefix)]
+    if not kids:
+        return by_rule
+    common = list(kids[0][1])
+    for _, f in kids[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(common, f)) if a != b), min(len(common), len(f)))
+        common = common[:n]
+    rel_common = 0  # leading torch components below the container that every child shares
+    while all(len(r) > rel_common + 1 and r[rel_common] == kids[0][0][rel_common] for r, _ in kids):
+        rel_common += 1
+    if len(kids) == 1:
+        rel_common = len(kids[0][0])
+    guess = tuple(common[:len(common) - rel_common]) if rel_common else tuple(common)
+    return guess if guess in recorded else by_rule
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,17 @@ def _flatten_of(torch_path: str, plan: PortPlan) -> tuple[int, ...] | None:
             flat = getattr(layer.info, "flatten", None)
             return tuple(flat) if flat else None
     return None
+
+
+def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str]:
+    """{flax output path: torch output path} of one layer: by name when both sides name the leaves
+    alike, else by order when the counts agree (an HF Flax layer returns ``(h,)`` where its torch
+    twin returns ``h``); {} otherwise (the comparison then reports the structural difference)."""
+    if set(flax_paths) == set(torch_paths):
+        return {p: p for p in flax_paths}
+    if len(flax_paths) == len(torch_paths):
+        return dict(zip(flax_paths, torch_paths))
+    return {}
 
 
 def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
@@ -221,8 +255,9 @@ def analyze_layers(
 
     rows: list[LayerRow] = []
     jobs: list[_IsoJob] = []
+    recorded = {fc.path for fc in f_run.calls.values()}
     for tc in t_calls:
-        fpath = _flax_path_of(tc.path, plan)
+        fpath = _flax_path_of(tc.path, plan, recorded)
         key = call_key(fpath, tc.call)
         row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
                        backward_order=bwd_pos[(tc.path, tc.call)])
@@ -230,8 +265,9 @@ def analyze_layers(
         if key not in f_run.call_outputs:
             row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
             continue
-        f_out = f_run.call_outputs[key]
-        t_out = {p: to_numpy(o.detach()) for p, o in tc.outputs.items()}
+        t_out = tc.output_values
+        out_map = _align_outputs(list(f_run.call_outputs[key]), list(t_out))
+        f_out = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
         out_layouts = {}
         for p, t in t_out.items():
             lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
@@ -242,7 +278,7 @@ def analyze_layers(
                 out_layouts[p] = lay
         row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, forward_tol)
         t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
-        f_g = f_run.call_output_cots.get(key, {})
+        f_g = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
         if grads and t_g and set(t_g) <= set(f_g):
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: f_g[p] for p in t_g}, t_g,
                                                    out_layouts, grad_tol)
@@ -250,7 +286,7 @@ def analyze_layers(
             row.isolated, row.grad_isolated = root
             continue
         job = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
-                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan))
+                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan), out_map)
         if job is not None:
             jobs.append(job)
 
@@ -280,11 +316,13 @@ class _IsoJob:
     out_layouts: dict[str, str]
     in_layouts: dict[str, _InputLayout]  # by Flax input name
     torch_names: dict[str, str]  # Flax input name -> torch input name
+    out_map: dict[str, str]  # Flax output path -> torch output path
 
 
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
              variables: Mapping, fpath: tuple[str, ...], t_out: dict, out_layouts: dict, grads: bool,
-             layouts: ActivationLayouts, flatten_: tuple[int, ...] | None) -> _IsoJob | None:
+             layouts: ActivationLayouts, flatten_: tuple[int, ...] | None,
+             out_map: dict[str, str]) -> _IsoJob | None:
     t_names = list(tc.inputs)
     if len(t_names) != len(fc.input_names):
         row.notes.append(f"inputs differ: torch {len(t_names)} tensors, flax {len(fc.input_names)} arrays; "
@@ -293,7 +331,7 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
     arrays, in_layouts, names = {}, {}, {}
     t_lay = layouts.inputs.get((tc.path, tc.call), {})
     for tn, fn in zip(t_names, fc.input_names):
-        t = to_numpy(tc.inputs[tn].detach())
+        t = tc.input_values[tn]
         f_shape = np.shape(f_inputs[fn]) if fn in f_inputs else None
         if flatten_ is not None:
             lay = _InputLayout(AS_IS, flatten_)
@@ -322,9 +360,11 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
     cots = None
     t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
     if grads and t_g:
-        cots = {p: jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}")) for p, g in t_g.items()}
+        to_f = {t: f for f, t in out_map.items()}
+        cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
+                for p, g in t_g.items()}
     return _IsoJob(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
-                   t_out, out_layouts, in_layouts, names)
+                   t_out, out_layouts, in_layouts, names, out_map)
 
 
 def _one(job: _IsoJob, params, floats, cots):
@@ -367,7 +407,7 @@ def _judge(job: _IsoJob, result, plan: PortPlan, zero_params, t_param_grads: Map
            tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance) -> None:
     row, tc = job.row, job.tc
     out, grads = result
-    row.isolated = _compare_leaves(row.name, {p: np.asarray(o) for p, o in out.items()}, job.t_out,
+    row.isolated = _compare_leaves(row.name, {job.out_map.get(p, p): np.asarray(o) for p, o in out.items()}, job.t_out,
                                    job.out_layouts, forward_tol)
     if grads is None:
         return

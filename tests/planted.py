@@ -221,3 +221,66 @@ def make_flax_block_tanh() -> FlaxBlock:
 
 def make_broken():
     raise RuntimeError("cannot build this model today")
+
+
+# --- CLI pairs with pytree inputs (parity check/train --example-input) ---------------------------
+class TorchTokenHead(torch.nn.Module):
+    """Token ids + mask -> per-token logits [N, T, 5]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, ids, mask):
+        return self.head(self.emb(ids) * mask[..., None])
+
+
+class FlaxTokenHead(nn.Module):
+    @nn.compact
+    def __call__(self, ids, mask):
+        return nn.Dense(5, name="head")(nn.Embed(11, 6, name="emb")(ids) * mask[..., None])
+
+
+class FlaxTokenHeadRenamed(nn.Module):
+    """The same twin with other module names: pairs only with --rename."""
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        return nn.Dense(5, name="out_proj")(nn.Embed(11, 6, name="tok")(ids) * mask[..., None])
+
+
+def make_torch_tokens():
+    torch.manual_seed(0)
+    return TorchTokenHead()
+
+
+def make_flax_tokens():
+    return FlaxTokenHead()
+
+
+def make_flax_tokens_renamed():
+    return FlaxTokenHeadRenamed()
+
+
+def example_tokens():
+    """(ids [2, 7] int64, mask [2, 7] float): the torch model's two positional inputs."""
+    ids = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+def make_nnx_block():
+    """An NNX twin of make_torch_block's LayerNorm/GELU block."""
+    from flax import nnx
+
+    class NNXBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+            self.norm = nnx.LayerNorm(16, epsilon=1e-5, use_scale=False, use_bias=False, rngs=rngs)
+            self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(nnx.gelu(self.norm(self.fc1(x)), approximate=False))
+
+    return NNXBlock(nnx.Rngs(0))

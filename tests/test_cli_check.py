@@ -112,3 +112,46 @@ def test_summary_grad_columns_are_maxima_over_every_gradient():
     fields = _summary_line(report, 1.0).split()
     assert float(fields[5]) == 5e-3  # grad max_abs: from "grad input"
     assert float(fields[6]) == 3e-6  # grad rel: from "grad w"
+
+
+# --- pytree inputs, layouts, rename, NNX twins from the command line ----------------------------------
+def test_example_input_with_token_ids_and_nnx_twin(monkeypatch, capsys):
+    monkeypatch.chdir(TESTS)
+    assert main(["check", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
+                 "--example-input", "planted:example_tokens", "--dtype", "float64", "--quiet"]) == 0
+    assert main(["check", "--torch", "planted:make_torch_block", "--flax", "planted:make_nnx_block",
+                 "--input-shape", "3,8", "--dtype", "float64", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("PASS") == 2
+
+
+def test_rename_and_layouts_reach_the_port_and_the_checker(monkeypatch, capsys):
+    import parity.checker
+
+    seen = {}
+    real = parity.checker.build_plan
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(parity.checker, "build_plan", spy)
+    monkeypatch.chdir(TESTS)
+    code = main(["check", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens_renamed",
+                 "--example-input", "planted:example_tokens", "--dtype", "float64", "--quiet",
+                 "--rename", "emb=tok", "--rename", "head=out_proj",
+                 "--layout", "input[1]=as_is", "--output-layout", "as_is"])
+    assert code == 0, capsys.readouterr()
+    assert seen["rename"] == [("emb", "tok"), ("head", "out_proj")]
+    assert seen["input_layout"] == ["as_is", "as_is"]
+
+
+def test_bad_layout_flag_is_a_one_line_error():
+    proc = _parity("--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
+                   "--example-input", "planted:example_tokens", "--layout", "input[9]=as_is")
+    assert "input[9]" in _one_line_error(proc)
+
+
+def test_example_input_and_input_shape_are_exclusive():
+    proc = _parity("--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
+                   "--example-input", "planted:example_tokens", "--input-shape", "2,7")
+    assert "exactly one of --input-shape and --example-input" in _one_line_error(proc)

@@ -19,6 +19,9 @@ def test_good(parity):
 def test_bad(parity):
     parity(planted.make_torch_block(), planted.FlaxBlock(approximate=True), X, input_layout="as_is")
 
+def test_nnx_twin(parity):
+    assert parity(planted.make_torch_block(), planted.make_nnx_block(), X).ok
+
 def test_not_parity():
     pass
 """
@@ -33,7 +36,7 @@ def suite(pytester: pytest.Pytester, request):
 def test_fixture_marker_and_failure_report(suite):
     suite.makepyfile(test_pairs=TEST_FILE.format(dtype="float32"))
     result = suite.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines([
         "*parity TorchBlock [[]float64, eval[]]: FAIL*",
         "*first divergence: act (GELU*",
@@ -48,7 +51,7 @@ def test_options_and_marker_selection(suite):
     # command-line dtype reaches the fixture, while test_bad's marker kwargs would win over it.
     result = suite.runpytest("-p", "no:cacheprovider", "-m", "parity", "--parity-dtype", "float64",
                              "--parity-device", "cpu", "-k", "good")
-    result.assert_outcomes(passed=1, deselected=2)
+    result.assert_outcomes(passed=1, deselected=3)
 
 
 def test_help_lists_the_options(suite):

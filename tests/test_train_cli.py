@@ -26,3 +26,15 @@ def test_bad_input_exits_2(capsys):
     assert main(["train", "mlp", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("parity: error:") == 2
+
+
+def test_train_own_pair_with_token_inputs(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parent)
+    code = main(["train", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
+                 "--example-input", "planted:example_tokens", "--steps", "3", "--dtype", "float64",
+                 "--loss", "mse"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "train parity TorchTokenHead" in out and "PASS" in out

@@ -10,7 +10,7 @@ from parity.runtime.flax_runner import (FlaxCall, FlaxRun, FlaxTwin, call_key, f
                                         value_and_grad_fn)
 from parity.runtime.layouts import ActivationLayouts, declared, input_layouts, output_layouts
 from parity.runtime.torch_runner import (TorchCall, TorchRun, input_paths, random_cotangents,
-                                         run_torch, torch_inputs)
+                                         run_torch, torch_inputs, train_mode_matters)
 from parity.runtime.tree import as_args, flatten, map_with_path, structure
 from weight_port.flax_tree import TRAIN_KWARGS, TrainModeError, call_kwargs, train_kwarg_of
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, LayoutError, to_flax_layout,
@@ -21,4 +21,4 @@ __all__ = ["AS_IS", "CHANNELS_FIRST", "ActivationLayouts", "FlaxCall", "FlaxRun"
            "call_key", "call_kwargs", "declared", "flatten", "flax_inputs", "forward_backward",
            "input_layouts", "input_paths", "is_nnx", "map_with_path", "output_layouts",
            "output_shapes", "random_cotangents", "run_torch", "structure", "to_flax_layout",
-           "to_torch_layout", "torch_inputs", "train_kwarg_of", "value_and_grad_fn"]
+           "to_torch_layout", "torch_inputs", "train_kwarg_of", "train_mode_matters", "value_and_grad_fn"]

@@ -69,6 +69,10 @@ class TorchCall:
     input_grads: dict[str, np.ndarray] = field(default_factory=dict)
     output_grads: dict[str, np.ndarray] = field(default_factory=dict)
     input_ids: dict[str, int] = field(default_factory=dict)  # id() of the tensor as it arrived
+    # Values copied when the hook ran: a later in-place op (``h += residual``, ReLU(inplace=True))
+    # would otherwise change what this call is said to have seen and returned.
+    input_values: dict[str, np.ndarray] = field(default_factory=dict)
+    output_values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +128,7 @@ class _Recorder:
             if not isinstance(x, torch.Tensor):
                 return x
             call.input_ids[name] = id(x)
+            call.input_values[name] = to_numpy(x.detach()).copy()
             if self.grads and x.requires_grad:
                 v = x.view_as(x)
                 self.aliases[id(v)] = id(x)  # the module (and its children) see the view
@@ -140,6 +145,7 @@ class _Recorder:
     def post(self, mod, args, output):
         call = self.open[id(mod)].pop()
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
+        call.output_values = {p: to_numpy(o.detach()).copy() for p, o in call.outputs.items()}
         for p, o in call.outputs.items():
             if self.grads and o.requires_grad:
                 o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
@@ -197,6 +203,14 @@ def run_torch(
                     recorder.aliases if recorder else {})
 
 
+def train_mode_matters(module: torch.nn.Module) -> bool:
+    """Whether train() changes what ``module`` computes: it has a BatchNorm/InstanceNorm with
+    running statistics or a Dropout (user layers that read ``self.training`` are not seen)."""
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm,
+             torch.nn.modules.dropout._DropoutNd)
+    return any(isinstance(m, kinds) for m in module.modules())
+
+
 def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
     """{input path: type of the first leaf-ish layer that receives that very tensor} from one
     forward without gradients (used to infer an input's layout from the layer that eats it)."""
@@ -221,5 +235,5 @@ def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
     return found
 
 
-__all__ = ["TorchCall", "TorchRun", "first_consumers", "input_paths", "is_float", "keystr",
+__all__ = ["TorchCall", "TorchRun", "first_consumers", "train_mode_matters", "input_paths", "is_float", "keystr",
            "random_cotangents", "run_torch", "torch_inputs"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import flax.linen as nn
 import torch
+from flax import nnx
 
 from flax_impl.batchnorm import BatchNorm as TorchExactBatchNorm
 from weight_port.plan import PortPlan
@@ -39,8 +40,9 @@ def audit_batch_norms(plan: PortPlan) -> tuple[list[str], list[BNFinding]]:
             continue
         if isinstance(fm, TorchExactBatchNorm):
             pass
-        elif isinstance(fm, nn.BatchNorm):
-            findings.append(BNFinding(path, "biased running_var (stock flax.linen.BatchNorm)",
+        elif isinstance(fm, (nn.BatchNorm, nnx.BatchNorm)):
+            api = "flax.linen" if isinstance(fm, nn.BatchNorm) else "flax.nnx"
+            findings.append(BNFinding(path, f"biased running_var (stock {api}.BatchNorm)",
                                       "Flax stores the biased batch variance; torch stores the unbiased "
                                       "one (x n/(n-1)), so Flax's running var is low by (n-1)/n per "
                                       "update; use flax_impl.batchnorm.BatchNorm"))

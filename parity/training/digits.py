@@ -10,11 +10,11 @@ import torch
 
 from parity.configs import CNNConfig
 from parity.registry import PAIRS
+from parity.runtime import FlaxTwin, flax_inputs
 from parity.tolerances import TRAIN_LOSS, train_tolerance
 from parity.training.data import epoch_batches, load_digits_split
 from parity.training.loop import TrainReport, train_check
 from parity.training.optim import OptimizerSpec
-from weight_port.layout import to_flax_layout
 
 # 8x8 inputs: two 2x2 pools leave 2x2 maps; small widths keep a few hundred steps in seconds.
 DIGITS_CNN = CNNConfig(in_channels=1, image_size=8, features=(8, 16), hidden=32, num_classes=10)
@@ -40,14 +40,16 @@ def digits_demo(*, steps: int = 300, optimizer: OptimizerSpec | None = None, dty
     pair = PAIRS["cnn"]
     tm, fm = pair.build(DIGITS_CNN, seed=seed)
     data = epoch_batches(x_tr, y_tr, batch=batch, steps=steps, seed=seed)
-    report = train_check(tm, fm, data, steps=steps, optimizer=optimizer, loss="nll", dtype=dtype,
-                         input_layout=pair.layout, name="cnn-digits")
+    report = train_check(tm, fm, data, steps=steps, optimizer=optimizer, loss=pair.loss, dtype=dtype,
+                         input_layout=pair.input_layout, name="cnn-digits")
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     with torch.no_grad():
         t_pred = report.torch_module.eval()(torch.as_tensor(x_te, dtype=tdtype)).argmax(1).numpy()
     with jax.enable_x64(dtype == "float64"):
-        xf = jnp.asarray(to_flax_layout(x_te, pair.layout), dtype=jnp.float64 if dtype == "float64" else jnp.float32)
-        f_pred = np.asarray(fm.apply(report.flax_variables, xf, train=False).argmax(-1))
+        xf = flax_inputs((x_te,), {"input[0]": pair.input_layout},
+                         jnp.float64 if dtype == "float64" else jnp.float32)
+        out, _ = FlaxTwin(fm, train=False).apply(report.flax_variables, xf)
+        f_pred = np.asarray(out.argmax(-1))
     return DigitsResult(report, float((t_pred == y_te).mean()), float((f_pred == y_te).mean()), len(y_te))
 
 

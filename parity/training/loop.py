@@ -27,7 +27,7 @@ from parity.training.bn_audit import BNFinding, audit_batch_norms
 from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_optimizer,
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
 from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
-                            output_shapes, torch_inputs, value_and_grad_fn)
+                            output_shapes, torch_inputs, train_mode_matters, value_and_grad_fn)
 from parity.runtime.layouts import LayoutSpec
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
@@ -255,7 +255,8 @@ def _first_leaf(out):
 def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout, output_layout,
          train_kwarg, rename, flax_tx, name):
     tm = copy.deepcopy(torch_module).to(tdtype)
-    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False)
+    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False,
+                    train_mode_matters=train_mode_matters(tm))
     x0, _ = _batch(data, 0)
     example = torch_inputs(as_args(x0), tdtype, grads=False)
     in_layouts = input_layouts(tm, example, input_layout)
