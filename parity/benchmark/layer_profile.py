@@ -112,7 +112,7 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     from parity.runtime.layouts import resolve
     from parity.tolerances import FORWARD, tolerance_for
     from weight_port.naming import flax_path_str
-    from weight_port.tensors import numpy_to_torch, to_numpy
+    from weight_port.tensors import numpy_to_torch
 
     if device.kind not in ("cpu", "cuda"):
         raise ValueError(f"the per-layer profile runs on cpu or cuda, not {device.kind}")
@@ -123,9 +123,10 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     if run.flax is None:
         raise ValueError(run.structure_error or "the Flax twin could not be run")
     f, acts, forward_tol = run.flax, run.act_layouts, tolerance_for(dtype, FORWARD)
+    recorded = {fc.path for fc in f.calls.values()}
     layers = []
     for tc in run.torch.calls:
-        fpath = engine._flax_path_of(tc.path, run.plan)
+        fpath = engine._flax_path_of(tc.path, run.plan, recorded)
         row = engine.LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call)
         args, kwargs = _call_args(tc.inputs)
         cots = {p: numpy_to_torch(g).to(device=device.torch_device, dtype=tc.outputs[p].dtype)
@@ -139,8 +140,9 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
             layer.note = "no Flax module at this path (parameter-free layer inlined as a function?)"
             continue
         # From here on exactly what parity.layers.analyze_layers does to run a layer alone.
-        f_out = f.call_outputs[key]
-        t_out = {p: to_numpy(o.detach()) for p, o in tc.outputs.items()}
+        t_out = tc.output_values
+        out_map = engine._align_outputs(list(f.call_outputs[key]), list(t_out))
+        f_out = {out_map.get(p, p): v for p, v in f.call_outputs[key].items()}
         out_layouts = {}
         for p, t in t_out.items():
             lay, _ = resolve(acts.outputs[(tc.path, tc.call)].get(p), t.shape,
@@ -148,7 +150,8 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
             if lay is not None:
                 out_layouts[p] = lay
         job = engine._prepare(row, tc, f.calls[key], f.call_inputs.get(key, {}), run.twin, run.variables,
-                              fpath, t_out, out_layouts, True, acts, engine._flatten_of(tc.path, run.plan))
+                              fpath, t_out, out_layouts, True, acts, engine._flatten_of(tc.path, run.plan),
+                              out_map)
         if job is None:
             layer.note = "; ".join(row.notes) or "the Flax layer cannot run alone"
             continue
@@ -160,8 +163,9 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
         if job.cots is not None:
             layer.flax_fwd_bwd = lambda p, fl, c, job=job: engine._one(job, p, fl, c)
             layer.flax_bwd_args = (job.params, floats, job.cots)
-        layer.check = lambda out, name=row.name, t_out=t_out, lays=out_layouts: engine._compare_leaves(
-            name, {p: np.asarray(o) for p, o in out.items()}, t_out, lays, forward_tol)
+        layer.check = lambda out, job=job: engine._compare_leaves(
+            job.row.name, {job.out_map.get(p, p): np.asarray(o) for p, o in out.items()}, job.t_out,
+            job.out_layouts, forward_tol)
     return layers
 
 
