@@ -167,3 +167,19 @@ def test_in_place_ops_do_not_corrupt_per_layer_rows():
     r = parity.check(TorchResidual(), FlaxResidual(), _x(2, 3, 5, 5), dtype="float64")
     assert r.ok, r
     assert r.layer("bn").accumulated.ok and r.layer("bn").isolated.ok
+
+
+class TorchScaledTokens(TorchPatchTokens):
+    def forward(self, x):
+        return super().forward(x) * 2.0 + 1.0  # element-wise after the LayerNorm
+
+
+class FlaxScaledTokens(FlaxPatchTokens):
+    def __call__(self, x):
+        return super().__call__(x) * 2.0 + 1.0
+
+
+@pytest.mark.parametrize("layers", [False, True])
+def test_square_output_made_element_wise_from_a_layer_takes_that_layers_layout(layers):
+    r = parity.check(TorchScaledTokens(), FlaxScaledTokens(), _x(2, 3, 8, 8), dtype="float64", layers=layers)
+    assert r.ok, r

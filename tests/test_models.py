@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
 import parity
 from parity.registry import PAIRS
+from parity.runtime import FlaxTwin, as_args, flax_inputs, input_layouts, output_shapes, torch_inputs
+from weight_port import torch_to_flax
+from weight_port.layout import flax_shape
 
 CASES = [
     pytest.param(pair, dtype, train, id=f"{name}-{dtype}-{'train' if train else 'eval'}")
     for name, pair in PAIRS.items()
     for dtype in ("float32", "float64")
-    for train in ((False, True) if pair.has_batch_norm() else (False,))
+    for train in pair.modes()
 ]
 
 
@@ -19,7 +24,8 @@ def test_forward_and_gradients_match(pair, dtype, train):
     torch_model, flax_model = pair.build()
     x = pair.example_input()
     report = parity.check(torch_model, flax_model, x, dtype=dtype, train=train,
-                          input_layout=pair.layout, name=pair.name)
+                          input_layout=pair.input_layout, output_layout=pair.out_layout(),
+                          train_kwarg=pair.train_kwarg, name=pair.name)
     assert report.ok, str(report)
     # Every parameter's gradient was compared, and the input's.
     n_params = sum(1 for _ in torch_model.parameters())
@@ -31,7 +37,7 @@ def test_forward_and_gradients_match(pair, dtype, train):
 def test_registry_has_every_required_variant():
     names = set(PAIRS)
     assert {"mlp", "cnn", "unet-valid", "unet-same", "unet-same-bn", "unet-valid-retain"} <= names
-    assert PAIRS["unet-same-bn"].has_batch_norm() and not PAIRS["unet-same"].has_batch_norm()
+    assert PAIRS["unet-same-bn"].modes() == [False, True] and PAIRS["unet-same"].modes() == [False]
 
 
 def test_train_mode_is_really_different_from_eval():
@@ -75,3 +81,16 @@ def test_float64_check_does_not_leave_x64_on():
                           input_layout=pair.layout)
     assert report.ok and report.env["jax_enable_x64"]  # recorded as on during the check
     assert not jax.config.jax_enable_x64  # and restored afterwards
+
+
+def test_registry_entries_declare_layouts_that_match_their_twins():
+    """Each entry's declared output layout agrees with what the shapes say (where they can)."""
+    for pair in PAIRS.values():
+        tm, fm = pair.build()
+        args = torch_inputs(as_args(pair.example_input()), torch.float32, grads=False)
+        assert input_layouts(tm, args) == {"input[0]": pair.input_layout}, pair.name
+        variables = torch_to_flax(tm, fm, args[0].detach(), input_layout=pair.input_layout)
+        (shape,) = [s.shape for s in output_shapes(FlaxTwin(fm), variables,
+                                                     flax_inputs(args, {"input[0]": pair.input_layout})).values()]
+        t_shape = tuple(tm.eval()(*args).shape)
+        assert flax_shape(t_shape, pair.out_layout()) == tuple(shape), pair.name

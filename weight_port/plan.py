@@ -338,7 +338,7 @@ def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarg
     if flax_module is not None:
         if example_input is None:
             raise TypeError("build_plan needs example_input together with a linen flax_module")
-        flax_inputs = tuple(to_flax_layout(to_numpy(x), lay) for x, lay in zip(_as_tuple(example_input), per_arg(input_layout, len(_as_tuple(example_input)))))
+        flax_inputs = tuple(to_flax_layout(to_numpy(x), lay) for x, lay in zip(_as_tuple(example_input), per_arg(input_layout, [to_numpy(x) for x in _as_tuple(example_input)])))
         return abstract_target(flax_module, flax_inputs)
     if variables is not None:
         return target_from_variables(variables)
@@ -408,7 +408,7 @@ def build_plan(
     example_input=None,
     *,
     variables: Mapping | None = None,
-    input_layout: str = CHANNELS_FIRST,
+    input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
     flatten: Mapping[str, tuple[int, ...]] | None = None,
     state: Mapping | None = None,
     rename: Rename = None,

@@ -24,6 +24,13 @@ from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, che
 
 LayoutSpec = str | Mapping | Sequence | None
 
+# Autograd nodes (names without the trailing version digit) that keep every element where it is,
+# so a tensor computed through them has the layout of the tensors they were computed from.
+_ELEMENTWISE = {f"{op}Backward" for op in (
+    "Add", "Sub", "Mul", "Div", "Neg", "Tanh", "Relu", "Sigmoid", "Gelu", "Silu", "Exp", "Log", "Pow",
+    "Sqrt", "Rsqrt", "Abs", "Clamp", "Maximum", "Minimum", "ToCopy", "Clone", "Alias", "LeakyRelu",
+    "Elu", "Softplus", "Hardtanh", "Where", "MulScalar", "AddScalar")}
+
 
 def declared(spec: LayoutSpec, paths: Sequence[str], *, root: str, flag: str) -> dict[str, str]:
     """{path: layout} for the leaves the caller declared. spec: one string (every leaf), a dict
@@ -119,6 +126,8 @@ class ActivationLayouts:
         self.known: dict[int, str] = dict(model_inputs)
         self.inputs: dict[tuple[str, int], dict[str, str | None]] = {}
         self.outputs: dict[tuple[str, int], dict[str, str | None]] = {}
+        self.nodes: dict[int, str] = {}  # id(autograd node that made a module output) -> layout
+        self._keep = []  # the nodes themselves, so their ids stay theirs
         for c in calls:
             ins = {n: self._get(i) for n, i in c.input_ids.items()}
             self.inputs[(c.path, c.call)] = ins
@@ -135,6 +144,9 @@ class ActivationLayouts:
                 outs[p] = lay
                 if lay is not None and id(o) not in self.known:
                     self.known[id(o)] = lay
+                if lay is not None and o.grad_fn is not None:
+                    self.nodes.setdefault(id(o.grad_fn), lay)
+                    self._keep.append(o.grad_fn)
             self.outputs[(c.path, c.call)] = outs
         # Second pass for tensors made by plain functions between modules (F.relu, torch.cat):
         # the kind of layer that consumes them says their layout (a Conv2d eats [N, C, H, W]).
@@ -165,7 +177,29 @@ class ActivationLayouts:
         return self.known.get(i)
 
     def of_tensor(self, t: torch.Tensor) -> str | None:
-        return self._get(id(t))
+        """Layout of a tensor: its producing layer's, else (made by element-wise functions of
+        module outputs, e.g. ``self.proj(x) * self.scale``) the one layout of the module outputs
+        it was computed from, following autograd back through element-wise ops only."""
+        got = self._get(id(t))
+        if got is not None or t.grad_fn is None:
+            return got
+        found: set[str] = set()
+        stack, seen = [t.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in self.nodes:
+                found.add(self.nodes[id(node)])
+                continue
+            name = type(node).__name__
+            if name == "AccumulateGrad":
+                continue  # a parameter: no layout of its own (a broadcast scale, a bias)
+            if name.rstrip("0123456789") not in _ELEMENTWISE:
+                return None  # a reshape/transpose/matmul between: the layout is not carried through
+            stack.extend(fn for fn, _ in node.next_functions)
+        return found.pop() if len(found) == 1 else None
 
 
 def flax_shape_cf(shape: tuple) -> tuple | None:
