@@ -146,3 +146,15 @@ def test_timing_dict_round_trips_numbers():
     d = t.to_dict()
     assert np.isclose(d["iqr_s"], 0.1) and d["rounds"] == 2
     assert dataclasses.asdict(t)["first_call_s"] == 2.0
+
+
+def test_labelled_bfloat16_run_passes_its_gate_and_is_named_so():
+    """The --bf16 run: weights and inputs in bfloat16 on both sides, gated by a bfloat16 check
+    (numpy does not count bfloat16 as floating: an engine that asks numpy gives it no cotangent)."""
+    device = select_device("cpu")
+    cfg = BenchConfig(models=("mlp",), batches=(2,), size="tiny", dtype="bfloat16", phases=("train",),
+                      variants=("torch-eager", "jax-jit"), warmup=0, min_rounds=1, max_rounds=1,
+                      min_time_s=0.0)
+    results, gates = run_benchmarks(cfg, device, log=lambda s: None)
+    assert [g.dtype for g in gates] == ["bfloat16"] and all(g.ok for g in gates), gates
+    assert {r.status for r in results} == {"ok"} and {r.dtype for r in results} == {"bfloat16"}
