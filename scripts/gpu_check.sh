@@ -76,7 +76,7 @@ PYEOF
     BENCH_MODELS+=(vit)
   fi
   SIZE=(--size gpu --min-time 0.5)
-  PROFILE=(--layers unet-same --size gpu --min-time 0.5)
+  PROFILE=(--layers unet-same --size gpu)
   PEAK=()
 fi
 mkdir -p "$OUT"
