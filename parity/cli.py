@@ -1,6 +1,9 @@
 """The ``parity`` command line: argument parsing and printing only; the work is importable.
 
 Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one readable line, no traceback).
+Parsing imports nothing heavy (argument definitions live in parity.commands.arguments), so
+``parity --help`` answers at once; a command's module, and torch and jax with it, is imported
+only when that command runs.
 """
 from __future__ import annotations
 
@@ -8,14 +11,19 @@ import argparse
 import importlib
 import sys
 
+from parity.commands import arguments
 from parity.errors import UsageError
 
-# name -> (module, one-line help). Each module: add_arguments(parser), run(args) -> int.
+# name -> (module with run(args) -> int, its argument definitions, one-line help).
 COMMANDS = {
-    "check": ("parity.commands.check", "check built-in or your own model pairs for parity"),
-    "port": ("parity.commands.port", "convert a torch checkpoint into a Flax checkpoint"),
-    "bench": ("parity.commands.bench", "benchmark torch vs jax.jit on the built-in models"),
-    "train": ("parity.commands.train", "train both twins side by side and compare per step"),
+    "check": ("parity.commands.check", arguments.add_check_arguments,
+              "check built-in or your own model pairs for parity"),
+    "port": ("parity.commands.port", arguments.add_port_arguments,
+             "convert a torch checkpoint into a Flax checkpoint"),
+    "bench": ("parity.commands.bench", arguments.add_bench_arguments,
+              "benchmark torch vs jax.jit on the built-in models, or profile one model per layer"),
+    "train": ("parity.commands.train", arguments.add_train_arguments,
+              "train both twins side by side and compare per step"),
 }
 
 
@@ -25,20 +33,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The full parser; builds without importing torch, jax or flax."""
     parser = _Parser(prog="parity", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # command not built yet
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    for name, (_, add_arguments, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    module_name = COMMANDS[args.command][0]
+    return int(importlib.import_module(module_name).run(args))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -51,7 +57,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args))
+        return _run(args)
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130

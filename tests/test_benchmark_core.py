@@ -106,6 +106,23 @@ def test_run_and_report_write_named_files(tmp_path):
     for path in paths.values():
         assert path.exists() and path.stat().st_size > 0
         assert "cpu-" in path.name and "threads_float32_torch-" in path.name and "_jax-" in path.name and path.stem.endswith("_quick")
+    # A CPU has no peak table entry: MFU n/a, and the report says why.
+    assert all(r.mfu is None for r in results)
+    assert "MFU n/a: no peak table for CPUs" in paths["markdown"].read_text()
+
+
+def test_mfu_uses_one_flop_count_per_row_against_the_given_peak():
+    device = select_device("cpu")
+    cfg = BenchConfig(models=("mlp",), batches=(2,), size="tiny", phases=("forward",),
+                      variants=("torch-eager", "jax-jit"), peak_tflops=0.5,
+                      warmup=0, min_rounds=1, max_rounds=1, min_time_s=0.0)
+    results, _ = run_benchmarks(cfg, device, log=lambda s: None)
+    assert len({r.model_flops for r in results}) == 1 and results[0].model_flops
+    for r in results:
+        assert r.mfu == r.model_flops / r.median_s / 0.5e12
+    env = environment(device, cfg)
+    assert env["peak"]["tflops"] == 0.5 and "--peak-tflops" in env["peak"]["source"]
+    assert "| MFU |" in markdown(results, env, ["torch-eager", "jax-jit"])
 
 
 def _result(variant: str, median: float, status: str = "ok") -> BenchResult:
@@ -129,3 +146,15 @@ def test_timing_dict_round_trips_numbers():
     d = t.to_dict()
     assert np.isclose(d["iqr_s"], 0.1) and d["rounds"] == 2
     assert dataclasses.asdict(t)["first_call_s"] == 2.0
+
+
+def test_labelled_bfloat16_run_passes_its_gate_and_is_named_so():
+    """The --bf16 run: weights and inputs in bfloat16 on both sides, gated by a bfloat16 check
+    (numpy does not count bfloat16 as floating: an engine that asks numpy gives it no cotangent)."""
+    device = select_device("cpu")
+    cfg = BenchConfig(models=("mlp",), batches=(2,), size="tiny", dtype="bfloat16", phases=("train",),
+                      variants=("torch-eager", "jax-jit"), warmup=0, min_rounds=1, max_rounds=1,
+                      min_time_s=0.0)
+    results, gates = run_benchmarks(cfg, device, log=lambda s: None)
+    assert [g.dtype for g in gates] == ["bfloat16"] and all(g.ok for g in gates), gates
+    assert {r.status for r in results} == {"ok"} and {r.dtype for r in results} == {"bfloat16"}

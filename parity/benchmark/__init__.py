@@ -1,36 +1,43 @@
 """Benchmark core shared by ``parity bench`` and the bench/ pytest-benchmark suite.
 
 Public API: select_device/Device, prepare/Prepared, make_step/Step, measure/Timing,
-run_benchmarks/BenchResult, write_report. bench/ imports this package; tests/ may too, but
-nothing here imports bench/.
+run_benchmarks/BenchResult, write_report, profile_layers/LayerProfile. bench/ imports this
+package; tests/ may too, but nothing here imports bench/. Names resolve lazily, so the CLI can
+read parity.benchmark.names without importing torch or jax.
 """
 from __future__ import annotations
 
-from parity.benchmark.devices import Device, DeviceError, select_device, set_cpu_threads
-from parity.benchmark.runner import (BenchConfig, BenchResult, check_first_value, cpu_config, gate,
-                                     run_benchmarks, sized_config)
-from parity.benchmark.timing import Timing, measure, summarize
-from parity.benchmark.workloads import PHASES, VARIANTS, Prepared, Step, make_step, prepare
+import importlib
 
-__all__ = [
-    "PHASES",
-    "VARIANTS",
-    "BenchConfig",
-    "BenchResult",
-    "Device",
-    "DeviceError",
-    "Prepared",
-    "Step",
-    "Timing",
-    "check_first_value",
-    "cpu_config",
-    "gate",
-    "make_step",
-    "measure",
-    "prepare",
-    "run_benchmarks",
-    "select_device",
-    "set_cpu_threads",
-    "sized_config",
-    "summarize",
-]
+_LAZY = {
+    "Device": "parity.benchmark.devices",
+    "DeviceError": "parity.benchmark.devices",
+    "select_device": "parity.benchmark.devices",
+    "set_cpu_threads": "parity.benchmark.devices",
+    "BenchConfig": "parity.benchmark.runner",
+    "BenchResult": "parity.benchmark.runner",
+    "check_first_value": "parity.benchmark.runner",
+    "cpu_config": "parity.benchmark.sizes",
+    "gpu_config": "parity.benchmark.sizes",
+    "peak_tflops": "parity.benchmark.peaks",
+    "gate": "parity.benchmark.runner",
+    "run_benchmarks": "parity.benchmark.runner",
+    "sized_config": "parity.benchmark.sizes",
+    "Timing": "parity.benchmark.timing",
+    "measure": "parity.benchmark.timing",
+    "summarize": "parity.benchmark.timing",
+    "PHASES": "parity.benchmark.names",
+    "VARIANTS": "parity.benchmark.names",
+    "Prepared": "parity.benchmark.workloads",
+    "Step": "parity.benchmark.workloads",
+    "make_step": "parity.benchmark.workloads",
+    "prepare": "parity.benchmark.workloads",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parity.benchmark' has no attribute {name!r}")

@@ -22,6 +22,15 @@ def file_stem(env: dict, dtype: str, quick: bool = False) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem) + ("_quick" if quick else "")
 
 
+def device_file_stem(kind: str, label: str) -> str:
+    """file_stem for output that is not one benchmark run (a check, a profile): ``label`` takes
+    the dtype's place, e.g. ``cuda-NVIDIA-H100-80GB-HBM3_float32-tf32-off_torch-..._flax-...``."""
+    from parity.benchmark.devices import select_device
+    from parity.benchmark.runner import BenchConfig, environment
+
+    return file_stem(environment(select_device(kind), BenchConfig()), label)
+
+
 def _device_label(env: dict) -> str:
     d = env["device"]
     return f"{d['kind']}-{d.get('torch_device_name') or d.get('jax_device_kind') or ''}".rstrip("-")
@@ -76,16 +85,22 @@ def markdown(results: list[BenchResult], env: dict, variants: list[str]) -> str:
     lines += ["", "Details (FLOPs per step from each framework's own counter: XLA cost_analysis counts "
               "every op, torch FlopCounterMode only matmul/conv-family ops, so compare TFLOP/s within a "
               "framework; first call = tracing + compilation + one step):", "",
-              "| model | phase | batch | variant | samples/s | first call s | GFLOP/step | TFLOP/s | peak MiB |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+              "| model | phase | batch | variant | samples/s | first call s | GFLOP/step | TFLOP/s | MFU | peak MiB |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if r.status != "ok":
             continue
         gflop = f"{r.flops / 1e9:.3g}" if r.flops else "n/a"
         tfs = f"{r.tflops_per_s:.3g}" if r.tflops_per_s else "n/a"
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes else "n/a"
+        util = f"{r.mfu:.1%}" if r.mfu is not None else "n/a"
         lines.append(f"| {r.model} | {r.phase} | {r.batch} | {r.variant} | {r.samples_per_s:.4g} | "
-                     f"{r.timing.first_call_s:.2f} | {gflop} | {tfs} | {peak} |")
+                     f"{r.timing.first_call_s:.2f} | {gflop} | {tfs} | {util} | {peak} |")
+    pk = env.get("peak") or {}
+    lines += ["", (f"MFU = model FLOPs per step (torch FlopCounterMode's matmul/conv count, the same for "
+                   f"every variant of a row; XLA's where torch has none) / median time / peak "
+                   f"{pk['tflops']:g} TFLOP/s ({pk['source']})." if pk.get("tflops")
+                   else f"MFU n/a: {pk.get('source', 'no peak recorded')}.")]
     peaks = sorted({r.peak_source for r in results if r.status == "ok" and r.peak_bytes is None})
     if peaks:
         lines += ["", "Peak memory n/a: " + "; ".join(peaks) + "."]

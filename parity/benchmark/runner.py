@@ -7,7 +7,6 @@ wrong model cannot win.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import subprocess
@@ -20,13 +19,14 @@ import torch
 
 from parity.benchmark.devices import Device
 from parity.benchmark.timing import Timing, measure
-from parity.benchmark.workloads import PHASES, VARIANTS, Prepared, VariantUnavailable, make_step, prepare
-from parity.configs import UNetConfig
+from parity.benchmark.names import DTYPES, PHASES, SIZES, VARIANTS
+from parity.benchmark.peaks import mfu, peak_tflops
+from parity.benchmark.sizes import cpu_config, default_batches, sized_config  # noqa: F401 - re-exported
+from parity.benchmark.workloads import Prepared, VariantUnavailable, make_step, prepare
 from parity.numerics import numerics_env, pinned
 from parity.registry import select
 from parity.tolerances import FORWARD, TOLERANCES, tolerance_for
 
-SIZES = ("tiny", "cpu", "full")
 # Equal precision on both sides while timing: full-fp32 matmuls/convs (no TF32, no bf16 passes).
 TIMED_PRECISION = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False}
 
@@ -34,7 +34,12 @@ TIMED_PRECISION = {"jax_default_matmul_precision": "highest", "torch_allow_tf32"
 @dataclass(frozen=True)
 class BenchConfig:
     """What to run. size: 'tiny' (registry tiny, for smoke runs), 'cpu' (CPU-sized, see
-    cpu_config) or 'full' (registry full / paper sizes)."""
+    sizes.cpu_config), 'full' (registry full / paper sizes) or 'gpu' (sizes.gpu_config).
+
+    batches: for every model; model_batches: per pair name or family, overriding batches
+    (batches=() with size 'gpu' means each family's GPU batch). peak_tflops: the --peak-tflops
+    override for MFU (None: looked up by device name in parity.benchmark.peaks).
+    """
 
     models: tuple[str, ...] = ("mlp", "cnn", "unet-same", "unet-same-bn")
     batches: tuple[int, ...] = (2, 8)
@@ -47,40 +52,30 @@ class BenchConfig:
     max_rounds: int = 200
     min_time_s: float = 2.0
     seed: int = 0
+    model_batches: dict = field(default_factory=dict)
+    peak_tflops: float | None = None
+
+    def batches_for(self, pair, on_cpu: bool = True) -> tuple[int, ...]:
+        """This pair's batch sizes: --model-batch by name, then by family, then batches, then
+        the size's default."""
+        for key in (pair.name, pair.family):
+            if key in self.model_batches:
+                return tuple(self.model_batches[key])
+        return tuple(self.batches) or default_batches(pair, self.size, on_cpu, quick=False)
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if not self.batches or any(b < 1 for b in self.batches):
-            raise ValueError(f"batch sizes must be positive integers, got {list(self.batches)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.batches and self.size != "gpu" and not self.model_batches:
+            raise ValueError("no batch sizes: give batches (or size 'gpu', which has one per family)")
+        for b in [*self.batches, *(b for bs in self.model_batches.values() for b in bs)]:
+            if b < 1:
+                raise ValueError(f"batch sizes must be positive integers, got {b}")
         for v in self.variants:
             if v not in VARIANTS:
                 raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-
-
-def cpu_config(pair):
-    """A config that runs in seconds per step on a few CPU cores but is not toy-sized:
-    MLP and CNN at their full (paper) sizes; UNets with channels (16, 32, 64, 128) at ~128 px."""
-    full = pair.config("full")
-    if not isinstance(full, UNetConfig):
-        return full
-    cfg = dataclasses.replace(full, in_channels=3, channels=(16, 32, 64, 128), image_size=128)
-    if cfg.padding == "valid":  # the smallest size >= 128 that the unpadded UNet accepts
-        size = 128
-        while True:
-            try:
-                cfg.output_size(size)
-                break
-            except ValueError:
-                size += 1
-        cfg = dataclasses.replace(cfg, image_size=size)
-    return cfg
-
-
-def sized_config(pair, size: str):
-    return cpu_config(pair) if size == "cpu" else pair.config(size)
 
 
 @dataclass
@@ -99,6 +94,8 @@ class BenchResult:
     peak_bytes: int | None = None
     peak_source: str = ""
     check: str = ""  # this variant's first result vs jax.jit's
+    model_flops: int | None = None  # the row's FLOPs for MFU (the same for every variant)
+    mfu: float | None = None  # model_flops / median / peak; None with peak n/a
 
     @property
     def median_s(self) -> float | None:
@@ -146,10 +143,11 @@ def gate(prep: Prepared) -> GateResult:
     from parity.checker import check
 
     dtype = gate_dtype(prep.dtype)
-    modes = [False, True] if prep.pair.has_batch_norm(prep.config) else [False]
+    modes = prep.pair.modes(prep.config)
     # check() works on a copy cast to ``dtype`` and ports that copy's weights itself. It runs on
     # the benchmark's device where it can (CPU and CUDA); a TPU run is gated on the host CPU.
-    kwargs = dict(dtype=dtype, input_layout=prep.pair.layout, name=prep.pair.name, layers=False,
+    kwargs = dict(dtype=dtype, input_layout=prep.pair.input_layout, output_layout=prep.pair.out_layout(),
+                  train_kwarg=prep.pair.train_kwarg, name=prep.pair.name, layers=False,
                   **({"device": "cuda"} if prep.device.kind == "cuda" else {}))
     ok, verdicts, reports = True, [], []
     for train in modes:
@@ -189,9 +187,24 @@ def environment(device: Device, cfg: BenchConfig) -> dict:
         git_commit=_git_commit(),
         config=asdict(cfg),
         timed_precision=dict(TIMED_PRECISION),
+        peak=device_peak(device, cfg),
     )
     env["versions"]["optax"] = _version("optax")
     return env
+
+
+def device_peak(device: Device, cfg: BenchConfig) -> dict:
+    """The peak dense TFLOP/s MFU is measured against, and where it came from (or why n/a)."""
+    d = device.describe()
+    name = d.get("torch_device_name") if device.kind != "cpu" else None
+    name = name or (d.get("jax_device_kind") if device.kind != "cpu" else None)
+    # float32 is timed with TF32 off (TIMED_PRECISION), so its peak is the plain FP32 rate.
+    precision = cfg.dtype
+    if device.kind == "cpu" and cfg.peak_tflops is None:
+        tflops, source = None, "no peak table for CPUs; give --peak-tflops"
+    else:
+        tflops, source = peak_tflops(name, precision, cfg.peak_tflops)
+    return {"device_name": name, "precision": precision, "tflops": tflops, "source": source}
 
 
 def _version(name: str) -> str | None:
@@ -229,13 +242,14 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
     'highest' and torch TF32 off (equal precision on both sides) for the whole run."""
     results: list[BenchResult] = []
     gates: list[GateResult] = []
+    peak = device_peak(device, cfg)["tflops"]
     # jax-jit first: it is the reference each torch variant's first result is checked against.
     variants = sorted(cfg.variants, key=lambda v: v != "jax-jit")
     with pinned(precision=TIMED_PRECISION["jax_default_matmul_precision"],
                 tf32=TIMED_PRECISION["torch_allow_tf32"]), jax.default_device(device.jax_device):
         for pair in select(list(cfg.models)):
             config = sized_config(pair, cfg.size)
-            batches = sorted(cfg.batches)
+            batches = sorted(cfg.batches_for(pair, on_cpu=device.kind == "cpu"))
             prep = prepare(pair, config, batches[0], device, dtype=cfg.dtype, seed=cfg.seed)
             # One parity gate per model (at the smallest batch); every timed variant at every
             # batch is then checked against jax.jit's first result (check_first_value).
@@ -253,14 +267,34 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
                         results.extend(BenchResult(pair.name, phase, batch, v, cfg.dtype, "failed",
                                                    reason="parity gate failed") for v in variants)
                         continue
-                    ref = None
+                    ref, row = None, []
                     for variant in variants:
                         r, value = _run_one(prep, variant, phase, cfg, ref)
                         if variant == "jax-jit":
                             ref = value
-                        results.append(r)
+                        row.append(r)
+                    _add_mfu(prep, phase, row, peak)
+                    for r in row:
                         log(_line(r))
+                    results.extend(row)
     return results, gates
+
+
+def _add_mfu(prep: Prepared, phase: str, row: list[BenchResult], peak: float | None) -> None:
+    """One FLOP count per row, so every variant's MFU has the same numerator: torch's
+    FlopCounterMode (matmul/conv family, the usual "model FLOPs"), else XLA's count."""
+    ok = [r for r in row if r.status == "ok"]
+    if not ok:
+        return
+    flops = None
+    try:
+        flops = prep.torch_flops(phase)
+    except Exception:  # noqa: BLE001 - no torch count on this device: fall back to XLA's
+        flops = None
+    flops = flops or next((r.flops for r in ok if r.variant == "jax-jit" and r.flops), None)
+    for r in ok:
+        r.model_flops = flops
+        r.mfu = mfu(flops, r.median_s, peak)
 
 
 def _run_one(prep: Prepared, variant: str, phase: str, cfg: BenchConfig, ref):
@@ -301,5 +335,6 @@ def _line(r: BenchResult) -> str:
     if r.status != "ok":
         return f"{head} {r.status}: {r.reason}"
     t = r.timing
+    util = f"  MFU {r.mfu:6.1%}" if r.mfu is not None else ""
     return (f"{head} {t.median_s * 1e3:9.3f} ms  IQR {t.iqr_s * 1e3:7.3f}  n={t.rounds:<3} "
-            f"first call {t.first_call_s:6.2f} s  {r.samples_per_s:9.1f} samples/s")
+            f"first call {t.first_call_s:6.2f} s  {r.samples_per_s:9.1f} samples/s{util}")

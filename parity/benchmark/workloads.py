@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from parity.benchmark.devices import Device
-from weight_port import torch_to_flax
-from weight_port.flax_tree import call_kwargs
-from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
+from parity.benchmark.names import PHASES, VARIANTS
+from parity.runtime import FlaxTwin, value_and_grad_fn
+from weight_port.layout import to_flax_layout, to_torch_layout
+from weight_port.plan import build_plan
 
-VARIANTS = ("torch-eager", "torch-channels_last", "torch-compile", "jax-jit")
-PHASES = ("forward", "train")
 LR, MOMENTUM = 1e-3, 0.9
 TORCH_COMPILE_MODE = "default"
 
@@ -61,10 +60,6 @@ class Prepared:
     target: np.ndarray
     _torch_flops: dict = field(default_factory=dict)
 
-    @property
-    def out_layout(self) -> str:
-        return self.pair.layout if self.target.ndim >= 3 else AS_IS
-
     def torch_flops(self, phase: str) -> int | None:
         """FlopCounterMode count of one eager step (matmul/conv family only; same for all torch variants)."""
         if phase not in self._torch_flops:
@@ -77,8 +72,10 @@ def prepare(pair, config, batch: int, device: Device, *, dtype: str = "float32",
     torch_module, flax_module = pair.build(config, seed=seed)
     x = pair.example_input(config, batch=batch, seed=seed)
     # Port at float32 (the port's tested path), then cast both sides to the benchmark dtype.
-    variables = torch_to_flax(torch_module, flax_module, torch.as_tensor(x, dtype=torch.float32),
-                              input_layout=pair.layout)
+    # plan.to_flax gives linen-style variables for Linen and NNX twins alike (parity.runtime).
+    plan = build_plan(torch_module, flax_module, (torch.as_tensor(x, dtype=torch.float32),),
+                      input_layout=[pair.input_layout])
+    variables = plan.to_flax(torch_module.state_dict())
     variables = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), variables)
     torch_module = torch_module.to(_TORCH_DTYPES[dtype])
     with torch.no_grad():
@@ -210,37 +207,48 @@ def _count_torch_flops(prep: Prepared, phase: str) -> int | None:
 
 
 def _jax_step(prep: Prepared, phase: str) -> Step:
+    """The Flax twin through the parity engine's runner (parity.runtime.FlaxTwin: Linen or NNX),
+    jitted; input and target converted by the registry's declared layouts."""
     dev = prep.device.jax_device
     jdt = _JAX_DTYPES[prep.dtype]
-    module = prep.flax_module
-    layout = prep.pair.layout
+    pair = prep.pair
 
     def put(a):
         # jnp.array copies, so donating a Step's buffers never touches prep.variables.
         return jax.device_put(jnp.array(a, dtype=jdt), dev)
 
-    x = put(to_flax_layout(prep.x, layout))
-    y = put(to_flax_layout(prep.target, prep.out_layout))
+    x = put(to_flax_layout(prep.x, pair.input_layout, f"{pair.name} benchmark input"))
     variables = jax.tree.map(put, prep.variables)
     compiled: dict[str, Any] = {}
 
     if phase == "forward":
-        fn = jax.jit(lambda v, x: module.apply(v, x, **call_kwargs(module, False)))
+        twin = FlaxTwin(prep.flax_module, train=False, train_kwarg=pair.train_kwarg)
+        fn = jax.jit(lambda v, x: twin.apply(v, (x,))[0])
         args = [variables, x]
 
         def run():
             return _aot(compiled, fn, args)(*args)
+
+        def to_numpy(out) -> np.ndarray:
+            return np.asarray(to_torch_layout(np.asarray(out, dtype=np.float64), pair.out_layout(),
+                                              f"{pair.name} output"))
     else:
+        y = put(to_flax_layout(prep.target, pair.out_layout(), f"{pair.name} benchmark target"))
+        twin = FlaxTwin(prep.flax_module, train=True, train_kwarg=pair.train_kwarg,
+                        train_mode_matters=pair.train_matters(prep.config))
         params = variables["params"]
-        batch_stats = variables.get("batch_stats")
+        rest = {k: v for k, v in variables.items() if k != "params"}
         tx = optax.sgd(LR, momentum=MOMENTUM)
-        fn = jax.jit(_flax_train_step(module, tx), donate_argnums=(0, 1, 2))
-        state = [params, tx.init(params), batch_stats]
+        fn = jax.jit(_flax_train_step(twin, tx), donate_argnums=(0, 1, 2))
+        state = [params, tx.init(params), rest]
 
         def run():
             step = _aot(compiled, fn, [*state, x, y])
             state[0], state[1], state[2], loss = step(*state, x, y)
             return loss
+
+        def to_numpy(out) -> np.ndarray:  # the loss: a scalar, no layout
+            return np.asarray(out, dtype=np.float64)
 
     def flops():
         cost = compiled["exe"].cost_analysis() if "exe" in compiled else None
@@ -258,10 +266,7 @@ def _jax_step(prep: Prepared, phase: str) -> Step:
         return int(stats["peak_bytes_in_use"]), "jax device.memory_stats()['peak_bytes_in_use'] (process-wide peak)"
 
     return Step(
-        variant="jax-jit", phase=phase, run=run,
-        sync=jax.block_until_ready,
-        to_numpy=lambda out: np.asarray(to_torch_layout(np.asarray(out, dtype=np.float64),
-                                                        prep.out_layout if np.ndim(out) >= 3 else AS_IS)),
+        variant="jax-jit", phase=phase, run=run, sync=jax.block_until_ready, to_numpy=to_numpy,
         flops=flops, peak_bytes=peak,
         note="jax.jit" + (", donate_argnums=(params, opt_state, batch_stats)" if phase == "train" else ""),
     )
@@ -277,22 +282,15 @@ def _aot(cache: dict, fn, args):
     return cache["exe"]
 
 
-def _flax_train_step(module, tx):
-    kwargs = call_kwargs(module, True)
+def _flax_train_step(twin: FlaxTwin, tx):
+    """One SGD-momentum step on the MSE loss, differentiated by the engine's value_and_grad_fn
+    (the same core parity.training uses); non-param collections (BatchNorm statistics) updated."""
+    grad_fn = value_and_grad_fn(twin, lambda out, y: jnp.mean((out - y) ** 2))  # F.mse_loss(mean)
 
-    def loss_fn(params, batch_stats, x, y):
-        if batch_stats is not None:
-            out, updates = module.apply({"params": params, "batch_stats": batch_stats}, x,
-                                        mutable=["batch_stats"], **kwargs)
-            batch_stats = updates["batch_stats"]
-        else:
-            out = module.apply({"params": params}, x, **kwargs)
-        return jnp.mean((out - y) ** 2), batch_stats  # F.mse_loss(reduction="mean")
-
-    def train_step(params, opt_state, batch_stats, x, y):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+    def train_step(params, opt_state, rest, x, y):
+        loss, grads, new_rest = grad_fn({"params": params, **rest}, (x,), y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, batch_stats, loss
+        return optax.apply_updates(params, updates), opt_state, new_rest, loss
 
     return train_step
 

@@ -1,63 +1,47 @@
-"""``parity bench``: time torch eager / channels_last / torch.compile against jax.jit, write a report."""
+"""``parity bench``: time torch eager / channels_last / torch.compile against jax.jit, write a report;
+``parity bench --layers MODEL``: the per-layer speed profile of one model instead."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from parity.registry import PAIRS, select
+from parity.errors import UsageError
+
 
 DEFAULT_MODELS = ["mlp", "cnn", "unet-same", "unet-same-bn"]
 QUICK_MODELS = ["mlp", "cnn", "unet-same-bn"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from parity.benchmark.workloads import VARIANTS
-
-    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help=f"pair names or families (default: {' '.join(DEFAULT_MODELS)}; all = {', '.join(PAIRS)})")
-    p.add_argument("--device", choices=("cpu", "cuda", "tpu"), default="cpu",
-                   help="runs both frameworks there; exit 2 if either cannot (default: cpu)")
-    p.add_argument("--batch", nargs="+", type=int, default=None, metavar="N",
-                   help="batch sizes to sweep (default: 2 8 on cpu, 8 32 elsewhere)")
-    p.add_argument("--size", choices=("tiny", "cpu", "full"), default=None,
-                   help="model configs (default: cpu-sized on cpu, full elsewhere; tiny with --quick)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                   help="default: all (with --quick: all but torch-compile, whose first call takes ~30 s)")
-    p.add_argument("--phase", nargs="+", choices=("forward", "train"), default=["forward", "train"])
-    p.add_argument("--bf16", action="store_true",
-                   help="a separate, labelled bfloat16 run (weights and inputs in bf16 on both sides)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for both frameworks (torch.set_num_threads and XLA:CPU's "
-                   "intra-op pool); default: each framework's own default, recorded in the report")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: tiny models, batch 2, one warm-up, one timed round")
-    p.add_argument("--port", action="store_true",
-                   help="also run the port-throughput benchmark (bench/port_throughput.py)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
-                   help="where the JSON, markdown table and PNG chart go (default: bench/results)")
 
 
 def run(args: argparse.Namespace) -> int:
     from parity.benchmark import BenchConfig, run_benchmarks, select_device, set_cpu_threads
     from parity.benchmark.report import write_report
     from parity.benchmark.runner import environment
+    from parity.benchmark.sizes import parse_model_batches
     from parity.benchmark.workloads import VARIANTS
+    from parity.registry import select
 
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
     device = select_device(args.device)  # DeviceError (a ValueError): one line, exit 2
+    if args.layers or args.torch or args.flax:
+        return _profile(args, device)
     on_cpu = device.kind == "cpu"
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     select(models)  # unknown names fail here (KeyError, exit 2), before anything runs
     variants = args.variants or [v for v in VARIANTS if not (args.quick and v == "torch-compile")]
+    size = args.size or ("tiny" if args.quick else "cpu" if on_cpu else "full")
     cfg = BenchConfig(
         models=tuple(models),
-        batches=tuple(args.batch or ((2,) if args.quick else (2, 8) if on_cpu else (8, 32))),
-        size=args.size or ("tiny" if args.quick else "cpu" if on_cpu else "full"),
+        # () with --size gpu: each family's GPU batch (parity.benchmark.sizes.GPU_BATCHES).
+        batches=tuple(args.batch or ((2,) if args.quick else () if size == "gpu" else (2, 8) if on_cpu else (8, 32))),
+        model_batches=parse_model_batches(args.model_batch),
+        size=size,
         dtype="bfloat16" if args.bf16 else "float32",
         phases=tuple(args.phase),
         variants=tuple(variants),
-        **(dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else {}),
+        peak_tflops=args.peak_tflops,
+        **(dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else
+           dict(min_time_s=args.min_time) if args.min_time is not None else {}),
     )
     env = environment(device, cfg)
     d = env["device"]
@@ -77,6 +61,82 @@ def run(args: argparse.Namespace) -> int:
         print("parity gate FAILED for: " + ", ".join(f"{g.model} b{g.batch}" for g in gates if not g.ok))
         return 1
     return status
+
+
+def _profile(args: argparse.Namespace, device) -> int:
+    """``--layers MODEL`` (a registry pair) or ``--torch/--flax`` with ``--input-shape`` or
+    ``--example-input``: time every paired layer alone in both frameworks, write the report."""
+    from parity.benchmark.layer_profile import ProfileSettings, profile_layers
+    from parity.benchmark.layer_report import by_ratio, by_share, summary_lines, write_profile
+    from parity.benchmark.report import file_stem
+    from parity.benchmark.runner import BenchConfig, environment
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    torch_model, flax_model, x, facts, name, size, batch = _profile_pair(args, device)
+    cfg = BenchConfig(models=(name,), batches=(batch,), size=size if size != "own" else "full", dtype=dtype)
+    env = environment(device, cfg)
+    print(f"per-layer profile: {name} ({size}, batch {batch}, {dtype}) on {device.kind} "
+          f"({env['device'].get('torch_device_name') or env['device']['jax_device_kind']})", flush=True)
+    profile = profile_layers(torch_model, flax_model, x, device=device, dtype=dtype, name=name,
+                             settings=ProfileSettings.quick() if args.quick else None,
+                             log=lambda s: print(s, flush=True), **facts)
+    profile.env = {"versions": env["versions"], "device_name": env["device"].get("torch_device_name"),
+                   "device": env["device"], "size": size, "batch": batch, "git_commit": env["git_commit"],
+                   "timed_precision": env["timed_precision"]}
+    print("\n".join(summary_lines(profile)))
+    print("top layers by share of the JAX fwd+bwd total:")
+    for t in by_share(profile)[:8]:
+        share, ratio = t.share.get("jax fwd+bwd"), t.ratio("fwd+bwd")
+        print(f"  {t.name:<28} {t.torch_type:<18} {share:7.1%}" if share is not None else f"  {t.name} n/a",
+              f" JAX/torch {ratio:.3g}x" if ratio else "")
+    bad = [t.name for t in profile.layers if t.parity.startswith("FAIL")]
+    if bad:
+        print(f"parity FAILED for {len(bad)} layer(s): {', '.join(bad)} (their times compare different work)")
+    worst = by_ratio(profile)[:1]
+    if worst and worst[0].ratio("fwd+bwd"):
+        print(f"largest JAX/torch ratio (fwd+bwd): {worst[0].name} {worst[0].ratio('fwd+bwd'):.3g}x")
+    for kind, path in write_profile(profile, args.out, file_stem(env, dtype, args.quick)).items():
+        print(f"wrote {kind}: {path}")
+    return 1 if bad else 0
+
+
+def _profile_pair(args: argparse.Namespace, device):
+    """(torch model, flax model, torch-layout input, layout facts for profile_layers, name, size,
+    batch) for --layers."""
+    from parity.benchmark.sizes import default_batches, parse_model_batches, sized_config
+    from parity.registry import select
+
+    if args.torch or args.flax:
+        return _own_pair(args)
+    pairs = select(args.layers)
+    if len(pairs) != 1:
+        raise ValueError(f"--layers needs one pair, {args.layers!r} selects {', '.join(p.name for p in pairs)}")
+    pair = pairs[0]
+    on_cpu = device.kind == "cpu"
+    size = args.size or ("tiny" if args.quick else "cpu" if on_cpu else "full")
+    by_model = parse_model_batches(args.model_batch)
+    batches = (by_model.get(pair.name) or by_model.get(pair.family) or args.batch
+               or default_batches(pair, size, on_cpu, args.quick))
+    config = sized_config(pair, size)
+    torch_model, flax_model = pair.build(config)
+    x = pair.example_input(config, batch=batches[0])
+    facts = dict(input_layout=pair.input_layout, output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg)
+    return torch_model, flax_model, x, facts, pair.name, size, batches[0]
+
+
+def _own_pair(args: argparse.Namespace):
+    """--torch/--flax with --input-shape or --example-input, as `parity check` takes them."""
+    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+
+    try:
+        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**vars(args), seed=0, name=args.layers))
+        facts = dict(input_layout=parse_layout(args.layout, "--layout"),
+                     output_layout=parse_layout(args.output_layout, "--output-layout"),
+                     rename=parse_rename(args.rename), train_kwarg=args.train_kwarg)
+    except SetupError as exc:  # one line, exit 2
+        raise UsageError(str(exc)) from None
+    first = next(iter(x)) if isinstance(x, (tuple, list)) else x
+    return torch_model, flax_model, x, facts, name, "own", int(first.shape[0])
 
 
 def _port_benchmark(args: argparse.Namespace) -> int:

@@ -92,7 +92,7 @@ def random_cotangents(outputs: dict[str, np.ndarray], seed: int) -> dict[str, np
     """One seeded standard-normal cotangent per float output leaf (a plain sum would hide sign
     and permutation errors that cancel)."""
     rng = np.random.default_rng(seed)
-    return {p: rng.standard_normal(o.shape) for p, o in outputs.items() if np.issubdtype(o.dtype, np.floating)}
+    return {p: rng.standard_normal(o.shape) for p, o in outputs.items() if jax.numpy.issubdtype(o.dtype, jax.numpy.floating)}  # bf16 too
 
 
 def _call_leaves(args: tuple, kwargs: dict) -> list[tuple[str, object]]:

@@ -1,0 +1,152 @@
+"""Every subcommand's arguments, framework-free, so ``parity --help`` never waits for torch or jax.
+
+The CLI parses with these before anything heavy is imported; a command module's ``run(args)``
+then imports what its work needs. Choice lists that the heavy modules also define (optimizer
+names, benchmark variants) are spelled here once more and pinned equal by tests/test_cli_help.py.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Keep in step with parity.training.optim.OPTIMIZERS / SCHEDULES (tests/test_cli_help.py checks).
+OPTIMIZERS = ("sgd", "sgd-momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+# Keep in step with parity.benchmark.names (light already; re-exported here for one import site).
+from parity.benchmark.names import PHASES, SIZES, VARIANTS  # noqa: E402
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+_MODELS_HELP = "all (default), a registry family (e.g. unet) or a pair name (e.g. unet-same-bn); an unknown name lists every choice"
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help=_MODELS_HELP)
+    own = p.add_argument_group("your own pair (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
+    own.add_argument("--flax", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the Flax twin (a linen Module)")
+    own.add_argument("--input-shape", metavar="N,C,H,W",
+                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+    add_pair_arguments(own)
+    own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="built-in model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
+    p.add_argument("--dtype", action="append", choices=DTYPES,
+                   help="repeatable; default: float32 and float64 (built-ins), float32 (your pair)")
+    p.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
+                   help="JAX matmul precision; torch TF32 is set to match")
+    p.add_argument("--fp64-reference", action="store_true",
+                   help="judge low-precision runs against a float64 run (Flax error within k x torch's)")
+    p.add_argument("--rtol", type=float, default=None, help="override the tolerance table (needs --atol)")
+    p.add_argument("--atol", type=float, default=None, help="override the tolerance table (needs --rtol)")
+    p.add_argument("--train", action="store_true", help="your pair: BatchNorm in training mode")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer analysis (faster)")
+    p.add_argument("--no-grads", action="store_true", help="forward only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=2, help="built-ins: batch size of the example input")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON (a list when several)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write the per-layer error plot as PNG (several reports: PATH-<model>-<dtype>-<mode>.png)")
+    p.add_argument("--full", action="store_true", help="print every report in full, not only failing ones")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def add_pair_arguments(own) -> None:
+    """Flags shared by every command that takes your own pair (check, train, bench --layers)."""
+    own.add_argument("--example-input", metavar="MODULE:FN",
+                     help="zero-argument callable returning the torch input pytree (a tensor, a tuple "
+                          "of positional inputs, token ids...), instead of --input-shape")
+    own.add_argument("--layout", default=None,
+                     help="torch-side layout of the float inputs: NC... (channels-first) or as_is; "
+                          "per input: input[0]=NC...,input[1]=as_is (default: inferred from the layer "
+                          "that consumes each input)")
+    own.add_argument("--output-layout", default=None,
+                     help="torch-side layout of the outputs, same forms (e.g. out.logits=as_is); "
+                          "default: inferred from the shapes on both sides and the producing layer")
+    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
+                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
+    own.add_argument("--train-kwarg", default=None,
+                     help="the Flax twin's train-mode keyword when its __call__ does not use train, "
+                          "training, deterministic or use_running_average")
+
+
+def add_port_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE",
+                   help=".safetensors, .pt/.pth (loaded with weights_only=True), a sharded "
+                        "*.index.json, or a directory holding one")
+    p.add_argument("--model", required=True, metavar="NAME", help="registry pair whose architecture the checkpoint has")
+    p.add_argument("--out", required=True, metavar="DIR", help="orbax checkpoint directory to create")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="model config of the pair")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default=None,
+                   help="target dtype (default: keep the checkpoint's)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="port NaN/Inf weights instead of failing")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="mlp, cnn (the digits demo), unet, or a registry pair name; "
+                   "or your own pair with --torch/--flax")
+    own = p.add_argument_group("your own pair (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch module")
+    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin")
+    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of random float inputs, torch layout")
+    own.add_argument("--name", default=None, help="name used in the report")
+    own.add_argument("--loss", choices=("cross_entropy", "nll", "mse"), default=None,
+                     help="your pair: what the output is (default cross_entropy: logits, class axis 1)")
+    add_pair_arguments(own)
+    p.add_argument("--steps", type=int, default=None, help="default: 250 for cnn, 20 otherwise")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd-momentum")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.05 for SGD, 1e-3 for Adam(W)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: torch's per optimizer")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 for cnn, 4 otherwise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PATH", help="write the overlaid per-step loss curves (PNG)")
+    p.add_argument("--json", metavar="PATH", help="write the per-step report as JSON")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="pair names or families (default: mlp cnn unet-same unet-same-bn; all = every pair)")
+    p.add_argument("--device", choices=("cpu", "cuda", "tpu"), default="cpu",
+                   help="runs both frameworks there; exit 2 if either cannot (default: cpu)")
+    p.add_argument("--batch", nargs="+", type=int, default=None, metavar="N",
+                   help="batch sizes to sweep for every model (default: 2 8 on cpu, 8 32 elsewhere; "
+                        "--size gpu: one batch per family, see --model-batch)")
+    p.add_argument("--model-batch", action="append", default=[], metavar="MODEL=N[,N...]",
+                   help="repeatable: batch sizes for one pair or family, overriding --batch (e.g. unet=8)")
+    p.add_argument("--size", choices=SIZES, default=None,
+                   help="model configs: tiny, cpu (CPU-sized), full (paper sizes) or gpu (accelerator "
+                        "sizes: UNet 3x256x256 b8, ViT-B/16 b32, CNN/MLP large batches); default: cpu on "
+                        "cpu, full elsewhere, tiny with --quick")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="default: all (with --quick: all but torch-compile, whose first call takes ~30 s)")
+    p.add_argument("--phase", nargs="+", choices=PHASES, default=list(PHASES))
+    p.add_argument("--bf16", action="store_true",
+                   help="a separate, labelled bfloat16 run (weights and inputs in bf16 on both sides)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="X",
+                   help="the device's peak dense TFLOP/s for this dtype, for the MFU column (default: "
+                        "looked up by device name; unknown devices get MFU n/a with the reason)")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help="timed seconds per variant and row, at least (default 2.0; GPU steps take "
+                        "milliseconds, so 0.5 already gives hundreds of samples)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for both frameworks (torch.set_num_threads and XLA:CPU's "
+                   "intra-op pool); default: each framework's own default, recorded in the report")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: tiny models, batch 2, one warm-up, one timed round")
+    p.add_argument("--port", action="store_true",
+                   help="also run the port-throughput benchmark (bench/port_throughput.py)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
+                   help="where the JSON, markdown table and PNG chart go (default: bench/results)")
+    prof = p.add_argument_group("per-layer speed profile (instead of the model grid)")
+    prof.add_argument("--layers", metavar="MODEL", default=None,
+                      help="time every paired layer alone in both frameworks, forward and forward+"
+                           "backward, on the inputs the parity check captures: a registry pair name "
+                           "(with --torch/--flax: the name used in the report)")
+    prof.add_argument("--torch", metavar="MODULE:FACTORY", help="your pair's torch model (zero-argument callable)")
+    prof.add_argument("--flax", metavar="MODULE:FACTORY", help="your pair's Flax twin (zero-argument callable)")
+    prof.add_argument("--input-shape", metavar="N,C,H,W", help="your pair: random input of this torch-layout shape")
+    add_pair_arguments(prof)
