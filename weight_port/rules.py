@@ -36,6 +36,9 @@ class LayerInfo:
     torch_module: nn.Module | None = None
     flax_module: Any = None
     flatten: tuple[int, ...] | None = None
+    # A Flax ConvTranspose's transpose_kernel decided from shapes when there is no Flax module
+    # (flax_to_torch from bare variables); None: read it off flax_module.
+    transpose_kernel: bool | None = None
 
 
 def _identity(a: np.ndarray, layer: LayerInfo) -> np.ndarray:
@@ -49,6 +52,11 @@ class TensorMap:
     flax_name: str
     to_flax: Transform = _identity
     to_torch: Transform = _identity
+    # The layout change in words, for PortPlan.describe(); a callable when it depends on the layer.
+    layout: str | Callable[["LayerInfo"], str] = "unchanged"
+
+    def describe(self, layer: "LayerInfo") -> str:
+        return self.layout(layer) if callable(self.layout) else self.layout
 
 
 @dataclass(frozen=True)
@@ -88,9 +96,17 @@ def linear_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
     return w
 
 
+def _linear_layout(layer: LayerInfo) -> str:
+    if layer.flatten is None:
+        return "[out, in] -> [in, out]"
+    c, *s = layer.flatten
+    return f"[out, in] -> [in, out], in permuted {(c, *s)} -> {(*s, c)} (flatten order)"
+
+
 LINEAR = Rule(
     (
-        TensorMap("weight", "params", "kernel", linear_weight_to_flax, linear_weight_to_torch),
+        TensorMap("weight", "params", "kernel", linear_weight_to_flax, linear_weight_to_torch,
+                  _linear_layout),
         TensorMap("bias", "params", "bias"),
     ),
     name="linear",
@@ -110,7 +126,8 @@ def conv_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
 
 CONV = Rule(
     (
-        TensorMap("weight", "params", "kernel", conv_weight_to_flax, conv_weight_to_torch),
+        TensorMap("weight", "params", "kernel", conv_weight_to_flax, conv_weight_to_torch,
+                  "[out, in/g, *k] -> [*k, in/g, out]"),
         TensorMap("bias", "params", "bias"),
     ),
     name="conv",
@@ -126,7 +143,15 @@ CONV = Rule(
 # equivalent grouped conv (weight_port.flax_layers.GroupedConvTranspose) has kernel
 # [*k, in/g, out] with out ordered (group, out/g) -- the same group-major order torch uses.
 def _flax_transposes_kernel(layer: LayerInfo) -> bool:
+    if layer.transpose_kernel is not None:
+        return layer.transpose_kernel
     return bool(getattr(layer.flax_module, "transpose_kernel", False))
+
+
+def _conv_transpose_layout(layer: LayerInfo) -> str:
+    if _flax_transposes_kernel(layer):
+        return "[in, out, *k] -> [*k, out, in] (flax transpose_kernel=True flips itself)"
+    return "[in, out/g, *k] -> [*k, in/g, out], spatially flipped"
 
 
 def conv_groups(layer: LayerInfo) -> int:
@@ -176,7 +201,8 @@ def _check_conv_transpose(layer: LayerInfo) -> list[str]:
 CONV_TRANSPOSE = Rule(
     (
         TensorMap(
-            "weight", "params", "kernel", conv_transpose_weight_to_flax, conv_transpose_weight_to_torch
+            "weight", "params", "kernel", conv_transpose_weight_to_flax, conv_transpose_weight_to_torch,
+            _conv_transpose_layout,
         ),
         TensorMap("bias", "params", "bias"),
     ),
