@@ -12,8 +12,9 @@ from collections.abc import Mapping
 import torch
 
 from weight_port.errors import (
-    AttributeMismatchError, CheckpointError, KeyMismatchError, NoRuleError, NonFiniteWeightError,
-    PortError, ShapeMismatchError, UnsafeCheckpointError,
+    AmbiguousPairingError, AttributeMismatchError, CheckpointError, ConvTransposeLayoutError,
+    FlattenOrderError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
+    ShapeMismatchError, UnsafeCheckpointError,
 )
 from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
@@ -128,9 +129,12 @@ def _state_to_variables(state) -> dict:
 
 __all__ = [
     "AS_IS",
+    "AmbiguousPairingError",
     "AttributeMismatchError",
     "CHANNELS_FIRST",
     "CheckpointError",
+    "ConvTransposeLayoutError",
+    "FlattenOrderError",
     "FlattenTraceWarning",
     "GroupedConvTranspose",
     "KeyMismatchError",
