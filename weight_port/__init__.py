@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from weight_port.errors import (
-    AmbiguousPairingError, AttributeMismatchError, CheckpointError, ConvTransposeLayoutError,
+    AmbiguousPairingError, AttributeMismatchError, CheckpointError, KernelLayoutError,
     FlattenOrderError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
     ShapeMismatchError, UnsafeCheckpointError,
 )
@@ -133,7 +133,7 @@ __all__ = [
     "AttributeMismatchError",
     "CHANNELS_FIRST",
     "CheckpointError",
-    "ConvTransposeLayoutError",
+    "KernelLayoutError",
     "FlattenOrderError",
     "FlattenTraceWarning",
     "GroupedConvTranspose",

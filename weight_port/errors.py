@@ -111,14 +111,17 @@ class FlattenOrderError(PortError):
         )
 
 
-class ConvTransposeLayoutError(PortError):
-    """flax_to_torch without the Flax module cannot tell a transpose_kernel=True kernel apart."""
+class KernelLayoutError(PortError):
+    """Without the Flax module, a kernel whose two possible layouts have the same shape.
+
+    A Flax ConvTranspose with transpose_kernel=True stores [*k, out, in], with False [*k, in, out];
+    HF's FlaxConv1D stores [out, in], a Dense [in, out]. With in == out the shapes cannot tell.
+    """
 
     def __init__(self, entries: Sequence[str]):
         self.entries = list(entries)
         super().__init__(
-            "cannot tell the Flax ConvTranspose kernel layout from shapes (in == out channels: "
-            "transpose_kernel=True [*k, out, in] and False [*k, in, out] look alike) for "
-            + ", ".join(self.entries) + "; pass the Flax module (flax_module=, example_input=) "
-            "or a PortPlan built with it"
+            "cannot tell the Flax kernel layout from shapes (in == out, so [.., in, out] and "
+            "[.., out, in] look alike) for " + ", ".join(self.entries)
+            + "; pass the Flax module (flax_module=, example_input=) or a PortPlan built with it"
         )

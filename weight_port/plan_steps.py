@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from weight_port.errors import ConvTransposeLayoutError, FlattenOrderError
+from weight_port.errors import KernelLayoutError, FlattenOrderError
 from weight_port.flatten import find_flattened_linears
 from weight_port.flax_tree import FlaxTarget
 from weight_port.naming import flax_path_str
@@ -96,12 +96,14 @@ def decide_flatten(
 
 
 def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> None:
-    """Without a Flax module, tell transpose_kernel=True ([*k, out, in]) from False ([*k, in, out])
-    by the kernel's shape; refuse (ConvTransposeLayoutError) when in == out makes them alike."""
+    """Without a Flax module, tell a kernel stored [.., out, in] (ConvTranspose with
+    transpose_kernel=True, HF FlaxConv1D) from [.., in, out] by its shape; refuse
+    (KernelLayoutError) when in == out makes them alike."""
     alike = []
     for layer in layers:
         info = layer.info
-        if layer.rule.name != "conv_transpose" or info.flax_module is not None or "weight" not in layer.own_shapes:
+        if (layer.rule.name not in ("conv_transpose", "conv1d") or info.flax_module is not None
+                or "weight" not in layer.own_shapes):
             continue
         leaf = target.shapes.get(("params", *info.flax_path, "kernel"))
         if leaf is None or conv_groups(info) != 1:
@@ -114,7 +116,7 @@ def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> 
         elif io in ((cin, cout), (cout, cin)):
             layer.info = replace(info, transpose_kernel=io == (cout, cin))
     if alike:
-        raise ConvTransposeLayoutError(alike)
+        raise KernelLayoutError(alike)
 
 
 def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
