@@ -74,7 +74,7 @@ class PortPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows]
         if self.pairing_notes:
-            lines += ["", "not paired by name:"] + [f"  {n}" for n in self.pairing_notes]
+            lines += ["", "pairings not by name, flatten order:"] + [f"  {n}" for n in self.pairing_notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
