@@ -18,19 +18,15 @@ from weight_port.errors import (
 )
 from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
+from weight_port.flax_tree import is_nnx
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout, to_torch_layout
 from weight_port.matching import Rename
 from weight_port.naming import torch_to_flax_path
 from weight_port.plan import PortPlan, build_plan
+from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
 from weight_port.tensors import numpy_to_torch, to_numpy
-
-
-def _is_nnx(module) -> bool:
-    from flax import nnx
-
-    return isinstance(module, nnx.Module)
 
 
 def torch_to_flax(
@@ -67,12 +63,21 @@ def torch_to_flax(
     if isinstance(source, torch.nn.Module):
         torch_module = source
     state = load_state(source)
-    plan = build_plan(
-        torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
-        state=state, rename=rename, check_attributes=check_attributes,
-    )
-    variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy)
-    if flax_module is not None and _is_nnx(flax_module):
+    # Convert what the plan cannot change while the plan traces the Flax twin (two cores busy).
+    prefetch = (Prefetch(torch_module, state, dtype=dtype, copy=copy, check_finite=not allow_nonfinite)
+                if torch_module is not None and worth_prefetching(state) else None)
+    try:
+        plan = build_plan(
+            torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
+            state=state, rename=rename, check_attributes=check_attributes,
+        )
+    except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
+        raise
+    variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy,
+                             precomputed=prefetch.result() if prefetch is not None else None)
+    if flax_module is not None and is_nnx(flax_module):
         from flax import nnx
 
         from weight_port.nnx import update_nnx
@@ -99,14 +104,12 @@ def flax_to_torch(
     read off ``variables`` and flatten order inferred from the torch graph; pass them (or a plan)
     when a transposed conv uses transpose_kernel=True or has groups.
     """
-    from flax import nnx
+    if is_nnx(variables):
+        from weight_port.nnx import nnx_variables
 
-    from weight_port.nnx import nnx_variables
-
-    if isinstance(variables, nnx.Module):
         flax_module = flax_module if flax_module is not None else variables
         variables = nnx_variables(variables)
-    elif isinstance(variables, nnx.State):
+    elif is_nnx(variables, "State"):
         variables = _state_to_variables(variables)
     if plan is None:
         plan = build_plan(

@@ -19,33 +19,18 @@ from weight_port.errors import (
     AttributeMismatchError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
     ShapeMismatchError,
 )
-from weight_port.flax_tree import FlaxTarget, abstract_target
+from weight_port.flax_tree import FlaxTarget, abstract_target, is_nnx
 from weight_port.layout import CHANNELS_FIRST, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
 from weight_port.pairing import Leaf, PlannedLayer, resolve_paths
 from weight_port.plan_steps import decide_flatten, decide_transpose_kernels, fold_tied, tied_aliases
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for, rule_for
-from weight_port.tensors import to_jax, to_numpy
+from weight_port.prefetch import Converted
+from weight_port.tensors import all_finite, single_threaded_torch, to_jax, to_numpy
 
 def _leaf_str(leaf: Leaf) -> str:
     return "/".join(leaf)
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """True when ``a`` holds no NaN/Inf, without allocating a mask as large as ``a``.
-
-    Any NaN or Inf makes the sum non-finite, so one streaming reduction (numpy's pairwise SIMD
-    sum, several GiB/s) decides the common case; only a non-finite sum -- a real NaN/Inf or a
-    finite overflow, float32 accumulation for 16-bit types -- needs the exact elementwise test.
-    """
-    if a.dtype.kind != "f" and a.dtype != np.dtype("bfloat16"):
-        return True
-    acc = np.float64 if a.dtype.itemsize == 8 else np.float32
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.sum(a, dtype=acc)):
-            return True
-    return bool(np.isfinite(a).all())
 
 
 @dataclass
@@ -89,6 +74,7 @@ class PortPlan:
         dtype=None,
         allow_nonfinite: bool = False,
         copy: bool = True,
+        precomputed: Mapping[str, Converted] | None = None,
     ) -> dict[str, dict]:
         """torch-named tensors -> nested Flax variables {collection: {...}} of jax arrays.
 
@@ -99,8 +85,14 @@ class PortPlan:
         its memory, so later in-place updates of the source tensors cannot leak into the JAX
         arrays; copy=False hands layout-unchanged tensors over zero-copy (checkpoint loads). Raises KeyMismatchError listing every missing,
         unexpected and mis-shaped key (ShapeMismatchError when only shapes differ), and
-        NonFiniteWeightError for NaN/Inf unless allow_nonfinite.
+        NonFiniteWeightError for NaN/Inf unless allow_nonfinite. precomputed: tensors already
+        converted with the same dtype/copy (weight_port.prefetch, overlapping the plan's trace);
+        each is used only where this plan applies the same rule without a flatten permutation.
         """
+        with single_threaded_torch():
+            return self._to_flax(state, collections, dtype, allow_nonfinite, copy, precomputed or {})
+
+    def _to_flax(self, state, collections, dtype, allow_nonfinite, copy, precomputed) -> dict[str, dict]:
         wanted = set(collections) if collections is not None else self.target.collections()
         used: set[str] = set()
         out: dict[Leaf, object] = {}
@@ -120,8 +112,14 @@ class PortPlan:
                         produced.add(leaf)
                     continue
                 used.add(key)
-                source = to_numpy(state[key])
-                value = tmap.to_flax(source, layer.info)
+                pre = precomputed.get(key)
+                reuse = pre is not None and pre.rule is layer.rule and layer.info.flatten is None
+                if reuse:  # converted already (a jax array in Flax layout)
+                    source, value, source_shape = None, pre.value, pre.source_shape
+                else:
+                    source = to_numpy(state[key])
+                    value = tmap.to_flax(source, layer.info)
+                    source_shape = tuple(source.shape)
                 if leaf not in self.target.shapes:
                     unexpected.append((key, f"torch {key} -> flax {_leaf_str(leaf)} (no such flax leaf)"))
                     continue
@@ -129,16 +127,16 @@ class PortPlan:
                 want = tuple(self.target.shapes[leaf].shape)
                 if tuple(value.shape) != want:
                     mismatched.append(
-                        f"torch {key} {tuple(source.shape)} -> flax {_leaf_str(leaf)} "
+                        f"torch {key} {source_shape} -> flax {_leaf_str(leaf)} "
                         f"{tuple(value.shape)}, flax expects {want}"
                     )
                     continue
-                if not allow_nonfinite and not _all_finite(source):
+                if not allow_nonfinite and not (pre.finite if reuse else all_finite(source)):
                     nonfinite.append(key)
                     continue
                 # Materialize now, one tensor at a time: the transposed view is copied once and
                 # nothing but the result stays alive (peak memory ~ the output's bytes).
-                out[leaf] = to_jax(value, dtype, copy=copy)
+                out[leaf] = value if reuse else to_jax(value, dtype, copy=copy)
                 del source, value
             for name in layer.rule.dropped:
                 used.add(layer.torch_key(name))
@@ -230,12 +228,6 @@ def target_from_variables(variables: Mapping) -> FlaxTarget:
                        for k, v in flat.items()}, {})
 
 
-def _is_nnx(module) -> bool:
-    from flax import nnx
-
-    return isinstance(module, nnx.Module)
-
-
 def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     # non-persistent buffers (e.g. precomputed position ids) are not in the state_dict: skip them
@@ -260,7 +252,7 @@ def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarg
         inputs = [to_numpy(x) for x in _as_tuple(example_input)]
         flax_inputs = tuple(to_flax_layout(x, input_layout) for x in inputs)
         channels_last = tuple(input_layout == CHANNELS_FIRST and x.ndim >= 3 for x in inputs)
-    if flax_module is not None and _is_nnx(flax_module):
+    if flax_module is not None and is_nnx(flax_module):
         from weight_port.nnx import nnx_target
 
         try:

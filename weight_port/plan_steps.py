@@ -60,8 +60,10 @@ def decide_flatten(
                 traced = find_flattened_linears(copy.deepcopy(torch_module), inputs) or {}
         return traced
 
-    has_conv = any((r := flax_rule_for(type(m))) is not None and r.name.startswith("conv")
+    def has_conv() -> bool:  # lazily: the Flax rule table imports flax.nnx
+        return any((r := flax_rule_for(type(m))) is not None and r.name.startswith("conv")
                    for m in target.modules.values())
+
     for layer in layers:
         if layer.rule.name != "linear":
             continue
@@ -79,7 +81,7 @@ def decide_flatten(
         elif finding is not None:
             undecided.append(f"{where} ({finding.reason})")
             continue
-        elif target.order is None and has_conv:
+        elif target.order is None and has_conv():
             undecided.append(f"{where} (the Flax twin was not traced: pass example_input)")
             continue
         else:
