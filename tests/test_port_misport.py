@@ -64,7 +64,8 @@ def test_state_dict_port_permutes_flatten_found_in_flax_jaxpr(source, tmp_path):
     _forward_close(variables, FlaxCNN(), t)
     plan = wp.build_plan(None, FlaxCNN(), X, state=t.state_dict())
     assert [layer.info.flatten for layer in plan.layers if layer.info.torch_path == "fc"] == [(2, 4, 4)]
-    assert any("fc" in n and "conv_general_dilated" in n for n in plan.pairing_notes)
+    assert any("fc" in n and "conv_general_dilated" in n for n in plan.flatten_notes)
+    assert plan.pairing_notes == []  # every layer paired by name
 
 
 def test_undecidable_flatten_refused_naming_the_fixes():

@@ -36,7 +36,8 @@ def _leaf_str(leaf: Leaf) -> str:
 @dataclass
 class PortPlan:
     """layers: each torch layer with its Flax path and rule. pairing_notes: one line per pairing
-    not made by name (structural matching, flatten order decisions). tied: alias torch name ->
+    not made by name (torch name, Flax path, how). flatten_notes: one line per Linear fed by a
+    flatten (whether its input features were permuted, and what decided it). tied: alias torch name ->
     the canonical torch name that was ported in its place (the same storage; the Flax twin has one
     leaf for both, e.g. an LM head using ``embed.attend``); flax_to_torch refills the alias."""
 
@@ -44,6 +45,7 @@ class PortPlan:
     target: FlaxTarget
     dropped_defaults: dict[str, np.ndarray]
     pairing_notes: list[str] = field(default_factory=list)
+    flatten_notes: list[str] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -59,7 +61,9 @@ class PortPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows]
         if self.pairing_notes:
-            lines += ["", "pairings not by name, flatten order:"] + [f"  {n}" for n in self.pairing_notes]
+            lines += ["", "paired not by name:"] + [f"  {n}" for n in self.pairing_notes]
+        if self.flatten_notes:
+            lines += ["", "flatten order:"] + [f"  {n}" for n in self.flatten_notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -250,8 +254,11 @@ def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarg
     flax_inputs = channels_last = None
     if example_input is not None:
         inputs = [to_numpy(x) for x in _as_tuple(example_input)]
-        flax_inputs = tuple(to_flax_layout(x, input_layout) for x in inputs)
-        channels_last = tuple(input_layout == CHANNELS_FIRST and x.ndim >= 3 for x in inputs)
+        # one layout per positional input (the same for all when given as one string)
+        layouts = [input_layout] * len(inputs) if isinstance(input_layout, str) else list(input_layout)
+        flax_inputs = tuple(to_flax_layout(x, lay) for x, lay in zip(inputs, layouts))
+        # which Flax inputs are the channels-last form of a channels-first torch input
+        channels_last = tuple(lay == CHANNELS_FIRST and x.ndim >= 3 for x, lay in zip(inputs, layouts))
     if flax_module is not None and is_nnx(flax_module):
         from weight_port.nnx import nnx_target
 
@@ -374,7 +381,7 @@ def build_plan(
     notes = resolve_paths(layers, target, sequential, rename, torch_order)
     tied = fold_tied(layers, aliases, target)
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
-    notes += decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
+    flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
     checks = [(layer.info, layer.rule) for layer in layers]
     for path, module, rule in paramless:  # e.g. LayerNorm(elementwise_affine=False): eps still matters
@@ -384,7 +391,7 @@ def build_plan(
             checks.append((LayerInfo(path, flax_path, type(module), module, target.modules[flax_path]), rule))
     _check_attributes(checks, check_attributes)
     return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults,
-                    pairing_notes=notes, tied=tied)
+                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied)
 
 
 __all__ = ["PortPlan", "PlannedLayer", "build_plan", "flax_path_str"]

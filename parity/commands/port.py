@@ -91,7 +91,7 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
     if show_plan:
         say(plan.describe())
     else:
-        for note in plan.pairing_notes:
+        for note in plan.pairing_notes + plan.flatten_notes:
             say(f"note: {note}")
     state = weight_port.load_state(torch_model if source is None else source)
     variables = plan.to_flax(state, dtype=_target_dtype(dtype), allow_nonfinite=allow_nonfinite, copy=True)
