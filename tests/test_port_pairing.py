@@ -42,15 +42,16 @@ class LinenAuto(nn.Module):
 
 
 class NNXDefinedOutOfOrder(nnx.Module):
-    """Attributes defined in another order than they are called; names unlike torch's."""
+    """Attributes defined, and named alphabetically, in the reverse of the order they are called
+    (nnx lists variables by attribute name); names unlike torch's."""
 
     def __init__(self, rngs: nnx.Rngs):
-        self.c = nnx.Linear(4, 4, rngs=rngs)
-        self.a = nnx.Linear(4, 4, rngs=rngs)
-        self.b = nnx.Linear(4, 4, rngs=rngs)
+        self.x = nnx.Linear(4, 4, rngs=rngs)
+        self.y = nnx.Linear(4, 4, rngs=rngs)
+        self.z = nnx.Linear(4, 4, rngs=rngs)
 
-    def __call__(self, x):
-        return self.c(jnp.tanh(self.b(nnx.relu(self.a(x)))))
+    def __call__(self, h):
+        return self.x(jnp.tanh(self.y(nnx.relu(self.z(h)))))
 
 
 def _assert_forward_close(flax_out, torch_module) -> None:
@@ -106,8 +107,8 @@ def test_nnx_without_example_input_is_ambiguous_not_guessed():
 def test_rename_still_decides_over_structure():
     t = RegisteredBackwards()
     model = NNXDefinedOutOfOrder(nnx.Rngs(0))
-    plan = build_plan(t, model, rename=[("first", "a"), ("middle", "b"), ("last", "c")])
-    assert _paths(plan) == {"first": "a", "middle": "b", "last": "c"}
+    plan = build_plan(t, model, rename=[("first", "z"), ("middle", "y"), ("last", "x")])
+    assert _paths(plan) == {"first": "z", "middle": "y", "last": "x"}
     assert {layer.matched for layer in plan.layers} == {"rename"}
     assert plan.pairing_notes == []
-    assert set(nnx_variables(model)["params"]) == {"a", "b", "c"}
+    assert set(nnx_variables(model)["params"]) == {"x", "y", "z"}
