@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from weight_port.flax_tree import FlaxTarget, leaf_paths
+from weight_port.flax_tree import FlaxTarget, call_kwargs, leaf_paths
 from weight_port.jaxpr_flatten import find_flattened_denses
 
 _COLLECTIONS = ((nnx.BatchStat, "batch_stats"), (nnx.Param, "params"))
@@ -89,8 +89,9 @@ def _trace_call(model, flax_inputs, shapes, channels_last):
                    if isinstance(node, nnx.Module)}
         types = {cls for node in _modules(m) for cls in type(node).__mro__
                  if issubclass(cls, nnx.Module) and "__call__" in vars(cls)}
+        kwargs = call_kwargs(m, False)  # eval mode, as linen's abstract init runs
         with _recording_calls(types, path_of, order):
-            return m(*xs)
+            return m(*xs, **kwargs)
 
     specs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in flax_inputs)
     jaxpr = jax.make_jaxpr(call)(state, *specs).jaxpr
