@@ -62,6 +62,7 @@ def to_jax(a: np.ndarray, dtype=None, *, copy: bool = False):
 
     if dtype is not None and np.dtype(dtype) != a.dtype:
         a = a.astype(dtype)  # the one copy (it is contiguous afterwards)
+        copy = False  # ``a`` is ours now: nothing else can change it in place
     if jax.default_backend() != "cpu" or not _jax_keeps(a.dtype) or a.size == 0:
         return jnp.asarray(a)  # device transfer / x64-off narrowing: JAX's own rules apply
     t = torch_view(a)
