@@ -35,7 +35,7 @@ def torch_to_flax(
     example_input=None,
     *,
     input_layout: str = CHANNELS_FIRST,
-    flatten: Mapping[str, tuple[int, ...]] | None = None,
+    flatten: Mapping[str, tuple[int, ...] | None] | None = None,
     dtype=None,
     torch_module: torch.nn.Module | None = None,
     rename: Rename = None,
@@ -47,11 +47,14 @@ def torch_to_flax(
 
     source: a torch module, a state_dict, or a checkpoint path (.safetensors, .pt/.pth, a sharded
     *.index.json, or a directory holding one). With a file or state_dict, pass ``torch_module``
-    (architecture only; its weights are ignored) for torch layer types and flatten detection, or
-    leave it out and the layer types are read off the Flax twin. flax_module: a linen Module
-    (abstract-initialised on the channels-last [N, *S, C] equivalent of the torch-layout
-    ``example_input`` [N, C, *S], or a tuple of inputs) or an nnx.Module (then an nnx.State is
-    returned and the module is left untouched). dtype: optional target dtype (default: keep the
+    (architecture only; its weights are ignored) for torch layer types, or leave it out and the
+    layer types are read off the Flax twin (flatten order comes from the twin's jaxpr either way;
+    FlattenOrderError when it cannot tell). flax_module: a linen Module (abstract-initialised on
+    the channels-last [N, *S, C] equivalent of the torch-layout ``example_input`` [N, C, *S], or a
+    tuple of inputs) or an nnx.Module (then an nnx.State is returned and the module is left
+    untouched; with ``example_input`` it is also called abstractly, for execution order and
+    flatten order). A large in-memory source is converted on worker threads while the plan is
+    built (weight_port.prefetch); the result is the same bits. dtype: optional target dtype (default: keep the
     source's). copy: None (default) copies every tensor when the source is a torch module or an
     in-memory state_dict -- the caller still holds those tensors, and an in-place update
     (optimizer.step(), a train-mode BatchNorm forward) would otherwise silently change the
@@ -101,8 +104,10 @@ def flax_to_torch(
 
     variables: linen variables {collection: tree}, an nnx.Module, or an nnx.State. Without
     flax_module/example_input the plan comes from the torch module alone, with the Flax target
-    read off ``variables`` and flatten order inferred from the torch graph; pass them (or a plan)
-    when a transposed conv uses transpose_kernel=True or has groups.
+    read off ``variables`` and flatten order inferred from the torch graph. A transposed conv's
+    kernel layout (Flax transpose_kernel=True or not; HF FlaxConv1D's [out, in]) is then read off
+    the shapes; KernelLayoutError when in == out makes them alike -- pass the Flax module (or a
+    plan) for those, and for grouped transposed convs.
     """
     if is_nnx(variables):
         from weight_port.nnx import nnx_variables
