@@ -1,11 +1,20 @@
-"""Weight-port throughput and memory: weight_port vs numpy-transpose-then-jnp.asarray per tensor.
+"""Weight-port throughput and memory, on a synthetic state_dict and on a real HF model.
 
-Ports a synthesized ViT-Large-size fp32 state_dict (~1.1 GiB; ``--quick``: a tiny ViT) three
-ways -- the numpy round trip (a transposed numpy copy, then jnp.asarray), numpy's lazy transpose
-view handed to jnp.asarray, and weight_port -- each in a fresh subprocess so one's memory never pollutes the other's peak RSS.
-Reports GiB/s, peak RSS growth during the conversion, and whether tensors whose layout does not
-change (biases, norms, tokens) were handed to JAX without a copy. Usage:
-    python bench/port_throughput.py [--quick] [--repeat N]
+Synthetic: a ViT-Large-size fp32 state_dict (~1.1 GiB; ``--quick``: a tiny ViT) ported three ways
+-- the numpy round trip (a transposed numpy copy, then jnp.asarray), numpy's lazy transpose view
+handed to jnp.asarray, and PortPlan.to_flax (plan built outside the timed region).
+
+Real (``--real``; needs transformers): HF ``ViTModel`` at ViT-Large size (random init from a
+config, 1.13 GiB fp32) as the source module and ``FlaxViTModule`` as the target. Timed is
+everything the user waits for: ``weight_port.torch_to_flax(module, flax_module, x)`` = planning,
+tracing, conversion and arrays on the device, in a fresh process (cold caches, like a user's first
+call); against transformers' ``convert_pytorch_state_dict_to_flax`` in the same run (its mandatory
+random Flax init is not timed). ``--before DIR`` also times the weight_port of another checkout
+(e.g. the main branch) in the same run.
+
+Every approach runs in its own subprocess per repetition, so one's memory never pollutes
+another's peak RSS; medians are reported. Usage:
+    python bench/port_throughput.py [--quick] [--repeat N] [--real] [--before DIR]
 """
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+if os.environ.get("PORT_BENCH_CODE"):  # --before: this worker times another checkout's port
+    sys.path.insert(0, os.environ["PORT_BENCH_CODE"])
 
 GIB = 1024**3
 VIT_L = dict(dim=1024, depth=24, mlp=4096, patch=16, image=224, classes=1000)
@@ -197,10 +208,87 @@ def worker(approach: str, cfg: dict, repeat: int) -> dict:
     return result
 
 
-def _run_worker(approach: str, size: str, repeat: int) -> dict:
+# -- the real-model workload: HF ViT-Large -------------------------------------------------------
+def _hf_vit_config():
+    from transformers import ViTConfig
+
+    return ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                     intermediate_size=4096, image_size=224, patch_size=16)
+
+
+def _hf_vit_torch(cfg):
+    """ViTModel with random weights, built on the meta device and filled in place: HF's own
+    truncated-normal init of 300M parameters takes ~20 s and is not what is measured."""
+    import torch
+    from transformers import ViTModel
+
+    with torch.device("meta"):
+        model = ViTModel(cfg)
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.normal_(0.0, 0.02, generator=g) if t.is_floating_point() else t.zero_()
+    return model
+
+
+def real_worker(approach: str) -> dict:
+    """One cold port of HF ViT-L in this (fresh) process; returns seconds and peak RSS growth."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    jnp.zeros(1).block_until_ready()  # backend up before the memory baseline
+    cfg = _hf_vit_config()
+    model = _hf_vit_torch(cfg)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    from transformers.models.vit.modeling_flax_vit import FlaxViTModule
+
+    if approach == "hf_convert":
+        from transformers import FlaxViTModel
+        from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+        from types import SimpleNamespace
+
+        # The converter reads only flax_model.base_model_prefix and the shapes of
+        # flax_model.params. Zeros stand in for HF's random init (9 s, untimed either way);
+        # np.zeros is lazily mapped, so it adds no resident memory.
+        shapes = jax.eval_shape(FlaxViTModule(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+        flax_model = SimpleNamespace(base_model_prefix=FlaxViTModel.base_model_prefix,
+                                     params=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)["params"])
+        sd = dict(model.state_dict())
+        run = lambda: convert_pytorch_state_dict_to_flax(sd, flax_model)
+    else:
+        import weight_port
+
+        x = torch.zeros(1, 3, 224, 224)
+        run = lambda: weight_port.torch_to_flax(model, FlaxViTModule(cfg), x)
+    base = _status("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run())
+    seconds = time.perf_counter() - t0
+    peak = _status("VmHWM") - base
+    if approach != "hf_convert":  # parity: every leaf equals HF's own converter's
+        from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: F401
+        from flax import traverse_util
+
+        flat = traverse_util.flatten_dict(out["params"])
+        q = model.encoder.layer[0].attention.attention.query.weight.detach().numpy()
+        ok = np.array_equal(np.asarray(flat[("encoder", "layer", "0", "attention", "attention", "query",
+                                             "kernel")]), q.T)
+        assert ok, "query kernel differs from the torch weight transposed"
+    return dict(approach=approach, bytes=nbytes, seconds=seconds, gib_s=nbytes / GIB / seconds,
+                peak_rss_growth=peak, tensors=len(model.state_dict()))
+
+
+def _run_worker(approach: str, size: str, repeat: int, code: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", approach, "--size", size,
            "--repeat", str(repeat)]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if code is not None:  # import weight_port from another checkout (before/after in one run)
+        env["PORT_BENCH_CODE"] = code
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{approach} worker failed:\n{proc.stderr[-3000:]}")
@@ -221,14 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny ViT (seconds), for smoke runs")
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions per approach (best of)")
-    p.add_argument("--worker", choices=("weight_port", *APPROACHES), help=argparse.SUPPRESS)
-    p.add_argument("--size", choices=("vit-l", "tiny"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--real", action="store_true",
+                   help="also port HF ViTModel (ViT-L) into FlaxViTModule, against HF's converter")
+    p.add_argument("--before", metavar="DIR", default=None,
+                   help="with --real: also time the weight_port of this other checkout (same run)")
+    p.add_argument("--worker", choices=("weight_port", "hf_convert", *APPROACHES), help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=("vit-l", "tiny", "hf-vit-l"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     size = args.size or ("tiny" if args.quick else "vit-l")
     repeat = args.repeat or (3 if size == "tiny" else 2)
     if args.worker:
-        print(json.dumps(worker(args.worker, TINY if size == "tiny" else VIT_L, repeat)))
+        if size == "hf-vit-l":
+            print(json.dumps(real_worker(args.worker)))
+        else:
+            print(json.dumps(worker(args.worker, TINY if size == "tiny" else VIT_L, repeat)))
         return 0
+    if args.real:
+        return real_main(repeat, args.before)
     print(f"port throughput, {size} fp32 state_dict; {_env()}")
     base = _run_worker("numpy_round_trip", size, repeat)
     plain = _run_worker("plain", size, repeat)
@@ -249,6 +346,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zero-copy: {ours['zero_copy']}/{ours['layout_unchanged']} layout-unchanged tensors share the "
           "source's memory")
     print(f"machine load average at the end: {os.getloadavg()[0]:.1f} (other processes skew timings)")
+    return 0
+
+
+def _median(rows: list[dict], key: str) -> float:
+    import statistics
+
+    return statistics.median(r[key] for r in rows)
+
+
+def real_main(repeat: int, before: str | None) -> int:
+    import importlib.util
+
+    mib = 1024**2
+    print(f"port throughput, HF ViTModel ViT-L (1.13 GiB fp32) -> FlaxViTModule, cold process per run; {_env()}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    approaches = [("weight_port (this checkout)", "weight_port", None)]
+    if before:
+        approaches.append((f"weight_port ({before})", "weight_port", before))
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: nothing to measure")
+        return 0
+    approaches.append(("transformers convert_pytorch_state_dict_to_flax", "hf_convert", None))
+    rows: dict[str, list[dict]] = {name: [] for name, _, _ in approaches}
+    for _ in range(repeat):  # interleaved, so a load spike hits every approach alike
+        for name, approach, code in approaches:
+            rows[name].append(_run_worker(approach, "hf-vit-l", 1, code))
+    hf = _median(rows["transformers convert_pytorch_state_dict_to_flax"], "seconds")
+    nbytes = rows[approaches[0][0]][0]["bytes"]
+    print(f"{'approach':<50} {'median s':>9} {'GiB/s':>7} {'vs HF':>6} {'peak RSS growth':>16} {'x model':>8}")
+    for name, _, _ in approaches:
+        sec, peak = _median(rows[name], "seconds"), _median(rows[name], "peak_rss_growth")
+        print(f"{name:<50} {sec:9.2f} {nbytes / GIB / sec:7.2f} {hf / sec:5.2f}x "
+              f"{peak / mib:12.0f} MiB {peak / nbytes:7.2f}x")
+    for n, rs in rows.items():
+        print(f"  {n}: " + ", ".join(f"{r['seconds']:.2f}" for r in rs) + " s")
+    print("targets: >= 3x HF's throughput; peak RSS growth <= 1.0x the model's bytes")
+    print(f"load average after: {os.getloadavg()[0]:.2f} (other processes skew timings)")
     return 0
 
 

@@ -69,3 +69,77 @@ def test_port_errors_exit_2_without_partial_output(cnn, tmp_path, capsys):
     assert main(["port", str(nan), "--model", "cnn", "--out", str(out), "--allow-nonfinite"]) == 0
     _fails(["port", str(tmp_path / "nope.pt"), "--model", "cnn", "--out", str(tmp_path / "o2")],
            capsys, "does not exist", tmp_path / "o2")
+
+
+OWN_PAIR = '''
+import torch, flax.linen as nn
+
+
+class T(torch.nn.Module):
+    """Registers its layers in the reverse of the order it runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = torch.nn.Linear(4, 3)
+        self.first = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.first(x)))
+
+
+class F(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x)
+        return nn.Dense(3)(nn.relu(h))
+
+
+def make_torch():
+    torch.manual_seed(0)
+    return T()
+
+
+def make_flax():
+    return F()
+
+
+def example():
+    return torch.randn(2, 4)
+'''
+
+
+@pytest.fixture
+def own_pair(tmp_path, monkeypatch):
+    (tmp_path / "port_cli_own_pair.py").write_text(OWN_PAIR)
+    monkeypatch.chdir(tmp_path)  # the CLI finds factories like `python -m` finds modules
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    yield importlib.import_module("port_cli_own_pair")
+    sys.modules.pop("port_cli_own_pair", None)
+
+
+def test_port_own_pair_prints_plan_and_writes_checkpoint(own_pair, tmp_path, capsys):
+    out = tmp_path / "own_ckpt"
+    argv = ["port", "--torch", "port_cli_own_pair:make_torch", "--flax", "port_cli_own_pair:make_flax",
+            "--example-input", "port_cli_own_pair:example", "--out", str(out), "--plan"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "first.weight" in printed and "Dense_0/kernel" in printed and "execution order" in printed
+    restored = ocp.StandardCheckpointer().restore(out)
+    t = own_pair.make_torch()
+    np.testing.assert_array_equal(np.asarray(restored["params"]["Dense_0"]["kernel"]),
+                                  t.first.weight.detach().numpy().T)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["Dense_1"]["kernel"]),
+                                  t.last.weight.detach().numpy().T)
+
+
+def test_port_own_pair_usage_errors(own_pair, tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(["port", "--torch", "port_cli_own_pair:make_torch", "--example-input",
+            "port_cli_own_pair:example", "--out", str(out)], capsys, "--flax", out)
+    _fails(["port", "--torch", "port_cli_own_pair:make_torch", "--flax", "port_cli_own_pair:make_flax",
+            "--out", str(out)], capsys, "--example-input", out)
+    _fails(["port", "--torch", "port_cli_own_pair:nope", "--flax", "port_cli_own_pair:make_flax",
+            "--input-shape", "2,4", "--out", str(out)], capsys, "nope", out)

@@ -72,15 +72,25 @@ def test_flatten_detected(cls):
     assert _flatten_of(plan) == {"fc": (2, 4, 4)}
 
 
-def test_untraceable_warns_once_naming_override():
-    with pytest.warns(wp.FlattenTraceWarning) as record:
+def test_untraceable_torch_model_decided_by_flax_jaxpr():
+    """torch cannot be traced, but the twin's jaxpr shows the flatten of a conv output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", wp.FlattenTraceWarning)
         plan = build_plan(Untraceable(), FlaxTwin(nnx.Rngs(0)), X)
+    assert _flatten_of(plan) == {"fc": (2, 4, 4)}
+
+
+def test_untraceable_without_flax_module_warns_once_naming_override():
+    from weight_port.nnx import nnx_variables
+
+    variables = nnx_variables(FlaxTwin(nnx.Rngs(0)))
+    with pytest.warns(wp.FlattenTraceWarning) as record:
+        plan = build_plan(Untraceable(), variables=variables)
     flatten_warnings = [r for r in record if issubclass(r.category, wp.FlattenTraceWarning)]
     assert len(flatten_warnings) == 1
     assert "flatten={" in str(flatten_warnings[0].message)
     assert _flatten_of(plan) == {}
-    with pytest.warns(wp.FlattenTraceWarning):
-        plan = build_plan(Untraceable(), FlaxTwin(nnx.Rngs(0)), X, flatten={"fc": (2, 4, 4)})
+    plan = build_plan(Untraceable(), variables=variables, flatten={"fc": (2, 4, 4)})
     assert _flatten_of(plan) == {"fc": (2, 4, 4)}
 
 

@@ -19,9 +19,9 @@ FAST = settings(deadline=None, max_examples=60)
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
 
 
-def _round_trip(layer: torch.nn.Module, flatten=None, flax_module=None) -> None:
+def _round_trip(layer: torch.nn.Module, flatten=None, flax_module=None, info: LayerInfo | None = None) -> None:
     rule = rule_for(type(layer))
-    info = LayerInfo("layer", ("layer",), type(layer), layer, flax_module, flatten)
+    info = info or LayerInfo("layer", ("layer",), type(layer), layer, flax_module, flatten)
     state = layer.state_dict()
     for tmap in rule.tensors:
         if tmap.torch_name not in state:

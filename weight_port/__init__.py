@@ -12,24 +12,21 @@ from collections.abc import Mapping
 import torch
 
 from weight_port.errors import (
-    AttributeMismatchError, CheckpointError, KeyMismatchError, NoRuleError, NonFiniteWeightError,
-    PortError, ShapeMismatchError, UnsafeCheckpointError,
+    AmbiguousPairingError, AttributeMismatchError, CheckpointError, KernelLayoutError,
+    FlattenOrderError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
+    ShapeMismatchError, UnsafeCheckpointError,
 )
 from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
+from weight_port.flax_tree import is_nnx
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout, to_torch_layout
 from weight_port.matching import Rename
 from weight_port.naming import torch_to_flax_path
 from weight_port.plan import PortPlan, build_plan
+from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
 from weight_port.tensors import numpy_to_torch, to_numpy
-
-
-def _is_nnx(module) -> bool:
-    from flax import nnx
-
-    return isinstance(module, nnx.Module)
 
 
 def torch_to_flax(
@@ -38,7 +35,7 @@ def torch_to_flax(
     example_input=None,
     *,
     input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
-    flatten: Mapping[str, tuple[int, ...]] | None = None,
+    flatten: Mapping[str, tuple[int, ...] | None] | None = None,
     dtype=None,
     torch_module: torch.nn.Module | None = None,
     rename: Rename = None,
@@ -50,11 +47,14 @@ def torch_to_flax(
 
     source: a torch module, a state_dict, or a checkpoint path (.safetensors, .pt/.pth, a sharded
     *.index.json, or a directory holding one). With a file or state_dict, pass ``torch_module``
-    (architecture only; its weights are ignored) for torch layer types and flatten detection, or
-    leave it out and the layer types are read off the Flax twin. flax_module: a linen Module
-    (abstract-initialised on the channels-last [N, *S, C] equivalent of the torch-layout
-    ``example_input`` [N, C, *S], or a tuple of inputs) or an nnx.Module (then an nnx.State is
-    returned and the module is left untouched). dtype: optional target dtype (default: keep the
+    (architecture only; its weights are ignored) for torch layer types, or leave it out and the
+    layer types are read off the Flax twin (flatten order comes from the twin's jaxpr either way;
+    FlattenOrderError when it cannot tell). flax_module: a linen Module (abstract-initialised on
+    the channels-last [N, *S, C] equivalent of the torch-layout ``example_input`` [N, C, *S], or a
+    tuple of inputs) or an nnx.Module (then an nnx.State is returned and the module is left
+    untouched; with ``example_input`` it is also called abstractly, for execution order and
+    flatten order). A large in-memory source is converted on worker threads while the plan is
+    built (weight_port.prefetch); the result is the same bits. dtype: optional target dtype (default: keep the
     source's). copy: None (default) copies every tensor when the source is a torch module or an
     in-memory state_dict -- the caller still holds those tensors, and an in-place update
     (optimizer.step(), a train-mode BatchNorm forward) would otherwise silently change the
@@ -66,12 +66,21 @@ def torch_to_flax(
     if isinstance(source, torch.nn.Module):
         torch_module = source
     state = load_state(source)
-    plan = build_plan(
-        torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
-        state=state, rename=rename, check_attributes=check_attributes,
-    )
-    variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy)
-    if flax_module is not None and _is_nnx(flax_module):
+    # Convert what the plan cannot change while the plan traces the Flax twin (two cores busy).
+    prefetch = (Prefetch(torch_module, state, dtype=dtype, copy=copy, check_finite=not allow_nonfinite)
+                if torch_module is not None and worth_prefetching(state) else None)
+    try:
+        plan = build_plan(
+            torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
+            state=state, rename=rename, check_attributes=check_attributes,
+        )
+    except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
+        raise
+    variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy,
+                             precomputed=prefetch.result() if prefetch is not None else None)
+    if flax_module is not None and is_nnx(flax_module):
         from flax import nnx
 
         from weight_port.nnx import update_nnx
@@ -95,17 +104,17 @@ def flax_to_torch(
 
     variables: linen variables {collection: tree}, an nnx.Module, or an nnx.State. Without
     flax_module/example_input the plan comes from the torch module alone, with the Flax target
-    read off ``variables`` and flatten order inferred from the torch graph; pass them (or a plan)
-    when a transposed conv uses transpose_kernel=True or has groups.
+    read off ``variables`` and flatten order inferred from the torch graph. A transposed conv's
+    kernel layout (Flax transpose_kernel=True or not; HF FlaxConv1D's [out, in]) is then read off
+    the shapes; KernelLayoutError when in == out makes them alike -- pass the Flax module (or a
+    plan) for those, and for grouped transposed convs.
     """
-    from flax import nnx
+    if is_nnx(variables):
+        from weight_port.nnx import nnx_variables
 
-    from weight_port.nnx import nnx_variables
-
-    if isinstance(variables, nnx.Module):
         flax_module = flax_module if flax_module is not None else variables
         variables = nnx_variables(variables)
-    elif isinstance(variables, nnx.State):
+    elif is_nnx(variables, "State"):
         variables = _state_to_variables(variables)
     if plan is None:
         plan = build_plan(
@@ -128,9 +137,12 @@ def _state_to_variables(state) -> dict:
 
 __all__ = [
     "AS_IS",
+    "AmbiguousPairingError",
     "AttributeMismatchError",
     "CHANNELS_FIRST",
     "CheckpointError",
+    "KernelLayoutError",
+    "FlattenOrderError",
     "FlattenTraceWarning",
     "GroupedConvTranspose",
     "KeyMismatchError",

@@ -82,3 +82,46 @@ class CheckpointError(PortError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A .pt/.pth file that only loads by unpickling arbitrary objects (refused: it can run code)."""
+
+
+class AmbiguousPairingError(PortError):
+    """Two Flax modules fit one torch layer equally well and no traced order decides between them."""
+
+    def __init__(self, torch_path: str, candidates: Sequence[str], why: str):
+        self.torch_path = torch_path
+        self.candidates = list(candidates)
+        super().__init__(
+            f"torch {torch_path or '<root>'} fits flax {' and '.join(self.candidates)} "
+            f"({why}); pass rename=[(r'^{torch_path}$', '<flax/path>')] or an example input so "
+            "both models can be traced"
+        )
+
+
+class FlattenOrderError(PortError):
+    """A Dense after a flatten whose feature order the port cannot decide without more input."""
+
+    def __init__(self, entries: Sequence[str]):
+        self.entries = list(entries)
+        super().__init__(
+            "cannot tell whether these Dense inputs are flattened channels-first on the torch side: "
+            + "; ".join(self.entries)
+            + ". Pass torch_module= (the torch architecture, traced for flatten order) or "
+            "flatten={'<linear path>': (C, H, W)} (per-sample torch shape before the flatten; "
+            "flatten={'<linear path>': None} when the order already agrees)"
+        )
+
+
+class KernelLayoutError(PortError):
+    """Without the Flax module, a kernel whose two possible layouts have the same shape.
+
+    A Flax ConvTranspose with transpose_kernel=True stores [*k, out, in], with False [*k, in, out];
+    HF's FlaxConv1D stores [out, in], a Dense [in, out]. With in == out the shapes cannot tell.
+    """
+
+    def __init__(self, entries: Sequence[str]):
+        self.entries = list(entries)
+        super().__init__(
+            "cannot tell the Flax kernel layout from shapes (in == out, so [.., in, out] and "
+            "[.., out, in] look alike) for " + ", ".join(self.entries)
+            + "; pass the Flax module (flax_module=, example_input=) or a PortPlan built with it"
+        )

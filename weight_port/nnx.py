@@ -8,12 +8,15 @@ which the naming rule ``a/b/0/c`` covers.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 from flax import nnx, traverse_util
 
-from weight_port.flax_tree import FlaxTarget
+from weight_port.flax_tree import FlaxTarget, call_kwargs, leaf_paths
+from weight_port.jaxpr_flatten import find_flattened_denses
 
 _COLLECTIONS = ((nnx.BatchStat, "batch_stats"), (nnx.Param, "params"))
 
@@ -36,14 +39,75 @@ def _variables(model: nnx.Module):
             yield tuple(str(p) for p in path), node
 
 
-def nnx_target(model: nnx.Module) -> FlaxTarget:
-    """Shapes per (collection, *path, leaf) and the nnx module objects per path."""
+def nnx_target(model: nnx.Module, flax_inputs: tuple | None = None, *,
+               channels_last: tuple[bool, ...] = ()) -> FlaxTarget:
+    """Shapes per (collection, *path, leaf) and the nnx module objects per path.
+
+    With ``flax_inputs`` (channels-last arrays), one abstract call of the model also gives the
+    modules' execution order and the flatten-then-Dense sites (as linen's abstract init does).
+    """
     shapes = {}
     for path, var in _variables(model):
         shapes[(collection_of(var), *path)] = jax.ShapeDtypeStruct(_value(var).shape, _value(var).dtype)
     modules = {tuple(str(p) for p in path): node for path, node in nnx.iter_graph(model)
                if isinstance(node, nnx.Module)}
-    return FlaxTarget(shapes=shapes, modules=modules)
+    if flax_inputs is None:
+        return FlaxTarget(shapes=shapes, modules=modules)
+    order, flatten = _trace_call(model, flax_inputs, shapes, channels_last)
+    return FlaxTarget(shapes=shapes, modules=modules, order=order, flatten=flatten)
+
+
+@contextlib.contextmanager
+def _recording_calls(types: set[type], path_of: dict[int, tuple[str, ...]], order: dict):
+    """Wrap each module class's __call__ to note the instance's path at entry (NNX has no
+    method interceptor; special methods are looked up on the class, so the class is patched)."""
+    saved = {}
+    for cls in types:
+        original = vars(cls)["__call__"]
+
+        def wrapper(self, *args, __original=original, **kwargs):
+            if id(self) in path_of:
+                order.setdefault(path_of[id(self)], None)
+            return __original(self, *args, **kwargs)
+
+        saved[cls] = original
+        cls.__call__ = wrapper
+    try:
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.__call__ = original
+
+
+def _trace_call(model, flax_inputs, shapes, channels_last):
+    graphdef, state = nnx.split(model)
+    order: dict[tuple[str, ...], None] = {}
+
+    def call(st, *xs):
+        m = nnx.merge(graphdef, st)
+        path_of = {id(node): tuple(str(p) for p in path) for path, node in nnx.iter_graph(m)
+                   if isinstance(node, nnx.Module)}
+        types = {cls for node in _modules(m) for cls in type(node).__mro__
+                 if issubclass(cls, nnx.Module) and "__call__" in vars(cls)}
+        kwargs = call_kwargs(m, False)  # eval mode, as linen's abstract init runs
+        with _recording_calls(types, path_of, order):
+            return m(*xs, **kwargs)
+
+    specs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in flax_inputs)
+    jaxpr = jax.make_jaxpr(call)(state, *specs).jaxpr
+    leaf_of_var = {}
+    for var, path in zip(jaxpr.invars, leaf_paths(state)):
+        path = path[:-1] if path and path[-1] == "value" else path
+        coll = next((c for c in ("params", "batch_stats") if (c, *path) in shapes), None)
+        if coll is not None:
+            leaf_of_var[var] = (coll, *path)
+    inputs = jaxpr.invars[len(jaxpr.invars) - len(specs):]
+    cl = {v for v, flag in zip(inputs, channels_last) if flag}
+    return tuple(order), find_flattened_denses(jaxpr, leaf_of_var, cl)
+
+
+def _modules(model: nnx.Module):
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
 
 
 def nnx_variables(model: nnx.Module) -> dict:

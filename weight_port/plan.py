@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import numpy as np
@@ -19,56 +19,55 @@ from weight_port.errors import (
     AttributeMismatchError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
     ShapeMismatchError,
 )
-from weight_port.flatten import find_flattened_linears
-from weight_port.flax_tree import FlaxTarget, abstract_target
+from weight_port.flax_tree import FlaxTarget, abstract_target, is_nnx
 from weight_port.layout import CHANNELS_FIRST, per_arg, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
+from weight_port.pairing import Leaf, PlannedLayer, resolve_paths
+from weight_port.plan_steps import decide_flatten, decide_transpose_kernels, fold_tied, tied_aliases
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for, rule_for
-from weight_port.tensors import to_jax, to_numpy
-
-Leaf = tuple[str, ...]  # (collection, *module_path, leaf_name)
-
-
-@dataclass
-class PlannedLayer:
-    info: LayerInfo
-    rule: Rule
-    # torch tensor name -> shape, as the source layer has it (used for structural matching)
-    own_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    def torch_key(self, name: str) -> str:
-        return f"{self.info.torch_path}.{name}" if self.info.torch_path else name
-
-    def flax_leaf(self, collection: str, name: str) -> Leaf:
-        return (collection, *self.info.flax_path, name)
-
+from weight_port.prefetch import Converted
+from weight_port.tensors import all_finite, single_threaded_torch, to_jax, to_numpy
 
 def _leaf_str(leaf: Leaf) -> str:
     return "/".join(leaf)
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    """True when ``a`` holds no NaN/Inf, without allocating a mask as large as ``a``.
-
-    Any NaN or Inf makes the sum non-finite, so one streaming reduction (numpy's pairwise SIMD
-    sum, several GiB/s) decides the common case; only a non-finite sum -- a real NaN/Inf or a
-    finite overflow, float32 accumulation for 16-bit types -- needs the exact elementwise test.
-    """
-    if a.dtype.kind != "f" and a.dtype != np.dtype("bfloat16"):
-        return True
-    acc = np.float64 if a.dtype.itemsize == 8 else np.float32
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.sum(a, dtype=acc)):
-            return True
-    return bool(np.isfinite(a).all())
-
-
 @dataclass
 class PortPlan:
+    """layers: each torch layer with its Flax path and rule. pairing_notes: one line per pairing
+    not made by name (torch name, Flax path, how). flatten_notes: one line per Linear fed by a
+    flatten (whether its input features were permuted, and what decided it). tied: alias torch name ->
+    the canonical torch name that was ported in its place (the same storage; the Flax twin has one
+    leaf for both, e.g. an LM head using ``embed.attend``); flax_to_torch refills the alias."""
+
     layers: list[PlannedLayer]
     target: FlaxTarget
     dropped_defaults: dict[str, np.ndarray]
+    pairing_notes: list[str] = field(default_factory=list)
+    flatten_notes: list[str] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The port as a table: torch tensor, Flax leaf, rule, layout change, how it was paired."""
+        rows = [("torch", "flax", "rule", "layout change", "paired by")]
+        for layer in self.layers:
+            for tmap in layer.rule.tensors:
+                rows.append((layer.torch_key(tmap.torch_name),
+                             _leaf_str(layer.flax_leaf(tmap.collection, tmap.flax_name)),
+                             layer.rule.name or "custom", tmap.describe(layer.info), layer.matched))
+        for alias, canonical in self.tied.items():
+            rows.append((alias, "(none: tied)", "tied", f"same storage as {canonical}", "storage"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows]
+        if self.pairing_notes:
+            lines += ["", "paired not by name:"] + [f"  {n}" for n in self.pairing_notes]
+        if self.flatten_notes:
+            lines += ["", "flatten order:"] + [f"  {n}" for n in self.flatten_notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
 
     # -- torch -> flax -----------------------------------------------------------------------
     def to_flax(
@@ -79,6 +78,7 @@ class PortPlan:
         dtype=None,
         allow_nonfinite: bool = False,
         copy: bool = True,
+        precomputed: Mapping[str, Converted] | None = None,
     ) -> dict[str, dict]:
         """torch-named tensors -> nested Flax variables {collection: {...}} of jax arrays.
 
@@ -89,13 +89,20 @@ class PortPlan:
         its memory, so later in-place updates of the source tensors cannot leak into the JAX
         arrays; copy=False hands layout-unchanged tensors over zero-copy (checkpoint loads). Raises KeyMismatchError listing every missing,
         unexpected and mis-shaped key (ShapeMismatchError when only shapes differ), and
-        NonFiniteWeightError for NaN/Inf unless allow_nonfinite.
+        NonFiniteWeightError for NaN/Inf unless allow_nonfinite. precomputed: tensors already
+        converted with the same dtype/copy (weight_port.prefetch, overlapping the plan's trace);
+        each is used only where this plan applies the same rule without a flatten permutation.
         """
+        with single_threaded_torch():
+            return self._to_flax(state, collections, dtype, allow_nonfinite, copy, precomputed or {})
+
+    def _to_flax(self, state, collections, dtype, allow_nonfinite, copy, precomputed) -> dict[str, dict]:
         wanted = set(collections) if collections is not None else self.target.collections()
         used: set[str] = set()
         out: dict[Leaf, object] = {}
         produced: set[Leaf] = set()
         missing, unexpected, mismatched, nonfinite = [], [], [], []
+        used.update(self.tied)  # ported once, under the canonical name
         for layer in self.layers:
             for tmap in layer.rule.tensors:
                 key = layer.torch_key(tmap.torch_name)
@@ -109,8 +116,14 @@ class PortPlan:
                         produced.add(leaf)
                     continue
                 used.add(key)
-                source = to_numpy(state[key])
-                value = tmap.to_flax(source, layer.info)
+                pre = precomputed.get(key)
+                reuse = pre is not None and pre.rule is layer.rule and layer.info.flatten is None
+                if reuse:  # converted already (a jax array in Flax layout)
+                    source, value, source_shape = None, pre.value, pre.source_shape
+                else:
+                    source = to_numpy(state[key])
+                    value = tmap.to_flax(source, layer.info)
+                    source_shape = tuple(source.shape)
                 if leaf not in self.target.shapes:
                     unexpected.append((key, f"torch {key} -> flax {_leaf_str(leaf)} (no such flax leaf)"))
                     continue
@@ -118,16 +131,16 @@ class PortPlan:
                 want = tuple(self.target.shapes[leaf].shape)
                 if tuple(value.shape) != want:
                     mismatched.append(
-                        f"torch {key} {tuple(source.shape)} -> flax {_leaf_str(leaf)} "
+                        f"torch {key} {source_shape} -> flax {_leaf_str(leaf)} "
                         f"{tuple(value.shape)}, flax expects {want}"
                     )
                     continue
-                if not allow_nonfinite and not _all_finite(source):
+                if not allow_nonfinite and not (pre.finite if reuse else all_finite(source)):
                     nonfinite.append(key)
                     continue
                 # Materialize now, one tensor at a time: the transposed view is copied once and
                 # nothing but the result stays alive (peak memory ~ the output's bytes).
-                out[leaf] = to_jax(value, dtype, copy=copy)
+                out[leaf] = value if reuse else to_jax(value, dtype, copy=copy)
                 del source, value
             for name in layer.rule.dropped:
                 used.add(layer.torch_key(name))
@@ -190,6 +203,9 @@ class PortPlan:
             raise KeyMismatchError(missing, unexpected, context="flax -> torch")
         if collections is None:
             out.update(self.dropped_defaults)
+        for alias, canonical in self.tied.items():  # strict load_state_dict wants every name
+            if canonical in out:
+                out[alias] = out[canonical]
         return out
 
 
@@ -216,107 +232,11 @@ def target_from_variables(variables: Mapping) -> FlaxTarget:
                        for k, v in flat.items()}, {})
 
 
-def _is_nnx(module) -> bool:
-    from flax import nnx
-
-    return isinstance(module, nnx.Module)
-
-
 def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     # non-persistent buffers (e.g. precomputed position ids) are not in the state_dict: skip them
     skip = getattr(module, "_non_persistent_buffers_set", set())
     return {k: v for k, v in own.items() if v is not None and k not in skip}
-
-
-def _leaves_of(rule: Rule, names, path: tuple[str, ...]) -> list[Leaf]:
-    by_name = rule.by_torch_name()
-    return [(by_name[n].collection, *path, by_name[n].flax_name) for n in names if n in by_name]
-
-
-def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:
-    """A direct-copy rule; each tensor goes to the collection that has its leaf ("params" if none)."""
-    colls = sorted(target.collections(), key=lambda c: c != "params")
-    return direct_rule({n: next((c for c in colls if (c, *path, n) in target.shapes), "params")
-                        for n in names})
-
-
-def _converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
-    tmap = rule.by_torch_name()[name]
-    # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
-    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
-    return tuple(tmap.to_flax(dummy, info).shape)
-
-
-def _fits(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget, *, shapes: bool) -> bool:
-    info = LayerInfo(layer.info.torch_path, path, layer.info.torch_type, layer.info.torch_module,
-                     target.modules.get(path), layer.info.flatten)
-    leaves = _leaves_of(layer.rule, layer.own_shapes, path)
-    if not leaves or any(leaf not in target.shapes for leaf in leaves):
-        return False
-    if not shapes:
-        return True
-    return all(
-        tuple(target.shapes[leaf].shape) == _converted_shape(layer.rule, n, s, info)
-        for n, s, leaf in zip(layer.own_shapes, layer.own_shapes.values(), leaves)
-    )
-
-
-def _module_paths_in_order(target: FlaxTarget) -> list[tuple[str, ...]]:
-    """Flax module paths owning leaves, in creation order (variables are created in call order)."""
-    seen: dict[tuple[str, ...], None] = {}
-    for leaf in target.shapes:
-        seen.setdefault(tuple(leaf[1:-1]), None)
-    return list(seen)
-
-
-def _same_kind(rule: Rule, flax_module) -> bool:
-    if flax_module is None:
-        return True  # target read off variables: no types, shapes decide
-    frule = flax_rule_for(type(flax_module))
-    return frule is not None and (frule is rule or (frule.name and frule.name == rule.name))
-
-
-def _resolve_paths(layers: list[PlannedLayer], target: FlaxTarget, sequential: set[str], rename: Rename):
-    """Give each layer its Flax path: rename, naming rules, then structural matching."""
-    claimed: set[tuple[str, ...]] = set()
-    unresolved: list[tuple[PlannedLayer, tuple[str, ...]]] = []
-    for layer in layers:
-        renamed = apply_rename(layer.info.torch_path, rename)
-        cands = candidate_paths(renamed, sequential)
-        hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
-        if hit is None:
-            unresolved.append((layer, cands[0]))
-            continue
-        claimed.add(hit)
-        _set_path(layer, hit, target)
-    free = [p for p in _module_paths_in_order(target) if p not in claimed]
-    for layer, fallback in unresolved:
-        hit = None
-        for p in free:
-            rule = layer.rule
-            if layer.info.torch_type is None and rule.name == "direct" and p in target.modules:
-                # no torch module: the layer type is the Flax module's, verified by names and shapes
-                rule = flax_rule_for(type(target.modules[p])) or rule
-                if not set(layer.own_shapes) <= set(rule.by_torch_name()) | set(rule.dropped):
-                    continue
-            elif not _same_kind(rule, target.modules.get(p)):
-                continue
-            own = {n: s for n, s in layer.own_shapes.items() if n not in rule.dropped}
-            trial = PlannedLayer(layer.info, rule, own)
-            if _fits(trial, p, target, shapes=True):
-                hit, layer.rule, layer.own_shapes = p, rule, own
-                break
-        if hit is not None:
-            free.remove(hit)
-        _set_path(layer, hit if hit is not None else fallback, target)
-
-
-def _set_path(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget) -> None:
-    i = layer.info
-    layer.info = LayerInfo(i.torch_path, path, i.torch_type, i.torch_module, target.modules.get(path), i.flatten)
-    if layer.rule.name == "direct":  # collections depend on where the leaves are
-        layer.rule = _direct_rule_at(layer.own_shapes, path, target)
 
 
 def _check_attributes(infos: list[tuple[LayerInfo, Rule]], mode: str) -> None:
@@ -331,22 +251,35 @@ def _check_attributes(infos: list[tuple[LayerInfo, Rule]], mode: str) -> None:
 
 
 def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarget:
-    if flax_module is not None and _is_nnx(flax_module):
+    flax_inputs = channels_last = None
+    if example_input is not None:
+        inputs = [to_numpy(x) for x in _as_tuple(example_input)]
+        # one layout per positional input (the same for all when given as one string)
+        layouts = per_arg(input_layout, inputs)
+        flax_inputs = tuple(to_flax_layout(x, lay) for x, lay in zip(inputs, layouts))
+        # which Flax inputs are the channels-last form of a channels-first torch input
+        channels_last = tuple(lay == CHANNELS_FIRST for lay in layouts)
+    if flax_module is not None and is_nnx(flax_module):
         from weight_port.nnx import nnx_target
 
-        return nnx_target(flax_module)
+        try:
+            return nnx_target(flax_module, flax_inputs, channels_last=channels_last or ())
+        except Exception as exc:  # a call the abstract trace cannot follow: pair by names/shapes
+            warnings.warn(f"could not trace the NNX twin {type(flax_module).__name__} "
+                          f"({type(exc).__name__}: {exc}); execution order and flatten order come "
+                          "from the torch side only", UserWarning, stacklevel=4)
+            return nnx_target(flax_module)
     if flax_module is not None:
-        if example_input is None:
+        if flax_inputs is None:
             raise TypeError("build_plan needs example_input together with a linen flax_module")
-        flax_inputs = tuple(to_flax_layout(to_numpy(x), lay) for x, lay in zip(_as_tuple(example_input), per_arg(input_layout, [to_numpy(x) for x in _as_tuple(example_input)])))
-        return abstract_target(flax_module, flax_inputs)
+        return abstract_target(flax_module, flax_inputs, channels_last=channels_last)
     if variables is not None:
         return target_from_variables(variables)
     raise TypeError("build_plan needs a flax_module (with example_input) or variables")
 
 
-def _layers_from_torch(torch_module: torch.nn.Module, target: FlaxTarget, found: Mapping):
-    layers, no_rule, dropped_defaults, paramless = [], [], {}, []
+def _layers_from_torch(torch_module: torch.nn.Module):
+    layers, no_rule, dropped_defaults, paramless, named = [], [], {}, [], []
     for path, module in torch_module.named_modules():
         own = _own_tensors(module)
         rule = rule_for(type(module))
@@ -361,10 +294,9 @@ def _layers_from_torch(torch_module: torch.nn.Module, target: FlaxTarget, found:
                 continue
             # tensors registered directly on a container (class token, position embedding)
             rule = direct_rule({n: "params" for n in own})
-        info = LayerInfo(path, (), type(module), module, None,
-                         tuple(found[path]) if path in found else None)
-        layer = PlannedLayer(info, rule, {n: tuple(t.shape) for n, t in own.items()
-                                          if n not in rule.dropped})
+        layer = PlannedLayer(LayerInfo(path, (), type(module), module), rule,
+                             {n: tuple(t.shape) for n, t in own.items() if n not in rule.dropped})
+        named += [(layer.torch_key(n), t) for n, t in own.items()]
         for name in rule.dropped:
             if name in own:
                 dropped_defaults[layer.torch_key(name)] = to_numpy(own[name]).copy()
@@ -372,7 +304,7 @@ def _layers_from_torch(torch_module: torch.nn.Module, target: FlaxTarget, found:
     if no_rule:
         raise NoRuleError(no_rule)
     sequential = {p for p, m in torch_module.named_modules() if isinstance(m, torch.nn.Sequential)}
-    return layers, dropped_defaults, paramless, sequential
+    return layers, dropped_defaults, paramless, sequential, tied_aliases(named)
 
 
 def _layers_from_state(state: Mapping, target: FlaxTarget, rename: Rename):
@@ -399,7 +331,8 @@ def _layers_from_state(state: Mapping, target: FlaxTarget, rename: Rename):
         layers.append(PlannedLayer(info, rule, {n: s for n, s in own.items() if n not in rule.dropped}))
     if no_rule:
         raise NoRuleError(no_rule)
-    return layers
+    # in-memory state_dicts list tied tensors under every name (files usually store one)
+    return layers, tied_aliases(state.items()) if isinstance(state, dict) else {}
 
 
 def build_plan(
@@ -409,44 +342,47 @@ def build_plan(
     *,
     variables: Mapping | None = None,
     input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
-    flatten: Mapping[str, tuple[int, ...]] | None = None,
+    flatten: Mapping[str, tuple[int, ...] | None] | None = None,
     state: Mapping | None = None,
     rename: Rename = None,
     check_attributes: str = "error",
 ) -> PortPlan:
     """Pair every torch layer owning tensors with its Flax module and conversion rule.
 
-    torch_module: gives layer types and (by tracing) flatten order. Without it pass ``state`` (a
-    state_dict or sources.load_state mapping): layer types then come from the Flax twin's module
-    classes per path. flax_module: a linen Module (abstract-initialised on the channels-last
-    [N, *S, C] equivalent of the torch-layout ``example_input`` [N, C, *S]) or an nnx.Module
-    (read as built); without one, ``variables`` give the target. flatten: explicit
-    {linear path: (C, *S)} entries, merged over what tracing finds. rename: callable or
-    (regex, replacement) pairs applied to torch paths first. check_attributes: "error", "warn" or
-    "ignore" when eps/momentum/groups of a Flax module differ from its torch layer's.
+    torch_module: gives layer types, execution order (forward pre-hooks on ``example_input``,
+    run only when some layer cannot be paired by name) and, if the Flax side cannot tell, flatten
+    order. Without it pass ``state`` (a state_dict or sources.load_state mapping): layer types then
+    come from the Flax twin's module classes per path. flax_module: a linen Module
+    (abstract-initialised on the channels-last [N, *S, C] equivalent of the torch-layout
+    ``example_input`` [N, C, *S]) or an nnx.Module (abstractly called on it when given); without
+    one, ``variables`` give the target. flatten: explicit {linear path: (C, *S) or None} entries,
+    over what tracing finds. rename: callable or (regex, replacement) pairs applied to torch paths
+    first. check_attributes: "error", "warn" or "ignore" when eps/momentum/groups of a Flax module
+    differ from its torch layer's. print(plan) shows every pairing and layout change.
     """
     if check_attributes not in ("error", "warn", "ignore"):
         raise ValueError("check_attributes must be 'error', 'warn' or 'ignore'")
     target = _target_for(flax_module, example_input, variables, input_layout)
     paramless: list = []
+    torch_order = None
     if torch_module is not None:
-        inputs = _torch_inputs(torch_module, example_input) if example_input is not None else None
-        found = find_flattened_linears(copy.deepcopy(torch_module), inputs) or {}
-        found.update(dict(flatten or {}))
-        layers, dropped_defaults, paramless, sequential = _layers_from_torch(torch_module, target, found)
+        layers, dropped_defaults, paramless, sequential, aliases = _layers_from_torch(torch_module)
+        if example_input is not None:
+            from weight_port.call_order import torch_call_order
+
+            torch_order = lambda: torch_call_order(torch_module, _torch_inputs(torch_module, example_input))
     elif state is not None:
         if not target.modules:
             raise PortError("porting without a torch module needs a Flax module (layer types come "
                             "from it); pass flax_module and example_input")
-        layers, dropped_defaults, sequential = _layers_from_state(state, target, rename), {}, set()
-        for layer in layers:  # explicit flatten entries still apply
-            if flatten and layer.info.torch_path in flatten:
-                i = layer.info
-                layer.info = LayerInfo(i.torch_path, i.flax_path, i.torch_type, None, i.flax_module,
-                                       tuple(flatten[i.torch_path]))
+        (layers, aliases), dropped_defaults, sequential = _layers_from_state(state, target, rename), {}, set()
     else:
         raise TypeError("build_plan needs a torch_module or a state (state_dict / checkpoint)")
-    _resolve_paths(layers, target, sequential, rename)
+    notes = resolve_paths(layers, target, sequential, rename, torch_order)
+    tied = fold_tied(layers, aliases, target)
+    inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
+    flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
+    decide_transpose_kernels(layers, target)
     checks = [(layer.info, layer.rule) for layer in layers]
     for path, module, rule in paramless:  # e.g. LayerNorm(elementwise_affine=False): eps still matters
         flax_path = next((c for c in candidate_paths(apply_rename(path, rename), sequential)
@@ -454,7 +390,8 @@ def build_plan(
         if flax_path is not None:
             checks.append((LayerInfo(path, flax_path, type(module), module, target.modules[flax_path]), rule))
     _check_attributes(checks, check_attributes)
-    return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults)
+    return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults,
+                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied)
 
 
 __all__ = ["PortPlan", "PlannedLayer", "build_plan", "flax_path_str"]

@@ -36,6 +36,10 @@ class LayerInfo:
     torch_module: nn.Module | None = None
     flax_module: Any = None
     flatten: tuple[int, ...] | None = None
+    # Whether the Flax kernel has in/out swapped against the rule's default layout (ConvTranspose
+    # with transpose_kernel=True; HF FlaxConv1D's [out, in]), decided from shapes when there is no
+    # Flax module (flax_to_torch from bare variables); None: read it off flax_module.
+    transpose_kernel: bool | None = None
 
 
 def _identity(a: np.ndarray, layer: LayerInfo) -> np.ndarray:
@@ -49,6 +53,11 @@ class TensorMap:
     flax_name: str
     to_flax: Transform = _identity
     to_torch: Transform = _identity
+    # The layout change in words, for PortPlan.describe(); a callable when it depends on the layer.
+    layout: str | Callable[["LayerInfo"], str] = "unchanged"
+
+    def describe(self, layer: "LayerInfo") -> str:
+        return self.layout(layer) if callable(self.layout) else self.layout
 
 
 @dataclass(frozen=True)
@@ -88,9 +97,17 @@ def linear_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
     return w
 
 
+def _linear_layout(layer: LayerInfo) -> str:
+    if layer.flatten is None:
+        return "[out, in] -> [in, out]"
+    c, *s = layer.flatten
+    return f"[out, in] -> [in, out], in permuted {(c, *s)} -> {(*s, c)} (flatten order)"
+
+
 LINEAR = Rule(
     (
-        TensorMap("weight", "params", "kernel", linear_weight_to_flax, linear_weight_to_torch),
+        TensorMap("weight", "params", "kernel", linear_weight_to_flax, linear_weight_to_torch,
+                  _linear_layout),
         TensorMap("bias", "params", "bias"),
     ),
     name="linear",
@@ -110,7 +127,8 @@ def conv_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
 
 CONV = Rule(
     (
-        TensorMap("weight", "params", "kernel", conv_weight_to_flax, conv_weight_to_torch),
+        TensorMap("weight", "params", "kernel", conv_weight_to_flax, conv_weight_to_torch,
+                  "[out, in/g, *k] -> [*k, in/g, out]"),
         TensorMap("bias", "params", "bias"),
     ),
     name="conv",
@@ -126,7 +144,15 @@ CONV = Rule(
 # equivalent grouped conv (weight_port.flax_layers.GroupedConvTranspose) has kernel
 # [*k, in/g, out] with out ordered (group, out/g) -- the same group-major order torch uses.
 def _flax_transposes_kernel(layer: LayerInfo) -> bool:
+    if layer.transpose_kernel is not None:
+        return layer.transpose_kernel
     return bool(getattr(layer.flax_module, "transpose_kernel", False))
+
+
+def _conv_transpose_layout(layer: LayerInfo) -> str:
+    if _flax_transposes_kernel(layer):
+        return "[in, out, *k] -> [*k, out, in] (flax transpose_kernel=True flips itself)"
+    return "[in, out/g, *k] -> [*k, in/g, out], spatially flipped"
 
 
 def conv_groups(layer: LayerInfo) -> int:
@@ -176,7 +202,8 @@ def _check_conv_transpose(layer: LayerInfo) -> list[str]:
 CONV_TRANSPOSE = Rule(
     (
         TensorMap(
-            "weight", "params", "kernel", conv_transpose_weight_to_flax, conv_transpose_weight_to_torch
+            "weight", "params", "kernel", conv_transpose_weight_to_flax, conv_transpose_weight_to_torch,
+            _conv_transpose_layout,
         ),
         TensorMap("bias", "params", "bias"),
     ),
@@ -259,6 +286,54 @@ INSTANCE_NORM = Rule(NORM.tensors, dropped=("num_batches_tracked",), check=_eps_
                      name="instance_norm")
 
 
+# --- RMSNorm: torch weight is Flax scale, same shape. torch's eps=None means finfo(x.dtype).eps
+# (1.19e-07 for float32) at run time; Flax's RMSNorm defaults to epsilon=1e-6.
+def _rms_norm_check(layer: LayerInfo) -> list[str]:
+    t = layer.torch_module
+    if t is None or getattr(t, "eps", 0) is not None:
+        return _eps_check(layer)
+    weight = getattr(t, "weight", None)
+    # without a weight the input dtype is unknown: any float dtype's eps is a faithful twin
+    dtypes = [weight.dtype] if weight is not None else [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    eps = [torch.finfo(d).eps for d in dtypes]
+    f_eps = getattr(layer.flax_module, "epsilon", None)
+    if f_eps is not None and all(_differs(e, f_eps) for e in eps):
+        return [f"{layer.torch_path or '<root>'}: torch eps=None (finfo eps {eps[0]:g} of the input dtype) "
+                f"but flax {'/'.join(layer.flax_path) or '<root>'} epsilon={f_eps:g} (set epsilon={eps[0]:g})"]
+    return []
+
+
+RMS_NORM = Rule((TensorMap("weight", "params", "scale"),), check=_rms_norm_check, name="rms_norm")
+
+
+# --- transformers' Conv1D (GPT-2): y = x W + b with W stored [in, out] -- already Flax Dense's
+# kernel layout, so no transpose against nn.Dense / nnx.Linear. HF's own FlaxConv1D stores its
+# kernel [out, in] (it transposes in __call__), so against that twin the port transposes.
+def _flax_kernel_is_out_in(layer: LayerInfo) -> bool:
+    if layer.transpose_kernel is not None:
+        return layer.transpose_kernel
+    return _is_hf(type(layer.flax_module), "FlaxConv1D")
+
+
+def conv1d_weight_to_flax(w: np.ndarray, layer: LayerInfo) -> np.ndarray:
+    return w.T if _flax_kernel_is_out_in(layer) else w
+
+
+def conv1d_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
+    return k.T if _flax_kernel_is_out_in(layer) else k
+
+
+CONV1D = Rule(
+    (
+        TensorMap("weight", "params", "kernel", conv1d_weight_to_flax, conv1d_weight_to_torch,
+                  lambda layer: "[in, out] -> [out, in] (HF FlaxConv1D)" if _flax_kernel_is_out_in(layer)
+                  else "[in, out] unchanged (Dense layout)"),
+        TensorMap("bias", "params", "bias"),
+    ),
+    name="conv1d",
+)
+
+
 # --- Embedding: both store the table as [num_embeddings, features]; lookups index row-wise. ------
 EMBEDDING = Rule((TensorMap("weight", "params", "embedding"),), name="embedding")
 
@@ -289,7 +364,24 @@ _RULES: dict[type, Rule] = {
     nn.InstanceNorm2d: INSTANCE_NORM,
     nn.InstanceNorm3d: INSTANCE_NORM,
     nn.Embedding: EMBEDDING,
+    nn.RMSNorm: RMS_NORM,
 }
+# Layer types of optional libraries, keyed by (module prefix, class name) so that nothing is
+# imported to register them: a transformers Conv1D can only reach the port when transformers is
+# importable (and imported), so the rule exists exactly when transformers does.
+_OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
+    ("transformers.", "Conv1D"): CONV1D,
+    ("transformers.", "FlaxConv1D"): CONV1D,
+}
+
+
+def _is_hf(cls: type, name: str) -> bool:
+    return cls.__name__ == name and cls.__module__.startswith("transformers.")
+
+
+def _optional_rule(cls: type) -> Rule | None:
+    return next((r for (prefix, name), r in _OPTIONAL_RULES.items()
+                 if cls.__name__ == name and cls.__module__.startswith(prefix)), None)
 # Flax-side types, for ports without a torch module (a state_dict or checkpoint file): the layer
 # type is then read off the Flax twin at each path. Filled lazily (importing flax is slow).
 _FLAX_RULES: dict[type, Rule] = {}
@@ -311,6 +403,7 @@ def _builtin_flax_rules() -> dict[type, Rule]:
         fnn.GroupNorm: GROUP_NORM, nnx.GroupNorm: GROUP_NORM,
         fnn.InstanceNorm: INSTANCE_NORM,
         fnn.Embed: EMBEDDING, nnx.Embed: EMBEDDING,
+        fnn.RMSNorm: RMS_NORM, nnx.RMSNorm: RMS_NORM,
     }
 
 
@@ -341,6 +434,8 @@ def rule_for(torch_type: type) -> Rule | None:
     for cls in torch_type.__mro__:
         if cls in _RULES:
             return _RULES[cls]
+        if (rule := _optional_rule(cls)) is not None:
+            return rule
     return None
 
 
@@ -356,6 +451,8 @@ def flax_rule_for(flax_type: type) -> Rule | None:
     for cls in flax_type.__mro__:
         if cls in rules:
             return rules[cls]
+        if (rule := _optional_rule(cls)) is not None:
+            return rule
     return None
 
 

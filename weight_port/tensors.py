@@ -5,6 +5,8 @@ bfloat16 has no numpy dtype in torch's eyes (``.numpy()`` raises), so it crosses
 """
 from __future__ import annotations
 
+import contextlib
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -51,14 +53,16 @@ def to_jax(a: np.ndarray, dtype=None, *, copy: bool = False):
     copy (the jax array then shares memory with the source tensor: pass copy=True if that tensor
     will be modified in place later). A strided view (a transposed kernel) is copied once by
     torch's blocked copy kernel and handed over by dlpack -- several times faster than numpy's
-    np.ascontiguousarray followed by jnp.asarray's own copy. bfloat16 crosses as bits
-    (ml_dtypes / torch bfloat16), never through float32.
+    np.ascontiguousarray followed by jnp.asarray's own copy (run it under single_threaded_torch
+    when JAX work interleaves: see there). bfloat16 crosses as bits (ml_dtypes / torch
+    bfloat16), never through float32.
     """
     import jax
     import jax.numpy as jnp
 
     if dtype is not None and np.dtype(dtype) != a.dtype:
         a = a.astype(dtype)  # the one copy (it is contiguous afterwards)
+        copy = False  # ``a`` is ours now: nothing else can change it in place
     if jax.default_backend() != "cpu" or not _jax_keeps(a.dtype) or a.size == 0:
         return jnp.asarray(a)  # device transfer / x64-off narrowing: JAX's own rules apply
     t = torch_view(a)
@@ -66,9 +70,9 @@ def to_jax(a: np.ndarray, dtype=None, *, copy: bool = False):
         # small or negatively strided (np.flip) views: JAX's strided host transfer, one copy
         return jnp.asarray(a)
     if not a.flags.c_contiguous:
-        # torch's blocked, multi-threaded copy, then a zero-copy handover. (jnp.asarray of the
-        # view is as fast on an idle machine but keeps transfer staging buffers alive: on the
-        # ViT-L benchmark its peak RSS growth was ~1.3x the model's bytes, this path's ~1.0x.)
+        # torch's blocked copy, then a zero-copy handover. (jnp.asarray of the view keeps
+        # transfer staging buffers alive: on the ViT-L benchmark its peak RSS growth was ~1.3x
+        # the model's bytes, this path's ~1.0x.)
         return jax.dlpack.from_dlpack(t.contiguous())
     if t is None:  # a dtype torch does not know: JAX's own conversion
         return jnp.asarray(a)
@@ -78,6 +82,23 @@ def to_jax(a: np.ndarray, dtype=None, *, copy: bool = False):
         return jax.dlpack.from_dlpack(t)  # zero-copy: the jax array keeps ``t`` alive
     except Exception:  # unaligned or otherwise unsupported buffer: fall back to a copy
         return jnp.asarray(a)
+
+
+@contextlib.contextmanager
+def single_threaded_torch():
+    """torch's intra-op threads set to 1 for the block, then restored.
+
+    The port alternates torch copies with JAX calls tensor by tensor; torch's OpenMP workers
+    spin-wait between parallel regions while JAX's own thread pool wakes, and on a small or busy
+    machine the two pools starve each other (ViT-L, 2 cores: 6.8 s in ``.contiguous()`` instead
+    of ~1 s). One thread per copy, with the plan's Flax trace on the other core, is faster.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def torch_view(a: np.ndarray) -> torch.Tensor | None:
@@ -90,3 +111,19 @@ def torch_view(a: np.ndarray) -> torch.Tensor | None:
         return torch.from_numpy(a)
     except (TypeError, ValueError):
         return None
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when ``a`` holds no NaN/Inf, without allocating a mask as large as ``a``.
+
+    Any NaN or Inf makes the sum non-finite, so one streaming reduction (numpy's pairwise SIMD
+    sum, several GiB/s) decides the common case; only a non-finite sum -- a real NaN/Inf or a
+    finite overflow, float32 accumulation for 16-bit types -- needs the exact elementwise test.
+    """
+    if a.dtype.kind != "f" and a.dtype != np.dtype("bfloat16"):
+        return True
+    acc = np.float64 if a.dtype.itemsize == 8 else np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(a, dtype=acc)):
+            return True
+    return bool(np.isfinite(a).all())

@@ -1,4 +1,14 @@
-"""``parity port SOURCE --model NAME --out DIR``: a torch checkpoint -> an orbax Flax checkpoint."""
+"""``parity port``: torch weights -> an orbax Flax checkpoint, for a built-in pair or your own.
+
+    parity port SOURCE --model NAME --out DIR
+    parity port [SOURCE] --torch MODULE:FACTORY --flax MODULE:FACTORY
+                (--example-input MODULE:FN | --input-shape N,C,H,W) --out DIR [--plan]
+
+Without SOURCE, your pair's torch model is the source (its factory's weights). ``--plan`` prints
+the port as a table (torch name, Flax path, rule, layout change, how each pair was matched);
+pairings not made by name are always printed. Nothing heavy is imported at module level, so the
+argument definitions can be built for ``--help`` without torch or jax.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,51 +17,52 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from parity.registry import PAIRS, select
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE",
+    p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
                    help=".safetensors, .pt/.pth (loaded with weights_only=True), a sharded "
-                        "*.index.json, or a directory holding one")
-    p.add_argument("--model", required=True, metavar="NAME",
-                   help=f"registry pair whose architecture the checkpoint has ({', '.join(PAIRS)})")
+                        "*.index.json, or a directory holding one; with --torch it may be left out "
+                        "(the torch model's own weights are ported)")
+    p.add_argument("--model", metavar="NAME", help="registry pair whose architecture the checkpoint has")
+    own = p.add_argument_group("your own pair (instead of --model)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch.nn.Module")
+    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin (linen or NNX)")
+    own.add_argument("--example-input", metavar="MODULE:FN",
+                     help="zero-argument callable returning the torch input (a tensor or a tuple of inputs)")
+    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of a random float example input, torch layout")
+    own.add_argument("--layout", choices=("NC...", "as_is"), default=None,
+                     help="torch-side layout of the inputs (default: NC... for >= 3 dims, else as_is)")
+    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
+                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
     p.add_argument("--out", required=True, metavar="DIR", help="orbax checkpoint directory to create")
-    p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="model config of the pair")
-    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default=None,
-                   help="target dtype (default: keep the checkpoint's)")
+    p.add_argument("--plan", action="store_true", help="print the port plan (every tensor) before writing")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="--model: config of the pair")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="target dtype (default: keep the source's)")
     p.add_argument("--allow-nonfinite", action="store_true", help="port NaN/Inf weights instead of failing")
 
 
-def port_checkpoint(source: str | os.PathLike, model: str, out: str | os.PathLike, *,
-                    size: str = "tiny", dtype: str | None = None, allow_nonfinite: bool = False) -> dict:
-    """Port ``source`` into an orbax checkpoint at ``out``; returns the Flax variables.
+def _target_dtype(dtype: str | None):
+    import ml_dtypes
+    import numpy as np
 
-    The checkpoint is written to a temporary directory next to ``out`` and renamed into place
-    only when everything succeeded, so a failure never leaves a partial ``out`` behind.
+    if dtype is None:
+        return None
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def write_orbax(variables, out: str | os.PathLike) -> None:
+    """Write ``variables`` as an orbax checkpoint at ``out``, atomically.
+
+    The checkpoint is written to a temporary directory next to ``out`` and renamed into place only
+    when everything succeeded, so a failure never leaves a partial ``out`` behind.
     """
     import jax
-    import ml_dtypes
     import numpy as np
     import orbax.checkpoint as ocp
 
-    import weight_port
-
-    pairs = select(model)
-    if len(pairs) != 1:
-        raise ValueError(f"--model must name one pair, {model!r} selects {', '.join(p.name for p in pairs)}")
-    pair = pairs[0]
     out = Path(out).absolute()
-    if out.exists():
-        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
-    config = pair.config(size)
-    torch_model, flax_model = pair.build(config)
-    x = pair.example_input(config, batch=1)
-    target = None if dtype is None else (np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype))
-    variables = weight_port.torch_to_flax(
-        source, flax_model, x, torch_module=torch_model, input_layout=pair.layout,
-        dtype=target, allow_nonfinite=allow_nonfinite, copy=True,
-    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -61,16 +72,110 @@ def port_checkpoint(source: str | os.PathLike, model: str, out: str | os.PathLik
         os.rename(ckpt, out)  # atomic on one filesystem: out appears complete or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def port_pair(source, torch_model, flax_model, example_input, out: str | os.PathLike, *,
+              input_layout: str, rename=None, dtype: str | None = None,
+              allow_nonfinite: bool = False, show_plan: bool = False, say=print):
+    """Port ``source`` (None: ``torch_model``'s own weights) into an orbax checkpoint at ``out``;
+    returns the Flax variables (an nnx.State for an NNX twin). ``say`` prints the plan (with
+    ``show_plan``) or, always, the pairings not made by name."""
+    import weight_port
+    from weight_port.flax_tree import is_nnx
+
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
+    plan = weight_port.build_plan(torch_model, flax_model, example_input, input_layout=input_layout,
+                                  rename=rename)
+    if show_plan:
+        say(plan.describe())
+    else:
+        for note in plan.pairing_notes + plan.flatten_notes:
+            say(f"note: {note}")
+    state = weight_port.load_state(torch_model if source is None else source)
+    variables = plan.to_flax(state, dtype=_target_dtype(dtype), allow_nonfinite=allow_nonfinite, copy=True)
+    write_orbax(variables, out)  # linen-style {collection: tree}, also for an NNX twin
+    if is_nnx(flax_model):
+        from flax import nnx
+
+        from weight_port.nnx import update_nnx
+
+        return update_nnx(nnx.clone(flax_model), variables)
     return variables
 
 
+def port_checkpoint(source: str | os.PathLike, model: str, out: str | os.PathLike, *,
+                    size: str = "tiny", dtype: str | None = None, allow_nonfinite: bool = False,
+                    show_plan: bool = False):
+    """Port ``source`` into an orbax checkpoint at ``out`` for registry pair ``model``."""
+    from parity.registry import select
+
+    pairs = select(model)
+    if len(pairs) != 1:
+        raise ValueError(f"--model must name one pair, {model!r} selects {', '.join(p.name for p in pairs)}")
+    pair = pairs[0]
+    config = pair.config(size)
+    torch_model, flax_model = pair.build(config)
+    x = pair.example_input(config, batch=1)
+    return port_pair(source, torch_model, flax_model, x, out, input_layout=pair.layout, dtype=dtype,
+                     allow_nonfinite=allow_nonfinite, show_plan=show_plan)
+
+
+def _own_pair(args: argparse.Namespace):
+    """(torch model, Flax model, example input, layout, rename) from --torch/--flax/..."""
+    from parity.commands.check import SetupError, _call_factory, load_factory, parse_shape
+
+    missing = [f for f, v in (("--torch", args.torch), ("--flax", args.flax)) if not v]
+    if missing:
+        raise SetupError(f"porting your own pair needs {' and '.join(missing)}")
+    if bool(args.example_input) == bool(args.input_shape):
+        raise SetupError("porting your own pair needs exactly one of --example-input and --input-shape")
+    torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
+    flax_model = _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
+    if args.example_input:
+        x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
+                          "--example-input")
+    else:
+        import torch
+
+        x = torch.randn(parse_shape(args.input_shape))
+    first = x[0] if isinstance(x, (tuple, list)) else x
+    layout = args.layout or ("NC..." if getattr(first, "ndim", 0) >= 3 else "as_is")
+    rename = []
+    for item in args.rename or []:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise SetupError(f"--rename {item!r}: expected OLD=NEW (OLD a regex over torch module paths)")
+        rename.append((old, new))
+    return torch_model, flax_model, x, layout, rename or None
+
+
 def run(args: argparse.Namespace) -> int:
-    variables = port_checkpoint(args.source, args.model, args.out, size=args.size, dtype=args.dtype,
-                                allow_nonfinite=args.allow_nonfinite)
     import jax
 
+    from parity.commands.check import SetupError
+    from parity.errors import UsageError
+
+    try:
+        if args.model and (args.torch or args.flax):
+            raise SetupError("give either --model or --torch/--flax, not both")
+        if args.model:
+            if args.source is None:
+                raise SetupError("--model needs a SOURCE checkpoint")
+            variables = port_checkpoint(args.source, args.model, args.out, size=args.size, dtype=args.dtype,
+                                        allow_nonfinite=args.allow_nonfinite, show_plan=args.plan)
+            what = f"model {args.model}, {args.size}"
+        else:
+            torch_model, flax_model, x, layout, rename = _own_pair(args)
+            variables = port_pair(args.source, torch_model, flax_model, x, args.out, input_layout=layout,
+                                  rename=rename, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite,
+                                  show_plan=args.plan)
+            what = f"{type(torch_model).__name__} -> {type(flax_model).__name__}"
+    except SetupError as exc:
+        raise UsageError(str(exc)) from None
     leaves = jax.tree.leaves(variables)
     n = sum(int(v.size) for v in leaves)
-    print(f"ported {len(leaves)} tensors ({n:,} values) from {args.source} into {args.out} "
-          f"(model {args.model}, {args.size})")
+    print(f"ported {len(leaves)} tensors ({n:,} values) from {args.source or 'the torch model'} "
+          f"into {args.out} ({what})")
     return 0

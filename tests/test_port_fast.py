@@ -1,0 +1,95 @@
+"""The fast path of torch_to_flax (tensors converted on background threads while the plan traces)
+gives the same bits as the plain plan, and never reuses a tensor the plan converts differently."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+import weight_port as wp
+from weight_port import prefetch as prefetch_mod
+from weight_port.plan import build_plan
+from weight_port.prefetch import Prefetch
+
+X = torch.randn(2, 3, 4, 4)
+
+
+class Torch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 6)  # after a channels-first flatten: permuted
+        self.norm = torch.nn.LayerNorm(6)
+        self.head = torch.nn.Linear(6, 3)
+        self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)  # plan-dependent rule: not prefetched
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.head(self.norm(self.fc(y.flatten(1)))), self.up(y)
+
+
+class Flax(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5, name="bn")(
+            nn.Conv(4, (3, 3), padding=1, name="conv")(x))
+        h = nn.Dense(6, name="fc")(y.reshape(y.shape[0], -1))
+        up = nn.ConvTranspose(2, (2, 2), strides=(2, 2), name="up")(y)
+        return nn.Dense(3, name="head")(nn.LayerNorm(epsilon=self.eps, name="norm")(h)), up
+
+
+def _bits(tree) -> dict:
+    return {k: np.asarray(v).tobytes() for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.mark.parametrize("dtype", [None, jax.numpy.bfloat16])
+def test_prefetched_equals_plain_bit_for_bit(dtype):
+    t = Torch().eval()
+    with torch.no_grad():
+        t.bn.running_var.uniform_(0.5, 2)
+    sd = t.state_dict()
+    plan = build_plan(t, Flax(), X)
+    plain = plan.to_flax(sd, dtype=dtype)
+    pre = Prefetch(t, sd, dtype=dtype, copy=True, check_finite=True).result()
+    assert "fc.weight" in pre and "head.weight" in pre and "up.weight" not in pre
+    fast = plan.to_flax(sd, dtype=dtype, precomputed=pre)
+    assert _bits(fast) == _bits(plain)
+    # the flatten-permuted Linear was converted again, not taken from the prefetch
+    assert fast["params"]["fc"]["kernel"] is not pre["fc.weight"].value
+    assert fast["params"]["head"]["kernel"] is pre["head.weight"].value
+
+
+def test_torch_to_flax_fast_path_same_as_plan_and_restores_threads(monkeypatch):
+    monkeypatch.setattr(prefetch_mod, "MIN_BYTES", 0)  # take the fast path on a tiny model
+    t = Torch().eval()
+    threads = torch.get_num_threads()
+    fast = wp.torch_to_flax(t, Flax(), X)
+    assert torch.get_num_threads() == threads
+    assert _bits(fast) == _bits(build_plan(t, Flax(), X).to_flax(t.state_dict()))
+    # copies, not views of the live torch tensors (the default for a module source)
+    with torch.no_grad():
+        t.head.weight.add_(1.0)
+    assert not np.array_equal(np.asarray(fast["params"]["head"]["kernel"]), t.head.weight.detach().numpy().T)
+
+
+def test_nonfinite_found_on_the_fast_path(monkeypatch):
+    monkeypatch.setattr(prefetch_mod, "MIN_BYTES", 0)
+    t = Torch()
+    with torch.no_grad():
+        t.head.weight[0, 0] = float("nan")
+    with pytest.raises(wp.NonFiniteWeightError, match="head.weight"):
+        wp.torch_to_flax(t, Flax(), X)
+
+
+def test_failed_plan_stops_the_prefetch(monkeypatch):
+    monkeypatch.setattr(prefetch_mod, "MIN_BYTES", 0)
+    threads = torch.get_num_threads()
+    with pytest.raises(wp.AttributeMismatchError):
+        wp.torch_to_flax(Torch(), Flax(eps=1e-6), X)  # Flax's default eps: refused by the plan
+    assert torch.get_num_threads() == threads

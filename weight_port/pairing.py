@@ -1,0 +1,162 @@
+"""Pair each torch layer with its Flax module: rename, naming rules, then execution order.
+
+Names first (weight_port.matching). Layers names cannot pair (Flax auto-names ``Dense_0``) are
+paired structurally: torch layers in the order the torch forward first calls them, against the
+unclaimed Flax modules in the order the twin first calls them, each with the first module of the
+same layer kind whose leaves have the converted shapes. Registration order (torch ``__init__``)
+is never trusted: a correct twin may register layers in another order than it runs them. When an
+order is not traced (no example input, no torch module) a pairing is made only if exactly one
+module fits; otherwise AmbiguousPairingError names both candidates.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from weight_port.errors import AmbiguousPairingError
+from weight_port.flax_tree import FlaxTarget
+from weight_port.matching import Rename, apply_rename, candidate_paths
+from weight_port.naming import flax_path_str
+from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
+
+Leaf = tuple[str, ...]  # (collection, *module_path, leaf_name)
+
+
+@dataclass
+class PlannedLayer:
+    info: LayerInfo
+    rule: Rule
+    # torch tensor name -> shape, as the source layer has it (used for structural matching)
+    own_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    matched: str = "name"  # how the Flax path was found (printed by PortPlan.describe)
+
+    def torch_key(self, name: str) -> str:
+        return f"{self.info.torch_path}.{name}" if self.info.torch_path else name
+
+    def flax_leaf(self, collection: str, name: str) -> Leaf:
+        return (collection, *self.info.flax_path, name)
+
+
+def _leaves_of(rule: Rule, names, path: tuple[str, ...]) -> list[Leaf]:
+    by_name = rule.by_torch_name()
+    return [(by_name[n].collection, *path, by_name[n].flax_name) for n in names if n in by_name]
+
+
+def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:
+    """A direct-copy rule; each tensor goes to the collection that has its leaf ("params" if none)."""
+    colls = sorted(target.collections(), key=lambda c: c != "params")
+    return direct_rule({n: next((c for c in colls if (c, *path, n) in target.shapes), "params")
+                        for n in names})
+
+
+def _converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
+    tmap = rule.by_torch_name()[name]
+    # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
+    return tuple(tmap.to_flax(dummy, info).shape)
+
+
+def _fits(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget, *, shapes: bool) -> bool:
+    info = replace(layer.info, flax_path=path, flax_module=target.modules.get(path))
+    leaves = _leaves_of(layer.rule, layer.own_shapes, path)
+    if not leaves or any(leaf not in target.shapes for leaf in leaves):
+        return False
+    if not shapes:
+        return True
+    return all(
+        tuple(target.shapes[leaf].shape) == _converted_shape(layer.rule, n, s, info)
+        for n, s, leaf in zip(layer.own_shapes, layer.own_shapes.values(), leaves)
+    )
+
+
+def _flax_paths_in_order(target: FlaxTarget) -> list[tuple[str, ...]]:
+    """Flax module paths owning leaves: traced call order first, then creation order."""
+    owning: dict[tuple[str, ...], None] = {}
+    for leaf in target.shapes:
+        owning.setdefault(tuple(leaf[1:-1]), None)
+    called = [p for p in (target.order or ()) if p in owning]
+    return called + [p for p in owning if p not in set(called)]
+
+
+def _same_kind(rule: Rule, flax_module) -> bool:
+    if flax_module is None:
+        return True  # target read off variables: no types, shapes decide
+    frule = flax_rule_for(type(flax_module))
+    return frule is not None and (frule is rule or (frule.name and frule.name == rule.name))
+
+
+def _fit_rule(layer: PlannedLayer, p: tuple[str, ...], target: FlaxTarget):
+    """(rule, own shapes) with which ``layer`` fits Flax module ``p`` by kind and shapes, or None."""
+    rule = layer.rule
+    if layer.info.torch_type is None and rule.name == "direct" and p in target.modules:
+        # no torch module: the layer type is the Flax module's, verified by names and shapes
+        rule = flax_rule_for(type(target.modules[p])) or rule
+        if not set(layer.own_shapes) <= set(rule.by_torch_name()) | set(rule.dropped):
+            return None
+    elif not _same_kind(rule, target.modules.get(p)):
+        return None
+    own = {n: s for n, s in layer.own_shapes.items() if n not in rule.dropped}
+    return (rule, own) if _fits(PlannedLayer(layer.info, rule, own), p, target, shapes=True) else None
+
+
+def resolve_paths(
+    layers: list[PlannedLayer],
+    target: FlaxTarget,
+    sequential: set[str],
+    rename: Rename,
+    torch_order: Callable[[], Sequence[str] | None] | None,
+) -> list[str]:
+    """Give each layer its Flax path; returns one note per pairing not made by name.
+
+    torch_order: traces the torch forward's call order; called only if names leave a layer unpaired.
+    """
+    claimed: set[tuple[str, ...]] = set()
+    unresolved: list[tuple[PlannedLayer, tuple[str, ...]]] = []
+    for layer in layers:
+        renamed = apply_rename(layer.info.torch_path, rename)
+        cands = candidate_paths(renamed, sequential)
+        hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+        if hit is None:
+            unresolved.append((layer, cands[0]))
+            continue
+        claimed.add(hit)
+        layer.matched = "rename" if renamed != layer.info.torch_path else "name"
+        _set_path(layer, hit, target)
+    order = torch_order() if unresolved and torch_order is not None else None
+    rank = {p: i for i, p in enumerate(order)} if order is not None else None
+    if rank is not None:  # execution order; layers the forward never called go last
+        unresolved.sort(key=lambda lf: rank.get(lf[0].info.torch_path, len(rank)))
+    free = [p for p in _flax_paths_in_order(target) if p not in claimed]
+    flax_called = set(target.order or ())
+    notes = []
+    for layer, fallback in unresolved:
+        fits = [(p, fr) for p in free if (fr := _fit_rule(layer, p, target)) is not None]
+        if not fits:
+            _set_path(layer, fallback, target)
+            layer.matched = "unpaired"
+            continue
+        hit, (layer.rule, layer.own_shapes) = fits[0]
+        traced = (rank is not None and layer.info.torch_path in rank and hit in flax_called)
+        if len(fits) > 1 and not traced:
+            why = ("the torch forward was not traced" if rank is None or layer.info.torch_path not in rank
+                   else "the Flax twin's calls were not traced")
+            raise AmbiguousPairingError(layer.info.torch_path,
+                                        [flax_path_str(p) for p, _ in fits[:2]], why)
+        layer.matched = ("execution order (traced torch forward and flax call)" if traced
+                         else "only module of its kind and shapes (order not traced)")
+        free.remove(hit)
+        _set_path(layer, hit, target)
+        notes.append(f"torch {layer.info.torch_path or '<root>'} -> flax {flax_path_str(hit)}: "
+                     f"{layer.matched}")
+    return notes
+
+
+def _set_path(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget) -> None:
+    layer.info = replace(layer.info, flax_path=path, flax_module=target.modules.get(path))
+    if layer.rule.name == "direct":  # collections depend on where the leaves are
+        layer.rule = _direct_rule_at(layer.own_shapes, path, target)
+
+
+__all__ = ["PlannedLayer", "resolve_paths"]

@@ -1,0 +1,164 @@
+"""Plan steps after pairing: flatten order, transposed-kernel layout, tied parameters.
+
+Each step either decides from what the plan knows (the Flax twin's jaxpr, shapes, storage) or
+refuses with a named error; none guesses silently.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+
+import torch
+
+from weight_port.errors import KernelLayoutError, FlattenOrderError
+from weight_port.flatten import find_flattened_linears
+from weight_port.flax_tree import FlaxTarget
+from weight_port.naming import flax_path_str
+from weight_port.pairing import PlannedLayer
+from weight_port.rules import Rule, conv_groups, flax_rule_for
+
+# torch layers whose output is channels-first (the only way a later flatten can be C-major)
+_CHANNELS_FIRST_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
+                          torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+                          torch.nn.modules.pooling._AdaptiveMaxPoolNd, torch.nn.BatchNorm2d,
+                          torch.nn.BatchNorm3d, torch.nn.Upsample)
+
+
+def _could_flatten_channels_first(torch_module: torch.nn.Module, inputs: tuple | None) -> bool:
+    """Whether some Linear could follow a channels-first flatten: worth a torch trace at all."""
+    if inputs is not None and any(getattr(x, "ndim", 0) >= 3 for x in inputs):
+        return True
+    return any(isinstance(m, _CHANNELS_FIRST_LAYERS) for m in torch_module.modules())
+
+
+def decide_flatten(
+    layers: list[PlannedLayer],
+    target: FlaxTarget,
+    explicit: Mapping[str, tuple[int, ...] | None],
+    torch_module: torch.nn.Module | None,
+    torch_inputs: Callable[[], tuple | None],
+) -> list[str]:
+    """Set LayerInfo.flatten on every Linear fed by a channels-first flatten; returns notes.
+
+    Order of evidence: ``explicit`` (the caller's flatten=), the Flax twin's jaxpr (free: it came
+    with the abstract init), then a torch trace -- only when the jaxpr could not decide (or there
+    is no Flax trace) and some torch layer produces channels-first values. Without a torch module
+    an undecided Dense is refused (FlattenOrderError), never ported in a guessed order.
+    """
+    notes: list[str] = []
+    undecided: list[str] = []
+    traced: dict | None = None
+
+    def torch_found() -> dict:
+        nonlocal traced
+        if traced is None:
+            inputs = torch_inputs()
+            traced = {}
+            if _could_flatten_channels_first(torch_module, inputs):
+                traced = find_flattened_linears(copy.deepcopy(torch_module), inputs) or {}
+        return traced
+
+    def has_conv() -> bool:  # lazily: the Flax rule table imports flax.nnx
+        return any((r := flax_rule_for(type(m))) is not None and r.name.startswith("conv")
+                   for m in target.modules.values())
+
+    for layer in layers:
+        if layer.rule.name != "linear":
+            continue
+        tp, fp = layer.info.torch_path, layer.info.flax_path
+        where = f"torch {tp or '<root>'} -> flax {flax_path_str(fp)}"
+        finding = target.flatten.get(fp)
+        if tp in explicit:
+            shape, how = explicit[tp], "given by flatten="
+        elif finding is not None and finding.decided:
+            shape, how = finding.permute, f"flax jaxpr: {finding.reason}"
+        elif torch_module is not None and (finding is not None or target.order is None):
+            shape, how = torch_found().get(tp), "torch trace"
+            if shape is None and finding is None:
+                continue
+        elif finding is not None:
+            undecided.append(f"{where} ({finding.reason})")
+            continue
+        elif target.order is None and has_conv():
+            undecided.append(f"{where} (the Flax twin was not traced: pass example_input)")
+            continue
+        else:
+            continue
+        w = layer.own_shapes.get("weight")
+        if shape is not None and (w is None or len(w) != 2 or math.prod(shape) != w[1]):
+            continue  # a Dense of another width: the shape check of the port reports it
+        layer.info = replace(layer.info, flatten=tuple(shape) if shape is not None else None)
+        change = f"input features permuted from torch {tuple(shape)}" if shape is not None else "order kept"
+        notes.append(f"{where}: flatten, {change} ({how})")
+    if undecided:
+        raise FlattenOrderError(undecided)
+    return notes
+
+
+def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> None:
+    """Without a Flax module, tell a kernel stored [.., out, in] (ConvTranspose with
+    transpose_kernel=True, HF FlaxConv1D) from [.., in, out] by its shape; refuse
+    (KernelLayoutError) when in == out makes them alike."""
+    alike = []
+    for layer in layers:
+        info = layer.info
+        if (layer.rule.name not in ("conv_transpose", "conv1d") or info.flax_module is not None
+                or "weight" not in layer.own_shapes):
+            continue
+        leaf = target.shapes.get(("params", *info.flax_path, "kernel"))
+        if leaf is None or conv_groups(info) != 1:
+            continue  # missing leaves are reported later; grouped kernels have one layout
+        cin, cout = layer.own_shapes["weight"][:2]
+        io = tuple(leaf.shape[-2:])
+        if cin == cout:
+            alike.append(f"torch {info.torch_path or '<root>'} -> flax {flax_path_str(info.flax_path)} "
+                         f"(in = out = {cin})")
+        elif io in ((cin, cout), (cout, cin)):
+            layer.info = replace(info, transpose_kernel=io == (cout, cin))
+    if alike:
+        raise KernelLayoutError(alike)
+
+
+def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
+    """{alias: canonical} for torch tensors sharing storage (same data pointer, shape, strides).
+
+    torch's state_dict lists a tied parameter under every name; the first name is canonical."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in named:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+    return aliases
+
+
+def fold_tied(layers: list[PlannedLayer], aliases: Mapping[str, str], target: FlaxTarget) -> dict[str, str]:
+    """Drop alias tensors that have no Flax leaf of their own (the twin uses one leaf for both,
+    e.g. ``embed.attend`` as the LM head); returns {alias: canonical} for those. An alias that has
+    its own Flax leaf (an untied twin) is ported like any tensor."""
+    tied: dict[str, str] = {}
+    for layer in list(layers):
+        keep = []
+        for tmap in layer.rule.tensors:
+            key = layer.torch_key(tmap.torch_name)
+            if key in aliases and layer.flax_leaf(tmap.collection, tmap.flax_name) not in target.shapes:
+                tied[key] = aliases[key]
+                layer.own_shapes.pop(tmap.torch_name, None)
+            else:
+                keep.append(tmap)
+        if len(keep) == len(layer.rule.tensors):
+            continue
+        if not keep and not layer.rule.dropped:
+            layers.remove(layer)
+        else:
+            layer.rule = Rule(tuple(keep), layer.rule.dropped, layer.rule.check, layer.rule.name)
+    return tied
+
+
+__all__ = ["decide_flatten", "decide_transpose_kernels", "fold_tied", "tied_aliases"]
