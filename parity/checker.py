@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.compare import Comparison, compare, compare_to_reference, failed_comparison, worst_of
-from parity.layers import LayerRow, analyze_layers, first_divergence
+from parity.compare import compare, compare_to_reference, failed_comparison, worst_of
+from parity.layers import analyze_layers, first_divergence
 from parity.numerics import jax_precision, numerics_env, pinned, precision_warnings
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import traverse_util
 
 from parity.compare import Comparison, compare, failed_comparison, worst_of
@@ -35,7 +34,6 @@ from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
 from weight_port.plan import PortPlan
-from weight_port.tensors import to_numpy
 
 ROOT = "<root>"  # how the report names the top-level module (its torch path is "")
 

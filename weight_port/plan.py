@@ -5,10 +5,9 @@ state_dicts, checkpoint files or gradient dicts with it.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np

@@ -1,1 +1,2 @@
-"""CLI subcommands: each module has add_arguments(parser) and run(args) -> exit code."""
+"""CLI subcommands: each module has run(args) -> exit code; their arguments live in the
+framework-free parity.commands.arguments, so `parity --help` imports no framework."""

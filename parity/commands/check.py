@@ -15,68 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from parity.registry import PAIRS, select
+from parity.registry import select
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 class SetupError(Exception):
     """A bad --torch/--flax spec, a factory that raises, a bad --input-shape: exit 2."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    families = sorted({pair.family for pair in PAIRS.values()})
-    p.add_argument("models", nargs="*", metavar="MODEL",
-                   help=f"all (default), a family ({', '.join(families)}) or a pair name ({', '.join(PAIRS)})")
-    own = p.add_argument_group("your own pair (instead of MODEL)")
-    own.add_argument("--torch", metavar="MODULE:FACTORY",
-                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
-    own.add_argument("--flax", metavar="MODULE:FACTORY",
-                     help="zero-argument callable returning the Flax twin (a Linen or NNX Module)")
-    own.add_argument("--input-shape", metavar="N,C,H,W",
-                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
-    add_pair_arguments(own)
-    own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
-    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                   help="built-in model config: tiny (seconds) or full (paper sizes; minutes on CPU)")
-    p.add_argument("--dtype", action="append", choices=DTYPES,
-                   help="repeatable; default: float32 and float64 (built-ins), float32 (your pair)")
-    p.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
-                   help="JAX matmul precision; torch TF32 is set to match")
-    p.add_argument("--fp64-reference", action="store_true",
-                   help="judge low-precision runs against a float64 run (Flax error within k x torch's)")
-    p.add_argument("--rtol", type=float, default=None, help="override the tolerance table (needs --atol)")
-    p.add_argument("--atol", type=float, default=None, help="override the tolerance table (needs --rtol)")
-    p.add_argument("--train", action="store_true", help="your pair: BatchNorm in training mode")
-    p.add_argument("--no-layers", action="store_true", help="skip the per-layer analysis (faster)")
-    p.add_argument("--no-grads", action="store_true", help="forward only")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch", type=int, default=2, help="built-ins: batch size of the example input")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON (a list when several)")
-    p.add_argument("--plot", metavar="PATH",
-                   help="write the per-layer error plot as PNG (several reports: PATH-<model>-<dtype>-<mode>.png)")
-    p.add_argument("--full", action="store_true", help="print every report in full, not only failing ones")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
-def add_pair_arguments(own) -> None:
-    """Flags shared by every command that takes your own pair (check, train)."""
-    own.add_argument("--example-input", metavar="MODULE:FN",
-                     help="zero-argument callable returning the torch input pytree (a tensor, a tuple "
-                          "of positional inputs, token ids...), instead of --input-shape")
-    own.add_argument("--layout", default=None,
-                     help="torch-side layout of the float inputs: NC... (channels-first) or as_is; "
-                          "per input: input[0]=NC...,input[1]=as_is (default: inferred from the layer "
-                          "that consumes each input)")
-    own.add_argument("--output-layout", default=None,
-                     help="torch-side layout of the outputs, same forms (e.g. out.logits=as_is); "
-                          "default: inferred from the shapes on both sides and the producing layer")
-    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
-                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
-    own.add_argument("--train-kwarg", default=None,
-                     help="the Flax twin's train-mode keyword when its __call__ does not use train, "
-                          "training, deterministic or use_running_average")
 
 
 def parse_layout(text: str | None, flag: str):
@@ -211,8 +155,6 @@ def _summary_line(r, seconds: float) -> str:
 
 def _jobs(args: argparse.Namespace):
     """(label, thunk) per check to run; thunk(progress) -> Report."""
-    import numpy as np
-
     from parity.checker import check
 
     common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,

@@ -17,30 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
-                   help=".safetensors, .pt/.pth (loaded with weights_only=True), a sharded "
-                        "*.index.json, or a directory holding one; with --torch it may be left out "
-                        "(the torch model's own weights are ported)")
-    p.add_argument("--model", metavar="NAME", help="registry pair whose architecture the checkpoint has")
-    own = p.add_argument_group("your own pair (instead of --model)")
-    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch.nn.Module")
-    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin (linen or NNX)")
-    own.add_argument("--example-input", metavar="MODULE:FN",
-                     help="zero-argument callable returning the torch input (a tensor or a tuple of inputs)")
-    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of a random float example input, torch layout")
-    own.add_argument("--layout", choices=("NC...", "as_is"), default=None,
-                     help="torch-side layout of the inputs (default: NC... for >= 3 dims, else as_is)")
-    own.add_argument("--rename", action="append", default=None, metavar="OLD=NEW",
-                     help="repeatable: regex OLD -> NEW applied to torch module paths before pairing")
-    p.add_argument("--out", required=True, metavar="DIR", help="orbax checkpoint directory to create")
-    p.add_argument("--plan", action="store_true", help="print the port plan (every tensor) before writing")
-    p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="--model: config of the pair")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="target dtype (default: keep the source's)")
-    p.add_argument("--allow-nonfinite", action="store_true", help="port NaN/Inf weights instead of failing")
 
 
 def _target_dtype(dtype: str | None):

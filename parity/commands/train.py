@@ -15,33 +15,6 @@ _DEFAULT_PAIR = {"mlp": "mlp", "unet": "unet-same-bn"}
 _DEFAULT_LR = {"sgd": 0.05, "sgd-momentum": 0.05, "nesterov": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from parity.training.optim import OPTIMIZERS, SCHEDULES
-
-    from parity.commands.check import add_pair_arguments
-
-    p.add_argument("model", nargs="?", help="mlp, cnn (the digits demo), unet, or a registry pair name "
-                   f"({', '.join(PAIRS)}); or your own pair with --torch/--flax")
-    own = p.add_argument_group("your own pair (instead of MODEL)")
-    own.add_argument("--torch", metavar="MODULE:FACTORY", help="zero-argument callable returning the torch module")
-    own.add_argument("--flax", metavar="MODULE:FACTORY", help="zero-argument callable returning the Flax twin")
-    own.add_argument("--input-shape", metavar="N,C,H,W", help="shape of random float inputs, torch layout")
-    own.add_argument("--name", default=None, help="name used in the report")
-    own.add_argument("--loss", choices=("cross_entropy", "nll", "mse"), default=None,
-                     help="your pair: what the output is (default cross_entropy: logits, class axis 1)")
-    add_pair_arguments(own)
-    p.add_argument("--steps", type=int, default=None, help="default: 250 for cnn, 20 otherwise")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd-momentum")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.05 for SGD, 1e-3 for Adam(W)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: torch's per optimizer")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 for cnn, 4 otherwise")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PATH", help="write the overlaid per-step loss curves (PNG)")
-    p.add_argument("--json", metavar="PATH", help="write the per-step report as JSON")
-
-
 def run(args: argparse.Namespace) -> int:
     from parity.training import OptimizerSpec, train_check
     from parity.training.data import default_loss, synthetic_batches

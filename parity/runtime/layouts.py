@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from parity.runtime.torch_runner import TorchCall, first_consumers, input_paths, keystr
