@@ -26,6 +26,7 @@ from weight_port.plan import PortPlan, build_plan
 from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
+from weight_port.streaming import load_streamed, write_streamed
 from weight_port.tensors import numpy_to_torch, to_numpy
 
 
@@ -42,6 +43,7 @@ def torch_to_flax(
     allow_nonfinite: bool = False,
     check_attributes: str = "error",
     copy: bool | None = None,
+    sharding=None,
 ):
     """Flax variables {"params": ..., "batch_stats": ...} holding the source's weights.
 
@@ -60,6 +62,11 @@ def torch_to_flax(
     (optimizer.step(), a train-mode BatchNorm forward) would otherwise silently change the
     "immutable" JAX arrays -- and hands layout-unchanged tensors over zero-copy when the port
     loaded them from a file itself. copy=False forces zero-copy (you promise not to mutate).
+    sharding: place each converted tensor on its target sharding as it is converted (one
+    jax.sharding.Sharding for all, a pytree of them mirroring the variables, or a function of the
+    leaf path (collection, *module path, name)); the host copy is dropped per layer (per shard
+    for a sharded checkpoint), so the whole model never sits in one host buffer
+    (weight_port.streaming).
     """
     if copy is None:
         copy = not isinstance(source, (str, os.PathLike))
@@ -67,8 +74,9 @@ def torch_to_flax(
         torch_module = source
     state = load_state(source)
     # Convert what the plan cannot change while the plan traces the Flax twin (two cores busy).
+    # (not with ``sharding``: prefetching converts the whole model on the host)
     prefetch = (Prefetch(torch_module, state, dtype=dtype, copy=copy, check_finite=not allow_nonfinite)
-                if torch_module is not None and worth_prefetching(state) else None)
+                if torch_module is not None and sharding is None and worth_prefetching(state) else None)
     try:
         plan = build_plan(
             torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
@@ -78,8 +86,14 @@ def torch_to_flax(
         if prefetch is not None:
             prefetch.cancel()
         raise
-    variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy,
-                             precomputed=prefetch.result() if prefetch is not None else None)
+    if sharding is not None:
+        from weight_port.streaming import convert_placed
+
+        variables = convert_placed(plan, state, sharding, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                                   copy=copy)
+    else:
+        variables = plan.to_flax(state, dtype=dtype, allow_nonfinite=allow_nonfinite, copy=copy,
+                                 precomputed=prefetch.result() if prefetch is not None else None)
     if flax_module is not None and is_nnx(flax_module):
         from flax import nnx
 
@@ -159,10 +173,12 @@ __all__ = [
     "direct_rule",
     "flax_to_torch",
     "load_state",
+    "load_streamed",
     "register_rule",
     "to_flax_layout",
     "to_numpy",
     "to_torch_layout",
     "torch_to_flax",
     "torch_to_flax_path",
+    "write_streamed",
 ]

@@ -118,6 +118,23 @@ class ShardedState(Mapping):
             self._shards[name] = load_state(self.path.parent / name)
         return self._shards[name]
 
+    def shards(self) -> dict[str, list[str]]:
+        """Shard file name -> the keys it holds, shards in the index's order of first mention."""
+        out: dict[str, list[str]] = {}
+        for key, shard in self._map.items():
+            out.setdefault(shard, []).append(key)
+        return out
+
+    def shard_of(self, key: str) -> str:
+        return self._map[key]
+
+    def release(self, name: str) -> None:
+        """Close shard ``name`` (drops its memory map / loaded tensors); reopened on next use.
+
+        A streaming port calls this after each shard so at most one shard is mapped at a time.
+        """
+        self._shards.pop(name, None)
+
     def __getitem__(self, key: str):
         return self._shard(self._map[key])[key]
 

@@ -55,9 +55,13 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
               allow_nonfinite: bool = False, show_plan: bool = False, say=print):
     """Port ``source`` (None: ``torch_model``'s own weights) into an orbax checkpoint at ``out``;
     returns the Flax variables (an nnx.State for an NNX twin). ``say`` prints the plan (with
-    ``show_plan``) or, always, the pairings not made by name."""
+    ``show_plan``) or, always, the pairings not made by name. A sharded source (*.index.json) is
+    streamed a shard at a time into a streamed checkpoint (restore it with
+    ``weight_port.load_streamed``) and None is returned: the model is never whole in memory."""
     import weight_port
     from weight_port.flax_tree import is_nnx
+    from weight_port.sources import ShardedState
+    from weight_port.streaming import write_streamed
 
     out = Path(out).absolute()
     if out.exists():
@@ -70,6 +74,12 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
         for note in plan.pairing_notes + plan.flatten_notes:
             say(f"note: {note}")
     state = weight_port.load_state(torch_model if source is None else source)
+    if isinstance(state, ShardedState):
+        # Streamed: one shard converted and written at a time (weight_port.streaming); the model
+        # is never whole in host memory, so nothing is returned to hold it.
+        parts = write_streamed(plan, state, out, dtype=_target_dtype(dtype), allow_nonfinite=allow_nonfinite)
+        say(f"streamed {len(parts)} parts, one per shard of {state.path.name}")
+        return None
     variables = plan.to_flax(state, dtype=_target_dtype(dtype), allow_nonfinite=allow_nonfinite, copy=True)
     write_orbax(variables, out)  # linen-style {collection: tree}, also for an NNX twin
     if is_nnx(flax_model):
@@ -150,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
             what = f"{type(torch_model).__name__} -> {type(flax_model).__name__}"
     except SetupError as exc:
         raise UsageError(str(exc)) from None
+    if variables is None:  # streamed: read the counts off the manifest, not a model in memory
+        import json
+
+        parts = json.loads((Path(args.out) / "streamed.json").read_text())["parts"]
+        print(f"ported {sum(len(p['leaves']) for p in parts)} tensors from {args.source} into {args.out} "
+              f"streamed, {len(parts)} parts ({what}); restore with weight_port.load_streamed")
+        return 0
     leaves = jax.tree.leaves(variables)
     n = sum(int(v.size) for v in leaves)
     print(f"ported {len(leaves)} tensors ({n:,} values) from {args.source or 'the torch model'} "
