@@ -201,6 +201,7 @@ def check(
     seed: int = 0,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    data_parallel: int | None = None,
 ) -> Report:
     """Compare ``torch_module`` and its Flax twin (Linen or NNX) on ``example_input``.
 
@@ -224,6 +225,7 @@ def check(
     runs in float64, where verdicts are sharp). device: "cpu" (default) or "cuda". The torch
     module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
     enabled for the duration of the call only. progress: called with short status lines.
+    data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
     """
     say = progress or (lambda msg: None)
     dname = _dtype_name(dtype)
@@ -268,6 +270,10 @@ def check(
                 rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
                 ref = _run(rounded, flax_module, example_input, ref_vars, "float64", layers=layers, **opts)
         _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
+        if data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
+            from parity.data_parallel import attach
+            with (jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()):
+                attach(report, run, data_parallel, dname, prec, rtol=rtol, atol=atol, grads=grads)
         if layers:
             # Per-layer verdicts need sharp tolerances: in reference mode they run in float64.
             lr = ref or run
