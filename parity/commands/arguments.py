@@ -44,7 +44,11 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer analysis (faster)")
     p.add_argument("--no-grads", action="store_true", help="forward only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch", type=int, default=2, help="built-ins: batch size of the example input")
+    p.add_argument("--batch", type=int, default=None,
+                   help="built-ins: batch size of the example input (default 2; 2N with --data-parallel N)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="N",
+                   help="also run the Flax twin under jit with the batch sharded over N devices and compare "
+                        "it with torch and with 1 device (on CPU the N devices are simulated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON (a list when several)")
     p.add_argument("--plot", metavar="PATH",

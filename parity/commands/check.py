@@ -159,7 +159,8 @@ def _jobs(args: argparse.Namespace):
 
     common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                   precision=args.precision, device=args.device, seed=args.seed,
-                  reference="float64" if args.fp64_reference else None)
+                  reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel)
+    batch = args.batch or 2 * (args.data_parallel or 1)
     if args.torch or args.flax or args.input_shape or args.example_input:
         if args.models:
             raise SetupError("give either MODEL names or --torch/--flax, not both")
@@ -179,7 +180,7 @@ def _jobs(args: argparse.Namespace):
             for train in pair.modes(config):
                 def job(say, pair=pair, config=config, dtype=dtype, train=train):
                     torch_model, flax_model = pair.build(config, seed=args.seed)
-                    x = pair.example_input(config, batch=args.batch, seed=args.seed)
+                    x = pair.example_input(config, batch=batch, seed=args.seed)
                     return check(torch_model, flax_model, x, dtype=dtype, train=train,
                                  input_layout=pair.input_layout, output_layout=pair.out_layout(),
                                  train_kwarg=pair.train_kwarg, name=pair.name, progress=say, **common)
@@ -189,6 +190,9 @@ def _jobs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if (args.rtol is None) != (args.atol is None):
         return _fail("--rtol and --atol must be given together")
+    if args.data_parallel:  # before JAX initialises: on CPU the N devices are simulated
+        from parity.data_parallel import request_cpu_devices
+        request_cpu_devices(args.data_parallel)
     try:
         jobs = list(_jobs(args))
     except (SetupError, KeyError) as exc:

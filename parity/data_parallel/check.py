@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from parity.compare import Comparison, compare, failed_comparison
-from parity.data_parallel.mesh import (batch_sharded, batch_size, data_mesh, devices_spanned, replicate,
+from parity.data_parallel.mesh import (batch_sharded, batch_size, data_mesh, per_device_batch, replicate,
                                        shard_batch)
 from parity.runtime import forward_backward, output_shapes
 from parity.tolerances import FORWARD, GRAD, tolerance_for
@@ -57,7 +57,8 @@ class DataParallelResult:
 
     n: int
     platform: str
-    input_devices: int  # devices the sharded input actually spans
+    devices: int  # devices in the mesh
+    per_device_batch: int  # rows of the input batch each device held (batch / N when sharded)
     vs_torch: list[Comparison] = field(default_factory=list)
     vs_single: list[Comparison] = field(default_factory=list)
     batchnorm: list[BatchNormSemantics] = field(default_factory=list)
@@ -127,7 +128,7 @@ def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=N
                 for fp, tp in to_t.items() if tp in run.torch.cotangents}
         cots = shard_batch(cots, mesh, batch, where="cotangents")
     sharded = forward_backward(run.twin, replicate(dict(run.variables), mesh), args, cots)
-    result = DataParallelResult(n, mesh.devices.flat[0].platform, devices_spanned(args))
+    result = DataParallelResult(n, mesh.devices.flat[0].platform, mesh.devices.size, per_device_batch(args))
     fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
     grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
     tag = f"dp{n}"
@@ -176,8 +177,8 @@ def attach(report, run, n: int, dname: str, prec: str, *, rtol=None, atol=None, 
                 else "input_grads" if " grad input" in comp.name else "param_grads")
         getattr(report, kind).append(comp)
     report.warnings.append(
-        f"data_parallel={n}: Flax twin under jit with the batch sharded over {result.input_devices} "
-        f"{result.platform} devices (parameters replicated), rows 'dp{n} ...'")
+        f"data_parallel={n}: Flax twin under jit with the batch sharded over {result.devices} "
+        f"{result.platform} devices, {result.per_device_batch} rows each (parameters replicated), rows 'dp{n} ...'")
     if result.batchnorm:
         report.warnings += [bn.describe() for bn in result.batchnorm] + [semantics_note(n)]
     report.data_parallel = result

@@ -76,7 +76,8 @@ def batch_size(args: tuple) -> int:
     return sizes.pop()
 
 
-def devices_spanned(tree: Mapping | tuple) -> int:
-    """How many devices the array leaves of ``tree`` are spread over (max over leaves)."""
-    return max((len(x.sharding.device_set) for x in jax.tree_util.tree_leaves(tree)
-                if hasattr(x, "sharding")), default=0)
+def per_device_batch(args) -> int:
+    """Rows of the batch each device holds (the first array leaf's first addressable shard):
+    batch / N when the batch is really split, the whole batch when it was replicated."""
+    leaf = next(x for x in jax.tree_util.tree_leaves(args) if hasattr(x, "addressable_shards"))
+    return int(leaf.addressable_shards[0].data.shape[0])
