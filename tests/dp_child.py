@@ -12,26 +12,7 @@ import jax
 import numpy as np
 import torch
 
-from flax_impl.batchnorm import BatchNorm
-
-
-class TorchConvBN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(4)
-        self.head = torch.nn.Conv2d(4, 2, 1)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))))
-
-
-class FlaxConvBN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(4, (3, 3), padding=1, name="conv")(x)
-        x = BatchNorm(momentum=0.9, epsilon=1e-5, name="bn")(x, use_running_average=not train)
-        return nn.Conv(2, (1, 1), name="head")(nn.relu(x))
+from dp_models import FlaxConvBN, TorchConvBN
 
 
 def _rows(report, prefix):

@@ -1,0 +1,121 @@
+"""The torch side of data-parallel training parity: DistributedDataParallel on N local processes
+(gloo), started here; rank 0 records what the comparison needs, per step.
+
+Each rank trains on its contiguous slice of the global batch (rank r gets rows [r*b, (r+1)*b)),
+the same split the JAX mesh gives device r. DDP averages gradients over ranks, so with equal
+slices and a per-replica mean loss the step is the global-batch mean step -- except BatchNorm,
+which plain torch BatchNorm computes per replica (running statistics broadcast from rank 0 at
+the next forward, DDP's broadcast_buffers=True).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding parity/, for the workers' imports
+
+def _worker(rank: int, world: int, workdir: str) -> None:
+    """Rank ``rank`` of every job in ``workdir``/jobs.pt (one process group per job, so several
+    checks share one interpreter start: importing torch dominates a tiny job)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    jobs = torch.load(Path(workdir) / "jobs.pt", weights_only=False)  # our own file, from run_ddp
+    for j, job in enumerate(jobs):
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/init{j}", rank=rank, world_size=world)
+        try:
+            records = _train(rank, world, job)
+        finally:
+            dist.destroy_process_group()
+        if rank == 0:
+            torch.save(records, Path(workdir) / f"out{j}.pt")
+
+
+def _train(rank: int, world: int, p: dict) -> list[dict]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from parity.training.loop import torch_loss
+    from parity.training.optim import torch_optimizer
+
+    model = p["module"]
+    model.train(True)
+    for m in model.modules():  # dropout held deterministic, as in single-device training parity
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+    ddp = DDP(model)
+    opt, sched = torch_optimizer(p["spec"], ddp.parameters(), p["steps"])
+    records = []
+    for x, y in p["batches"]:
+        b = x.shape[0] // world
+        xs = torch.as_tensor(x[rank * b:(rank + 1) * b], dtype=p["dtype"])
+        ys = torch.as_tensor(y[rank * b:(rank + 1) * b])
+        opt.zero_grad(set_to_none=False)
+        loss = torch_loss(p["loss"], ddp(xs), ys)
+        if p["loss_reduction"] == "sum":  # a planted mistake: replicas' losses summed, not averaged
+            loss = loss * world
+        loss.backward()  # DDP all-reduces (averages) the gradients here
+        lr = float(opt.param_groups[0]["lr"])
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        gnorm = float(np.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in model.parameters()
+                                  if q.grad is not None)))
+        opt.step()
+        if sched is not None:
+            sched.step()
+        records.append({
+            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm,
+            "params": {n: q.detach().double().numpy().copy() for n, q in model.named_parameters()},
+            "buffers": {n: q.detach().double().numpy().copy() for n, q in model.named_buffers()
+                        if n.endswith(("running_mean", "running_var"))},
+        })
+    return records
+
+
+def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]], *, world: int,
+            spec, steps: int, loss: str, dtype: torch.dtype, loss_reduction: str = "mean") -> dict:
+    """One DDP training job for run_ddp: a copy of ``torch_module`` trained ``steps`` steps on the
+    global ``batches`` (torch layout; cycled), each rank on its contiguous slice."""
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    for x, _ in batches:
+        if x.shape[0] % world:
+            raise ValueError(f"global batch {x.shape[0]} is not a multiple of data_parallel={world}")
+    return {"module": torch_module.to(dtype), "spec": spec, "steps": steps, "loss": loss, "dtype": dtype,
+            "loss_reduction": loss_reduction, "batches": [batches[i % len(batches)] for i in range(steps)]}
+
+
+def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[dict]]:
+    """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here; per job,
+    rank 0's record per step: global mean loss, lr, global gradient norm (after DDP's
+    averaging), parameters and BatchNorm running statistics after the step (float64 numpy). The
+    modules are pickled to the workers: their classes must import from the caller's sys.path
+    (not be defined in ``__main__``)."""
+    with tempfile.TemporaryDirectory(prefix="parity_ddp_") as d:
+        torch.save(jobs, Path(d) / "jobs.pt")
+        # Fresh interpreters (not fork: the parent runs JAX threads and torch's OpenMP pool; not
+        # multiprocessing's spawn: it re-imports the caller's __main__), one thread each.
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               # the caller's import path: the model's class must import in the worker to unpickle
+               "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
+        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), str(world), d],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(world)]
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        failed = [(r, proc.returncode, logs[r]) for r, proc in enumerate(procs) if proc.returncode]
+        if failed:
+            r, code, log = failed[0]
+            raise RuntimeError(f"torch DDP rank {r} exited with {code}:\n{log[-2000:]}")
+        return [torch.load(Path(d) / f"out{j}.pt", weights_only=False) for j in range(len(jobs))]
+
+
+__all__ = ["ddp_job", "run_ddp"]
+
+if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORLD WORKDIR
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

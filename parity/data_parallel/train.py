@@ -1,0 +1,211 @@
+"""Data-parallel training parity: torch DDP (gloo, N local processes) against the Flax train step
+under jit on the batch sharded over an N-device mesh, compared per step.
+
+Per step, as in single-device training parity (parity.training): loss, learning rate, global
+gradient norm, every parameter's update and BatchNorm running statistics, under the training
+tolerance table. Named findings: BatchNorm per-replica (torch DDP with plain BatchNorm) vs
+global-batch (Flax under jit on a sharded batch) statistics, and a torch loss summed over
+replicas instead of averaged (loss and gradients N times Flax's).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from parity.compare import compare
+from parity.data_parallel.ddp import ddp_job, run_ddp
+from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
+from parity.numerics import jax_precision, numerics_env, pinned
+from parity.runtime import FlaxTwin, as_args, flax_inputs, input_layouts, torch_inputs, train_mode_matters
+from parity.runtime import value_and_grad_fn
+from parity.tolerances import TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
+from parity.training.loop import (StepResult, TrainReport, _first_leaf, flax_loss)
+from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
+from weight_port.layout import AS_IS
+from weight_port.plan import build_plan
+
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def train_check_data_parallel(
+    torch_module: torch.nn.Module,
+    flax_module,
+    data: Sequence[tuple[np.ndarray, np.ndarray]] | Callable[[int], tuple[np.ndarray, np.ndarray]],
+    *,
+    data_parallel: int,
+    steps: int = 3,
+    optimizer: OptimizerSpec | str = "sgd-momentum",
+    loss: str = "cross_entropy",
+    dtype: str = "float64",
+    input_layout=None,
+    train_kwarg: str | None = None,
+    precision: str = "highest",
+    name: str | None = None,
+    torch_loss_reduction: str = "mean",
+) -> TrainReport:
+    """Train with torch DDP on ``data_parallel`` gloo processes and the Flax twin on an equally
+    sharded mesh from the same initial weights; compare per step (a TrainReport).
+
+    data: global batches (x [N, ...] torch layout, labels [N, ...]), N a multiple of
+    ``data_parallel``; rank/device r trains on rows [r*N/n, (r+1)*N/n). loss: "cross_entropy" or
+    "nll". torch_loss_reduction="sum" plants the across-replica summed loss (for tests). The
+    torch module's class must be importable (the DDP workers unpickle it).
+    """
+    kwargs = {k: v for k, v in locals().items()}
+    return train_checks_data_parallel([kwargs])[0]
+
+
+def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
+    """Several train_check_data_parallel(**case) runs (same data_parallel) sharing one start of
+    the N torch worker processes (importing torch dominates a tiny run)."""
+    worlds = {c["data_parallel"] for c in cases}
+    if len(worlds) != 1:
+        raise ValueError(f"cases must share data_parallel, got {sorted(worlds)}")
+    n = worlds.pop()
+    mesh = data_mesh(n)  # fail before starting processes when devices are missing
+    prepared, jobs = [], []
+    for c in cases:
+        c = {"steps": 3, "optimizer": "sgd-momentum", "loss": "cross_entropy", "dtype": "float64",
+             "input_layout": None, "train_kwarg": None, "precision": "highest", "name": None,
+             "torch_loss_reduction": "mean", **c}
+        if c["loss"] not in ("cross_entropy", "nll"):
+            raise ValueError(f"data-parallel training parity supports cross_entropy and nll, got {c['loss']!r}")
+        spec = OptimizerSpec(c["optimizer"]) if isinstance(c["optimizer"], str) else c["optimizer"]
+        tdtype = _TORCH_DTYPES[c["dtype"]]
+        data, steps = c["data"], c["steps"]
+        batches = [data(i) if callable(data) else data[i % len(data)] for i in range(steps)]
+        batches = [(np.asarray(x), np.asarray(y)) for x, y in batches]
+        tm = copy.deepcopy(c["torch_module"]).to(tdtype)
+        jobs.append(ddp_job(copy.deepcopy(tm), batches, world=n, spec=spec, steps=steps, loss=c["loss"],
+                            dtype=tdtype, loss_reduction=c["torch_loss_reduction"]))
+        prepared.append((c, spec, tdtype, batches, tm))
+    all_records = run_ddp(jobs, world=n)
+    reports = []
+    for (c, spec, tdtype, batches, tm), records in zip(prepared, all_records):
+        x64 = jax.enable_x64(True) if c["dtype"] == "float64" else _null()
+        with x64, pinned(precision=c["precision"], tf32=False):
+            reports.append(_flax_and_compare(tm, c["flax_module"], batches, records, mesh, spec, c["steps"],
+                                             c["loss"], c["dtype"], tdtype, c["input_layout"], c["train_kwarg"],
+                                             c["name"] or type(c["torch_module"]).__name__))
+    return reports
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _flax_and_compare(tm, flax_module, batches, records, mesh, spec, steps, loss, dtype, tdtype,
+                      input_layout, train_kwarg, name) -> TrainReport:
+    n = mesh.devices.size
+    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False,
+                    train_mode_matters=train_mode_matters(tm))
+    example = torch_inputs(as_args(batches[0][0]), tdtype, grads=False)
+    in_layouts = input_layouts(tm, example, input_layout)
+    plan = build_plan(tm, flax_module, example, check_attributes="ignore",
+                      input_layout=[in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(example))])
+    variables = replicate(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), plan.to_flax(tm.state_dict())),
+                          mesh)
+    params = variables["params"]
+    bstats = {k: v for k, v in variables.items() if k != "params"}
+    tx = optax_optimizer(spec, steps)
+    schedule = optax_schedule(spec, steps)
+    opt_state = replicate(jax.jit(tx.init)(params), mesh)
+    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+
+    @jax.jit
+    def step(p, bs, state, x, y):
+        value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads)
+
+    def named(tree, collection):
+        return {k: np.asarray(v, np.float64) for k, v in
+                plan.to_torch({collection: tree}, collections=(collection,)).items()}
+
+    prec = jax_precision()
+    t_prev = {k: v.astype(np.float64) for k, v in
+              ((k, p.detach().double().numpy()) for k, p in tm.named_parameters())}
+    f_prev = named(params, "params")
+    results = []
+    for i, ((x, y), rec) in enumerate(zip(batches, records)):
+        k = i + 1
+        xf = flax_inputs(torch_inputs(as_args(x), tdtype, grads=False), in_layouts)
+        batch = int(np.shape(y)[0])
+        xf, yf = shard_batch(xf, mesh, batch), shard_batch(jnp.asarray(y), mesh, batch, where="labels")
+        params, bstats, opt_state, f_loss, f_gnorm = step(params, bstats, opt_state, xf, yf)
+        f_now = named(params, "params")
+        tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
+        scalars = [compare("loss", np.asarray(float(f_loss)), np.asarray(rec["loss"]), tol_s),
+                   compare("lr", np.asarray(float(schedule(i))), np.asarray(rec["lr"]), tol_s),
+                   compare("grad_norm", np.asarray(float(f_gnorm)), np.asarray(rec["grad_norm"]), tol_s)]
+        updates = [compare(f"update {p}", f_now[p] - f_prev[p], rec["params"][p] - t_prev[p], tol_u)
+                   for p in rec["params"]]
+        stats = []
+        if rec["buffers"] and "batch_stats" in bstats:
+            f_stats = named(bstats["batch_stats"], "batch_stats")
+            stats = [compare(b, f_stats[b], v, tol_b) for b, v in rec["buffers"].items() if b in f_stats]
+        results.append(StepResult(k, rec["loss"], float(f_loss), scalars, updates, stats))
+        t_prev, f_prev = rec["params"], f_now
+    report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
+                         conventions=conventions(spec), env=numerics_env(),
+                         notes=[f"data_parallel={n}: torch DDP on {n} gloo processes vs the Flax step under "
+                                f"jit with the batch sharded over {n} {mesh.devices.flat[0].platform} devices"])
+    report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, batches[0][0],
+                                                                        records[0], in_layouts, tdtype, n, dtype, prec))
+    return report
+
+
+def _replica0_stats_match(twin, plan, variables, x, record, in_layouts, tdtype, n, dtype, prec) -> bool:
+    """Whether torch's BatchNorm running statistics after step 1 are what the Flax twin computes
+    from replica 0's slice alone (per-replica semantics, confirmed rather than assumed)."""
+    if not record["buffers"] or "batch_stats" not in variables:
+        return False
+    from parity.runtime import forward_backward
+
+    local = np.asarray(x)[: np.shape(x)[0] // n]
+    xf = flax_inputs(torch_inputs(as_args(local), tdtype, grads=False), in_layouts)
+    single = jax.device_get(variables)
+    stats = forward_backward(twin, single, xf, None).new_variables["batch_stats"]
+    f_stats = {k: np.asarray(v, np.float64) for k, v in
+               plan.to_torch({"batch_stats": stats}, collections=("batch_stats",)).items()}
+    tol = train_tolerance(dtype, TRAIN_STATS, 1, prec)
+    return all(compare(b, f_stats[b], v, tol).ok for b, v in record["buffers"].items() if b in f_stats)
+
+
+def _findings(report: TrainReport, plan, n: int, per_replica_confirmed: bool) -> list[str]:
+    """Name the data-parallel mistakes the first failing step shows."""
+    first = report.first_failure
+    if first is None:
+        return []
+    out = []
+    ratio_l = first.torch_loss / first.flax_loss if first.flax_loss else float("nan")
+    g = first.scalar("grad_norm")
+    ratio_g = g.expected_at_worst / g.actual_at_worst if g.actual_at_worst else float("nan")
+    if n > 1 and abs(ratio_l - n) < 1e-3 * n and abs(ratio_g - n) < 1e-3 * n:
+        out.append(f"step {first.step}: torch's loss and gradient norm are {n}x the Flax ones (loss ratio "
+                   f"{ratio_l:.4f}, grad-norm ratio {ratio_g:.4f}): the torch loss is summed over the {n} "
+                   "replicas instead of averaged (DDP already averages gradients; do not multiply the "
+                   "per-replica mean loss by the world size or all-reduce-sum it into the backward)")
+    bad_stats = sorted({c.name.rsplit(".", 1)[0] for c in first.stats if not c.ok})
+    if bad_stats and per_replica_confirmed:
+        out.append(
+            f"step {first.step}: BatchNorm {', '.join(bad_stats)}: torch DDP normalised each replica's "
+            f"batch/{n} rows with its own statistics (plain BatchNorm; its running stats after step 1 "
+            "equal the Flax twin's on replica 0's rows alone), the Flax twin under jit on the sharded "
+            "batch used global-batch statistics. For global statistics in torch use "
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (GPU backends only); for per-replica "
+            "statistics in Flax run the step per replica (shard_map/pmap) with BatchNorm axis_name=None")
+    return out
+
+
+__all__ = ["train_check_data_parallel", "train_checks_data_parallel"]
