@@ -20,10 +20,15 @@ def run(args: argparse.Namespace) -> int:
     from parity.training.data import default_loss, synthetic_batches
     from parity.training.digits import digits_demo, plot_losses
 
+    if args.data_parallel:  # before JAX initialises: on CPU the N devices are simulated
+        from parity.data_parallel import request_cpu_devices
+        request_cpu_devices(args.data_parallel)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     spec = OptimizerSpec(args.optimizer, lr=args.lr if args.lr is not None else _DEFAULT_LR[args.optimizer],
                          schedule=args.schedule, weight_decay=args.weight_decay)
+    if args.data_parallel and (args.torch or args.flax or args.model == "cnn"):
+        raise ValueError("--data-parallel is built for the mlp and unet pairs so far")
     if args.torch or args.flax or args.example_input or args.input_shape:
         report = _own_pair(args, spec)
         print(report)
@@ -41,10 +46,18 @@ def run(args: argparse.Namespace) -> int:
         pair = PAIRS[name]
         config = pair.config("tiny")
         torch_model, flax_model = pair.build(config, seed=args.seed)
-        data = synthetic_batches(pair, config, torch_model, batch=args.batch or 4, seed=args.seed)
-        report = train_check(torch_model, flax_model, data, steps=args.steps or 20, optimizer=spec,
-                             loss=default_loss(pair), dtype=args.dtype, input_layout=pair.input_layout,
-                             output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg, name=name)
+        n = args.data_parallel
+        data = synthetic_batches(pair, config, torch_model, batch=args.batch or (2 * n if n else 4), seed=args.seed)
+        check = train_check
+        if n:  # torch DDP vs the sharded Flax step (parity.data_parallel.train)
+            from functools import partial
+
+            from parity.data_parallel.train import train_check_data_parallel
+            check = partial(train_check_data_parallel, data_parallel=n)
+        extra = {} if n else {"output_layout": pair.out_layout()}
+        report = check(torch_model, flax_model, data, steps=args.steps or (5 if n else 20), optimizer=spec,
+                       loss=default_loss(pair), dtype=args.dtype, input_layout=pair.input_layout,
+                       train_kwarg=pair.train_kwarg, name=name, **extra)
         print(report)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
