@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     opt, sched = torch_optimizer(p["spec"], ddp.parameters(), p["steps"])
     records = []
     for x, y in p["batches"]:
+        start = time.perf_counter()
         b = x.shape[0] // world
         xs = torch.as_tensor(x[rank * b:(rank + 1) * b], dtype=p["dtype"])
         ys = torch.as_tensor(y[rank * b:(rank + 1) * b])
@@ -69,8 +71,9 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
         opt.step()
         if sched is not None:
             sched.step()
+        seconds = time.perf_counter() - start  # the step on this rank, incl. DDP's all-reduce (benchmarks)
         records.append({
-            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm,
+            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm, "seconds": seconds,
             "params": {n: q.detach().double().numpy().copy() for n, q in model.named_parameters()},
             "buffers": {n: q.detach().double().numpy().copy() for n, q in model.named_buffers()
                         if n.endswith(("running_mean", "running_var"))},
