@@ -62,10 +62,17 @@ class UNetConfig:
     batch_norm: bool = False
     retain_dim: bool = False  # bilinear resize of the output to the input size
     image_size: int = 572  # the size the example-input maker uses
+    # How the Flax twin computes its stride-2 transposed convs (torch ignores it): "subpixel" is
+    # one stride-1 conv + depth-to-space (flax_impl.subpixel), several times faster on XLA:CPU
+    # than "conv_transpose", Flax's stock nn.ConvTranspose (a conv over the zero-dilated input).
+    # Same parameters and the same math either way.
+    upsample: Literal["subpixel", "conv_transpose"] = "subpixel"
 
     def __post_init__(self) -> None:
         if self.padding not in ("valid", "same"):
             raise ValueError(f"UNetConfig.padding must be 'valid' or 'same', got {self.padding!r}")
+        if self.upsample not in ("subpixel", "conv_transpose"):
+            raise ValueError(f"UNetConfig.upsample must be 'subpixel' or 'conv_transpose', got {self.upsample!r}")
         if len(self.channels) < 2:
             raise ValueError(f"UNetConfig.channels needs at least 2 levels, got {self.channels!r}")
 
