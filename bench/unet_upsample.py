@@ -5,8 +5,8 @@ benchmark's CPU sizes (parity.benchmark.runner.cpu_config) for each UNet pair an
 jax.jit with UNetConfig.upsample="conv_transpose" and ="subpixel", and torch eager /
 channels_last / torch.compile. Each jax result is checked against torch eager's first result
 (forward output, or the first train step's loss) with the tolerance table before its time counts.
-Rounds are interleaved (every variant once per round) so a busy shared machine slows all
-variants alike; the table gives the median over rounds of each round's median.
+Steps alternate (every variant once per round) so load that comes and goes on a shared machine
+hits all variants alike; the table gives each variant's median step time.
 
     python bench/unet_upsample.py [--models unet-same unet-same-bn] [--batches 2 8] [--rounds 3]
     python bench/unet_upsample.py --ops [--batches 8]   # every conv of unet-same alone, per op
@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["unet-same", "unet-same-bn"])
     ap.add_argument("--batches", nargs="+", type=int, default=[2, 8])
     ap.add_argument("--phases", nargs="+", default=["forward", "train"])
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of samples per variant per round")
+    ap.add_argument("--rounds", type=int, default=15, help="timed steps per variant, alternating")
     ap.add_argument("--ops", action="store_true", help="time each conv of unet-same alone instead")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for both frameworks (default: their own); 1 is the fairest "
@@ -49,14 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
         set_cpu_threads(args.threads)  # before JAX starts its CPU backend
     if args.ops:
-        return time_ops(args.batches, args.rounds, args.min_time)
+        return time_ops(args.batches, args.rounds)
 
     import jax
     import torch
 
     from parity.benchmark.devices import select_device
     from parity.benchmark.runner import TIMED_PRECISION, check_first_value, cpu_config
-    from parity.benchmark.timing import measure
     from parity.benchmark.workloads import make_step, prepare
     from parity.numerics import pinned
     from parity.registry import select
@@ -88,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
                               f"{text.replace('vs jax-jit', 'vs torch-eager')}")
                         if not ok:
                             return 1
-                    per_round = {v: [] for v in steps}
+                    for step in steps.values():
+                        step()  # warm-up
+                    # One step of every variant per round, alternating: load that comes and goes
+                    # on a shared machine hits every variant alike; the median drops the spikes.
+                    samples = {v: [] for v in steps}
                     for _ in range(args.rounds):
                         for v, step in steps.items():
-                            t = measure(step, warmup=1, min_rounds=3, max_rounds=200, min_time_s=args.min_time)
-                            per_round[v].append(t.median_s)
-                    med = {v: statistics.median(ts) * 1e3 for v, ts in per_round.items()}
+                            start = time.perf_counter()
+                            step()
+                            samples[v].append(time.perf_counter() - start)
+                    med = {v: statistics.median(ts) * 1e3 for v, ts in samples.items()}
                     rows.append((pair.name, phase, batch, med))
                     print(f"{pair.name} {phase} b{batch}: " + ", ".join(f"{v} {ms:.1f}" for v, ms in med.items()),
                           flush=True)
@@ -125,7 +129,7 @@ def _unet_convs(cfg) -> list[tuple[str, int, int, int, str]]:
     return out
 
 
-def time_ops(batches: list[int], rounds: int, min_time: float) -> int:
+def time_ops(batches: list[int], rounds: int) -> int:
     """Each conv of the cpu-size unet-same alone: ms forward and forward + backward (dx, dw)."""
     import flax.linen as nn
     import jax
@@ -136,7 +140,6 @@ def time_ops(batches: list[int], rounds: int, min_time: float) -> int:
     from flax_impl.layers import torch_conv_transpose_padding
     from flax_impl.subpixel import SubpixelConvTranspose
     from parity.benchmark.runner import cpu_config
-    from parity.benchmark.timing import measure
     from parity.numerics import pinned
     from parity.registry import select
 
@@ -181,9 +184,13 @@ def time_ops(batches: list[int], rounds: int, min_time: float) -> int:
 
                 steps["torch fwd"], steps["torch fwd+bwd"] = t_fwd, t_bwd
                 per = {k: [] for k in steps}
-                for _ in range(rounds):
+                for f in steps.values():
+                    f()  # compile / warm up
+                for _ in range(rounds):  # alternating single calls, as in main()
                     for k, f in steps.items():
-                        per[k].append(measure(f, warmup=1, min_rounds=3, min_time_s=min_time / 4).median_s * 1e3)
+                        start = time.perf_counter()
+                        f()
+                        per[k].append((time.perf_counter() - start) * 1e3)
                 med = {k: statistics.median(v) for k, v in per.items()}
                 for label in layers:
                     for k in ("fwd", "fwd+bwd"):
