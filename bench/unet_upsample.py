@@ -186,11 +186,16 @@ def time_ops(batches: list[int], rounds: int) -> int:
                 per = {k: [] for k in steps}
                 for f in steps.values():
                     f()  # compile / warm up
-                for _ in range(rounds):  # alternating single calls, as in main()
+                # Short blocks per op, alternating: one call between torch and JAX steps would
+                # time the hand-over of the cores (XLA's pool still spinning when torch's OpenMP
+                # threads start), not the op; the first call of each block is dropped.
+                for _ in range(rounds):
                     for k, f in steps.items():
-                        start = time.perf_counter()
-                        f()
-                        per[k].append((time.perf_counter() - start) * 1e3)
+                        for i in range(4):
+                            start = time.perf_counter()
+                            f()
+                            if i:
+                                per[k].append((time.perf_counter() - start) * 1e3)
                 med = {k: statistics.median(v) for k, v in per.items()}
                 for label in layers:
                     for k in ("fwd", "fwd+bwd"):
