@@ -63,9 +63,9 @@ class UNetConfig:
     retain_dim: bool = False  # bilinear resize of the output to the input size
     image_size: int = 572  # the size the example-input maker uses
     # How the Flax twin computes its stride-2 transposed convs (torch ignores it): "subpixel" is
-    # one stride-1 conv + depth-to-space (flax_impl.subpixel), several times faster on XLA:CPU
-    # than "conv_transpose", Flax's stock nn.ConvTranspose (a conv over the zero-dilated input).
-    # Same parameters and the same math either way.
+    # one stride-1 conv + depth-to-space (flax_impl.subpixel); "conv_transpose" is Flax's stock
+    # nn.ConvTranspose, a conv over the zero-dilated input whose backward XLA:CPU runs ~10-20x
+    # slower (the whole CPU train step ~2x; bench/unet_upsample.py). Same parameters, same math.
     upsample: Literal["subpixel", "conv_transpose"] = "subpixel"
 
     def __post_init__(self) -> None:
