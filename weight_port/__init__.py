@@ -26,6 +26,7 @@ from weight_port.plan import PortPlan, build_plan
 from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
+import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from weight_port.tensors import numpy_to_torch, to_numpy
 
 
