@@ -1,6 +1,7 @@
-"""Flax (Linen) twins of torch_ref, channels-last (NHWC), with the same submodule names."""
+"""Flax twins of torch_ref (Linen; the ViT in NNX), channels-last (NHWC), same submodule names."""
 from flax_impl.cnn import CNN
 from flax_impl.mlp import ExplicitMLP
 from flax_impl.unet import UNet
+from flax_impl.vit import ViT
 
-__all__ = ["CNN", "ExplicitMLP", "UNet"]
+__all__ = ["CNN", "ExplicitMLP", "UNet", "ViT"]

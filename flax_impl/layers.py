@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 def torch_conv_transpose_padding(
@@ -45,8 +46,25 @@ def center_crop(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x[:, top : top + h, left : left + w, :]
 
 
+def exact_attention(query: jax.Array, key: jax.Array, value: jax.Array, **kwargs) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v in the inputs' dtype; q, k, v [N, T, heads, head_dim].
+
+    An ``attention_fn`` for nnx.MultiHeadAttention. Its default hands dropout-free attention to
+    jax.nn.dot_product_attention, whose XLA path computes the softmax in float32: a float64 twin
+    then differs from torch's float64 by ~1e-8 relative. This is the same math (the scale
+    1/sqrt(head_dim), like torch) with every step in the input dtype. Masks and dropout are not
+    supported (the ViT uses neither).
+    """
+    if kwargs.get("mask") is not None or kwargs.get("bias") is not None:
+        raise NotImplementedError("exact_attention: masks and attention biases are not supported")
+    if kwargs.get("dropout_rate", 0.0) > 0.0 and not kwargs.get("deterministic", True):
+        raise NotImplementedError("exact_attention: attention dropout is not supported")
+    logits = jnp.einsum("...qhd,...khd->...hqk", query / jnp.sqrt(query.shape[-1]).astype(query.dtype), key)
+    return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(logits, axis=-1), value)
+
+
 def log_softmax(x: jax.Array) -> jax.Array:
     return x - jax.scipy.special.logsumexp(x, axis=-1, keepdims=True)
 
 
-__all__ = ["center_crop", "log_softmax", "resize_bilinear", "torch_conv_transpose_padding"]
+__all__ = ["center_crop", "exact_attention", "log_softmax", "resize_bilinear", "torch_conv_transpose_padding"]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from flax_impl.batchnorm import BatchNorm
 from flax_impl.layers import center_crop, resize_bilinear, torch_conv_transpose_padding
+from flax_impl.subpixel import SubpixelConvTranspose
 from parity.configs import UNetConfig
 
 
@@ -41,15 +42,18 @@ class DoubleConv(nn.Module):
         return nn.relu(x)
 
 
-def up_conv(features: int, padding: str) -> nn.ConvTranspose:
+def up_conv(features: int, padding: str, upsample: str = "subpixel") -> nn.ConvTranspose:
     # Explicit padding from torch's (padding, output_padding); the port flips the kernel
     # spatially because torch's transposed conv is a true gradient-of-conv (transpose_kernel
     # stays False here so the Flax kernel is a plain [kh, kw, in, out] conv kernel).
+    # SubpixelConvTranspose is an nn.ConvTranspose with the same parameters, computed without
+    # the zero-dilated input (UNetConfig.upsample).
     if padding == "same":
         k, pad = (3, 3), torch_conv_transpose_padding((3, 3), (1, 1), (1, 1))
     else:
         k, pad = (2, 2), torch_conv_transpose_padding((2, 2), (0, 0), (0, 0))
-    return nn.ConvTranspose(features, k, strides=(2, 2), padding=pad)
+    cls = SubpixelConvTranspose if upsample == "subpixel" else nn.ConvTranspose
+    return cls(features, k, strides=(2, 2), padding=pad)
 
 
 class UNet(nn.Module):
@@ -59,7 +63,7 @@ class UNet(nn.Module):
         cfg = self.config
         rev = cfg.channels[::-1]
         self.down = [DoubleConv(c, cfg.padding, cfg.batch_norm) for c in cfg.channels]
-        self.up = [up_conv(c, cfg.padding) for c in rev[1:]]
+        self.up = [up_conv(c, cfg.padding, cfg.upsample) for c in rev[1:]]
         self.up_conv = [DoubleConv(c, cfg.padding, cfg.batch_norm) for c in rev[1:]]
         self.head = nn.Conv(cfg.num_classes, (1, 1))
 

@@ -62,10 +62,17 @@ class UNetConfig:
     batch_norm: bool = False
     retain_dim: bool = False  # bilinear resize of the output to the input size
     image_size: int = 572  # the size the example-input maker uses
+    # How the Flax twin computes its stride-2 transposed convs (torch ignores it): "subpixel" is
+    # one stride-1 conv + depth-to-space (flax_impl.subpixel); "conv_transpose" is Flax's stock
+    # nn.ConvTranspose, a conv over the zero-dilated input whose backward XLA:CPU runs ~10-20x
+    # slower (the whole CPU train step ~2x; bench/unet_upsample.py). Same parameters, same math.
+    upsample: Literal["subpixel", "conv_transpose"] = "subpixel"
 
     def __post_init__(self) -> None:
         if self.padding not in ("valid", "same"):
             raise ValueError(f"UNetConfig.padding must be 'valid' or 'same', got {self.padding!r}")
+        if self.upsample not in ("subpixel", "conv_transpose"):
+            raise ValueError(f"UNetConfig.upsample must be 'subpixel' or 'conv_transpose', got {self.upsample!r}")
         if len(self.channels) < 2:
             raise ValueError(f"UNetConfig.channels needs at least 2 levels, got {self.channels!r}")
 
@@ -99,3 +106,42 @@ class UNetConfig:
         if size <= 0:
             raise ValueError("input too small for this UNet")
         return size
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A Vision Transformer: patch conv stem, class token, pre-LN blocks, head on the class token.
+
+    full() is ViT-B/16 (image 224, patch 16, dim 768, depth 12, heads 12, mlp 3072).
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"ViTConfig: dim={self.dim} is not divisible by heads={self.heads}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ViTConfig":
+        base = dict(image_size=16, patch_size=4, in_channels=3, dim=16, depth=2, heads=2,
+                    mlp_dim=32, num_classes=10)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def full(cls, **overrides) -> "ViTConfig":
+        return cls(**overrides)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.configs import CNNConfig, MLPConfig, UNetConfig
+from parity.configs import CNNConfig, MLPConfig, UNetConfig, ViTConfig
 # weight_port.layout's two layout names, spelled here because importing weight_port imports torch
 # and the registry must stay light (``parity --help``); tests/test_runtime_layout.py pins them equal.
 CHANNELS_FIRST = "NC..."
@@ -19,11 +19,8 @@ def _mlp_input(cfg: MLPConfig, batch: int, rng: np.random.Generator) -> np.ndarr
     return rng.standard_normal((batch, cfg.in_features))
 
 
-def _cnn_input(cfg: CNNConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.standard_normal((batch, cfg.in_channels, cfg.image_size, cfg.image_size))
-
-
-def _unet_input(cfg: UNetConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
+def _image_input(cfg: CNNConfig | UNetConfig | ViTConfig, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Square images [N, C, H, W] (torch layout) of the config's channels and size."""
     return rng.standard_normal((batch, cfg.in_channels, cfg.image_size, cfg.image_size))
 
 
@@ -114,7 +111,7 @@ def _unet(name: str, **kw) -> ModelPair:
         full=partial(UNetConfig.full, **kw),
         torch_cls=partial(_torch, "UNet"),
         flax_cls=partial(_flax, "UNet"),
-        make_input=_unet_input,
+        make_input=_image_input,
         input_layout=CHANNELS_FIRST,
         output_layout=CHANNELS_FIRST,  # per-pixel logits [N, classes, H, W]
         loss="cross_entropy",
@@ -129,11 +126,18 @@ PAIRS: dict[str, ModelPair] = {
                   partial(_flax, "ExplicitMLP"), _mlp_input, AS_IS, loss="cross_entropy"),
         # The CNN ends in log_softmax: its output is log-probabilities [N, classes].
         ModelPair("cnn", CNNConfig.tiny, CNNConfig.full, partial(_torch, "CNN"),
-                  partial(_flax, "CNN"), _cnn_input, CHANNELS_FIRST, output_layout=AS_IS, loss="nll"),
+                  partial(_flax, "CNN"), _image_input, CHANNELS_FIRST, output_layout=AS_IS, loss="nll"),
         _unet("unet-valid", padding="valid"),
         _unet("unet-same", padding="same"),
         _unet("unet-same-bn", padding="same", batch_norm=True),
         _unet("unet-valid-retain", padding="valid", retain_dim=True),
+        # The stock nn.ConvTranspose up-sampling (the twin's default is the sub-pixel form of the
+        # same math): kept so the benchmark shows what a naive port costs, side by side.
+        _unet("unet-same-convtranspose", padding="same", upsample="conv_transpose"),
+        # A small ViT whose Flax twin is written in NNX: patch conv (image in, channels-first),
+        # tokens [N, T, D] inside, logits [N, classes] out. No dropout or BatchNorm: one mode.
+        ModelPair("vit", ViTConfig.tiny, ViTConfig.full, partial(_torch, "ViT"), partial(_flax, "ViT"),
+                  _image_input, CHANNELS_FIRST, output_layout=AS_IS, loss="cross_entropy"),
     )
 }
 

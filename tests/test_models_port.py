@@ -9,6 +9,9 @@ from flax import traverse_util
 
 from parity.registry import PAIRS
 from weight_port import KeyMismatchError, NoRuleError, build_plan, flax_to_torch, torch_to_flax
+from weight_port.flax_tree import is_nnx
+from weight_port.layout import to_flax_layout
+from weight_port.nnx import nnx_variables
 
 
 def _randomize_buffers(model: torch.nn.Module) -> None:
@@ -46,10 +49,14 @@ def test_round_trip_is_bit_exact(name, dtype):
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_flax_structure_matches_abstract_init(name):
     pair, torch_model, flax_model, x = _built(name)
-    variables = torch_to_flax(torch_model, flax_model, x)
-    xf = np.moveaxis(x.numpy(), 1, -1) if x.ndim > 2 else x.numpy()
-    expected = jax.eval_shape(flax_model.init, jax.random.key(0), xf)
-    got = jax.tree_util.tree_map(lambda a: a.shape, variables)
+    ported = torch_to_flax(torch_model, flax_model, x, input_layout=pair.input_layout)
+    if is_nnx(flax_model):  # an NNX twin gets an nnx.State; its own variables are the reference
+        variables, expected = nnx_variables(ported), nnx_variables(flax_model)
+    else:
+        variables = ported
+        xf = to_flax_layout(x.numpy(), pair.input_layout)
+        expected = jax.eval_shape(flax_model.init, jax.random.key(0), xf)
+    got = jax.tree_util.tree_map(lambda a: a.shape, dict(variables))
     want = jax.tree_util.tree_map(lambda a: a.shape, dict(expected))
     assert got == want
     assert ("batch_stats" in variables) == pair.has_batch_norm()

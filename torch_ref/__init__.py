@@ -2,5 +2,6 @@
 from torch_ref.cnn import CNN
 from torch_ref.mlp import ExplicitMLP
 from torch_ref.unet import UNet
+from torch_ref.vit import ViT
 
-__all__ = ["CNN", "ExplicitMLP", "UNet"]
+__all__ = ["CNN", "ExplicitMLP", "UNet", "ViT"]

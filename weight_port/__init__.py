@@ -27,6 +27,7 @@ from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
 from weight_port.streaming import load_streamed, write_streamed
+import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from weight_port.tensors import numpy_to_torch, to_numpy
 
 

@@ -36,12 +36,12 @@ class PlannedLayer:
         return f"{self.info.torch_path}.{name}" if self.info.torch_path else name
 
     def flax_leaf(self, collection: str, name: str) -> Leaf:
-        return (collection, *self.info.flax_path, name)
+        return (collection, *self.info.flax_path, *name.split("/"))  # name may be a sub-path
 
 
 def _leaves_of(rule: Rule, names, path: tuple[str, ...]) -> list[Leaf]:
     by_name = rule.by_torch_name()
-    return [(by_name[n].collection, *path, by_name[n].flax_name) for n in names if n in by_name]
+    return [(by_name[n].collection, *path, *by_name[n].flax_name.split("/")) for n in names if n in by_name]
 
 
 def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:

@@ -181,7 +181,7 @@ class PortPlan:
         flat = traverse_util.flatten_dict(dict(variables))
         flat = {tuple(str(p) for p in k): v for k, v in flat.items()}
         wanted = set(collections) if collections is not None else self.target.collections()
-        out: dict[str, np.ndarray] = {}
+        parts: dict[str, list[np.ndarray]] = {}  # several parts: a fused tensor (TensorMap doc)
         missing = []
         used: set[Leaf] = set()
         for layer in self.layers:
@@ -194,7 +194,9 @@ class PortPlan:
                         missing.append(f"flax {_leaf_str(leaf)} (for torch {layer.torch_key(tmap.torch_name)})")
                     continue
                 used.add(leaf)
-                out[layer.torch_key(tmap.torch_name)] = tmap.to_torch(np.asarray(flat[leaf]), layer.info)
+                parts.setdefault(layer.torch_key(tmap.torch_name), []).append(
+                    tmap.to_torch(np.asarray(flat[leaf]), layer.info))
+        out = {k: p[0] if len(p) == 1 else np.concatenate(p, axis=0) for k, p in parts.items()}
         spare = [_leaf_str(k) for k in flat if k not in used and k[0] in wanted]
         missing = [with_closest(m, m.split()[1], spare, "unused flax leaf") for m in missing]
         unexpected = [f"flax {s} (no torch tensor maps to it)" for s in spare]
@@ -279,9 +281,14 @@ def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarg
 
 def _layers_from_torch(torch_module: torch.nn.Module):
     layers, no_rule, dropped_defaults, paramless, named = [], [], {}, [], []
+    covered: list[str] = []  # modules whose rule maps their children's tensors (Rule.children)
     for path, module in torch_module.named_modules():
+        if any(path.startswith(f"{c}.") if c else True for c in covered):
+            continue
         own = _own_tensors(module)
         rule = rule_for(type(module))
+        if rule is not None and rule.children:
+            covered.append(path)
         if not own:
             if rule is not None and rule.check is not None:
                 paramless.append((path, module, rule))

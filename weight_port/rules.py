@@ -48,6 +48,14 @@ def _identity(a: np.ndarray, layer: LayerInfo) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TensorMap:
+    """One torch tensor of a layer -> one Flax leaf.
+
+    flax_name: a leaf name, or a path relative to the layer's Flax module ("query/kernel").
+    Several maps may share one torch_name (a fused tensor such as MultiheadAttention's
+    in_proj_weight): each to_flax takes its block of the tensor, and on the way back the plan
+    concatenates their to_torch results on axis 0 in the rule's order.
+    """
+
     torch_name: str
     collection: str
     flax_name: str
@@ -66,10 +74,13 @@ class Rule:
 
     dropped: torch tensors with no Flax counterpart; flax_to_torch refills them from the torch
     module it is given (e.g. BatchNorm's num_batches_tracked counter).
+    children: torch child modules whose tensors this rule maps itself ("out_proj.weight"); the
+    plan gives them no layer of their own.
     """
 
     tensors: tuple[TensorMap, ...]
     dropped: tuple[str, ...] = field(default_factory=tuple)
+    children: tuple[str, ...] = field(default_factory=tuple)
     # Hyperparameters the port cannot copy (eps, momentum, groups): returns one line per
     # difference between the torch layer and its Flax module, [] when they agree or are unknown.
     check: Callable[["LayerInfo"], list[str]] | None = None
