@@ -7,3 +7,7 @@ PHASES = ("forward", "train")
 # full / paper sizes; gpu: accelerator sizes with a batch per family (parity.benchmark.sizes).
 SIZES = ("tiny", "cpu", "full", "gpu")
 DTYPES = ("float32", "bfloat16")
+# The pairs `parity bench` times when --models is not given (the stock-ConvTranspose UNet next
+# to the sub-pixel one, so the cost of a naive port shows side by side), and with --quick.
+DEFAULT_MODELS = ("mlp", "cnn", "unet-same", "unet-same-convtranspose", "unet-same-bn", "vit")
+QUICK_MODELS = ("mlp", "cnn", "unet-same-bn", "vit")

@@ -19,7 +19,7 @@ import torch
 
 from parity.benchmark.devices import Device
 from parity.benchmark.timing import Timing, measure
-from parity.benchmark.names import DTYPES, PHASES, SIZES, VARIANTS
+from parity.benchmark.names import DEFAULT_MODELS, DTYPES, PHASES, SIZES, VARIANTS
 from parity.benchmark.peaks import mfu, peak_tflops
 from parity.benchmark.sizes import cpu_config, default_batches, sized_config  # noqa: F401 - re-exported
 from parity.benchmark.workloads import Prepared, VariantUnavailable, make_step, prepare
@@ -41,7 +41,7 @@ class BenchConfig:
     override for MFU (None: looked up by device name in parity.benchmark.peaks).
     """
 
-    models: tuple[str, ...] = ("mlp", "cnn", "unet-same", "unet-same-bn")
+    models: tuple[str, ...] = DEFAULT_MODELS
     batches: tuple[int, ...] = (2, 8)
     size: str = "cpu"
     dtype: str = "float32"

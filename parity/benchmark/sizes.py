@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from parity.configs import UNetConfig
+from parity.configs import UNetConfig, ViTConfig
 
 # --size gpu: one batch per family. UNet at 3x256x256 batch 8 and ViT-B/16 at batch 32 (the
 # issue's sizes); MLP and CNN are small enough that only large batches keep a GPU busy.
@@ -29,8 +29,12 @@ def _valid_unet_size(cfg: UNetConfig, at_least: int) -> UNetConfig:
 
 def cpu_config(pair):
     """A config that runs in seconds per step on a few CPU cores but is not toy-sized:
-    MLP and CNN at their full (paper) sizes; UNets with channels (16, 32, 64, 128) at ~128 px."""
+    MLP and CNN at their full (paper) sizes; UNets with channels (16, 32, 64, 128) at ~128 px;
+    the ViT at ViT-Ti/16 size (DeiT-Tiny: dim 192, 12 blocks, 3 heads, 224 px), since a
+    ViT-B/16 train step takes seconds on two cores."""
     full = pair.config("full")
+    if isinstance(full, ViTConfig):
+        return dataclasses.replace(full, dim=192, heads=3, mlp_dim=768)
     if not isinstance(full, UNetConfig):
         return full
     cfg = dataclasses.replace(full, in_channels=3, channels=(16, 32, 64, 128), image_size=128)

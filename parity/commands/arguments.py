@@ -13,7 +13,7 @@ from pathlib import Path
 OPTIMIZERS = ("sgd", "sgd-momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 # Keep in step with parity.benchmark.names (light already; re-exported here for one import site).
-from parity.benchmark.names import PHASES, SIZES, VARIANTS  # noqa: E402
+from parity.benchmark.names import DEFAULT_MODELS, PHASES, SIZES, VARIANTS  # noqa: E402
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 _MODELS_HELP = "all (default), a registry family (e.g. unet) or a pair name (e.g. unet-same-bn); an unknown name lists every choice"
@@ -127,7 +127,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help="pair names or families (default: mlp cnn unet-same unet-same-bn; all = every pair)")
+                   help=f"pair names or families (default: {' '.join(DEFAULT_MODELS)}; all = every pair)")
     p.add_argument("--device", choices=("cpu", "cuda", "tpu"), default="cpu",
                    help="runs both frameworks there; exit 2 if either cannot (default: cpu)")
     p.add_argument("--batch", nargs="+", type=int, default=None, metavar="N",

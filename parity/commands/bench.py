@@ -8,8 +8,7 @@ from pathlib import Path
 from parity.errors import UsageError
 
 
-DEFAULT_MODELS = ["mlp", "cnn", "unet-same", "unet-same-bn"]
-QUICK_MODELS = ["mlp", "cnn", "unet-same-bn"]
+from parity.benchmark.names import DEFAULT_MODELS, QUICK_MODELS
 
 
 def run(args: argparse.Namespace) -> int:
