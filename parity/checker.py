@@ -194,14 +194,14 @@ def _first_nonfinite(run: _Run) -> str | None:
         return f"layer {path or '<root>'}"
 
     found = [(p, v) for p, v in zip(input_paths(run.torch_args), jax.tree_util.tree_leaves(run.torch_args))]
-    for tc in sorted(run.torch.calls or [], key=lambda c: c.start):
+    for tc in run.torch.calls or []:  # completion order: a module after its children
         found += [(f"torch output {p} of {layer(tc.path)}", v) for p, v in tc.output_values.items()]
     found += [(f"torch {p}", v) for p, v in run.torch.outputs.items()]
     if run.flax is not None:
         for key, outs in run.flax.call_outputs.items():
             found += [(f"Flax output {p} of {key}", v) for p, v in outs.items()]
         found += [(f"Flax {p}", v) for p, v in run.flax.outputs.items()]
-    for tc in sorted(run.torch.calls or [], key=lambda c: -c.start):
+    for tc in reversed(run.torch.calls or []):  # roughly backward order
         found += [(f"torch gradient at output {p} of {layer(tc.path)}", v) for p, v in tc.output_grads.items()]
     found += [(f"torch grad {p}", v) for p, v in {**run.torch.input_grads, **run.torch.param_grads}.items()]
     if run.flax is not None:

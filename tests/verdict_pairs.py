@@ -43,3 +43,81 @@ def attention_input(rng: np.random.Generator) -> np.ndarray:
 def make_torch_attention() -> TorchAttention:
     torch.manual_seed(0)
     return TorchAttention()
+
+
+def make_flax_attention() -> FlaxAttention:
+    return FlaxAttention()
+
+
+# --- a dead branch: a ReLU behind a very negative bias is zero everywhere ------------------------
+class TorchDead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.bias.fill_(-1e3)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class FlaxDead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(4, name="fc")(x))
+
+
+# --- a gradient bug that a ones cotangent cannot see ---------------------------------------------
+import jax  # noqa: E402
+
+
+@jax.custom_vjp
+def mirrored_cotangent(x):
+    """Identity forward; backward returns 2 mean(g) - g: the cotangent's deviations from its mean
+    sign-flipped. A ones cotangent (mean 1, no deviation) comes back unchanged, so only a random
+    cotangent exposes it."""
+    return x
+
+
+mirrored_cotangent.defvjp(lambda x: (x, None),
+                          lambda _, g: (2 * jnp.mean(g, axis=-1, keepdims=True) - g,))
+
+
+class FlaxBlockMirroredGrad(nn.Module):
+    """planted.FlaxBlock with the backward bug at its output (where the cotangent is the one the
+    checker draws)."""
+
+    def setup(self) -> None:
+        self.fc1 = nn.Dense(16)
+        self.norm = nn.LayerNorm(epsilon=1e-5, use_scale=False, use_bias=False)
+        self.fc2 = nn.Dense(4)
+
+    def __call__(self, x):
+        return mirrored_cotangent(self.fc2(nn.gelu(self.norm(self.fc1(x)), approximate=False)))
+
+
+# --- CLI factories -------------------------------------------------------------------------------
+def make_flax_block_eps6():
+    import planted
+
+    return planted.FlaxBlock(eps=1e-6)  # Flax's default LayerNorm eps; torch's is 1e-5
+
+
+def make_flax_block_tanh():
+    import planted
+
+    return planted.FlaxBlock(approximate=True)
+
+
+def nan_block_input() -> np.ndarray:
+    return np.full((3, 8), np.nan)
+
+
+def make_tensor() -> torch.Tensor:
+    return torch.zeros(3, 8)
+
+
+def large_block_input() -> np.ndarray:
+    # Activations of variance ~30: LayerNorm eps 1e-6 vs 1e-5 changes outputs by ~1e-7 relative,
+    # below float32's tolerance, so only the port's finding reveals it.
+    return 10.0 * np.random.default_rng(0).standard_normal((3, 8))
