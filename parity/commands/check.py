@@ -229,15 +229,22 @@ def _jobs(args: argparse.Namespace):
 
 def writable(path: str, flag: str) -> None:
     """SetupError unless ``path`` can be written: checked before the checks run, so a typo in an
-    output path costs one line at once rather than the whole run."""
+    output path costs one line at once rather than the whole run. Probed by creating (and
+    removing) a file beside it, since permission bits do not tell root or read-only mounts."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise SetupError(f"{flag} {path!r} is a directory; give a file path")
-    if not parent.is_dir():
+    if not parent.exists():
         raise SetupError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise SetupError(f"{flag} {path!r}: not writable (permission denied)")
+    if not parent.is_dir():
+        raise SetupError(f"{flag} {path!r}: {str(parent)!r} is not a directory")
+    probe = parent / f".{p.name}.parity-probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SetupError(f"{flag} {path!r}: cannot write in {str(parent)!r} ({exc.strerror or exc})") from None
 
 
 def _write_atomic(path: str, text: str) -> None:
