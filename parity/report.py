@@ -106,9 +106,13 @@ class Report:
             )
         lines.append(f"  {'tensor':<36} {'max_abs':>10} {'max_rel':>10} {'rel_norm':>10} {'bad':>6}  ok")
         for c in self.outputs + self.grads:
+            # Below its noise floor a tensor's relative errors are ratios of two rounding noises.
+            rels = (f"{'<floor':>10} {'<floor':>10}" if c.below_floor
+                    else f"{c.max_rel:10.3e} {c.rel_norm:10.3e}")
             lines.append(
-                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {c.max_rel:10.3e} {c.rel_norm:10.3e} "
+                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {rels} "
                 f"{c.mismatches:6d}  {'ok' if c.ok else 'FAIL'}"
+                + (f"  (||torch|| {c.ref_norm:.2e} <= noise floor {c.floor:.2e})" if c.below_floor else "")
             )
             if not c.ok:
                 lines.append(
@@ -122,7 +126,9 @@ class Report:
                          f"{'iso bwd':>9} {'acc bwd':>9}  ok")
 
             def num(c: Comparison | None) -> str:
-                return f"{c.rel_norm:9.2e}" if c is not None else f"{'-':>9}"
+                if c is None:
+                    return f"{'-':>9}"
+                return f"{'<floor':>9}" if c.below_floor else f"{c.rel_norm:9.2e}"
 
             for row in self.layers:
                 verdict = "ok" if row.ok else "FAIL " + "/".join(
