@@ -3,6 +3,7 @@ float32 table kept sharp: small real errors and cotangent-only bugs must FAIL (i
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ import verdict_pairs as vp
 from parity.cli import main
 from parity.commands.check import _summary_line
 from parity.tolerances import GRAD, NOISE_FLOORS, TOLERANCES, noise_floor
-from pathlib import Path
 from weight_port import build_plan
 
 TESTS = Path(__file__).parent

@@ -2,6 +2,8 @@
 verdict in the CLI table and the pytest plugin (issue 10, item 2)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,6 @@ import parity
 import planted
 import verdict_pairs as vp
 from parity.cli import main
-from pathlib import Path
 
 TESTS = Path(__file__).parent
 BLOCK_X = planted.block_input(np.random.default_rng(0))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -68,9 +69,6 @@ class FlaxDead(nn.Module):
 
 
 # --- a gradient bug that a ones cotangent cannot see ---------------------------------------------
-import jax  # noqa: E402
-
-
 @jax.custom_vjp
 def mirrored_cotangent(x):
     """Identity forward; backward returns 2 mean(g) - g: the cotangent's deviations from its mean
