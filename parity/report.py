@@ -111,7 +111,7 @@ class Report:
                     else f"{c.max_rel:10.3e} {c.rel_norm:10.3e}")
             lines.append(
                 f"  {c.name[:36]:<36} {c.max_abs:10.3e} {rels} "
-                f"{c.mismatches:6d}  {'ok' if c.ok else 'FAIL'}"
+                f"{c.mismatches:6d}  {c.nonfinite or ('ok' if c.ok else 'FAIL')}"
                 + (f"  (||torch|| {c.ref_norm:.2e} <= noise floor {c.floor:.2e})" if c.below_floor else "")
             )
             if not c.ok:
