@@ -183,8 +183,9 @@ NOISE_FLOORS: dict[str, NoiseFloor] = {
         reason="per layer, the norms are that layer's input and output cotangent (torch's, in the "
         "isolated VJP); whole-model, the model's inputs and output cotangent. Rounding per "
         "reduction is ~sqrt(n) eps relative to the product of the norms and the test models chain "
-        "a few of them; measured: the attention key-bias gradient (zero by softmax shift "
-        "invariance) is <= 1 eps x ||cot|| ||x|| in float64 and float32, so 16 leaves headroom. A "
+        "a few of them; measured on the attention test twin (tests/verdict_pairs.py): the key-bias "
+        "gradient (zero by softmax shift invariance) is ~0.005 eps x ||cot|| ||x|| in float64 and "
+        "float32, so 16 leaves headroom for deeper models. A "
         "real gradient error (a 1e-3 weight change, a sign flip) is >= 1e-3 x ||cot|| ||x||, "
         "orders above the floor in every dtype",
     ),
