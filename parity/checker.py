@@ -22,10 +22,10 @@ from parity.layers import analyze_layers, first_divergence
 from parity.numerics import jax_precision, numerics_env, pinned, precision_warnings
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
-                            forward_backward, input_layouts, output_layouts, output_shapes, run_torch,
+                            forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
-from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
+from parity.tolerances import FORWARD, GRAD, REFERENCE, noise_floor, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 
@@ -173,6 +173,63 @@ def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:
     return out
 
 
+def _bad(value) -> str:
+    """"NaN" / "Inf" when a float array holds one, else ""."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().float().numpy() if value.is_floating_point() else None
+    a = np.asarray(value) if value is not None else None
+    if a is None or not jnp.issubdtype(a.dtype, jnp.floating):
+        return ""
+    a = np.asarray(a, dtype=np.float64)
+    if np.isnan(a).any():
+        return "NaN"
+    return "" if np.isfinite(a).all() else "Inf"
+
+
+def _first_nonfinite(run: _Run) -> str | None:
+    """Where a NaN or Inf first appears, in the order the values are made: inputs, then each
+    layer's output (torch, in execution order), the model outputs, Flax's layer outputs, then the
+    gradients. None when everything is finite."""
+    def layer(path: str) -> str:
+        return f"layer {path or '<root>'}"
+
+    found = [(p, v) for p, v in zip(input_paths(run.torch_args), jax.tree_util.tree_leaves(run.torch_args))]
+    for tc in run.torch.calls or []:  # completion order: a module after its children
+        found += [(f"torch output {p} of {layer(tc.path)}", v) for p, v in tc.output_values.items()]
+    found += [(f"torch {p}", v) for p, v in run.torch.outputs.items()]
+    if run.flax is not None:
+        for key, outs in run.flax.call_outputs.items():
+            found += [(f"Flax output {p} of {key}", v) for p, v in outs.items()]
+        found += [(f"Flax {p}", v) for p, v in run.flax.outputs.items()]
+    for tc in reversed(run.torch.calls or []):  # roughly backward order
+        found += [(f"torch gradient at output {p} of {layer(tc.path)}", v) for p, v in tc.output_grads.items()]
+    found += [(f"torch grad {p}", v) for p, v in {**run.torch.input_grads, **run.torch.param_grads}.items()]
+    if run.flax is not None:
+        found += [(f"Flax grad {p}", v) for p, v in {**run.flax.input_grads, **run.f_p_grads}.items()]
+    for where, value in found:
+        kind = _bad(value)
+        if kind:
+            return f"{kind} in {where}"
+    return None
+
+
+def _zero_warnings(run: _Run) -> list[str]:
+    """All-zero outputs and gradients: legal, but usually a dead branch or a detached input, and
+    a comparison of zeros with zeros proves nothing about the branch that should have fed them."""
+    out = [f"torch {p} is all zeros: a dead branch? (both sides agreeing on zeros proves little)"
+           for p, v in run.torch.outputs.items() if _is_zero(v)]
+    out += [f"grad {p} is all zeros in torch: input detached or unused?" for p, g in run.torch.input_grads.items()
+            if _is_zero(g)]
+    out += [f"grad {n} is all zeros in torch: parameter unused or behind a dead branch?"
+            for n, g in run.torch.param_grads.items() if _is_zero(g)]
+    return out
+
+
+def _is_zero(value) -> bool:
+    a = np.asarray(value)
+    return a.size > 0 and jnp.issubdtype(a.dtype, jnp.floating) and not np.any(a)
+
+
 def _label(prefix: str, path: str, root: str, single: bool) -> str:
     """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
     return prefix if single else prefix + path[len(root):]
@@ -252,9 +309,11 @@ def check(
                         warnings=notes)
         prec = jax_precision()
         fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        report.invalid = _first_nonfinite(run)
         if run.structure_error:
             report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
             return report
+        report.warnings += _zero_warnings(run)
         ref = None
         if reference:
             say("float64 reference run")
@@ -269,6 +328,9 @@ def check(
                 # variables upcast to exactly the reference's weights.
                 rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
                 ref = _run(rounded, flax_module, example_input, ref_vars, "float64", layers=layers, **opts)
+        if ref is not None and report.invalid is None:
+            bad = _first_nonfinite(ref)
+            report.invalid = f"{bad} (float64 reference run)" if bad else None
         _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
         if data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
             from parity.data_parallel import attach
@@ -285,7 +347,7 @@ def check(
                     grads=grads, train=train,
                     forward_tol=tolerance_for(ldt, FORWARD, prec).override(*over),
                     grad_tol=tolerance_for(ldt, GRAD, prec).override(*over),
-                    param_grads=lr.torch.param_grads, progress=say,
+                    param_grads=lr.torch.param_grads, progress=say, dtype=ldt,
                     root=None if ref else (worst_of(report.outputs), worst_of(report.grads)),
                 )
             report.first_divergence, report.divergence_kind = first_divergence(report.layers)
@@ -293,12 +355,30 @@ def check(
         return report
 
 
+def _norm(values) -> float:
+    """Euclidean norm of all float leaves together (torch tensors or arrays)."""
+    total = 0.0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().double().numpy() if v.is_floating_point() else None
+        if v is not None and np.issubdtype(np.asarray(v).dtype, np.floating):
+            total += float(np.sum(np.square(np.asarray(v, dtype=np.float64))))
+    return float(np.sqrt(total))
+
+
+def model_grad_floor(run: _Run, dname: str) -> float:
+    """Noise floor of the whole-model gradients: from the output cotangent and the inputs."""
+    inputs = jax.tree_util.tree_leaves(run.torch_args)
+    return noise_floor(dname, GRAD, _norm(run.torch.cotangents.values()), _norm(inputs))
+
+
 def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
                  grads: bool) -> None:
     """Fill the report's output, input-gradient and parameter-gradient comparisons."""
+    floor = model_grad_floor(run, dname) if grads else 0.0
     if ref is None:
         fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
+        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol).with_floor(floor)
 
         def judge(kind, nm, f, t, layout, ref_value):
             return compare(nm, f, t, fwd if kind == FORWARD else grd, layout=layout)
@@ -306,7 +386,8 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
         ref_tol = tolerance_for(dname, REFERENCE, prec)
 
         def judge(kind, nm, f, t, layout, ref_value):
-            return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout)
+            return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout,
+                                        floor=floor if kind == GRAD else 0.0)
 
     def safe(kind, nm, f, t, layout, ref_value):
         try:

@@ -1,6 +1,8 @@
 """The ``parity`` command line: argument parsing and printing only; the work is importable.
 
-Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one readable line, no traceback).
+Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one readable line, no traceback;
+PARITY_DEBUG=1 prints the traceback first), 3 no verdict (``parity check``: a NaN or Inf made
+the check INVALID).
 Parsing imports nothing heavy (argument definitions live in parity.commands.arguments), so
 ``parity --help`` answers at once; a command's module, and torch and jax with it, is imported
 only when that command runs.
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from parity.commands import arguments
 from parity.errors import UsageError
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         # Anything else is a bug in this tool and keeps its traceback.
         if isinstance(exc, (UsageError, PortError, KeyError, ValueError, TypeError, OSError,
                             ImportError, AttributeError)):
+            if os.environ.get("PARITY_DEBUG"):  # the promised traceback, then the one line
+                traceback.print_exc()
             print(f"parity: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise

@@ -29,6 +29,17 @@ class Comparison:
     # number per tensor that is comparable across dtypes, used for plots and ranking.
     score: float = 0.0
     note: str = ""
+    # ||torch value|| and the absolute noise floor of the norm-wise criterion (0: none). A
+    # tensor whose reference norm is at or below its floor is rounding noise on both sides (a
+    # gradient that is zero in exact arithmetic): its rel_norm is a ratio of noises, not an error.
+    ref_norm: float = 0.0
+    floor: float = 0.0
+    # "NaN" / "Inf" when either side holds one: the comparison is meaningless (see Report.verdict).
+    nonfinite: str = ""
+
+    @property
+    def below_floor(self) -> bool:
+        return self.floor > 0 and self.ref_norm <= self.floor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +77,12 @@ def compare(
         raise ValueError(f"{name}: shape mismatch, flax {actual.shape} (torch layout) vs torch {expected.shape}")
     diff = np.abs(actual - expected)
     nonfinite = ~np.isfinite(actual) | ~np.isfinite(expected)
-    same_nonfinite = nonfinite & ((actual == expected) | (np.isnan(actual) & np.isnan(expected)))
-    diff = np.where(same_nonfinite, 0.0, np.where(nonfinite, np.inf, diff))
+    # NaN == NaN (or Inf == Inf) is never agreement: a NaN input makes both sides NaN whatever
+    # they compute, so such an element counts as an infinite difference.
+    diff = np.where(nonfinite, np.inf, diff)
+    kind = ""
+    if nonfinite.any():
+        kind = "NaN" if (np.isnan(actual) | np.isnan(expected)).any() else "Inf"
     denom = np.abs(expected)
     rel = np.divide(diff, denom, out=np.where(diff > 0, np.inf, 0.0), where=denom > 0)
     norm_ref = float(np.linalg.norm(np.where(nonfinite, 0.0, expected)))
@@ -80,17 +95,18 @@ def compare(
     else:
         bad = np.zeros(diff.shape, dtype=bool)
     mismatches = int(bad.sum())
-    tiny = tol.abs_norm is not None and norm_diff <= tol.abs_norm and not np.isinf(diff).any()
-    ok = mismatches == 0 and (tol.rel_norm is None or rel_norm <= tol.rel_norm or tiny)
+    # Below the noise floor the difference is rounding of the magnitudes that made the tensor
+    # (parity.tolerances.NOISE_FLOORS), which no relative or elementwise bound can judge.
+    tiny = bool(tol.abs_norm) and norm_diff <= tol.abs_norm and not np.isinf(diff).any()
+    ok = tiny or (mismatches == 0 and (tol.rel_norm is None or rel_norm <= tol.rel_norm))
     score = 0.0
     if tol.rtol is not None and diff.size:
         with np.errstate(invalid="ignore", divide="ignore"):
             score = float(np.max(diff / (tol.atol + tol.rtol * denom)))
     if tol.rel_norm is not None:
-        norm_score = rel_norm / tol.rel_norm if tol.rel_norm > 0 else np.inf
-        if tol.abs_norm:
-            norm_score = min(norm_score, norm_diff / tol.abs_norm)
-        score = max(score, norm_score)
+        score = max(score, rel_norm / tol.rel_norm if tol.rel_norm > 0 else np.inf)
+    if tiny:
+        score = min(score, norm_diff / tol.abs_norm)
     if diff.size:
         # Worst element: the most out-of-tolerance one when the elementwise check is on.
         excess = diff - (tol.atol + tol.rtol * denom) if tol.rtol is not None else diff
@@ -110,32 +126,49 @@ def compare(
         expected_at_worst=exp_w,
         actual_at_worst=act_w,
         tolerance=tol.describe(),
-        ok=bool(ok),
+        ok=bool(ok) and not kind,
         score=float(score),
+        ref_norm=norm_ref,
+        floor=float(tol.abs_norm or 0.0),
+        nonfinite=kind,
+        note=f"{kind} in {'torch' if not np.isfinite(expected).all() else 'flax'}" if kind else "",
     )
 
 
 def compare_to_reference(
-    name: str, flax_value, torch_value, reference, tol: Tolerance, *, layout: str = AS_IS
+    name: str, flax_value, torch_value, reference, tol: Tolerance, *, layout: str = AS_IS,
+    floor: float = 0.0,
 ) -> Comparison:
     """fp64-reference verdict: Flax's error against a float64 reference, measured in units of
-    torch's own error against it (both relative to ||reference||).
+    torch's own error against it.
 
     flax_value is in Flax layout; torch_value and reference (the float64 torch run) in torch
     layout. The returned Comparison carries flax-vs-torch statistics for reading, but ``ok`` and
-    ``score`` come from ``||flax - ref|| <= tol.k * max(||torch - ref||, tol.floor)``.
+    ``score`` come from ``||flax - ref|| <= max(tol.k * max(||torch - ref||, tol.floor * ||ref||),
+    floor)``: ``floor`` is the absolute noise floor of this tensor (parity.tolerances.noise_floor),
+    for a reference that is itself rounding noise (a gradient zero in exact arithmetic).
     """
     if tol.k is None:
         raise ValueError(f"{name}: compare_to_reference needs an fp64-reference Tolerance (k, floor)")
     loose = Tolerance(rel_norm=float("inf"), reason="statistics only")
     stats = compare(name, flax_value, torch_value, loose, layout=layout)
-    flax_err = compare(name, flax_value, reference, loose, layout=layout).rel_norm
-    torch_err = compare(name, torch_value, reference, loose).rel_norm
-    allowed = tol.k * max(torch_err, tol.floor)
+    ref = _as_float64(reference)
+    flax = _as_float64(to_torch_layout(to_numpy(flax_value), layout))
+    with np.errstate(invalid="ignore"):
+        flax_err = float(np.linalg.norm(flax - ref))
+        torch_err = float(np.linalg.norm(_as_float64(torch_value) - ref))
+    ref_norm = float(np.linalg.norm(ref))
+    allowed = max(tol.k * max(torch_err, tol.floor * ref_norm), floor)
+    ok = bool(np.isfinite(flax_err) and flax_err <= allowed) and not stats.nonfinite
+    if ref_norm <= floor:  # the reference is rounding noise: relative errors would be noise ratios
+        note = f"vs fp64: below the noise floor ({floor:.2e}): ||flax - ref|| {flax_err:.2e}, torch {torch_err:.2e}"
+    else:
+        note = f"vs fp64: flax {flax_err / ref_norm:.2e}, torch {torch_err / ref_norm:.2e}"
     return replace(
         stats,
-        ok=bool(flax_err <= allowed),
-        score=float(flax_err / allowed),
-        tolerance=tol.describe(),
-        note=f"vs fp64: flax {flax_err:.2e}, torch {torch_err:.2e}",
+        ok=ok,
+        score=float(flax_err / allowed) if allowed > 0 else float("inf"),
+        tolerance=tol.describe() + (f", or ||d||<={floor:.3g}" if floor else ""),
+        note=stats.note or note,
+        floor=floor,
     )

@@ -30,7 +30,7 @@ from flax import traverse_util
 from parity.compare import Comparison, compare, failed_comparison, worst_of
 from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
 from parity.runtime.layouts import resolve
-from parity.tolerances import Tolerance
+from parity.tolerances import GRAD, Tolerance, noise_floor
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
 from weight_port.plan import PortPlan
@@ -235,6 +235,7 @@ def analyze_layers(
     param_grads: Mapping[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
     root: tuple[Comparison | None, Comparison | None] | None = None,
+    dtype: str | None = None,
 ) -> list[LayerRow]:
     """Per-layer rows in execution order from one recorded run of each side (parity.runtime).
 
@@ -242,6 +243,8 @@ def analyze_layers(
     activation layouts of the torch calls. grads=False skips the backward columns. param_grads:
     torch's parameter gradients of the same run. root: the top module's isolated (forward,
     backward) verdicts, which *are* the whole-model check, so the top module is not rerun.
+    dtype: the run's dtype name; the isolated gradients then get the noise floor of
+    parity.tolerances.NOISE_FLOORS from the layer's input and output-cotangent norms.
     """
     say = progress or (lambda msg: None)
     # Backward order: a module's backward finishes after its children's, and later modules'
@@ -294,8 +297,16 @@ def analyze_layers(
         if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             continue
-        _judge(job, result, plan, zero_params, param_grads, tied, forward_tol, grad_tol)
+        tol = grad_tol
+        if dtype is not None and job.cots is not None:
+            tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()),
+                                                  _norm(job.arrays[n] for n in job.float_names)))
+        _judge(job, result, plan, zero_params, param_grads, tied, forward_tol, tol)
     return rows
+
+
+def _norm(arrays) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in arrays)))
 
 
 @dataclass

@@ -4,8 +4,11 @@
         parity(MyTorchNet(), MyFlaxNet(), torch.randn(2, 3, 32, 32))
 
 Keyword precedence: arguments of the call > ``@pytest.mark.parity(...)`` kwargs >
-``--parity-dtype`` / ``--parity-device`` > parity.check's defaults. A failing check fails the
-test with the report table as the whole message (no traceback into the checker).
+``--parity-dtype`` / ``--parity-device`` > parity.check's defaults. A failing (or INVALID) check
+fails the test with the report table as the whole message, once (no traceback into the checker).
+The warnings of every check (port hyperparameters, precision, pairings, all-zero gradients) are
+printed under the verdict: in that message on failure, and on a pass in a "parity warnings"
+section of the terminal summary and as the test's ``parity_warnings`` property (JUnit XML).
 """
 from __future__ import annotations
 
@@ -44,19 +47,25 @@ class ParityFixture:
     ``reports`` keeps every report of the test (e.g. to save JSON as a CI artifact).
     """
 
-    def __init__(self, defaults: dict[str, Any]):
+    def __init__(self, defaults: dict[str, Any], node: pytest.Item | None = None):
         self.defaults = defaults
         self.reports: list = []
+        self.node = node
 
     def __call__(self, torch_module, flax_module, example_input, **kwargs):
-        from parity.checker import assert_parity
+        from parity.checker import check
 
         options = {**self.defaults, **kwargs}
-        try:
-            report = assert_parity(torch_module, flax_module, example_input, **options)
-        except AssertionError as exc:
-            pytest.fail(str(exc).lstrip("\n"), pytrace=False)
+        report = check(torch_module, flax_module, example_input, **options)
         self.reports.append(report)
+        if not report.ok:
+            # Failed here, outside any except block: raising from inside one printed the report
+            # twice ("During handling of the above exception, another exception occurred").
+            pytest.fail(str(report), pytrace=False)
+        if report.warnings and self.node is not None:
+            self.node.user_properties.append(("parity_warnings", "\n".join(report.warnings)))
+            _PASSED_WARNINGS.append((self.node.nodeid, f"{report.model} [{report.dtype}, {report.mode}]",
+                                     list(report.warnings)))
         return report
 
 
@@ -72,4 +81,20 @@ def parity(request: pytest.FixtureRequest) -> ParityFixture:
     marker = request.node.get_closest_marker("parity")
     if marker is not None:
         defaults.update(marker.kwargs)
-    return ParityFixture(defaults)
+    return ParityFixture(defaults, request.node)
+
+
+# (test id, model, warnings) of passing checks, printed at the end of the session: a pass with
+# a LayerNorm eps of 1e-6 against torch's 1e-5 must not go unseen.
+_PASSED_WARNINGS: list[tuple[str, str, list[str]]] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not _PASSED_WARNINGS:
+        return
+    terminalreporter.section("parity warnings")
+    for nodeid, what, warns in _PASSED_WARNINGS:
+        terminalreporter.write_line(f"{nodeid}: {what}: PASS with {len(warns)} warning(s)")
+        for w in warns:
+            terminalreporter.write_line(f"    warning: {w}")
+    _PASSED_WARNINGS.clear()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from parity.compare import Comparison
@@ -26,15 +27,36 @@ class Report:
     reference: str | None = None  # "float64" when judged in fp64-reference mode
     env: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Where a NaN or Inf first appeared ("NaN in input input[0]"); None when every input,
+    # output, gradient and layer activation is finite. Any such value makes the verdict INVALID.
+    invalid: str | None = None
 
     @property
     def grads(self) -> list[Comparison]:
         return self.input_grads + self.param_grads
 
     @property
-    def ok(self) -> bool:
+    def verdict(self) -> str:
+        """"PASS", "FAIL" or "INVALID" (a NaN or Inf somewhere: the numbers prove nothing either
+        way, since NaN on both sides is not agreement and a non-finite torch value is no reference)."""
+        nonfinite = next((c for c in self.outputs + self.grads if c.nonfinite), None)
+        if self.invalid or nonfinite is not None:
+            return "INVALID"
         layers_ok = all(getattr(row, "ok", True) for row in self.layers)
-        return all(c.ok for c in self.outputs + self.grads) and layers_ok and self.first_divergence is None
+        good = all(c.ok for c in self.outputs + self.grads) and layers_ok and self.first_divergence is None
+        return "PASS" if good else "FAIL"
+
+    @property
+    def invalid_reason(self) -> str | None:
+        if self.invalid:
+            return self.invalid
+        c = next((c for c in self.outputs + self.grads if c.nonfinite), None)
+        return f"{c.note} {c.name}" if c is not None else None
+
+    @property
+    def ok(self) -> bool:
+        """True only for PASS (an INVALID check is not a pass)."""
+        return self.verdict == "PASS"
 
     def worst(self, comps: list[Comparison]) -> Comparison | None:
         return max(comps, key=lambda c: (not c.ok, c.rel_norm), default=None)
@@ -45,6 +67,8 @@ class Report:
             "dtype": self.dtype,
             "mode": self.mode,
             "ok": self.ok,
+            "verdict": self.verdict,
+            "invalid": self.invalid_reason,
             "first_divergence": self.first_divergence,
             "divergence_kind": self.divergence_kind,
             "reference": self.reference,
@@ -57,7 +81,7 @@ class Report:
         }
 
     def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str, **kw)
+        return dumps(self.to_dict(), **kw)
 
     def layer(self, name: str) -> LayerRow:
         """The row of one layer by torch path ("<root>" for the top module)."""
@@ -68,8 +92,10 @@ class Report:
 
     def __str__(self) -> str:
         mode = f"{self.dtype}, {self.mode}" + (", fp64 reference" if self.reference else "")
-        lines = [f"parity {self.model} [{mode}]: {'PASS' if self.ok else 'FAIL'}"]
-        if self.first_divergence:
+        verdict = self.verdict
+        lines = [f"parity {self.model} [{mode}]: {verdict}"
+                 + (f": {self.invalid_reason} (no verdict on parity)" if verdict == "INVALID" else "")]
+        if self.first_divergence and verdict != "INVALID":  # NaN propagates: every layer "diverges"
             row = self.layer(self.first_divergence)
             comp = row.isolated if self.divergence_kind == "forward" else row.grad_isolated
             lines.append(
@@ -80,9 +106,13 @@ class Report:
             )
         lines.append(f"  {'tensor':<36} {'max_abs':>10} {'max_rel':>10} {'rel_norm':>10} {'bad':>6}  ok")
         for c in self.outputs + self.grads:
+            # Below its noise floor a tensor's relative errors are ratios of two rounding noises.
+            rels = (f"{'<floor':>10} {'<floor':>10}" if c.below_floor
+                    else f"{c.max_rel:10.3e} {c.rel_norm:10.3e}")
             lines.append(
-                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {c.max_rel:10.3e} {c.rel_norm:10.3e} "
-                f"{c.mismatches:6d}  {'ok' if c.ok else 'FAIL'}"
+                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {rels} "
+                f"{c.mismatches:6d}  {c.nonfinite or ('ok' if c.ok else 'FAIL')}"
+                + (f"  (||torch|| {c.ref_norm:.2e} <= noise floor {c.floor:.2e})" if c.below_floor else "")
             )
             if not c.ok:
                 lines.append(
@@ -96,7 +126,9 @@ class Report:
                          f"{'iso bwd':>9} {'acc bwd':>9}  ok")
 
             def num(c: Comparison | None) -> str:
-                return f"{c.rel_norm:9.2e}" if c is not None else f"{'-':>9}"
+                if c is None:
+                    return f"{'-':>9}"
+                return f"{'<floor':>9}" if c.below_floor else f"{c.rel_norm:9.2e}"
 
             for row in self.layers:
                 verdict = "ok" if row.ok else "FAIL " + "/".join(
@@ -115,3 +147,20 @@ class Report:
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
+
+
+def json_safe(value):
+    """``value`` with every non-finite float as a string ("inf", "-inf", "nan"): JSON has no
+    Infinity or NaN, and strict parsers (jq, JavaScript's JSON.parse) reject Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(payload, **kw) -> str:
+    """Strict JSON text of a report dict (or a list of them): non-finite numbers as strings."""
+    return json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False, **kw)

@@ -14,7 +14,7 @@ import planted
 from parity.compare import compare
 from parity.plot import plot_layers
 from parity.registry import PAIRS
-from parity.tolerances import FORWARD, GRAD, REFERENCE, TOLERANCES, Tolerance, tolerance_for
+from parity.tolerances import FORWARD, GRAD, REFERENCE, TOLERANCES, Tolerance, noise_floor, tolerance_for
 from weight_port.layout import AS_IS
 
 
@@ -158,7 +158,8 @@ def test_warns_when_flax_variables_are_at_another_dtype():
 def test_float64_gradient_that_is_zero_in_exact_arithmetic_passes_but_a_real_error_fails():
     # An attention key bias: softmax ignores a per-query constant, so its gradient is rounding
     # noise on both sides (measured on tiny HF BERT: ~4e-19 vs 8e-20); no relative bound judges it.
-    tol = tolerance_for("float64", GRAD)
+    # Floor for unit-norm cotangent and input (parity.tolerances.NOISE_FLOORS).
+    tol = tolerance_for("float64", GRAD).with_floor(noise_floor("float64", GRAD, 1.0, 1.0))
     assert compare("grad key.bias", np.array([8e-20, -3e-19]), np.array([-4e-19, 1e-19]), tol).ok
     assert not compare("grad key.bias", np.array([1e-8, 0.0]), np.array([0.0, 0.0]), tol).ok
     assert not compare("grad w", np.array([1.0 + 1e-8]), np.array([1.0]), tol).ok

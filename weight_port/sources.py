@@ -85,18 +85,32 @@ def load_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc):  # torch names the class it refused; anything else is damage
+            raise CheckpointError(path, _not_a_checkpoint(path, exc)) from exc
         raise UnsafeCheckpointError(
             path, "it needs unpickling of arbitrary objects, refused (weights_only=True); "
             "re-save it as a state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    except Exception as exc:  # RuntimeError (zip), OSError (Errno 22 on a cut zip), EOF, KeyError
+        raise CheckpointError(path, _not_a_checkpoint(path, exc)) from exc
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(path, f"expected a state_dict of tensors, found {type(obj).__name__}")
     return dict(obj)
+
+
+def _not_a_checkpoint(path: Path, exc: BaseException) -> str:
+    """Why a .pt file did not load, in words: torch's own messages (``OSError: [Errno 22]``,
+    ``KeyError: 101``, "internal miniz error") do not say that the file is the problem."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    detail = (str(exc).splitlines() or [""])[0][:100]
+    what = ("not a complete torch checkpoint: torch.save's zip archive is truncated or corrupt"
+            if zipped else "not a valid torch checkpoint: neither torch.save's zip format nor its legacy "
+            "pickle format (empty, truncated, or another kind of file)")
+    return f"{what} ({type(exc).__name__}: {detail})"
 
 
 class ShardedState(Mapping):

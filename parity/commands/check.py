@@ -1,14 +1,15 @@
 """``parity check``: built-in pairs (``parity check [mlp|cnn|unet|all]``) or your own
 (``parity check --torch MODULE:FACTORY --flax MODULE:FACTORY --input-shape 2,3,64,64``).
 
-Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one line on stderr). Progress
-lines go to stderr, results to stdout, so ``--json -`` style piping stays clean.
+Exit codes: 0 pass, 1 parity mismatch (FAIL), 2 usage or setup error (one line on stderr), 3 no
+verdict (INVALID: a NaN or Inf in an input, output, gradient or layer activation; only when no
+check FAILed). Every warning of the port and the checker is printed under its check's summary
+line. Progress lines go to stderr, results to stdout, so ``--json -`` style piping stays clean.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -61,6 +62,7 @@ def own_pair(args: argparse.Namespace):
         raise SetupError("your own pair needs exactly one of --input-shape and --example-input")
     torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
     flax_model = _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
+    expect_models(torch_model, args.torch, flax_model, args.flax)
     if args.example_input:
         x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
                           "--example-input")
@@ -99,6 +101,35 @@ def _call_factory(factory: Callable[[], object], spec: str, flag: str) -> object
         return factory()
     except Exception as exc:
         raise SetupError(f"{flag} {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
+
+
+def _kind(obj) -> str:
+    """"torch" / "flax" for a model object, else a short description of what it is."""
+    import flax.linen as nn
+    import torch
+    from flax import nnx
+
+    if isinstance(obj, torch.nn.Module):
+        return "torch"
+    if isinstance(obj, (nn.Module, nnx.Module)):
+        return "flax"
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "shape"):
+        return f"a {type(obj).__module__.split('.')[0]} {type(obj).__name__} of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def expect_models(torch_model, torch_spec: str, flax_model, flax_spec: str) -> None:
+    """SetupError naming the factory when --torch does not give a torch.nn.Module or --flax a
+    Flax (Linen or NNX) module: otherwise the mistake surfaces later as a confusing input error."""
+    got_t, got_f = _kind(torch_model), _kind(flax_model)
+    if (got_t, got_f) == ("flax", "torch"):
+        raise SetupError(f"--torch {torch_spec!r} returned a Flax module and --flax {flax_spec!r} a torch "
+                         "module: the two are swapped")
+    for flag, spec, got, want in (("--torch", torch_spec, got_t, "torch"), ("--flax", flax_spec, got_f, "flax")):
+        if got != want:
+            what = {"torch": "a torch.nn.Module", "flax": "a Flax module"}
+            raise SetupError(f"{flag} {spec!r}: the factory returned {what.get(got, got)}, expected "
+                             f"{what[want]}")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -142,15 +173,25 @@ def _plot_path(base: str, report, many: bool) -> str:
 
 
 def _summary_line(r, seconds: float) -> str:
+    """One row of the table, then one indented line per warning of the port and the checker."""
     out = r.worst(r.outputs)
     where = f"  first divergence: {r.first_divergence} ({r.divergence_kind})" if r.first_divergence else ""
     bad = ", ".join(c.name for c in r.outputs + r.grads if not c.ok)
-    verdict = "PASS" if r.ok else f"FAIL{(' (' + bad[:50] + ')') if bad else ''}"
-    # Maxima over every gradient (input and each parameter), each column on its own.
-    gmax = (f"{max(c.max_abs for c in r.grads):12.2e} {max(c.rel_norm for c in r.grads):9.2e}"
+    verdict = r.verdict
+    if verdict == "FAIL":
+        verdict += f" ({bad[:50]})" if bad else ""
+    elif verdict == "INVALID":
+        verdict, where = f"INVALID ({r.invalid_reason})", ""
+    # Maxima over every gradient (input and each parameter), each column on its own. The rel
+    # column leaves out gradients whose torch norm is below their noise floor (zero in exact
+    # arithmetic): their rel_norm is a ratio of two rounding noises, not an error.
+    rels = [c.rel_norm for c in r.grads if not c.below_floor]
+    gmax = (f"{max(c.max_abs for c in r.grads):12.2e} " + (f"{max(rels):9.2e}" if rels else f"{'-':>9}")
             if r.grads else f"{'-':>12} {'-':>9}")
-    return (f"{r.model[:18]:<18} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
-            f"{gmax} {seconds:5.1f}s  {verdict}{where}")
+    lines = [f"{r.model[:18]:<18} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
+             f"{gmax} {seconds:5.1f}s  {verdict}{where}"]
+    lines += [f"    warning: {w}" for w in r.warnings]
+    return "\n".join(lines)
 
 
 def _jobs(args: argparse.Namespace):
@@ -187,12 +228,45 @@ def _jobs(args: argparse.Namespace):
                 yield f"{pair.name} {dtype} {'train' if train else 'eval'}", job
 
 
+def writable(path: str, flag: str) -> None:
+    """SetupError unless ``path`` can be written: checked before the checks run, so a typo in an
+    output path costs one line at once rather than the whole run. Probed by creating (and
+    removing) a file beside it, since permission bits do not tell root or read-only mounts."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise SetupError(f"{flag} {path!r} is a directory; give a file path")
+    if not parent.exists():
+        raise SetupError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise SetupError(f"{flag} {path!r}: {str(parent)!r} is not a directory")
+    probe = parent / f".{p.name}.parity-probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SetupError(f"{flag} {path!r}: cannot write in {str(parent)!r} ({exc.strerror or exc})") from None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    # Written beside the target and renamed over it: an interrupted write leaves no half file.
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.rtol is None) != (args.atol is None):
         return _fail("--rtol and --atol must be given together")
     if args.data_parallel:  # before JAX initialises: on CPU the N devices are simulated
         from parity.data_parallel import request_cpu_devices
         request_cpu_devices(args.data_parallel)
+    try:
+        for flag, path in (("--json", args.json), ("--plot", args.plot)):
+            if path:
+                writable(path, flag)
+    except SetupError as exc:
+        return _fail(str(exc))
     try:
         jobs = list(_jobs(args))
     except (SetupError, KeyError) as exc:
@@ -218,20 +292,24 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{label}: {type(exc).__name__}: {exc} (PARITY_DEBUG=1 for the traceback)")
         reports.append(report)
         print(_summary_line(report, time.perf_counter() - start), flush=True)
-    failed = [r for r in reports if not r.ok]
-    for r in reports if args.full else failed:
+    failed = [r for r in reports if r.verdict == "FAIL"]
+    invalid = [r for r in reports if r.verdict == "INVALID"]
+    for r in reports if args.full else failed + invalid:
         print()
         print(r)
     if args.json:
+        from parity.report import dumps
+
         payload = [r.to_dict() for r in reports]
-        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=str))
+        _write_atomic(args.json, dumps(payload[0] if len(payload) == 1 else payload))
     if args.plot:
         from parity.plot import plot_layers
 
         for r in reports:
             if r.layers:
                 plot_layers(r, _plot_path(args.plot, r, len(reports) > 1))
-    print(f"\n{'all pass' if not failed else f'{len(failed)} FAILED'} (rel = ||flax - torch|| / ||torch||; "
+    result = ", ".join(f"{len(rs)} {word}" for rs, word in ((failed, "FAILED"), (invalid, "INVALID")) if rs)
+    print(f"\n{result or 'all pass'} (rel = ||flax - torch|| / ||torch||; "
           f"JAX matmul precision {args.precision!r}, torch TF32 {'on' if args.precision != 'highest' else 'off'})")
     rounding = [r.model for r in failed if r.dtype != "float64" and r.first_divergence is None]
     if rounding and not args.fp64_reference:
@@ -240,7 +318,10 @@ def run(args: argparse.Namespace) -> int:
         # sides alike; only a float64 reference can tell rounding from a bug.
         print(f"hint: {', '.join(rounding)}: no layer located; if the model is large, rerun with "
               "--fp64-reference to judge the low-precision error against a float64 run")
-    return 1 if failed else 0
+    if invalid and not failed:
+        print("INVALID: a NaN or Inf in the inputs, outputs, gradients or layer activations; "
+              "the comparison proves nothing either way (exit 3)")
+    return 1 if failed else (3 if invalid else 0)
 
 
 def _fail(message: str) -> int:
