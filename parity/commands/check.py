@@ -68,10 +68,10 @@ def own_pair(args: argparse.Namespace):
                           "--example-input")
         text = args.example_input
     else:
-        x = np.random.default_rng(args.seed).standard_normal(parse_shape(args.input_shape))
+        x = np.random.default_rng(getattr(args, "seed", 0)).standard_normal(parse_shape(args.input_shape))
         text = args.input_shape
     _fits(torch_model, x, text)
-    return torch_model, flax_model, x, args.name or type(torch_model).__name__
+    return torch_model, flax_model, x, getattr(args, "name", None) or type(torch_model).__name__
 
 
 def load_factory(spec: str, flag: str) -> Callable[[], object]:
@@ -172,6 +172,9 @@ def _plot_path(base: str, report, many: bool) -> str:
     return str(p.with_name(f"{p.stem}-{report.model}-{report.dtype}-{report.mode}{p.suffix or '.png'}"))
 
 
+_MODEL_W = 24  # the longest registry name (unet-same-convtranspose) fits
+
+
 def _summary_line(r, seconds: float) -> str:
     """One row of the table, then one indented line per warning of the port and the checker."""
     out = r.worst(r.outputs)
@@ -188,7 +191,7 @@ def _summary_line(r, seconds: float) -> str:
     rels = [c.rel_norm for c in r.grads if not c.below_floor]
     gmax = (f"{max(c.max_abs for c in r.grads):12.2e} " + (f"{max(rels):9.2e}" if rels else f"{'-':>9}")
             if r.grads else f"{'-':>12} {'-':>9}")
-    lines = [f"{r.model[:18]:<18} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
+    lines = [f"{r.model[:_MODEL_W]:<{_MODEL_W}} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
              f"{gmax} {seconds:5.1f}s  {verdict}{where}"]
     lines += [f"    warning: {w}" for w in r.warnings]
     return "\n".join(lines)
@@ -271,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         jobs = list(_jobs(args))
     except (SetupError, KeyError) as exc:
         return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
-    header = (f"{'model':<18} {'dtype':<8} {'mode':<5} {'out max_abs':>11} {'out rel':>9} "
+    header = (f"{'model':<{_MODEL_W}} {'dtype':<8} {'mode':<5} {'out max_abs':>11} {'out rel':>9} "
               f"{'grad max_abs':>12} {'grad rel':>9} {'time':>6}  result")
     print(header)
     print("-" * len(header), flush=True)

@@ -109,32 +109,21 @@ def port_checkpoint(source: str | os.PathLike, model: str, out: str | os.PathLik
 
 
 def _own_pair(args: argparse.Namespace):
-    """(torch model, Flax model, example input, layout, rename) from --torch/--flax/..."""
-    from parity.commands.check import SetupError, _call_factory, load_factory, parse_shape
+    """(torch model, Flax model, example input, input layouts, rename) from --torch/--flax/...:
+    the same factories, checks and messages as ``parity check``'s own pair. Input layouts are
+    declared (--layout) or inferred from the layer that consumes each input, never from ndim."""
+    from parity.commands.check import own_pair, parse_rename
+    from parity.runtime import as_args, input_layouts
 
-    missing = [f for f, v in (("--torch", args.torch), ("--flax", args.flax)) if not v]
-    if missing:
-        raise SetupError(f"porting your own pair needs {' and '.join(missing)}")
-    if bool(args.example_input) == bool(args.input_shape):
-        raise SetupError("porting your own pair needs exactly one of --example-input and --input-shape")
-    torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
-    flax_model = _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
-    if args.example_input:
-        x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
-                          "--example-input")
-    else:
-        import torch
+    import numpy as np
+    import torch
 
-        x = torch.randn(parse_shape(args.input_shape))
-    first = x[0] if isinstance(x, (tuple, list)) else x
-    layout = args.layout or ("NC..." if getattr(first, "ndim", 0) >= 3 else "as_is")
-    rename = []
-    for item in args.rename or []:
-        old, sep, new = item.partition("=")
-        if not sep or not old:
-            raise SetupError(f"--rename {item!r}: expected OLD=NEW (OLD a regex over torch module paths)")
-        rename.append((old, new))
-    return torch_model, flax_model, x, layout, rename or None
+    torch_model, flax_model, x, _ = own_pair(args)
+    if isinstance(x, np.ndarray):  # --input-shape: random float64 values; the port reads shapes
+        x = torch.as_tensor(x, dtype=torch.float32)
+    args_tuple = as_args(x)
+    layouts = list(input_layouts(torch_model, args_tuple, args.layout).values())
+    return torch_model, flax_model, x, layouts, parse_rename(args.rename)
 
 
 def run(args: argparse.Namespace) -> int:
