@@ -9,6 +9,8 @@ replicas instead of averaged (loss and gradients N times Flax's).
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from collections.abc import Callable, Sequence
 
@@ -88,20 +90,13 @@ def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
     all_records = run_ddp(jobs, world=n)
     reports = []
     for (c, spec, tdtype, batches, tm), records in zip(prepared, all_records):
-        x64 = jax.enable_x64(True) if c["dtype"] == "float64" else _null()
+        x64 = jax.enable_x64(True) if c["dtype"] == "float64" else contextlib.nullcontext()
         with x64, pinned(precision=c["precision"], tf32=False):
             reports.append(_flax_and_compare(tm, c["flax_module"], batches, records, mesh, spec, c["steps"],
                                              c["loss"], c["dtype"], tdtype, c["input_layout"], c["train_kwarg"],
                                              c["name"] or type(c["torch_module"]).__name__))
     return reports
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _flax_and_compare(tm, flax_module, batches, records, mesh, spec, steps, loss, dtype, tdtype,

@@ -9,6 +9,7 @@ with the same paths as the torch side (parity.runtime.tree).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ class FlaxTwin:
         if self.nnx:
             return self._apply_nnx(variables, args, recorder)
         mutable = [c for c in variables if c != "params"] if self.train else False
-        ctx = nn.intercept_methods(recorder.linen_interceptor) if recorder else _null()
+        ctx = nn.intercept_methods(recorder.linen_interceptor) if recorder else contextlib.nullcontext()
         with ctx:
             if mutable:
                 out, new = self.module.apply(dict(variables), *args, mutable=mutable, **self.kwargs)
@@ -281,13 +282,6 @@ def submodule(model, path: tuple[str, ...]):
         sub = getattr(sub, p) if hasattr(sub, p) else sub[int(p) if p.isdigit() else p]
     return sub
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @dataclass
