@@ -288,8 +288,8 @@ def check(
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
     lint: read both graphs for known convention traps first (parity.lint: GELU exact vs tanh,
     'SAME' vs symmetric padding with stride > 1, conv geometry, dropout left on, ceil_mode); each
-    finding is a report warning "trap: ...". strict: any finding (a lint crash included) makes
-    the verdict FAIL (never an error: the numbers are still computed and shown, so the report says
+    finding is a report warning "trap: ...". strict (runs the lint even with lint=False): any
+    finding (a "note" or a lint crash included) makes the verdict FAIL (never an error: the numbers are still computed and shown, so the report says
     both what the lint found and whether it mattered on this input).
     """
     say = progress or (lambda msg: None)

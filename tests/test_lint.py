@@ -157,3 +157,33 @@ def test_lint_crash_is_a_finding_not_an_exception(monkeypatch):
                           layers=False, grads=False)
     assert report.verdict == "PASS"
     assert any(w.startswith(f"trap: {LINT_ERROR}") and "RuntimeError: planted" in w for w in report.warnings)
+
+
+# --- the CLI: warnings printed by default, --strict exits 1 (factories loaded by `parity check`) ----
+def make_torch_model() -> _TorchModel:
+    return _TorchModel()
+
+
+def make_flax_same() -> _FlaxModel:
+    return _twin(padding="SAME")
+
+
+def _parity_check(*args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "parity.cli", "check", "--torch", "test_lint:make_torch_model",
+                           "--flax", "test_lint:make_flax_same", "--input-shape", "2,3,7,7", "--layout", "NC...",
+                           "--no-layers", "--no-grads", "--quiet", *args], cwd=Path(__file__).parent,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_traps_and_strict_exits_1():
+    plain = _parity_check()
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "trap: conv-padding at torch block.conv / Flax block/conv" in plain.stdout
+    strict = _parity_check("--strict")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "strict: 2 trap finding(s)" in strict.stdout
