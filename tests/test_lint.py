@@ -124,6 +124,26 @@ def test_dropout_left_on_in_eval_is_named():
     assert [(f.torch_where, f.flax_where) for f in found] == [("block.drop", "block/Dropout_0")]
 
 
+def test_pool_ceil_mode_is_named():
+    class Pooled(torch.nn.Module):
+        def __init__(self, ceil_mode):
+            super().__init__()
+            self.block, self.pool = _TorchBlock(), torch.nn.MaxPool2d(2, ceil_mode=ceil_mode)
+
+        def forward(self, x):
+            return self.pool(self.block(x))
+
+    class Twin(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.max_pool(_FlaxBlock(name="block")(x), (2, 2), strides=(2, 2))
+
+    x = torch.randn(2, 3, 10, 10)
+    found = lint_pair(Pooled(True).eval(), Twin(), x, input_layouts="NC...")
+    assert [(f.kind, f.torch_where) for f in found] == [("pool-ceil", "pool")]
+    assert lint_pair(Pooled(False).eval(), Twin(), x, input_layouts="NC...") == []
+
+
 def test_registry_pair_has_no_finding():
     pair = PAIRS["cnn"]
     config = pair.config("tiny")
