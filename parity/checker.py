@@ -19,6 +19,7 @@ import torch
 
 from parity.compare import compare, compare_to_reference, failed_comparison, worst_of
 from parity.layers import analyze_layers, first_divergence
+from parity.lint import lint_traced
 from parity.numerics import jax_precision, numerics_env, pinned, precision_warnings
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
@@ -259,6 +260,8 @@ def check(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     data_parallel: int | None = None,
+    lint: bool = True,
+    strict: bool = False,
 ) -> Report:
     """Compare ``torch_module`` and its Flax twin (Linen or NNX) on ``example_input``.
 
@@ -283,6 +286,12 @@ def check(
     module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
     enabled for the duration of the call only. progress: called with short status lines.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
+    lint: read both graphs for known convention traps first (parity.lint: GELU exact vs tanh,
+    'SAME' vs symmetric padding with stride > 1, conv geometry, dropout left on, ceil_mode); each
+    finding is a report warning "trap: ...". strict (runs the lint even with lint=False): any
+    finding but a "note" (a lint crash included: strict asks for a lint that ran) makes the
+    verdict FAIL, never a setup error: the numbers are still computed and shown, so the report
+    says both what the lint found and whether it mattered on this input.
     """
     say = progress or (lambda msg: None)
     dname = _dtype_name(dtype)
@@ -310,6 +319,14 @@ def check(
         prec = jax_precision()
         fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
         report.invalid = _first_nonfinite(run)
+        if lint or strict:
+            say("trap lint")
+            with x64:  # the twin is traced on the run's own (possibly float64) variables
+                found = lint_traced(run.torch_module, run.twin, run.variables, run.flax_args, run.plan,
+                                    train=train)
+            report.warnings += [f"trap: {f}" for f in found]
+            if strict:  # a "note" (a module fx could not trace) says what was not read: no trap
+                report.strict_findings = [str(f) for f in found if f.kind != "note"]
         if run.structure_error:
             report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
             return report

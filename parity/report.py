@@ -30,6 +30,8 @@ class Report:
     # Where a NaN or Inf first appeared ("NaN in input input[0]"); None when every input,
     # output, gradient and layer activation is finite. Any such value makes the verdict INVALID.
     invalid: str | None = None
+    # check(strict=True): the trap lint's findings (parity.lint); any makes a PASS a FAIL.
+    strict_findings: list[str] = field(default_factory=list)
 
     @property
     def grads(self) -> list[Comparison]:
@@ -44,6 +46,7 @@ class Report:
             return "INVALID"
         layers_ok = all(getattr(row, "ok", True) for row in self.layers)
         good = all(c.ok for c in self.outputs + self.grads) and layers_ok and self.first_divergence is None
+        good = good and not self.strict_findings
         return "PASS" if good else "FAIL"
 
     @property
@@ -78,6 +81,7 @@ class Report:
             "layers": [row.to_dict() if hasattr(row, "to_dict") else row for row in self.layers],
             "env": self.env,
             "warnings": self.warnings,
+            "strict_findings": self.strict_findings,
         }
 
     def to_json(self, **kw) -> str:
@@ -95,6 +99,9 @@ class Report:
         verdict = self.verdict
         lines = [f"parity {self.model} [{mode}]: {verdict}"
                  + (f": {self.invalid_reason} (no verdict on parity)" if verdict == "INVALID" else "")]
+        if self.strict_findings:
+            lines.append(f"  strict: {len(self.strict_findings)} trap finding(s) make this check fail "
+                         "(listed below as 'trap:' warnings)")
         if self.first_divergence and verdict != "INVALID":  # NaN propagates: every layer "diverges"
             row = self.layer(self.first_divergence)
             comp = row.isolated if self.divergence_kind == "forward" else row.grad_isolated

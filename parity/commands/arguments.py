@@ -43,6 +43,11 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="your pair: BatchNorm in training mode")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer analysis (faster)")
     p.add_argument("--no-grads", action="store_true", help="forward only")
+    p.add_argument("--no-lint", action="store_true",
+                   help="skip the trap lint (GELU exact vs tanh, 'SAME' vs symmetric padding, conv "
+                        "geometry, dropout left on, ceil_mode), whose findings are 'trap:' warnings")
+    p.add_argument("--strict", action="store_true",
+                   help="any trap-lint finding makes the check FAIL (exit 1), not only a warning")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=None,
                    help="built-ins: batch size of the example input (default 2; 2N with --data-parallel N)")

@@ -203,7 +203,8 @@ def _jobs(args: argparse.Namespace):
 
     common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                   precision=args.precision, device=args.device, seed=args.seed,
-                  reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel)
+                  reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
+                  lint=not args.no_lint, strict=args.strict)
     batch = args.batch or 2 * (args.data_parallel or 1)
     if args.torch or args.flax or args.input_shape or args.example_input:
         if args.models:
