@@ -120,3 +120,19 @@ def test_train_check_torch_exact_batchnorm_passes(rng):
     report = train_check(_TorchNet(), _FlaxNet(lambda: BatchNorm(momentum=0.9)), data, steps=3,
                          optimizer=OptimizerSpec("sgd-momentum", lr=0.1), dtype="float64")
     assert report.ok and not report.findings, str(report)
+
+
+def test_two_pass_variance_survives_a_large_mean_in_float32():
+    """float32 data with mean 3000: E[x^2] - E[x]^2 cancels to garbage (even negative, then NaN
+    under rsqrt); the two-pass variance of flax_impl.batchnorm.BatchNorm stays as close to the
+    float64 truth as torch's own float32 BatchNorm (judged by the fp64-reference rule: both sides
+    round the mean of 3000s differently, so the float32 elementwise table cannot be the judge)."""
+    from parity.compare import compare_to_reference
+    from parity.tolerances import REFERENCE, tolerance_for
+
+    x = (np.random.default_rng(0).standard_normal((16, 3, 4, 4)) + 3000.0).astype(np.float32)
+    t_out = torch.nn.BatchNorm2d(3).train()(torch.as_tensor(x)).detach().numpy()
+    ref = torch.nn.BatchNorm2d(3).double().train()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    _, (f_out,) = _flax_bn_steps(BatchNorm(momentum=0.9, epsilon=1e-5), x, 1)
+    c = compare_to_reference("bn output", f_out, t_out, ref, tolerance_for("float32", REFERENCE))
+    assert c.ok, str(c)
