@@ -2,29 +2,18 @@
 and the clear errors in the 1-device main process."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from parity.checker import check
 from parity.data_parallel import DataParallelError, data_mesh
 from parity.registry import PAIRS
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import run_json_child
 
 
 @pytest.fixture(scope="module")
 def child():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "dp_child.py")], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child("dp_child.py", devices=8, timeout=300)
 
 
 def test_child_has_eight_devices(child):

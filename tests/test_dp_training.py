@@ -2,25 +2,14 @@
 on a batch sharded over 2 simulated devices; the planted replica mistakes are named."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import run_json_child
 
 
 @pytest.fixture(scope="module")
 def child():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "dp_train_child.py")], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child("dp_train_child.py", devices=2, timeout=600)
 
 
 def test_ddp_and_sharded_flax_agree_per_step(child):
