@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,30 @@ def test_train_steps_start_from_the_same_loss():
     with pytest.raises(VariantUnavailable):
         make_step(prep, "torch-channels_last", "forward")  # [N, F] input
     assert jax_step.flops()[0] and torch_step.flops()[0]
+
+
+def test_jax_step_counts_flops_before_backend_rewrites_and_its_own_peak():
+    """Seen on an H200: the compiled module's convolutions are cuDNN custom calls that XLA's
+    count omits (0.047 GFLOP for an 814 GFLOP UNet step), and memory_stats()'s peak is
+    process-wide, so every row after the UNet reported the UNet's 18 GiB. The step now counts the
+    lowered HLO and reads the executable's own memory analysis."""
+    device = select_device("cpu")
+    pair = PAIRS["cnn"]
+    big = jax.device_put(jnp.zeros((64, 2**20), jnp.float32))  # 256 MiB held across the step
+    prep = prepare(pair, pair.config("tiny"), 2, device)
+    step = make_step(prep, "jax-jit", "forward")
+    step()
+    flops, source = step.flops()
+    assert flops and "before backend rewrites" in source
+    # Same order as torch's own count (XLA skips the taps that fall on zero padding and counts
+    # elementwise ops; torch counts matmul/conv only): the GPU bug was a factor of 17000.
+    torch_flops = make_step(prep, "torch-eager", "forward").flops()[0]
+    assert 0.5 * torch_flops <= flops <= 2 * torch_flops
+    peak, peak_source = step.peak_bytes()
+    param_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(prep.variables))
+    assert peak_source.startswith("XLA compiled.memory_analysis()")
+    assert param_bytes <= peak < big.nbytes
+    big.delete()
 
 
 def test_run_and_report_write_named_files(tmp_path):
