@@ -20,7 +20,8 @@ import torch
 from parity.compare import compare, compare_to_reference, failed_comparison, worst_of
 from parity.layers import analyze_layers, first_divergence
 from parity.lint import lint_traced
-from parity.numerics import jax_precision, numerics_env, pinned, precision_warnings
+from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
+                             reduced_float32)
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
@@ -309,6 +310,9 @@ def check(
         with x64:  # record x64 as it is for the run itself (on only inside float64 checks)
             env = numerics_env(tdev)
         notes = precision_warnings(env)
+        if reference is None and rtol is None and atol is None and reduced_float32(dname, env, jdev.platform):
+            reference = "float64"
+            notes.append(REDUCED_FLOAT32_NOTE)
         with x64:
             run = _run(torch_module, flax_module, example_input, variables, dname,
                        layers=layers and not reference, **opts)
@@ -378,7 +382,9 @@ def _norm(values) -> float:
     for v in values:
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu().double().numpy() if v.is_floating_point() else None
-        if v is not None and np.issubdtype(np.asarray(v).dtype, np.floating):
+        # jnp.issubdtype: numpy's own does not count bfloat16 (ml_dtypes) as floating, which
+        # made every bfloat16 run's noise floor 0.
+        if v is not None and jnp.issubdtype(np.asarray(v).dtype, jnp.floating):
             total += float(np.sum(np.square(np.asarray(v, dtype=np.float64))))
     return float(np.sqrt(total))
 
@@ -389,26 +395,50 @@ def model_grad_floor(run: _Run, dname: str) -> float:
     return noise_floor(dname, GRAD, _norm(run.torch.cotangents.values()), _norm(inputs))
 
 
+def param_grad_floors(calls, dname: str) -> dict[str, float]:
+    """Noise floor of each torch parameter's gradient from its own module's calls: the floor of
+    parity.tolerances.noise_floor at that module's output cotangent and input norms, summed over
+    the module's calls (each call adds its own sum of products). Empty without captured calls.
+
+    A parameter gradient is a sum over that layer's products only, so its rounding noise scales
+    with that layer's norms; the model's input and output-cotangent norms overstate it by orders of
+    magnitude in a deep model (in bfloat16 the model-wide floor exceeded every UNet gradient, so
+    none was compared).
+    """
+    floors: dict[str, float] = {}
+    for tc in calls or ():
+        if not tc.output_grads:
+            continue
+        f = noise_floor(dname, GRAD, _norm(tc.output_grads.values()), _norm(tc.inputs.values()))
+        for pname, _ in tc.module.named_parameters(recurse=False):
+            full = f"{tc.path}.{pname}" if tc.path else pname
+            floors[full] = floors.get(full, 0.0) + f
+    return floors
+
+
 def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
                  grads: bool) -> None:
     """Fill the report's output, input-gradient and parameter-gradient comparisons."""
     floor = model_grad_floor(run, dname) if grads else 0.0
+    # Per-parameter floors where the per-layer capture ran (the reference run's, in reference
+    # mode: the same magnitudes); the model-wide floor is the fallback (layers=False, tied names).
+    p_floors = param_grad_floors((ref or run).torch.calls, dname) if grads else {}
     if ref is None:
         fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol).with_floor(floor)
+        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
 
-        def judge(kind, nm, f, t, layout, ref_value):
-            return compare(nm, f, t, fwd if kind == FORWARD else grd, layout=layout)
+        def judge(kind, nm, f, t, layout, ref_value, fl):
+            return compare(nm, f, t, fwd if kind == FORWARD else grd.with_floor(fl), layout=layout)
     else:
         ref_tol = tolerance_for(dname, REFERENCE, prec)
 
-        def judge(kind, nm, f, t, layout, ref_value):
+        def judge(kind, nm, f, t, layout, ref_value, fl):
             return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout,
-                                        floor=floor if kind == GRAD else 0.0)
+                                        floor=fl if kind == GRAD else 0.0)
 
-    def safe(kind, nm, f, t, layout, ref_value):
+    def safe(kind, nm, f, t, layout, ref_value, fl=floor):
         try:
-            return judge(kind, nm, f, t, layout, ref_value)
+            return judge(kind, nm, f, t, layout, ref_value, fl)
         except ValueError as exc:  # shape mismatch: a wrong twin, reported, not raised
             return failed_comparison(nm, str(exc), tolerance_for(dname, kind, prec))
 
@@ -430,7 +460,7 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
                 + (f" (tied to {tied[n]})" if n in tied else ""), tolerance_for(dname, GRAD, prec)))
             continue
         report.param_grads.append(safe(GRAD, f"grad {n}", run.f_p_grads[n], g, AS_IS,
-                                       ref.torch.param_grads[n] if ref else None))
+                                       ref.torch.param_grads[n] if ref else None, p_floors.get(n, floor)))
 
 
 def assert_parity(*args, **kwargs) -> Report:

@@ -52,6 +52,27 @@ def precision_warnings(env: dict) -> list[str]:
     return out
 
 
+def reduced_float32(dtype: str, env: dict, platform: str) -> bool:
+    """True when a float32 check's matmuls and convolutions run with reduced-precision passes:
+    TF32 on a GPU (or bf16 passes on a TPU), asked for by JAX's precision or torch's TF32 flags.
+    On a CPU both frameworks compute every float32 product in full float32 whatever the flags.
+
+    Such runs are judged against a float64 reference (parity.checker): see REDUCED_FLOAT32_NOTE.
+    """
+    if dtype != "float32" or platform not in ("gpu", "cuda", "rocm", "tpu"):
+        return False
+    return (env["jax_default_matmul_precision"] in _REDUCED or env["torch_matmul_allow_tf32"]
+            or env["torch_cudnn_allow_tf32"])
+
+
+REDUCED_FLOAT32_NOTE = (
+    "reduced-precision float32 (TF32) arithmetic: judged against a float64 run of the same weights "
+    "(Flax's error vs float64 within k x torch's own), not by the table's fixed bound: TF32 "
+    "rounding (~5e-4 per product) is amplified by every ReLU whose input it flips, so two correct "
+    "TF32 runs differ by far more than any fixed bound that still catches bugs (an H200 gave UNet "
+    "gradients 1-8% apart while every layer alone agreed to 3e-4)")
+
+
 def jax_precision() -> str:
     return str(jax.config.jax_default_matmul_precision or "default")
 
