@@ -2,7 +2,11 @@
 2-device mesh. Run with XLA_FLAGS=--xla_force_host_platform_device_count=2. Prints JSON."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,9 +17,31 @@ from parity.registry import PAIRS
 
 
 def _summary(report) -> dict:
-    return {"ok": report.ok, "findings": report.findings, "steps": len(report.steps),
-            "worst": [max(c.rel_norm for c in s.comparisons) for s in report.steps],
-            "first_failure": report.first_failure.step if report.first_failure else None}
+    worst = [max(c.rel_norm for c in s.comparisons) for s in report.steps]
+    return {"ok": report.ok, "findings": report.findings, "steps": len(report.steps), "worst": worst,
+            "worst_max_rel": [max(c.max_rel for c in s.comparisons) for s in report.steps],
+            "first_failure": report.first_failure.step if report.first_failure else None,
+            "loss": report.loss, "stats": [len(s.stats) for s in report.steps]}
+
+
+def _cli_own_pair() -> dict:
+    """``parity train --torch/--flax/--example-input --loss mse --data-parallel 2`` (token ids +
+    mask, renamed Flax modules): the CLI's own-pair path through train_check(data_parallel=2)."""
+    from parity.cli import main
+
+    os.chdir(Path(__file__).parent)  # planted.py is found like a user's module in the cwd
+    out, json_path = io.StringIO(), Path(os.environ.get("TMPDIR", "/tmp")) / f"dp_train_{os.getpid()}.json"
+    with contextlib.redirect_stdout(out):
+        code = main(["train", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens_renamed",
+                     "--example-input", "planted:example_tokens", "--rename", "emb=tok", "--rename",
+                     "head=out_proj", "--layout", "input[1]=as_is", "--output-layout", "as_is", "--loss", "mse",
+                     "--dtype", "float64", "--steps", "2", "--data-parallel", "2", "--json", str(json_path)])
+    report = json.loads(json_path.read_text())
+    json_path.unlink()
+    return {"code": code, "stdout": out.getvalue(), "ok": report["ok"], "loss": report["loss"],
+            "notes": report["notes"], "steps": len(report["steps"]),
+            "worst_max_rel": [max([c["max_rel"] for c in s["scalars"]] + [s["worst_update"]["max_rel"]])
+                              for s in report["steps"]]}
 
 
 def main() -> None:
@@ -23,17 +49,28 @@ def main() -> None:
     pair = PAIRS["mlp"]
     tm, fm = pair.build(pair.config("tiny"), seed=1)
     mlp_data = [(rng.standard_normal((8, 4)), rng.integers(0, 5, 8)) for _ in range(3)]
+    mse_data = [(rng.standard_normal((8, 4)), rng.standard_normal((8, 5))) for _ in range(2)]
     torch.manual_seed(0)
     bn_data = [(rng.standard_normal((8, 3, 6, 6)), rng.integers(0, 2, (8, 6, 6))) for _ in range(2)]
+    torch.manual_seed(0)
+    per_replica_bn = TorchConvBN()
+    torch.manual_seed(0)
+    global_bn = TorchConvBN(global_bn=True)
     common = dict(data_parallel=2, dtype="float64")
-    reports = train_checks_data_parallel([
-        dict(torch_module=tm, flax_module=fm, data=mlp_data, steps=3, input_layout="as_is", **common),
-        dict(torch_module=tm, flax_module=fm, data=mlp_data, steps=2, input_layout="as_is",
-             torch_loss_reduction="sum", **common),
-        dict(torch_module=TorchConvBN(), flax_module=FlaxConvBN(), data=bn_data, steps=2, input_layout="NC...",
-             **common),
-    ])
-    print(json.dumps(dict(zip(("mlp", "mlp_summed_loss", "convbn"), map(_summary, reports)))))
+    cases = {
+        "mlp": dict(torch_module=tm, flax_module=fm, data=mlp_data, steps=3, input_layout="as_is"),
+        "mlp_summed_loss": dict(torch_module=tm, flax_module=fm, data=mlp_data, steps=2, input_layout="as_is",
+                                torch_loss_reduction="sum"),
+        "mlp_mse": dict(torch_module=tm, flax_module=fm, data=mse_data, steps=2, input_layout="as_is", loss="mse"),
+        "convbn": dict(torch_module=per_replica_bn, flax_module=FlaxConvBN(), data=bn_data, steps=2,
+                       input_layout="NC..."),
+        "convbn_global": dict(torch_module=global_bn, flax_module=FlaxConvBN(), data=bn_data, steps=2,
+                              input_layout="NC..."),
+    }
+    reports = train_checks_data_parallel([{**c, **common} for c in cases.values()])
+    out = dict(zip(cases, map(_summary, reports)))
+    out["cli_own_pair"] = _cli_own_pair()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ def child():
     return run_json_child("dp_train_child.py", devices=2, timeout=600)
 
 
-def test_ddp_and_sharded_flax_agree_per_step(child):
-    mlp = child["mlp"]
-    assert mlp["steps"] == 3 and mlp["ok"], mlp
-    assert mlp["findings"] == []
+@pytest.mark.parametrize("case,steps,loss", [("mlp", 3, "cross_entropy"), ("mlp_mse", 2, "mse")])
+def test_ddp_and_sharded_flax_agree_per_step(child, case, steps, loss):
+    res = child[case]
+    assert res["steps"] == steps and res["loss"] == loss
+    assert res["ok"] and res["findings"] == [], res
 
 
 def test_loss_summed_across_replicas_is_named(child):
@@ -31,3 +32,21 @@ def test_per_replica_batchnorm_is_named(child):
     finding = next(f for f in res["findings"] if f.startswith("step 1: BatchNorm bn:"))
     assert "per-replica" in finding and "SyncBatchNorm" in finding and "axis_name" in finding
     assert not any("summed" in f for f in res["findings"])
+
+
+def test_global_batchnorm_under_ddp_matches_sharded_flax(child):
+    """The same Conv+BN model and data as the per-replica case, its BatchNorm all-reducing the
+    statistics over the gloo group (SyncBatchNorm's semantics on CPU): every step passes, the
+    running statistics compared at each."""
+    res = child["convbn_global"]
+    assert res["stats"] == [2, 2]  # running_mean and running_var compared per step
+    assert res["ok"] and res["findings"] == [], res
+
+
+def test_cli_own_pair_mse_data_parallel(child):
+    """`parity train --torch/--flax/--example-input --loss mse --data-parallel 2` (token ids and
+    a mask as inputs, renamed modules) goes through train_check(data_parallel=2) and passes."""
+    res = child["cli_own_pair"]
+    assert res["code"] == 0, res["stdout"]
+    assert res["ok"] and res["loss"] == "mse" and res["steps"] == 2
+    assert any("torch DDP on 2 gloo processes" in n for n in res["notes"])  # the DDP path ran

@@ -123,8 +123,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="default: 64 for cnn, 4 otherwise")
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",
-                   help="mlp/unet: torch DDP on N local gloo processes against the Flax step on a batch "
-                        "sharded over N devices (CPU: simulated); default batch 2N, 5 steps")
+                   help="torch DDP on N local gloo processes against the Flax step on a batch sharded "
+                        "over N devices (CPU: simulated); a registry pair (cnn: the registry pair on "
+                        "synthetic batches, not the digits demo) or your own pair, whose example input "
+                        "is the global batch; default batch 2N, 5 steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", help="write the overlaid per-step loss curves (PNG)")
     p.add_argument("--json", metavar="PATH", help="write the per-step report as JSON")
