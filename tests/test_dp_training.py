@@ -50,3 +50,30 @@ def test_cli_own_pair_mse_data_parallel(child):
     assert res["code"] == 0, res["stdout"]
     assert res["ok"] and res["loss"] == "mse" and res["steps"] == 2
     assert any("torch DDP on 2 gloo processes" in n for n in res["notes"])  # the DDP path ran
+
+
+def test_train_check_keyword_dispatches_to_ddp():
+    """parity.train_check(..., data_parallel=N) takes the DDP path: in this 1-device process it
+    stops at the mesh with the named error, before any worker process starts."""
+    import numpy as np
+
+    import parity
+    from parity.data_parallel import DataParallelError
+    from parity.registry import PAIRS
+
+    pair = PAIRS["mlp"]
+    tm, fm = pair.build(pair.config("tiny"))
+    data = [(np.zeros((64, 4)), np.zeros(64, dtype=np.int64))]
+    with pytest.raises(DataParallelError, match="data_parallel=64 needs 64 devices"):
+        parity.train_check(tm, fm, data, steps=1, input_layout="as_is", data_parallel=64)
+
+
+def test_cli_train_data_parallel_without_devices_exits_2(capsys, monkeypatch):
+    import os
+
+    from parity.cli import main
+
+    # the command asks for simulated devices through XLA_FLAGS: restored after this test
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    assert main(["train", "mlp", "--steps", "1", "--data-parallel", "2"]) == 2
+    assert "needs 2 devices" in capsys.readouterr().err

@@ -166,6 +166,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the port-throughput benchmark (bench/port_throughput.py)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="N",
+                   help="instead of the model grid: train-step throughput at 1, 2, 4, ..., N devices, jax "
+                        "(sharded jit over a Mesh) and torch (DDP, N gloo processes), with the efficiency; "
+                        "one pair (--models, default mlp), --size (default tiny), --batch = the global "
+                        "batch; on CPU the devices are simulated and the report says it is a functional run")
     prof = p.add_argument_group("per-layer speed profile (instead of the model grid)")
     prof.add_argument("--layers", metavar="MODEL", default=None,
                       help="time every paired layer alone in both frameworks, forward and forward+"

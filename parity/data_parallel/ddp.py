@@ -23,14 +23,19 @@ import torch
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding parity/, for the workers' imports
 
-def _worker(rank: int, world: int, workdir: str) -> None:
-    """Rank ``rank`` of every job in ``workdir``/jobs.pt (one process group per job, so several
-    checks share one interpreter start: importing torch dominates a tiny job)."""
+
+def _worker(rank: int, workdir: str) -> None:
+    """Rank ``rank`` of every job in ``workdir``/jobs.pt (one process group per job, of the job's
+    own world size: ranks beyond it sit the job out. So several checks, and a benchmark's device
+    counts, share one interpreter start: importing torch dominates a tiny job)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N processes share the machine's cores
     jobs = torch.load(Path(workdir) / "jobs.pt", weights_only=False)  # our own file, from run_ddp
     for j, job in enumerate(jobs):
+        world = job["world"]
+        if rank >= world:
+            continue
         dist.init_process_group("gloo", init_method=f"file://{workdir}/init{j}", rank=rank, world_size=world)
         try:
             records = _train(rank, world, job)
@@ -113,17 +118,21 @@ def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[Any, np.ndarray]]
     for _, y in batches:
         if len(y) % world:
             raise ValueError(f"global batch {len(y)} is not a multiple of data_parallel={world}")
-    return {"module": torch_module.to(dtype), "spec": spec, "steps": steps, "loss": loss, "dtype": dtype,
-            "loss_reduction": loss_reduction, "record": record,
+    return {"module": torch_module.to(dtype), "world": world, "spec": spec, "steps": steps, "loss": loss,
+            "dtype": dtype, "loss_reduction": loss_reduction, "record": record,
             "batches": [batches[i % len(batches)] for i in range(steps)]}
 
 
 def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[dict]]:
-    """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here; per job,
+    """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here, each job on
+    the first ``job["world"]`` (<= world) of them, one job after another; per job,
     rank 0's record per step: global mean loss, lr, global gradient norm (after DDP's
     averaging), parameters and BatchNorm running statistics after the step (float64 numpy). The
     modules are pickled to the workers: their classes must import from the caller's sys.path
     (not be defined in ``__main__``)."""
+    too_big = [j["world"] for j in jobs if j["world"] > world]
+    if too_big:
+        raise ValueError(f"a job needs {max(too_big)} processes, run_ddp starts {world}")
     with tempfile.TemporaryDirectory(prefix="parity_ddp_") as d:
         torch.save(jobs, Path(d) / "jobs.pt")
         # Fresh interpreters (not fork: the parent runs JAX threads and torch's OpenMP pool; not
@@ -131,7 +140,7 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                # the caller's import path: the model's class must import in the worker to unpickle
                "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
-        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), str(world), d],
+        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank in range(world)]
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
@@ -144,5 +153,5 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
 
 __all__ = ["ddp_job", "replica_rows", "run_ddp"]
 
-if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORLD WORKDIR
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORKDIR
+    _worker(int(sys.argv[1]), sys.argv[2])

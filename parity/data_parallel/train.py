@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +77,34 @@ _DEFAULTS = {"steps": 3, "optimizer": "sgd-momentum", "loss": "cross_entropy", "
 def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
     """Several train_check_data_parallel(**case) runs (same data_parallel) sharing one start of
     the N torch worker processes (importing torch dominates a tiny run)."""
+    checks = plan_checks(cases)
+    return checks.reports(run_ddp(checks.jobs, world=checks.world))
+
+
+@dataclass
+class PlannedChecks:
+    """Data-parallel training checks split in two, so a caller can run their DDP jobs together
+    with its own (a benchmark's timed jobs) in one start of the worker processes: ``jobs`` go to
+    run_ddp (first, in this order), ``reports(records)`` runs the Flax side and compares."""
+
+    world: int
+    mesh: Any
+    jobs: list[dict]
+    prepared: list[tuple]
+
+    def reports(self, records: list[list[dict]]) -> list[TrainReport]:
+        """One TrainReport per case, from run_ddp's records of ``jobs`` (in order)."""
+        out = []
+        for (c, spec, tdtype, batches, tm), recs in zip(self.prepared, records):
+            x64 = jax.enable_x64(True) if c["dtype"] == "float64" else contextlib.nullcontext()
+            with x64, pinned(precision=c["precision"], tf32=False):
+                out.append(_flax_and_compare(tm, c, spec, tdtype, batches, recs, self.mesh))
+        return out
+
+
+def plan_checks(cases: list[dict]) -> PlannedChecks:
+    """Validate ``cases`` (train_check_data_parallel keywords, one data_parallel) and build their
+    DDP jobs; DataParallelError before anything starts when JAX lacks the devices."""
     worlds = {c["data_parallel"] for c in cases}
     if len(worlds) != 1:
         raise ValueError(f"cases must share data_parallel, got {sorted(worlds)}")
@@ -96,13 +126,7 @@ def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
         jobs.append(ddp_job(copy.deepcopy(tm), batches, world=n, spec=spec, steps=steps, loss=c["loss"],
                             dtype=tdtype, loss_reduction=c["torch_loss_reduction"]))
         prepared.append((c, spec, tdtype, batches, tm))
-    all_records = run_ddp(jobs, world=n)
-    reports = []
-    for (c, spec, tdtype, batches, tm), records in zip(prepared, all_records):
-        x64 = jax.enable_x64(True) if c["dtype"] == "float64" else contextlib.nullcontext()
-        with x64, pinned(precision=c["precision"], tf32=False):
-            reports.append(_flax_and_compare(tm, c, spec, tdtype, batches, records, mesh))
-    return reports
+    return PlannedChecks(n, mesh, jobs, prepared)
 
 
 def _target_layout(twin, variables, xf, tm, example, output_layout) -> str:
@@ -226,4 +250,4 @@ def _findings(report: TrainReport, plan, n: int, per_replica_confirmed: bool) ->
     return out
 
 
-__all__ = ["train_check_data_parallel", "train_checks_data_parallel"]
+__all__ = ["PlannedChecks", "plan_checks", "train_check_data_parallel", "train_checks_data_parallel"]
