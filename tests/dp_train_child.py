@@ -2,16 +2,13 @@
 2-device mesh. Run with XLA_FLAGS=--xla_force_host_platform_device_count=2. Prints JSON."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dp_models import FlaxConvBN, TorchConvBN
+from planted import example_tokens, make_flax_tokens_renamed, make_torch_tokens
 from parity.data_parallel.train import train_checks_data_parallel
 from parity.registry import PAIRS
 
@@ -22,26 +19,6 @@ def _summary(report) -> dict:
             "worst_max_rel": [max(c.max_rel for c in s.comparisons) for s in report.steps],
             "first_failure": report.first_failure.step if report.first_failure else None,
             "loss": report.loss, "stats": [len(s.stats) for s in report.steps]}
-
-
-def _cli_own_pair() -> dict:
-    """``parity train --torch/--flax/--example-input --loss mse --data-parallel 2`` (token ids +
-    mask, renamed Flax modules): the CLI's own-pair path through train_check(data_parallel=2)."""
-    from parity.cli import main
-
-    os.chdir(Path(__file__).parent)  # planted.py is found like a user's module in the cwd
-    out, json_path = io.StringIO(), Path(os.environ.get("TMPDIR", "/tmp")) / f"dp_train_{os.getpid()}.json"
-    with contextlib.redirect_stdout(out):
-        code = main(["train", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens_renamed",
-                     "--example-input", "planted:example_tokens", "--rename", "emb=tok", "--rename",
-                     "head=out_proj", "--layout", "input[1]=as_is", "--output-layout", "as_is", "--loss", "mse",
-                     "--dtype", "float64", "--steps", "2", "--data-parallel", "2", "--json", str(json_path)])
-    report = json.loads(json_path.read_text())
-    json_path.unlink()
-    return {"code": code, "stdout": out.getvalue(), "ok": report["ok"], "loss": report["loss"],
-            "notes": report["notes"], "steps": len(report["steps"]),
-            "worst_max_rel": [max([c["max_rel"] for c in s["scalars"]] + [s["worst_update"]["max_rel"]])
-                              for s in report["steps"]]}
 
 
 def main() -> None:
@@ -66,11 +43,15 @@ def main() -> None:
                        input_layout="NC..."),
         "convbn_global": dict(torch_module=global_bn, flax_module=FlaxConvBN(), data=bn_data, steps=2,
                               input_layout="NC..."),
+        # your own pair as the CLI passes it: token ids + mask (a tuple of inputs split row-wise),
+        # renamed Flax modules, mse on per-token outputs [N, T, 5]
+        "own_pair_tokens": dict(torch_module=make_torch_tokens(), flax_module=make_flax_tokens_renamed(),
+                                data=[(example_tokens(), rng.standard_normal((2, 7, 5)))], steps=2, loss="mse",
+                                rename=[("emb", "tok"), ("head", "out_proj")],
+                                input_layout={"input[1]": "as_is"}, output_layout="as_is"),
     }
     reports = train_checks_data_parallel([{**c, **common} for c in cases.values()])
-    out = dict(zip(cases, map(_summary, reports)))
-    out["cli_own_pair"] = _cli_own_pair()
-    print(json.dumps(out))
+    print(json.dumps(dict(zip(cases, map(_summary, reports)))))
 
 
 if __name__ == "__main__":

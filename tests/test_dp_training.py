@@ -43,13 +43,12 @@ def test_global_batchnorm_under_ddp_matches_sharded_flax(child):
     assert res["ok"] and res["findings"] == [], res
 
 
-def test_cli_own_pair_mse_data_parallel(child):
-    """`parity train --torch/--flax/--example-input --loss mse --data-parallel 2` (token ids and
-    a mask as inputs, renamed modules) goes through train_check(data_parallel=2) and passes."""
-    res = child["cli_own_pair"]
-    assert res["code"] == 0, res["stdout"]
-    assert res["ok"] and res["loss"] == "mse" and res["steps"] == 2
-    assert any("torch DDP on 2 gloo processes" in n for n in res["notes"])  # the DDP path ran
+def test_own_pair_pytree_inputs_rename_mse(child):
+    """Your own pair as `parity train --torch/--flax/--example-input --loss mse` passes it: token
+    ids and a mask (a tuple of inputs, split row-wise over the replicas), renamed Flax modules."""
+    res = child["own_pair_tokens"]
+    assert res["steps"] == 2 and res["loss"] == "mse"
+    assert res["ok"] and res["findings"] == [], res
 
 
 def test_train_check_keyword_dispatches_to_ddp():
@@ -68,12 +67,23 @@ def test_train_check_keyword_dispatches_to_ddp():
         parity.train_check(tm, fm, data, steps=1, input_layout="as_is", data_parallel=64)
 
 
-def test_cli_train_data_parallel_without_devices_exits_2(capsys, monkeypatch):
+@pytest.mark.parametrize("argv", [
+    ["mlp"],
+    ["--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens_renamed", "--example-input",
+     "planted:example_tokens", "--rename", "emb=tok", "--rename", "head=out_proj", "--layout", "input[1]=as_is",
+     "--output-layout", "as_is", "--loss", "mse"],
+], ids=["registry-pair", "own-pair"])
+def test_cli_train_data_parallel_reaches_the_ddp_path(capsys, monkeypatch, argv):
+    """`parity train ... --data-parallel 2`, registry or own pair, goes through
+    train_check(data_parallel=2): in this 1-device process it stops at the mesh (exit 2, the
+    device error), past the pair's loading and the data."""
     import os
+    from pathlib import Path
 
     from parity.cli import main
 
+    monkeypatch.chdir(Path(__file__).parent)  # planted.py is found like a user's module in the cwd
     # the command asks for simulated devices through XLA_FLAGS: restored after this test
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-    assert main(["train", "mlp", "--steps", "1", "--data-parallel", "2"]) == 2
-    assert "needs 2 devices" in capsys.readouterr().err
+    assert main(["train", *argv, "--steps", "1", "--data-parallel", "2"]) == 2
+    assert "data_parallel=2 needs 2 devices" in capsys.readouterr().err
