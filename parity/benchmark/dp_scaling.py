@@ -15,6 +15,7 @@ number, and the report says so. torch DDP always runs on CPU here (gloo).
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -70,17 +71,18 @@ def run_in_child(cfg: ScalingConfig, out_dir: Path, log: Callable[[str], None] =
                          if not f.startswith("--xla_force_host_platform_device_count"))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cfg.devices}".strip()
         env["JAX_PLATFORMS"] = "cpu"
+    # stderr merged into stdout: one pipe read to its end cannot fill up and stall the child
     proc = subprocess.Popen([sys.executable, "-m", "parity.benchmark.dp_scaling", json.dumps(asdict(cfg)),
-                             str(out_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    result = None
+                             str(out_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result, tail = None, collections.deque(maxlen=40)
     for line in proc.stdout:
         if line.startswith(_RESULT):
             result = json.loads(line[len(_RESULT):])
         else:
+            tail.append(line)
             log(line.rstrip("\n"))
-    err = proc.stderr.read()
     if proc.wait() or result is None:
-        raise RuntimeError(f"the data-parallel benchmark process exited with {proc.returncode}:\n{err[-2000:]}")
+        raise RuntimeError(f"the data-parallel benchmark process exited with {proc.returncode}:\n{''.join(tail)}")
     return result
 
 
@@ -95,9 +97,9 @@ def measure_scaling(cfg: ScalingConfig, log: Callable[[str], None] = print) -> d
     from parity.benchmark.runner import BenchConfig, environment
     from parity.benchmark.sizes import sized_config
     from parity.data_parallel.ddp import ddp_job, run_ddp
+    from parity.data_parallel.train import plan_checks
     from parity.numerics import pinned
     from parity.registry import select
-    from parity.data_parallel.train import plan_checks
     from parity.training import OptimizerSpec
     from parity.training.data import default_loss, synthetic_batches
 

@@ -71,8 +71,8 @@ def _data_parallel(args: argparse.Namespace) -> int:
     from parity.benchmark.dp_scaling import ScalingConfig, run_in_child
 
     other = [f for f, v in (("--layers", args.layers), ("--torch", args.torch), ("--flax", args.flax),
-                            ("--bf16", args.bf16), ("--port", args.port), ("--threads", args.threads is not None))
-             if v]
+                            ("--bf16", args.bf16), ("--port", args.port), ("--threads", args.threads is not None),
+                            ("--model-batch", args.model_batch), ("--min-time", args.min_time is not None)) if v]
     if other:
         raise UsageError(f"--data-parallel times one registry pair in float32; it does not take {', '.join(other)}")
     models = args.models or ["mlp"]

@@ -245,7 +245,8 @@ def _findings(report: TrainReport, plan, n: int, per_replica_confirmed: bool) ->
             f"batch/{n} rows with its own statistics (plain BatchNorm; its running stats after step 1 "
             "equal the Flax twin's on replica 0's rows alone), the Flax twin under jit on the sharded "
             "batch used global-batch statistics. For global statistics in torch use "
-            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (GPU backends only); for per-replica "
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (GPU backends only; on CPU, all-reduce "
+            "the batch mean and centred second moment over the process group); for per-replica "
             "statistics in Flax run the step per replica (shard_map/pmap) with BatchNorm axis_name=None")
     return out
 
