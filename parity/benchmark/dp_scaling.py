@@ -90,7 +90,6 @@ def measure_scaling(cfg: ScalingConfig, log: Callable[[str], None] = print) -> d
     """The benchmark itself, in a process whose JAX has >= N devices: parity gate, then jax and
     torch timed at every count. Returns the report payload (JSON-ready)."""
     import jax
-    import numpy as np
     import torch
 
     from parity.benchmark.devices import select_device
