@@ -3,15 +3,49 @@ from __future__ import annotations
 
 import flax.linen as nn
 import torch
+import torch.distributed as dist
 
 from flax_impl.batchnorm import BatchNorm
 
 
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose train-mode statistics are those of the global batch of the DDP process
+    group: what torch.nn.SyncBatchNorm computes, which refuses CPU tensors (torch 2.13: "expected
+    input tensor to be on GPU or XPU or privateuseone"), so a gloo run on CPU needs this one.
+
+    The mean first, then the centred second moment, each a differentiable all-reduce of per-rank
+    sums (torch.distributed.nn.functional.all_reduce: its backward all-reduces the gradient, so
+    every rank's input gets the gradient of the global statistics). Two passes, as torch's
+    BatchNorm: E[(x - m)^2], not E[x^2] - m^2. Outside a process group: plain BatchNorm2d.
+    Input [N, C, H, W].
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = (0, 2, 3)
+        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype)
+        dist.all_reduce(count)  # rows x pixels over every rank
+        mean = all_reduce(x.sum(dims)) / count
+        centred = x - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum(dims)) / count  # biased: normalises the batch
+        with torch.no_grad():  # torch's update: the unbiased variance into running_var
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * count / (count - 1))
+            self.num_batches_tracked += 1
+        y = centred / torch.sqrt(var + self.eps)[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
 class TorchConvBN(torch.nn.Module):
-    def __init__(self):
+    """Conv -> BatchNorm -> ReLU -> 1x1 conv; ``global_bn``: the BatchNorm is GlobalBatchNorm2d."""
+
+    def __init__(self, global_bn: bool = False):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(4)
+        self.bn = (GlobalBatchNorm2d if global_bn else torch.nn.BatchNorm2d)(4)
         self.head = torch.nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
@@ -19,6 +53,8 @@ class TorchConvBN(torch.nn.Module):
 
 
 class FlaxConvBN(nn.Module):
+    """The twin: under jit on a batch sharded over a mesh its BatchNorm sees the global batch."""
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(4, (3, 3), padding=1, name="conv")(x)

@@ -123,8 +123,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="default: 64 for cnn, 4 otherwise")
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",
-                   help="mlp/unet: torch DDP on N local gloo processes against the Flax step on a batch "
-                        "sharded over N devices (CPU: simulated); default batch 2N, 5 steps")
+                   help="torch DDP on N local gloo processes against the Flax step on a batch sharded "
+                        "over N devices (CPU: simulated); a registry pair (cnn: the registry pair on "
+                        "synthetic batches, not the digits demo) or your own pair, whose example input "
+                        "is the global batch; default batch 2N, 5 steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", help="write the overlaid per-step loss curves (PNG)")
     p.add_argument("--json", metavar="PATH", help="write the per-step report as JSON")
@@ -164,6 +166,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the port-throughput benchmark (bench/port_throughput.py)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="N",
+                   help="instead of the model grid: train-step throughput at 1, 2, 4, ..., N devices, jax "
+                        "(sharded jit over a Mesh) and torch (DDP, N gloo processes), with the efficiency; "
+                        "one pair (--models, default mlp), --size (default tiny), --batch = the global "
+                        "batch; on CPU the devices are simulated and the report says it is a functional run")
     prof = p.add_argument_group("per-layer speed profile (instead of the model grid)")
     prof.add_argument("--layers", metavar="MODEL", default=None,
                       help="time every paired layer alone in both frameworks, forward and forward+"

@@ -1,5 +1,6 @@
 """``parity bench``: time torch eager / channels_last / torch.compile against jax.jit, write a report;
-``parity bench --layers MODEL``: the per-layer speed profile of one model instead."""
+``parity bench --layers MODEL``: the per-layer speed profile of one model instead;
+``parity bench --data-parallel N``: data-parallel scaling at 1..N devices instead."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from parity.benchmark.workloads import VARIANTS
     from parity.registry import select
 
+    if args.data_parallel is not None:  # before anything initialises JAX in this process
+        return _data_parallel(args)
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
     device = select_device(args.device)  # DeviceError (a ValueError): one line, exit 2
@@ -60,6 +63,33 @@ def run(args: argparse.Namespace) -> int:
         print("parity gate FAILED for: " + ", ".join(f"{g.model} b{g.batch}" for g in gates if not g.ok))
         return 1
     return status
+
+
+def _data_parallel(args: argparse.Namespace) -> int:
+    """--data-parallel N: parity.benchmark.dp_scaling in a child process (its JAX needs N devices,
+    simulated on CPU by a flag read at JAX start-up); exit 1 when its parity gate fails."""
+    from parity.benchmark.dp_scaling import ScalingConfig, run_in_child
+
+    other = [f for f, v in (("--layers", args.layers), ("--torch", args.torch), ("--flax", args.flax),
+                            ("--bf16", args.bf16), ("--port", args.port), ("--threads", args.threads is not None),
+                            ("--model-batch", args.model_batch), ("--min-time", args.min_time is not None)) if v]
+    if other:
+        raise UsageError(f"--data-parallel times one registry pair in float32; it does not take {', '.join(other)}")
+    models = args.models or ["mlp"]
+    if len(models) != 1 or (args.batch and len(args.batch) != 1):
+        raise UsageError("--data-parallel times one pair at one global batch: give one --models and one --batch")
+    cfg = ScalingConfig(model=models[0], devices=args.data_parallel, size=args.size or "tiny",
+                        batch=args.batch[0] if args.batch else None, device=args.device, quick=args.quick,
+                        **(dict(steps=2, warmup=1) if args.quick else {}))
+    print(f"data-parallel scaling: {cfg.model} ({cfg.size}) at {cfg.counts()} devices, global batch "
+          f"{cfg.global_batch()}, jax on {cfg.device}, torch DDP over gloo", flush=True)
+    result = run_in_child(cfg, args.out, log=lambda s: print(s, flush=True))
+    for kind, path in result["paths"].items():
+        print(f"wrote {kind}: {path}")
+    if not result["gate_ok"]:
+        print(f"parity gate FAILED for {cfg.model} at data_parallel={cfg.devices}")
+        return 1
+    return 0
 
 
 def _profile(args: argparse.Namespace, device) -> int:

@@ -2,6 +2,8 @@
 
 ``cnn`` is the real-data demo (sklearn digits, 8x8); ``mlp`` and ``unet`` use their tiny registry
 configs on synthetic batches (``unet`` means unet-same-bn: the BatchNorm statistics are the point).
+``--data-parallel N``: torch DDP on N gloo processes against the Flax step on an N-device mesh,
+for any registry pair (``cnn`` then means the registry pair on synthetic batches) or your own.
 """
 from __future__ import annotations
 
@@ -27,14 +29,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     spec = OptimizerSpec(args.optimizer, lr=args.lr if args.lr is not None else _DEFAULT_LR[args.optimizer],
                          schedule=args.schedule, weight_decay=args.weight_decay)
-    if args.data_parallel and (args.torch or args.flax or args.model == "cnn"):
-        raise ValueError("--data-parallel is built for the mlp and unet pairs so far")
     if args.torch or args.flax or args.example_input or args.input_shape:
         report = _own_pair(args, spec)
         print(report)
     elif args.model is None:
         raise ValueError("give a MODEL or your own pair with --torch/--flax")
-    elif args.model == "cnn":
+    elif args.model == "cnn" and not args.data_parallel:  # the digits demo runs on one device
         result = digits_demo(steps=args.steps or 250, optimizer=spec, dtype=args.dtype,
                              batch=args.batch or 64, seed=args.seed)
         report = result.report
@@ -48,16 +48,10 @@ def run(args: argparse.Namespace) -> int:
         torch_model, flax_model = pair.build(config, seed=args.seed)
         n = args.data_parallel
         data = synthetic_batches(pair, config, torch_model, batch=args.batch or (2 * n if n else 4), seed=args.seed)
-        check = train_check
-        if n:  # torch DDP vs the sharded Flax step (parity.data_parallel.train)
-            from functools import partial
-
-            from parity.data_parallel.train import train_check_data_parallel
-            check = partial(train_check_data_parallel, data_parallel=n)
-        extra = {} if n else {"output_layout": pair.out_layout()}
-        report = check(torch_model, flax_model, data, steps=args.steps or (5 if n else 20), optimizer=spec,
-                       loss=default_loss(pair), dtype=args.dtype, input_layout=pair.input_layout,
-                       train_kwarg=pair.train_kwarg, name=name, **extra)
+        report = train_check(torch_model, flax_model, data, steps=args.steps or (5 if n else 20), optimizer=spec,
+                             loss=default_loss(pair), dtype=args.dtype, input_layout=pair.input_layout,
+                             output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg, name=name,
+                             data_parallel=n)
         print(report)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _own_pair(args: argparse.Namespace, spec):
     """train_check on --torch/--flax: the example input every step, labels drawn once per batch
-    from the torch output's class axis (1), so the two twins see identical batches."""
+    from the torch output's class axis (1), so the two twins see identical batches. With
+    --data-parallel N the example input is the global batch (its batch a multiple of N)."""
     import numpy as np
     import torch
 
@@ -92,7 +87,9 @@ def _own_pair(args: argparse.Namespace, spec):
     else:
         shape = (out.shape[0], *out.shape[2:])
         data = [(x, rng.integers(0, out.shape[1], size=shape)) for _ in range(n)]
-    return train_check(torch_model, flax_model, data, steps=args.steps or 20, optimizer=spec, loss=loss,
-                       dtype=args.dtype, input_layout=parse_layout(args.layout, "--layout"),
+    n_dp = args.data_parallel
+    return train_check(torch_model, flax_model, data, steps=args.steps or (5 if n_dp else 20), optimizer=spec,
+                       loss=loss, dtype=args.dtype, input_layout=parse_layout(args.layout, "--layout"),
                        output_layout=parse_layout(args.output_layout, "--output-layout"),
-                       train_kwarg=args.train_kwarg, rename=parse_rename(args.rename), name=name)
+                       train_kwarg=args.train_kwarg, rename=parse_rename(args.rename), name=name,
+                       data_parallel=n_dp)

@@ -15,20 +15,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
 import torch
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding parity/, for the workers' imports
 
-def _worker(rank: int, world: int, workdir: str) -> None:
-    """Rank ``rank`` of every job in ``workdir``/jobs.pt (one process group per job, so several
-    checks share one interpreter start: importing torch dominates a tiny job)."""
+
+def _worker(rank: int, workdir: str) -> None:
+    """Rank ``rank`` of every job in ``workdir``/jobs.pt (one process group per job, of the job's
+    own world size: ranks beyond it sit the job out. So several checks, and a benchmark's device
+    counts, share one interpreter start: importing torch dominates a tiny job)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N processes share the machine's cores
     jobs = torch.load(Path(workdir) / "jobs.pt", weights_only=False)  # our own file, from run_ddp
     for j, job in enumerate(jobs):
+        world = job["world"]
+        if rank >= world:
+            continue
         dist.init_process_group("gloo", init_method=f"file://{workdir}/init{j}", rank=rank, world_size=world)
         try:
             records = _train(rank, world, job)
@@ -42,7 +49,8 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from parity.training.loop import torch_loss
+    from parity.runtime import as_args, torch_inputs
+    from parity.training.loop import _first_leaf, torch_loss
     from parity.training.optim import torch_optimizer
 
     model = p["module"]
@@ -55,15 +63,20 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     records = []
     for x, y in p["batches"]:
         start = time.perf_counter()
-        b = x.shape[0] // world
-        xs = torch.as_tensor(x[rank * b:(rank + 1) * b], dtype=p["dtype"])
-        ys = torch.as_tensor(y[rank * b:(rank + 1) * b])
+        xs = torch_inputs(as_args(replica_rows(x, rank, world, len(y))), p["dtype"], grads=False)
+        ys = torch.as_tensor(replica_rows(y, rank, world, len(y)))
+        if p["loss"] == "mse":  # targets shaped like the output, in the run's dtype
+            ys = ys.to(p["dtype"])
         opt.zero_grad(set_to_none=False)
-        loss = torch_loss(p["loss"], ddp(xs), ys)
+        loss = torch_loss(p["loss"], _first_leaf(ddp(*xs)), ys)
         if p["loss_reduction"] == "sum":  # a planted mistake: replicas' losses summed, not averaged
             loss = loss * world
         loss.backward()  # DDP all-reduces (averages) the gradients here
         lr = float(opt.param_groups[0]["lr"])
+        if not p["record"]:  # timing only (benchmarks): no extra all-reduce, norm or copies
+            opt.step()
+            records.append({"seconds": time.perf_counter() - start})
+            continue
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         gnorm = float(np.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in model.parameters()
@@ -81,25 +94,45 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     return records
 
 
-def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]], *, world: int,
-            spec, steps: int, loss: str, dtype: torch.dtype, loss_reduction: str = "mean") -> dict:
+def replica_rows(tree, rank: int, world: int, batch: int):
+    """Rank ``rank``'s contiguous rows [r*b, (r+1)*b), b = batch/world, of every array leaf of
+    ``tree`` whose leading axis is the batch (the rows the JAX mesh gives device r); other leaves
+    (scalars, per-model constants) whole, as shard_batch replicates them."""
+    b = batch // world
+
+    def rows(x):
+        batched = hasattr(x, "shape") and len(x.shape) >= 1 and x.shape[0] == batch
+        return x[rank * b:(rank + 1) * b] if batched else x
+
+    return jax.tree_util.tree_map(rows, tree)
+
+
+def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[Any, np.ndarray]], *, world: int,
+            spec, steps: int, loss: str, dtype: torch.dtype, loss_reduction: str = "mean",
+            record: bool = True) -> dict:
     """One DDP training job for run_ddp: a copy of ``torch_module`` trained ``steps`` steps on the
-    global ``batches`` (torch layout; cycled), each rank on its contiguous slice."""
+    global ``batches`` (x: the input pytree in torch layout, y: labels or mse targets; cycled),
+    each rank on its contiguous slice. record=False: only each step's seconds (benchmarks)."""
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-    for x, _ in batches:
-        if x.shape[0] % world:
-            raise ValueError(f"global batch {x.shape[0]} is not a multiple of data_parallel={world}")
-    return {"module": torch_module.to(dtype), "spec": spec, "steps": steps, "loss": loss, "dtype": dtype,
-            "loss_reduction": loss_reduction, "batches": [batches[i % len(batches)] for i in range(steps)]}
+    for _, y in batches:
+        if len(y) % world:
+            raise ValueError(f"global batch {len(y)} is not a multiple of data_parallel={world}")
+    return {"module": torch_module.to(dtype), "world": world, "spec": spec, "steps": steps, "loss": loss,
+            "dtype": dtype, "loss_reduction": loss_reduction, "record": record,
+            "batches": [batches[i % len(batches)] for i in range(steps)]}
 
 
 def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[dict]]:
-    """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here; per job,
+    """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here, each job on
+    the first ``job["world"]`` (<= world) of them, one job after another; per job,
     rank 0's record per step: global mean loss, lr, global gradient norm (after DDP's
     averaging), parameters and BatchNorm running statistics after the step (float64 numpy). The
     modules are pickled to the workers: their classes must import from the caller's sys.path
     (not be defined in ``__main__``)."""
+    too_big = [j["world"] for j in jobs if j["world"] > world]
+    if too_big:
+        raise ValueError(f"a job needs {max(too_big)} processes, run_ddp starts {world}")
     with tempfile.TemporaryDirectory(prefix="parity_ddp_") as d:
         torch.save(jobs, Path(d) / "jobs.pt")
         # Fresh interpreters (not fork: the parent runs JAX threads and torch's OpenMP pool; not
@@ -107,7 +140,7 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                # the caller's import path: the model's class must import in the worker to unpickle
                "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
-        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), str(world), d],
+        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank in range(world)]
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
@@ -118,7 +151,7 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
         return [torch.load(Path(d) / f"out{j}.pt", weights_only=False) for j in range(len(jobs))]
 
 
-__all__ = ["ddp_job", "run_ddp"]
+__all__ = ["ddp_job", "replica_rows", "run_ddp"]
 
-if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORLD WORKDIR
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORKDIR
+    _worker(int(sys.argv[1]), sys.argv[2])

@@ -10,9 +10,10 @@ replicas instead of averaged (loss and gradients N times Flax's).
 from __future__ import annotations
 
 import contextlib
-
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +22,15 @@ import optax
 import torch
 
 from parity.compare import compare
-from parity.data_parallel.ddp import ddp_job, run_ddp
+from parity.data_parallel.ddp import ddp_job, replica_rows, run_ddp
 from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
-from parity.runtime import FlaxTwin, as_args, flax_inputs, input_layouts, torch_inputs, train_mode_matters
-from parity.runtime import value_and_grad_fn
+from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
+                            torch_inputs, train_mode_matters, value_and_grad_fn)
 from parity.tolerances import TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
-from parity.training.loop import (StepResult, TrainReport, _first_leaf, flax_loss)
+from parity.training.loop import LOSSES, StepResult, TrainReport, _first_leaf, flax_loss, tdtype_to_jnp
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
-from weight_port.layout import AS_IS
+from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import build_plan
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -46,26 +47,64 @@ def train_check_data_parallel(
     loss: str = "cross_entropy",
     dtype: str = "float64",
     input_layout=None,
+    output_layout=None,
     train_kwarg: str | None = None,
+    rename=None,
+    flax_optimizer: optax.GradientTransformation | None = None,
     precision: str = "highest",
     name: str | None = None,
     torch_loss_reduction: str = "mean",
 ) -> TrainReport:
-    """Train with torch DDP on ``data_parallel`` gloo processes and the Flax twin on an equally
-    sharded mesh from the same initial weights; compare per step (a TrainReport).
+    """The implementation of ``parity.train_check(..., data_parallel=N)``: train with torch DDP on
+    ``data_parallel`` gloo processes and the Flax twin on an equally sharded mesh from the same
+    initial weights; compare per step (a TrainReport).
 
-    data: global batches (x [N, ...] torch layout, labels [N, ...]), N a multiple of
-    ``data_parallel``; rank/device r trains on rows [r*N/n, (r+1)*N/n). loss: "cross_entropy" or
-    "nll". torch_loss_reduction="sum" plants the across-replica summed loss (for tests). The
-    torch module's class must be importable (the DDP workers unpickle it).
+    data: global batches (x [N, ...] torch layout, y [N, ...]), N a multiple of ``data_parallel``;
+    rank/device r trains on rows [r*N/n, (r+1)*N/n). loss: "cross_entropy", "nll" (y: class
+    labels) or "mse" (y: targets shaped like the torch output, torch layout; ``output_layout``
+    as in train_check). torch_loss_reduction="sum" plants the across-replica summed loss (for
+    tests). The torch module's class must be importable (the DDP workers unpickle it).
     """
     kwargs = {k: v for k, v in locals().items()}
     return train_checks_data_parallel([kwargs])[0]
 
 
+_DEFAULTS = {"steps": 3, "optimizer": "sgd-momentum", "loss": "cross_entropy", "dtype": "float64",
+             "input_layout": None, "output_layout": None, "train_kwarg": None, "rename": None,
+             "flax_optimizer": None, "precision": "highest", "name": None, "torch_loss_reduction": "mean"}
+
+
 def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
     """Several train_check_data_parallel(**case) runs (same data_parallel) sharing one start of
     the N torch worker processes (importing torch dominates a tiny run)."""
+    checks = plan_checks(cases)
+    return checks.reports(run_ddp(checks.jobs, world=checks.world))
+
+
+@dataclass
+class PlannedChecks:
+    """Data-parallel training checks split in two, so a caller can run their DDP jobs together
+    with its own (a benchmark's timed jobs) in one start of the worker processes: ``jobs`` go to
+    run_ddp (first, in this order), ``reports(records)`` runs the Flax side and compares."""
+
+    world: int
+    mesh: Any
+    jobs: list[dict]
+    prepared: list[tuple]
+
+    def reports(self, records: list[list[dict]]) -> list[TrainReport]:
+        """One TrainReport per case, from run_ddp's records of ``jobs`` (in order)."""
+        out = []
+        for (c, spec, tdtype, batches, tm), recs in zip(self.prepared, records):
+            x64 = jax.enable_x64(True) if c["dtype"] == "float64" else contextlib.nullcontext()
+            with x64, pinned(precision=c["precision"], tf32=False):
+                out.append(_flax_and_compare(tm, c, spec, tdtype, batches, recs, self.mesh))
+        return out
+
+
+def plan_checks(cases: list[dict]) -> PlannedChecks:
+    """Validate ``cases`` (train_check_data_parallel keywords, one data_parallel) and build their
+    DDP jobs; DataParallelError before anything starts when JAX lacks the devices."""
     worlds = {c["data_parallel"] for c in cases}
     if len(worlds) != 1:
         raise ValueError(f"cases must share data_parallel, got {sorted(worlds)}")
@@ -73,49 +112,53 @@ def train_checks_data_parallel(cases: list[dict]) -> list[TrainReport]:
     mesh = data_mesh(n)  # fail before starting processes when devices are missing
     prepared, jobs = [], []
     for c in cases:
-        c = {"steps": 3, "optimizer": "sgd-momentum", "loss": "cross_entropy", "dtype": "float64",
-             "input_layout": None, "train_kwarg": None, "precision": "highest", "name": None,
-             "torch_loss_reduction": "mean", **c}
-        if c["loss"] not in ("cross_entropy", "nll"):
-            raise ValueError(f"data-parallel training parity supports cross_entropy and nll, got {c['loss']!r}")
+        c = {**_DEFAULTS, **c}
+        if c["loss"] not in LOSSES:
+            raise ValueError(f"unknown loss {c['loss']!r}; choose from {', '.join(LOSSES)}")
+        if c["dtype"] not in _TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {c['dtype']!r}")
         spec = OptimizerSpec(c["optimizer"]) if isinstance(c["optimizer"], str) else c["optimizer"]
         tdtype = _TORCH_DTYPES[c["dtype"]]
         data, steps = c["data"], c["steps"]
         batches = [data(i) if callable(data) else data[i % len(data)] for i in range(steps)]
-        batches = [(np.asarray(x), np.asarray(y)) for x, y in batches]
+        batches = [(x, np.asarray(y)) for x, y in batches]
         tm = copy.deepcopy(c["torch_module"]).to(tdtype)
         jobs.append(ddp_job(copy.deepcopy(tm), batches, world=n, spec=spec, steps=steps, loss=c["loss"],
                             dtype=tdtype, loss_reduction=c["torch_loss_reduction"]))
         prepared.append((c, spec, tdtype, batches, tm))
-    all_records = run_ddp(jobs, world=n)
-    reports = []
-    for (c, spec, tdtype, batches, tm), records in zip(prepared, all_records):
-        x64 = jax.enable_x64(True) if c["dtype"] == "float64" else contextlib.nullcontext()
-        with x64, pinned(precision=c["precision"], tf32=False):
-            reports.append(_flax_and_compare(tm, c["flax_module"], batches, records, mesh, spec, c["steps"],
-                                             c["loss"], c["dtype"], tdtype, c["input_layout"], c["train_kwarg"],
-                                             c["name"] or type(c["torch_module"]).__name__))
-    return reports
+    return PlannedChecks(n, mesh, jobs, prepared)
 
 
+def _target_layout(twin, variables, xf, tm, example, output_layout) -> str:
+    """The torch-side layout of the output an mse target is shaped like (declared, or read off
+    both sides' output shapes as parity.check does)."""
+    if isinstance(output_layout, dict):
+        return next(iter(output_layout.values()))
+    with torch.no_grad():
+        t_out = _first_leaf(copy.deepcopy(tm).eval()(*example))
+    f_shape = next(iter(output_shapes(twin, variables, xf).values())).shape
+    return output_layouts(output_layout, {"out": tuple(t_out.shape)}, {"out": f_shape})["out"]
 
-def _flax_and_compare(tm, flax_module, batches, records, mesh, spec, steps, loss, dtype, tdtype,
-                      input_layout, train_kwarg, name) -> TrainReport:
+
+def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> TrainReport:
     n = mesh.devices.size
-    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False,
+    steps, loss, dtype = c["steps"], c["loss"], c["dtype"]
+    twin = FlaxTwin(c["flax_module"], train=True, train_kwarg=c["train_kwarg"], dropout=False,
                     train_mode_matters=train_mode_matters(tm))
     example = torch_inputs(as_args(batches[0][0]), tdtype, grads=False)
-    in_layouts = input_layouts(tm, example, input_layout)
-    plan = build_plan(tm, flax_module, example, check_attributes="ignore",
+    in_layouts = input_layouts(tm, example, c["input_layout"])
+    plan = build_plan(tm, c["flax_module"], example, check_attributes="ignore", rename=c["rename"],
                       input_layout=[in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(example))])
     variables = replicate(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), plan.to_flax(tm.state_dict())),
                           mesh)
     params = variables["params"]
     bstats = {k: v for k, v in variables.items() if k != "params"}
-    tx = optax_optimizer(spec, steps)
+    tx = c["flax_optimizer"] if c["flax_optimizer"] is not None else optax_optimizer(spec, steps)
     schedule = optax_schedule(spec, steps)
     opt_state = replicate(jax.jit(tx.init)(params), mesh)
     grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    target_layout = (_target_layout(twin, variables, flax_inputs(example, in_layouts), tm, example,
+                                    c["output_layout"]) if loss == "mse" else None)
 
     @jax.jit
     def step(p, bs, state, x, y):
@@ -136,7 +179,10 @@ def _flax_and_compare(tm, flax_module, batches, records, mesh, spec, steps, loss
         k = i + 1
         xf = flax_inputs(torch_inputs(as_args(x), tdtype, grads=False), in_layouts)
         batch = int(np.shape(y)[0])
-        xf, yf = shard_batch(xf, mesh, batch), shard_batch(jnp.asarray(y), mesh, batch, where="labels")
+        # mse targets are shaped like the output: converted to its Flax layout, in the run's dtype
+        yf = (jnp.asarray(to_flax_layout(y, target_layout, "mse target"), dtype=tdtype_to_jnp(dtype))
+              if loss == "mse" else jnp.asarray(y))
+        xf, yf = shard_batch(xf, mesh, batch), shard_batch(yf, mesh, batch, where="labels")
         params, bstats, opt_state, f_loss, f_gnorm = step(params, bstats, opt_state, xf, yf)
         f_now = named(params, "params")
         tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
@@ -151,23 +197,24 @@ def _flax_and_compare(tm, flax_module, batches, records, mesh, spec, steps, loss
             stats = [compare(b, f_stats[b], v, tol_b) for b, v in rec["buffers"].items() if b in f_stats]
         results.append(StepResult(k, rec["loss"], float(f_loss), scalars, updates, stats))
         t_prev, f_prev = rec["params"], f_now
+    name = c["name"] or type(c["torch_module"]).__name__
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
                          conventions=conventions(spec), env=numerics_env(),
                          notes=[f"data_parallel={n}: torch DDP on {n} gloo processes vs the Flax step under "
                                 f"jit with the batch sharded over {n} {mesh.devices.flat[0].platform} devices"])
-    report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, batches[0][0],
+    report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, *batches[0],
                                                                         records[0], in_layouts, tdtype, n, dtype, prec))
     return report
 
 
-def _replica0_stats_match(twin, plan, variables, x, record, in_layouts, tdtype, n, dtype, prec) -> bool:
+def _replica0_stats_match(twin, plan, variables, x, y, record, in_layouts, tdtype, n, dtype, prec) -> bool:
     """Whether torch's BatchNorm running statistics after step 1 are what the Flax twin computes
     from replica 0's slice alone (per-replica semantics, confirmed rather than assumed)."""
     if not record["buffers"] or "batch_stats" not in variables:
         return False
     from parity.runtime import forward_backward
 
-    local = np.asarray(x)[: np.shape(x)[0] // n]
+    local = replica_rows(x, 0, n, len(y))
     xf = flax_inputs(torch_inputs(as_args(local), tdtype, grads=False), in_layouts)
     single = jax.device_get(variables)
     stats = forward_backward(twin, single, xf, None).new_variables["batch_stats"]
@@ -198,9 +245,10 @@ def _findings(report: TrainReport, plan, n: int, per_replica_confirmed: bool) ->
             f"batch/{n} rows with its own statistics (plain BatchNorm; its running stats after step 1 "
             "equal the Flax twin's on replica 0's rows alone), the Flax twin under jit on the sharded "
             "batch used global-batch statistics. For global statistics in torch use "
-            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (GPU backends only); for per-replica "
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (GPU backends only; on CPU, all-reduce "
+            "the batch mean and centred second moment over the process group); for per-replica "
             "statistics in Flax run the step per replica (shard_map/pmap) with BatchNorm axis_name=None")
     return out
 
 
-__all__ = ["train_check_data_parallel", "train_checks_data_parallel"]
+__all__ = ["PlannedChecks", "plan_checks", "train_check_data_parallel", "train_checks_data_parallel"]

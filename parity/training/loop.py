@@ -217,6 +217,7 @@ def train_check(
     flax_optimizer: optax.GradientTransformation | None = None,
     precision: str = "highest",
     name: str | None = None,
+    data_parallel: int | None = None,
 ) -> TrainReport:
     """Train ``torch_module`` and its Flax twin side by side for ``steps`` steps and compare.
 
@@ -232,6 +233,10 @@ def train_check(
     or ``train_kwarg``); rename is passed to the port.
     The torch module is copied, never mutated. Both sides run in train mode (BatchNorm uses batch
     statistics and updates running ones) with dropout held deterministic.
+    data_parallel=N: torch DistributedDataParallel on N local gloo processes against the Flax step
+    under jit on the batch sharded over an N-device mesh (parity.data_parallel.train; the batch a
+    multiple of N, JAX needs N devices: on CPU XLA_FLAGS=--xla_force_host_platform_device_count=N
+    before JAX initialises, which the CLI sets itself).
     """
     spec = OptimizerSpec(optimizer) if isinstance(optimizer, str) else optimizer
     if loss not in LOSSES:
@@ -240,6 +245,13 @@ def train_check(
         raise ValueError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if data_parallel is not None:
+        from parity.data_parallel.train import train_check_data_parallel  # imports this module
+
+        return train_check_data_parallel(
+            torch_module, flax_module, data, data_parallel=data_parallel, steps=steps, optimizer=spec, loss=loss,
+            dtype=dtype, input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
+            rename=rename, flax_optimizer=flax_optimizer, precision=precision, name=name)
     tdtype = _TORCH_DTYPES[dtype]
     x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
     with x64, pinned(precision=precision, tf32=False):

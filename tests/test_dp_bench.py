@@ -1,0 +1,59 @@
+"""``parity bench --data-parallel N``: a tiny scaling run (mlp tiny, 2 devices, quick) from the CLI;
+its jax part runs in a child process with 2 simulated CPU devices, its torch part on 2 gloo
+processes. The report has both frameworks at every device count and says it is a functional run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_bench")
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["bench", "--data-parallel", "2", "--models", "mlp", "--size", "tiny", "--quick",
+                     "--out", str(out)])
+    return code, text.getvalue(), out
+
+
+def test_cli_reports_both_frameworks_at_each_count(run):
+    code, text, out = run
+    assert code == 0, text
+    [report] = out.glob("*_dp2_quick.json")
+    payload = json.loads(report.read_text())
+    assert payload["counts"] == [1, 2]
+    got = {(r["framework"], r["devices"]) for r in payload["results"]}
+    assert got == {(f, k) for f in ("jax", "torch") for k in (1, 2)}
+    for r in payload["results"]:
+        assert r["samples_per_s"] > 0 and r["per_device_batch"] * r["devices"] == payload["global_batch"]
+        assert len(r["samples_s"]) == payload["steps"]
+    assert [r["efficiency"] for r in payload["results"] if r["devices"] == 1] == [1.0, 1.0]
+    assert payload["parity_gate"]["ok"] and payload["parity_gate"]["data_parallel"] == 2
+
+
+def test_cpu_run_is_labelled_functional(run):
+    code, text, out = run
+    [report] = out.glob("*_dp2_quick.json")
+    payload = json.loads(report.read_text())
+    assert payload["functional_run"] is True and payload["jax_platform"] == "cpu"
+    assert "FUNCTIONAL RUN, not a scaling number" in payload["note"]
+    [md] = out.glob("*_dp2_quick.md")
+    assert "FUNCTIONAL RUN, not a scaling number" in md.read_text()
+    assert "FUNCTIONAL RUN, not a scaling number" in text and "parity gate" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data-parallel", "2", "--batch", "3"], "multiple of every device count"),
+    (["--data-parallel", "2", "--models", "mlp", "cnn"], "one pair"),
+    (["--data-parallel", "2", "--bf16"], "does not take --bf16"),
+])
+def test_bad_arguments_exit_2(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
