@@ -26,7 +26,7 @@ from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_a
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
-from parity.tolerances import FORWARD, GRAD, REFERENCE, noise_floor, tolerance_for
+from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 
@@ -389,12 +389,18 @@ def model_grad_floor(run: _Run, dname: str) -> float:
     return noise_floor(dname, GRAD, _norm(run.torch.cotangents.values()), _norm(inputs))
 
 
+def model_forward_floor(run: _Run, dname: str) -> float:
+    """Noise floor of the model's outputs: from the norm of the model's inputs."""
+    return forward_noise_floor(dname, _norm(jax.tree_util.tree_leaves(run.torch_args)))
+
+
 def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
                  grads: bool) -> None:
     """Fill the report's output, input-gradient and parameter-gradient comparisons."""
     floor = model_grad_floor(run, dname) if grads else 0.0
+    out_floor = model_forward_floor(run, dname)
     if ref is None:
-        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol).with_floor(out_floor)
         grd = tolerance_for(dname, GRAD, prec).override(rtol, atol).with_floor(floor)
 
         def judge(kind, nm, f, t, layout, ref_value):
@@ -404,7 +410,7 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
 
         def judge(kind, nm, f, t, layout, ref_value):
             return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout,
-                                        floor=floor if kind == GRAD else 0.0)
+                                        floor=floor if kind == GRAD else out_floor)
 
     def safe(kind, nm, f, t, layout, ref_value):
         try:

@@ -167,7 +167,8 @@ class NoiseFloor:
     output (a parameter gradient is cot^T x; a bias gradient is a sum of cot): its rounding error
     is a few eps times the product of those norms however small the gradient itself is (a
     gradient that cancels to zero in exact arithmetic keeps that noise). The max(., 1) keeps the
-    floor of a bias-like term, whose product has no input factor.
+    floor of a bias-like term, whose product has no input factor. A forward value has no
+    cotangent: its floor is the same formula with cotangent_norm = 1 (forward_noise_floor).
     """
 
     factor: float
@@ -178,6 +179,21 @@ class NoiseFloor:
 
 
 NOISE_FLOORS: dict[str, NoiseFloor] = {
+    FORWARD: NoiseFloor(
+        factor=16.0,
+        reason="an output (or a layer's activation) that cancels to zero in exact arithmetic "
+        "(x - mean(x) over equal features, a residual branch cancelling its input) keeps the "
+        "rounding of the values that cancelled: a few eps times their size, produced differently "
+        "by each framework, so its rel_norm is a ratio of two noises. The size is the norm of what "
+        "goes in: the layer's own inputs per layer (the local scale), the model's inputs for the "
+        "model's outputs. Measured on the centring twin of tests/verdict_pairs.py (equal features "
+        "cancelled): ||flax - torch|| / (eps ||input||) is 0.34 (float64) and 0.04 (float32) for "
+        "the model output, 0.06 for the centring layer alone, i.e. <= 0.021 of the floor: 16 "
+        "leaves ~50x headroom for deeper chains and for weights that grow the input before it "
+        "cancels. What the floor could hide is an error under "
+        "16 eps ||input||: 3.6e-15 ||x|| in float64, 1.9e-6 ||x|| in float32, three orders under a "
+        "1e-3 relative error of any output not 1000x smaller than its input",
+    ),
     GRAD: NoiseFloor(
         factor=16.0,
         reason="per layer, the norms are that layer's input and output cotangent (torch's, in the "
@@ -196,6 +212,11 @@ def noise_floor(dtype: str, kind: str, cotangent_norm: float, input_norm: float)
     """The absolute floor of a ``kind`` comparison in ``dtype`` (0.0 where the table has none)."""
     rule = NOISE_FLOORS.get(kind)
     return rule.of(dtype, cotangent_norm, input_norm) if rule else 0.0
+
+
+def forward_noise_floor(dtype: str, input_norm: float) -> float:
+    """The absolute floor of an output or activation made from inputs of norm ``input_norm``."""
+    return noise_floor(dtype, FORWARD, 1.0, input_norm)
 
 
 def tolerance_for(dtype: str, kind: str, precision: str = "highest") -> Tolerance:
