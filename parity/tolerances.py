@@ -299,3 +299,39 @@ def train_tolerance(dtype: str, kind: str, step: int, precision: str = "highest"
         known = ", ".join("/".join(k) for k in TRAIN_TOLERANCES)
         raise KeyError(f"no training tolerance for {'/'.join(key)}; known: {known}")
     return TRAIN_TOLERANCES[key].at(step)
+
+
+# --- Training noise floors (parity.training.noise) -----------------------------------------------
+# Each step's loss gradient gets the gradient floor above (NOISE_FLOORS[GRAD]) from the norms of
+# the loss's cotangent at the model output (dL/dout) and of the batch. What that noise does to an
+# update depends on the optimizer, so the update comparison gets the optimizer's floor below.
+@dataclass(frozen=True)
+class UpdateNoise:
+    factor: float
+    reason: str
+
+
+TRAIN_NOISE_FLOORS: dict[str, UpdateNoise] = {
+    # SGD, momentum, nesterov (and coupled weight decay, whose wd * p is the same on both sides).
+    "linear": UpdateNoise(
+        factor=1.0,
+        reason="the update is linear in the gradients: -lr * (momentum buffer), the buffer a sum of "
+        "mu^j-weighted gradients, so its noise is lr times the gradient floors accumulated the same "
+        "way (mu * n + floor, nesterov floor + mu * n): an absolute floor of the whole update tensor, "
+        "lr x the gradient floor, far under any real update (lr |g| with |g| >> floor)",
+    ),
+    # Adam, AdamW.
+    "adam": UpdateNoise(
+        factor=2.0,
+        reason="Adam divides m by sqrt(v): an entry whose first moment is within its noise (|m| <= "
+        "the gradient floors accumulated as m is, b1 * n + (1 - b1) * floor: a key bias of softmax "
+        "attention, zero by shift invariance) gets a step of rounding noise normalised to up to "
+        "lr * A_k (A_k = max |m_hat| / sqrt(v_hat) after k steps, 1 at step 1, by Cauchy-Schwarz), "
+        "or lr * n_hat / eps when eps dominates sqrt(v_hat): a step each framework draws "
+        "differently. Such entries are judged by |d| <= factor x that step (one per side), plus "
+        "lr * wd * |p_flax - p_torch| for AdamW's decay of parameters that already drifted so; "
+        "the other entries keep the table's relative bound. Steps of noise do not feed back when "
+        "the entry is zero in theory for a reason (shift invariance): the loss and other updates "
+        "stay judged by the table",
+    ),
+}
