@@ -400,7 +400,9 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
     floor = model_grad_floor(run, dname) if grads else 0.0
     out_floor = model_forward_floor(run, dname)
     if ref is None:
-        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol).with_floor(out_floor)
+        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        if rtol is None and atol is None:  # a per-call override is the whole criterion (its atol
+            fwd = fwd.with_floor(out_floor)  # is the absolute part the caller chose)
         grd = tolerance_for(dname, GRAD, prec).override(rtol, atol).with_floor(floor)
 
         def judge(kind, nm, f, t, layout, ref_value):
