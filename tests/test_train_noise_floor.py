@@ -107,3 +107,35 @@ def test_adam_step_bound_is_the_largest_step(k):
     # Cauchy-Schwarz is attained by g_j proportional to (b1/b2)^(k-j): the bound is tight.
     assert step((b1 / b2) ** np.arange(k)[::-1]) == pytest.approx(bound)
     assert adam_step_bound(b1, b2, 1) == pytest.approx(1.0)
+
+
+# --- BatchNorm running statistics that are zero in exact arithmetic ------------------------------
+def _double_norm(dtype, flax_module=None):
+    return train_check(tp.make_torch_double_norm(), flax_module or tp.FlaxDoubleNorm(), tp.double_norm_batches(),
+                       steps=STEPS, optimizer=OptimizerSpec("sgd-momentum", lr=0.05), dtype=dtype,
+                       input_layout="as_is", name="double-norm")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_zero_in_theory_running_mean_passes(dtype):
+    report = _double_norm(dtype)
+    assert report.ok, str(report)
+    for step in report.steps:
+        noise = next(c for c in step.stats if c.name == "bn2.running_mean")
+        assert noise.below_floor and noise.ok
+        assert step.worst(step.stats).name != "bn2.running_mean"  # no noise ratio in the table
+
+
+def test_without_the_stats_floor_the_running_mean_fails(monkeypatch):
+    monkeypatch.setitem(TRAIN_NOISE_FLOORS, "stats", replace(TRAIN_NOISE_FLOORS["stats"], factor=0.0))
+    report = _double_norm("float64")
+    assert not report.ok
+    assert [c.name for c in report.steps[0].stats if not c.ok] == ["bn2.running_mean"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_momentum_mistake_on_the_noise_layer_still_fails(dtype):
+    # torch's momentum (0.1) passed as Flax's: bn2's running_var is wrong from step 1.
+    report = _double_norm(dtype, tp.FlaxDoubleNorm(bn2_momentum=0.1))
+    assert not report.ok and report.first_failure.step == 1
+    assert "bn2.running_var" in [c.name for c in report.steps[0].stats if not c.ok]

@@ -62,3 +62,45 @@ def attention_mse_batches(n_batches: int = 3, batch: int = 4, seed: int = 0):
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal((batch, TOKENS, 8)), rng.standard_normal((batch, TOKENS, 8)))
             for _ in range(n_batches)]
+
+
+# --- a running mean that is zero in exact arithmetic: BatchNorm after BatchNorm -------------------
+class TorchDoubleNorm(torch.nn.Module):
+    """[N, 6] -> Linear -> BatchNorm1d -> BatchNorm1d -> Linear -> [N, 3]. The first BatchNorm
+    (train mode) centres every feature over the batch, so the second one's batch mean, and so its
+    running_mean, is zero in exact arithmetic: rounding noise on both sides."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+        self.bn1 = torch.nn.BatchNorm1d(8, affine=False)
+        self.bn2 = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.bn2(self.bn1(self.fc(x))))
+
+
+class FlaxDoubleNorm(nn.Module):
+    bn2_momentum: float = 0.9  # Flax convention; 0.1 is the planted mistake (torch's number)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        from flax_impl.batchnorm import BatchNorm
+
+        h = nn.Dense(8, name="fc")(x)
+        h = BatchNorm(momentum=0.9, epsilon=1e-5, use_scale=False, use_bias=False, name="bn1")(h, not train)
+        h = BatchNorm(momentum=self.bn2_momentum, epsilon=1e-5, name="bn2")(h, not train)
+        return nn.Dense(CLASSES, name="head")(h)
+
+
+def make_torch_double_norm() -> TorchDoubleNorm:
+    torch.manual_seed(0)
+    return TorchDoubleNorm()
+
+
+def double_norm_batches(n_batches: int = 3, batch: int = 6, seed: int = 0):
+    # Features 30 +- 10: the centred values cancel a large mean, so the noise is not tiny.
+    rng = np.random.default_rng(seed)
+    return [(30.0 + 10.0 * rng.standard_normal((batch, 6)), rng.integers(0, CLASSES, batch))
+            for _ in range(n_batches)]

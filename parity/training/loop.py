@@ -24,7 +24,7 @@ from parity.compare import Comparison, compare
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
 from parity.training.bn_audit import BNFinding, audit_batch_norms
-from parity.training.noise import UpdateNoise, loss_gradient_floor
+from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_optimizer,
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
 from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
@@ -80,7 +80,9 @@ class StepResult:
         return all(c.ok for c in self.comparisons)
 
     def worst(self, comps: list[Comparison]) -> Comparison | None:
-        return max(comps, key=lambda c: (not c.ok, c.rel_norm), default=None)
+        """Failures first, then the largest real relative error: a tensor below its noise floor
+        (zero in exact arithmetic) comes last, its rel_norm being a ratio of two noises."""
+        return max(comps, key=lambda c: (not c.ok, not c.below_floor, c.rel_norm), default=None)
 
     def scalar(self, name: str) -> Comparison:
         return next(c for c in self.scalars if c.name == name)
@@ -161,7 +163,7 @@ class TrainReport:
                 f"  {s.step:5d} {s.torch_loss:12.6g} {s.flax_loss:12.6g} {s.scalar('loss').max_abs:9.2e} "
                 f"{s.scalar('lr').rel_norm:8.1e} {s.scalar('grad_norm').rel_norm:9.2e} "
                 f"{(_rel(wu) + ' ' + wu.name.removeprefix('update ')[:20]) if wu else '':>30} "
-                f"{(f'{ws.rel_norm:9.2e}') if ws else '-':>9}  {'ok' if s.ok else 'FAIL'}")
+                f"{_rel(ws) if ws else '-':>9}  {'ok' if s.ok else 'FAIL'}")
         if first:
             for c in first.comparisons:
                 if not c.ok:
@@ -392,7 +394,9 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         if bn_paths:
             f_stats = named(bstats["batch_stats"], "batch_stats") if has_bs else {}
             t_stats = _bn_stats_torch(tm, bn_paths)
-            stats = [compare(n, f_stats[n], v, tol_b) for n, v in t_stats.items() if n in f_stats]
+            floors = stats_floors(dtype, t_stats)
+            stats = [compare(n, f_stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
+                     for n, v in t_stats.items() if n in f_stats]
         results.append(StepResult(k, float(t_loss), float(f_loss), scalars, updates, stats))
 
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,

@@ -16,13 +16,29 @@ from dataclasses import replace
 import numpy as np
 
 from parity.compare import Comparison, compare
-from parity.tolerances import GRAD, TRAIN_NOISE_FLOORS, Tolerance, noise_floor
+from parity.tolerances import GRAD, TRAIN_NOISE_FLOORS, Tolerance, forward_noise_floor, noise_floor
 from parity.training.optim import OptimizerSpec
 
 
 def loss_gradient_floor(dtype: str, out_cotangent_norm: float, input_norm: float) -> float:
     """Noise floor of one step's parameter gradients: ||dL/d output|| and ||batch|| (float leaves)."""
     return noise_floor(dtype, GRAD, out_cotangent_norm, input_norm)
+
+
+def stats_floors(dtype: str, stats: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Noise floor of each BatchNorm running statistic ("<path>.running_mean" / "...running_var",
+    torch's values), from the statistics' own scale (TRAIN_NOISE_FLOORS["stats"])."""
+    factor = TRAIN_NOISE_FLOORS["stats"].factor
+    out = {}
+    for name, value in stats.items():
+        path, kind = name.rsplit(".", 1)
+        mean, var = stats.get(f"{path}.running_mean"), stats.get(f"{path}.running_var")
+        if mean is None or var is None:
+            continue
+        second = np.abs(var) + np.square(mean)  # E[x^2] per channel: the size of what was averaged
+        scale = np.sqrt(second) if kind == "running_mean" else second
+        out[name] = factor * forward_noise_floor(dtype, float(np.linalg.norm(scale)))
+    return out
 
 
 def adam_step_bound(b1: float, b2: float, k: int) -> float:
