@@ -15,7 +15,7 @@ from parity.tolerances import GRAD, NOISE_FLOORS, TRAIN_NOISE_FLOORS
 from parity.training import OptimizerSpec, train_check
 from parity.training.noise import adam_step_bound
 
-STEPS = 4
+STEPS = 3
 ADAM = OptimizerSpec("adam", lr=1e-2)
 NOISY = "steps noise"  # the note an update with noise entries carries
 
@@ -38,11 +38,14 @@ def _noisy(report, param):
     return [c for s in report.steps for c in s.updates if c.name == f"update {param}" and NOISY in c.note]
 
 
-CASES = [("mha", "adam"), ("mha", "adamw"), ("mha", "sgd-momentum"), ("single-head", "adam")]
+# (pair, optimizer, dtype). AdamW and SGD in float32 only: the larger floor, the harder case for
+# "still catches a real error", and each case costs a compile of its training step.
+CASES = [("mha", "adam", "float64"), ("mha", "adam", "float32"), ("mha", "adamw", "float32"),
+         ("mha", "sgd-momentum", "float32"), ("single-head", "adam", "float64"),
+         ("single-head", "adam", "float32")]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("pair,optimizer", CASES, ids=[f"{p}-{o}" for p, o in CASES])
+@pytest.mark.parametrize("pair,optimizer,dtype", CASES, ids=["-".join(c) for c in CASES])
 def test_correct_attention_twin_trains_the_same(pair, optimizer, dtype):
     spec = OptimizerSpec(optimizer, lr=1e-2 if optimizer.startswith("adam") else 0.05)
     report = (_mha if pair == "mha" else _single_head)(dtype, spec)
@@ -75,9 +78,9 @@ def test_without_the_adam_step_allowance_the_noise_entries_fail(monkeypatch):
     assert "update attn.in_proj_bias" in [c.name for c in report.first_failure.updates if not c.ok]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_a_backward_only_bug_in_the_attention_branch_still_fails(dtype):
-    report = _mha(dtype, flax_module=tp.FlaxAttentionClassifierMirroredGrad())
+def test_a_backward_only_bug_in_the_attention_branch_still_fails():
+    # float32: the larger floor; the bug changes every attention gradient, not only noise entries.
+    report = _mha("float32", flax_module=tp.FlaxAttentionClassifierMirroredGrad())
     assert not report.ok and report.first_failure.step == 1
     bad = [c.name for c in report.steps[0].updates if not c.ok]
     assert "update attn.in_proj_weight" in bad and "update head.weight" not in bad
@@ -133,9 +136,8 @@ def test_without_the_stats_floor_the_running_mean_fails(monkeypatch):
     assert [c.name for c in report.steps[0].stats if not c.ok] == ["bn2.running_mean"]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_a_momentum_mistake_on_the_noise_layer_still_fails(dtype):
+def test_a_momentum_mistake_on_the_noise_layer_still_fails():
     # torch's momentum (0.1) passed as Flax's: bn2's running_var is wrong from step 1.
-    report = _double_norm(dtype, tp.FlaxDoubleNorm(bn2_momentum=0.1))
+    report = _double_norm("float32", tp.FlaxDoubleNorm(bn2_momentum=0.1))
     assert not report.ok and report.first_failure.step == 1
     assert "bn2.running_var" in [c.name for c in report.steps[0].stats if not c.ok]
