@@ -17,7 +17,7 @@ import planted
 import verdict_pairs as vp
 from parity.cli import main
 from parity.commands.check import _summary_line
-from parity.tolerances import FORWARD, GRAD, NOISE_FLOORS, TOLERANCES, noise_floor
+from parity.tolerances import FORWARD, GRAD, NOISE_FLOORS, TOLERANCES, forward_noise_floor, noise_floor
 from weight_port import build_plan
 
 TESTS = Path(__file__).parent
@@ -60,6 +60,9 @@ def test_the_floor_is_in_the_table_and_scales_with_the_norms():
     assert noise_floor("float32", GRAD, 3.0, 1.0) == pytest.approx(3 * base)
     assert noise_floor("float32", GRAD, 1.0, 5.0) == pytest.approx(5 * base)
     assert noise_floor("float64", GRAD, 1.0, 1.0) < base
+    # An output's floor: the same formula without a cotangent, scaling with its inputs' norm.
+    assert forward_noise_floor("float32", 5.0) == pytest.approx(5 * forward_noise_floor("float32", 1.0))
+    assert forward_noise_floor("float32", 0.1) == forward_noise_floor("float32", 1.0)  # max(., 1)
 
 
 def _perturbed_variables(torch_model, flax_model, x, name: str, relative: float):
