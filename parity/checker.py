@@ -27,7 +27,7 @@ from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_a
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
-from parity.tolerances import FORWARD, GRAD, REFERENCE, noise_floor, tolerance_for
+from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 
@@ -164,7 +164,7 @@ def _align(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str] | No
 def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:
     out = []
     for path, f in (run.flax.outputs.items() if run.flax else ()):
-        if np.issubdtype(f.dtype, np.floating) and f.dtype.name != dname:
+        if jnp.issubdtype(f.dtype, jnp.floating) and f.dtype.name != dname:
             out.append(f"Flax {path} is {f.dtype.name} but the check runs in {dname}: the Flax "
                        "module computes at a different precision (its dtype/param_dtype?)")
     if user_variables:
@@ -416,6 +416,11 @@ def param_grad_floors(calls, dname: str) -> dict[str, float]:
     return floors
 
 
+def model_forward_floor(run: _Run, dname: str) -> float:
+    """Noise floor of the model's outputs: from the norm of the model's inputs."""
+    return forward_noise_floor(dname, _norm(jax.tree_util.tree_leaves(run.torch_args)))
+
+
 def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
                  grads: bool) -> None:
     """Fill the report's output, input-gradient and parameter-gradient comparisons."""
@@ -423,8 +428,11 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
     # Per-parameter floors where the per-layer capture ran (the reference run's, in reference
     # mode: the same magnitudes); the model-wide floor is the fallback (layers=False, tied names).
     p_floors = param_grad_floors((ref or run).torch.calls, dname) if grads else {}
+    out_floor = model_forward_floor(run, dname)
     if ref is None:
         fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
+        if rtol is None and atol is None:  # a per-call override is the whole criterion (its atol
+            fwd = fwd.with_floor(out_floor)  # is the absolute part the caller chose)
         grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
 
         def judge(kind, nm, f, t, layout, ref_value, fl):
@@ -434,7 +442,7 @@ def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: 
 
         def judge(kind, nm, f, t, layout, ref_value, fl):
             return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout,
-                                        floor=fl if kind == GRAD else 0.0)
+                                        floor=fl if kind == GRAD else out_floor)
 
     def safe(kind, nm, f, t, layout, ref_value, fl=floor):
         try:

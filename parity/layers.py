@@ -30,7 +30,7 @@ from flax import traverse_util
 from parity.compare import Comparison, compare, failed_comparison, worst_of
 from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
 from parity.runtime.layouts import resolve
-from parity.tolerances import GRAD, Tolerance, noise_floor
+from parity.tolerances import GRAD, Tolerance, forward_noise_floor, noise_floor
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
 from weight_port.plan import PortPlan
@@ -243,8 +243,9 @@ def analyze_layers(
     activation layouts of the torch calls. grads=False skips the backward columns. param_grads:
     torch's parameter gradients of the same run. root: the top module's isolated (forward,
     backward) verdicts, which *are* the whole-model check, so the top module is not rerun.
-    dtype: the run's dtype name; the isolated gradients then get the noise floor of
-    parity.tolerances.NOISE_FLOORS from the layer's input and output-cotangent norms.
+    dtype: the run's dtype name; the layer's outputs (isolated and accumulated) then get the
+    forward noise floor of parity.tolerances.NOISE_FLOORS from the norm of torch's inputs to the
+    layer, and its isolated gradients the gradient floor from that and its output cotangent's.
     """
     say = progress or (lambda msg: None)
     # Backward order: a module's backward finishes after its children's, and later modules'
@@ -277,7 +278,10 @@ def analyze_layers(
                 row.notes.append(f"{p}: {why}; not compared")
             else:
                 out_layouts[p] = lay
-        row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, forward_tol)
+        fwd_tol = forward_tol
+        if dtype is not None:  # the floor of an activation is set by what went into its layer
+            fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, _norm(_floats(tc.input_values))))
+        row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, fwd_tol)
         t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
         f_g = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
         if grads and t_g and set(t_g) <= set(f_g):
@@ -297,16 +301,23 @@ def analyze_layers(
         if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             continue
-        tol = grad_tol
-        if dtype is not None and job.cots is not None:
-            tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()),
-                                                  _norm(job.arrays[n] for n in job.float_names)))
-        _judge(job, result, plan, zero_params, param_grads, tied, forward_tol, tol)
+        tol, fwd_tol = grad_tol, forward_tol
+        if dtype is not None:
+            in_norm = _norm(job.arrays[n] for n in job.float_names)
+            fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, in_norm))
+            if job.cots is not None:
+                tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()), in_norm))
+        _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol)
     return rows
 
 
 def _norm(arrays) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in arrays)))
+
+
+def _floats(values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The floating-point leaves (token ids and masks carry no rounding)."""
+    return [v for v in values.values() if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)]
 
 
 @dataclass
@@ -359,7 +370,7 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
         # mask in torch, the raw integer mask in Flax): running the Flax layer on torch's would
         # blame it for a difference it does not have.
         if f_shape is not None and (tuple(x.shape) != tuple(f_shape) or
-                                    np.issubdtype(x.dtype, np.floating) != jnp.issubdtype(f_inputs[fn].dtype, jnp.floating)):
+                                    jnp.issubdtype(x.dtype, jnp.floating) != jnp.issubdtype(f_inputs[fn].dtype, jnp.floating)):
             row.notes.append(f"input {tn}: torch gives {tuple(t.shape)} {t.dtype}, the Flax layer takes "
                              f"{tuple(f_shape)} {np.dtype(f_inputs[fn].dtype)}; not run alone")
             return None

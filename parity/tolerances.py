@@ -167,7 +167,8 @@ class NoiseFloor:
     output (a parameter gradient is cot^T x; a bias gradient is a sum of cot): its rounding error
     is a few eps times the product of those norms however small the gradient itself is (a
     gradient that cancels to zero in exact arithmetic keeps that noise). The max(., 1) keeps the
-    floor of a bias-like term, whose product has no input factor.
+    floor of a bias-like term, whose product has no input factor. A forward value has no
+    cotangent: its floor is the same formula with cotangent_norm = 1 (forward_noise_floor).
     """
 
     factor: float
@@ -178,6 +179,21 @@ class NoiseFloor:
 
 
 NOISE_FLOORS: dict[str, NoiseFloor] = {
+    FORWARD: NoiseFloor(
+        factor=16.0,
+        reason="an output (or a layer's activation) that cancels to zero in exact arithmetic "
+        "(x - mean(x) over equal features, a residual branch cancelling its input) keeps the "
+        "rounding of the values that cancelled: a few eps times their size, produced differently "
+        "by each framework, so its rel_norm is a ratio of two noises. The size is the norm of what "
+        "goes in: the layer's own inputs per layer (the local scale), the model's inputs for the "
+        "model's outputs. Measured on the centring twin of tests/verdict_pairs.py (equal features "
+        "cancelled): ||flax - torch|| / (eps ||input||) is 0.34 (float64) and 0.04 (float32) for "
+        "the model output, 0.06 for the centring layer alone, i.e. <= 0.021 of the floor: 16 "
+        "leaves ~50x headroom for deeper chains and for weights that grow the input before it "
+        "cancels. What the floor could hide is an error under "
+        "16 eps ||input||: 3.6e-15 ||x|| in float64, 1.9e-6 ||x|| in float32, three orders under a "
+        "1e-3 relative error of any output not 1000x smaller than its input",
+    ),
     GRAD: NoiseFloor(
         factor=16.0,
         reason="per layer, the norms are that layer's input and output cotangent (torch's, in the "
@@ -196,6 +212,11 @@ def noise_floor(dtype: str, kind: str, cotangent_norm: float, input_norm: float)
     """The absolute floor of a ``kind`` comparison in ``dtype`` (0.0 where the table has none)."""
     rule = NOISE_FLOORS.get(kind)
     return rule.of(dtype, cotangent_norm, input_norm) if rule else 0.0
+
+
+def forward_noise_floor(dtype: str, input_norm: float) -> float:
+    """The absolute floor of an output or activation made from inputs of norm ``input_norm``."""
+    return noise_floor(dtype, FORWARD, 1.0, input_norm)
 
 
 def tolerance_for(dtype: str, kind: str, precision: str = "highest") -> Tolerance:
@@ -278,3 +299,52 @@ def train_tolerance(dtype: str, kind: str, step: int, precision: str = "highest"
         known = ", ".join("/".join(k) for k in TRAIN_TOLERANCES)
         raise KeyError(f"no training tolerance for {'/'.join(key)}; known: {known}")
     return TRAIN_TOLERANCES[key].at(step)
+
+
+# --- Training noise floors (parity.training.noise) -----------------------------------------------
+# Each step's loss gradient gets the gradient floor above (NOISE_FLOORS[GRAD]) from the norms of
+# the loss's cotangent at the model output (dL/dout) and of the batch. What that noise does to an
+# update depends on the optimizer, so the update comparison gets the optimizer's floor below;
+# BatchNorm running statistics get the forward floor, from their own scale ("stats").
+@dataclass(frozen=True)
+class TrainNoise:
+    factor: float
+    reason: str
+
+
+TRAIN_NOISE_FLOORS: dict[str, TrainNoise] = {
+    # SGD, momentum, nesterov (and coupled weight decay, whose wd * p is the same on both sides).
+    "linear": TrainNoise(
+        factor=1.0,
+        reason="the update is linear in the gradients: -lr * (momentum buffer), the buffer a sum of "
+        "mu^j-weighted gradients, so its noise is lr times the gradient floors accumulated the same "
+        "way (mu * n + floor, nesterov floor + mu * n): an absolute floor of the whole update tensor, "
+        "lr x the gradient floor, far under any real update (lr |g| with |g| >> floor)",
+    ),
+    # Adam, AdamW.
+    "adam": TrainNoise(
+        factor=2.0,
+        reason="Adam divides m by sqrt(v): an entry whose first moment is within its noise (|m| <= "
+        "the gradient floors accumulated as m is, b1 * n + (1 - b1) * floor: a key bias of softmax "
+        "attention, zero by shift invariance) gets a step of rounding noise normalised to up to "
+        "lr * A_k (A_k = max |m_hat| / sqrt(v_hat) after k steps, 1 at step 1, by Cauchy-Schwarz), "
+        "or lr * n_hat / eps when eps dominates sqrt(v_hat): a step each framework draws "
+        "differently. Such entries are judged by |d| <= factor x that step (one per side), plus "
+        "lr * wd * |p_flax - p_torch| for AdamW's decay of parameters that already drifted so; "
+        "the other entries keep the table's relative bound. Steps of noise do not feed back when "
+        "the entry is zero in theory for a reason (shift invariance): the loss and other updates "
+        "stay judged by the table",
+    ),
+    "stats": TrainNoise(
+        factor=1.0,
+        reason="a running mean is an average of batch means; a batch mean of centred values (a "
+        "BatchNorm after a BatchNorm, or after any per-channel centring) is zero in exact arithmetic "
+        "and rounding noise of the size of the values averaged, whose scale the statistics "
+        "themselves give: running_mean gets factor x the forward floor (NOISE_FLOORS[FORWARD]) of "
+        "||sqrt(running_var + running_mean^2)|| (the channels' RMS), running_var that of "
+        "||running_var + running_mean^2|| (a variance is in squared units). Measured on "
+        "tests/train_pairs.py's BatchNorm-after-BatchNorm twin: ||flax - torch|| of the noise "
+        "running_mean is <= 0.025 (float64) and 0.019 (float32) of this floor over 4 steps; a momentum or variance convention mistake moves the "
+        "statistics by >= 1e-3 relative, far above it",
+    ),
+}

@@ -1,10 +1,12 @@
-"""A gradient noise floor that scales with the magnitudes that make the gradient, and the
-float32 table kept sharp: small real errors and cotangent-only bugs must FAIL (issue 10, item 1)."""
+"""Noise floors that scale with the magnitudes that make a gradient or an output, and the float32
+table kept sharp: small real errors and cotangent-only bugs must FAIL (issue 10, item 1)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -15,16 +17,18 @@ import planted
 import verdict_pairs as vp
 from parity.cli import main
 from parity.commands.check import _summary_line
-from parity.tolerances import GRAD, NOISE_FLOORS, TOLERANCES, noise_floor
+from parity.tolerances import FORWARD, GRAD, NOISE_FLOORS, TOLERANCES, forward_noise_floor, noise_floor
 from weight_port import build_plan
 
 TESTS = Path(__file__).parent
 ATTN_X = vp.attention_input(np.random.default_rng(0))
 UNIT_X = np.random.default_rng(1).standard_normal((3, 8))
+CENTERED_X = vp.centered_input(np.random.default_rng(2))
+MODES = pytest.mark.parametrize("dtype,reference", [("float64", None), ("float32", None), ("float32", "float64")],
+                                ids=["float64", "float32", "float32-fp64-reference"])
 
 
-@pytest.mark.parametrize("dtype,reference", [("float64", None), ("float32", None), ("float32", "float64")],
-                         ids=["float64", "float32", "float32-fp64-reference"])
+@MODES
 def test_correct_attention_twin_passes_with_its_zero_key_bias_gradient(dtype, reference):
     r = parity.check(vp.make_torch_attention(), vp.make_flax_attention(), ATTN_X, input_layout="as_is",
                      dtype=dtype, reference=reference)
@@ -50,12 +54,15 @@ def test_cli_float64_attention_passes_and_shows_no_noise_ratio(monkeypatch, caps
 
 
 def test_the_floor_is_in_the_table_and_scales_with_the_norms():
-    assert NOISE_FLOORS[GRAD].reason
+    assert NOISE_FLOORS[GRAD].reason and NOISE_FLOORS[FORWARD].reason
     assert all(t.abs_norm is None for t in TOLERANCES.values())  # no fixed floor left in the table
     base = noise_floor("float32", GRAD, 1.0, 1.0)
     assert noise_floor("float32", GRAD, 3.0, 1.0) == pytest.approx(3 * base)
     assert noise_floor("float32", GRAD, 1.0, 5.0) == pytest.approx(5 * base)
     assert noise_floor("float64", GRAD, 1.0, 1.0) < base
+    # An output's floor: the same formula without a cotangent, scaling with its inputs' norm.
+    assert forward_noise_floor("float32", 5.0) == pytest.approx(5 * forward_noise_floor("float32", 1.0))
+    assert forward_noise_floor("float32", 0.1) == forward_noise_floor("float32", 1.0)  # max(., 1)
 
 
 def _perturbed_variables(torch_model, flax_model, x, name: str, relative: float):
@@ -94,3 +101,51 @@ def test_a_sign_flipped_cotangent_branch_only_a_random_cotangent_exposes(monkeyp
     monkeypatch.setattr(torch_runner, "random_cotangents",
                         lambda outputs, seed: {p: np.ones(o.shape) for p, o in outputs.items()})
     assert parity.check(tm, fm, UNIT_X, input_layout="as_is", dtype="float32").ok
+
+
+# --- the forward floor: an output that is zero in exact arithmetic -----------------------------
+def _centered(dtype, reference, variables=None):
+    return parity.check(vp.make_torch_centered(), vp.make_flax_centered(), CENTERED_X, input_layout="as_is",
+                        dtype=dtype, reference=reference, variables=variables)
+
+
+@MODES
+def test_correct_twin_with_a_zero_in_theory_output_passes(dtype, reference):
+    r = _centered(dtype, reference)
+    assert r.ok, str(r)
+    # Both sides return rounding noise: below the floor, so its noise ratio is not an error...
+    (out,) = r.outputs
+    assert out.below_floor and out.ok and out.max_abs > 0
+    # ... in the per-layer rows too (the centring layer alone on torch's features), and the
+    # summary's output rel column says so instead of showing the ratio of two noises.
+    center = r.layer("center")
+    assert center.isolated.below_floor and center.isolated.ok and center.accumulated.below_floor
+    assert _summary_line(r, 0.0).split()[4] == "<floor"
+    assert "<floor" in str(r).splitlines()[2]
+
+
+@pytest.mark.parametrize("dtype,reference", [("float64", None), ("float32", "float64")],
+                         ids=["float64", "float32-fp64-reference"])
+def test_without_the_forward_floor_the_correct_twin_fails(monkeypatch, dtype, reference):
+    # What the floor is for: with factor 0, the noise-vs-noise output is a false FAIL, located
+    # at the layer whose output cancels. (float32 alone passes anyway, through the table's atol.)
+    monkeypatch.setitem(NOISE_FLOORS, FORWARD, replace(NOISE_FLOORS[FORWARD], factor=0.0))
+    r = _centered(dtype, reference)
+    assert r.verdict == "FAIL"
+    assert (r.first_divergence, r.divergence_kind) == ("center", "forward")
+
+
+@MODES
+def test_a_real_error_in_a_zero_in_theory_output_still_fails(dtype, reference):
+    # One row of fc.weight off by a relative 1e-3: the features no longer cancel, and the
+    # output differs by ~1e-3 |h|, far above a floor of 16 eps ||x||.
+    variables = _perturbed_variables(vp.make_torch_centered(), vp.make_flax_centered(), CENTERED_X,
+                                     "fc.weight", 0.0)
+    wrong = jax.tree_util.tree_map(np.array, variables)
+    wrong["params"]["fc"]["kernel"][:, 0] *= 1.0 + 1e-3  # Flax kernel [in, out]: output feature 0
+    r = _centered(dtype, reference, wrong)
+    assert r.verdict == "FAIL"
+    (out,) = r.outputs
+    # torch's output is still noise (below its floor): the Flax side's error is what fails.
+    assert not out.ok and out.max_abs > out.floor
+    assert (r.first_divergence, r.divergence_kind) == ("fc", "forward")

@@ -119,3 +119,59 @@ def large_block_input() -> np.ndarray:
     # Activations of variance ~30: LayerNorm eps 1e-6 vs 1e-5 changes outputs by ~1e-7 relative,
     # below float32's tolerance, so only the port's finding reveals it.
     return 10.0 * np.random.default_rng(0).standard_normal((3, 8))
+
+
+# --- an output that is zero in exact arithmetic: features centred after a Linear with equal rows --
+class TorchCenter(torch.nn.Module):
+    """[N, F] -> x - mean over F: a parameter-free layer (its own module, so it gets a layer row)."""
+
+    def forward(self, x):
+        return x - x.mean(dim=-1, keepdim=True)
+
+
+class TorchCentered(torch.nn.Module):
+    """[N, 8] -> Linear(8, 6) -> centred over features -> [N, 6], zero in exact arithmetic.
+
+    Every row of fc.weight (and every entry of fc.bias) is the same, so the 6 features of a sample
+    are equal and centring cancels them: both frameworks return rounding noise of the size of the
+    features (|h| eps), and the input gradient W^T (cot - mean(cot)) is zero in theory too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 6)
+        self.center = TorchCenter()
+        with torch.no_grad():
+            self.fc.weight.copy_(self.fc.weight[:1].expand(6, 8))
+            self.fc.bias.fill_(float(self.fc.bias[0]))
+
+    def forward(self, x):
+        return self.center(self.fc(x))
+
+
+class FlaxCenter(nn.Module):
+    def __call__(self, x):
+        return x - jnp.mean(x, axis=-1, keepdims=True)
+
+
+class FlaxCentered(nn.Module):
+    def setup(self) -> None:
+        self.fc = nn.Dense(6)
+        self.center = FlaxCenter()
+
+    def __call__(self, x):
+        return self.center(self.fc(x))
+
+
+def make_torch_centered() -> TorchCentered:
+    torch.manual_seed(0)
+    return TorchCentered()
+
+
+def make_flax_centered() -> FlaxCentered:
+    return FlaxCentered()
+
+
+def centered_input(rng: np.random.Generator) -> np.ndarray:
+    # 10x the unit scale, so the cancelled features (and their rounding noise) are not tiny.
+    return 10.0 * rng.standard_normal((5, 8))

@@ -177,7 +177,6 @@ _MODEL_W = 24  # the longest registry name (unet-same-convtranspose) fits
 
 def _summary_line(r, seconds: float) -> str:
     """One row of the table, then one indented line per warning of the port and the checker."""
-    out = r.worst(r.outputs)
     where = f"  first divergence: {r.first_divergence} ({r.divergence_kind})" if r.first_divergence else ""
     bad = ", ".join(c.name for c in r.outputs + r.grads if not c.ok)
     verdict = r.verdict
@@ -188,10 +187,14 @@ def _summary_line(r, seconds: float) -> str:
     # Maxima over every gradient (input and each parameter), each column on its own. The rel
     # column leaves out gradients whose torch norm is below their noise floor (zero in exact
     # arithmetic): their rel_norm is a ratio of two rounding noises, not an error.
+    # The output columns likewise (an output zero in exact arithmetic is noise on both sides).
     rels = [c.rel_norm for c in r.grads if not c.below_floor]
-    gmax = (f"{max(c.max_abs for c in r.grads):12.2e} " + (f"{max(rels):9.2e}" if rels else f"{'-':>9}")
+    gmax = (f"{max(c.max_abs for c in r.grads):12.2e} " + (f"{max(rels):9.2e}" if rels else f"{'<floor':>9}")
             if r.grads else f"{'-':>12} {'-':>9}")
-    lines = [f"{r.model[:_MODEL_W]:<{_MODEL_W}} {r.dtype:<8} {r.mode:<5} {out.max_abs:11.2e} {out.rel_norm:9.2e} "
+    out_rels = [c.rel_norm for c in r.outputs if not c.below_floor]
+    omax = (f"{max(c.max_abs for c in r.outputs):11.2e} " + (f"{max(out_rels):9.2e}" if out_rels else f"{'<floor':>9}")
+            if r.outputs else f"{'-':>11} {'-':>9}")
+    lines = [f"{r.model[:_MODEL_W]:<{_MODEL_W}} {r.dtype:<8} {r.mode:<5} {omax} "
              f"{gmax} {seconds:5.1f}s  {verdict}{where}"]
     lines += [f"    warning: {w}" for w in r.warnings]
     return "\n".join(lines)

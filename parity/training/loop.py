@@ -24,6 +24,7 @@ from parity.compare import Comparison, compare
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
 from parity.training.bn_audit import BNFinding, audit_batch_norms
+from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_optimizer,
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
 from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
@@ -79,7 +80,9 @@ class StepResult:
         return all(c.ok for c in self.comparisons)
 
     def worst(self, comps: list[Comparison]) -> Comparison | None:
-        return max(comps, key=lambda c: (not c.ok, c.rel_norm), default=None)
+        """Failures first, then the largest real relative error: a tensor below its noise floor
+        (zero in exact arithmetic) comes last, its rel_norm being a ratio of two noises."""
+        return max(comps, key=lambda c: (not c.ok, not c.below_floor, c.rel_norm), default=None)
 
     def scalar(self, name: str) -> Comparison:
         return next(c for c in self.scalars if c.name == name)
@@ -159,8 +162,8 @@ class TrainReport:
             lines.append(
                 f"  {s.step:5d} {s.torch_loss:12.6g} {s.flax_loss:12.6g} {s.scalar('loss').max_abs:9.2e} "
                 f"{s.scalar('lr').rel_norm:8.1e} {s.scalar('grad_norm').rel_norm:9.2e} "
-                f"{(f'{wu.rel_norm:9.2e} ' + wu.name.removeprefix('update ')[:20]) if wu else '':>30} "
-                f"{(f'{ws.rel_norm:9.2e}') if ws else '-':>9}  {'ok' if s.ok else 'FAIL'}")
+                f"{(_rel(wu) + ' ' + wu.name.removeprefix('update ')[:20]) if wu else '':>30} "
+                f"{_rel(ws) if ws else '-':>9}  {'ok' if s.ok else 'FAIL'}")
         if first:
             for c in first.comparisons:
                 if not c.ok:
@@ -181,6 +184,11 @@ class TrainReport:
 
 
 # --- the check ------------------------------------------------------------------------------
+def _rel(c: Comparison) -> str:
+    # An update that is all gradient noise (parity.training.noise) has no meaningful ratio.
+    return f"{'<floor':>9}" if c.below_floor else f"{c.rel_norm:9.2e}"
+
+
 def _batch(data, i: int) -> Batch:
     if callable(data):
         return data(i)
@@ -189,6 +197,23 @@ def _batch(data, i: int) -> Batch:
 
 def _torch_named(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {n: to_numpy(p.detach()).astype(np.float64) for n, p in module.named_parameters()}
+
+
+def _torch_grads(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {n: to_numpy(p.grad.detach()).astype(np.float64) if p.grad is not None else np.zeros(tuple(p.shape))
+            for n, p in module.named_parameters()}
+
+
+def _norm(tensors) -> float:
+    return float(np.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors)))
+
+
+def _grad_floor(dtype: str, out: torch.Tensor, inputs) -> float:
+    """The noise floor of this step's loss gradients (parity.tolerances.NOISE_FLOORS[GRAD])."""
+    floats = [t for t in jax.tree_util.tree_leaves(inputs)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    cot = out.grad if out.grad is not None else torch.zeros(())
+    return loss_gradient_floor(dtype, _norm([cot]), _norm(floats))
 
 
 def _bn_stats_torch(module: torch.nn.Module, bn_paths: list[str]) -> dict[str, np.ndarray]:
@@ -320,6 +345,7 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
                 plan.to_torch({collection: tree}, collections=(collection,)).items()}
 
     prec = jax_precision()
+    noise = UpdateNoise(spec)
     t_prev = _torch_named(tm)
     f_prev = named(params, "params")
     replay: list[tuple[float, dict, dict, dict]] = []  # (lr, p_prev, grads, update), Flax side
@@ -333,12 +359,15 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         yt = torch.as_tensor(y_np) if loss != "mse" else torch.as_tensor(y_np, dtype=tdtype)
         t_opt.zero_grad(set_to_none=False)
         t_out = _first_leaf(tm(*xt))
+        if t_out.requires_grad:
+            t_out.retain_grad()  # dL/d output: one factor of the gradients' noise floor
         t_loss = torch_loss(loss, t_out, yt)
         t_loss.backward()
         t_loss = t_loss.detach()
         t_gnorm = float(np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in tm.parameters()
                                     if p.grad is not None)))
         t_lr = float(t_opt.param_groups[0]["lr"])
+        noise.observe(t_lr, _grad_floor(dtype, t_out, xt), _torch_grads(tm), t_prev, f_prev)
         t_opt.step()
         if t_sched is not None:
             t_sched.step()
@@ -372,17 +401,25 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         scalars = [compare("loss", np.asarray(float(f_loss)), np.asarray(float(t_loss)), tol_s),
                    compare("lr", np.asarray(f_lr), np.asarray(t_lr), tol_s),
                    compare("grad_norm", np.asarray(float(f_gnorm)), np.asarray(t_gnorm), tol_s)]
-        updates = [compare(f"update {n}", f_upd[n], t_upd[n], tol_u) for n in t_upd]
+        updates = [noise.compare(f"update {n}", n, f_upd[n], t_upd[n], tol_u) for n in t_upd]
         stats = []
         if bn_paths:
             f_stats = named(bstats["batch_stats"], "batch_stats") if has_bs else {}
             t_stats = _bn_stats_torch(tm, bn_paths)
-            stats = [compare(n, f_stats[n], v, tol_b) for n, v in t_stats.items() if n in f_stats]
+            floors = stats_floors(dtype, t_stats)
+            stats = [compare(n, f_stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
+                     for n, v in t_stats.items() if n in f_stats]
         results.append(StepResult(k, float(t_loss), float(f_loss), scalars, updates, stats))
 
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
                          conventions=conventions(spec), notes=notes, env=numerics_env(),
                          torch_module=tm, flax_variables={"params": params, **bstats})
+    noisy = sorted({c.name.removeprefix("update ") for r in results for c in r.updates if "steps noise" in c.note})
+    if noisy:
+        report.notes.append(f"gradient noise: entries of {', '.join(noisy)[:200]} have gradients under the noise "
+                            f"floor (zero in exact arithmetic, e.g. a softmax key bias); {spec.name} turns that "
+                            "noise into steps each framework draws differently, judged by the largest such step "
+                            "(parity.tolerances.TRAIN_NOISE_FLOORS)")
     report.findings += _bn_drift(bn_findings, results)
     if not report.ok:
         report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
