@@ -4,8 +4,9 @@
   the interpolation kernel by the down-sampling factor, so it only changes anything when an axis
   gets smaller; when up-sampling the kernel scale is max(1, in/out) = 1 on both sides and they
   agree, so no finding is made there (named with the sizes when it down-samples).
-- method: torch mode vs jax method (nearest / linear / cubic); torch bicubic's coefficient
-  a=-0.75 vs jax cubic's a=-0.5; torch 'nearest' (source index floor(i * in/out)) vs jax nearest
+- method: torch mode vs jax method (nearest / linear / cubic); the cubic coefficient (torch
+  bicubic a=-0.75 without antialias, -0.5 with it; jax 'cubic' -0.5, 'cubic-pytorch' -0.75
+  unless antialiased); torch 'nearest' (source index floor(i * in/out)) vs jax nearest
   (floor((i + 0.5) * in/out), torch's 'nearest-exact'), named only for the sizes where the two
   pick different pixels.
 - align_corners=True: jax.image.resize has none (it always samples at half-pixel centres, which
@@ -24,8 +25,7 @@ from weight_port.naming import flax_path_str
 
 _TORCH_METHOD = {"nearest": "nearest", "nearest-exact": "nearest", "linear": "linear", "bilinear": "linear",
                  "trilinear": "linear", "bicubic": "cubic", "area": "area"}
-_JAX_METHOD = {"bilinear": "linear", "trilinear": "linear", "triangle": "linear", "bicubic": "cubic",
-               "lanczos3": "lanczos3", "lanczos5": "lanczos5"}
+_JAX_METHOD = {"cubic_pytorch": "cubic"}  # one family for the mode check; coefficients below
 
 
 def _torch_resizes(torch_module, calls: list[TorchCall], nnx: bool) -> list[tuple]:
@@ -36,6 +36,12 @@ def _torch_resizes(torch_module, calls: list[TorchCall], nnx: bool) -> list[tupl
              bool(c.kwargs.get("align_corners")), bool(c.kwargs.get("antialias")), guess_flax_path(c.path, nnx))
             for c in calls if c.op == "interpolate"]
     return out
+
+
+def _cubic_a(method: str, antialias: bool) -> float:
+    """jax's cubic coefficient: Keys a=-0.5, except 'cubic-pytorch' without antialias (OpenCV's
+    and torch's a=-0.75; with antialias jax runs it as plain 'cubic')."""
+    return -0.75 if method == "cubic_pytorch" and not antialias else -0.5
 
 
 def _nearest_differs(n_in: int, n_out: int) -> bool:
@@ -58,9 +64,11 @@ def resize_findings(torch_module, trace: FlaxTrace, calls: list[TorchCall], nnx:
             out.append(Finding("resize-method", where, fw, f"torch mode={mode!r}, Flax jax.image.resize "
                                f"method={r.method!r}"))
             continue
-        if f_m == "cubic":
-            out.append(Finding("resize-method", where, fw, "torch bicubic uses the cubic coefficient a=-0.75, "
-                               "jax.image.resize 'cubic' a=-0.5 (Keys): they differ off the input grid"))
+        if f_m == "cubic" and _cubic_a(r.method, r.antialias) != (-0.5 if t_aa else -0.75):
+            out.append(Finding("resize-method", where, fw, f"torch bicubic (antialias={t_aa}) uses the cubic "
+                               f"coefficient a={-0.5 if t_aa else -0.75}, jax.image.resize method={r.method!r} "
+                               f"(antialias={r.antialias}) a={_cubic_a(r.method, r.antialias)}: they differ off "
+                               "the input grid (jax's 'cubic-pytorch' without antialias is torch's a=-0.75)"))
         if mode == "nearest":
             bad = [(a, b) for _, a, b in axes if _nearest_differs(a, b)]
             if bad:

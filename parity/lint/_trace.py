@@ -41,7 +41,7 @@ class ResizeCall:
     scope: tuple[str, ...]
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    method: str
+    method: str  # jax.image.ResizeMethod's name, lower case: "linear", "cubic_pytorch", ...
     antialias: bool
 
 
@@ -154,8 +154,9 @@ def _recording_resize(calls: list[ResizeCall], nnx: bool):
 
     def resize(image, shape, method, antialias=True, precision=jax.lax.Precision.HIGHEST):
         stack = str(source_info_util.current_name_stack())
-        calls.append(ResizeCall(_scope(stack, nnx), tuple(image.shape), tuple(shape),
-                                str(getattr(method, "name", method)).lower(), bool(antialias)))
+        name = (method if isinstance(method, jax.image.ResizeMethod)
+                else jax.image.ResizeMethod.from_string(method)).name.lower()
+        calls.append(ResizeCall(_scope(stack, nnx), tuple(image.shape), tuple(shape), name, bool(antialias)))
         return original(image, shape, method, antialias=antialias, precision=precision)
 
     jax.image.resize = resize
