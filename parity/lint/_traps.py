@@ -190,7 +190,8 @@ def pool_pad_findings(torch_module, trace: FlaxTrace, nnx: bool) -> list[Finding
     for (where, m, _), (e, f_counts) in pair_by_scope(torch_pools, _flax_avg_pools(trace)):
         if bool(m.count_include_pad) == f_counts:
             continue
-        window = " x ".join(map(str, _tuple(m.kernel_size)))
+        k = _tuple(m.kernel_size)
+        window = " x ".join(map(str, k * (len(e.params["window_dimensions"]) - 2) if len(k) == 1 else k))
         word = lambda counts: "the full window" if counts else "the real elements"  # noqa: E731
         out.append(Finding("pool-count-include-pad", where, flax_path_str(e.scope) + " (inline avg_pool)",
                            f"torch {type(m).__name__}(padding={m.padding}) count_include_pad={m.count_include_pad} "
