@@ -113,5 +113,6 @@ def test_flax_to_torch_refuses_a_tensor_of_the_wrong_torch_shape():
             return nn.Dense(self.features, name="fc")(x)
 
     wide = Twin(6).init(jax.random.key(0), np.zeros((1, 3), np.float32))
-    with pytest.raises(wp.ShapeMismatchError, match=r"flax -> torch: .*torch fc.weight: \(6, 3\) from flax, \(5, 3\) in torch"):
+    shapes = r"flax -> torch: .*torch fc.weight: \(6, 3\) from flax, \(5, 3\) in torch"
+    with pytest.raises(wp.ShapeMismatchError, match=shapes):
         wp.flax_to_torch(wide, Torch(), Twin(), torch.zeros(1, 3), input_layout="as_is")

@@ -108,9 +108,9 @@ def _torch_attention(torch_module, plan, calls: list[TorchCall], nnx: bool) -> l
     for c in calls:
         if c.op == "sdpa":
             scale = c.kwargs.get("scale")
+            origin = "scaled_dot_product_attention's default" if scale is None else "its scale="
             out.append((f"{tpath(c.path)} (inline scaled_dot_product_attention)",
-                        None if scale is None else float(scale),
-                        "scaled_dot_product_attention's default" if scale is None else "scale=", guess_flax_path(c.path, nnx)))
+                        None if scale is None else float(scale), origin, guess_flax_path(c.path, nnx)))
         elif c.op == "attention":
             out.append((f"{tpath(c.path)} (inline softmax attention)", c.kwargs["scale"],
                         "constants before its softmax", guess_flax_path(c.path, nnx)))

@@ -70,11 +70,11 @@ def resize_findings(torch_module, trace: FlaxTrace, calls: list[TorchCall], nnx:
                                f"(antialias={r.antialias}) a={_cubic_a(r.method, r.antialias)}: they differ off "
                                "the input grid (jax's 'cubic-pytorch' without antialias is torch's a=-0.75)"))
         if mode == "nearest":
-            bad = [(a, b) for _, a, b in axes if _nearest_differs(a, b)]
+            bad = ", ".join(f"{a} -> {b}" for _, a, b in axes if _nearest_differs(a, b))
             if bad:
                 out.append(Finding("resize-method", where, fw, "torch mode='nearest' picks source pixel "
                                    "floor(i * in/out), jax nearest floor((i + 0.5) * in/out) (torch's "
-                                   f"'nearest-exact'): they pick different pixels at {', '.join(f'{a} -> {b}' for a, b in bad)}"))
+                                   f"'nearest-exact'): they pick different pixels at {bad}"))
         if corners and f_m in ("linear", "cubic"):
             out.append(Finding("resize-align-corners", where, fw, f"torch align_corners=True (mode={mode!r}) "
                                "maps the corner pixels onto each other; jax.image.resize has no align_corners "
