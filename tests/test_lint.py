@@ -6,6 +6,7 @@ any number is compared, and a check must carry its words as "trap:" warnings.
 from __future__ import annotations
 
 import flax.linen as nn
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -144,8 +145,9 @@ def test_pool_ceil_mode_is_named():
     assert lint_pair(Pooled(False).eval(), Twin(), x, input_layouts="NC...") == []
 
 
-def test_registry_pair_has_no_finding():
-    pair = PAIRS["cnn"]
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_registry_pair_has_no_finding(name):
+    pair = PAIRS[name]
     config = pair.config("tiny")
     torch_model, flax_model = pair.build(config)
     x = pair.example_input(config, batch=2, seed=0)

@@ -122,7 +122,8 @@ def flax_to_torch(
     read off ``variables`` and flatten order inferred from the torch graph. A transposed conv's
     kernel layout (Flax transpose_kernel=True or not; HF FlaxConv1D's [out, in]) is then read off
     the shapes; KernelLayoutError when in == out makes them alike -- pass the Flax module (or a
-    plan) for those, and for grouped transposed convs.
+    plan) for those. A grouped transposed conv has one layout (GroupedConvTranspose's
+    [*k, in/g, out]); any other kernel is refused by name (GroupedKernelLayoutError).
     """
     if is_nnx(variables):
         from weight_port.nnx import nnx_variables

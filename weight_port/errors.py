@@ -125,3 +125,19 @@ class KernelLayoutError(PortError):
             "[.., out, in] look alike) for " + ", ".join(self.entries)
             + "; pass the Flax module (flax_module=, example_input=) or a PortPlan built with it"
         )
+
+
+class GroupedKernelLayoutError(KernelLayoutError):
+    """A grouped transposed conv (torch ConvTransposeNd(groups>1)) whose Flax kernel is not in
+    weight_port.flax_layers.GroupedConvTranspose's layout [*k, in/g, out]: a Flax
+    ConvTranspose(transpose_kernel=True) has no groups, and its [*k, out, in] kernel has no
+    per-group order the port could map. Refused in both directions, whatever check_attributes says."""
+
+    def __init__(self, entries: Sequence[str]):
+        self.entries = list(entries)
+        PortError.__init__(
+            self,
+            "grouped transposed conv with a kernel layout the port cannot map: " + "; ".join(self.entries)
+            + "; a torch ConvTransposeNd(groups=g) ports to weight_port.flax_layers.GroupedConvTranspose "
+            "(kernel [*k, in/g, out], out ordered group-major as torch's)",
+        )

@@ -197,11 +197,17 @@ class PortPlan:
                 parts.setdefault(layer.torch_key(tmap.torch_name), []).append(
                     tmap.to_torch(np.asarray(flat[leaf]), layer.info))
         out = {k: p[0] if len(p) == 1 else np.concatenate(p, axis=0) for k, p in parts.items()}
+        # The torch shapes are known: a tensor the rules produced in another shape is a wrong
+        # layout, never something for load_state_dict to find later (or not, when it is reshaped).
+        want = {layer.torch_key(n): tuple(s) for layer in self.layers for n, s in layer.own_shapes.items()}
+        mismatched = [f"torch {k}: {tuple(v.shape)} from flax, {want[k]} in torch" for k, v in out.items()
+                      if k in want and tuple(v.shape) != want[k]]
         spare = [_leaf_str(k) for k in flat if k not in used and k[0] in wanted]
         missing = [with_closest(m, m.split()[1], spare, "unused flax leaf") for m in missing]
         unexpected = [f"flax {s} (no torch tensor maps to it)" for s in spare]
-        if missing or unexpected:
-            raise KeyMismatchError(missing, unexpected, context="flax -> torch")
+        if missing or unexpected or mismatched:
+            cls = KeyMismatchError if missing or unexpected else ShapeMismatchError
+            raise cls(missing, unexpected, mismatched, context="flax -> torch")
         if collections is None:
             out.update(self.dropped_defaults)
         for alias, canonical in self.tied.items():  # strict load_state_dict wants every name

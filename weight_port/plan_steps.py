@@ -12,12 +12,12 @@ from dataclasses import replace
 
 import torch
 
-from weight_port.errors import KernelLayoutError, FlattenOrderError
+from weight_port.errors import FlattenOrderError, GroupedKernelLayoutError, KernelLayoutError
 from weight_port.flatten import find_flattened_linears
 from weight_port.flax_tree import FlaxTarget
 from weight_port.naming import flax_path_str
 from weight_port.pairing import PlannedLayer
-from weight_port.rules import Rule, conv_groups, flax_rule_for
+from weight_port.rules import Rule, conv_groups, flax_rule_for, flax_transposes_kernel
 
 # torch layers whose output is channels-first (the only way a later flatten can be C-major)
 _CHANNELS_FIRST_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
@@ -100,16 +100,28 @@ def decide_flatten(
 def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> None:
     """Without a Flax module, tell a kernel stored [.., out, in] (ConvTranspose with
     transpose_kernel=True, HF FlaxConv1D) from [.., in, out] by its shape; refuse
-    (KernelLayoutError) when in == out makes them alike."""
-    alike = []
+    (KernelLayoutError) when in == out makes them alike. A grouped transposed conv has one
+    layout, [*k, in/g, out]: refuse (GroupedKernelLayoutError) any other, with or without the module."""
+    alike, grouped = [], []
     for layer in layers:
         info = layer.info
-        if (layer.rule.name not in ("conv_transpose", "conv1d") or info.flax_module is not None
-                or "weight" not in layer.own_shapes):
+        if layer.rule.name not in ("conv_transpose", "conv1d") or "weight" not in layer.own_shapes:
             continue
         leaf = target.shapes.get(("params", *info.flax_path, "kernel"))
-        if leaf is None or conv_groups(info) != 1:
-            continue  # missing leaves are reported later; grouped kernels have one layout
+        if layer.rule.name == "conv_transpose" and conv_groups(info) > 1:
+            # Grouped: one layout only, GroupedConvTranspose's [*k, in/g, out]. A Flax module that
+            # transposes its kernel itself, or (without the module) any other kernel shape, is
+            # refused by name: read as [*k, in/g, out] it would be reshaped into a wrong tensor.
+            g, (cin, cout_g) = conv_groups(info), layer.own_shapes["weight"][:2]
+            where = f"torch {info.torch_path or '<root>'} (groups={g}) -> flax {flax_path_str(info.flax_path)}"
+            if info.flax_module is not None and flax_transposes_kernel(info):
+                grouped.append(f"{where} is a ConvTranspose(transpose_kernel=True)")
+            elif leaf is not None and tuple(leaf.shape[-2:]) != (cin // g, cout_g * g):
+                grouped.append(f"{where} kernel {tuple(leaf.shape)}, expected [*k, in/g, out] = "
+                               f"[.., {cin // g}, {cout_g * g}]")
+            continue
+        if info.flax_module is not None or leaf is None:
+            continue  # the module decides; missing leaves are reported later
         cin, cout = layer.own_shapes["weight"][:2]
         io = tuple(leaf.shape[-2:])
         if cin == cout:
@@ -117,6 +129,8 @@ def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> 
                          f"(in = out = {cin})")
         elif io in ((cin, cout), (cout, cin)):
             layer.info = replace(info, transpose_kernel=io == (cout, cin))
+    if grouped:
+        raise GroupedKernelLayoutError(grouped)
     if alike:
         raise KernelLayoutError(alike)
 

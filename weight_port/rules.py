@@ -154,14 +154,14 @@ CONV = Rule(
 # With groups g, torch's in axis is g blocks of in/g, each mapping to its own out/g outputs; the
 # equivalent grouped conv (weight_port.flax_layers.GroupedConvTranspose) has kernel
 # [*k, in/g, out] with out ordered (group, out/g) -- the same group-major order torch uses.
-def _flax_transposes_kernel(layer: LayerInfo) -> bool:
+def flax_transposes_kernel(layer: LayerInfo) -> bool:
     if layer.transpose_kernel is not None:
         return layer.transpose_kernel
     return bool(getattr(layer.flax_module, "transpose_kernel", False))
 
 
 def _conv_transpose_layout(layer: LayerInfo) -> str:
-    if _flax_transposes_kernel(layer):
+    if flax_transposes_kernel(layer):
         return "[in, out, *k] -> [*k, out, in] (flax transpose_kernel=True flips itself)"
     return "[in, out/g, *k] -> [*k, in/g, out], spatially flipped"
 
@@ -177,7 +177,7 @@ def conv_groups(layer: LayerInfo) -> int:
 
 def conv_transpose_weight_to_flax(w: np.ndarray, layer: LayerInfo) -> np.ndarray:
     spatial = tuple(range(2, w.ndim))
-    if _flax_transposes_kernel(layer):
+    if flax_transposes_kernel(layer):
         return np.transpose(w, (*spatial, 1, 0))
     g = conv_groups(layer)
     if g == 1:  # a view (no copy): the materializer does the one copy
@@ -192,7 +192,7 @@ def conv_transpose_weight_to_flax(w: np.ndarray, layer: LayerInfo) -> np.ndarray
 def conv_transpose_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarray:
     n = k.ndim
     spatial = tuple(range(2, n))
-    if _flax_transposes_kernel(layer):
+    if flax_transposes_kernel(layer):
         return np.transpose(k, (n - 1, n - 2, *range(n - 2)))
     g = conv_groups(layer)
     if g == 1:
@@ -203,13 +203,6 @@ def conv_transpose_weight_to_torch(k: np.ndarray, layer: LayerInfo) -> np.ndarra
     return np.flip(w.reshape(g * cin_g, cout // g, *ks), axis=spatial)
 
 
-def _check_conv_transpose(layer: LayerInfo) -> list[str]:
-    if conv_groups(layer) > 1 and _flax_transposes_kernel(layer):
-        return [f"{layer.torch_path or '<root>'}: groups={conv_groups(layer)} with a Flax "
-                "ConvTranspose(transpose_kernel=True); use weight_port.flax_layers.GroupedConvTranspose"]
-    return []
-
-
 CONV_TRANSPOSE = Rule(
     (
         TensorMap(
@@ -218,7 +211,8 @@ CONV_TRANSPOSE = Rule(
         ),
         TensorMap("bias", "params", "bias"),
     ),
-    check=_check_conv_transpose,
+    # groups > 1 with a kernel-transposing Flax module: refused in plan_steps.decide_transpose_kernels
+    # (GroupedKernelLayoutError), in both port directions and whatever check_attributes says.
     name="conv_transpose",
 )
 

@@ -1,0 +1,96 @@
+"""A static trap lint: read the torch module and its Flax twin's jaxpr, before any number is
+compared, and name each known convention difference with both locations.
+
+Torch side: module attributes (nn.GELU(approximate=...), Dropout, ConvNd geometry, pooling,
+nn.Upsample, nn.MultiheadAttention) and inline calls (F.gelu, F.interpolate,
+F.scaled_dot_product_attention, a hand-written softmax attention) found by torch.fx, one trace
+per module with every child kept as a leaf, so an inline op is attributed to the module whose
+``forward`` called it (parity.lint._torch).
+Flax side: one ``jax.make_jaxpr`` of the twin's apply (parity.lint._trace); each equation
+carries the Flax module path that produced it -- a Linen twin's name stack, an NNX twin's
+submodule scopes opened through the engine's NNX capture -- and the ``jax.image.resize`` calls
+are recorded with their arguments.
+
+Pairing: a torch layer with parameters goes to the Flax path the weight port chose
+(``PortPlan.layers``); a parameter-free one to the naming rule (Linen 'blocks_0', NNX
+'blocks/0'), and, when the Flax op is inline (nn.gelu in a parent's ``__call__``), to the Flax
+scope sharing the longest prefix with that path.
+
+Traps read: GELU exact (erf) vs tanh approximation; conv stride / dilation / groups and padding
+('SAME' with stride > 1 against torch's symmetric padding, with the input sizes where they
+differ); dropout drawing random bits in an eval-mode check; torch pooling with ceil_mode=True
+(Flax pooling floors); average pooling count_include_pad; resize antialias (when down-sampling),
+method and align_corners (parity.lint._resize); attention logits scaled by a different constant
+(parity.lint._attention). Not read here: norm eps / momentum (the weight port's attribute check
+warns about those).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from parity.lint._attention import attention_findings
+from parity.lint._common import LINT_ERROR, Finding
+from parity.lint._resize import resize_findings
+from parity.lint._torch import inline_calls
+from parity.lint._trace import flax_trace as _flax_eqns
+from parity.lint._traps import (conv_findings, dropout_findings, gelu_findings, pool_ceil_findings,
+                                pool_pad_findings)
+
+
+def lint_pair(torch_module: torch.nn.Module, flax_module, example_input, *, input_layouts=None,
+              variables: Mapping | None = None, train: bool = False, train_kwarg: str | None = None,
+              plan=None) -> list[Finding]:
+    """Known convention traps between ``torch_module`` and its Flax twin, each with both locations.
+
+    example_input: the torch module's positional arguments in torch layout (as parity.check).
+    input_layouts: per input leaf layout, as parity.check's ``input_layout`` (default: inferred).
+    variables: Flax variables (default: ported from the torch module); plan: the weight port's
+    PortPlan when the caller already has one (pairs torch layers to Flax paths). Never raises:
+    an exception inside the lint is one Finding of kind "lint-error" naming it.
+    Cost: one jax.make_jaxpr of the twin, one torch.fx trace per non-built-in torch module.
+    """
+    try:
+        from parity.runtime import FlaxTwin, as_args, flax_inputs, torch_inputs, train_mode_matters
+        from parity.runtime import input_layouts as infer_layouts
+
+        args = torch_inputs(as_args(example_input), torch.float32, "cpu", False)
+        layouts = infer_layouts(torch_module, args, input_layouts)
+        twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg,
+                        train_mode_matters=train_mode_matters(torch_module))
+        if plan is None or variables is None:
+            from weight_port.layout import AS_IS
+            from weight_port.plan import build_plan
+            plain = [layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
+            plan = plan or build_plan(torch_module, flax_module, args, input_layout=plain,
+                                      check_attributes="warn")
+            variables = variables if variables is not None else plan.to_flax(torch_module.state_dict())
+        return lint_traced(torch_module, twin, variables, flax_inputs(args, layouts), plan, train=train)
+    except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
+        return [_crash(exc)]
+
+
+def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_args: tuple, plan, *,
+                train: bool) -> list[Finding]:
+    """lint_pair for a caller that already has the twin, its variables, the Flax-layout inputs
+    and the port's plan (parity.check). Never raises (a "lint-error" Finding instead)."""
+    try:
+        trace = _flax_eqns(twin, variables, flax_args)
+        calls, failed = inline_calls(torch_module)
+        nnx = twin.nnx
+        notes = [Finding("note", ", ".join(failed), "-", "torch.fx could not trace these modules' forward: "
+                         "inline torch ops there (F.gelu, F.interpolate, attention) are not read")] if failed else []
+        return (notes + gelu_findings(torch_module, plan, trace, calls, nnx) + conv_findings(plan, trace)
+                + dropout_findings(torch_module, trace, train, nnx) + pool_ceil_findings(torch_module, nnx)
+                + pool_pad_findings(torch_module, trace, nnx) + resize_findings(torch_module, trace, calls, nnx)
+                + attention_findings(torch_module, plan, trace, calls, nnx))
+    except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
+        return [_crash(exc)]
+
+
+def _crash(exc: Exception) -> Finding:
+    return Finding(LINT_ERROR, "-", "-", f"the trap lint failed: {type(exc).__name__}: {exc}")
+
+
+__all__ = ["Finding", "LINT_ERROR", "lint_pair", "lint_traced"]
