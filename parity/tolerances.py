@@ -197,7 +197,10 @@ NOISE_FLOORS: dict[str, NoiseFloor] = {
     GRAD: NoiseFloor(
         factor=16.0,
         reason="per layer, the norms are that layer's input and output cotangent (torch's, in the "
-        "isolated VJP); whole-model, the model's inputs and output cotangent. Rounding per "
+        "isolated VJP); a whole-model parameter gradient uses its own layer's norms too (the "
+        "model's overstate it: in bfloat16 the model-wide floor exceeded every UNet gradient); "
+        "input gradients and runs without per-layer capture use the model's inputs and output "
+        "cotangent. Rounding per "
         "reduction is ~sqrt(n) eps relative to the product of the norms and the test models chain "
         "a few of them; measured on the attention test twin (tests/verdict_pairs.py): the key-bias "
         "gradient (zero by softmax shift invariance) is ~0.005 eps x ||cot|| ||x|| in float64 and "
