@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -248,14 +249,18 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
     with pinned(precision=TIMED_PRECISION["jax_default_matmul_precision"],
                 tf32=TIMED_PRECISION["torch_allow_tf32"]), jax.default_device(device.jax_device):
         for pair in select(list(cfg.models)):
+            model_start = time.perf_counter()
             config = sized_config(pair, cfg.size)
             batches = sorted(cfg.batches_for(pair, on_cpu=device.kind == "cpu"))
             prep = prepare(pair, config, batches[0], device, dtype=cfg.dtype, seed=cfg.seed)
             # One parity gate per model (at the smallest batch); every timed variant at every
             # batch is then checked against jax.jit's first result (check_first_value).
+            started = time.perf_counter()
             g = gate(prep)
             gates.append(g)
-            log(f"[gate] {pair.name} b{g.batch} {g.dtype}: {'PASS' if g.ok else 'FAIL'}: " + "; ".join(g.verdicts))
+            # Setup and gate seconds on the console: where a run's wall time goes besides timing.
+            log(f"[gate] {pair.name} b{g.batch} {g.dtype}: {'PASS' if g.ok else 'FAIL'}: " + "; ".join(g.verdicts)
+                + f" ({time.perf_counter() - started:.1f} s)")
             if not g.ok:
                 for r in g.reports:
                     log(r)
@@ -277,6 +282,8 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
                     for r in row:
                         log(_line(r))
                     results.extend(row)
+            log(f"[wall] {pair.name}: {time.perf_counter() - model_start:.1f} s (model set-up, gate, "
+                "compilations, warm-up and timing)")
     return results, gates
 
 
