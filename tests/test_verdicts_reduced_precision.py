@@ -44,7 +44,7 @@ def test_tf32_check_switches_to_the_float64_reference_and_says_so(monkeypatch):
     assert r.ok, str(r)
     # An explicit rtol/atol is the user's own bound: no switch then.
     own = parity.check(torch_model, flax_model, x, input_layout=pair.input_layout, precision="default",
-                       rtol=1e-2, atol=1e-2)
+                       rtol=1e-2, atol=1e-2, layers=False)
     assert own.reference is None and REDUCED_FLOAT32_NOTE not in own.warnings
 
 
@@ -56,6 +56,6 @@ def test_tf32_reference_verdict_still_fails_a_wrong_twin(monkeypatch):
     # A 1% error in one conv kernel: far above TF32 noise, far below an O(1) layout bug.
     wrong = jax.tree_util.tree_map_with_path(lambda p, a: a * 1.01 if p == path else a, variables)
     r = parity.check(torch_model, flax_model, x, input_layout=pair.input_layout, precision="default",
-                     variables=wrong)
+                     variables=wrong, layers=False)
     assert r.reference == "float64" and not r.ok, str(r)
     assert not np.isnan([c.rel_norm for c in r.outputs]).any()
