@@ -148,7 +148,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     if t.calls is not None and acts is None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
     return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
-                acts, tm, notes)
+                       acts, tm, notes)
 
 
 def capture(torch_module: torch.nn.Module, flax_module, example_input, *, dtype="float32", device: str = "cpu",
@@ -162,8 +162,8 @@ def capture(torch_module: torch.nn.Module, flax_module, example_input, *, dtype=
     torch module is copied and cast to ``dtype``; ``variables`` default to the port of that copy.
     layers=True records every module call on both sides (``CapturedRun.torch.calls``,
     ``.flax.calls``) for parity.layers. ``.flax`` is None when the output structures differ
-    (``.structure_error`` says how). Numerics are the caller's: ``check`` runs this under
-    parity.numerics.pinned and jax.default_device(device), with x64 enabled for float64.
+    (``.structure_error`` says how). Numerics are the caller's: ``check`` runs the same capture
+    under parity.numerics.pinned and jax.default_device(device), with x64 enabled for float64.
     """
     dname = _dtype_name(dtype)
     if dname not in _DTYPES:
