@@ -44,8 +44,13 @@ def _dtype_name(dtype) -> str:
 
 
 @dataclass
-class _Run:
-    """Raw results of one forward + backward on both sides (numpy; torch values in torch layout)."""
+class CapturedRun:
+    """Raw results of one forward + backward on both sides (numpy; torch values in torch layout,
+    Flax values in Flax layout): what ``capture`` returns and ``check`` judges.
+
+    torch.calls / flax.calls (when captured with layers=True): every module call on each side,
+    the input of parity.layers.isolated_layers with ``act_layouts`` (None without layers).
+    """
 
     plan: PortPlan
     twin: FlaxTwin
@@ -98,7 +103,7 @@ def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str
 
 
 def _run(torch_module, flax_module, example_input, variables, dname, *, train, train_kwarg, input_layout,
-         output_layout, rename, seed, grads, tdev, say, layers) -> _Run:
+         output_layout, rename, seed, grads, tdev, say, layers) -> CapturedRun:
     tdtype = _DTYPES[dname]
     tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
     tm.train(train)
@@ -117,7 +122,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     if to_t is None:
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
-        return _Run(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+        return CapturedRun(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
     acts = None
     if t.calls is not None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
@@ -142,8 +147,31 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
-    return _Run(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
-                acts, tm, notes)
+    return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
+                       acts, tm, notes)
+
+
+def capture(torch_module: torch.nn.Module, flax_module, example_input, *, dtype="float32", device: str = "cpu",
+            variables: Mapping | None = None, train: bool = False, train_kwarg: str | None = None,
+            input_layout: LayoutSpec = None, output_layout: LayoutSpec = None, rename=None, seed: int = 0,
+            grads: bool = True, layers: bool = True,
+            progress: Callable[[str], None] | None = None) -> CapturedRun:
+    """One forward + backward of both sides, exactly as ``check`` runs them, without judging.
+
+    Arguments as for ``check`` (example_input in torch layout, [N, C, H, W] for images). The
+    torch module is copied and cast to ``dtype``; ``variables`` default to the port of that copy.
+    layers=True records every module call on both sides (``CapturedRun.torch.calls``,
+    ``.flax.calls``) for parity.layers. ``.flax`` is None when the output structures differ
+    (``.structure_error`` says how). Numerics are the caller's: ``check`` runs the same capture
+    under parity.numerics.pinned and jax.default_device(device), with x64 enabled for float64.
+    """
+    dname = _dtype_name(dtype)
+    if dname not in _DTYPES:
+        raise ValueError(f"unknown dtype {dname!r}; choose from {', '.join(_DTYPES)}")
+    tdev, _ = _device(device)
+    return _run(torch_module, flax_module, example_input, variables, dname, train=train, train_kwarg=train_kwarg,
+                input_layout=input_layout, output_layout=output_layout, rename=rename, seed=seed, grads=grads,
+                tdev=tdev, say=progress or (lambda msg: None), layers=layers)
 
 
 def _canonical(path: str) -> str:
@@ -161,7 +189,7 @@ def _align(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str] | No
     return out
 
 
-def _dtype_warnings(run: _Run, dname: str, user_variables: bool) -> list[str]:
+def _dtype_warnings(run: CapturedRun, dname: str, user_variables: bool) -> list[str]:
     out = []
     for path, f in (run.flax.outputs.items() if run.flax else ()):
         if jnp.issubdtype(f.dtype, jnp.floating) and f.dtype.name != dname:
@@ -188,7 +216,7 @@ def _bad(value) -> str:
     return "" if np.isfinite(a).all() else "Inf"
 
 
-def _first_nonfinite(run: _Run) -> str | None:
+def _first_nonfinite(run: CapturedRun) -> str | None:
     """Where a NaN or Inf first appears, in the order the values are made: inputs, then each
     layer's output (torch, in execution order), the model outputs, Flax's layer outputs, then the
     gradients. None when everything is finite."""
@@ -215,7 +243,7 @@ def _first_nonfinite(run: _Run) -> str | None:
     return None
 
 
-def _zero_warnings(run: _Run) -> list[str]:
+def _zero_warnings(run: CapturedRun) -> list[str]:
     """All-zero outputs and gradients: legal, but usually a dead branch or a detached input, and
     a comparison of zeros with zeros proves nothing about the branch that should have fed them."""
     out = [f"torch {p} is all zeros: a dead branch? (both sides agreeing on zeros proves little)"
@@ -389,7 +417,7 @@ def _norm(values) -> float:
     return float(np.sqrt(total))
 
 
-def model_grad_floor(run: _Run, dname: str) -> float:
+def model_grad_floor(run: CapturedRun, dname: str) -> float:
     """Noise floor of the whole-model gradients: from the output cotangent and the inputs."""
     inputs = jax.tree_util.tree_leaves(run.torch_args)
     return noise_floor(dname, GRAD, _norm(run.torch.cotangents.values()), _norm(inputs))
@@ -416,12 +444,12 @@ def param_grad_floors(calls, dname: str) -> dict[str, float]:
     return floors
 
 
-def model_forward_floor(run: _Run, dname: str) -> float:
+def model_forward_floor(run: CapturedRun, dname: str) -> float:
     """Noise floor of the model's outputs: from the norm of the model's inputs."""
     return forward_noise_floor(dname, _norm(jax.tree_util.tree_leaves(run.torch_args)))
 
 
-def _judge_model(report: Report, run: _Run, ref: _Run | None, dname: str, prec: str, rtol, atol,
+def _judge_model(report: Report, run: CapturedRun, ref: CapturedRun | None, dname: str, prec: str, rtol, atol,
                  grads: bool) -> None:
     """Fill the report's output, input-gradient and parameter-gradient comparisons."""
     floor = model_grad_floor(run, dname) if grads else 0.0

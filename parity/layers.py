@@ -220,6 +220,145 @@ def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: 
     return worst_of(comps)
 
 
+# --- one layer alone on torch's input --------------------------------------------------------
+@dataclass
+class IsolatedLayer:
+    """One Flax layer, cut out of the recorded run, ready to run alone on torch's input to it.
+
+    inputs: the layer's array arguments by Flax input name, torch's values converted to Flax
+    layout ([N, H, W, C] where torch had [N, C, H, W]); ``floats`` are the floating ones, in
+    ``float_names`` order, the arguments that ``forward`` / ``fwd_bwd`` take (and differentiate).
+    params: the layer's own ``params`` subtree (linen-style); its other collections
+    (``batch_stats``) are closed over. cots: torch's cotangents at the layer's outputs in Flax
+    layout, by Flax output path (None: forward only). All three functions are pure and jittable.
+    """
+
+    row: LayerRow
+    torch_call: TorchCall
+    flax_path: tuple[str, ...]
+    fn: Callable  # fn(params, inputs by Flax input name) -> the layer's output pytree
+    params: Mapping
+    inputs: dict[str, jax.Array]
+    float_names: list[str]
+    cots: dict[str, jax.Array] | None
+    out_layouts: dict[str, str]  # by torch output path
+    in_layouts: dict[str, _InputLayout]  # by Flax input name
+    torch_names: dict[str, str]  # Flax input name -> torch input name
+    out_map: dict[str, str]  # Flax output path -> torch output path
+
+    @property
+    def floats(self) -> list[jax.Array]:
+        """The float inputs in Flax layout, ``float_names`` order: the second argument of forward."""
+        return [self.inputs[n] for n in self.float_names]
+
+    def forward(self, params: Mapping, floats: Sequence[jax.Array]) -> dict[str, jax.Array]:
+        """The layer's outputs by Flax output path (parity.runtime.flatten), Flax layout, for
+        ``params`` and ``floats`` (Flax layout) in place of the captured ones."""
+        return flatten(self.fn(params, {**self.inputs, **dict(zip(self.float_names, floats))}))
+
+    def fwd_bwd(self, params: Mapping, floats: Sequence[jax.Array], cots: Mapping[str, jax.Array] | None):
+        """(outputs as ``forward``, (param grads tree, [input grads, Flax layout, like floats]) from
+        the VJP with ``cots`` (Flax layout, by Flax output path; outputs without one get zero));
+        the gradients are None when ``cots`` is None or does not fit the outputs' shapes (the
+        forward comparison then says why)."""
+        out, vjp = jax.vjp(self.forward, params, floats)
+        if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
+            return out, None
+        ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
+                  else (jnp.zeros_like(o) if jnp.issubdtype(o.dtype, jnp.floating)
+                        else np.zeros(o.shape, jax.dtypes.float0))) for p, o in out.items()}
+        return out, vjp(ct)
+
+    def check(self, out: Mapping[str, np.ndarray], tol: Tolerance) -> Comparison | None:
+        """``out`` (by Flax output path, Flax layout, as ``forward`` returns) against torch's
+        outputs of this call, leaf by leaf in the resolved layouts; None when no leaf has one."""
+        return _compare_leaves(self.row.name, {self.out_map.get(p, p): np.asarray(o) for p, o in out.items()},
+                               self.torch_call.output_values, self.out_layouts, tol)
+
+
+@dataclass
+class PairedCall:
+    """One torch module call and the Flax side at the same place, from one recorded run of each.
+
+    row: the report row (names, backward order); its notes say what was not compared and why the
+    layer cannot run alone. flax_outputs / flax_cots: the Flax model's own values at this call's
+    outputs (Flax layout) and their cotangents, by *torch* output path; None when no Flax module
+    was recorded here. out_layouts: torch output path -> layout, for the leaves whose layout is
+    known. layer: the Flax layer ready to run alone, None when it cannot (``reason``) or was not
+    prepared (the root with prepare_root=False).
+    """
+
+    row: LayerRow
+    torch_call: TorchCall
+    flax_outputs: dict[str, np.ndarray] | None = None
+    flax_cots: dict[str, np.ndarray] = field(default_factory=dict)
+    out_layouts: dict[str, str] = field(default_factory=dict)
+    layer: IsolatedLayer | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.torch_call.path == "" and self.torch_call.call == 0
+
+    @property
+    def reason(self) -> str:
+        """Why the Flax layer cannot run alone ("" when it can)."""
+        return "" if self.layer is not None else "; ".join(self.row.notes) or "the Flax layer cannot run alone"
+
+
+def isolated_layers(
+    t_calls: Sequence[TorchCall],
+    f_run: FlaxRun,
+    twin: FlaxTwin,
+    variables: Mapping,
+    plan: PortPlan,
+    layouts: ActivationLayouts,
+    *,
+    grads: bool,
+    prepare_root: bool = True,
+) -> list[PairedCall]:
+    """Every torch call paired with the Flax side, in execution order, each layer prepared to run
+    alone on torch's input: THE pairing that the per-layer analysis and the per-layer speed
+    profile (parity.benchmark.layer_profile) both use.
+
+    t_calls: run_torch(capture=True).calls; f_run: forward_backward(capture=True) of the same
+    input; layouts: the activation layouts of the torch calls; variables: the Flax variables of
+    the run (linen-style). grads=False prepares no cotangents (forward only). prepare_root=False
+    leaves the top module unprepared (the checker's whole-model verdicts are its isolated ones).
+    """
+    # Backward order: a module's backward finishes after its children's, and later modules'
+    # backward runs first, so sort by forward *start* descending.
+    by_start = sorted(t_calls, key=lambda c: -c.start)
+    bwd_pos = {(c.path, c.call): i for i, c in enumerate(by_start)}
+    recorded = {fc.path for fc in f_run.calls.values()}
+    paired = []
+    for tc in t_calls:
+        fpath = _flax_path_of(tc.path, plan, recorded)
+        key = call_key(fpath, tc.call)
+        row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
+                       backward_order=bwd_pos[(tc.path, tc.call)])
+        pc = PairedCall(row, tc)
+        paired.append(pc)
+        if key not in f_run.call_outputs:
+            row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
+            continue
+        t_out = tc.output_values
+        out_map = _align_outputs(list(f_run.call_outputs[key]), list(t_out))
+        pc.flax_outputs = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
+        pc.flax_cots = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
+        for p, t in t_out.items():
+            lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
+                               pc.flax_outputs[p].shape if p in pc.flax_outputs else None)
+            if lay is None:
+                row.notes.append(f"{p}: {why}; not compared")
+            else:
+                pc.out_layouts[p] = lay
+        if pc.is_root and not prepare_root:
+            continue
+        pc.layer = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
+                            pc.out_layouts, grads, layouts, _flatten_of(tc.path, plan), out_map)
+    return paired
+
+
 def analyze_layers(
     t_calls: Sequence[TorchCall],
     f_run: FlaxRun,
@@ -246,55 +385,30 @@ def analyze_layers(
     dtype: the run's dtype name; the layer's outputs (isolated and accumulated) then get the
     forward noise floor of parity.tolerances.NOISE_FLOORS from the norm of torch's inputs to the
     layer, and its isolated gradients the gradient floor from that and its output cotangent's.
+    Pairing and the layers run alone: ``isolated_layers``.
     """
     say = progress or (lambda msg: None)
-    # Backward order: a module's backward finishes after its children's, and later modules'
-    # backward runs first, so sort by forward *start* descending.
-    by_start = sorted(t_calls, key=lambda c: -c.start)
-    bwd_pos = {(c.path, c.call): i for i, c in enumerate(by_start)}
     zero_params = jax.tree_util.tree_map(np.zeros_like, dict(variables.get("params", {})))
     tied = getattr(plan, "tied", None) or {}
-
-    rows: list[LayerRow] = []
-    jobs: list[_IsoJob] = []
-    recorded = {fc.path for fc in f_run.calls.values()}
-    for tc in t_calls:
-        fpath = _flax_path_of(tc.path, plan, recorded)
-        key = call_key(fpath, tc.call)
-        row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
-                       backward_order=bwd_pos[(tc.path, tc.call)])
-        rows.append(row)
-        if key not in f_run.call_outputs:
-            row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
+    paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
+                             prepare_root=root is None)
+    for pc in paired:
+        row, tc = pc.row, pc.torch_call
+        if pc.flax_outputs is None:
             continue
-        t_out = tc.output_values
-        out_map = _align_outputs(list(f_run.call_outputs[key]), list(t_out))
-        f_out = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
-        out_layouts = {}
-        for p, t in t_out.items():
-            lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
-                               f_out[p].shape if p in f_out else None)
-            if lay is None:
-                row.notes.append(f"{p}: {why}; not compared")
-            else:
-                out_layouts[p] = lay
         fwd_tol = forward_tol
         if dtype is not None:  # the floor of an activation is set by what went into its layer
             fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, _norm(_floats(tc.input_values))))
-        row.accumulated = _compare_leaves(row.name, f_out, t_out, out_layouts, fwd_tol)
-        t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
-        f_g = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
-        if grads and t_g and set(t_g) <= set(f_g):
-            row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: f_g[p] for p in t_g}, t_g,
-                                                   out_layouts, grad_tol)
-        if root is not None and tc.path == "" and tc.call == 0:
+        t_out = tc.output_values
+        row.accumulated = _compare_leaves(row.name, pc.flax_outputs, t_out, pc.out_layouts, fwd_tol)
+        t_g = {p: g for p, g in tc.output_grads.items() if p in pc.out_layouts}
+        if grads and t_g and set(t_g) <= set(pc.flax_cots):
+            row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: pc.flax_cots[p] for p in t_g}, t_g,
+                                                   pc.out_layouts, grad_tol)
+        if root is not None and pc.is_root:
             row.isolated, row.grad_isolated = root
-            continue
-        job = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
-                       t_out, out_layouts, grads, layouts, _flatten_of(tc.path, plan), out_map)
-        if job is not None:
-            jobs.append(job)
 
+    jobs = [pc.layer for pc in paired if pc.layer is not None]
     say(f"per-layer: {len(jobs)} layers alone on torch's inputs")
     results = _run_jobs(jobs)
     for job, result in zip(jobs, results):
@@ -303,12 +417,12 @@ def analyze_layers(
             continue
         tol, fwd_tol = grad_tol, forward_tol
         if dtype is not None:
-            in_norm = _norm(job.arrays[n] for n in job.float_names)
+            in_norm = _norm(job.floats)
             fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, in_norm))
             if job.cots is not None:
                 tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()), in_norm))
         _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol)
-    return rows
+    return [pc.row for pc in paired]
 
 
 def _norm(arrays) -> float:
@@ -320,29 +434,11 @@ def _floats(values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [v for v in values.values() if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)]
 
 
-@dataclass
-class _IsoJob:
-    """One Flax layer to run alone: ``run(params, arrays)`` on torch's input."""
-
-    row: LayerRow
-    tc: TorchCall
-    fpath: tuple[str, ...]
-    run: Callable
-    params: Mapping
-    arrays: dict[str, jax.Array]  # by Flax input name, Flax layout
-    float_names: list[str]
-    cots: dict[str, jax.Array] | None  # torch's output cotangents in Flax layout (None: forward only)
-    t_out: dict[str, np.ndarray]
-    out_layouts: dict[str, str]
-    in_layouts: dict[str, _InputLayout]  # by Flax input name
-    torch_names: dict[str, str]  # Flax input name -> torch input name
-    out_map: dict[str, str]  # Flax output path -> torch output path
-
-
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
-             variables: Mapping, fpath: tuple[str, ...], t_out: dict, out_layouts: dict, grads: bool,
+             variables: Mapping, fpath: tuple[str, ...], out_layouts: dict, grads: bool,
              layouts: ActivationLayouts, flatten_: tuple[int, ...] | None,
-             out_map: dict[str, str]) -> _IsoJob | None:
+             out_map: dict[str, str]) -> IsolatedLayer | None:
+    """The Flax layer of ``fc`` on torch's inputs of ``tc``, or None with the reason in row.notes."""
     t_names = list(tc.inputs)
     if len(t_names) != len(fc.input_names):
         row.notes.append(f"inputs differ: torch {len(t_names)} tensors, flax {len(fc.input_names)} arrays; "
@@ -383,52 +479,36 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
         to_f = {t: f for f, t in out_map.items()}
         cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
                 for p, g in t_g.items()}
-    return _IsoJob(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
-                   t_out, out_layouts, in_layouts, names, out_map)
+    return IsolatedLayer(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
+                         out_layouts, in_layouts, names, out_map)
 
 
-def _one(job: _IsoJob, params, floats, cots):
-    """Output, and (param grads, input grads) from the VJP with torch's output cotangent."""
-    def f(params, floats):
-        return flatten(job.run(params, {**job.arrays, **dict(zip(job.float_names, floats))}))
-
-    out, vjp = jax.vjp(f, params, floats)
-    if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
-        return out, None  # wrong output shape: the forward comparison says so
-    ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
-              else (jnp.zeros_like(o) if jnp.issubdtype(o.dtype, jnp.floating)
-                    else np.zeros(o.shape, jax.dtypes.float0))) for p, o in out.items()}
-    p_grads, in_grads = vjp(ct)
-    return out, (p_grads, in_grads)
-
-
-def _run_jobs(jobs: list[_IsoJob]) -> list:
+def _run_jobs(jobs: list[IsolatedLayer]) -> list:
     """All isolated runs as one jitted program: one XLA compile instead of one per primitive
     per layer (the dominant cost on CPU). Falls back to one layer at a time, so a layer that
     cannot run alone costs only its own row."""
     if not jobs:
         return []
-    args = [(j.params, [j.arrays[n] for n in j.float_names], j.cots) for j in jobs]
+    args = [(j.params, j.floats, j.cots) for j in jobs]
     try:
-        batched = jax.jit(lambda a: [_one(j, *x) for j, x in zip(jobs, a)])
+        batched = jax.jit(lambda a: [j.fwd_bwd(*x) for j, x in zip(jobs, a)])
         return jax.device_get(batched(args))
     except Exception:
         pass
     results = []
     for j, a in zip(jobs, args):
         try:
-            results.append(jax.device_get(jax.jit(lambda x, j=j: _one(j, *x))(a)))
+            results.append(jax.device_get(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a)))
         except Exception as exc:
             results.append(exc)
     return results
 
 
-def _judge(job: _IsoJob, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
+def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
            tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance) -> None:
-    row, tc = job.row, job.tc
+    row, tc = job.row, job.torch_call
     out, grads = result
-    row.isolated = _compare_leaves(row.name, {job.out_map.get(p, p): np.asarray(o) for p, o in out.items()}, job.t_out,
-                                   job.out_layouts, forward_tol)
+    row.isolated = job.check(out, forward_tol)
     if grads is None:
         return
     p_grads, in_grads = grads
@@ -442,7 +522,7 @@ def _judge(job: _IsoJob, result, plan: PortPlan, zero_params, t_param_grads: Map
             except ValueError as exc:
                 comps.append(failed_comparison(name, str(exc), grad_tol))
     if job.params and tc.call == 0:
-        comps.extend(_param_grad_comps(row, p_grads, job.fpath, plan, zero_params, t_param_grads, tied,
+        comps.extend(_param_grad_comps(row, p_grads, job.flax_path, plan, zero_params, t_param_grads, tied,
                                        grad_tol))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from parity.benchmark import select_device
-from parity.benchmark.layer_profile import KEYS, ProfileSettings, profile_layers
+from parity.benchmark.layer_profile import KEYS, ProfileSettings, captured_layers, profile_layers
 from parity.registry import PAIRS
 
 
@@ -33,6 +33,30 @@ def test_every_paired_layer_is_timed_on_both_sides(name):
         assert math.isclose(sum(t.share[k] for t in profile.layers), 1.0)
         assert profile.whole.times[k] is not None and profile.whole.times[k] > 0
         assert profile.layer_sum(k) == sum(t.times[k] for t in profile.layers)
+
+
+def test_profile_runs_alone_exactly_the_layers_parity_check_runs_alone():
+    """The profile times a layer alone on the very pairing and preparation of the per-layer
+    analysis (parity.layers.isolated_layers): the layers it can run alone are the ones
+    ``parity check`` ran alone, on the same Flax paths, and a layer the check refuses is refused
+    with the same words. The ViT pair has both kinds of refusal (attention whose inputs differ in
+    number, a GELU that is a function in Flax), so a divergence in either shows."""
+    from parity.checker import check
+
+    pair = PAIRS["vit"]
+    config = pair.config("tiny")
+    torch_model, flax_model = pair.build(config)
+    x = pair.example_input(config, batch=2)
+    layouts = dict(input_layout=pair.input_layout, output_layout=pair.out_layout())
+    rows = check(torch_model, flax_model, x, lint=False, **layouts).layers
+    captured = captured_layers(torch_model, flax_model, x, dtype="float32", device=select_device("cpu"), **layouts)
+    assert [c.name for c in captured] == [r.name for r in rows]
+    # The root's isolated verdict is the whole-model check (not rerun there), so compare below it.
+    ran = {r.name: r.flax_path for r in rows if r.torch_path and r.isolated is not None}
+    refused = {r.name: "; ".join(r.notes) for r in rows if r.torch_path and r.isolated is None}
+    assert ran and refused, "the pair must have layers of both kinds, else this test checks nothing"
+    assert {c.name: c.flax_path for c in captured if not c.is_root and c.flax is not None} == ran
+    assert {c.name: c.note for c in captured if c.name in refused} == refused
 
 
 def test_cli_writes_json_markdown_and_png(tmp_path, capsys):

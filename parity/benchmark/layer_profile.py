@@ -8,23 +8,27 @@ shows what fusion (XLA, or torch's fewer launches) wins or loses, plus the glue 
 (concatenations, crops, functional activations).
 
 Running the layers is the parity engine's job, not this module's: ``captured_layers`` is the one
-adapter onto it (parity.checker's recorded run on parity.runtime, and parity.layers' isolated-
-layer jobs), so a change in the engine's API is a change in that function only.
+adapter onto it (parity.checker.capture, the checker's recorded run on parity.runtime, and
+parity.layers.isolated_layers, the very pairing and isolated layers of the per-layer analysis),
+so the layers timed alone are exactly the layers ``parity check`` runs alone.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import numpy as np
 import torch
 
 from parity.benchmark.devices import Device
 from parity.benchmark.timing import measure
 from parity.numerics import pinned
+
+if TYPE_CHECKING:
+    from parity.layers import IsolatedLayer
+    from parity.tolerances import Tolerance
 
 FRAMEWORKS = ("torch", "jax")
 PHASES = ("forward", "fwd+bwd")
@@ -51,10 +55,11 @@ class CapturedLayer:
 
     torch_args / torch_kwargs: torch's inputs to this call (torch layout, [N, C, H, W] where
     channels-first) on the torch device, or None when they cannot be rebuilt (nested inputs);
-    torch_cots: torch's cotangents at its outputs, by output path. flax_forward(params, floats)
-    / flax_fwd_bwd(params, floats, cots): the Flax layer alone on the same inputs in Flax layout
-    ([N, H, W, C]), as the engine runs it; flax_fwd_bwd is None when nothing flows back.
-    check(flax outputs by path) -> Comparison against torch's outputs (forward tolerance).
+    torch_cots: torch's cotangents at its outputs, by output path. flax: the Flax layer alone on
+    the same inputs in Flax layout ([N, H, W, C]) as parity.layers runs it
+    (parity.layers.IsolatedLayer: ``forward``, ``fwd_bwd``, ``check``), None when it cannot run
+    alone (``note`` says why, in the per-layer analysis' words). forward_tol: what ``check`` of
+    the Flax layer's output against torch's applies.
     """
 
     name: str
@@ -65,13 +70,14 @@ class CapturedLayer:
     torch_args: tuple | None
     torch_kwargs: dict
     torch_cots: dict
-    flax_path: str | None = None
-    flax_forward: Callable | None = None
-    flax_fwd_bwd: Callable | None = None
-    flax_args: tuple = ()
-    flax_bwd_args: tuple = ()
-    check: Callable | None = None
+    forward_tol: Tolerance
+    flax: IsolatedLayer | None = None
     note: str = ""
+
+    @property
+    def flax_path(self) -> str | None:
+        """The Flax layer's path when it runs alone (None: unpaired in the profile)."""
+        return self.flax.row.flax_path if self.flax is not None else None
 
 
 _ARG = re.compile(r"^args\[(\d+)\]$")
@@ -98,74 +104,37 @@ def _call_args(inputs: dict) -> tuple[tuple | None, dict]:
 def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_input, *, dtype: str,
                     device: Device, input_layout=None, output_layout=None, rename=None,
                     train_kwarg: str | None = None, seed: int = 0) -> list[CapturedLayer]:
-    """THE adapter onto the parity engine (parity.checker's run with capture, parity.layers'
-    isolated-layer jobs): every module call of one eval forward + backward, in execution order,
-    with what it takes to run each alone on both sides.
+    """THE adapter onto the parity engine (parity.checker.capture, parity.layers.isolated_layers):
+    every module call of one eval forward + backward, in execution order, with what it takes to
+    run each alone on both sides.
 
     example_input: the torch-layout input pytree; input_layout / output_layout / rename /
     train_kwarg: as for parity.check. The torch module is copied and cast to ``dtype``; the Flax
     variables are ported from that copy. Call under jax.default_device(device.jax_device).
     """
-    from parity import checker
-    from parity import layers as engine
-    from parity.runtime import call_key, flatten
-    from parity.runtime.layouts import resolve
+    from parity.checker import capture
+    from parity.layers import isolated_layers
     from parity.tolerances import FORWARD, tolerance_for
-    from weight_port.naming import flax_path_str
     from weight_port.tensors import numpy_to_torch
 
     if device.kind not in ("cpu", "cuda"):
         raise ValueError(f"the per-layer profile runs on cpu or cuda, not {device.kind}")
-    run = checker._run(torch_module, flax_module, example_input, None, dtype, train=False,
-                       train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
-                       rename=rename, seed=seed, grads=True, tdev=device.kind, say=lambda s: None,
-                       layers=True)
+    run = capture(torch_module, flax_module, example_input, dtype=dtype, device=device.kind, train=False,
+                  train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
+                  rename=rename, seed=seed, grads=True, layers=True)
     if run.flax is None:
         raise ValueError(run.structure_error or "the Flax twin could not be run")
-    f, acts, forward_tol = run.flax, run.act_layouts, tolerance_for(dtype, FORWARD)
-    recorded = {fc.path for fc in f.calls.values()}
+    forward_tol = tolerance_for(dtype, FORWARD)
     layers = []
-    for tc in run.torch.calls:
-        fpath = engine._flax_path_of(tc.path, run.plan, recorded)
-        row = engine.LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call)
+    for pc in isolated_layers(run.torch.calls, run.flax, run.twin, run.variables, run.plan, run.act_layouts,
+                              grads=True):
+        tc = pc.torch_call
         args, kwargs = _call_args(tc.inputs)
         cots = {p: numpy_to_torch(g).to(device=device.torch_device, dtype=tc.outputs[p].dtype)
                 for p, g in tc.output_grads.items()}  # numpy_to_torch: bf16 numpy too
-        layer = CapturedLayer(row.name, row.torch_type, tc.path == "",
-                              tc.path != "" and next(iter(tc.module.children()), None) is None,
-                              tc.module, args, kwargs, cots)
-        layers.append(layer)
-        key = call_key(fpath, tc.call)
-        if key not in f.call_outputs:
-            layer.note = "no Flax module at this path (parameter-free layer inlined as a function?)"
-            continue
-        # From here on exactly what parity.layers.analyze_layers does to run a layer alone.
-        t_out = tc.output_values
-        out_map = engine._align_outputs(list(f.call_outputs[key]), list(t_out))
-        f_out = {out_map.get(p, p): v for p, v in f.call_outputs[key].items()}
-        out_layouts = {}
-        for p, t in t_out.items():
-            lay, _ = resolve(acts.outputs[(tc.path, tc.call)].get(p), t.shape,
-                             f_out[p].shape if p in f_out else None)
-            if lay is not None:
-                out_layouts[p] = lay
-        job = engine._prepare(row, tc, f.calls[key], f.call_inputs.get(key, {}), run.twin, run.variables,
-                              fpath, t_out, out_layouts, True, acts, engine._flatten_of(tc.path, run.plan),
-                              out_map)
-        if job is None:
-            layer.note = "; ".join(row.notes) or "the Flax layer cannot run alone"
-            continue
-        floats = [job.arrays[n] for n in job.float_names]
-        layer.flax_path = row.flax_path
-        layer.flax_forward = lambda p, fl, job=job: flatten(
-            job.run(p, {**job.arrays, **dict(zip(job.float_names, fl))}))
-        layer.flax_args = (job.params, floats)
-        if job.cots is not None:
-            layer.flax_fwd_bwd = lambda p, fl, c, job=job: engine._one(job, p, fl, c)
-            layer.flax_bwd_args = (job.params, floats, job.cots)
-        layer.check = lambda out, job=job: engine._compare_leaves(
-            job.row.name, {job.out_map.get(p, p): np.asarray(o) for p, o in out.items()}, job.t_out,
-            job.out_layouts, forward_tol)
+        layers.append(CapturedLayer(pc.row.name, pc.row.torch_type, tc.path == "",
+                                    tc.path != "" and next(iter(tc.module.children()), None) is None,
+                                    tc.module, args, kwargs, cots, forward_tol, pc.layer, pc.reason))
     return layers
 
 
@@ -259,8 +228,9 @@ def _jax_timers(layer: CapturedLayer, first: list) -> dict[str, Callable[[], Non
     """The engine's layer functions, jitted per layer; each call blocks until the device is done.
     The forward's first output is appended to ``first`` (the parity check of the timed layer)."""
     timers = {}
-    if layer.flax_forward is not None:
-        fwd, args = jax.jit(layer.flax_forward), layer.flax_args
+    iso = layer.flax
+    if iso is not None:
+        fwd, args = jax.jit(iso.forward), (iso.params, iso.floats)
 
         def forward() -> None:
             out = jax.block_until_ready(fwd(*args))
@@ -268,8 +238,8 @@ def _jax_timers(layer: CapturedLayer, first: list) -> dict[str, Callable[[], Non
                 first.append(out)
 
         timers["forward"] = forward
-    if layer.flax_fwd_bwd is not None:
-        fb, bargs = jax.jit(layer.flax_fwd_bwd), layer.flax_bwd_args
+    if iso is not None and iso.cots is not None:
+        fb, bargs = jax.jit(iso.fwd_bwd), (iso.params, iso.floats, iso.cots)
         timers["fwd+bwd"] = lambda: jax.block_until_ready(fb(*bargs))
     return timers
 
@@ -290,9 +260,9 @@ def _time(layer: CapturedLayer, device: Device, settings: ProfileSettings) -> La
             except Exception as exc:  # noqa: BLE001 - one layer that cannot run is a note, not a crash
                 out.times[f"{fw} {phase}"] = None
                 out.note = f"{fw} {phase}: {type(exc).__name__}: {' '.join(str(exc).split())[:150]}"
-    if first and layer.check is not None:
+    if first and layer.flax is not None:
         # A benchmark checks parity before its numbers count: a wrong layer's time means nothing.
-        c = layer.check(first[0])
+        c = layer.flax.check(first[0], layer.forward_tol)
         out.parity = "ok" if c is None or c.ok else f"FAIL: max_abs {c.max_abs:.2e}, rel_norm {c.rel_norm:.2e} ({c.tolerance})"
     return out
 
