@@ -119,16 +119,3 @@ def test_queue_is_largest_first():
     sizes = [sd[key].numel() for key, *_ in pre._queue]
     pre.cancel()
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == sd["fc.weight"].numel()
-
-
-@pytest.mark.parametrize("finish", ["result", "cancel"])
-def test_switch_interval_restored(finish):
-    """The GIL switch interval is shortened only while the workers overlap the plan."""
-    import sys
-
-    before = sys.getswitchinterval()
-    t = Torch()
-    pre = Prefetch(t, t.state_dict(), dtype=None, copy=True, check_finite=True, workers=1)
-    assert sys.getswitchinterval() <= prefetch_mod.SWITCH_INTERVAL_S
-    getattr(pre, finish)()
-    assert sys.getswitchinterval() == before

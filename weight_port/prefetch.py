@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,10 +30,6 @@ _PLAN_FREE = frozenset({"linear", "conv", "norm", "group_norm", "instance_norm",
                         "embedding", "rms_norm"})
 # below this many bytes a thread costs more than it overlaps
 MIN_BYTES = 64 << 20
-# The trace holds the GIL; a worker wanting it back after each copy waits up to the interpreter's
-# switch interval (5 ms by default, about one 4 MiB copy). Shorter while they overlap: on the
-# HF ViT-L port (2 cores) the workers had converted ~1.5x more bytes by the end of the trace.
-SWITCH_INTERVAL_S = 0.0005
 
 
 def default_workers() -> int:
@@ -73,9 +68,6 @@ class Prefetch:
         # Each copy runs single-threaded (torch's OpenMP pool stays out of it; see tensors.py).
         self._single = single_threaded_torch()
         self._single.__enter__()
-        self._switch = sys.getswitchinterval()
-        if self._threads:
-            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL_S))
         for t in self._threads:
             t.start()
 
@@ -100,7 +92,6 @@ class Prefetch:
         if self._single is not None:
             self._single.__exit__(None, None, None)
             self._single = None
-            sys.setswitchinterval(self._switch)
 
     def result(self) -> dict[str, Converted]:
         """Every prefetched tensor; what is still queued is converted on this thread meanwhile."""
