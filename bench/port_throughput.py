@@ -14,7 +14,7 @@ random Flax init is not timed). ``--before DIR`` also times the weight_port of a
 
 Every approach runs in its own subprocess per repetition, so one's memory never pollutes
 another's peak RSS; medians are reported. Usage:
-    python bench/port_throughput.py [--quick] [--repeat N] [--real] [--before DIR]
+    python bench/port_throughput.py [--quick] [--repeat N] [--real [--before DIR] [--phases]]
 """
 from __future__ import annotations
 
@@ -150,6 +150,7 @@ def _plain(sd: dict) -> dict:
 
 
 APPROACHES = {"numpy_round_trip": _numpy_round_trip, "plain": _plain}
+PHASES = ("phases", "floor_memcpy", "floor_transpose")
 
 
 def worker(approach: str, cfg: dict, repeat: int) -> dict:
@@ -266,9 +267,9 @@ def real_worker(approach: str) -> dict:
         run = lambda: weight_port.torch_to_flax(model, FlaxViTModule(cfg), x)
     base = _status("VmRSS")
     _reset_peak()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = jax.block_until_ready(run())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _status("VmHWM") - base
     if approach != "hf_convert":  # parity: every leaf equals HF's own converter's
         from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: F401
@@ -280,7 +281,56 @@ def real_worker(approach: str) -> dict:
                                              "kernel")]), q.T)
         assert ok, "query kernel differs from the torch weight transposed"
     return dict(approach=approach, bytes=nbytes, seconds=seconds, gib_s=nbytes / GIB / seconds,
-                peak_rss_growth=peak, tensors=len(model.state_dict()))
+                cpu_seconds=cpu, peak_rss_growth=peak, tensors=len(model.state_dict()))
+
+
+def phases_worker(which: str) -> dict:
+    """Where a cold HF ViT-L port's time goes, in this (fresh) process.
+
+    which="phases": build_plan alone (the twin's abstract trace, pairing, flatten decision), cold
+    as in a user's first call, then PortPlan.to_flax alone (one thread, no overlap).
+    The floor any converter pays on this machine for the same bytes, each in its own process
+    (freed memory is reused without page faults, so one floor would flatter the next):
+    which="floor_memcpy": every tensor copied once into fresh memory (memcpy plus first-touch page
+    faults); which="floor_transpose": the same with the Linear weights transposed (torch's blocked
+    transpose, as the port does), then once more into the now-mapped memory (no page faults).
+    All single-threaded.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from weight_port.plan import build_plan
+    from weight_port.tensors import single_threaded_torch
+
+    jnp.zeros(1).block_until_ready()
+    cfg = _hf_vit_config()
+    model = _hf_vit_torch(cfg)
+    from transformers.models.vit.modeling_flax_vit import FlaxViTModule
+
+    sd = dict(model.state_dict())
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    linear = {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = {}
+
+    def timed(name, fn):
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = jax.block_until_ready(fn())
+        out[name] = (time.perf_counter() - t0, time.process_time() - c0)
+        return result
+
+    if which == "phases":
+        plan = timed("plan", lambda: build_plan(model, FlaxViTModule(cfg), torch.zeros(1, 3, 224, 224)))
+        timed("convert", lambda: plan.to_flax(sd))
+    with single_threaded_torch():
+        if which == "floor_memcpy":
+            timed("memcpy_fresh", lambda: [t.clone() for t in sd.values()])
+        if which == "floor_transpose":
+            dst = [torch.empty(t.shape[::-1] if k in linear else t.shape) for k, t in sd.items()]
+            pairs = [(d, t.t() if k in linear else t) for d, (k, t) in zip(dst, sd.items())]
+            timed("transpose_fresh", lambda: [d.copy_(t) for d, t in pairs])
+            timed("transpose_warm", lambda: [d.copy_(t) for d, t in pairs])
+    return dict(approach=which, bytes=nbytes, phases=out)
 
 
 def _run_worker(approach: str, size: str, repeat: int, code: str | None = None) -> dict:
@@ -313,19 +363,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="also port HF ViTModel (ViT-L) into FlaxViTModule, against HF's converter")
     p.add_argument("--before", metavar="DIR", default=None,
                    help="with --real: also time the weight_port of this other checkout (same run)")
-    p.add_argument("--worker", choices=("weight_port", "hf_convert", *APPROACHES), help=argparse.SUPPRESS)
+    p.add_argument("--phases", action="store_true",
+                   help="with --real: also break one cold weight_port port into phases, beside the "
+                        "machine's fresh-memory copy floor")
+    p.add_argument("--worker", choices=("weight_port", "hf_convert", *PHASES, *APPROACHES),
+                   help=argparse.SUPPRESS)
     p.add_argument("--size", choices=("vit-l", "tiny", "hf-vit-l"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     size = args.size or ("tiny" if args.quick else "vit-l")
     repeat = args.repeat or (3 if size == "tiny" else 2)
     if args.worker:
         if size == "hf-vit-l":
-            print(json.dumps(real_worker(args.worker)))
+            print(json.dumps(phases_worker(args.worker) if args.worker in PHASES else real_worker(args.worker)))
         else:
             print(json.dumps(worker(args.worker, TINY if size == "tiny" else VIT_L, repeat)))
         return 0
     if args.real:
-        return real_main(repeat, args.before)
+        return real_main(repeat, args.before, args.phases)
     print(f"port throughput, {size} fp32 state_dict; {_env()}")
     base = _run_worker("numpy_round_trip", size, repeat)
     plain = _run_worker("plain", size, repeat)
@@ -355,7 +409,7 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def real_main(repeat: int, before: str | None) -> int:
+def real_main(repeat: int, before: str | None, phases: bool = False) -> int:
     import importlib.util
 
     mib = 1024**2
@@ -374,13 +428,30 @@ def real_main(repeat: int, before: str | None) -> int:
             rows[name].append(_run_worker(approach, "hf-vit-l", 1, code))
     hf = _median(rows["transformers convert_pytorch_state_dict_to_flax"], "seconds")
     nbytes = rows[approaches[0][0]][0]["bytes"]
-    print(f"{'approach':<50} {'median s':>9} {'GiB/s':>7} {'vs HF':>6} {'peak RSS growth':>16} {'x model':>8}")
+    hf_cpu = _median(rows["transformers convert_pytorch_state_dict_to_flax"], "cpu_seconds")
+    print(f"{'approach':<50} {'median s':>9} {'GiB/s':>7} {'vs HF':>6} {'cpu s':>6} {'vs HF':>6} "
+          f"{'peak RSS growth':>16} {'x model':>8}")
     for name, _, _ in approaches:
         sec, peak = _median(rows[name], "seconds"), _median(rows[name], "peak_rss_growth")
-        print(f"{name:<50} {sec:9.2f} {nbytes / GIB / sec:7.2f} {hf / sec:5.2f}x "
+        cpu = _median(rows[name], "cpu_seconds")
+        print(f"{name:<50} {sec:9.2f} {nbytes / GIB / sec:7.2f} {hf / sec:5.2f}x {cpu:6.2f} {hf_cpu / cpu:5.2f}x "
               f"{peak / mib:12.0f} MiB {peak / nbytes:7.2f}x")
     for n, rs in rows.items():
-        print(f"  {n}: " + ", ".join(f"{r['seconds']:.2f}" for r in rs) + " s")
+        print(f"  {n}: " + ", ".join(f"{r['seconds']:.2f}" for r in rs) + " s wall, "
+              + ", ".join(f"{r['cpu_seconds']:.2f}" for r in rs) + " s cpu")
+    print("(cpu s: process CPU time, all threads; less skewed by other processes than wall time)")
+    if phases:
+        ph = {k: v for which in PHASES for k, v in _run_worker(which, "hf-vit-l", 1)["phases"].items()}
+        names = {"plan": "build_plan (abstract trace of the twin, pairing)",
+                 "convert": "PortPlan.to_flax (one thread, no overlap)",
+                 "memcpy_fresh": "floor: every tensor copied into fresh memory",
+                 "transpose_fresh": "floor: same, Linear weights transposed",
+                 "transpose_warm": "those transposes again, memory already mapped"}
+        print(f"phases of one cold port (own process), beside this machine's copy floor:")
+        print(f"  {'phase':<50} {'wall s':>7} {'cpu s':>6} {'GiB/s':>6}")
+        for key, label in names.items():
+            wall, cpu = ph[key]
+            print(f"  {label:<50} {wall:7.2f} {cpu:6.2f} {nbytes / GIB / wall:6.2f}")
     print("targets: >= 3x HF's throughput; peak RSS growth <= 1.0x the model's bytes")
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes skew timings)")
     return 0

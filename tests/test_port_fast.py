@@ -93,3 +93,29 @@ def test_failed_plan_stops_the_prefetch(monkeypatch):
     with pytest.raises(wp.AttributeMismatchError):
         wp.torch_to_flax(Torch(), Flax(eps=1e-6), X)  # Flax's default eps: refused by the plan
     assert torch.get_num_threads() == threads
+
+
+def test_caller_converts_the_queue_itself_same_bits():
+    """workers=0: every prefetched tensor is converted by result() on the calling thread (the
+    path the caller takes once its plan is built) -- the same bits as the plain plan."""
+    t = Torch().eval()
+    sd = t.state_dict()
+    plan = build_plan(t, Flax(), X)
+    pre = Prefetch(t, sd, dtype=None, copy=True, check_finite=True, workers=0)
+    assert len(pre._queue) > 0 and not pre.done  # nothing converted before result()
+    done = pre.result()
+    assert set(done) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                         "bn.running_var", "fc.weight", "fc.bias", "norm.weight", "norm.bias",
+                         "head.weight", "head.bias"}
+    assert _bits(plan.to_flax(sd, precomputed=done)) == _bits(plan.to_flax(sd))
+
+
+def test_queue_is_largest_first():
+    """The threads share one queue, biggest tensors first: a fixed split of the (weight, bias,
+    weight, ...) list gave one worker every weight and the other every bias."""
+    t = Torch()
+    sd = t.state_dict()
+    pre = Prefetch(t, sd, dtype=None, copy=True, check_finite=True, workers=0)
+    sizes = [sd[key].numel() for key, *_ in pre._queue]
+    pre.cancel()
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == sd["fc.weight"].numel()

@@ -112,11 +112,15 @@ def abstract_target(
         return next_fun(*args, **kwargs)
 
     specs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in flax_inputs)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+    def init(*xs):
+        # Keys made inside the trace: concrete ones (jax.random.key outside) would compile XLA
+        # seeding computations, ~0.1 s in a cold process, for values nobody reads.
+        rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+        return flax_module.init(rngs, *xs, **call_kwargs(flax_module, False))
+
     with nn.intercept_methods(record):
-        closed, variables = jax.make_jaxpr(
-            lambda r, *xs: flax_module.init(r, *xs, **call_kwargs(flax_module, False)), return_shape=True
-        )(rngs, *specs)
+        closed, variables = jax.make_jaxpr(init, return_shape=True)(*specs)
     jaxpr = closed.jaxpr
     leaf_of_var = {v: leaf for v, leaf in zip(jaxpr.outvars, leaf_paths(variables))
                    if not isinstance(v, jcore.Literal)}  # a constant-initialised leaf is a Literal
