@@ -355,7 +355,7 @@ def check(
             say("trap lint")
             with x64:  # the twin is traced on the run's own (possibly float64) variables
                 found = lint_traced(run.torch_module, run.twin, run.variables, run.flax_args, run.plan,
-                                    train=train)
+                                    train=train, torch_args=run.torch_args)
             report.warnings += [f"trap: {f}" for f in found]
             if strict:  # a "note" (a module fx could not trace) says what was not read: no trap
                 report.strict_findings = [str(f) for f in found if f.kind != "note"]

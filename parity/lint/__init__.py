@@ -21,8 +21,9 @@ Traps read: GELU exact (erf) vs tanh approximation; conv stride / dilation / gro
 differ); dropout drawing random bits in an eval-mode check; torch pooling with ceil_mode=True
 (Flax pooling floors); average pooling count_include_pad; resize antialias (when down-sampling),
 method and align_corners (parity.lint._resize); attention logits scaled by a different constant
-(parity.lint._attention). Not read here: norm eps / momentum (the weight port's attribute check
-warns about those).
+(parity.lint._attention); a norm whose Flax twin uses the one-pass (fast) variance, where the
+check's input has a large mean against its spread (parity.lint._norms). Not read here: norm eps /
+momentum (the weight port's attribute check warns about those).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 
 from parity.lint._attention import attention_findings
 from parity.lint._common import LINT_ERROR, Finding
+from parity.lint._norms import fast_variance_findings
 from parity.lint._resize import resize_findings
 from parity.lint._torch import inline_calls
 from parity.lint._trace import flax_trace as _flax_eqns
@@ -66,15 +68,18 @@ def lint_pair(torch_module: torch.nn.Module, flax_module, example_input, *, inpu
             plan = plan or build_plan(torch_module, flax_module, args, input_layout=plain,
                                       check_attributes="warn")
             variables = variables if variables is not None else plan.to_flax(torch_module.state_dict())
-        return lint_traced(torch_module, twin, variables, flax_inputs(args, layouts), plan, train=train)
+        return lint_traced(torch_module, twin, variables, flax_inputs(args, layouts), plan, train=train,
+                           torch_args=args)
     except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
         return [_crash(exc)]
 
 
 def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_args: tuple, plan, *,
-                train: bool) -> list[Finding]:
+                train: bool, torch_args: tuple | None = None) -> list[Finding]:
     """lint_pair for a caller that already has the twin, its variables, the Flax-layout inputs
-    and the port's plan (parity.check). Never raises (a "lint-error" Finding instead)."""
+    and the port's plan (parity.check). torch_args: the same inputs in torch layout, for the
+    traps that depend on the data (fast variance; skipped without them). Never raises (a
+    "lint-error" Finding instead)."""
     try:
         trace = _flax_eqns(twin, variables, flax_args)
         calls, failed = inline_calls(torch_module)
@@ -84,7 +89,8 @@ def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_ar
         return (notes + gelu_findings(torch_module, plan, trace, calls, nnx) + conv_findings(plan, trace)
                 + dropout_findings(torch_module, trace, train, nnx) + pool_ceil_findings(torch_module, nnx)
                 + pool_pad_findings(torch_module, trace, nnx) + resize_findings(torch_module, trace, calls, nnx)
-                + attention_findings(torch_module, plan, trace, calls, nnx))
+                + attention_findings(torch_module, plan, trace, calls, nnx)
+                + fast_variance_findings(torch_module, plan, torch_args, train))
     except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
         return [_crash(exc)]
 

@@ -18,7 +18,7 @@ class Finding:
     path ("block/conv"; "(inline gelu)" appended likewise)."""
 
     # "gelu", "conv-padding", "conv-geometry", "dropout-on", "pool-ceil", "pool-count-include-pad",
-    # "resize-antialias", "resize-method", "resize-align-corners", "attention-scale",
+    # "resize-antialias", "resize-method", "resize-align-corners", "attention-scale", "fast-variance",
     # "lint-error", "note"
     kind: str
     torch_where: str

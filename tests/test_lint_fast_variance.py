@@ -1,0 +1,65 @@
+"""The fast-variance trap: a Flax norm computing E[x^2] - E[x]^2 (use_fast_variance=True) against
+torch's two-pass variance is named where the check's input makes it matter, and only there."""
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+import pytest
+import torch
+
+import parity
+from parity.lint import lint_pair
+
+
+class TorchNormed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+class FlaxNormed(nn.Module):
+    fast: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=self.fast, name="norm")(nn.Dense(8, name="fc")(x))
+
+
+def _model() -> TorchNormed:
+    torch.manual_seed(0)
+    m = TorchNormed()
+    with torch.no_grad():
+        m.fc.bias.fill_(3000.0)  # every row's mean ~3000 with a spread ~1: one-pass cancels
+    return m
+
+
+X = np.random.default_rng(0).standard_normal((4, 8))
+
+
+def _kinds(findings) -> list[str]:
+    return [f.kind for f in findings]
+
+
+def test_fast_variance_is_named_where_the_input_has_a_large_mean():
+    found = [f for f in lint_pair(_model(), FlaxNormed(), X, input_layouts="as_is") if f.kind == "fast-variance"]
+    assert len(found) == 1, found
+    assert found[0].torch_where == "norm" and found[0].flax_where == "norm"
+    assert "use_fast_variance=False" in found[0].message
+
+
+@pytest.mark.parametrize("fast, bias", [(False, 3000.0), (True, 0.0)], ids=["two-pass twin", "small mean"])
+def test_no_fast_variance_finding_where_it_cannot_matter(fast, bias):
+    m = _model()
+    with torch.no_grad():
+        m.fc.bias.fill_(bias)
+    assert "fast-variance" not in _kinds(lint_pair(m, FlaxNormed(fast=fast), X, input_layouts="as_is"))
+
+
+def test_check_prints_the_finding_and_strict_fails():
+    r = parity.check(_model(), FlaxNormed(), X, input_layout="as_is", strict=True, layers=False)
+    assert any(w.startswith("trap: fast-variance at torch norm / Flax norm") for w in r.warnings), r.warnings
+    assert r.verdict == "FAIL"
