@@ -11,12 +11,12 @@ import torch
 
 import train_pairs as tp
 import verdict_pairs as vp
-from dp_models import FlaxConvBN, TorchConvBN
+from dp_models import FlaxConvBN, TorchConvBN, TorchGlobalDoubleNorm
 from planted import example_tokens, make_flax_tokens_renamed, make_torch_tokens
 from parity.data_parallel.ddp import run_ddp
 from parity.data_parallel.train import PlannedChecks, plan_checks
 from parity.registry import PAIRS
-from parity.tolerances import GRAD, NOISE_FLOORS
+from parity.tolerances import GRAD, NOISE_FLOORS, TRAIN_NOISE_FLOORS
 from parity.training import OptimizerSpec
 
 NOISY = "steps noise"  # the note of an update judged partly as gradient noise (parity.training.noise)
@@ -33,7 +33,7 @@ def _summary(report) -> dict:
             "worst_real_update": [max((c.rel_norm for c in s.updates if not c.below_floor), default=0.0)
                                   for s in report.steps],
             "noisy": [sorted(c.name for c in s.updates if NOISY in c.note) for s in report.steps],
-            "below_floor": [sorted(c.name for c in s.updates if c.below_floor) for s in report.steps],
+            "below_floor": [sorted(c.name for c in s.updates + s.stats if c.below_floor) for s in report.steps],
             "failed": [sorted(c.name for c in s.comparisons if not c.ok) for s in report.steps],
             "notes": report.notes}
 
@@ -81,6 +81,10 @@ def main() -> None:
         # planted bugs: Adam's eps inside the square root (Flax side); the loss summed over replicas
         "mha_adam_eps_inside_sqrt": dict(mha, dtype="float64", flax_optimizer=optax.adam(1e-2, eps=0.0, eps_root=1e-8)),
         "mha_adam_summed_loss": dict(mha, dtype="float32", torch_loss_reduction="sum"),
+        # a BatchNorm after a BatchNorm (global statistics on both sides): bn2's running_mean is noise
+        "double_norm": dict(torch_module=TorchGlobalDoubleNorm(), flax_module=tp.FlaxDoubleNorm(),
+                            data=tp.double_norm_batches(), steps=3, optimizer=OptimizerSpec("sgd-momentum", lr=0.05),
+                            input_layout="as_is", dtype="float64"),
     }
     all_cases = {**cases, **floor_cases}
     # One start of the torch worker processes for every case (plan_checks + run_ddp, as
@@ -88,10 +92,12 @@ def main() -> None:
     checks = plan_checks([{**common, **c} for c in all_cases.values()])
     records = run_ddp(checks.jobs, world=checks.world)
     out = dict(zip(all_cases, map(_summary, checks.reports(records))))
-    NOISE_FLOORS[GRAD] = replace(NOISE_FLOORS[GRAD], factor=0.0)  # no gradient floor: noise judged as real
-    # the cases whose key-bias noise exceeds the table without the floor (the mha float64 one
-    # does not: there the key third is a small part of in_proj_bias's norm)
-    again = [list(all_cases).index(name) for name in ("mha_adam_float32", "single_head_adam_float64")]
+    # No floors: noise judged as real, what the data-parallel path did before it used them.
+    NOISE_FLOORS[GRAD] = replace(NOISE_FLOORS[GRAD], factor=0.0)
+    TRAIN_NOISE_FLOORS["stats"] = replace(TRAIN_NOISE_FLOORS["stats"], factor=0.0)
+    # the cases whose noise exceeds the table without the floor (not the mha float64 one: there
+    # the key third is a small part of in_proj_bias's norm)
+    again = [list(all_cases).index(name) for name in ("mha_adam_float32", "single_head_adam_float64", "double_norm")]
     # (reports() only reads the records and the untouched torch modules: judging twice is safe)
     redo = PlannedChecks(checks.world, checks.mesh, [], [checks.prepared[i] for i in again])
     for i, report in zip(again, redo.reports([records[i] for i in again])):

@@ -78,6 +78,17 @@ def test_without_the_gradient_floor_the_ddp_key_bias_fails(child, case, param):
     assert res["failed"][0] == [param]
 
 
+def test_zero_in_theory_running_mean_passes_under_ddp(child):
+    """BatchNorm after BatchNorm, global statistics on both sides (tests/dp_models.py): bn2's
+    running_mean is rounding noise, judged by the statistics floor (below it) at every step;
+    without that floor it fails, and only it."""
+    res, bare = child["double_norm"], child["double_norm_no_floor"]
+    assert res["ok"] and res["findings"] == [] and res["stats"] == [4] * 3, res
+    assert all("bn2.running_mean" in names for names in res["below_floor"])
+    assert not bare["ok"] and bare["first_failure"] == 1
+    assert bare["failed"][0] == ["bn2.running_mean"]
+
+
 def test_adam_eps_placement_under_ddp_still_fails(child):
     """optax.adam(eps=0, eps_root=1e-8) for torch's eps outside the root: the real updates of
     step 1 differ (the loss of step 1 does not), not hidden by the noise allowance."""
