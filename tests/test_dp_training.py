@@ -89,13 +89,16 @@ def test_zero_in_theory_running_mean_passes_under_ddp(child):
     assert bare["failed"][0] == ["bn2.running_mean"]
 
 
-def test_adam_eps_placement_under_ddp_still_fails(child):
+def test_adam_eps_placement_under_ddp_fails_and_is_named(child):
     """optax.adam(eps=0, eps_root=1e-8) for torch's eps outside the root: the real updates of
-    step 1 differ (the loss of step 1 does not), not hidden by the noise allowance."""
+    step 1 differ (the loss of step 1 does not), not hidden by the noise allowance; the replay of
+    Flax's trajectory names the convention, as on one device."""
     res = child["mha_adam_eps_inside_sqrt"]
     assert not res["ok"] and res["first_failure"] == 1
     assert "loss" not in res["failed"][0]
     assert {"update attn.in_proj_weight", "update head.weight"} <= set(res["failed"][0])
+    named = [f for f in res["findings"] if f.startswith("optimizer convention:")]
+    assert named and "Adam eps placement" in named[0], res["findings"]
 
 
 def test_summed_loss_with_adam_under_ddp_is_named(child):

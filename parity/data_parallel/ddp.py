@@ -140,9 +140,8 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
     rank 0's record per step: global mean loss, lr, global gradient norm and the gradients
     themselves (after DDP's averaging, before the optimizer step), the global output cotangent and
     input norms (the step's gradient noise floor), parameters and BatchNorm running statistics
-    after the step (float64 numpy). The
-    modules are pickled to the workers: their classes must import from the caller's sys.path
-    (not be defined in ``__main__``)."""
+    after the step (float64 numpy). The modules are pickled to the workers: their classes must
+    import from the caller's sys.path (not be defined in ``__main__``)."""
     too_big = [j["world"] for j in jobs if j["world"] > world]
     if too_big:
         raise ValueError(f"a job needs {max(too_big)} processes, run_ddp starts {world}")

@@ -4,9 +4,10 @@ under jit on the batch sharded over an N-device mesh, compared per step.
 Per step, as in single-device training parity (parity.training.loop.compare_step, shared):
 loss, learning rate, global gradient norm, every parameter's update and BatchNorm running
 statistics, under the training tolerance table and the same noise floors (parity.training.noise,
-fed with torch's DDP-averaged gradients and the global batch's gradient floor). Named findings: BatchNorm per-replica (torch DDP with plain BatchNorm) vs
-global-batch (Flax under jit on a sharded batch) statistics, and a torch loss summed over
-replicas instead of averaged (loss and gradients N times Flax's).
+fed with torch's DDP-averaged gradients and the global batch's gradient floor). Named findings:
+BatchNorm per-replica (torch DDP with plain BatchNorm) vs global-batch (Flax under jit on a
+sharded batch) statistics, a torch loss summed over replicas instead of averaged (loss and
+gradients N times Flax's), and, as on one device, an optimizer convention mistake.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from parity.numerics import jax_precision, numerics_env, pinned
 from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
                             torch_inputs, train_mode_matters, value_and_grad_fn)
 from parity.tolerances import TRAIN_STATS, train_tolerance
-from parity.training.loop import (LOSSES, StepSide, TrainReport, _first_leaf, compare_step, flax_loss, noise_notes,
-                                  tdtype_to_jnp)
+from parity.training.loop import (_MAX_REPLAY, LOSSES, StepSide, TrainReport, _first_leaf, _name_optimizer_mistake,
+                                  compare_step, flax_loss, noise_notes, tdtype_to_jnp)
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
 from weight_port.layout import AS_IS, to_flax_layout
@@ -167,7 +168,7 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     def step(p, bs, state, x, y):
         value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
         updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads)
+        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
 
     def named(tree, collection):
         return {k: np.asarray(v, np.float64) for k, v in
@@ -178,6 +179,7 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     t_prev = {k: v.astype(np.float64) for k, v in
               ((k, p.detach().double().numpy()) for k, p in tm.named_parameters())}
     f_prev = named(params, "params")
+    replay: list[tuple[float, dict, dict, dict]] = []  # (lr, p_prev, grads, update), Flax side
     results = []
     for i, ((x, y), rec) in enumerate(zip(batches, records)):
         k = i + 1
@@ -187,16 +189,19 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
         yf = (jnp.asarray(to_flax_layout(y, target_layout, "mse target"), dtype=tdtype_to_jnp(dtype))
               if loss == "mse" else jnp.asarray(y))
         xf, yf = shard_batch(xf, mesh, batch), shard_batch(yf, mesh, batch, where="labels")
-        params, bstats, opt_state, f_loss, f_gnorm = step(params, bstats, opt_state, xf, yf)
+        params, bstats, opt_state, f_loss, f_gnorm, grads = step(params, bstats, opt_state, xf, yf)
         f_now = named(params, "params")
+        f_upd = {p: f_now[p] - f_prev[p] for p in f_now}
+        # Keep the Flax trajectory up to (and including) the first failing step, to name the cause.
+        if len(replay) < _MAX_REPLAY and all(r.ok for r in results):
+            replay.append((float(schedule(i)), f_prev, named(grads, "params"), f_upd))
         # torch's averaged gradients of this step, and its global-batch gradient floor (run_ddp)
         noise.observe(rec["lr"], loss_gradient_floor(dtype, rec["out_cotangent_norm"], rec["input_norm"]),
                       rec["grads"], t_prev, f_prev)
         f_stats = named(bstats["batch_stats"], "batch_stats") if rec["buffers"] and "batch_stats" in bstats else {}
         t_side = StepSide(rec["loss"], rec["lr"], rec["grad_norm"],
                           {p: rec["params"][p] - t_prev[p] for p in rec["params"]}, rec["buffers"])
-        f_side = StepSide(float(f_loss), float(schedule(i)), float(f_gnorm),
-                          {p: f_now[p] - f_prev[p] for p in f_now}, f_stats)
+        f_side = StepSide(float(f_loss), float(schedule(i)), float(f_gnorm), f_upd, f_stats)
         results.append(compare_step(k, dtype, prec, noise, t_side, f_side))
         t_prev, f_prev = rec["params"], f_now
     name = c["name"] or type(c["torch_module"]).__name__
@@ -207,6 +212,8 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     report.notes += noise_notes(spec, results)
     report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, *batches[0],
                                                                         records[0], in_layouts, tdtype, n, dtype, prec))
+    if not report.ok:  # an optimizer convention mistake, named as on one device
+        report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
     return report
 
 
