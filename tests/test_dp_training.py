@@ -103,7 +103,7 @@ def test_adam_eps_placement_under_ddp_fails_and_is_named(child):
 
 def test_summed_loss_with_adam_under_ddp_is_named(child):
     """Adam's step barely changes when the loss is doubled, but the loss and gradient norm do."""
-    res = child["mha_adam_summed_loss"]
+    res = child["single_head_adam_summed_loss"]
     assert not res["ok"] and res["first_failure"] == 1
     assert {"loss", "grad_norm"} <= set(res["failed"][0])
     assert any("summed over the 2 replicas instead of averaged" in f for f in res["findings"])
