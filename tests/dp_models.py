@@ -1,4 +1,4 @@
-"""Tiny Conv + BatchNorm twins for the data-parallel tests (importable: DDP workers unpickle them)."""
+"""Tiny BatchNorm twins for the data-parallel tests (importable: DDP workers unpickle them)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -6,18 +6,19 @@ import torch
 import torch.distributed as dist
 
 from flax_impl.batchnorm import BatchNorm
+from train_pairs import TorchDoubleNorm
 
 
-class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose train-mode statistics are those of the global batch of the DDP process
-    group: what torch.nn.SyncBatchNorm computes, which refuses CPU tensors (torch 2.13: "expected
-    input tensor to be on GPU or XPU or privateuseone"), so a gloo run on CPU needs this one.
+class _GlobalStats:
+    """Train-mode statistics of the global batch of the DDP process group: what
+    torch.nn.SyncBatchNorm computes, which refuses CPU tensors (torch 2.13: "expected input tensor
+    to be on GPU or XPU or privateuseone"), so a gloo run on CPU needs this one.
 
     The mean first, then the centred second moment, each a differentiable all-reduce of per-rank
     sums (torch.distributed.nn.functional.all_reduce: its backward all-reduces the gradient, so
     every rank's input gets the gradient of the global statistics). Two passes, as torch's
-    BatchNorm: E[(x - m)^2], not E[x^2] - m^2. Outside a process group: plain BatchNorm2d.
-    Input [N, C, H, W].
+    BatchNorm: E[(x - m)^2], not E[x^2] - m^2. Outside a process group: the plain BatchNorm.
+    Input [N, C, *S] (channels on axis 1).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,18 +26,37 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        dims = (0, 2, 3)
+        dims = (0, *range(2, x.ndim))
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)  # [C] -> broadcastable against [N, C, *S]
         count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype)
-        dist.all_reduce(count)  # rows x pixels over every rank
+        dist.all_reduce(count)  # rows x positions over every rank
         mean = all_reduce(x.sum(dims)) / count
-        centred = x - mean[None, :, None, None]
+        centred = x - mean.view(per_channel)
         var = all_reduce((centred * centred).sum(dims)) / count  # biased: normalises the batch
         with torch.no_grad():  # torch's update: the unbiased variance into running_var
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * count / (count - 1))
             self.num_batches_tracked += 1
-        y = centred / torch.sqrt(var + self.eps)[None, :, None, None]
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        y = centred / torch.sqrt(var + self.eps).view(per_channel)
+        return y * self.weight.view(per_channel) + self.bias.view(per_channel) if self.affine else y
+
+
+class GlobalBatchNorm2d(_GlobalStats, torch.nn.BatchNorm2d):
+    """BatchNorm2d with global-batch statistics under DDP (_GlobalStats). Input [N, C, H, W]."""
+
+
+class GlobalBatchNorm1d(_GlobalStats, torch.nn.BatchNorm1d):
+    """BatchNorm1d with global-batch statistics under DDP (_GlobalStats). Input [N, C]."""
+
+
+class TorchGlobalDoubleNorm(TorchDoubleNorm):
+    """tests/train_pairs.py's BatchNorm-after-BatchNorm model (bn2's running_mean zero in exact
+    arithmetic) with global-batch BatchNorms, the semantics of its Flax twin on a sharded batch."""
+
+    def __init__(self):
+        super().__init__()  # BatchNorm init draws no random numbers: replacing them keeps fc/head
+        self.bn1 = GlobalBatchNorm1d(8, affine=False)
+        self.bn2 = GlobalBatchNorm1d(8)
 
 
 class TorchConvBN(torch.nn.Module):

@@ -51,6 +51,63 @@ def test_own_pair_pytree_inputs_rename_mse(child):
     assert res["ok"] and res["findings"] == [], res
 
 
+# --- noise floors (parity.training.noise) under data_parallel: attention trained with Adam --------
+NOISY = "update attn.in_proj_bias"  # the key third of it has a zero-in-theory gradient
+
+
+@pytest.mark.parametrize("case", ["mha_adam_float64", "mha_adam_float32", "single_head_adam_float64"])
+def test_correct_attention_twin_with_adam_passes_under_ddp(child, case):
+    """The key bias's gradient is rounding noise that Adam normalises into lr-sized steps drawn
+    differently by each side: judged by the single-device floors, fed with torch's DDP-averaged
+    gradients, every step passes, and the floor was used (on the key bias only) at every step."""
+    res = child[case]
+    assert res["ok"] and res["findings"] == [], res
+    param = "update k.bias" if case.startswith("single_head") else NOISY
+    assert res["noisy"] == [[param]] * 3
+    assert any(n.startswith("gradient noise:") for n in res["notes"])
+    if case.startswith("single_head"):  # k.bias is noise alone: below its floor at every step
+        assert res["below_floor"] == [[param]] * 3
+
+
+def test_without_the_gradient_floor_the_ddp_key_bias_fails(child):
+    """The same records judged with NOISE_FLOORS[GRAD] zeroed (what the data-parallel path did
+    before it used the floors): the key bias fails, and only it."""
+    res = child["single_head_adam_float64_no_floor"]
+    assert not res["ok"] and res["first_failure"] == 1
+    assert res["failed"][0] == ["update k.bias"]
+
+
+def test_zero_in_theory_running_mean_passes_under_ddp(child):
+    """BatchNorm after BatchNorm, global statistics on both sides (tests/dp_models.py): bn2's
+    running_mean is rounding noise, judged by the statistics floor (below it) at every step;
+    without that floor it fails, and only it."""
+    res, bare = child["double_norm"], child["double_norm_no_floor"]
+    assert res["ok"] and res["findings"] == [] and res["stats"] == [4] * 3, res
+    assert all("bn2.running_mean" in names for names in res["below_floor"])
+    assert not bare["ok"] and bare["first_failure"] == 1
+    assert bare["failed"][0] == ["bn2.running_mean"]
+
+
+def test_adam_eps_placement_under_ddp_fails_and_is_named(child):
+    """optax.adam(eps=0, eps_root=1e-8) for torch's eps outside the root: the real updates of
+    step 1 differ (the loss of step 1 does not), not hidden by the noise allowance; the replay of
+    Flax's trajectory names the convention, as on one device."""
+    res = child["mha_adam_eps_inside_sqrt"]
+    assert not res["ok"] and res["first_failure"] == 1
+    assert "loss" not in res["failed"][0]
+    assert {"update attn.in_proj_weight", "update head.weight"} <= set(res["failed"][0])
+    named = [f for f in res["findings"] if f.startswith("optimizer convention:")]
+    assert named and "Adam eps placement" in named[0], res["findings"]
+
+
+def test_summed_loss_with_adam_under_ddp_is_named(child):
+    """Adam's step barely changes when the loss is doubled, but the loss and gradient norm do."""
+    res = child["single_head_adam_summed_loss"]
+    assert not res["ok"] and res["first_failure"] == 1
+    assert {"loss", "grad_norm"} <= set(res["failed"][0])
+    assert any("summed over the 2 replicas instead of averaged" in f for f in res["findings"])
+
+
 def test_train_check_keyword_dispatches_to_ddp():
     """parity.train_check(..., data_parallel=N) takes the DDP path: in this 1-device process it
     stops at the mesh with the named error, before any worker process starts."""

@@ -50,7 +50,7 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from parity.runtime import as_args, torch_inputs
-    from parity.training.loop import _first_leaf, torch_loss
+    from parity.training.loop import _first_leaf, floor_norms, torch_grads, torch_loss
     from parity.training.optim import torch_optimizer
 
     model = p["module"]
@@ -68,7 +68,10 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
         if p["loss"] == "mse":  # targets shaped like the output, in the run's dtype
             ys = ys.to(p["dtype"])
         opt.zero_grad(set_to_none=False)
-        loss = torch_loss(p["loss"], _first_leaf(ddp(*xs)), ys)
+        out = _first_leaf(ddp(*xs))
+        if p["record"] and out.requires_grad:
+            out.retain_grad()  # dL/d output: one factor of the gradients' noise floor
+        loss = torch_loss(p["loss"], out, ys)
         if p["loss_reduction"] == "sum":  # a planted mistake: replicas' losses summed, not averaged
             loss = loss * world
         loss.backward()  # DDP all-reduces (averages) the gradients here
@@ -79,14 +82,22 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
             continue
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
+        # The gradient noise floor of the global step (parity.training.noise.loss_gradient_floor):
+        # DDP's averaged gradient is that of the global mean loss, whose output cotangent is each
+        # rank's own over world (stacked), and whose input is the global batch.
+        cot, inp = floor_norms(out, xs)
+        squares = torch.tensor([cot * cot, inp * inp], dtype=torch.float64)
+        dist.all_reduce(squares)
         gnorm = float(np.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in model.parameters()
                                   if q.grad is not None)))
+        grads = torch_grads(model)  # after DDP's all-reduce: the averaged gradients the optimizer steps with
         opt.step()
         if sched is not None:
             sched.step()
         seconds = time.perf_counter() - start  # the step on this rank, incl. DDP's all-reduce (benchmarks)
         records.append({
-            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm, "seconds": seconds,
+            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm, "seconds": seconds, "grads": grads,
+            "out_cotangent_norm": float(np.sqrt(squares[0])) / world, "input_norm": float(np.sqrt(squares[1])),
             "params": {n: q.detach().double().numpy().copy() for n, q in model.named_parameters()},
             "buffers": {n: q.detach().double().numpy().copy() for n, q in model.named_buffers()
                         if n.endswith(("running_mean", "running_var"))},
@@ -126,10 +137,11 @@ def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[Any, np.ndarray]]
 def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[dict]]:
     """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here, each job on
     the first ``job["world"]`` (<= world) of them, one job after another; per job,
-    rank 0's record per step: global mean loss, lr, global gradient norm (after DDP's
-    averaging), parameters and BatchNorm running statistics after the step (float64 numpy). The
-    modules are pickled to the workers: their classes must import from the caller's sys.path
-    (not be defined in ``__main__``)."""
+    rank 0's record per step: global mean loss, lr, global gradient norm and the gradients
+    themselves (after DDP's averaging, before the optimizer step), the global output cotangent and
+    input norms (the step's gradient noise floor), parameters and BatchNorm running statistics
+    after the step (float64 numpy). The modules are pickled to the workers: their classes must
+    import from the caller's sys.path (not be defined in ``__main__``)."""
     too_big = [j["world"] for j in jobs if j["world"] > world]
     if too_big:
         raise ValueError(f"a job needs {max(too_big)} processes, run_ddp starts {world}")

@@ -1,11 +1,13 @@
 """Data-parallel training parity: torch DDP (gloo, N local processes) against the Flax train step
 under jit on the batch sharded over an N-device mesh, compared per step.
 
-Per step, as in single-device training parity (parity.training): loss, learning rate, global
-gradient norm, every parameter's update and BatchNorm running statistics, under the training
-tolerance table. Named findings: BatchNorm per-replica (torch DDP with plain BatchNorm) vs
-global-batch (Flax under jit on a sharded batch) statistics, and a torch loss summed over
-replicas instead of averaged (loss and gradients N times Flax's).
+Per step, as in single-device training parity (parity.training.loop.compare_step, shared):
+loss, learning rate, global gradient norm, every parameter's update and BatchNorm running
+statistics, under the training tolerance table and the same noise floors (parity.training.noise,
+fed with torch's DDP-averaged gradients and the global batch's gradient floor). Named findings:
+BatchNorm per-replica (torch DDP with plain BatchNorm) vs global-batch (Flax under jit on a
+sharded batch) statistics, a torch loss summed over replicas instead of averaged (loss and
+gradients N times Flax's), and, as on one device, an optimizer convention mistake.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
                             torch_inputs, train_mode_matters, value_and_grad_fn)
-from parity.tolerances import TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
-from parity.training.loop import LOSSES, StepResult, TrainReport, _first_leaf, flax_loss, tdtype_to_jnp
+from parity.tolerances import TRAIN_STATS, train_tolerance
+from parity.training.loop import (_MAX_REPLAY, LOSSES, StepSide, TrainReport, _first_leaf, _name_optimizer_mistake,
+                                  compare_step, flax_loss, noise_notes, tdtype_to_jnp)
+from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import build_plan
@@ -164,16 +168,18 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     def step(p, bs, state, x, y):
         value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
         updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads)
+        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
 
     def named(tree, collection):
         return {k: np.asarray(v, np.float64) for k, v in
                 plan.to_torch({collection: tree}, collections=(collection,)).items()}
 
     prec = jax_precision()
+    noise = UpdateNoise(spec)  # the noise floors of single-device training parity (parity.training.noise)
     t_prev = {k: v.astype(np.float64) for k, v in
               ((k, p.detach().double().numpy()) for k, p in tm.named_parameters())}
     f_prev = named(params, "params")
+    replay: list[tuple[float, dict, dict, dict]] = []  # (lr, p_prev, grads, update), Flax side
     results = []
     for i, ((x, y), rec) in enumerate(zip(batches, records)):
         k = i + 1
@@ -183,27 +189,31 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
         yf = (jnp.asarray(to_flax_layout(y, target_layout, "mse target"), dtype=tdtype_to_jnp(dtype))
               if loss == "mse" else jnp.asarray(y))
         xf, yf = shard_batch(xf, mesh, batch), shard_batch(yf, mesh, batch, where="labels")
-        params, bstats, opt_state, f_loss, f_gnorm = step(params, bstats, opt_state, xf, yf)
+        params, bstats, opt_state, f_loss, f_gnorm, grads = step(params, bstats, opt_state, xf, yf)
         f_now = named(params, "params")
-        tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
-        scalars = [compare("loss", np.asarray(float(f_loss)), np.asarray(rec["loss"]), tol_s),
-                   compare("lr", np.asarray(float(schedule(i))), np.asarray(rec["lr"]), tol_s),
-                   compare("grad_norm", np.asarray(float(f_gnorm)), np.asarray(rec["grad_norm"]), tol_s)]
-        updates = [compare(f"update {p}", f_now[p] - f_prev[p], rec["params"][p] - t_prev[p], tol_u)
-                   for p in rec["params"]]
-        stats = []
-        if rec["buffers"] and "batch_stats" in bstats:
-            f_stats = named(bstats["batch_stats"], "batch_stats")
-            stats = [compare(b, f_stats[b], v, tol_b) for b, v in rec["buffers"].items() if b in f_stats]
-        results.append(StepResult(k, rec["loss"], float(f_loss), scalars, updates, stats))
+        f_upd = {p: f_now[p] - f_prev[p] for p in f_now}
+        # Keep the Flax trajectory up to (and including) the first failing step, to name the cause.
+        if len(replay) < _MAX_REPLAY and all(r.ok for r in results):
+            replay.append((float(schedule(i)), f_prev, named(grads, "params"), f_upd))
+        # torch's averaged gradients of this step, and its global-batch gradient floor (run_ddp)
+        noise.observe(rec["lr"], loss_gradient_floor(dtype, rec["out_cotangent_norm"], rec["input_norm"]),
+                      rec["grads"], t_prev, f_prev)
+        f_stats = named(bstats["batch_stats"], "batch_stats") if rec["buffers"] and "batch_stats" in bstats else {}
+        t_side = StepSide(rec["loss"], rec["lr"], rec["grad_norm"],
+                          {p: rec["params"][p] - t_prev[p] for p in rec["params"]}, rec["buffers"])
+        f_side = StepSide(float(f_loss), float(schedule(i)), float(f_gnorm), f_upd, f_stats)
+        results.append(compare_step(k, dtype, prec, noise, t_side, f_side))
         t_prev, f_prev = rec["params"], f_now
     name = c["name"] or type(c["torch_module"]).__name__
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
                          conventions=conventions(spec), env=numerics_env(),
                          notes=[f"data_parallel={n}: torch DDP on {n} gloo processes vs the Flax step under "
                                 f"jit with the batch sharded over {n} {mesh.devices.flat[0].platform} devices"])
+    report.notes += noise_notes(spec, results)
     report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, *batches[0],
                                                                         records[0], in_layouts, tdtype, n, dtype, prec))
+    if not report.ok:  # an optimizer convention mistake, named as on one device
+        report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
     return report
 
 
@@ -220,8 +230,9 @@ def _replica0_stats_match(twin, plan, variables, x, y, record, in_layouts, tdtyp
     stats = forward_backward(twin, single, xf, None).new_variables["batch_stats"]
     f_stats = {k: np.asarray(v, np.float64) for k, v in
                plan.to_torch({"batch_stats": stats}, collections=("batch_stats",)).items()}
-    tol = train_tolerance(dtype, TRAIN_STATS, 1, prec)
-    return all(compare(b, f_stats[b], v, tol).ok for b, v in record["buffers"].items() if b in f_stats)
+    tol, floors = train_tolerance(dtype, TRAIN_STATS, 1, prec), stats_floors(dtype, record["buffers"])
+    return all(compare(b, f_stats[b], v, tol.with_floor(floors.get(b, 0.0))).ok
+               for b, v in record["buffers"].items() if b in f_stats)
 
 
 def _findings(report: TrainReport, plan, n: int, per_replica_confirmed: bool) -> list[str]:

@@ -183,6 +183,46 @@ class TrainReport:
         return [s for s in self.steps if s.step in keep]
 
 
+# --- one step's comparison (single-device and data-parallel training share it) ---------------
+@dataclass
+class StepSide:
+    """What one framework's optimizer step k produced, by torch name in torch layout (float64)."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    updates: dict[str, np.ndarray]  # p_k - p_{k-1} per parameter
+    stats: dict[str, np.ndarray]  # BatchNorm "<path>.running_mean" / "...running_var" after the step
+
+
+def compare_step(k: int, dtype: str, prec: str, noise: UpdateNoise, torch_side: StepSide,
+                 flax_side: StepSide) -> StepResult:
+    """Step k's comparisons under the training tolerance table and the noise floors: ``noise``
+    has observed this step (UpdateNoise.observe with torch's gradients); running statistics get
+    their own floors (stats_floors). Statistics only one side has are not compared."""
+    tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
+    t, f = torch_side, flax_side
+    scalars = [compare("loss", np.asarray(f.loss), np.asarray(t.loss), tol_s),
+               compare("lr", np.asarray(f.lr), np.asarray(t.lr), tol_s),
+               compare("grad_norm", np.asarray(f.grad_norm), np.asarray(t.grad_norm), tol_s)]
+    updates = [noise.compare(f"update {n}", n, f.updates[n], t.updates[n], tol_u) for n in t.updates]
+    floors = stats_floors(dtype, t.stats)
+    stats = [compare(n, f.stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
+             for n, v in t.stats.items() if n in f.stats]
+    return StepResult(k, t.loss, f.loss, scalars, updates, stats)
+
+
+def noise_notes(spec: OptimizerSpec, results: list[StepResult]) -> list[str]:
+    """The report's note on updates judged partly as gradient noise (UpdateNoise), if any."""
+    noisy = sorted({c.name.removeprefix("update ") for r in results for c in r.updates if "steps noise" in c.note})
+    if not noisy:
+        return []
+    return [f"gradient noise: entries of {', '.join(noisy)[:200]} have gradients under the noise "
+            f"floor (zero in exact arithmetic, e.g. a softmax key bias); {spec.name} turns that "
+            "noise into steps each framework draws differently, judged by the largest such step "
+            "(parity.tolerances.TRAIN_NOISE_FLOORS)"]
+
+
 # --- the check ------------------------------------------------------------------------------
 def _rel(c: Comparison) -> str:
     # An update that is all gradient noise (parity.training.noise) has no meaningful ratio.
@@ -199,7 +239,8 @@ def _torch_named(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {n: to_numpy(p.detach()).astype(np.float64) for n, p in module.named_parameters()}
 
 
-def _torch_grads(module: torch.nn.Module) -> dict[str, np.ndarray]:
+def torch_grads(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Each parameter's .grad by torch name, float64 (zeros where it has none)."""
     return {n: to_numpy(p.grad.detach()).astype(np.float64) if p.grad is not None else np.zeros(tuple(p.shape))
             for n, p in module.named_parameters()}
 
@@ -208,12 +249,13 @@ def _norm(tensors) -> float:
     return float(np.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors)))
 
 
-def _grad_floor(dtype: str, out: torch.Tensor, inputs) -> float:
-    """The noise floor of this step's loss gradients (parity.tolerances.NOISE_FLOORS[GRAD])."""
+def floor_norms(out: torch.Tensor, inputs) -> tuple[float, float]:
+    """(||dL/d out||, ||float leaves of inputs||): what a step's gradient noise floor scales with
+    (loss_gradient_floor). ``out`` had retain_grad() before the backward; no grad reads as 0."""
     floats = [t for t in jax.tree_util.tree_leaves(inputs)
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     cot = out.grad if out.grad is not None else torch.zeros(())
-    return loss_gradient_floor(dtype, _norm([cot]), _norm(floats))
+    return _norm([cot]), _norm(floats)
 
 
 def _bn_stats_torch(module: torch.nn.Module, bn_paths: list[str]) -> dict[str, np.ndarray]:
@@ -367,7 +409,7 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         t_gnorm = float(np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in tm.parameters()
                                     if p.grad is not None)))
         t_lr = float(t_opt.param_groups[0]["lr"])
-        noise.observe(t_lr, _grad_floor(dtype, t_out, xt), _torch_grads(tm), t_prev, f_prev)
+        noise.observe(t_lr, loss_gradient_floor(dtype, *floor_norms(t_out, xt)), torch_grads(tm), t_prev, f_prev)
         t_opt.step()
         if t_sched is not None:
             t_sched.step()
@@ -397,29 +439,15 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
             replay.append((f_lr, f_prev, named(grads, "params"), f_upd))
         t_prev, f_prev = t_now, f_now
 
-        tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
-        scalars = [compare("loss", np.asarray(float(f_loss)), np.asarray(float(t_loss)), tol_s),
-                   compare("lr", np.asarray(f_lr), np.asarray(t_lr), tol_s),
-                   compare("grad_norm", np.asarray(float(f_gnorm)), np.asarray(t_gnorm), tol_s)]
-        updates = [noise.compare(f"update {n}", n, f_upd[n], t_upd[n], tol_u) for n in t_upd]
-        stats = []
-        if bn_paths:
-            f_stats = named(bstats["batch_stats"], "batch_stats") if has_bs else {}
-            t_stats = _bn_stats_torch(tm, bn_paths)
-            floors = stats_floors(dtype, t_stats)
-            stats = [compare(n, f_stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
-                     for n, v in t_stats.items() if n in f_stats]
-        results.append(StepResult(k, float(t_loss), float(f_loss), scalars, updates, stats))
+        t_stats = _bn_stats_torch(tm, bn_paths)
+        f_stats = named(bstats["batch_stats"], "batch_stats") if bn_paths and has_bs else {}
+        results.append(compare_step(k, dtype, prec, noise, StepSide(float(t_loss), t_lr, t_gnorm, t_upd, t_stats),
+                                    StepSide(float(f_loss), f_lr, float(f_gnorm), f_upd, f_stats)))
 
     report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
                          conventions=conventions(spec), notes=notes, env=numerics_env(),
                          torch_module=tm, flax_variables={"params": params, **bstats})
-    noisy = sorted({c.name.removeprefix("update ") for r in results for c in r.updates if "steps noise" in c.note})
-    if noisy:
-        report.notes.append(f"gradient noise: entries of {', '.join(noisy)[:200]} have gradients under the noise "
-                            f"floor (zero in exact arithmetic, e.g. a softmax key bias); {spec.name} turns that "
-                            "noise into steps each framework draws differently, judged by the largest such step "
-                            "(parity.tolerances.TRAIN_NOISE_FLOORS)")
+    report.notes += noise_notes(spec, results)
     report.findings += _bn_drift(bn_findings, results)
     if not report.ok:
         report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
@@ -479,4 +507,5 @@ def _name_optimizer_mistake(spec, steps, replay, dtype, prec) -> list[str]:
                      "and match none of the known convention mistakes"]
 
 
-__all__ = ["LOSSES", "StepResult", "TrainReport", "flax_loss", "torch_loss", "train_check"]
+__all__ = ["LOSSES", "StepResult", "StepSide", "TrainReport", "compare_step", "flax_loss", "floor_norms",
+           "noise_notes", "torch_grads", "torch_loss", "train_check"]
