@@ -115,7 +115,7 @@ def _per_replica_batchnorm(run, n: int, batch: int, tol) -> list[BatchNormSemant
 
 def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=None,
                         grads: bool = True) -> DataParallelResult:
-    """Run the checker's pair (``run``: parity.checker._Run) with the batch sharded over ``n``
+    """Run the checker's pair (``run``: parity.checker.CapturedRun) with the batch sharded over ``n``
     devices and compare: outputs, input and parameter gradients, and (train mode) the updated
     BatchNorm statistics, against torch and against the single-device Flax run."""
     mesh = data_mesh(n)
