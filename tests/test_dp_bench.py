@@ -4,6 +4,7 @@ processes. The report has both frameworks at every device count and says it is a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,34 @@ def test_cpu_run_is_labelled_functional(run):
 def test_bad_arguments_exit_2(capsys, argv, message):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+class _Started(Exception):
+    pass
+
+
+def test_children_start_in_the_checkout_that_runs_them(monkeypatch, tmp_path):
+    """`python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: a caller
+    standing in another checkout had its DDP workers and benchmark child import that checkout's
+    parity (seen: KeyError 'out_cotangent_norm' from an older ddp.py). Both now start in the
+    checkout that holds the running parity, with an absolute output path."""
+    import subprocess
+
+    from parity.benchmark import dp_scaling
+    from parity.data_parallel import ddp
+
+    seen = []
+
+    def popen(args, **kwargs):
+        seen.append((args, kwargs))
+        raise _Started
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.chdir(tmp_path)
+    root = str(Path(ddp.__file__).resolve().parents[2])
+    with pytest.raises(_Started):
+        ddp.run_ddp([], world=1)
+    with pytest.raises(_Started):
+        dp_scaling.run_in_child(dp_scaling.ScalingConfig(), Path("out"), log=lambda s: None)
+    assert [kw.get("cwd") for _, kw in seen] == [root, root]
+    assert seen[1][0][-1] == str(tmp_path / "out")

@@ -72,8 +72,11 @@ def run_in_child(cfg: ScalingConfig, out_dir: Path, log: Callable[[str], None] =
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cfg.devices}".strip()
         env["JAX_PLATFORMS"] = "cpu"
     # stderr merged into stdout: one pipe read to its end cannot fill up and stall the child
+    # cwd=_ROOT (and so an absolute out_dir): `python -m` puts the working directory first on
+    # sys.path, ahead of PYTHONPATH; from another checkout the child would import that one.
     proc = subprocess.Popen([sys.executable, "-m", "parity.benchmark.dp_scaling", json.dumps(asdict(cfg)),
-                             str(out_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(Path(out_dir).resolve())], env=env, cwd=str(_ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     result, tail = None, collections.deque(maxlen=40)
     for line in proc.stdout:
         if line.startswith(_RESULT):

@@ -152,8 +152,11 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                # the caller's import path: the model's class must import in the worker to unpickle
                "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
+        # cwd=_ROOT: `python -m` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, so a caller standing in another checkout would run that checkout's workers.
         procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  env=env, cwd=str(_ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
                  for rank in range(world)]
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
         failed = [(r, proc.returncode, logs[r]) for r, proc in enumerate(procs) if proc.returncode]
