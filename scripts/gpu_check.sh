@@ -8,7 +8,7 @@
 #   3. the per-layer speed profile of the UNet (parity bench --layers).
 # Everything lands under bench/results/ (or --out DIR), named by device, dtype and versions.
 #
-#   scripts/gpu_check.sh                 # one H100: budget 8 minutes (stage times are printed)
+#   scripts/gpu_check.sh                 # stage times are printed; ~640 s on one H200 (2026-11-26)
 #   scripts/gpu_check.sh --with-compile  # also torch.compile in the float32 run (adds minutes)
 #   scripts/gpu_check.sh --dry-run       # the same pipeline on CPU, tiny sizes, into a temp dir
 #
