@@ -5,4 +5,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/env.sh"
 cd "$ROOT"
 export JAX_PLATFORMS=cpu
-python -m pytest "$@"
+# Two workers (pytest-xdist; at most 4 on bigger machines): each test is independent and
+# starts its own child processes where it needs a fresh JAX; 307 s -> 247 s on the 2-core CI VM.
+python -m pytest --numprocesses=auto --maxprocesses=4 "$@"
