@@ -28,10 +28,11 @@ from parity.data_parallel.ddp import ddp_job, replica_rows, run_ddp
 from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
-                            torch_inputs, train_mode_matters, value_and_grad_fn)
+                            torch_inputs, train_mode_matters)
 from parity.tolerances import TRAIN_STATS, train_tolerance
 from parity.training.loop import (_MAX_REPLAY, LOSSES, StepSide, TrainReport, _first_leaf, _name_optimizer_mistake,
-                                  compare_step, flax_loss, noise_notes, tdtype_to_jnp)
+                                  compare_step, flax_train_step, named_like_torch, noise_notes,
+                                  tdtype_to_jnp)
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
 from weight_port.layout import AS_IS, to_flax_layout
@@ -160,19 +161,12 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     tx = c["flax_optimizer"] if c["flax_optimizer"] is not None else optax_optimizer(spec, steps)
     schedule = optax_schedule(spec, steps)
     opt_state = replicate(jax.jit(tx.init)(params), mesh)
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    step = flax_train_step(twin, tx, loss)  # the same jitted step as single-device training
     target_layout = (_target_layout(twin, variables, flax_inputs(example, in_layouts), tm, example,
                                     c["output_layout"]) if loss == "mse" else None)
 
-    @jax.jit
-    def step(p, bs, state, x, y):
-        value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
-
     def named(tree, collection):
-        return {k: np.asarray(v, np.float64) for k, v in
-                plan.to_torch({collection: tree}, collections=(collection,)).items()}
+        return named_like_torch(plan, tree, collection)
 
     prec = jax_precision()
     noise = UpdateNoise(spec)  # the noise floors of single-device training parity (parity.training.noise)

@@ -326,6 +326,29 @@ def train_check(
                     output_layout, train_kwarg, rename, flax_optimizer, name or type(torch_module).__name__)
 
 
+def flax_train_step(twin: FlaxTwin, tx: optax.GradientTransformation, loss: str) -> Callable:
+    """The Flax side of one training step, jitted, shared by single-device and data-parallel
+    training parity: (params, other collections, optimizer state, inputs, target) -> (params,
+    updated collections, optimizer state, loss, global gradient norm, gradients). Inputs and
+    target in Flax layout; the gradient comes from the engine's value_and_grad_fn."""
+    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+
+    @jax.jit
+    def step(p, bs, state, x, y):
+        value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
+
+    return step
+
+
+def named_like_torch(plan: PortPlan, tree, collection: str) -> dict[str, np.ndarray]:
+    """A Flax collection (params, gradients, updates, batch_stats) as float64 numpy arrays
+    named and laid out as the torch module's tensors, through the port's plan."""
+    return {k: np.asarray(v, np.float64) for k, v in
+            plan.to_torch({collection: tree}, collections=(collection,)).items()}
+
+
 def _first_leaf(out):
     """The output the loss reads: the output itself, or the first leaf of a pytree output."""
     return next(iter(flatten(out).values()))
@@ -373,18 +396,11 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
     tx = flax_tx if flax_tx is not None else optax_optimizer(spec, steps)
     schedule = optax_schedule(spec, steps)
     opt_state = jax.device_put(jax.jit(tx.init)(params), device)  # one compile, not one per leaf shape
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    flax_step = flax_train_step(twin, tx, loss)
     out_layout: list[str] = []  # the loss output's layout, found at the first step (mse targets)
 
-    @jax.jit
-    def flax_step(p, bs, state, x, y):
-        value, grads, new_rest = grad_fn({"params": p, **bs}, x, y)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), new_rest, state, value, optax.tree.norm(grads), grads
-
     def named(tree, collection):
-        return {k: np.asarray(v, np.float64) for k, v in
-                plan.to_torch({collection: tree}, collections=(collection,)).items()}
+        return named_like_torch(plan, tree, collection)
 
     prec = jax_precision()
     noise = UpdateNoise(spec)
