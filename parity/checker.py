@@ -311,7 +311,10 @@ def check(
     ``precision``) is torch's TF32 flag, and the report warns when the two disagree.
     reference="float64": also run both sides in float64 and judge the ``dtype`` run by Flax's
     error against the torch float64 result relative to torch's own (the per-layer analysis then
-    runs in float64, where verdicts are sharp). device: "cpu" (default) or "cuda". The torch
+    runs in float64, where verdicts are sharp). A float32 check whose arithmetic is reduced
+    precision (TF32 on a GPU, bf16 passes on a TPU; parity.numerics.reduced_float32) takes this
+    mode by itself unless rtol/atol are given, and says so in a warning. device: "cpu" (default)
+    or "cuda". The torch
     module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
     enabled for the duration of the call only. progress: called with short status lines.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).

@@ -63,3 +63,32 @@ def test_check_prints_the_finding_and_strict_fails():
     r = parity.check(_model(), FlaxNormed(), X, input_layout="as_is", strict=True, layers=False)
     assert any(w.startswith("trap: fast-variance at torch norm / Flax norm") for w in r.warnings), r.warnings
     assert r.verdict == "FAIL"
+
+
+class TorchBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class FlaxBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8, name="fc")(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+
+
+def test_reading_train_mode_inputs_leaves_running_statistics_alone():
+    torch.manual_seed(0)
+    m = TorchBN().train()
+    with torch.no_grad():
+        m.fc.bias.fill_(3000.0)
+    before = {k: v.clone() for k, v in m.bn.state_dict().items()}
+    found = lint_pair(m, FlaxBN(), X, input_layouts="as_is", train=True)
+    assert "fast-variance" in _kinds(found)
+    for k, v in m.bn.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -55,6 +55,10 @@ def fast_variance_findings(torch_module: torch.nn.Module, plan, torch_args: tupl
     def pre(mod, args):
         worst[mod] = max(worst.get(mod, 0.0), _mean_over_std(mod, args[0]))
 
+    # A train-mode forward moves BatchNorm running statistics: put them back afterwards, so that
+    # reading the inputs leaves the caller's module as it was.
+    saved = [(b, b.detach().clone()) for m in torch_module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers(recurse=False)]
     handles = [m.register_forward_pre_hook(pre) for m in paired]
     try:
         with torch.no_grad():
@@ -62,6 +66,9 @@ def fast_variance_findings(torch_module: torch.nn.Module, plan, torch_args: tupl
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     out = []
     for m, ratio in worst.items():
         if ratio >= FAST_VARIANCE_RATIO:
