@@ -36,7 +36,7 @@ def torch_to_flax(
     flax_module,
     example_input=None,
     *,
-    input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
+    input_layout: str | None = None,  # None: read off the layer receiving each input
     flatten: Mapping[str, tuple[int, ...] | None] | None = None,
     dtype=None,
     torch_module: torch.nn.Module | None = None,
@@ -111,7 +111,7 @@ def flax_to_torch(
     example_input=None,
     *,
     plan: PortPlan | None = None,
-    input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
+    input_layout: str | None = None,  # None: read off the layer receiving each input
     flatten: Mapping[str, tuple[int, ...]] | None = None,
     rename: Rename = None,
 ) -> dict[str, torch.Tensor]:

@@ -54,29 +54,15 @@ def to_torch_layout(x: np.ndarray, layout: str = CHANNELS_FIRST, where: str = "t
     return x
 
 
-def _is_float(x) -> bool:
-    dtype = np.asarray(x).dtype
-    # bfloat16 (ml_dtypes) is not a numpy floating subtype; its kind is "V"
-    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
-def per_arg(layout: str | Sequence[str] | None, args: Sequence) -> list[str]:
-    """One layout per positional argument of a port's example input.
-
-    A string applies to every argument, a sequence is one each. None (nothing declared, the
-    port's default) takes the only layout possible for integer arguments and ones without a
-    spatial axis (as-is), and channels-first for float [N, C, *S] arguments: the convention of
-    image twins the port serves. The parity engine never relies on this default: it always
-    passes each argument's declared or inferred layout (parity.runtime.layouts).
-    """
+def per_arg(layout: str | Sequence[str], args: Sequence) -> list[str]:
+    """One layout per positional argument: a string applies to every argument, a sequence is one
+    each (weight_port.input_layouts reads undeclared ones off the layer that receives them)."""
     n = len(args)
-    if layout is None:
-        return [CHANNELS_FIRST if np.ndim(x) >= 3 and _is_float(x) else AS_IS for x in args]
     if isinstance(layout, str):
-        return [layout] * n
+        return [check_layout(layout, "input_layout")] * n
     if len(layout) != n:
         raise LayoutError(f"{len(layout)} input layouts for {n} inputs")
-    return list(layout)
+    return [check_layout(lay, f"input_layout[{i}]") for i, lay in enumerate(layout)]
 
 
 def flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

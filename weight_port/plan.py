@@ -19,7 +19,8 @@ from weight_port.errors import (
     ShapeMismatchError,
 )
 from weight_port.flax_tree import FlaxTarget, abstract_target, is_nnx
-from weight_port.layout import CHANNELS_FIRST, per_arg, to_flax_layout
+from weight_port.input_layouts import port_input_layouts
+from weight_port.layout import CHANNELS_FIRST, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
 from weight_port.pairing import Leaf, PlannedLayer, resolve_paths
@@ -257,12 +258,13 @@ def _check_attributes(infos: list[tuple[LayerInfo, Rule]], mode: str) -> None:
     raise AttributeMismatchError(problems)
 
 
-def _target_for(flax_module, example_input, variables, input_layout) -> FlaxTarget:
+def _target_for(flax_module, example_input, variables, input_layout, torch_module) -> FlaxTarget:
     flax_inputs = channels_last = None
     if example_input is not None:
         inputs = [to_numpy(x) for x in _as_tuple(example_input)]
-        # one layout per positional input (the same for all when given as one string)
-        layouts = per_arg(input_layout, inputs)
+        # one layout per positional input: declared, or read off the layer that receives it
+        layouts = port_input_layouts(input_layout, inputs, torch_module,
+                                     lambda: _torch_inputs(torch_module, example_input), flax_module)
         flax_inputs = tuple(to_flax_layout(x, lay) for x, lay in zip(inputs, layouts))
         # which Flax inputs are the channels-last form of a channels-first torch input
         channels_last = tuple(lay == CHANNELS_FIRST for lay in layouts)
@@ -353,7 +355,7 @@ def build_plan(
     example_input=None,
     *,
     variables: Mapping | None = None,
-    input_layout: str | None = None,  # None: weight_port.layout.per_arg's default
+    input_layout: str | None = None,  # None: read off the layer receiving each input
     flatten: Mapping[str, tuple[int, ...] | None] | None = None,
     state: Mapping | None = None,
     rename: Rename = None,
@@ -374,7 +376,7 @@ def build_plan(
     """
     if check_attributes not in ("error", "warn", "ignore"):
         raise ValueError("check_attributes must be 'error', 'warn' or 'ignore'")
-    target = _target_for(flax_module, example_input, variables, input_layout)
+    target = _target_for(flax_module, example_input, variables, input_layout, torch_module)
     paramless: list = []
     torch_order = None
     if torch_module is not None:

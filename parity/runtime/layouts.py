@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from parity.runtime.torch_runner import TorchCall, first_consumers, input_paths, keystr
+from parity.runtime.torch_runner import TorchCall, input_paths, keystr
 from parity.runtime.tree import flatten
+from weight_port.call_order import first_consumers
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, check_layout,
                                 consumer_layout, flax_shape, kind_layout, layout_from_shapes)
 
@@ -69,20 +70,21 @@ def input_layouts(torch_module: torch.nn.Module, args: tuple, spec: LayoutSpec =
     for p in paths:
         if p not in out and not leaves[p].is_floating_point():
             out[p] = AS_IS  # token ids, masks: no channel axis
+    for p in paths:
+        if p not in out and leaves[p].dim() < 3:
+            out[p] = AS_IS  # no spatial axis: channels-first is impossible, so only one answer
     todo = [p for p in paths if p not in out]
     if todo:
-        consumers = first_consumers(torch_module, args)
+        consumers = first_consumers(torch_module, lambda: torch_module(*args),
+                                    {id(leaves[p]): p for p in todo})
         for p in todo:
             kind = consumers.get(p)
-            if kind is not None:
-                out[p] = consumer_layout(kind)
-            elif leaves[p].dim() < 3:
-                out[p] = AS_IS  # no spatial axis: channels-first is impossible, so only one answer
-            else:
+            if kind is None:
                 raise LayoutError(
                     f"cannot tell the layout of {p} (shape {tuple(leaves[p].shape)}): no conv/linear-like "
                     f"layer receives it directly; declare it with input_layout= (CLI --layout), "
                     f"{CHANNELS_FIRST!r} for [N, C, *spatial] or {AS_IS!r}")
+            out[p] = consumer_layout(kind)
     return out
 
 

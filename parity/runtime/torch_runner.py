@@ -211,29 +211,5 @@ def train_mode_matters(module: torch.nn.Module) -> bool:
     return any(isinstance(m, kinds) for m in module.modules())
 
 
-def first_consumers(module: torch.nn.Module, args: tuple) -> dict[str, type]:
-    """{input path: type of the first leaf-ish layer that receives that very tensor} from one
-    forward without gradients (used to infer an input's layout from the layer that eats it)."""
-    leaves = {id(leaf): keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(tuple(args))[0]
-              if isinstance(leaf, torch.Tensor)}
-    found: dict[str, type] = {}
-    from weight_port.layout import consumer_layout
-
-    def pre(mod, a, kw):
-        for _, x in _call_leaves(a, kw):
-            name = leaves.get(id(x))
-            if name and name not in found and consumer_layout(type(mod)) is not None:
-                found[name] = type(mod)
-
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in module.modules()]
-    try:
-        with torch.no_grad():
-            module(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
-__all__ = ["TorchCall", "TorchRun", "first_consumers", "train_mode_matters", "input_paths", "is_float", "keystr",
+__all__ = ["TorchCall", "TorchRun", "train_mode_matters", "input_paths", "is_float", "keystr",
            "random_cotangents", "run_torch", "torch_inputs"]
