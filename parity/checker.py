@@ -27,6 +27,7 @@ from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_a
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
+from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
@@ -255,6 +256,22 @@ def _zero_warnings(run: CapturedRun) -> list[str]:
     return out
 
 
+def _constant_input_warnings(torch_args: tuple) -> list[str]:
+    """Inputs whose elements are all equal: an all-ones attention mask, all-zero token types, a
+    blank image. Both sides agreeing on such an input cannot show that the twin uses it right
+    (a twin that ignores the mask, or always reads embedding row 0, computes the same here)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tuple(torch_args))[0]:
+        if not isinstance(leaf, torch.Tensor) or leaf.numel() < 2:
+            continue
+        flat = leaf.detach().reshape(-1)
+        if bool(torch.all(flat == flat[0])):
+            out.append(f"{keystr(path)} is constant (every element {flat[0].item()!r}): a twin that "
+                       "ignores it or reads it wrong agrees on this input too; vary it (pad some "
+                       "positions of a mask, mix token types, use a non-blank image) to test that part")
+    return out
+
+
 def _is_zero(value) -> bool:
     a = np.asarray(value)
     return a.size > 0 and jnp.issubdtype(a.dtype, jnp.floating) and not np.any(a)
@@ -365,7 +382,7 @@ def check(
         if run.structure_error:
             report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
             return report
-        report.warnings += _zero_warnings(run)
+        report.warnings += _constant_input_warnings(run.torch_args) + _zero_warnings(run)
         ref = None
         if reference:
             say("float64 reference run")
