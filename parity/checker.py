@@ -272,6 +272,16 @@ def _constant_input_warnings(torch_args: tuple) -> list[str]:
     return out
 
 
+def _batch_of_one_warnings(torch_args: tuple) -> list[str]:
+    """Every input with a leading axis of 1: a twin that mixes samples (a sum or mean over the
+    whole array where torch reduces per sample, a reshape that folds the batch in) agrees on it."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tuple(torch_args)) if isinstance(x, torch.Tensor)]
+    if leaves and all(x.dim() >= 2 and x.shape[0] == 1 for x in leaves):
+        return ["every input has batch size 1: a twin that mixes samples (reduces over the batch "
+                "axis, folds it into another) agrees on it; check with a batch of 2 or more"]
+    return []
+
+
 def _is_zero(value) -> bool:
     a = np.asarray(value)
     return a.size > 0 and jnp.issubdtype(a.dtype, jnp.floating) and not np.any(a)
@@ -382,7 +392,8 @@ def check(
         if run.structure_error:
             report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
             return report
-        report.warnings += _constant_input_warnings(run.torch_args) + _zero_warnings(run)
+        report.warnings += (_constant_input_warnings(run.torch_args) + _batch_of_one_warnings(run.torch_args)
+                            + _zero_warnings(run))
         ref = None
         if reference:
             say("float64 reference run")

@@ -42,3 +42,23 @@ def test_a_padded_mask_catches_the_same_twin_and_raises_no_warning():
     report = parity.check(Masked(), IgnoresMask(), _inputs(mask), dtype="float32")
     assert not report.ok
     assert not [w for w in report.warnings if "is constant" in w]
+
+
+class PerSampleSum(torch.nn.Module):
+    def forward(self, x):  # [N, F] -> [N, 1]: one sum per sample
+        return x.sum(dim=1, keepdim=True)
+
+
+class WholeSum(nn.Module):
+    """A mis-port: sums the whole batch, broadcast back to [N, 1]."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x.sum() * (x[:, :1] * 0 + 1)
+
+
+def test_batch_of_one_hides_a_batch_mixing_twin_and_the_report_says_so():
+    one = parity.check(PerSampleSum(), WholeSum(), torch.randn(1, 6), dtype="float32")
+    assert one.ok and any("batch size 1" in w for w in one.warnings)
+    two = parity.check(PerSampleSum(), WholeSum(), torch.randn(2, 6), dtype="float32")
+    assert not two.ok and not any("batch size 1" in w for w in two.warnings)
