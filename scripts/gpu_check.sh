@@ -11,6 +11,8 @@
 #   scripts/gpu_check.sh                 # stage times are printed; ~640 s on one H200 (2026-11-26)
 #   scripts/gpu_check.sh --with-compile  # also torch.compile in the float32 run (adds minutes)
 #   scripts/gpu_check.sh --dry-run       # the same pipeline on CPU, tiny sizes, into a temp dir
+#   scripts/gpu_check.sh --only checks,bench-float32   # some stages (checks, bench-float32,
+#                                        # bench-bfloat16, layers), e.g. to fit a per-call time limit
 #
 # Python: $PARITY_PYTHON when set (a GPU box needs CUDA builds of torch and jax, which the CPU
 # pins in constraints.txt do not give), else the project's .venv via scripts/env.sh.
@@ -19,16 +21,25 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY=0
 COMPILE=0
 OUT=""
+ONLY="checks,bench-float32,bench-bfloat16,layers"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --with-compile) COMPILE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --only) ONLY="$2"; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+for st in ${ONLY//,/ }; do
+  case "$st" in
+    checks|bench-float32|bench-bfloat16|layers) ;;
+    *) echo "gpu_check.sh: unknown stage $st in --only (checks, bench-float32, bench-bfloat16, layers)" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 if [ -n "${PARITY_PYTHON:-}" ]; then
   PY="$PARITY_PYTHON"
 else
@@ -100,41 +111,44 @@ stage() {
 #    the flags it ran under. The three modes are correctness runs, not timings, so they run at
 #    the same time (their time is mostly compilation, which is CPU work); JAX's 75% up-front
 #    claim on the card's memory is switched off for them so that three processes fit.
-echo; echo "=== [$((SECONDS - START)) s] parity check ${CHECK_MODELS[*]}: three modes at once"
-PIDS=()
-NAMES=()
-for spec in "float32-tf32-off:--dtype float32 --precision highest" \
-            "float32-tf32-on:--dtype float32 --precision default" \
-            "bfloat16-fp64-reference:--dtype bfloat16 --fp64-reference"; do
-  label="${spec%%:*}"
-  read -r -a flags <<< "${spec#*:}"
-  name="check_$(stem "$label")"
-  XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m parity.cli check "${CHECK_MODELS[@]}" --device "$DEVICE" \
-    "${flags[@]}" --json "$OUT/$name.json" --quiet >"$OUT/$name.log" 2>&1 &
-  PIDS+=($!)
-  NAMES+=("$name")
-done
-for i in "${!PIDS[@]}"; do
-  if ! wait "${PIDS[$i]}"; then FAILED+=("${NAMES[$i]}"); fi
-  echo "--- ${NAMES[$i]}"; cat "$OUT/${NAMES[$i]}.log"
-done
-echo "=== [$((SECONDS - START)) s] checks done"
+if want checks; then
+  echo; echo "=== [$((SECONDS - START)) s] parity check ${CHECK_MODELS[*]}: three modes at once"
+  PIDS=()
+  NAMES=()
+  for spec in "float32-tf32-off:--dtype float32 --precision highest" \
+              "float32-tf32-on:--dtype float32 --precision default" \
+              "bfloat16-fp64-reference:--dtype bfloat16 --fp64-reference"; do
+    label="${spec%%:*}"
+    read -r -a flags <<< "${spec#*:}"
+    name="check_$(stem "$label")"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m parity.cli check "${CHECK_MODELS[@]}" --device "$DEVICE" \
+      "${flags[@]}" --json "$OUT/$name.json" --quiet >"$OUT/$name.log" 2>&1 &
+    PIDS+=($!)
+    NAMES+=("$name")
+  done
+  for i in "${!PIDS[@]}"; do
+    if ! wait "${PIDS[$i]}"; then FAILED+=("${NAMES[$i]}"); fi
+    echo "--- ${NAMES[$i]}"; cat "$OUT/${NAMES[$i]}.log"
+  done
+  echo "=== [$((SECONDS - START)) s] checks done"
+fi
 
 # 2. The benchmark at GPU sizes; every variant's first result is checked against jax.jit's.
 VARIANTS=(torch-eager torch-channels_last jax-jit)
 if [ "$COMPILE" = 1 ]; then VARIANTS+=(torch-compile); fi
-stage "$OUT/bench_$(stem float32).log" bench --device "$DEVICE" --models "${BENCH_MODELS[@]}" \
+want bench-float32 && stage "$OUT/bench_$(stem float32).log" bench --device "$DEVICE" --models "${BENCH_MODELS[@]}" \
   "${SIZE[@]}" "${PEAK[@]}" --variants "${VARIANTS[@]}" --out "$OUT"
-stage "$OUT/bench_$(stem bfloat16).log" bench --device "$DEVICE" --models "${BENCH_MODELS[@]}" --bf16 \
+want bench-bfloat16 && stage "$OUT/bench_$(stem bfloat16).log" bench --device "$DEVICE" --models "${BENCH_MODELS[@]}" --bf16 \
   "${SIZE[@]}" "${PEAK[@]}" --variants torch-eager torch-channels_last jax-jit --out "$OUT"
 
 # 3. Where the UNet's time goes, layer by layer, on both sides.
-stage "$OUT/layers_$(stem float32).log" bench --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
+want layers && stage "$OUT/layers_$(stem float32).log" bench --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
 
 echo
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${FAILED[*]} ($((SECONDS - START)) s; results in $OUT)"
   exit 1
 fi
-ls "$OUT"/check_*.json "$OUT"/*.md "$OUT"/*.png >/dev/null
+if want checks; then ls "$OUT"/check_*.json >/dev/null; fi
+if want bench-float32 || want bench-bfloat16 || want layers; then ls "$OUT"/*.md "$OUT"/*.png >/dev/null; fi
 echo "gpu_check: OK in $((SECONDS - START)) s; results in $OUT"
