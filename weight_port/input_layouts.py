@@ -36,9 +36,8 @@ class _Found(Exception):
 
 
 def _is_float(x: np.ndarray) -> bool:
-    dtype = np.asarray(x).dtype
-    # bfloat16 (ml_dtypes) is not a numpy floating subtype; its kind is "V"
-    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    # jnp.issubdtype: numpy's own does not count bfloat16 (ml_dtypes) as floating
+    return bool(jax.numpy.issubdtype(np.asarray(x).dtype, jax.numpy.floating))
 
 
 def _flax_layout(module) -> str | None:
