@@ -125,6 +125,7 @@ class GateResult:
     ok: bool
     verdicts: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the checks' warnings, printed under the gate
 
 
 def gate_dtype(dtype: str) -> str:
@@ -150,7 +151,7 @@ def gate(prep: Prepared) -> GateResult:
     kwargs = dict(dtype=dtype, input_layout=prep.pair.input_layout, output_layout=prep.pair.out_layout(),
                   train_kwarg=prep.pair.train_kwarg, name=prep.pair.name, layers=False,
                   **({"device": "cuda"} if prep.device.kind == "cuda" else {}))
-    ok, verdicts, reports = True, [], []
+    ok, verdicts, reports, warnings = True, [], [], []
     for train in modes:
         mode = "train" if train else "eval"
         r = check(prep.torch_module, prep.flax_module, prep.x, train=train, **kwargs)
@@ -165,7 +166,8 @@ def gate(prep: Prepared) -> GateResult:
         ok &= r.ok
         verdicts.append(verdict)
         reports.append(str(r))
-    return GateResult(prep.pair.name, prep.batch, dtype, ok, verdicts, reports)
+        warnings += [w for w in r.warnings if w not in warnings]
+    return GateResult(prep.pair.name, prep.batch, dtype, ok, verdicts, reports, warnings)
 
 
 def environment(device: Device, cfg: BenchConfig) -> dict:
@@ -264,6 +266,9 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
             if not g.ok:
                 for r in g.reports:
                     log(r)
+            else:  # a failing report prints its own warnings; a passing one would hide them
+                for w in g.warnings:
+                    log(f"  warning: {w}")
             for batch in batches:
                 if batch != prep.batch:
                     prep = prepare(pair, config, batch, device, dtype=cfg.dtype, seed=cfg.seed)
