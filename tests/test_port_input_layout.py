@@ -137,3 +137,35 @@ def test_failed_search_runs_in_eval_mode_so_running_statistics_do_not_move():
     assert model.training and model.bn.training
     assert input_layouts(model, (x,), CHANNELS_FIRST) == {"input[0]": CHANNELS_FIRST}
     assert input_layouts(model, (x,), AS_IS) == {"input[0]": AS_IS}
+
+
+def test_nnx_twin_decides_an_undeclared_input_when_porting_a_state_dict():
+    from flax import nnx
+
+    class NnxTokenMlp(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):  # [N, T, D]
+            return self.fc(x)
+
+    class NnxConvNet(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(3, 4, (3, 3), padding="VALID", rngs=nnx.Rngs(0))
+
+        def __call__(self, x):  # [N, H, W, C]
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    tokens, conv = TokenMlp().eval(), ConvNet().eval()
+    x_tok, x_img = torch.randn(2, 5, 8), torch.randn(2, 3, 7, 6)
+    twin = NnxTokenMlp()
+    weight_port.torch_to_flax(tokens.state_dict(), twin, x_tok)  # T=5 != D=8: as-is or it fails
+    state = weight_port.torch_to_flax(tokens.state_dict(), twin, x_tok)
+    nnx.update(twin, state)
+    np.testing.assert_allclose(np.asarray(twin(jnp.asarray(x_tok.numpy()))), tokens(x_tok).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    img_twin = NnxConvNet()
+    nnx.update(img_twin, weight_port.torch_to_flax(conv.state_dict(), img_twin, x_img))
+    np.testing.assert_allclose(np.asarray(img_twin(jnp.asarray(x_img.numpy().transpose(0, 2, 3, 1)))),
+                               conv(x_img).detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)

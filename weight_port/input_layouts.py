@@ -4,9 +4,9 @@ A port traces the Flax twin on the channels-last equivalent of ``example_input``
 which inputs are [N, C, *S] images. In order: the caller's ``input_layout``; integer inputs and
 inputs without a spatial axis (< 3 dims) are as-is, the only layout they can have; otherwise the
 kind of layer that first receives the tensor itself -- in the torch module when the port has one
-(weight_port.call_order.first_consumers: a forward stopped at that layer), else in the linen twin
-(a Conv receives channels-last images, a Dense/LayerNorm/Embed features-last tensors), traced
-abstractly and stopped there. Nothing is decided from the number of dimensions alone: an input
+(weight_port.call_order.first_consumers: a forward stopped at that layer), else in the Flax twin,
+linen or NNX (a Conv receives channels-last images, a Dense/Linear/LayerNorm/Embed features-last
+tensors), traced abstractly and stopped there. Nothing is decided from the number of dimensions alone: an input
 that no such layer receives raises LayoutError naming it and the ``input_layout`` to declare.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from weight_port.call_order import first_consumers
 from weight_port.flax_tree import call_kwargs, is_nnx
 from weight_port.layout import AS_IS, CHANNELS_FIRST, LayoutError, consumer_layout, per_arg
 
-# Linen layer kinds (class names, matched along the MRO) by the torch-side layout of a tensor they
+# Linen and NNX layer kinds (class names, matched along the MRO) by the torch-side layout of a tensor they
 # receive directly: Flax convs eat channels-last images, the torch twin's input is channels-first.
 _FLAX_CONSUMER = {
     "Conv": CHANNELS_FIRST, "ConvTranspose": CHANNELS_FIRST, "ConvLocal": CHANNELS_FIRST,
-    "Dense": AS_IS, "DenseGeneral": AS_IS, "Einsum": AS_IS, "Embed": AS_IS, "LayerNorm": AS_IS,
+    "Dense": AS_IS, "DenseGeneral": AS_IS, "Linear": AS_IS, "LinearGeneral": AS_IS, "Einsum": AS_IS, "Embed": AS_IS, "LayerNorm": AS_IS,
     "RMSNorm": AS_IS, "MultiHeadDotProductAttention": AS_IS, "MultiHeadAttention": AS_IS,
     "SelfAttention": AS_IS,
 }
@@ -104,8 +104,14 @@ def port_input_layouts(
         found = first_consumers(torch_module, lambda: torch_module(*args), {id(args[i]): str(i) for i in todo})
         for name, kind in found.items():
             layouts[int(name)] = consumer_layout(kind)
-    elif todo and flax_module is not None and not is_nnx(flax_module):
-        for i, layout in _linen_consumers(flax_module, inputs, todo).items():
+    elif todo and flax_module is not None:
+        if is_nnx(flax_module):
+            from weight_port.nnx import nnx_first_consumers
+
+            found = nnx_first_consumers(flax_module, tuple(inputs), todo, _flax_layout)
+        else:
+            found = _linen_consumers(flax_module, inputs, todo)
+        for i, layout in found.items():
             layouts[i] = layout
     missing = [i for i in todo if layouts[i] is None]
     if missing:

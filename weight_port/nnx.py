@@ -58,16 +58,16 @@ def nnx_target(model: nnx.Module, flax_inputs: tuple | None = None, *,
 
 
 @contextlib.contextmanager
-def _recording_calls(types: set[type], path_of: dict[int, tuple[str, ...]], order: dict):
-    """Wrap each module class's __call__ to note the instance's path at entry (NNX has no
-    method interceptor; special methods are looked up on the class, so the class is patched)."""
+def _recording_calls(types: set[type], on_call):
+    """Wrap each module class's __call__ to call ``on_call(module, args, kwargs)`` at entry (NNX
+    has no method interceptor; special methods are looked up on the class, so the class is
+    patched, and restored on exit)."""
     saved = {}
     for cls in types:
         original = vars(cls)["__call__"]
 
         def wrapper(self, *args, __original=original, **kwargs):
-            if id(self) in path_of:
-                order.setdefault(path_of[id(self)], None)
+            on_call(self, args, kwargs)
             return __original(self, *args, **kwargs)
 
         saved[cls] = original
@@ -79,6 +79,11 @@ def _recording_calls(types: set[type], path_of: dict[int, tuple[str, ...]], orde
             cls.__call__ = original
 
 
+def _call_types(model: nnx.Module) -> set[type]:
+    return {cls for node in _modules(model) for cls in type(node).__mro__
+            if issubclass(cls, nnx.Module) and "__call__" in vars(cls)}
+
+
 def _trace_call(model, flax_inputs, shapes, channels_last):
     graphdef, state = nnx.split(model)
     order: dict[tuple[str, ...], None] = {}
@@ -87,10 +92,13 @@ def _trace_call(model, flax_inputs, shapes, channels_last):
         m = nnx.merge(graphdef, st)
         path_of = {id(node): tuple(str(p) for p in path) for path, node in nnx.iter_graph(m)
                    if isinstance(node, nnx.Module)}
-        types = {cls for node in _modules(m) for cls in type(node).__mro__
-                 if issubclass(cls, nnx.Module) and "__call__" in vars(cls)}
+
+        def note(module, _args, _kwargs):  # insertion order is first-call (execution) order
+            if id(module) in path_of:
+                order.setdefault(path_of[id(module)], None)
+
         kwargs = call_kwargs(m, False)  # eval mode, as linen's abstract init runs
-        with _recording_calls(types, path_of, order):
+        with _recording_calls(_call_types(m), note):
             return m(*xs, **kwargs)
 
     specs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in flax_inputs)
@@ -104,6 +112,44 @@ def _trace_call(model, flax_inputs, shapes, channels_last):
     inputs = jaxpr.invars[len(jaxpr.invars) - len(specs):]
     cl = {v for v, flag in zip(inputs, channels_last) if flag}
     return tuple(order), find_flattened_denses(jaxpr, leaf_of_var, cl)
+
+
+class _Found(Exception):
+    """Stops the consumer search's abstract call once every wanted input is found."""
+
+
+def nnx_first_consumers(model: nnx.Module, inputs: tuple, wanted: list[int], layout_of) -> dict[int, str]:
+    """{input index: layout_of(module)} for the first module with a known layout (layout_of
+    returns one, else None) that receives input ``i`` itself, from one abstract call of
+    ``model`` stopped there; what the call never reaches (or refuses) is left out."""
+    graphdef, state = nnx.split(model)
+    found: dict[int, str] = {}
+
+    def call(st, *xs):
+        m = nnx.merge(graphdef, st)
+        ids = {id(xs[i]): i for i in wanted}
+
+        def note(module, args, kwargs):
+            layout = layout_of(module)
+            if layout is None:
+                return
+            for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+                if id(leaf) in ids:
+                    found.setdefault(ids[id(leaf)], layout)
+            if len(found) == len(ids):
+                raise _Found
+
+        with _recording_calls(_call_types(m), note):
+            return m(*xs, **call_kwargs(m, False))
+
+    specs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in inputs)
+    try:
+        jax.eval_shape(call, state, *specs)
+    except _Found:
+        pass
+    except Exception:  # noqa: BLE001 -- refused before any consumer: the caller names the input
+        pass
+    return found
 
 
 def _modules(model: nnx.Module):
@@ -126,4 +172,4 @@ def update_nnx(model: nnx.Module, variables: Mapping) -> nnx.State:
     return nnx.state(model)
 
 
-__all__ = ["collection_of", "nnx_target", "nnx_variables", "update_nnx"]
+__all__ = ["collection_of", "nnx_first_consumers", "nnx_target", "nnx_variables", "update_nnx"]
