@@ -129,8 +129,16 @@ def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=N
         cots = shard_batch(cots, mesh, batch, where="cotangents")
     sharded = forward_backward(run.twin, replicate(dict(run.variables), mesh), args, cots)
     result = DataParallelResult(n, mesh.devices.flat[0].platform, mesh.devices.size, per_device_batch(args))
+    from parity.checker import model_forward_floor, model_grad_floor, param_grad_floors
+
     fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
     grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
+    if rtol is None and atol is None:  # the checker's noise floors (an override is the whole criterion)
+        fwd = fwd.with_floor(model_forward_floor(run, dname))
+        floor = model_grad_floor(run, dname) if grads else 0.0
+        p_floors = param_grad_floors(run.torch.calls, dname) if grads else {}
+    else:
+        floor, p_floors = 0.0, {}
     tag = f"dp{n}"
 
     def both(name: str, value, torch_value, single_value, layout: str, tol) -> None:
@@ -151,11 +159,11 @@ def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=N
         for p, g in run.torch.input_grads.items():
             layout = run.in_layouts[p]
             both(f"grad {p}", sharded.input_grads[p], g, to_torch_layout(run.flax.input_grads[p], layout),
-                 layout, grd)
+                 layout, grd.with_floor(floor))
         named = run.plan.to_torch({"params": sharded.param_grads}, collections=("params",))
         for n_, g in run.torch.param_grads.items():
             if n_ in named:
-                both(f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, grd)
+                both(f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, grd.with_floor(p_floors.get(n_, floor)))
     if run.twin.train and "batch_stats" in (sharded.new_variables or {}):
         single = traverse_util.flatten_dict(dict(run.flax.new_variables["batch_stats"]))
         for path, v in traverse_util.flatten_dict(dict(sharded.new_variables["batch_stats"])).items():
