@@ -5,9 +5,29 @@ fixture below, so float32 tests never run with x64 silently on.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache for the whole run, in a fresh temporary directory: the xdist workers
+# and every child process (CLI runs, DDP/multi-device children) inherit these variables, so a
+# program compiled once (the same model, dtype and shapes checked by several tests, or the same
+# Flax step judged twice) is loaded instead of recompiled. XLA compilation is most of the suite's
+# CPU time; a cache hit returns the executable XLA built for the identical program, options and
+# flags (all in the key), so no test checks anything different. Fresh per run (not ~/.cache), so
+# a run's timing is a cold run's; set JAX_COMPILATION_CACHE_DIR yourself to keep one across runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run (xdist controller)
+    _CACHE_DIR = tempfile.mkdtemp(prefix="parity_test_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)  # only in the process that made it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    # every program, however quick its compile: most of the suite's compiles are small ones
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # A size limit turns on JAX's file lock around cache reads and writes, so a worker never
+    # reads an entry another process is still writing (4 GiB: never reached by this suite).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
