@@ -12,17 +12,19 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One XLA compilation cache for the whole run, in a fresh temporary directory: the xdist workers
-# and every child process (CLI runs, DDP/multi-device children) inherit these variables, so a
-# program compiled once (the same model, dtype and shapes checked by several tests, or the same
-# Flax step judged twice) is loaded instead of recompiled. XLA compilation is most of the suite's
-# CPU time; a cache hit returns the executable XLA built for the identical program, options and
-# flags (all in the key), so no test checks anything different. Fresh per run (not ~/.cache), so
-# a run's timing is a cold run's; set JAX_COMPILATION_CACHE_DIR yourself to keep one across runs.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run (xdist controller)
-    _CACHE_DIR = tempfile.mkdtemp(prefix="parity_test_xla_cache_")
-    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)  # only in the process that made it
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+# One directory per test run, made by its first process (the xdist controller, or the only
+# process) and inherited by the xdist workers and every child process through the environment;
+# removed at the end by the process that made it. Fresh per run, so a run's timing is a cold run's.
+if "PARITY_TEST_RUN_DIR" not in os.environ:
+    _RUN_DIR = tempfile.mkdtemp(prefix="parity_test_run_")
+    atexit.register(shutil.rmtree, _RUN_DIR, ignore_errors=True)
+    os.environ["PARITY_TEST_RUN_DIR"] = _RUN_DIR
+    # One XLA compilation cache for the run: a program compiled once (the same model, dtype and
+    # shapes checked by several tests, the same Flax step judged twice, in a worker or a child)
+    # is loaded instead of recompiled. Compilation is most of the suite's CPU time; a hit returns
+    # the executable XLA built for the identical program, options and flags (all in the key), so
+    # no test checks anything different. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_RUN_DIR, "xla_cache"))
     # every program, however quick its compile: most of the suite's compiles are small ones
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     # A size limit turns on JAX's file lock around cache reads and writes, so a worker never
@@ -39,6 +41,12 @@ from parity.numerics import numerics_env, pin_numerics  # noqa: E402
 pytest_plugins = ["pytester"]
 
 pin_numerics(precision="highest", tf32=False)
+# The test processes have ONE CPU device (multi-device cases run in child processes with
+# XLA_FLAGS set), and tests rely on it ("this process's JAX has one device: exit 2"). JAX picks
+# its device count when the backend first starts, and an in-process `parity ... --data-parallel 2`
+# asks for 2 devices if it gets there first: start the backend now, whichever test a worker runs
+# first.
+jax.devices()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
