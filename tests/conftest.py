@@ -25,8 +25,9 @@ if "PARITY_TEST_RUN_DIR" not in os.environ:
     # the executable XLA built for the identical program, options and flags (all in the key), so
     # no test checks anything different. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_RUN_DIR, "xla_cache"))
-    # every program, however quick its compile: most of the suite's compiles are small ones
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # Programs that took 0.1 s or more to compile (a model's forward+backward, the per-layer
+    # batch: the costly ones); the many tiny ones cost about as much to store as to redo.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     # A size limit turns on JAX's file lock around cache reads and writes, so a worker never
     # reads an entry another process is still writing (4 GiB: never reached by this suite).
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
