@@ -1,14 +1,18 @@
 """Run a test's child script in its own Python process and read the JSON line it prints last.
 
 Multi-device tests need XLA_FLAGS set before JAX initialises, and memory tests need a process of
-their own, so both run a script under tests/ this way.
+their own, so both run a script under tests/ this way. ``once_per_run`` shares such a child's
+result between the xdist workers of one test run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +28,32 @@ def run_json_child(script: str, *args: str, devices: int | None = None, timeout:
                           text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def once_per_run(name: str, compute: Callable[[Path], dict]) -> dict:
+    """``compute(directory)`` once per test run; its JSON result is shared by every xdist worker.
+
+    For a module-scoped fixture whose work is expensive (a child process that runs every DDP
+    case): xdist may send a module's tests to both workers, and a module fixture then runs once
+    per worker. Here the first worker to ask computes (a second one waits on the lock; it would
+    otherwise compete for the same cores doing the same work) and writes the result, with any
+    files ``compute`` wrote into ``directory``, under the run directory that tests/conftest.py
+    makes; later callers read it. The tests assert on the same values as if they had all run in
+    one process. A failing ``compute`` stores nothing: the next caller runs it again and fails too.
+    """
+    run_dir = os.environ.get("PARITY_TEST_RUN_DIR")
+    if not run_dir:  # imported outside this suite's pytest run: nothing to share with
+        return compute(Path(tempfile.mkdtemp(prefix=f"{name}_")))
+    base = Path(run_dir) / "once" / name
+    base.mkdir(parents=True, exist_ok=True)
+    result = base / "result.json"
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result.exists():
+            work = base / "work"
+            work.mkdir(exist_ok=True)
+            value = compute(work)
+            partial = base / "result.json.partial"
+            partial.write_text(json.dumps(value))
+            partial.replace(result)
+    return json.loads(result.read_text())

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from child_process import once_per_run
 from parity.cli import main
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp_bench")
+def _bench(out: Path) -> dict:
     import contextlib
     import io
 
@@ -21,7 +20,15 @@ def run(tmp_path_factory):
     with contextlib.redirect_stdout(text):
         code = main(["bench", "--data-parallel", "2", "--models", "mlp", "--size", "tiny", "--quick",
                      "--out", str(out)])
-    return code, text.getvalue(), out
+    return {"code": code, "text": text.getvalue(), "out": str(out)}
+
+
+@pytest.fixture(scope="module")
+def run():
+    # once per run, not once per xdist worker that gets one of its tests; the report files stay
+    # in the run directory for both tests
+    done = once_per_run("dp_bench", _bench)
+    return done["code"], done["text"], Path(done["out"])
 
 
 def test_cli_reports_both_frameworks_at_each_count(run):

@@ -8,12 +8,13 @@ from parity.checker import check
 from parity.data_parallel import DataParallelError, data_mesh
 from parity.registry import PAIRS
 
-from child_process import run_json_child
+from child_process import once_per_run, run_json_child
 
 
 @pytest.fixture(scope="module")
 def child():
-    return run_json_child("dp_child.py", devices=8, timeout=300)
+    # once per run, not once per xdist worker that gets some of these tests
+    return once_per_run("dp_child", lambda _: run_json_child("dp_child.py", devices=8, timeout=300))
 
 
 def test_child_has_eight_devices(child):

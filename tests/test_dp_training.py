@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from child_process import run_json_child
+from child_process import once_per_run, run_json_child
 
 
 @pytest.fixture(scope="module")
 def child():
-    return run_json_child("dp_train_child.py", devices=2, timeout=600)
+    # once per run, not once per xdist worker that gets some of these tests (~30 s of CPU)
+    return once_per_run("dp_train_child", lambda _: run_json_child("dp_train_child.py", devices=2, timeout=600))
 
 
 @pytest.mark.parametrize("case,steps,loss", [("mlp", 3, "cross_entropy"), ("mlp_mse", 2, "mse")])
