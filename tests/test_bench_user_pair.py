@@ -124,17 +124,23 @@ def test_wrong_twin_fails_the_gate_and_exits_1(tmp_path, monkeypatch):
     assert {r["reason"] for r in data["results"]} == {"parity gate failed"}
 
 
-def test_image_input_gets_channels_last_with_its_inferred_layout(tmp_path, monkeypatch):
+def test_image_input_gets_channels_last_with_its_inferred_layout():
     """HF ViT: one [N, C, H, W] input, its layout inferred by the engine from the patch conv (no
-    --layout), so torch channels_last runs (and agrees with jax.jit)."""
-    monkeypatch.chdir(ROOT)
-    code, stdout, _ = _bench(["--torch", "bench.hf_pairs:vit_tiny_torch", "--flax", "bench.hf_pairs:vit_tiny_flax",
-                              "--example-input", "bench.hf_pairs:vit_tiny_input", "--quick", "--phase", "forward",
-                              "--variants", "torch-channels_last", "jax-jit", "--out", str(tmp_path)])
-    assert code == 0, stdout
-    rows = {r["variant"]: r for r in _results(tmp_path)["results"]}
-    assert rows["torch-channels_last"]["status"] == "ok", rows["torch-channels_last"]["reason"]
-    assert "vs jax-jit" in rows["torch-channels_last"]["check"]
+    --layout), so torch channels_last runs, and its output leaves agree with jax.jit's."""
+    from bench import hf_pairs
+    from parity.benchmark import check_first_value, make_step, select_device
+    from parity.benchmark.workloads import prepare_own
+
+    prep = prepare_own(hf_pairs.vit_tiny_torch(), hf_pairs.vit_tiny_flax(), hf_pairs.vit_tiny_input(),
+                       select_device("cpu"), name="vit-tiny")
+    assert prep.in_layouts == {"input[0]": "NC..."} and prep.channels_last_input() is None
+    steps = [make_step(prep, v, "forward") for v in ("jax-jit", "torch-channels_last")]
+    for step in steps:
+        step()
+    ref, value = (s.first_value() for s in steps)
+    assert set(value) == {"out.last_hidden_state", "out.pooler_output"}
+    ok, text = check_first_value(ref, value, "float32")
+    assert ok, text
 
 
 @pytest.mark.parametrize("argv, words", [
