@@ -86,13 +86,10 @@ def test_train_row_first_value_is_the_same_loss_on_both_sides(bert_grid):
 def test_a_different_loss_fails_the_first_value_check():
     """The check above can fail: a torch step whose targets differ from the Flax step's gives a
     different first loss, and check_first_value says so."""
-    import os
-
     from bench import hf_pairs
     from parity.benchmark import check_first_value, make_step, select_device
     from parity.benchmark.workloads import prepare_own
 
-    assert os.path.exists(ROOT / "bench" / "hf_pairs.py")
     prep = prepare_own(hf_pairs.bert_tiny_torch(), hf_pairs.bert_tiny_flax(), hf_pairs.bert_tiny_input(),
                        select_device("cpu"), name="bert-tiny")
     assert set(prep.targets) == {"out.last_hidden_state", "out.pooler_output"}

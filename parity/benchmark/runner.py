@@ -23,7 +23,7 @@ from parity.benchmark.timing import Timing, measure
 from parity.benchmark.names import DEFAULT_MODELS, DTYPES, PHASES, SIZES, VARIANTS
 from parity.benchmark.peaks import mfu, peak_tflops
 from parity.benchmark.sizes import cpu_config, default_batches, sized_config  # noqa: F401 - re-exported
-from parity.benchmark.workloads import Prepared, VariantUnavailable, make_step, prepare, prepare_own  # noqa: F401
+from parity.benchmark.workloads import Prepared, VariantUnavailable, make_step, prepare
 from parity.numerics import numerics_env, pinned
 from parity.registry import select
 from parity.tolerances import FORWARD, TOLERANCES, tolerance_for
