@@ -39,7 +39,7 @@ def _bench(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _results(out_dir: Path) -> dict:
-    (path,) = out_dir.glob("*.json")
+    (path,) = out_dir.glob("BertModel_*.json")  # named by the pair, beside the registry grid's files
     return json.loads(path.read_text())
 
 

@@ -70,11 +70,11 @@ def _print_devices(env: dict, cfg) -> None:
           "'highest' and torch TF32 off (equal precision on both sides)", flush=True)
 
 
-def _write(results, gates, env: dict, args: argparse.Namespace) -> int:
+def _write(results, gates, env: dict, args: argparse.Namespace, prefix: str = "") -> int:
     """Write the report; 1 when a parity gate failed, else 0."""
     from parity.benchmark.report import write_report
 
-    paths = write_report(results, gates, env, args.out, quick=args.quick)
+    paths = write_report(results, gates, env, args.out, quick=args.quick, prefix=prefix)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     if not all(g.ok for g in gates):
@@ -117,7 +117,8 @@ def _own_grid(args: argparse.Namespace, device) -> int:
                             input_layout=layout, output_layout=out_layout, train_kwarg=args.train_kwarg,
                             rename=rename),
         cfg, device, log=lambda s: print(s, flush=True))
-    return _write(results, gates, env, args)
+    # Files named <pair>_<device>_<dtype>_..., beside (never over) the registry grid's.
+    return _write(results, gates, env, args, prefix="".join(c if c.isalnum() or c in "._-" else "-" for c in name) + "_")
 
 
 def _data_parallel(args: argparse.Namespace) -> int:
