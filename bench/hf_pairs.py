@@ -5,7 +5,8 @@ Zero-argument factories, named ``<model>_<size>_<torch|flax|input>``: model bert
 FlaxBertModule, token ids + an attention mask with padding), gpt2 (GPT2LMHeadModel /
 FlaxGPT2LMHeadModule, LM head tied to the token embedding) and vit (ViTModel / FlaxViTModule,
 [N, 3, H, W] pixels); size ``tiny`` (seconds, for tests and CI) or ``base`` (BERT-base, GPT-2 small
-and ViT-B/16 dimensions, batch 2, 128 tokens / 224x224 pixels)::
+and ViT-B/16 dimensions, batch 2, 128 tokens / 224x224 pixels); ``<model>_base_gpu_input`` is
+the base input at batch 32 (GPU_BATCH), for an accelerator::
 
     parity bench --torch bench.hf_pairs:bert_base_torch --flax bench.hf_pairs:bert_base_flax \\
                  --example-input bench.hf_pairs:bert_base_input
@@ -20,6 +21,7 @@ import torch
 
 SEED = 0
 BATCH = 2
+GPU_BATCH = 32
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -76,15 +78,21 @@ def _gpt2_torch_cls():
     return GPT2LMHeadModelPositional
 
 
-def _tokens(vocab: int, seq: int, positions: bool):
+def _tokens(vocab: int, seq: int, positions: bool, batch: int = BATCH):
     """(ids [N, T] int64, mask [N, T] int64 with the last row padded from 3T/4 on[, position ids])."""
     rng = np.random.default_rng(SEED)
-    ids = torch.as_tensor(rng.integers(0, vocab, (BATCH, seq)), dtype=torch.long)
-    mask = torch.ones(BATCH, seq, dtype=torch.long)
+    ids = torch.as_tensor(rng.integers(0, vocab, (batch, seq)), dtype=torch.long)
+    mask = torch.ones(batch, seq, dtype=torch.long)
     mask[-1, 3 * seq // 4:] = 0  # padding: a twin that ignored the mask would fail the gate
     if not positions:
         return ids, mask
-    return ids, mask, torch.arange(seq).expand(BATCH, seq).contiguous()
+    return ids, mask, torch.arange(seq).expand(batch, seq).contiguous()
+
+
+def _pixels(size: str, batch: int = BATCH) -> np.ndarray:
+    """[N, 3, H, W] float64 standard-normal pixels (torch layout)."""
+    c = _vit_config(size)
+    return np.random.default_rng(SEED).standard_normal((batch, c.num_channels, c.image_size, c.image_size))
 
 
 def bert_tiny_torch():
@@ -119,6 +127,10 @@ def bert_base_input():
     return _tokens(_bert_config("base").vocab_size, SEQ["base"], positions=False)
 
 
+def bert_base_gpu_input():
+    return _tokens(_bert_config("base").vocab_size, SEQ["base"], positions=False, batch=GPU_BATCH)
+
+
 def gpt2_tiny_torch():
     return _torch(_gpt2_torch_cls(), _gpt2_config("tiny"))
 
@@ -147,6 +159,10 @@ def gpt2_base_input():
     return _tokens(_gpt2_config("base").vocab_size, SEQ["base"], positions=True)
 
 
+def gpt2_base_gpu_input():
+    return _tokens(_gpt2_config("base").vocab_size, SEQ["base"], positions=True, batch=GPU_BATCH)
+
+
 def vit_tiny_torch():
     from transformers import ViTModel
 
@@ -160,8 +176,7 @@ def vit_tiny_flax():
 
 
 def vit_tiny_input():
-    c = _vit_config("tiny")
-    return np.random.default_rng(SEED).standard_normal((BATCH, c.num_channels, c.image_size, c.image_size))
+    return _pixels("tiny")
 
 
 def vit_base_torch():
@@ -177,5 +192,8 @@ def vit_base_flax():
 
 
 def vit_base_input():
-    c = _vit_config("base")
-    return np.random.default_rng(SEED).standard_normal((BATCH, c.num_channels, c.image_size, c.image_size))
+    return _pixels("base")
+
+
+def vit_base_gpu_input():
+    return _pixels("base", GPU_BATCH)
