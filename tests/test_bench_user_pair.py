@@ -121,6 +121,20 @@ def test_wrong_twin_fails_the_gate_and_exits_1(tmp_path, monkeypatch):
     assert {r["reason"] for r in data["results"]} == {"parity gate failed"}
 
 
+def test_input_shape_pair_runs_the_grid(tmp_path, monkeypatch):
+    """--input-shape (a random float input) on a plain torch/Flax pair (tests/planted.py): the
+    built-in path's one-input, one-output case through the own-pair grid."""
+    monkeypatch.chdir(Path(__file__).parent)
+    code, stdout, _ = _bench(["--torch", "planted:make_torch_block", "--flax", "planted:make_flax_block",
+                              "--input-shape", "4,8", "--quick", "--name", "block", "--out", str(tmp_path)])
+    assert code == 0, stdout
+    (path,) = tmp_path.glob("block_*.json")
+    rows = {(r["phase"], r["variant"]): r for r in json.loads(path.read_text())["results"]}
+    assert {k: r["status"] for k, r in rows.items() if r["variant"] != "torch-channels_last"} == {
+        (p, v): "ok" for p in ("forward", "train") for v in ("torch-eager", "jax-jit")}
+    assert "[4, 8]" in rows["forward", "torch-channels_last"]["reason"]
+
+
 def test_image_input_gets_channels_last_with_its_inferred_layout():
     """HF ViT: one [N, C, H, W] input, its layout inferred by the engine from the patch conv (no
     --layout), so torch channels_last runs, and its output leaves agree with jax.jit's."""
