@@ -86,7 +86,8 @@ def test_own_pair_layer_that_computes_something_else_is_flagged(tmp_path, capsys
     from parity.cli import main
 
     monkeypatch.chdir(Path(__file__).parent)  # --torch/--flax factories come from tests/planted.py
-    own = ["bench", "--torch", "planted:make_torch_block", "--input-shape", "4,8", "--quick"]
+    own = ["bench", "--layers", "TorchBlock", "--torch", "planted:make_torch_block", "--input-shape", "4,8",
+           "--quick"]
     assert main([*own, "--flax", "planted:make_flax_block", "--out", str(tmp_path / "ok")]) == 0
     assert main([*own, "--flax", "planted:make_flax_block_tanh", "--out", str(tmp_path / "bad")]) == 1
     assert "parity FAILED for 1 layer(s): act" in capsys.readouterr().out

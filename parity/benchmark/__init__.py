@@ -1,7 +1,7 @@
 """Benchmark core shared by ``parity bench`` and the bench/ pytest-benchmark suite.
 
-Public API: select_device/Device, prepare/Prepared, make_step/Step, measure/Timing,
-run_benchmarks/BenchResult, write_report, profile_layers/LayerProfile. bench/ imports this
+Public API: select_device/Device, prepare/prepare_own/Prepared, make_step/Step, measure/Timing,
+run_benchmarks/run_own_benchmark/BenchResult, write_report, profile_layers/LayerProfile. bench/ imports this
 package; tests/ may too, but nothing here imports bench/. Names resolve lazily, so the CLI can
 read parity.benchmark.names without importing torch or jax.
 """
@@ -22,6 +22,7 @@ _LAZY = {
     "peak_tflops": "parity.benchmark.peaks",
     "gate": "parity.benchmark.runner",
     "run_benchmarks": "parity.benchmark.runner",
+    "run_own_benchmark": "parity.benchmark.runner",
     "sized_config": "parity.benchmark.sizes",
     "Timing": "parity.benchmark.timing",
     "measure": "parity.benchmark.timing",
@@ -32,6 +33,7 @@ _LAZY = {
     "Step": "parity.benchmark.workloads",
     "make_step": "parity.benchmark.workloads",
     "prepare": "parity.benchmark.workloads",
+    "prepare_own": "parity.benchmark.workloads",
 }
 
 __all__ = sorted(_LAZY)

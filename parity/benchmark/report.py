@@ -143,11 +143,12 @@ def chart(results: list[BenchResult], env: dict, variants: list[str], path: Path
 
 
 def write_report(results: list[BenchResult], gates: list[GateResult], env: dict, out_dir: Path,
-                 *, quick: bool = False) -> dict[str, Path]:
-    """Write <stem>.json, <stem>.md and <stem>.png under out_dir; returns the paths."""
+                 *, quick: bool = False, prefix: str = "") -> dict[str, Path]:
+    """Write <prefix><stem>.json, .md and .png under out_dir; returns the paths. prefix: your own
+    pair's name (``BertModel_``), so its files never overwrite the registry grid's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = file_stem(env, env["config"]["dtype"], quick)
+    stem = prefix + file_stem(env, env["config"]["dtype"], quick)
     variants = [v for v in env["config"]["variants"] if any(r.variant == v for r in results)]
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md", "chart": out_dir / f"{stem}.png"}
     payload = {

@@ -135,7 +135,8 @@ def gate_dtype(dtype: str) -> str:
 
 def gate(prep: Prepared) -> GateResult:
     """One parity.check of the eager torch module against the Flax twin on this input (eval, and
-    train too for BatchNorm models), forward and gradients, at the benchmark's dtype.
+    train too for BatchNorm models: Prepared.modes), forward and gradients, at the benchmark's
+    dtype, with the pair's declared layouts (a registry pair's, or what the user passed).
 
     A check that misses the table's elementwise tolerance is re-judged against a float64 run
     (check(reference="float64")): Flax passes if its error vs float64 is within a small factor of
@@ -145,20 +146,18 @@ def gate(prep: Prepared) -> GateResult:
     from parity.checker import check
 
     dtype = gate_dtype(prep.dtype)
-    modes = prep.pair.modes(prep.config)
     # check() works on a copy cast to ``dtype`` and ports that copy's weights itself. It runs on
     # the benchmark's device where it can (CPU and CUDA); a TPU run is gated on the host CPU.
-    kwargs = dict(dtype=dtype, input_layout=prep.pair.input_layout, output_layout=prep.pair.out_layout(),
-                  train_kwarg=prep.pair.train_kwarg, name=prep.pair.name, layers=False,
+    kwargs = dict(dtype=dtype, name=prep.name, layers=False, **prep.check_kwargs,
                   **({"device": "cuda"} if prep.device.kind == "cuda" else {}))
     ok, verdicts, reports, warnings = True, [], [], []
-    for train in modes:
+    for train in prep.modes:
         mode = "train" if train else "eval"
-        r = check(prep.torch_module, prep.flax_module, prep.x, train=train, **kwargs)
+        r = check(prep.torch_module, prep.flax_module, prep.args, train=train, **kwargs)
         verdict = f"{mode}: PASS (tolerance table)"
         if not r.ok and dtype != "float64":
             worst = r.worst(r.outputs + r.grads)
-            r = check(prep.torch_module, prep.flax_module, prep.x, train=train, reference="float64", **kwargs)
+            r = check(prep.torch_module, prep.flax_module, prep.args, train=train, reference="float64", **kwargs)
             verdict = (f"{mode}: {'PASS' if r.ok else 'FAIL'} (fp64 reference; the table's elementwise "
                        f"check missed on {worst.name}, rel_norm {worst.rel_norm:.1e})")
         elif not r.ok:
@@ -167,7 +166,7 @@ def gate(prep: Prepared) -> GateResult:
         verdicts.append(verdict)
         reports.append(str(r))
         warnings += [w for w in r.warnings if w not in warnings]
-    return GateResult(prep.pair.name, prep.batch, dtype, ok, verdicts, reports, warnings)
+    return GateResult(prep.name, prep.batch, dtype, ok, verdicts, reports, warnings)
 
 
 def environment(device: Device, cfg: BenchConfig) -> dict:
@@ -229,14 +228,26 @@ def _git_commit() -> str | None:
 
 
 def check_first_value(ref, value, dtype: str) -> tuple[bool, str]:
-    """Compare a variant's first result with jax.jit's (both torch layout), forward tolerance."""
+    """Compare a variant's first result with jax.jit's, forward tolerance: one array, or
+    {path: array} (Step.first_value; torch layout), leaf by leaf. The text names the worst leaf."""
+    from collections.abc import Mapping
+
     from parity.compare import compare
 
     if not any(k[0] == dtype for k in TOLERANCES):
         return True, f"not checked: no {dtype} entry in parity/tolerances.py"
-    c = compare("first result", ref, value, tolerance_for(dtype, FORWARD))
-    text = f"max_abs {c.max_abs:.2e}, rel_norm {c.rel_norm:.2e} vs jax-jit ({c.tolerance})"
-    return c.ok, text
+    ref, value = ({"first result": v} if not isinstance(v, Mapping) else v for v in (ref, value))
+    if set(ref) != set(value):
+        return False, f"different output leaves: {sorted(value)} vs jax-jit's {sorted(ref)}"
+    tol = tolerance_for(dtype, FORWARD)
+    cs = [(p, compare(f"first result {p}", ref[p], value[p], tol)) for p in ref]
+    bad = [(p, c) for p, c in cs if not c.ok]
+    p, c = max(bad or cs, key=lambda pc: pc[1].rel_norm)
+    where = f"{p}: " if len(cs) > 1 else ""
+    text = f"{where}max_abs {c.max_abs:.2e}, rel_norm {c.rel_norm:.2e} vs jax-jit ({c.tolerance})"
+    if len(cs) > 1:
+        text += f"; {len(cs) - len(bad)}/{len(cs)} leaves agree"
+    return not bad, text
 
 
 def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] = print
@@ -245,23 +256,60 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
     'highest' and torch TF32 off (equal precision on both sides) for the whole run."""
     results: list[BenchResult] = []
     gates: list[GateResult] = []
-    peak = device_peak(device, cfg)["tflops"]
-    # jax-jit first: it is the reference each torch variant's first result is checked against.
-    variants = sorted(cfg.variants, key=lambda v: v != "jax-jit")
-    with pinned(precision=TIMED_PRECISION["jax_default_matmul_precision"],
-                tf32=TIMED_PRECISION["torch_allow_tf32"]), jax.default_device(device.jax_device):
+    with _timed_precision(device):
         for pair in select(list(cfg.models)):
             model_start = time.perf_counter()
             config = sized_config(pair, cfg.size)
             batches = sorted(cfg.batches_for(pair, on_cpu=device.kind == "cpu"))
-            prep = prepare(pair, config, batches[0], device, dtype=cfg.dtype, seed=cfg.seed)
+            preps = (prepare(pair, config, b, device, dtype=cfg.dtype, seed=cfg.seed) for b in batches)
+            _bench_pair(preps, cfg, device, log, results, gates)
+            log(f"[wall] {pair.name}: {time.perf_counter() - model_start:.1f} s (model set-up, gate, "
+                "compilations, warm-up and timing)")
+    return results, gates
+
+
+def run_own_benchmark(prep_fn: Callable[[], Prepared], cfg: BenchConfig, device: Device,
+                      log: Callable[[str], None] = print) -> tuple[list[BenchResult], list[GateResult]]:
+    """Your own pair (workloads.prepare_own, called as ``prep_fn()`` under the timed precision):
+    the same gate and phase x variant grid as a registry pair, at the example input's batch."""
+    results: list[BenchResult] = []
+    gates: list[GateResult] = []
+    with _timed_precision(device):
+        model_start = time.perf_counter()
+        prep = prep_fn()
+        _bench_pair(iter([prep]), cfg, device, log, results, gates)
+        log(f"[wall] {prep.name}: {time.perf_counter() - model_start:.1f} s (model set-up, gate, "
+            "compilations, warm-up and timing)")
+    return results, gates
+
+
+def _timed_precision(device: Device):
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(pinned(precision=TIMED_PRECISION["jax_default_matmul_precision"],
+                               tf32=TIMED_PRECISION["torch_allow_tf32"]))
+    stack.enter_context(jax.default_device(device.jax_device))
+    return stack
+
+
+def _bench_pair(preps, cfg: BenchConfig, device: Device, log: Callable[[str], None],
+                results: list[BenchResult], gates: list[GateResult]) -> None:
+    """One pair: the parity gate on the first Prepared (the smallest batch), then every phase x
+    variant at every batch ``preps`` yields (prepared lazily, one at a time)."""
+    peak = device_peak(device, cfg)["tflops"]
+    # jax-jit first: it is the reference each torch variant's first result is checked against.
+    variants = sorted(cfg.variants, key=lambda v: v != "jax-jit")
+    g = None
+    for prep in preps:
+        if g is None:
             # One parity gate per model (at the smallest batch); every timed variant at every
             # batch is then checked against jax.jit's first result (check_first_value).
             started = time.perf_counter()
             g = gate(prep)
             gates.append(g)
             # Setup and gate seconds on the console: where a run's wall time goes besides timing.
-            log(f"[gate] {pair.name} b{g.batch} {g.dtype}: {'PASS' if g.ok else 'FAIL'}: " + "; ".join(g.verdicts)
+            log(f"[gate] {prep.name} b{g.batch} {g.dtype}: {'PASS' if g.ok else 'FAIL'}: " + "; ".join(g.verdicts)
                 + f" ({time.perf_counter() - started:.1f} s)")
             if not g.ok:
                 for r in g.reports:
@@ -269,27 +317,21 @@ def run_benchmarks(cfg: BenchConfig, device: Device, log: Callable[[str], None] 
             else:  # a failing report prints its own warnings; a passing one would hide them
                 for w in g.warnings:
                     log(f"  warning: {w}")
-            for batch in batches:
-                if batch != prep.batch:
-                    prep = prepare(pair, config, batch, device, dtype=cfg.dtype, seed=cfg.seed)
-                for phase in cfg.phases:
-                    if not g.ok:
-                        results.extend(BenchResult(pair.name, phase, batch, v, cfg.dtype, "failed",
-                                                   reason="parity gate failed") for v in variants)
-                        continue
-                    ref, row = None, []
-                    for variant in variants:
-                        r, value = _run_one(prep, variant, phase, cfg, ref)
-                        if variant == "jax-jit":
-                            ref = value
-                        row.append(r)
-                    _add_mfu(prep, phase, row, peak)
-                    for r in row:
-                        log(_line(r))
-                    results.extend(row)
-            log(f"[wall] {pair.name}: {time.perf_counter() - model_start:.1f} s (model set-up, gate, "
-                "compilations, warm-up and timing)")
-    return results, gates
+        for phase in cfg.phases:
+            if not g.ok:
+                results.extend(BenchResult(prep.name, phase, prep.batch, v, cfg.dtype, "failed",
+                                           reason="parity gate failed") for v in variants)
+                continue
+            ref, row = None, []
+            for variant in variants:
+                r, value = _run_one(prep, variant, phase, cfg, ref)
+                if variant == "jax-jit":
+                    ref = value
+                row.append(r)
+            _add_mfu(prep, phase, row, peak)
+            for r in row:
+                log(_line(r))
+            results.extend(row)
 
 
 def _add_mfu(prep: Prepared, phase: str, row: list[BenchResult], peak: float | None) -> None:
@@ -311,7 +353,7 @@ def _add_mfu(prep: Prepared, phase: str, row: list[BenchResult], peak: float | N
 
 def _run_one(prep: Prepared, variant: str, phase: str, cfg: BenchConfig, ref):
     """(result, first value in torch layout or None)."""
-    base = dict(model=prep.pair.name, phase=phase, batch=prep.batch, variant=variant, dtype=cfg.dtype)
+    base = dict(model=prep.name, phase=phase, batch=prep.batch, variant=variant, dtype=cfg.dtype)
     try:
         step = make_step(prep, variant, phase)
         step.reset_peak()

@@ -4,10 +4,21 @@ Every Step runs on fresh weights ported from the same torch module, so all varia
 identical parameters, and every call ends by waiting for the device (``block_until_ready`` /
 ``torch.cuda.synchronize``) so a timer around it reads finished work, not queued dispatch.
 
-Training step, identical on both sides: MSE loss (mean) of the model output against a fixed
-random target, backward, then SGD with heavy-ball momentum. torch.optim.SGD(lr, momentum=m)
-does buf = m * buf + g; p -= lr * buf, which is optax.sgd(lr, momentum=m) (trace then scale),
-so the two optimizers take the same step.
+A workload is a pytree: the torch module's positional inputs (float images, [N, T, D] tokens,
+integer token ids and masks, tuples with None, dicts) and any output pytree (a tensor, a tuple,
+an HF ModelOutput). A registry pair is the special case of one input and one output. Layouts
+come from the parity engine (parity.runtime: declared, or inferred from the consuming/producing
+layer), never from ndim; inputs are converted by its ``torch_inputs`` / ``flax_inputs``.
+
+Training step, identical on both sides: loss = sum over the float output leaves of
+mean((out - target)^2), a fixed random target per leaf (the same numbers on both sides, each in
+its side's layout; one leaf: F.mse_loss), backward, then SGD with heavy-ball momentum.
+torch.optim.SGD(lr, momentum=m) does buf = m * buf + g; p -= lr * buf, which is
+optax.sgd(lr, momentum=m) (trace then scale), so the two optimizers take the same step.
+Train mode: BatchNorm uses batch statistics (train_mode); dropout is held OFF on both sides, as
+in parity.training (torch Dropout modules in eval mode, the Flax twin deterministic), because no
+Flax RNG can draw torch's masks: with dropout on, the two sides would compute different things.
+A pair without BatchNorm-like layers (a transformer) therefore runs its train step in eval mode.
 """
 from __future__ import annotations
 
@@ -25,9 +36,10 @@ import torch.nn.functional as F
 
 from parity.benchmark.devices import Device
 from parity.benchmark.names import PHASES, VARIANTS
-from parity.runtime import FlaxTwin, value_and_grad_fn
-from weight_port.layout import to_flax_layout, to_torch_layout
+from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
+                            to_torch_layout, torch_inputs, value_and_grad_fn)
 from weight_port.plan import build_plan
+from weight_port.tensors import to_numpy
 
 LR, MOMENTUM = 1e-3, 0.9
 TORCH_COMPILE_MODE = "default"
@@ -42,22 +54,35 @@ class VariantUnavailable(Exception):
 
 @dataclass
 class Prepared:
-    """One model at one batch size and dtype, ready to make Steps from.
+    """One model pair at one batch size and dtype, ready to make Steps from.
 
-    x and target are float64 numpy arrays in torch layout ([N, C, H, W] or [N, F]); variables is
-    the ported Flax tree as numpy (each Step copies it onto the device, since jit donates it).
+    args: the torch module's positional inputs, a pytree with numpy leaves in torch layout
+    (images [N, C, H, W], features [N, F], token ids [N, T] int, ...). in_layouts / out_layouts:
+    every input / output leaf's layout by path (``input[0]``, ``out.logits``), from the engine.
+    targets: one fixed random target per float output leaf, torch layout, by torch output path;
+    flax_paths: torch output path -> the twin's path for the same leaf (``out['logits']``).
+    variables: the ported Flax tree as numpy float32 (each Step copies it onto the device, since
+    jit donates it). train_mode: the train step runs in train mode (BatchNorm batch statistics);
+    train_matters: train and eval differ for the twin. modes: the train flags the parity gate
+    checks; check_kwargs: the layout / train-keyword / rename arguments parity.check gets.
     """
 
-    pair: Any
-    config: Any
+    name: str
     batch: int
     dtype: str
     device: Device
     torch_module: torch.nn.Module
     flax_module: Any
     variables: dict
-    x: np.ndarray
-    target: np.ndarray
+    args: tuple
+    in_layouts: dict[str, str]
+    out_layouts: dict[str, str]
+    targets: dict[str, np.ndarray]
+    flax_paths: dict[str, str]
+    train_mode: bool = True
+    train_matters: bool = True
+    modes: tuple[bool, ...] = (False,)
+    check_kwargs: dict = field(default_factory=dict)
     _torch_flops: dict = field(default_factory=dict)
 
     def torch_flops(self, phase: str) -> int | None:
@@ -66,35 +91,119 @@ class Prepared:
             self._torch_flops[phase] = _count_torch_flops(self, phase)
         return self._torch_flops[phase]
 
+    def channels_last_input(self) -> str | None:
+        """None when torch's channels_last applies (one 4-D input declared [N, C, H, W]), else why not."""
+        leaves = [x for x in jax.tree.leaves(self.args) if hasattr(x, "shape")]
+        if (len(leaves) == 1 and leaves[0].ndim == 4
+                and self.in_layouts.get("input[0]") == CHANNELS_FIRST):
+            return None
+        shapes = ", ".join(str(list(x.shape)) for x in leaves)
+        return f"channels_last needs one 4-D [N, C, H, W] input; {self.name} takes {shapes}"
+
 
 def prepare(pair, config, batch: int, device: Device, *, dtype: str = "float32", seed: int = 0) -> Prepared:
-    """Build both twins from ``config``, port the torch weights, make the input and a fixed target."""
+    """A registry pair: build both twins from ``config``, port the torch weights, make the input
+    and a fixed target. One input (the pair's declared layout) and one output."""
     torch_module, flax_module = pair.build(config, seed=seed)
     x = pair.example_input(config, batch=batch, seed=seed)
     # Port at float32 (the port's tested path), then cast both sides to the benchmark dtype.
     # plan.to_flax gives linen-style variables for Linen and NNX twins alike (parity.runtime).
     plan = build_plan(torch_module, flax_module, (torch.as_tensor(x, dtype=torch.float32),),
                       input_layout=[pair.input_layout])
-    variables = plan.to_flax(torch_module.state_dict())
-    variables = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), variables)
+    variables = _numpy_variables(plan.to_flax(torch_module.state_dict()))
     torch_module = torch_module.to(_TORCH_DTYPES[dtype])
     with torch.no_grad():
-        out_shape = tuple(torch_module.eval()(torch.as_tensor(x[:1], dtype=_TORCH_DTYPES[dtype])).shape)
-    target = np.random.default_rng(seed + 7).standard_normal((batch, *out_shape[1:]))
-    return Prepared(pair, config, batch, dtype, device, torch_module, flax_module, variables, x, target)
+        out = torch_module.eval()(torch.as_tensor(x[:1], dtype=_TORCH_DTYPES[dtype]))
+    shapes = {p: (batch, *o.shape[1:]) for p, o in flatten(out).items()}
+    return Prepared(
+        pair.name, batch, dtype, device, torch_module, flax_module, variables, (x,),
+        in_layouts={"input[0]": pair.input_layout}, out_layouts={p: pair.out_layout() for p in shapes},
+        targets=_targets(shapes, seed), flax_paths={p: p for p in shapes},
+        train_mode=True, train_matters=pair.train_matters(config), modes=tuple(pair.modes(config)),
+        check_kwargs=dict(input_layout=pair.input_layout, output_layout=pair.out_layout(),
+                          train_kwarg=pair.train_kwarg),
+    )
+
+
+def prepare_own(torch_module: torch.nn.Module, flax_module, example_input, device: Device, *, name: str,
+                dtype: str = "float32", seed: int = 0, input_layout=None, output_layout=None,
+                train_kwarg: str | None = None, rename=None) -> Prepared:
+    """Your own pair (as ``parity check --torch/--flax`` takes it): the torch module, its Flax twin
+    (Linen or NNX) and the torch module's positional inputs in torch layout (one array or a
+    tuple; pytrees, integer ids and masks allowed). The batch is the example input's.
+
+    The engine's own capture (parity.checker.capture: the port, the input layouts and the output
+    layouts, declared or inferred) sets everything up, so the benchmark times exactly what the
+    parity gate checks. A twin whose outputs do not line up with torch's gets no targets for
+    them; the gate then fails and nothing is timed.
+    """
+    from parity.checker import _align, capture  # _align: the checker's flax->torch output pairing
+    from parity.runtime import output_shapes
+
+    run = capture(torch_module, flax_module, example_input, dtype="float32", grads=False, layers=False,
+                  input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
+                  rename=rename, seed=seed)
+    args = jax.tree.map(lambda a: np.array(to_numpy(a.detach() if hasattr(a, "detach") else a)) if
+                        hasattr(a, "shape") else a, as_args(example_input))
+    torch_shapes = {p: tuple(o.shape) for p, o in run.torch.outputs.items()}
+    to_t = None
+    if run.structure_error is None:
+        to_t = _align(list(output_shapes(run.twin, run.variables, run.flax_args)), list(torch_shapes))
+    flax_paths = {t: f for f, t in (to_t or {}).items()}
+    train_mode = _has_batch_statistics(torch_module)
+    return Prepared(
+        name, example_batch(args), dtype, device,
+        copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype]), flax_module, _numpy_variables(run.variables),
+        args, in_layouts=dict(run.in_layouts), out_layouts=dict(run.out_layouts),
+        targets=_targets({p: s for p, s in torch_shapes.items() if p in flax_paths
+                          and np.issubdtype(run.torch.outputs[p].dtype, np.floating)}, seed),
+        flax_paths=flax_paths, train_mode=train_mode, train_matters=train_mode,
+        modes=(False, True) if train_mode else (False,),
+        check_kwargs=dict(input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
+                          rename=rename),
+    )
+
+
+def example_batch(example_input) -> int:
+    """The batch size of an example input: the leading axis of its first array leaf."""
+    leaves = [x for x in jax.tree.leaves(as_args(example_input)) if getattr(x, "ndim", 0)]
+    if not leaves:
+        raise ValueError("the example input has no array with a batch axis")
+    return int(leaves[0].shape[0])
+
+
+def _numpy_variables(variables) -> dict:
+    # A copy: on CPU plan.to_flax may hand back arrays sharing the torch tensors' memory.
+    return jax.tree.map(lambda a: np.array(a, dtype=np.float32), variables)
+
+
+def _targets(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
+    """One standard-normal target per output leaf (torch layout), drawn in output order from one
+    generator, so both sides (and every variant) get the same numbers."""
+    rng = np.random.default_rng(seed + 7)
+    return {p: rng.standard_normal(s) for p, s in shapes.items()}
+
+
+def _has_batch_statistics(module: torch.nn.Module) -> bool:
+    """Whether train mode changes the math once dropout is held off: a norm layer that uses batch
+    statistics in train mode (BatchNorm, or InstanceNorm tracking running statistics)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               or (isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
+               for m in module.modules())
 
 
 @dataclass
 class Step:
     """One benchmark step: ``step()`` runs it and waits for the device; ``first_value()`` is the
-    first call's result as numpy in torch layout (the forward output, or the train step's loss
-    at the initial weights, which every variant shares)."""
+    first call's result as {path: numpy array in torch layout}: the forward's float output leaves
+    (``out``, ``out.last_hidden_state``), or ``{"loss": ...}``, the train step's loss at the
+    initial weights, which every variant shares."""
 
     variant: str
     phase: str
     run: Callable[[], Any]
     sync: Callable[[Any], None]
-    to_numpy: Callable[[Any], np.ndarray]
+    to_numpy: Callable[[Any], dict[str, np.ndarray]]
     flops: Callable[[], tuple[int | None, str]]
     peak_bytes: Callable[[], tuple[int | None, str]]
     reset_peak: Callable[[], None] = lambda: None
@@ -107,7 +216,7 @@ class Step:
         if self.first is None:
             self.first = out
 
-    def first_value(self) -> np.ndarray:
+    def first_value(self) -> dict[str, np.ndarray]:
         if self.first is None:
             raise RuntimeError("the step has not run yet")
         return self.to_numpy(self.first)
@@ -128,16 +237,14 @@ def _torch_step(prep: Prepared, variant: str, phase: str) -> Step:
     dev = prep.device
     if dev.torch_device is None:
         raise VariantUnavailable(f"torch on {dev.kind}: {dev.torch_missing}")
-    tdt = _TORCH_DTYPES[prep.dtype]
-    model = copy.deepcopy(prep.torch_module).to(dev.torch_device)
-    x = torch.as_tensor(prep.x, dtype=tdt, device=dev.torch_device)
-    y = torch.as_tensor(prep.target, dtype=tdt, device=dev.torch_device)
+    model, args, targets = _torch_setup(prep)
     if variant == "torch-channels_last":
-        if x.ndim != 4:
-            raise VariantUnavailable(f"channels_last needs a 4-D [N, C, H, W] input; {prep.pair.name} takes {list(x.shape)}")
+        why_not = prep.channels_last_input()
+        if why_not:
+            raise VariantUnavailable(why_not)
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    fn = _torch_forward(model, x) if phase == "forward" else _torch_train(model, x, y)
+        args = (args[0].contiguous(memory_format=torch.channels_last),)
+    fn = _torch_forward(model, args) if phase == "forward" else _torch_train(model, args, targets, prep.train_mode)
     note = ""
     if variant == "torch-compile":
         # Default mode (no CUDA graphs, no max-autotune). For the train step dynamo graph-breaks
@@ -154,7 +261,7 @@ def _torch_step(prep: Prepared, variant: str, phase: str) -> Step:
     return Step(
         variant=variant, phase=phase, run=fn,
         sync=lambda out: dev.sync_torch(),
-        to_numpy=lambda out: out.detach().to(torch.float64).cpu().numpy(),
+        to_numpy=_torch_numpy if phase == "forward" else lambda loss: {"loss": _torch_numpy(loss)["out"]},
         flops=lambda: _flops_or_reason(prep.torch_flops(phase), "torch.utils.flop_counter.FlopCounterMode"),
         peak_bytes=(lambda: (torch.cuda.max_memory_allocated(dev.torch_device), "torch.cuda.max_memory_allocated"))
         if cuda else (lambda: (None, f"torch reports no peak memory on {dev.kind}")),
@@ -163,23 +270,43 @@ def _torch_step(prep: Prepared, variant: str, phase: str) -> Step:
     )
 
 
-def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _torch_setup(prep: Prepared) -> tuple[torch.nn.Module, tuple, dict[str, torch.Tensor]]:
+    """A private copy of the module on the device, the inputs (the engine's torch_inputs: float
+    leaves in the benchmark dtype, ids and masks as they are) and the targets."""
+    dev, tdt = prep.device.torch_device, _TORCH_DTYPES[prep.dtype]
+    model = copy.deepcopy(prep.torch_module).to(dev)
+    args = torch_inputs(prep.args, tdt, dev, grads=False)
+    targets = {p: torch.as_tensor(t, dtype=tdt, device=dev) for p, t in prep.targets.items()}
+    return model, args, targets
+
+
+def _torch_numpy(out) -> dict[str, np.ndarray]:
+    return {p: o.detach().to(torch.float64).cpu().numpy() for p, o in flatten(out).items()
+            if isinstance(o, torch.Tensor) and o.is_floating_point()}
+
+
+def _torch_forward(model: torch.nn.Module, args: tuple) -> Callable[[], Any]:
     model.eval()
 
-    def forward() -> torch.Tensor:
+    def forward():
         with torch.no_grad():
-            return model(x)
+            return model(*args)
 
     return forward
 
 
-def _torch_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-    model.train()  # BatchNorm: batch statistics and running-stat updates, like Flax train=True
+def _torch_train(model: torch.nn.Module, args: tuple, targets: dict[str, torch.Tensor],
+                 train_mode: bool) -> Callable[[], torch.Tensor]:
+    model.train(train_mode)  # BatchNorm: batch statistics and running-stat updates, like Flax train=True
+    for m in model.modules():  # dropout held off (module docstring): Flax cannot draw torch's masks
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def train_step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x), y)
+        out = flatten(model(*args))
+        loss = sum(F.mse_loss(out[p], y) for p, y in targets.items())
         loss.backward()
         opt.step()
         return loss.detach()
@@ -190,14 +317,10 @@ def _torch_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Ca
 def _count_torch_flops(prep: Prepared, phase: str) -> int | None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    dev = prep.device
-    if dev.torch_device is None:
+    if prep.device.torch_device is None:
         return None
-    tdt = _TORCH_DTYPES[prep.dtype]
-    model = copy.deepcopy(prep.torch_module).to(dev.torch_device)
-    x = torch.as_tensor(prep.x, dtype=tdt, device=dev.torch_device)
-    y = torch.as_tensor(prep.target, dtype=tdt, device=dev.torch_device)
-    fn = _torch_forward(model, x) if phase == "forward" else _torch_train(model, x, y)
+    model, args, targets = _torch_setup(prep)
+    fn = _torch_forward(model, args) if phase == "forward" else _torch_train(model, args, targets, prep.train_mode)
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -208,34 +331,38 @@ def _count_torch_flops(prep: Prepared, phase: str) -> int | None:
 
 def _jax_step(prep: Prepared, phase: str) -> Step:
     """The Flax twin through the parity engine's runner (parity.runtime.FlaxTwin: Linen or NNX),
-    jitted; input and target converted by the registry's declared layouts."""
+    jitted; inputs by the engine's flax_inputs, targets and outputs converted by the declared or
+    inferred layouts (Prepared.in_layouts / out_layouts)."""
     dev = prep.device.jax_device
     jdt = _JAX_DTYPES[prep.dtype]
-    pair = prep.pair
 
     def put(a):
         # jnp.array copies, so donating a Step's buffers never touches prep.variables.
         return jax.device_put(jnp.array(a, dtype=jdt), dev)
 
-    x = put(to_flax_layout(prep.x, pair.input_layout, f"{pair.name} benchmark input"))
+    args = jax.device_put(flax_inputs(prep.args, prep.in_layouts, dtype=jdt), dev)
     variables = jax.tree.map(put, prep.variables)
+    train_kwarg = prep.check_kwargs.get("train_kwarg")
     compiled: dict[str, Any] = {}
 
     if phase == "forward":
-        twin = FlaxTwin(prep.flax_module, train=False, train_kwarg=pair.train_kwarg)
-        fn = jax.jit(lambda v, x: twin.apply(v, (x,))[0])
-        args = [variables, x]
+        twin = FlaxTwin(prep.flax_module, train=False, train_kwarg=train_kwarg)
+        # The output pytree flattened to {path: array}: the engine's paths (parity.runtime.tree).
+        fn = jax.jit(lambda v, a: flatten(twin.apply(v, a)[0]))
+        call_args = [variables, args]
 
         def run():
-            return _aot(compiled, fn, args)(*args)
+            return _aot(compiled, fn, call_args)(*call_args)
 
-        def to_numpy(out) -> np.ndarray:
-            return np.asarray(to_torch_layout(np.asarray(out, dtype=np.float64), pair.out_layout(),
-                                              f"{pair.name} output"))
+        def to_numpy(out) -> dict[str, np.ndarray]:
+            return {t: np.asarray(to_torch_layout(np.asarray(out[f], dtype=np.float64), prep.out_layouts[t],
+                                                  f"{prep.name} output {t}"))
+                    for t, f in prep.flax_paths.items() if t in prep.targets}
     else:
-        y = put(to_flax_layout(prep.target, pair.out_layout(), f"{pair.name} benchmark target"))
-        twin = FlaxTwin(prep.flax_module, train=True, train_kwarg=pair.train_kwarg,
-                        train_mode_matters=pair.train_matters(prep.config))
+        y = {prep.flax_paths[t]: put(to_flax_layout(v, prep.out_layouts[t], f"{prep.name} benchmark target {t}"))
+             for t, v in prep.targets.items()}
+        twin = FlaxTwin(prep.flax_module, train=prep.train_mode, train_kwarg=train_kwarg,
+                        train_mode_matters=prep.train_matters, dropout=False)
         params = variables["params"]
         rest = {k: v for k, v in variables.items() if k != "params"}
         tx = optax.sgd(LR, momentum=MOMENTUM)
@@ -243,12 +370,12 @@ def _jax_step(prep: Prepared, phase: str) -> Step:
         state = [params, tx.init(params), rest]
 
         def run():
-            step = _aot(compiled, fn, [*state, x, y])
-            state[0], state[1], state[2], loss = step(*state, x, y)
+            step = _aot(compiled, fn, [*state, args, y])
+            state[0], state[1], state[2], loss = step(*state, args, y)
             return loss
 
-        def to_numpy(out) -> np.ndarray:  # the loss: a scalar, no layout
-            return np.asarray(out, dtype=np.float64)
+        def to_numpy(out) -> dict[str, np.ndarray]:  # the loss: a scalar, no layout
+            return {"loss": np.asarray(out, dtype=np.float64)}
 
     def flops():
         # The LOWERED module's count, not the compiled one's: on GPU the compiled module's
@@ -308,12 +435,18 @@ def jax_peak_bytes(exe, dev) -> tuple[int | None, str]:
 
 
 def _flax_train_step(twin: FlaxTwin, tx):
-    """One SGD-momentum step on the MSE loss, differentiated by the engine's value_and_grad_fn
-    (the same core parity.training uses); non-param collections (BatchNorm statistics) updated."""
-    grad_fn = value_and_grad_fn(twin, lambda out, y: jnp.mean((out - y) ** 2))  # F.mse_loss(mean)
+    """One SGD-momentum step on the summed MSE loss, differentiated by the engine's
+    value_and_grad_fn (the same core parity.training uses); non-param collections (BatchNorm
+    statistics) updated. args: the Flax-layout input pytree; y: {Flax output path: target}."""
 
-    def train_step(params, opt_state, rest, x, y):
-        loss, grads, new_rest = grad_fn({"params": params, **rest}, (x,), y)
+    def loss(out, y):
+        out = flatten(out)
+        return sum(jnp.mean((out[p] - t) ** 2) for p, t in y.items())  # F.mse_loss(mean) per leaf
+
+    grad_fn = value_and_grad_fn(twin, loss)
+
+    def train_step(params, opt_state, rest, args, y):
+        loss, grads, new_rest = grad_fn({"params": params, **rest}, args, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, new_rest, loss
 

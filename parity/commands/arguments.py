@@ -176,7 +176,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                       help="time every paired layer alone in both frameworks, forward and forward+"
                            "backward, on the inputs the parity check captures: a registry pair name "
                            "(with --torch/--flax: the name used in the report)")
-    prof.add_argument("--torch", metavar="MODULE:FACTORY", help="your pair's torch model (zero-argument callable)")
-    prof.add_argument("--flax", metavar="MODULE:FACTORY", help="your pair's Flax twin (zero-argument callable)")
-    prof.add_argument("--input-shape", metavar="N,C,H,W", help="your pair: random input of this torch-layout shape")
-    add_pair_arguments(prof)
+    own = p.add_argument_group(
+        "your own pair (instead of --models: the same grid at your example input's batch; "
+        "with --layers: its per-layer profile)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="your pair's torch model (zero-argument callable)")
+    own.add_argument("--flax", metavar="MODULE:FACTORY", help="your pair's Flax twin (zero-argument callable)")
+    own.add_argument("--input-shape", metavar="N,C,H,W", help="your pair: random input of this torch-layout shape")
+    own.add_argument("--name", default=None, help="your pair's name in the report (default: torch class name)")
+    add_pair_arguments(own)

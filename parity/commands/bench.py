@@ -1,4 +1,6 @@
 """``parity bench``: time torch eager / channels_last / torch.compile against jax.jit, write a report;
+``parity bench --torch M:F --flax M:F (--input-shape S | --example-input M:FN)``: the same grid on
+your own pair (an HF transformers model and its Flax module, say);
 ``parity bench --layers MODEL``: the per-layer speed profile of one model instead;
 ``parity bench --data-parallel N``: data-parallel scaling at 1..N devices instead."""
 from __future__ import annotations
@@ -14,7 +16,6 @@ from parity.benchmark.names import DEFAULT_MODELS, QUICK_MODELS
 
 def run(args: argparse.Namespace) -> int:
     from parity.benchmark import BenchConfig, run_benchmarks, select_device, set_cpu_threads
-    from parity.benchmark.report import write_report
     from parity.benchmark.runner import environment
     from parity.benchmark.sizes import parse_model_batches
     from parity.benchmark.workloads import VARIANTS
@@ -25,8 +26,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
     device = select_device(args.device)  # DeviceError (a ValueError): one line, exit 2
-    if args.layers or args.torch or args.flax:
+    if args.layers:
         return _profile(args, device)
+    if args.torch or args.flax:
+        return _own_grid(args, device)
     on_cpu = device.kind == "cpu"
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     select(models)  # unknown names fail here (KeyError, exit 2), before anything runs
@@ -42,27 +45,80 @@ def run(args: argparse.Namespace) -> int:
         phases=tuple(args.phase),
         variants=tuple(variants),
         peak_tflops=args.peak_tflops,
-        **(dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else
-           dict(min_time_s=args.min_time) if args.min_time is not None else {}),
+        **_timing_settings(args),
     )
     env = environment(device, cfg)
+    _print_devices(env, cfg)
+    results, gates = run_benchmarks(cfg, device, log=lambda s: print(s, flush=True))
+    status = _write(results, gates, env, args)
+    if args.port:
+        status = max(status, _port_benchmark(args))
+    return status
+
+
+def _timing_settings(args: argparse.Namespace) -> dict:
+    return (dict(warmup=1, min_rounds=1, max_rounds=1, min_time_s=0.0) if args.quick else
+            dict(min_time_s=args.min_time) if args.min_time is not None else {})
+
+
+def _print_devices(env: dict, cfg) -> None:
     d = env["device"]
     print(f"devices: torch {d['torch_device'] or 'MISSING (' + str(d['torch_missing']) + ')'}"
           f"{' (' + d['torch_device_name'] + ')' if d.get('torch_device_name') else ''}; "
           f"jax {d['jax_device']} ({d['jax_device_kind']}); dtype {cfg.dtype}; size {cfg.size}; "
           f"torch threads {env['threads']['torch_intra_op']}; timed with JAX matmul precision "
           "'highest' and torch TF32 off (equal precision on both sides)", flush=True)
-    results, gates = run_benchmarks(cfg, device, log=lambda s: print(s, flush=True))
-    paths = write_report(results, gates, env, args.out, quick=args.quick)
+
+
+def _write(results, gates, env: dict, args: argparse.Namespace, prefix: str = "") -> int:
+    """Write the report; 1 when a parity gate failed, else 0."""
+    from parity.benchmark.report import write_report
+
+    paths = write_report(results, gates, env, args.out, quick=args.quick, prefix=prefix)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
-    status = 0
-    if args.port:
-        status = _port_benchmark(args)
     if not all(g.ok for g in gates):
         print("parity gate FAILED for: " + ", ".join(f"{g.model} b{g.batch}" for g in gates if not g.ok))
         return 1
-    return status
+    return 0
+
+
+def _own_grid(args: argparse.Namespace, device) -> int:
+    """--torch/--flax without --layers: the registry grid (gate, phases x variants) on your own
+    pair, at the batch of its example input (parity.benchmark.runner.run_own_benchmark)."""
+    from parity.benchmark.runner import BenchConfig, environment, run_own_benchmark
+    from parity.benchmark.workloads import VARIANTS, example_batch, prepare_own
+    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+
+    other = [f for f, v in (("--models", args.models), ("--batch", args.batch), ("--model-batch", args.model_batch),
+                            ("--size", args.size), ("--port", args.port)) if v]
+    if other:
+        raise UsageError(f"your own pair is timed at its example input's batch and size; it does not take "
+                         f"{', '.join(other)} (change --input-shape or --example-input instead)")
+    try:
+        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**vars(args), seed=0))
+        layout = parse_layout(args.layout, "--layout")
+        out_layout = parse_layout(args.output_layout, "--output-layout")
+        rename = parse_rename(args.rename)
+    except SetupError as exc:  # one line, exit 2
+        raise UsageError(str(exc)) from None
+    variants = args.variants or [v for v in VARIANTS if not (args.quick and v == "torch-compile")]
+    cfg = BenchConfig(models=(name,), batches=(example_batch(x),), size="full",
+                      dtype="bfloat16" if args.bf16 else "float32", phases=tuple(args.phase),
+                      variants=tuple(variants), peak_tflops=args.peak_tflops, **_timing_settings(args))
+    env = environment(device, cfg)
+    env["own_pair"] = {"torch": args.torch, "flax": args.flax, "input": args.example_input or args.input_shape,
+                       "layout": args.layout, "output_layout": args.output_layout, "rename": args.rename,
+                       "train_kwarg": args.train_kwarg}
+    _print_devices(env, cfg)
+    print(f"your pair: {name} ({args.torch} / {args.flax}), batch {cfg.batches[0]}", flush=True)
+    results, gates = run_own_benchmark(
+        lambda: prepare_own(torch_model, flax_model, x, device, name=name, dtype=cfg.dtype, seed=cfg.seed,
+                            input_layout=layout, output_layout=out_layout, train_kwarg=args.train_kwarg,
+                            rename=rename),
+        cfg, device, log=lambda s: print(s, flush=True))
+    # Files named <pair>_<device>_<dtype>_..., beside (never over) the registry grid's.
+    return _write(results, gates, env, args, prefix="".join(c if c.isalnum() or c in "._-" else "-" for c in name) + "_")
 
 
 def _data_parallel(args: argparse.Namespace) -> int:
@@ -158,7 +214,7 @@ def _own_pair(args: argparse.Namespace):
     from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
 
     try:
-        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**vars(args), seed=0, name=args.layers))
+        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**{**vars(args), "seed": 0, "name": args.layers}))
         facts = dict(input_layout=parse_layout(args.layout, "--layout"),
                      output_layout=parse_layout(args.output_layout, "--output-layout"),
                      rename=parse_rename(args.rename), train_kwarg=args.train_kwarg)
