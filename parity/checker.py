@@ -26,6 +26,7 @@ from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
+from parity.runtime.keywords import bind_keywords
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
 from weight_port.layout import AS_IS, to_flax_layout
@@ -107,6 +108,9 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     tdtype = _DTYPES[dname]
     tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
     tm.train(train)
+    # Keyword inputs (parity.Inputs) are bound into the private torch copy and a rebuilt Flax
+    # module: everything below calls both top modules positionally.
+    tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
     args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
     in_layouts = input_layouts(tm, args, input_layout)
     twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))

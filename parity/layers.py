@@ -105,11 +105,50 @@ def first_divergence(rows: Sequence[LayerRow]) -> tuple[str | None, str | None]:
     """
     for row in rows:
         if not row.forward_ok:
-            return row.name, "forward"
+            inner = _narrowed(rows, row)
+            return (inner or row).name, "forward"
     for row in sorted(rows, key=lambda r: r.backward_order):
         if not row.backward_ok:
             return row.name, "backward"
     return None, None
+
+
+def _is_below(path: str, ancestor: str) -> bool:
+    return path != ancestor and (ancestor == "" or path.startswith(ancestor + "."))
+
+
+def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
+    """A layer inside ``found`` that holds the divergence, when the isolated search cannot see it.
+
+    A layer the Flax side cannot run alone (HF attention: torch hands it an extended float mask,
+    Flax the raw integer one) has no isolated row; a bug in its inline code then surfaces only in
+    the first enclosing layer that can run alone, often the whole model (``<root>``). The
+    accumulated rows narrow it: the first layer, in execution order, whose accumulated output is
+    out of tolerance had every earlier layer's output in tolerance. If that layer itself cannot run
+    alone, the error arises in its own code; if it is clean alone, its input was already wrong,
+    made by inline code of the innermost enclosing layer that cannot run alone. None when no such
+    layer lies strictly inside ``found``.
+    """
+    order = list(rows)
+    first = next((i for i, r in enumerate(order) if _is_below(r.torch_path, found.torch_path)
+                  and r.accumulated is not None and not r.accumulated.ok), None)
+    if first is None:
+        return None
+    row = order[first]
+    if row.isolated is None:
+        return row
+    if not row.isolated.ok:
+        return None  # judged alone and wrong: the isolated search already names it
+    parts = row.torch_path.split(".")
+    for depth in range(len(parts) - 1, 0, -1):  # innermost ancestor first
+        anc = ".".join(parts[:depth])
+        if not _is_below(anc, found.torch_path):
+            break
+        # the ancestor's call that encloses this row: the first one to complete after it
+        enclosing = next((r for r in order[first + 1:] if r.torch_path == anc), None)
+        if enclosing is not None and enclosing.isolated is None:
+            return enclosing
+    return None
 
 
 # --- pairing and layouts ---------------------------------------------------------------------

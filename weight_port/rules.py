@@ -311,6 +311,35 @@ def _rms_norm_check(layer: LayerInfo) -> list[str]:
 RMS_NORM = Rule((TensorMap("weight", "params", "scale"),), check=_rms_norm_check, name="rms_norm")
 
 
+# --- transformers' own RMS norms (LlamaRMSNorm, MistralRMSNorm, GemmaRMSNorm, T5LayerNorm): one
+# ``weight`` of shape [features], which their Flax twins (FlaxLlamaRMSNorm, ...) also call
+# ``weight`` (nn.RMSNorm calls it ``scale``). No layout change. Gemma computes x * (1 + weight) on
+# both sides: the stored tensor is the same, so the port copies it unchanged either way.
+def _hf_rms_eps(module, names: tuple[str, ...]) -> float | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def _hf_rms_norm_check(layer: LayerInfo) -> list[str]:
+    # torch keeps eps as variance_epsilon (Llama, Mistral, T5) or eps (Gemma); the Flax twins as
+    # a field ``eps`` (T5) or in their config (rms_norm_eps; ``epsilon`` exists only after setup).
+    t_eps = _hf_rms_eps(layer.torch_module, ("variance_epsilon", "eps"))
+    f = layer.flax_module
+    f_eps = _hf_rms_eps(f, ("eps", "epsilon"))
+    if f_eps is None:
+        f_eps = _hf_rms_eps(getattr(f, "config", None), ("rms_norm_eps",))
+    if t_eps is not None and f_eps is not None and _differs(t_eps, f_eps):
+        return [f"{layer.torch_path or '<root>'}: torch eps={t_eps:g} but flax "
+                f"{'/'.join(layer.flax_path) or '<root>'} eps={f_eps:g}"]
+    return []
+
+
+HF_RMS_NORM = Rule((TensorMap("weight", "params", "weight"),), check=_hf_rms_norm_check, name="hf_rms_norm")
+
+
 # --- transformers' Conv1D (GPT-2): y = x W + b with W stored [in, out] -- already Flax Dense's
 # kernel layout, so no transpose against nn.Dense / nnx.Linear. HF's own FlaxConv1D stores its
 # kernel [out, in] (it transposes in __call__), so against that twin the port transposes.
@@ -377,6 +406,9 @@ _RULES: dict[type, Rule] = {
 _OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
     ("transformers.", "Conv1D"): CONV1D,
     ("transformers.", "FlaxConv1D"): CONV1D,
+    **{("transformers.", n): HF_RMS_NORM
+       for n in ("LlamaRMSNorm", "MistralRMSNorm", "GemmaRMSNorm", "T5LayerNorm", "FlaxLlamaRMSNorm",
+                 "FlaxMistralRMSNorm", "FlaxGemmaRMSNorm", "FlaxT5LayerNorm")},
 }
 
 
