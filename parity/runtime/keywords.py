@@ -25,13 +25,18 @@ class Inputs:
     """The arguments of one model call, positional and keyword, passed alike to torch and Flax.
 
     ``parity.check(torch_model, flax_module, Inputs(ids, attention_mask=mask, position_ids=pos))``.
+    ``torch_only=`` / ``flax_only=``: keywords only one side takes, passed to it as they are.
     Leaves are named ``input[0]`` (positional first), then ``input[1]``... per keyword in the order
     given (``names()`` lists them); layouts declared per leaf use those names.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, torch_only: dict | None = None, flax_only: dict | None = None, **kwargs: Any):
         self.args = args
         self.kwargs = kwargs
+        # Keywords one side alone takes (HF FlaxBartModule requires position_ids, which BartModel
+        # computes itself): constants of that side's call, neither compared nor differentiated.
+        self.torch_only = dict(torch_only or {})
+        self.flax_only = dict(flax_only or {})
 
     def names(self) -> dict[str, str]:
         """{input path: what it is}: ``input[0]`` -> ``args[0]``, ``input[1]`` -> ``attention_mask``."""
@@ -43,12 +48,12 @@ class Inputs:
         return f"Inputs({len(self.args)} positional, keywords {list(self.kwargs)})"
 
 
-def _torch_call(cls: type, n_pos: int, keys: tuple[str, ...]) -> type:
+def _torch_call(cls: type, n_pos: int, keys: tuple[str, ...], only: dict) -> type:
     base = cls.forward
 
     @functools.wraps(base)
     def forward(self, *args):
-        return base(self, *args[:n_pos], **dict(zip(keys, args[n_pos:])))
+        return base(self, *args[:n_pos], **dict(zip(keys, args[n_pos:])), **only)
 
     forward.__signature__ = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
@@ -60,7 +65,7 @@ def _torch_call(cls: type, n_pos: int, keys: tuple[str, ...]) -> type:
                                        "__qualname__": cls.__qualname__})
 
 
-def _flax_call(cls: type, n_pos: int, keys: tuple[str, ...]) -> type:
+def _flax_call(cls: type, n_pos: int, keys: tuple[str, ...], only: dict) -> type:
     # The undecorated __call__: calling Linen's wrapped parent method from the subclass's (also
     # wrapped) method would be a second interceptable call of the same module (the per-layer
     # recorder would see the root twice).
@@ -68,7 +73,7 @@ def _flax_call(cls: type, n_pos: int, keys: tuple[str, ...]) -> type:
     signature = inspect.signature(cls.__call__)
 
     def __call__(self, *args, **kwargs):
-        return base(self, *args[:n_pos], **dict(zip(keys, args[n_pos:])), **kwargs)
+        return base(self, *args[:n_pos], **dict(zip(keys, args[n_pos:])), **only, **kwargs)
 
     # The train keyword (deterministic, train, ...) is found from the signature: keep the user's.
     __call__.__signature__ = signature
@@ -94,16 +99,23 @@ def bind_keywords(torch_module: torch.nn.Module, flax_module, example_input):
     keys = tuple(example_input.kwargs)
     n_pos = len(example_input.args)
     args = tuple(example_input.args) + tuple(example_input.kwargs.values())
-    if not keys:
+    t_only = dict(example_input.torch_only)
+    f_only = {k: _as_jax(v) for k, v in example_input.flax_only.items()}
+    if not keys and not t_only and not f_only:
         return torch_module, flax_module, args
     from flax import linen as nn
 
     if not isinstance(flax_module, nn.Module):
-        raise TypeError(f"parity.Inputs with keywords ({', '.join(keys)}) needs a Linen Flax module; "
-                        f"got {type(flax_module).__name__} (an NNX twin takes positional inputs)")
-    torch_module.__class__ = _torch_call(type(torch_module), n_pos, keys)
-    flax_module = _rebuilt_linen(flax_module, _flax_call(type(flax_module), n_pos, keys))
+        raise TypeError(f"parity.Inputs with keywords ({', '.join(keys + tuple(f_only))}) needs a Linen Flax "
+                        f"module; got {type(flax_module).__name__} (an NNX twin takes positional inputs)")
+    torch_module.__class__ = _torch_call(type(torch_module), n_pos, keys, t_only)
+    flax_module = _rebuilt_linen(flax_module, _flax_call(type(flax_module), n_pos, keys, f_only))
     return torch_module, flax_module, args
+
+
+def _as_jax(value):
+    # A torch tensor constant for the Flax side: the same values as a numpy array.
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 __all__ = ["Inputs", "bind_keywords"]
