@@ -340,6 +340,41 @@ def _hf_rms_norm_check(layer: LayerInfo) -> list[str]:
 HF_RMS_NORM = Rule((TensorMap("weight", "params", "weight"),), check=_hf_rms_norm_check, name="hf_rms_norm")
 
 
+# --- transformers' leaf layers holding one tensor used as is, stored under the same name by
+# their Flax twins: BEiT's relative position bias table [distances, heads] (indexed, never
+# multiplied as a matrix) and DINOv2's layer scale [features] (elementwise). No layout change.
+HF_BEIT_RELATIVE_POSITION_BIAS = Rule((TensorMap("relative_position_bias_table", "params",
+                                                 "relative_position_bias_table"),), name="hf_relative_position_bias")
+HF_LAYER_SCALE = Rule((TensorMap("lambda1", "params", "lambda1"),), name="hf_layer_scale")
+# RoFormer's sinusoidal position table is a frozen torch Parameter; its Flax twin computes the same
+# table in code and has no leaf for it. Dropped: flax_to_torch refills it from the torch module.
+HF_SINUSOIDAL_POSITIONS = Rule((), dropped=("weight",), name="hf_sinusoidal_positions")
+
+
+# --- Weight norm (torch.nn.utils.parametrizations.weight_norm): torch stores g as
+# ``parametrizations.weight.original0`` and v as ``...original1`` (both in torch's conv layout,
+# [out, in/groups, k], g reduced over every axis but ``dim``) and computes weight = g * v / ||v||.
+# HF's FlaxConvWithWeightNorm (Wav2Vec2's positional conv) keeps ``weight_g`` / ``weight_v`` in
+# that same torch layout and transposes the computed kernel itself: no layout change here.
+def _weight_norm_check(layer: LayerInfo) -> list[str]:
+    plist = getattr(getattr(layer.torch_module, "parametrizations", None), "weight", None)
+    kinds = [type(p).__name__ for p in (plist or [])]
+    if kinds != ["_WeightNorm"]:
+        return [f"{layer.torch_path or '<root>'}: parametrization {kinds} is not weight_norm; "
+                "its tensors are mapped as weight norm's (g, v)"]
+    return []
+
+
+WEIGHT_NORM_CONV = Rule(
+    (TensorMap("parametrizations.weight.original0", "params", "weight_g", layout="g, torch layout unchanged"),
+     TensorMap("parametrizations.weight.original1", "params", "weight_v", layout="v, torch layout unchanged"),
+     TensorMap("bias", "params", "bias")),
+    children=("parametrizations",),
+    check=_weight_norm_check,
+    name="weight_norm_conv",
+)
+
+
 # --- transformers' Conv1D (GPT-2): y = x W + b with W stored [in, out] -- already Flax Dense's
 # kernel layout, so no transpose against nn.Dense / nnx.Linear. HF's own FlaxConv1D stores its
 # kernel [out, in] (it transposes in __call__), so against that twin the port transposes.
@@ -409,6 +444,15 @@ _OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
     **{("transformers.", n): HF_RMS_NORM
        for n in ("LlamaRMSNorm", "MistralRMSNorm", "GemmaRMSNorm", "T5LayerNorm", "FlaxLlamaRMSNorm",
                  "FlaxMistralRMSNorm", "FlaxGemmaRMSNorm", "FlaxT5LayerNorm")},
+    ("transformers.", "BeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
+    ("transformers.", "FlaxBeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
+    ("transformers.", "Dinov2LayerScale"): HF_LAYER_SCALE,
+    ("transformers.", "FlaxDinov2LayerScale"): HF_LAYER_SCALE,
+    ("transformers.", "RoFormerSinusoidalPositionalEmbedding"): HF_SINUSOIDAL_POSITIONS,
+    # torch.nn.utils.parametrize makes one ParametrizedConv1d class per parametrized Conv1d (the
+    # class says nothing of which parametrization: the rule's check reads it).
+    ("torch.nn.utils.parametrize", "ParametrizedConv1d"): WEIGHT_NORM_CONV,
+    ("transformers.", "FlaxConvWithWeightNorm"): WEIGHT_NORM_CONV,
 }
 
 
