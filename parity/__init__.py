@@ -27,7 +27,7 @@ _LAZY = {
     "ModelPair": "parity.registry",
     "pin_numerics": "parity.numerics",
     "FlaxTwin": "parity.runtime",
-    "Inputs": "parity.runtime.keywords",
+    "Inputs": "weight_port.keywords",
     "LayoutError": "parity.runtime",
     "TrainModeError": "parity.runtime",
     "CHANNELS_FIRST": "parity.runtime",

@@ -26,9 +26,9 @@ from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
-from parity.runtime.keywords import bind_keywords
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
+from weight_port.keywords import bind_keywords
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 

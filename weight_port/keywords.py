@@ -13,9 +13,11 @@ Keyword leaves are named ``input[k]`` after the positional ones, in the order th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -87,12 +89,13 @@ def _rebuilt_linen(module, cls: type):
     return cls(**fields)
 
 
-def bind_keywords(torch_module: torch.nn.Module, flax_module, example_input):
+def bind_keywords(torch_module: torch.nn.Module | None, flax_module, example_input):
     """(torch module, Flax module, positional example input) with ``Inputs`` keywords bound.
 
     Anything but an ``Inputs`` comes back unchanged. The torch module must be the caller's private
-    copy (its class is swapped in place); the Flax module is rebuilt (Linen modules are frozen
-    dataclasses). NNX twins are refused with a clear error: give them positional arguments.
+    copy (its class is swapped in place; ``keyword_call`` restores it); the Flax module is rebuilt
+    (Linen modules are frozen dataclasses). NNX twins are refused with a clear error: give them
+    positional arguments. Either module may be None (a port from a state_dict has no torch module).
     """
     if not isinstance(example_input, Inputs):
         return torch_module, flax_module, example_input
@@ -105,12 +108,26 @@ def bind_keywords(torch_module: torch.nn.Module, flax_module, example_input):
         return torch_module, flax_module, args
     from flax import linen as nn
 
-    if not isinstance(flax_module, nn.Module):
+    if flax_module is not None and not isinstance(flax_module, nn.Module):
         raise TypeError(f"parity.Inputs with keywords ({', '.join(keys + tuple(f_only))}) needs a Linen Flax "
                         f"module; got {type(flax_module).__name__} (an NNX twin takes positional inputs)")
-    torch_module.__class__ = _torch_call(type(torch_module), n_pos, keys, t_only)
-    flax_module = _rebuilt_linen(flax_module, _flax_call(type(flax_module), n_pos, keys, f_only))
+    if torch_module is not None:
+        torch_module.__class__ = _torch_call(type(torch_module), n_pos, keys, t_only)
+    if flax_module is not None:
+        flax_module = _rebuilt_linen(flax_module, _flax_call(type(flax_module), n_pos, keys, f_only))
     return torch_module, flax_module, args
+
+
+@contextlib.contextmanager
+def keyword_call(torch_module: torch.nn.Module | None, flax_module, example_input) -> Iterator[tuple]:
+    """``bind_keywords`` on the caller's own torch module, its class restored on exit (the port
+    traces the module it is given; it must not come back changed)."""
+    cls = type(torch_module) if torch_module is not None else None
+    try:
+        yield bind_keywords(torch_module, flax_module, example_input)
+    finally:
+        if torch_module is not None:
+            torch_module.__class__ = cls
 
 
 def _as_jax(value):
@@ -118,4 +135,4 @@ def _as_jax(value):
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
-__all__ = ["Inputs", "bind_keywords"]
+__all__ = ["Inputs", "bind_keywords", "keyword_call"]

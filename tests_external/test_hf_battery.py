@@ -1,0 +1,101 @@
+"""The checker on real Hugging Face pairs (tests_external/hf_pairs.py), zero configuration.
+
+Per architecture: the correct twin PASSes in float32 and float64 with per-layer rows; a
+mis-port (one layer's weight scaled by 1 + 1e-3 in the ported Flax variables) FAILs and is
+located at that layer; the weight port round-trips bit-exact with a strict load.
+"""
+from __future__ import annotations
+
+import copy
+
+import jax
+import pytest
+import torch
+from flax import traverse_util
+
+import parity
+import weight_port
+from hf_pairs import PAIRS
+
+pytest.importorskip("transformers")
+
+# Architectures whose per-layer rows still blame a correct layer: the torch runner's cotangent at
+# a layer output that the layer also consumes itself (Wav2Vec2FeatureProjection returns its
+# LayerNorm's output and feeds it to its own Linear; CLIP's text tower returns last_hidden_state
+# and pools it) is the sum of both uses, while the Flax VJP sees the outside use only. Their
+# whole-model outputs and gradients pass (test_hf_model_level_passes_where_rows_do_not). Fix:
+# parity/runtime/torch_runner.py (see README, "Hugging Face battery").
+ROWS_BLAME_CORRECT_LAYER = {"wav2vec2", "clip"}
+
+
+def _check(pair, dtype, **kw):
+    tm, fm, inputs = pair.build(dtype)
+    return parity.check(tm, fm, inputs, dtype=dtype, input_layout=pair.input_layout or None, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_pair_passes(name, dtype):
+    if name in ROWS_BLAME_CORRECT_LAYER:
+        pytest.xfail(reason="per-layer backward row of a layer whose output it also consumes (torch runner)")
+    r = _check(PAIRS[name], dtype)
+    assert r.verdict == "PASS", r
+    judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
+    assert len(judged) >= 5, r
+    assert r.outputs and all(c.rel_norm == c.rel_norm for c in r.outputs)  # compared, finite
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_BLAME_CORRECT_LAYER))
+def test_hf_model_level_passes_where_rows_do_not(name):
+    r = _check(PAIRS[name], "float64")
+    assert r.outputs and all(c.ok for c in r.outputs + r.grads), r
+    # the false per-layer blame this file's xfail names: when this fails, the runner is fixed
+    assert r.verdict == "FAIL" and r.divergence_kind == "backward", r
+
+
+def _ported(pair, dtype="float64"):
+    tm, fm, inputs = pair.build(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        src = copy.deepcopy(tm).to(torch.float64 if dtype == "float64" else torch.float32)
+        plan_inputs = inputs
+        variables = weight_port.torch_to_flax(src, fm, plan_inputs, input_layout=pair.port_layout)
+    return tm, fm, inputs, variables
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_misport_is_located(name):
+    pair = PAIRS[name]
+    tm, fm, inputs, variables = _ported(pair)
+    from weight_port.plan import build_plan  # only to read which Flax leaf holds the layer's weight
+
+    with weight_port.keywords.keyword_call(copy.deepcopy(tm), fm, inputs) as (t2, f2, args):
+        plan = build_plan(t2, f2, args, input_layout=pair.port_layout, check_attributes="ignore")
+    layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
+    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name in ("weight", "lambda1"))
+    key = (*layer.info.flax_path, *leaf.split("/"))
+    with jax.enable_x64(True):
+        flat = traverse_util.flatten_dict(variables["params"])
+        assert key in flat, sorted(flat)
+        flat[key] = flat[key] * (1 + 1e-3)
+        bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    r = parity.check(tm, fm, inputs, dtype="float64", variables=bad, input_layout=pair.input_layout or None)
+    assert r.verdict == "FAIL", r
+    assert (r.first_divergence, r.divergence_kind) == (pair.misport, "forward"), r
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_port_round_trips_bit_exact(name):
+    pair = PAIRS[name]
+    tm, fm, inputs = pair.build("float32")
+    variables = weight_port.torch_to_flax(tm, fm, inputs, input_layout=pair.port_layout)
+    back = weight_port.flax_to_torch(variables, tm, fm, inputs, input_layout=pair.port_layout)
+    sd = tm.state_dict()
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    fresh, _, _ = pair.build("float32")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(back, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
