@@ -130,8 +130,10 @@ def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
     layer lies strictly inside ``found``.
     """
     order = list(rows)
+    # (a comparison that could not be made, mismatches -1, says nothing about where values go wrong)
     first = next((i for i, r in enumerate(order) if _is_below(r.torch_path, found.torch_path)
-                  and r.accumulated is not None and not r.accumulated.ok), None)
+                  and r.accumulated is not None and not r.accumulated.ok and r.accumulated.mismatches >= 0),
+                 None)
     if first is None:
         return None
     row = order[first]

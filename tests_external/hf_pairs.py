@@ -106,7 +106,7 @@ _SEQ2SEQ = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, e
 
 PAIRS: dict[str, HFPair] = {p.name: p for p in [
     HFPair("gpt2", lambda: _tf().GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16),
-           "GPT2LMHeadModel", "gpt2:FlaxGPT2LMHeadModule", _causal, "h.1.mlp.c_fc"),
+           "GPT2LMHeadModel", "gpt2:FlaxGPT2LMHeadModule", _causal, "transformer.h.1.mlp.c_fc"),
     HFPair("llama", lambda: _tf().LlamaConfig(**_DECODER), "LlamaModel", "llama:FlaxLlamaModule", _causal,
            "layers.1.mlp.up_proj"),
     # sliding_window=None makes FlaxMistral attend to the diagonal only (a transformers bug, see

@@ -79,6 +79,10 @@ def _flax_call(cls: type, n_pos: int, keys: tuple[str, ...], only: dict) -> type
 
     # The train keyword (deterministic, train, ...) is found from the signature: keep the user's.
     __call__.__signature__ = signature
+    if getattr(base, "compact", False):  # an @nn.compact body defines its submodules in this call
+        from flax import linen as nn
+
+        __call__ = nn.compact(__call__)
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
 
