@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import jax
 import pytest
 import torch
 from flax import traverse_util
@@ -26,6 +25,21 @@ pytest.importorskip("transformers")
 # whole-model outputs and gradients pass (test_hf_model_level_passes_where_rows_do_not). Fix:
 # parity/runtime/torch_runner.py (see README, "Hugging Face battery").
 ROWS_BLAME_CORRECT_LAYER = {"wav2vec2", "clip"}
+# float64 checks that cannot pass: the torch model computes part of itself in float32 even when
+# cast to float64 (LlamaRMSNorm & co. upcast with .to(torch.float32) on both sides; GPT-Neo and
+# GPT-J attention in float32, BLOOM's softmax in float32; RoFormer's frozen sinusoid table was made
+# in float32, Flax's in float64), so a float64 check sees float32 rounding (1e-8 to 1e-7).
+FLOAT32_INSIDE = {"llama", "mistral", "gemma", "gpt_neo", "gptj", "bloom", "roformer"}
+
+
+def _marks(name: str, dtype: str) -> list:
+    if name == "clip" and dtype == "float64":  # torch CLIP cannot build its causal mask in float64
+        return [pytest.mark.xfail(raises=RuntimeError, strict=True, reason="transformers CLIP float64 mask overflow")]
+    if name in ROWS_BLAME_CORRECT_LAYER:
+        return [pytest.mark.xfail(strict=True, reason="per-layer backward row, see ROWS_BLAME_CORRECT_LAYER")]
+    if dtype == "float64" and name in FLOAT32_INSIDE:
+        return [pytest.mark.xfail(strict=True, reason="the torch model computes in float32 inside")]
+    return []
 
 
 def _check(pair, dtype, **kw):
@@ -33,32 +47,38 @@ def _check(pair, dtype, **kw):
     return parity.check(tm, fm, inputs, dtype=dtype, input_layout=pair.input_layout or None, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("name, dtype", [pytest.param(n, d, marks=_marks(n, d), id=f"{n}-{d}")
+                                         for n in PAIRS for d in ("float32", "float64")])
 def test_hf_pair_passes(name, dtype):
-    if name in ROWS_BLAME_CORRECT_LAYER:
-        pytest.xfail(reason="per-layer backward row of a layer whose output it also consumes (torch runner)")
     r = _check(PAIRS[name], dtype)
     assert r.verdict == "PASS", r
     judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
     assert len(judged) >= 5, r
-    assert r.outputs and all(c.rel_norm == c.rel_norm for c in r.outputs)  # compared, finite
+    assert r.outputs and all(c.mismatches == 0 for c in r.outputs)  # compared, not a structure row
 
 
 @pytest.mark.parametrize("name", sorted(ROWS_BLAME_CORRECT_LAYER))
 def test_hf_model_level_passes_where_rows_do_not(name):
-    r = _check(PAIRS[name], "float64")
+    r = _check(PAIRS[name], "float32")
     assert r.outputs and all(c.ok for c in r.outputs + r.grads), r
-    # the false per-layer blame this file's xfail names: when this fails, the runner is fixed
+    # the false per-layer blame the xfail names: when this fails, the runner is fixed
     assert r.verdict == "FAIL" and r.divergence_kind == "backward", r
 
 
-def _ported(pair, dtype="float64"):
+@pytest.mark.parametrize("name", sorted(FLOAT32_INSIDE))
+def test_hf_float64_failure_of_float32_inside_models_is_float32_sized(name):
+    """What the float64 xfails above see: a divergence at float32 rounding size, never more
+    (a real error would be >= 1e-3): within float32's own gradient bound from the table."""
+    from parity.tolerances import GRAD, tolerance_for
+
+    r = _check(PAIRS[name], "float64", layers=False)
+    worst = max(c.rel_norm for c in r.outputs + r.grads if not c.below_floor)
+    assert r.verdict == "FAIL" and worst <= tolerance_for("float32", GRAD).rtol, r
+
+
+def _ported(pair, dtype="float32"):
     tm, fm, inputs = pair.build(dtype)
-    with jax.enable_x64(dtype == "float64"):
-        src = copy.deepcopy(tm).to(torch.float64 if dtype == "float64" else torch.float32)
-        plan_inputs = inputs
-        variables = weight_port.torch_to_flax(src, fm, plan_inputs, input_layout=pair.port_layout)
+    variables = weight_port.torch_to_flax(tm, fm, inputs, input_layout=pair.port_layout)
     return tm, fm, inputs, variables
 
 
@@ -73,12 +93,13 @@ def test_hf_misport_is_located(name):
     layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
     leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name in ("weight", "lambda1"))
     key = (*layer.info.flax_path, *leaf.split("/"))
-    with jax.enable_x64(True):
-        flat = traverse_util.flatten_dict(variables["params"])
-        assert key in flat, sorted(flat)
-        flat[key] = flat[key] * (1 + 1e-3)
-        bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
-    r = parity.check(tm, fm, inputs, dtype="float64", variables=bad, input_layout=pair.input_layout or None)
+    flat = traverse_util.flatten_dict(variables["params"])
+    assert key in flat, sorted(flat)
+    flat[key] = flat[key] * (1 + 1e-3)
+    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    # float32: every pair passes there (the float64 exceptions above), and 1e-3 is far above its bound
+    r = parity.check(tm, fm, inputs, dtype="float32", variables=bad, input_layout=pair.input_layout or None,
+                     grads=False)  # a forward mis-port: located by the forward rows alone
     assert r.verdict == "FAIL", r
     assert (r.first_divergence, r.divergence_kind) == (pair.misport, "forward"), r
 
