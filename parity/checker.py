@@ -300,7 +300,8 @@ def check(
 
     example_input: the torch module's positional arguments in torch layout: one tensor / array,
     or a tuple/list of them (pytrees allowed: dicts, tuples with None); integer leaves (token
-    ids, masks) are fed as they are and get no gradient. Outputs may be any pytree (tensors,
+    ids, masks) are fed as they are and get no gradient. ``parity.Inputs(*args, **kwargs)`` calls
+    both sides with keywords too (HF models order their arguments differently per framework). Outputs may be any pytree (tensors,
     tuples, dicts, dataclasses, HF ModelOutput) and are compared leaf by leaf by path.
     input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
     one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
