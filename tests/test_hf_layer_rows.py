@@ -6,6 +6,7 @@ weights), a bug inside a layer that cannot run alone (Mistral's mask), a frozen 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -196,3 +197,46 @@ def test_frozen_torch_parameter_gradient_is_not_compared():
     assert r.ok, r
     names = [c.name for c in r.param_grads]
     assert "grad table" not in names and "grad fc.weight" in names
+
+
+# -- an additive attention mask of finfo.min fed to a layer that runs alone -------------------------
+class TorchMasked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return torch.softmax(self.fc(x) + mask, dim=-1)
+
+
+class TorchMaskNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = TorchMasked()
+
+    def forward(self, x, mask):
+        return self.attn(x, mask)
+
+
+class FlaxMasked(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+        return jax.nn.softmax(nn.Dense(4, name="fc")(x) * 1.001 + mask, axis=-1)  # planted: * 1.001
+
+
+class FlaxMaskNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+        return FlaxMasked(name="attn")(x, mask)
+
+
+def test_layer_fed_a_finfo_min_mask_is_still_judged():
+    # HF builds additive masks from finfo(dtype).min: the layer's input norm overflowed to inf in
+    # float64 and its noise floor with it, so the planted bug passed its row (located at <root>).
+    torch.manual_seed(0)
+    mask = np.zeros((2, 3, 4))
+    mask[1, :, 2:] = np.finfo(np.float64).min
+    r = parity.check(TorchMaskNet(), FlaxMaskNet(), (_x(2, 3, 4), mask), dtype="float64",
+                     input_layout="as_is")
+    assert not r.ok
+    assert (r.first_divergence, r.divergence_kind) == ("attn", "forward"), r
