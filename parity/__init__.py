@@ -27,6 +27,7 @@ _LAZY = {
     "ModelPair": "parity.registry",
     "pin_numerics": "parity.numerics",
     "FlaxTwin": "parity.runtime",
+    "Inputs": "weight_port.keywords",
     "LayoutError": "parity.runtime",
     "TrainModeError": "parity.runtime",
     "CHANNELS_FIRST": "parity.runtime",

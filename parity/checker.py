@@ -29,6 +29,7 @@ from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_a
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
+from weight_port.keywords import bind_keywords
 from weight_port.layout import AS_IS, to_flax_layout
 from weight_port.plan import PortPlan, build_plan
 
@@ -108,6 +109,9 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     tdtype = _DTYPES[dname]
     tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
     tm.train(train)
+    # Keyword inputs (parity.Inputs) are bound into the private torch copy and a rebuilt Flax
+    # module: everything below calls both top modules positionally.
+    tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
     args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
     in_layouts = input_layouts(tm, args, input_layout)
     twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))
@@ -323,7 +327,8 @@ def check(
 
     example_input: the torch module's positional arguments in torch layout: one tensor / array,
     or a tuple/list of them (pytrees allowed: dicts, tuples with None); integer leaves (token
-    ids, masks) are fed as they are and get no gradient. Outputs may be any pytree (tensors,
+    ids, masks) are fed as they are and get no gradient. ``parity.Inputs(*args, **kwargs)`` calls
+    both sides with keywords too (HF models order their arguments differently per framework). Outputs may be any pytree (tensors,
     tuples, dicts, dataclasses, HF ModelOutput) and are compared leaf by leaf by path.
     input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
     one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
@@ -536,7 +541,12 @@ def _judge_model(report: Report, run: CapturedRun, ref: CapturedRun | None, dnam
                                run.in_layouts[p], ref.torch.input_grads[p] if ref else None)
                           for p, g in t.input_grads.items()]
     tied = getattr(run.plan, "tied", None) or {}
+    # A frozen torch parameter (requires_grad=False: RoFormer's sinusoidal table) has no gradient
+    # to compare; its Flax twin often computes it in code and has no leaf for it at all.
+    frozen = {n for n, p in run.torch_module.named_parameters() if not p.requires_grad}
     for n, g in t.param_grads.items():
+        if n in frozen:
+            continue
         if n not in run.f_p_grads:
             report.param_grads.append(failed_comparison(
                 f"grad {n}", "the port gives no Flax gradient for this torch parameter"

@@ -105,11 +105,52 @@ def first_divergence(rows: Sequence[LayerRow]) -> tuple[str | None, str | None]:
     """
     for row in rows:
         if not row.forward_ok:
-            return row.name, "forward"
+            inner = _narrowed(rows, row)
+            return (inner or row).name, "forward"
     for row in sorted(rows, key=lambda r: r.backward_order):
         if not row.backward_ok:
             return row.name, "backward"
     return None, None
+
+
+def _is_below(path: str, ancestor: str) -> bool:
+    return path != ancestor and (ancestor == "" or path.startswith(ancestor + "."))
+
+
+def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
+    """A layer inside ``found`` that holds the divergence, when the isolated search cannot see it.
+
+    A layer the Flax side cannot run alone (HF attention: torch hands it an extended float mask,
+    Flax the raw integer one) has no isolated row; a bug in its inline code then surfaces only in
+    the first enclosing layer that can run alone, often the whole model (``<root>``). The
+    accumulated rows narrow it: the first layer, in execution order, whose accumulated output is
+    out of tolerance had every earlier layer's output in tolerance. If that layer itself cannot run
+    alone, the error arises in its own code; if it is clean alone, its input was already wrong,
+    made by inline code of the innermost enclosing layer that cannot run alone. None when no such
+    layer lies strictly inside ``found``.
+    """
+    order = list(rows)
+    # (a comparison that could not be made, mismatches -1, says nothing about where values go wrong)
+    first = next((i for i, r in enumerate(order) if _is_below(r.torch_path, found.torch_path)
+                  and r.accumulated is not None and not r.accumulated.ok and r.accumulated.mismatches >= 0),
+                 None)
+    if first is None:
+        return None
+    row = order[first]
+    if row.isolated is None:
+        return row
+    if not row.isolated.ok:
+        return None  # judged alone and wrong: the isolated search already names it
+    parts = row.torch_path.split(".")
+    for depth in range(len(parts) - 1, 0, -1):  # innermost ancestor first
+        anc = ".".join(parts[:depth])
+        if not _is_below(anc, found.torch_path):
+            break
+        # the ancestor's call that encloses this row: the first one to complete after it
+        enclosing = next((r for r in order[first + 1:] if r.torch_path == anc), None)
+        if enclosing is not None and enclosing.isolated is None:
+            return enclosing
+    return None
 
 
 # --- pairing and layouts ---------------------------------------------------------------------
@@ -205,8 +246,10 @@ def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, s
 
 def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
                     layouts: Mapping[str, str], tol: Tolerance) -> Comparison | None:
-    """Worst comparison over the leaves both sides have (by path); a structural difference fails."""
-    if set(flax_vals) != set(torch_vals):
+    """Worst comparison over torch's leaves (by path); a structural difference fails, except extra
+    Flax leaves: torch layers return None for optional outputs that their Flax twins always return
+    (HF attention's weights: torch ``(h, None)``, Flax ``(h, weights)``), and a None is no leaf."""
+    if not set(torch_vals) <= set(flax_vals):
         return failed_comparison(name, f"flax returns {sorted(flax_vals)}, torch {sorted(torch_vals)}", tol)
     comps = []
     for p in torch_vals:
@@ -411,6 +454,7 @@ def analyze_layers(
     jobs = [pc.layer for pc in paired if pc.layer is not None]
     say(f"per-layer: {len(jobs)} layers alone on torch's inputs")
     results = _run_jobs(jobs)
+    totals = _param_grad_totals(t_calls, jobs, results)
     for job, result in zip(jobs, results):
         if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
@@ -421,8 +465,35 @@ def analyze_layers(
             fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, in_norm))
             if job.cots is not None:
                 tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()), in_norm))
-        _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol)
+        _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol, totals)
     return [pc.row for pc in paired]
+
+
+def _param_grad_totals(t_calls: Sequence[TorchCall], jobs: Sequence["IsolatedLayer"], results) -> dict:
+    """{torch path: the Flax layer's isolated parameter gradients summed over all its calls}, or
+    None for a path where some call did not run alone.
+
+    torch records one gradient per parameter, the sum over every call of its module (ALBERT runs
+    one shared layer num_hidden_layers times); one call's VJP is only its share of it. The sum of
+    every call's share, each at torch's input and cotangent for that call, is what compares.
+    """
+    n_calls: dict[str, int] = {}
+    for tc in t_calls:
+        n_calls[tc.path] = n_calls.get(tc.path, 0) + 1
+    totals: dict[str, object] = {}
+    done: dict[str, int] = {}
+    for job, result in zip(jobs, results):
+        path = job.torch_call.path
+        if isinstance(result, Exception) or result[1] is None or not job.params:
+            totals[path] = None
+            continue
+        p_grads = result[1][0]
+        if path in totals and totals[path] is None:
+            continue
+        prev = totals.get(path)
+        totals[path] = p_grads if prev is None else jax.tree_util.tree_map(lambda a, b: a + b, prev, p_grads)
+        done[path] = done.get(path, 0) + 1
+    return {p: (t if done.get(p) == n_calls.get(p) else None) for p, t in totals.items()}
 
 
 def _norm(arrays) -> float:
@@ -470,6 +541,14 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
             row.notes.append(f"input {tn}: torch gives {tuple(t.shape)} {t.dtype}, the Flax layer takes "
                              f"{tuple(f_shape)} {np.dtype(f_inputs[fn].dtype)}; not run alone")
             return None
+        # Integer inputs (ids, positions) carry no rounding: other values mean the two sides hand
+        # this layer different things (HF BartLearnedPositionalEmbedding gets token ids in torch
+        # and computes positions itself; Flax's embedding gets the positions), not an error of it.
+        if (f_shape is not None and not jnp.issubdtype(x.dtype, jnp.floating)
+                and not np.array_equal(np.asarray(x), np.asarray(f_inputs[fn]))):
+            row.notes.append(f"input {tn}: integer values differ between the sides (torch hands this layer "
+                             "other indices than Flax does); not run alone")
+            return None
         arrays[fn], in_layouts[fn], names[fn] = jnp.asarray(x), lay, tn
     float_names = [n for n, a in arrays.items() if jnp.issubdtype(a.dtype, jnp.floating)]
     sub = _subtree(variables, fpath)
@@ -505,7 +584,8 @@ def _run_jobs(jobs: list[IsolatedLayer]) -> list:
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance) -> None:
+           tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance,
+           totals: Mapping[str, object] | None = None) -> None:
     row, tc = job.row, job.torch_call
     out, grads = result
     row.isolated = job.check(out, forward_tol)
@@ -522,8 +602,15 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
             except ValueError as exc:
                 comps.append(failed_comparison(name, str(exc), grad_tol))
     if job.params and tc.call == 0:
-        comps.extend(_param_grad_comps(row, p_grads, job.flax_path, plan, zero_params, t_param_grads, tied,
-                                       grad_tol))
+        # torch's parameter gradient sums every call of this module: judge the sum of the Flax
+        # layer's per-call gradients (equal to this call's own when it ran once).
+        total = (totals or {}).get(tc.path, p_grads)
+        if total is None:
+            row.notes.append("parameter gradients not judged per layer: some call of this module did not "
+                             "run alone (torch's gradient sums every call); judged whole-model")
+        else:
+            comps.extend(_param_grad_comps(row, total, job.flax_path, plan, zero_params, t_param_grads, tied,
+                                           grad_tol))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 
 

@@ -105,12 +105,17 @@ class Report:
         if self.first_divergence and verdict != "INVALID":  # NaN propagates: every layer "diverges"
             row = self.layer(self.first_divergence)
             comp = row.isolated if self.divergence_kind == "forward" else row.grad_isolated
-            lines.append(
-                f"  first divergence: {self.first_divergence} ({row.torch_type}, flax {row.flax_path}), "
-                + ("forward: this layer alone on torch's input" if self.divergence_kind == "forward"
-                   else "backward: this layer's VJP at torch's input and output cotangent")
-                + f" is off by rel_norm {comp.rel_norm:.3e}, max_abs {comp.max_abs:.3e}"
-            )
+            head = f"  first divergence: {self.first_divergence} ({row.torch_type}, flax {row.flax_path}), "
+            if comp is None:  # located by accumulated error inside a layer that cannot run alone
+                lines.append(head + "forward: this layer cannot run alone (" + "; ".join(row.notes)[:160]
+                             + "); the error first appears inside it, with every layer before it in tolerance"
+                             + (f" (its output: rel_norm {row.accumulated.rel_norm:.3e})" if row.accumulated else ""))
+            else:
+                lines.append(
+                    head + ("forward: this layer alone on torch's input" if self.divergence_kind == "forward"
+                            else "backward: this layer's VJP at torch's input and output cotangent")
+                    + f" is off by rel_norm {comp.rel_norm:.3e}, max_abs {comp.max_abs:.3e}"
+                )
         lines.append(f"  {'tensor':<36} {'max_abs':>10} {'max_rel':>10} {'rel_norm':>10} {'bad':>6}  ok")
         for c in self.outputs + self.grads:
             # Below its noise floor a tensor's relative errors are ratios of two rounding noises.

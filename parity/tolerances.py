@@ -11,6 +11,8 @@ Each entry carries the reason for its numbers. Nothing outside this file holds a
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 
 
@@ -231,7 +233,10 @@ NOISE_FLOORS: dict[str, NoiseFloor] = {
 def noise_floor(dtype: str, kind: str, cotangent_norm: float, input_norm: float) -> float:
     """The absolute floor of a ``kind`` comparison in ``dtype`` (0.0 where the table has none)."""
     rule = NOISE_FLOORS.get(kind)
-    return rule.of(dtype, cotangent_norm, input_norm) if rule else 0.0
+    floor = rule.of(dtype, cotangent_norm, input_norm) if rule else 0.0
+    # An input holding finfo.min (HF's additive attention masks) overflows the norm: an infinite
+    # floor would pass any error. Such a scale says nothing about rounding noise: no floor.
+    return floor if math.isfinite(floor) else 0.0
 
 
 def forward_noise_floor(dtype: str, input_norm: float) -> float:

@@ -19,6 +19,7 @@ from weight_port.errors import (
 from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
 from weight_port.flax_tree import is_nnx
+from weight_port.keywords import Inputs, keyword_call
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout, to_torch_layout
 from weight_port.matching import Rename
 from weight_port.naming import torch_to_flax_path
@@ -79,10 +80,12 @@ def torch_to_flax(
     prefetch = (Prefetch(torch_module, state, dtype=dtype, copy=copy, check_finite=not allow_nonfinite)
                 if torch_module is not None and sharding is None and worth_prefetching(state) else None)
     try:
-        plan = build_plan(
-            torch_module, flax_module, example_input, input_layout=input_layout, flatten=flatten,
-            state=state, rename=rename, check_attributes=check_attributes,
-        )
+        # Keyword inputs (Inputs): both top modules called with them, the torch class restored after.
+        with keyword_call(torch_module, flax_module, example_input) as (tm, fm, args):
+            plan = build_plan(
+                tm, fm, args, input_layout=input_layout, flatten=flatten,
+                state=state, rename=rename, check_attributes=check_attributes,
+            )
     except BaseException:
         if prefetch is not None:
             prefetch.cancel()
@@ -133,10 +136,11 @@ def flax_to_torch(
     elif is_nnx(variables, "State"):
         variables = _state_to_variables(variables)
     if plan is None:
-        plan = build_plan(
-            torch_module, flax_module, example_input, variables=variables,
-            input_layout=input_layout, flatten=flatten, rename=rename, check_attributes="ignore",
-        )
+        with keyword_call(torch_module, flax_module, example_input) as (tm, fm, args):
+            plan = build_plan(
+                tm, fm, args, variables=variables,
+                input_layout=input_layout, flatten=flatten, rename=rename, check_attributes="ignore",
+            )
     return {k: numpy_to_torch(v) for k, v in plan.to_torch(variables).items()}
 
 
@@ -161,6 +165,7 @@ __all__ = [
     "FlattenOrderError",
     "FlattenTraceWarning",
     "GroupedConvTranspose",
+    "Inputs",
     "KeyMismatchError",
     "LayerInfo",
     "NoRuleError",

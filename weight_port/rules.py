@@ -311,6 +311,70 @@ def _rms_norm_check(layer: LayerInfo) -> list[str]:
 RMS_NORM = Rule((TensorMap("weight", "params", "scale"),), check=_rms_norm_check, name="rms_norm")
 
 
+# --- transformers' own RMS norms (LlamaRMSNorm, MistralRMSNorm, GemmaRMSNorm, T5LayerNorm): one
+# ``weight`` of shape [features], which their Flax twins (FlaxLlamaRMSNorm, ...) also call
+# ``weight`` (nn.RMSNorm calls it ``scale``). No layout change. Gemma computes x * (1 + weight) on
+# both sides: the stored tensor is the same, so the port copies it unchanged either way.
+def _hf_rms_eps(module, names: tuple[str, ...]) -> float | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def _hf_rms_norm_check(layer: LayerInfo) -> list[str]:
+    # torch keeps eps as variance_epsilon (Llama, Mistral, T5) or eps (Gemma); the Flax twins as
+    # a field ``eps`` (T5) or in their config (rms_norm_eps; ``epsilon`` exists only after setup).
+    t_eps = _hf_rms_eps(layer.torch_module, ("variance_epsilon", "eps"))
+    f = layer.flax_module
+    f_eps = _hf_rms_eps(f, ("eps", "epsilon"))
+    if f_eps is None:
+        f_eps = _hf_rms_eps(getattr(f, "config", None), ("rms_norm_eps",))
+    if t_eps is not None and f_eps is not None and _differs(t_eps, f_eps):
+        return [f"{layer.torch_path or '<root>'}: torch eps={t_eps:g} but flax "
+                f"{'/'.join(layer.flax_path) or '<root>'} eps={f_eps:g}"]
+    return []
+
+
+HF_RMS_NORM = Rule((TensorMap("weight", "params", "weight"),), check=_hf_rms_norm_check, name="hf_rms_norm")
+
+
+# --- transformers' leaf layers holding one tensor used as is, stored under the same name by
+# their Flax twins: BEiT's relative position bias table [distances, heads] (indexed, never
+# multiplied as a matrix) and DINOv2's layer scale [features] (elementwise). No layout change.
+HF_BEIT_RELATIVE_POSITION_BIAS = Rule((TensorMap("relative_position_bias_table", "params",
+                                                 "relative_position_bias_table"),), name="hf_relative_position_bias")
+HF_LAYER_SCALE = Rule((TensorMap("lambda1", "params", "lambda1"),), name="hf_layer_scale")
+# RoFormer's sinusoidal position table is a frozen torch Parameter; its Flax twin computes the same
+# table in code and has no leaf for it. Dropped: flax_to_torch refills it from the torch module.
+HF_SINUSOIDAL_POSITIONS = Rule((), dropped=("weight",), name="hf_sinusoidal_positions")
+
+
+# --- Weight norm (torch.nn.utils.parametrizations.weight_norm): torch stores g as
+# ``parametrizations.weight.original0`` and v as ``...original1`` (both in torch's conv layout,
+# [out, in/groups, k], g reduced over every axis but ``dim``) and computes weight = g * v / ||v||.
+# HF's FlaxConvWithWeightNorm (Wav2Vec2's positional conv) keeps ``weight_g`` / ``weight_v`` in
+# that same torch layout and transposes the computed kernel itself: no layout change here.
+def _weight_norm_check(layer: LayerInfo) -> list[str]:
+    plist = getattr(getattr(layer.torch_module, "parametrizations", None), "weight", None)
+    kinds = [type(p).__name__ for p in (plist or [])]
+    if kinds != ["_WeightNorm"]:
+        return [f"{layer.torch_path or '<root>'}: parametrization {kinds} is not weight_norm; "
+                "its tensors are mapped as weight norm's (g, v)"]
+    return []
+
+
+WEIGHT_NORM_CONV = Rule(
+    (TensorMap("parametrizations.weight.original0", "params", "weight_g", layout="g, torch layout unchanged"),
+     TensorMap("parametrizations.weight.original1", "params", "weight_v", layout="v, torch layout unchanged"),
+     TensorMap("bias", "params", "bias")),
+    children=("parametrizations",),
+    check=_weight_norm_check,
+    name="weight_norm_conv",
+)
+
+
 # --- transformers' Conv1D (GPT-2): y = x W + b with W stored [in, out] -- already Flax Dense's
 # kernel layout, so no transpose against nn.Dense / nnx.Linear. HF's own FlaxConv1D stores its
 # kernel [out, in] (it transposes in __call__), so against that twin the port transposes.
@@ -377,6 +441,18 @@ _RULES: dict[type, Rule] = {
 _OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
     ("transformers.", "Conv1D"): CONV1D,
     ("transformers.", "FlaxConv1D"): CONV1D,
+    **{("transformers.", n): HF_RMS_NORM
+       for n in ("LlamaRMSNorm", "MistralRMSNorm", "GemmaRMSNorm", "T5LayerNorm", "FlaxLlamaRMSNorm",
+                 "FlaxMistralRMSNorm", "FlaxGemmaRMSNorm", "FlaxT5LayerNorm")},
+    ("transformers.", "BeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
+    ("transformers.", "FlaxBeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
+    ("transformers.", "Dinov2LayerScale"): HF_LAYER_SCALE,
+    ("transformers.", "FlaxDinov2LayerScale"): HF_LAYER_SCALE,
+    ("transformers.", "RoFormerSinusoidalPositionalEmbedding"): HF_SINUSOIDAL_POSITIONS,
+    # torch.nn.utils.parametrize makes one ParametrizedConv1d class per parametrized Conv1d (the
+    # class says nothing of which parametrization: the rule's check reads it).
+    ("torch.nn.utils.parametrize", "ParametrizedConv1d"): WEIGHT_NORM_CONV,
+    ("transformers.", "FlaxConvWithWeightNorm"): WEIGHT_NORM_CONV,
 }
 
 

@@ -1,0 +1,109 @@
+"""The checker on real Hugging Face pairs (tests_external/hf_pairs.py), zero configuration.
+
+Per architecture: the correct twin PASSes in float32 and float64 with per-layer rows; a
+mis-port (one layer's weight scaled by 1 + 1e-3 in the ported Flax variables) FAILs and is
+located at that layer; the weight port round-trips bit-exact with a strict load.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flax import traverse_util
+
+import parity
+import weight_port
+from hf_pairs import PAIRS
+
+pytest.importorskip("transformers")
+
+# Architectures whose per-layer rows still blame a correct layer: the torch runner's cotangent at
+# a layer output that the layer also consumes itself (Wav2Vec2FeatureProjection returns its
+# LayerNorm's output and feeds it to its own Linear; CLIP's text tower returns last_hidden_state
+# and pools it) is the sum of both uses, while the Flax VJP sees the outside use only. Their
+# whole-model outputs and gradients pass (test_hf_model_level_passes_where_rows_do_not). Fix:
+# parity/runtime/torch_runner.py (see README, "Hugging Face battery").
+ROWS_BLAME_CORRECT_LAYER = {"wav2vec2", "clip"}
+# float64 checks that cannot pass: the torch model computes part of itself in float32 even when
+# cast to float64 (LlamaRMSNorm & co. upcast with .to(torch.float32) on both sides; GPT-Neo and
+# GPT-J attention in float32, BLOOM's softmax in float32; RoFormer's frozen sinusoid table was made
+# in float32, Flax's in float64), so a float64 check sees float32 rounding (1e-8 to 1e-7).
+FLOAT32_INSIDE = {"llama", "mistral", "gemma", "gpt_neo", "gptj", "bloom", "roformer"}
+
+
+def _check(pair, dtype, **kw):
+    tm, fm, inputs = pair.build(dtype)
+    return parity.check(tm, fm, inputs, dtype=dtype, input_layout=pair.input_layout or None, **kw)
+
+
+# (The exceptions are not run here as expected failures, twice the time: the two tests below
+# assert what they do instead.)
+@pytest.mark.parametrize("name, dtype", [
+    pytest.param(n, d, id=f"{n}-{d}") for n in PAIRS for d in ("float32", "float64")
+    if n not in ROWS_BLAME_CORRECT_LAYER and not (d == "float64" and n in FLOAT32_INSIDE)])
+def test_hf_pair_passes(name, dtype):
+    r = _check(PAIRS[name], dtype)
+    assert r.verdict == "PASS", r
+    judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
+    assert len(judged) >= 5, r
+    assert r.outputs and all(c.mismatches == 0 for c in r.outputs)  # compared, not a structure row
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_BLAME_CORRECT_LAYER))
+def test_hf_model_level_passes_where_rows_do_not(name):
+    r = _check(PAIRS[name], "float32")
+    assert r.outputs and all(c.ok for c in r.outputs + r.grads), r
+    # the false per-layer blame: when this fails, the runner is fixed (move the pair to the passes)
+    assert r.verdict == "FAIL" and r.divergence_kind == "backward", r
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_INSIDE))
+def test_hf_float64_failure_of_float32_inside_models_is_float32_sized(name):
+    """What a float64 check of these sees: a divergence at float32 rounding size, never more
+    (a real error would be >= 1e-3): within float32's own gradient bound from the table."""
+    from parity.tolerances import GRAD, tolerance_for
+
+    r = _check(PAIRS[name], "float64", layers=False)
+    worst = max(c.rel_norm for c in r.outputs + r.grads if not c.below_floor)
+    assert r.verdict == "FAIL" and worst <= tolerance_for("float32", GRAD).rtol, r
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_misport_is_located(name):
+    pair = PAIRS[name]
+    tm, fm, inputs = pair.build("float32")
+    # The port's plan (what torch_to_flax runs) also says which Flax leaf holds the layer's weight.
+    with weight_port.keywords.keyword_call(copy.deepcopy(tm), fm, inputs) as (t2, f2, args):
+        plan = weight_port.build_plan(t2, f2, args, input_layout=pair.port_layout)
+    variables = plan.to_flax(tm.state_dict())
+    layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
+    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
+    key = (*layer.info.flax_path, *leaf.split("/"))
+    flat = traverse_util.flatten_dict(variables["params"])
+    assert key in flat, sorted(flat)
+    flat[key] = flat[key] * (1 + 1e-3)
+    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    # float32: every pair passes there (the float64 exceptions above), and 1e-3 is far above its bound
+    r = parity.check(tm, fm, inputs, dtype="float32", variables=bad, input_layout=pair.input_layout or None,
+                     grads=False)  # a forward mis-port: located by the forward rows alone
+    assert r.verdict == "FAIL", r
+    assert (r.first_divergence, r.divergence_kind) == (pair.misport, "forward"), r
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_port_round_trips_bit_exact(name):
+    pair = PAIRS[name]
+    tm, fm, inputs = pair.build("float32")
+    variables = weight_port.torch_to_flax(tm, fm, inputs, input_layout=pair.port_layout)
+    back = weight_port.flax_to_torch(variables, tm, fm, inputs, input_layout=pair.port_layout)
+    sd = tm.state_dict()
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    fresh, _, _ = pair.build("float32")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(back, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
