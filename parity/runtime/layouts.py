@@ -145,9 +145,10 @@ class ActivationLayouts:
                 outs[p] = lay
                 if lay is not None and id(o) not in self.known:
                     self.known[id(o)] = lay
-                if lay is not None and o.grad_fn is not None:
-                    self.nodes.setdefault(id(o.grad_fn), lay)
-                    self._keep.append(o.grad_fn)
+                for t in (o, c.handed.get(p)):  # the tensor, and the view its callers got
+                    if lay is not None and t is not None and t.grad_fn is not None:
+                        self.nodes.setdefault(id(t.grad_fn), lay)
+                        self._keep.append(t.grad_fn)
             self.outputs[(c.path, c.call)] = outs
         # Second pass for tensors made by plain functions between modules (F.relu, torch.cat):
         # the kind of layer that consumes them says their layout (a Conv2d eats [N, C, H, W]).

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import torch
 
-from parity.runtime.tree import flatten
+from parity.runtime.tree import flatten, map_with_path
 from weight_port.tensors import to_numpy
 
 
@@ -73,6 +73,12 @@ class TorchCall:
     # would otherwise change what this call is said to have seen and returned.
     input_values: dict[str, np.ndarray] = field(default_factory=dict)
     output_values: dict[str, np.ndarray] = field(default_factory=dict)
+    # The views of ``outputs`` handed to the callers (gradient capture): their gradients are what
+    # the callers send back, without the layer's own later uses of the same tensor.
+    handed: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The tensors as they arrived (input_ids are their id()s): held so that no id is freed and
+    # reused by a later tensor during the run, which would link unrelated tensors' layouts.
+    arrived: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +134,7 @@ class _Recorder:
             if not isinstance(x, torch.Tensor):
                 return x
             call.input_ids[name] = id(x)
+            call.arrived[name] = x
             call.input_values[name] = to_numpy(x.detach()).copy()
             if self.grads and x.requires_grad:
                 v = x.view_as(x)
@@ -146,10 +153,28 @@ class _Recorder:
         call = self.open[id(mod)].pop()
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
         call.output_values = {p: to_numpy(o.detach()).copy() for p, o in call.outputs.items()}
-        for p, o in call.outputs.items():
-            if self.grads and o.requires_grad:
-                o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
         self.calls.append(call)
+        if not self.grads or not any(o.requires_grad for o in call.outputs.values()):
+            return None
+        if call.path == "":  # the model's own outputs: nothing inside uses them afterwards
+            for p, o in call.outputs.items():
+                if o.requires_grad:
+                    o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
+            return None
+
+        # A layer may return a tensor it also uses itself (Wav2Vec2's feature projection returns
+        # its LayerNorm output and projects it): a hook on that tensor would add the layer's own
+        # use to its output cotangent. The callers get a view instead, and the hook sits on it.
+        def hand(path, leaf):
+            if not isinstance(leaf, torch.Tensor) or not leaf.requires_grad or call.outputs.get(path) is not leaf:
+                return leaf
+            view = leaf.view_as(leaf)
+            self.aliases[id(view)] = id(leaf)
+            call.handed[path] = view
+            view.register_hook(lambda g, p=path: call.output_grads.__setitem__(p, to_numpy(g).copy()))
+            return view
+
+        return map_with_path(hand, output)
 
     def remove(self) -> None:
         for h in self.handles:
