@@ -399,6 +399,7 @@ def check(
             return report
         report.warnings += (_constant_input_warnings(run.torch_args) + _batch_of_one_warnings(run.torch_args)
                             + _zero_warnings(run))
+
         def reference_run(capture_layers: bool) -> CapturedRun:
             say("float64 reference run")
             with jax.enable_x64(True):
@@ -432,7 +433,6 @@ def check(
             else:
                 report.reference = "float64"
                 report.warnings.append(f"{where}, so judged against a float64 run instead (the fp64-reference rule)")
-                report.input_grads, report.param_grads = [], []
                 _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
         if ref is not None and report.invalid is None:
             bad = _first_nonfinite(ref)
@@ -539,6 +539,7 @@ def _judge_model(report: Report, run: CapturedRun, ref: CapturedRun | None, dnam
 
     t, f = run.torch, run.flax
     single = len(t.outputs) == 1
+    report.input_grads, report.param_grads = [], []  # a re-judgement (fp64 escalation) starts afresh
     report.outputs = [safe(FORWARD, _label("output", p, "out", single), f.outputs[p], v, run.out_layouts[p],
                            ref.torch.outputs[p] if ref else None) for p, v in t.outputs.items()]
     if not grads:
