@@ -453,7 +453,7 @@ def check(
                 report.layers = analyze_layers(
                     lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
                     grads=grads, train=train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
-                    root=(worst_of(report.outputs), worst_of(report.grads)) if lr is run else None,
+                    root=(worst_of(report.outputs), worst_of(report.grads)),  # the whole-model verdicts
                 )
             report.first_divergence, report.divergence_kind = first_divergence(report.layers)
         say("done")
@@ -541,8 +541,9 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
         effective = _lower_warning(run.torch, report, "float64 run")
         rule = measured(ref64, "float64", probe_dtype="float32", effective=effective)
         rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
-        return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows,
-                        flax_other=_own_noise_run(run, "float32", report))
+        with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
+            other = _own_noise_run(run, "float32", report)
+        return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
     say("float64 reference run")
     try:
         with jax.enable_x64(True):
