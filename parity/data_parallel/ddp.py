@@ -43,11 +43,12 @@ def _worker(rank: int, workdir: str) -> None:
             if rank == 0:  # sent before the group goes down: a crash in the shutdown cannot lose it
                 _save_whole(records, Path(workdir) / f"out{j}.pt")
             # Every rank past its last collective before any rank tears the group down: a rank
-            # that destroys (or exits) while a peer still talks to it is how gloo's threads die
-            # with "terminate called without an active exception".
+            # that destroys its group (or exits) while a peer may still talk to it is the likely
+            # source of the "terminate called without an active exception" seen at exit.
             dist.barrier()
         finally:
             dist.destroy_process_group()
+    (Path(workdir) / f"done{rank}").touch()  # this rank's jobs are done: only its exit is left (run_ddp's _join)
 
 
 def _save_whole(obj, path: Path) -> None:
@@ -174,7 +175,7 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
                 with open(logs[rank], "w") as log:  # a file, not a pipe: a chatty rank cannot block on it
                     procs.append(subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
                                                   env=env, cwd=str(_ROOT), stdout=log, stderr=subprocess.STDOUT))
-            timed_out = _join(procs, timeout)
+            timed_out = _join(procs, timeout, Path(d))
         finally:
             for proc in procs:  # never leave a rank behind (a failure, a timeout, an interrupt)
                 if proc.poll() is None:
@@ -206,15 +207,17 @@ class DDPExitWarning(RuntimeWarning):
 _GRACE = 10.0  # seconds the other ranks get to finish once one has failed (then they are stopped)
 
 
-def _join(procs: list[subprocess.Popen], timeout: float) -> bool:
-    """Wait for every process; True when ``timeout`` ran out first. Once one exits with an error,
-    the others get _GRACE seconds: a rank waiting in a collective on a dead peer may never return."""
+def _join(procs: list[subprocess.Popen], timeout: float, workdir: Path) -> bool:
+    """Wait for every process; True when ``timeout`` ran out first. Once one exits with an error
+    before finishing its jobs, the others get _GRACE seconds: a rank waiting in a collective on a
+    dead peer may never return. (One that failed after its last job, in the interpreter's exit,
+    holds nobody up: the others, rank 0 with jobs of its own left, keep the whole timeout.)"""
     deadline = time.monotonic() + timeout
     while any(proc.poll() is None for proc in procs):
         now = time.monotonic()
         if now >= deadline:
             return True
-        if any(proc.returncode for proc in procs):
+        if any(proc.returncode and not (workdir / f"done{r}").exists() for r, proc in enumerate(procs)):
             deadline = min(deadline, now + _GRACE)
         time.sleep(0.05)
     return False
