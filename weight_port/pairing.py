@@ -31,6 +31,9 @@ class PlannedLayer:
     # torch tensor name -> shape, as the source layer has it (used for structural matching)
     own_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     matched: str = "name"  # how the Flax path was found (printed by PortPlan.describe)
+    # Other torch paths of the same module object (registered under several names, e.g. Pegasus'
+    # ``shared`` is also ``encoder.embed_tokens``): tried by name too; ported once, under info.torch_path.
+    aliases: tuple[str, ...] = ()
 
     def torch_key(self, name: str) -> str:
         return f"{self.info.torch_path}.{name}" if self.info.torch_path else name
@@ -118,11 +121,19 @@ def resolve_paths(
         renamed = apply_rename(layer.info.torch_path, rename)
         cands = candidate_paths(renamed, sequential)
         hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+        via = None
+        for alias in layer.aliases if hit is None else ():  # the twin may use another of its names
+            hit = next((c for c in candidate_paths(apply_rename(alias, rename), sequential)
+                        if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+            if hit is not None:
+                via = alias
+                break
         if hit is None:
             unresolved.append((layer, cands[0]))
             continue
         claimed.add(hit)
-        layer.matched = "rename" if renamed != layer.info.torch_path else "name"
+        layer.matched = ("rename" if renamed != layer.info.torch_path else "name") + (
+            f" (of its alias {via})" if via else "")
         _set_path(layer, hit, target)
     order = torch_order() if unresolved and torch_order is not None else None
     rank = {p: i for i, p in enumerate(order)} if order is not None else None

@@ -24,7 +24,9 @@ from weight_port.layout import CHANNELS_FIRST, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
 from weight_port.pairing import Leaf, PlannedLayer, resolve_paths
-from weight_port.plan_steps import decide_flatten, decide_transpose_kernels, fold_tied, tied_aliases
+from weight_port.plan_steps import (
+    decide_flatten, decide_transpose_kernels, drop_computed_tables, fold_tied, tied_aliases,
+)
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for, rule_for
 from weight_port.prefetch import Converted
 from weight_port.tensors import all_finite, single_threaded_torch, to_jax, to_numpy
@@ -39,7 +41,9 @@ class PortPlan:
     not made by name (torch name, Flax path, how). flatten_notes: one line per Linear fed by a
     flatten (whether its input features were permuted, and what decided it). tied: alias torch name ->
     the canonical torch name that was ported in its place (the same storage; the Flax twin has one
-    leaf for both, e.g. an LM head using ``embed.attend``); flax_to_torch refills the alias."""
+    leaf for both, e.g. an LM head using ``embed.attend``; or one module registered under several
+    names); flax_to_torch refills the alias. notes: one line per tensor a rule of the plan decided
+    not to port or to port by its structure (frozen computed tables, look-alike Flax layers)."""
 
     layers: list[PlannedLayer]
     target: FlaxTarget
@@ -47,6 +51,7 @@ class PortPlan:
     pairing_notes: list[str] = field(default_factory=list)
     flatten_notes: list[str] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """The port as a table: torch tensor, Flax leaf, rule, layout change, how it was paired."""
@@ -64,6 +69,8 @@ class PortPlan:
             lines += ["", "paired not by name:"] + [f"  {n}" for n in self.pairing_notes]
         if self.flatten_notes:
             lines += ["", "flatten order:"] + [f"  {n}" for n in self.flatten_notes]
+        if self.notes:
+            lines += ["", "notes:"] + [f"  {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -110,6 +117,8 @@ class PortPlan:
                     used.add(key)
                     continue
                 leaf = layer.flax_leaf(tmap.collection, tmap.flax_name)
+                if key not in state:  # a checkpoint file may store a tied tensor under one alias only
+                    key = next((a for a, c in self.tied.items() if c == key and a in state), key)
                 if key not in state:
                     if leaf in self.target.shapes:
                         missing.append((key, f"torch {key} (for flax {_leaf_str(leaf)})"))
@@ -290,6 +299,17 @@ def _target_for(flax_module, example_input, variables, input_layout, torch_modul
 def _layers_from_torch(torch_module: torch.nn.Module):
     layers, no_rule, dropped_defaults, paramless, named = [], [], {}, [], []
     covered: list[str] = []  # modules whose rule maps their children's tensors (Rule.children)
+    # One module object may be registered under several names (Pegasus, Marian, Blenderbot:
+    # ``shared`` is also ``encoder.embed_tokens`` and ``decoder.embed_tokens``). named_modules()
+    # lists it once, the state_dict under every name: every name is an alias of the first.
+    first_path: dict[int, str] = {}
+    module_aliases: dict[str, list[str]] = {}
+    for path, module in torch_module.named_modules(remove_duplicate=False):
+        if id(module) in first_path:
+            module_aliases.setdefault(first_path[id(module)], []).append(path)
+        else:
+            first_path[id(module)] = path
+    module_alias_keys: dict[str, str] = {}
     for path, module in torch_module.named_modules():
         if any(path.startswith(f"{c}.") if c else True for c in covered):
             continue
@@ -309,8 +329,11 @@ def _layers_from_torch(torch_module: torch.nn.Module):
             # tensors registered directly on a container (class token, position embedding)
             rule = direct_rule({n: "params" for n in own})
         layer = PlannedLayer(LayerInfo(path, (), type(module), module), rule,
-                             {n: tuple(t.shape) for n, t in own.items() if n not in rule.dropped})
+                             {n: tuple(t.shape) for n, t in own.items() if n not in rule.dropped},
+                             aliases=tuple(module_aliases.get(path, ())))
         named += [(layer.torch_key(n), t) for n, t in own.items()]
+        for alias in layer.aliases:  # the same tensors under the module's other names
+            module_alias_keys.update({f"{alias}.{n}": layer.torch_key(n) for n in own})
         for name in rule.dropped:
             if name in own:
                 dropped_defaults[layer.torch_key(name)] = to_numpy(own[name]).copy()
@@ -318,7 +341,7 @@ def _layers_from_torch(torch_module: torch.nn.Module):
     if no_rule:
         raise NoRuleError(no_rule)
     sequential = {p for p, m in torch_module.named_modules() if isinstance(m, torch.nn.Sequential)}
-    return layers, dropped_defaults, paramless, sequential, tied_aliases(named)
+    return layers, dropped_defaults, paramless, sequential, tied_aliases(named), module_alias_keys
 
 
 def _layers_from_state(state: Mapping, target: FlaxTarget, rename: Rename):
@@ -380,7 +403,7 @@ def build_plan(
     paramless: list = []
     torch_order = None
     if torch_module is not None:
-        layers, dropped_defaults, paramless, sequential, aliases = _layers_from_torch(torch_module)
+        layers, dropped_defaults, paramless, sequential, aliases, module_aliases = _layers_from_torch(torch_module)
         if example_input is not None:
             from weight_port.call_order import torch_call_order
 
@@ -390,10 +413,15 @@ def build_plan(
             raise PortError("porting without a torch module needs a Flax module (layer types come "
                             "from it); pass flax_module and example_input")
         (layers, aliases), dropped_defaults, sequential = _layers_from_state(state, target, rename), {}, set()
+        module_aliases = {}
     else:
         raise TypeError("build_plan needs a torch_module or a state (state_dict / checkpoint)")
     notes = resolve_paths(layers, target, sequential, rename, torch_order)
+    port_notes = drop_computed_tables(layers, target, torch_module, dropped_defaults) if torch_module is not None else []
     tied = fold_tied(layers, aliases, target)
+    # a module registered under several names: ported once (under the name that paired), every
+    # other name refilled on the way back and its gradient judged as the sum over uses, like a tie
+    tied.update(module_aliases)
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
     flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
@@ -405,7 +433,7 @@ def build_plan(
             checks.append((LayerInfo(path, flax_path, type(module), module, target.modules[flax_path]), rule))
     _check_attributes(checks, check_attributes)
     return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults,
-                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied)
+                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied, notes=port_notes)
 
 
 __all__ = ["PortPlan", "PlannedLayer", "build_plan", "flax_path_str"]

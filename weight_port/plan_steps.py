@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from weight_port.errors import FlattenOrderError, GroupedKernelLayoutError, KernelLayoutError
@@ -18,6 +19,7 @@ from weight_port.flax_tree import FlaxTarget
 from weight_port.naming import flax_path_str
 from weight_port.pairing import PlannedLayer
 from weight_port.rules import Rule, conv_groups, flax_rule_for, flax_transposes_kernel
+from weight_port.tensors import to_numpy
 
 # torch layers whose output is channels-first (the only way a later flatten can be C-major)
 _CHANNELS_FIRST_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
@@ -135,6 +137,32 @@ def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> 
         raise KernelLayoutError(alike)
 
 
+def drop_computed_tables(layers: list[PlannedLayer], target: FlaxTarget, torch_module: torch.nn.Module,
+                         dropped_defaults: dict[str, np.ndarray]) -> list[str]:
+    """Frozen torch parameters (requires_grad=False) that the Flax twin computes instead of
+    storing -- the sinusoid position tables of Pegasus, Marian, RoFormer -- are not ported: a
+    frozen parameter with no Flax leaf is dropped (refilled from the torch module on the way
+    back), one note each. A frozen parameter the twin does store (Whisper's) is ported as usual;
+    a buffer or a trainable parameter without a leaf stays an error (it may be real state)."""
+    frozen = {n: p for n, p in torch_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    notes = []
+    for layer in layers:
+        drop = [t for t in layer.rule.tensors if layer.torch_key(t.torch_name) in frozen
+                and layer.flax_leaf(t.collection, t.flax_name) not in target.shapes]
+        if not drop:
+            continue
+        names = tuple(t.torch_name for t in drop)
+        for n in names:
+            key = layer.torch_key(n)
+            dropped_defaults[key] = to_numpy(frozen[key]).copy()
+            layer.own_shapes.pop(n, None)
+            notes.append(f"torch {key}: frozen (requires_grad=False) and the Flax twin has no leaf for it "
+                         "(it computes the table): not ported, refilled from the torch module on the way back")
+        keep = tuple(t for t in layer.rule.tensors if t.torch_name not in names)
+        layer.rule = replace(layer.rule, tensors=keep, dropped=(*layer.rule.dropped, *names))
+    return notes
+
+
 def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
     """{alias: canonical} for torch tensors sharing storage (same data pointer, shape, strides).
 
@@ -175,4 +203,4 @@ def fold_tied(layers: list[PlannedLayer], aliases: Mapping[str, str], target: Fl
     return tied
 
 
-__all__ = ["decide_flatten", "decide_transpose_kernels", "fold_tied", "tied_aliases"]
+__all__ = ["decide_flatten", "decide_transpose_kernels", "drop_computed_tables", "fold_tied", "tied_aliases"]

@@ -346,9 +346,9 @@ HF_RMS_NORM = Rule((TensorMap("weight", "params", "weight"),), check=_hf_rms_nor
 HF_BEIT_RELATIVE_POSITION_BIAS = Rule((TensorMap("relative_position_bias_table", "params",
                                                  "relative_position_bias_table"),), name="hf_relative_position_bias")
 HF_LAYER_SCALE = Rule((TensorMap("lambda1", "params", "lambda1"),), name="hf_layer_scale")
-# RoFormer's sinusoidal position table is a frozen torch Parameter; its Flax twin computes the same
-# table in code and has no leaf for it. Dropped: flax_to_torch refills it from the torch module.
-HF_SINUSOIDAL_POSITIONS = Rule((), dropped=("weight",), name="hf_sinusoidal_positions")
+# (Frozen computed tables -- RoFormer's, Pegasus' and Marian's sinusoid position tables, frozen
+# torch Parameters whose Flax twins compute them -- need no rule of their own: the plan drops any
+# frozen parameter the twin has no leaf for, plan_steps.drop_computed_tables.)
 
 
 # --- Weight norm (torch.nn.utils.parametrizations.weight_norm): torch stores g as
@@ -448,7 +448,6 @@ _OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
     ("transformers.", "FlaxBeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
     ("transformers.", "Dinov2LayerScale"): HF_LAYER_SCALE,
     ("transformers.", "FlaxDinov2LayerScale"): HF_LAYER_SCALE,
-    ("transformers.", "RoFormerSinusoidalPositionalEmbedding"): HF_SINUSOIDAL_POSITIONS,
     # torch.nn.utils.parametrize makes one ParametrizedConv1d class per parametrized Conv1d (the
     # class says nothing of which parametrization: the rule's check reads it).
     ("torch.nn.utils.parametrize", "ParametrizedConv1d"): WEIGHT_NORM_CONV,
