@@ -1,6 +1,6 @@
 """Pair each torch layer with its Flax module: rename, naming rules, then execution order.
 
-Names first (weight_port.matching). Layers names cannot pair (Flax auto-names ``Dense_0``) are
+Names first (weight_port.matching: the fixed forms, then a walk of the Flax module tree). Layers names cannot pair (Flax auto-names ``Dense_0``) are
 paired structurally: torch layers in the order the torch forward first calls them, against the
 unclaimed Flax modules in the order the twin first calls them, each with the first module of the
 same layer kind whose leaves have the converted shapes. Registration order (torch ``__init__``)
@@ -17,7 +17,7 @@ import numpy as np
 
 from weight_port.errors import AmbiguousPairingError
 from weight_port.flax_tree import FlaxTarget
-from weight_port.matching import Rename, apply_rename, candidate_paths
+from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths
 from weight_port.naming import flax_path_str
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
 
@@ -117,13 +117,21 @@ def resolve_paths(
     """
     claimed: set[tuple[str, ...]] = set()
     unresolved: list[tuple[PlannedLayer, tuple[str, ...]]] = []
+    prefixes = {leaf[1:i] for leaf in target.shapes for i in range(2, len(leaf))}
+
+    def by_name(torch_path: str) -> list[tuple[str, ...]]:
+        cands = candidate_paths(torch_path, sequential)
+        if "/" in torch_path:  # a rename to a Flax path is taken literally
+            return cands
+        return cands + [p for p in tree_paths(torch_path, prefixes) if p not in cands]
+
     for layer in layers:
         renamed = apply_rename(layer.info.torch_path, rename)
-        cands = candidate_paths(renamed, sequential)
+        cands = by_name(renamed)
         hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
         via = None
         for alias in layer.aliases if hit is None else ():  # the twin may use another of its names
-            hit = next((c for c in candidate_paths(apply_rename(alias, rename), sequential)
+            hit = next((c for c in by_name(apply_rename(alias, rename))
                         if c not in claimed and _fits(layer, c, target, shapes=False)), None)
             if hit is not None:
                 via = alias
