@@ -54,7 +54,7 @@ def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:
                         for n in names})
 
 
-def _converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
+def converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
     tmap = rule.by_torch_name()[name]
     # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
     dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
@@ -69,7 +69,7 @@ def _fits(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget, *, sha
     if not shapes:
         return True
     return all(
-        tuple(target.shapes[leaf].shape) == _converted_shape(layer.rule, n, s, info)
+        tuple(target.shapes[leaf].shape) == converted_shape(layer.rule, n, s, info)
         for n, s, leaf in zip(layer.own_shapes, layer.own_shapes.values(), leaves)
     )
 
@@ -178,4 +178,4 @@ def _set_path(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget) ->
         layer.rule = _direct_rule_at(layer.own_shapes, path, target)
 
 
-__all__ = ["PlannedLayer", "resolve_paths"]
+__all__ = ["PlannedLayer", "converted_shape", "resolve_paths"]

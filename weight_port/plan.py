@@ -23,7 +23,8 @@ from weight_port.input_layouts import port_input_layouts
 from weight_port.layout import CHANNELS_FIRST, to_flax_layout
 from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
 from weight_port.naming import flax_path_str
-from weight_port.pairing import Leaf, PlannedLayer, resolve_paths
+from weight_port.layout import AS_IS
+from weight_port.pairing import Leaf, PlannedLayer, converted_shape, resolve_paths
 from weight_port.plan_steps import (
     decide_flatten, decide_transpose_kernels, drop_computed_tables, fold_tied, tied_aliases,
 )
@@ -52,6 +53,8 @@ class PortPlan:
     flatten_notes: list[str] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Why shapes disagree when another input layout would make them agree (added to the error).
+    layout_hint: str = ""
 
     def describe(self) -> str:
         """The port as a table: torch tensor, Flax leaf, rule, layout change, how it was paired."""
@@ -171,7 +174,7 @@ class PortPlan:
                                  spare, "unused torch key") for s in unclaimed_s]
         if missing or lines_unexpected or mismatched:
             cls = KeyMismatchError if missing or lines_unexpected else ShapeMismatchError
-            raise cls(missing, lines_unexpected, mismatched, context="torch -> flax")
+            raise cls(missing, lines_unexpected, mismatched, context="torch -> flax", hint=self.layout_hint)
         if nonfinite:
             raise NonFiniteWeightError(nonfinite)
         variables = traverse_util.unflatten_dict(out)
@@ -217,7 +220,7 @@ class PortPlan:
         unexpected = [f"flax {s} (no torch tensor maps to it)" for s in spare]
         if missing or unexpected or mismatched:
             cls = KeyMismatchError if missing or unexpected else ShapeMismatchError
-            raise cls(missing, unexpected, mismatched, context="flax -> torch")
+            raise cls(missing, unexpected, mismatched, context="flax -> torch", hint=self.layout_hint)
         if collections is None:
             out.update(self.dropped_defaults)
         for alias, canonical in self.tied.items():  # strict load_state_dict wants every name
@@ -267,13 +270,19 @@ def _check_attributes(infos: list[tuple[LayerInfo, Rule]], mode: str) -> None:
     raise AttributeMismatchError(problems)
 
 
-def _target_for(flax_module, example_input, variables, input_layout, torch_module) -> FlaxTarget:
+def _input_layouts(example_input, input_layout, torch_module, flax_module):
+    """(example inputs as numpy arrays, the torch-side layout of each), or (None, None)."""
+    if example_input is None:
+        return None, None
+    inputs = [to_numpy(x) for x in _as_tuple(example_input)]
+    # one layout per positional input: declared, or read off the layer that receives it
+    return inputs, port_input_layouts(input_layout, inputs, torch_module,
+                                      lambda: _torch_inputs(torch_module, example_input), flax_module)
+
+
+def _target_for(flax_module, inputs, layouts, variables) -> FlaxTarget:
     flax_inputs = channels_last = None
-    if example_input is not None:
-        inputs = [to_numpy(x) for x in _as_tuple(example_input)]
-        # one layout per positional input: declared, or read off the layer that receives it
-        layouts = port_input_layouts(input_layout, inputs, torch_module,
-                                     lambda: _torch_inputs(torch_module, example_input), flax_module)
+    if inputs is not None:
         flax_inputs = tuple(to_flax_layout(x, lay) for x, lay in zip(inputs, layouts))
         # which Flax inputs are the channels-last form of a channels-first torch input
         channels_last = tuple(lay == CHANNELS_FIRST for lay in layouts)
@@ -294,6 +303,49 @@ def _target_for(flax_module, example_input, variables, input_layout, torch_modul
     if variables is not None:
         return target_from_variables(variables)
     raise TypeError("build_plan needs a flax_module (with example_input) or variables")
+
+
+def _misshaped(layers: list[PlannedLayer], target: FlaxTarget) -> list[tuple[PlannedLayer, str, tuple]]:
+    """(layer, torch tensor name, converted shape) of every tensor whose Flax leaf has another shape."""
+    out = []
+    for layer in layers:
+        for tmap in layer.rule.tensors:
+            leaf = layer.flax_leaf(tmap.collection, tmap.flax_name)
+            if tmap.torch_name in layer.own_shapes and leaf in target.shapes:
+                shape = converted_shape(layer.rule, tmap.torch_name, layer.own_shapes[tmap.torch_name], layer.info)
+                if shape != tuple(target.shapes[leaf].shape):
+                    out.append((layer, tmap.torch_name, shape))
+    return out
+
+
+def _layout_hint(layers: list[PlannedLayer], target: FlaxTarget, flax_module, inputs, layouts,
+                 declared: bool) -> str:
+    """When some Flax leaves have other shapes than the converted torch tensors and the twin, traced
+    on the other layout of its image inputs, has exactly the converted shapes: say so, naming the
+    flag. (diffusers' Flax models take NCHW and transpose inside: traced on NHWC, conv_in's kernel
+    comes out [3, 3, W, C_out].) Costs one more abstract init, only on this failure path."""
+    if inputs is None or flax_module is None or is_nnx(flax_module):
+        return ""
+    bad = _misshaped(layers, target)
+    flips = [i for i, (x, lay) in enumerate(zip(inputs, layouts)) if np.ndim(x) >= 3 and lay in (CHANNELS_FIRST, AS_IS)]
+    if not bad or not flips:
+        return ""
+    other = [(AS_IS if lay == CHANNELS_FIRST else CHANNELS_FIRST) if i in flips else lay
+             for i, lay in enumerate(layouts)]
+    try:
+        alt = _target_for(flax_module, inputs, other, None)
+    except Exception:  # noqa: BLE001 -- the twin cannot even run that way: no hint
+        return ""
+    if any(tuple(alt.shapes.get(layer.flax_leaf(t.collection, t.flax_name), np.empty(0)).shape) != shape
+           for layer, name, shape in bad for t in layer.rule.tensors if t.torch_name == name):
+        return ""
+    where = ", ".join(f"{layer.torch_key(name)}" for layer, name, _ in bad[:3])
+    want = other[0] if len(other) == 1 else other
+    how = "the declared" if declared else "the inferred"
+    return (f"the Flax twin's shapes fit the torch tensors ({where}) when its input is traced as "
+            f"{other[flips[0]]!r} instead of {how} {layouts[flips[0]]!r} (a twin that takes torch's "
+            f"layout and transposes inside, like diffusers' Flax models): pass input_layout={want!r} "
+            f"(CLI: --layout {other[flips[0]]})")
 
 
 def _layers_from_torch(torch_module: torch.nn.Module):
@@ -399,7 +451,8 @@ def build_plan(
     """
     if check_attributes not in ("error", "warn", "ignore"):
         raise ValueError("check_attributes must be 'error', 'warn' or 'ignore'")
-    target = _target_for(flax_module, example_input, variables, input_layout, torch_module)
+    arrays, layouts = _input_layouts(example_input, input_layout, torch_module, flax_module)
+    target = _target_for(flax_module, arrays, layouts, variables)
     paramless: list = []
     torch_order = None
     if torch_module is not None:
@@ -425,6 +478,7 @@ def build_plan(
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
     flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
+    hint = _layout_hint(layers, target, flax_module, arrays, layouts, input_layout is not None)
     checks = [(layer.info, layer.rule) for layer in layers]
     for path, module, rule in paramless:  # e.g. LayerNorm(elementwise_affine=False): eps still matters
         flax_path = next((c for c in candidate_paths(apply_rename(path, rename), sequential)
@@ -433,7 +487,8 @@ def build_plan(
             checks.append((LayerInfo(path, flax_path, type(module), module, target.modules[flax_path]), rule))
     _check_attributes(checks, check_attributes)
     return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults,
-                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied, notes=port_notes)
+                    pairing_notes=notes, flatten_notes=flatten_notes, tied=tied, notes=port_notes,
+                    layout_hint=hint)
 
 
 __all__ = ["PortPlan", "PlannedLayer", "build_plan", "flax_path_str"]
