@@ -17,9 +17,11 @@ import numpy as np
 
 from weight_port.errors import AmbiguousPairingError
 from weight_port.flax_tree import FlaxTarget
+from weight_port.lookalike import is_lookalike, lookalike_rule, looks_like
 from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths
 from weight_port.naming import flax_path_str
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
+
 
 Leaf = tuple[str, ...]  # (collection, *module_path, leaf_name)
 
@@ -83,6 +85,18 @@ def _flax_paths_in_order(target: FlaxTarget) -> list[tuple[str, ...]]:
     return called + [p for p in owning if p not in set(called)]
 
 
+def rule_at(rule: Rule, flax_module) -> Rule:
+    """The torch layer's rule, or -- when the Flax module's class has a rule of its own registered
+    for the same kind (``register_rule(MyBatchNorm, renamed(BATCH_NORM, {...}))``) -- that one,
+    which says how this Flax class stores the kind's tensors. Built-in Flax classes share the
+    torch rules, so only a user's registration changes anything."""
+    frule = flax_rule_for(type(flax_module)) if flax_module is not None else None
+    if frule is None or frule is rule or not rule.name or frule.name != rule.name:
+        return rule
+    return replace(frule, dropped=tuple(dict.fromkeys(rule.dropped + frule.dropped)),
+                   children=rule.children, check=frule.check or rule.check)
+
+
 def _same_kind(rule: Rule, flax_module) -> bool:
     if flax_module is None:
         return True  # target read off variables: no types, shapes decide
@@ -93,13 +107,21 @@ def _same_kind(rule: Rule, flax_module) -> bool:
 def _fit_rule(layer: PlannedLayer, p: tuple[str, ...], target: FlaxTarget):
     """(rule, own shapes) with which ``layer`` fits Flax module ``p`` by kind and shapes, or None."""
     rule = layer.rule
+    module = target.modules.get(p)
     if layer.info.torch_type is None and rule.name == "direct" and p in target.modules:
         # no torch module: the layer type is the Flax module's, verified by names and shapes
-        rule = flax_rule_for(type(target.modules[p])) or rule
+        rule = flax_rule_for(type(module)) or lookalike_rule(layer.own_shapes, layer.info, target.shapes, p)[0] or rule
         if not set(layer.own_shapes) <= set(rule.by_torch_name()) | set(rule.dropped):
             return None
-    elif not _same_kind(rule, target.modules.get(p)):
+    elif is_lookalike(module):
+        # a Flax class of no registered kind: the torch layer's kind if it has exactly its variables
+        if not looks_like(rule, layer.own_shapes, replace(layer.info, flax_path=p, flax_module=module),
+                          target.shapes, p):
+            return None
+    elif not _same_kind(rule, module):
         return None
+    else:
+        rule = rule_at(rule, module)
     own = {n: s for n, s in layer.own_shapes.items() if n not in rule.dropped}
     return (rule, own) if _fits(PlannedLayer(layer.info, rule, own), p, target, shapes=True) else None
 
@@ -125,14 +147,19 @@ def resolve_paths(
             return cands
         return cands + [p for p in tree_paths(torch_path, prefixes) if p not in cands]
 
+    def named_fit(layer: PlannedLayer, c: tuple[str, ...]) -> bool:
+        if c in claimed:
+            return False
+        at = PlannedLayer(layer.info, rule_at(layer.rule, target.modules.get(c)), layer.own_shapes)
+        return _fits(at, c, target, shapes=False)
+
     for layer in layers:
         renamed = apply_rename(layer.info.torch_path, rename)
         cands = by_name(renamed)
-        hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+        hit = next((c for c in cands if named_fit(layer, c)), None)
         via = None
         for alias in layer.aliases if hit is None else ():  # the twin may use another of its names
-            hit = next((c for c in by_name(apply_rename(alias, rename))
-                        if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+            hit = next((c for c in by_name(apply_rename(alias, rename)) if named_fit(layer, c)), None)
             if hit is not None:
                 via = alias
                 break
@@ -140,6 +167,7 @@ def resolve_paths(
             unresolved.append((layer, cands[0]))
             continue
         claimed.add(hit)
+        layer.rule = rule_at(layer.rule, target.modules.get(hit))
         layer.matched = ("rename" if renamed != layer.info.torch_path else "name") + (
             f" (of its alias {via})" if via else "")
         _set_path(layer, hit, target)

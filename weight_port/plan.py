@@ -21,12 +21,14 @@ from weight_port.errors import (
 from weight_port.flax_tree import FlaxTarget, abstract_target, is_nnx
 from weight_port.input_layouts import port_input_layouts
 from weight_port.layout import CHANNELS_FIRST, to_flax_layout
-from weight_port.matching import Rename, apply_rename, candidate_paths, with_closest
+from weight_port.lookalike import lookalike_rule
+from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths, with_closest
 from weight_port.naming import flax_path_str
 from weight_port.layout import AS_IS
 from weight_port.pairing import Leaf, PlannedLayer, converted_shape, resolve_paths
 from weight_port.plan_steps import (
-    decide_flatten, decide_transpose_kernels, drop_computed_tables, fold_tied, tied_aliases,
+    decide_flatten, decide_transpose_kernels, drop_computed_tables, fold_tied, lookalike_notes, tied_aliases,
+    unpaired_hint,
 )
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for, rule_for
 from weight_port.prefetch import Converted
@@ -53,7 +55,8 @@ class PortPlan:
     flatten_notes: list[str] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # Why shapes disagree when another input layout would make them agree (added to the error).
+    # What would fix the key or shape errors of a port: the register_rule call for a Flax class of
+    # no known kind, or the other input layout (added to KeyMismatchError / ShapeMismatchError).
     layout_hint: str = ""
 
     def describe(self) -> str:
@@ -162,16 +165,23 @@ class PortPlan:
         unused = [key for key in state.keys() if key not in used]
         # Closest candidates, compared as dotted torch-style names: an unexpected torch key
         # against the torch keys the plan wanted but did not get and the unclaimed Flax leaves;
-        # a missing key against the torch keys nobody used.
-        unclaimed_s = [_leaf_str(leaf) for leaf in unclaimed]
-        wanted_names = [k for k, _ in missing] + [".".join(leaf[1:]) for leaf in unclaimed]
-        spare = unused + [k for k, _ in unexpected]
-        lines_unexpected = [with_closest(line, k, wanted_names, "wanted key") for k, line in unexpected]
-        lines_unexpected += [with_closest(f"torch {k} (no layer of the plan owns it)", k, wanted_names,
-                                          "wanted key") for k in unused]
-        missing = [with_closest(line, k, spare, "unused torch key") for k, line in missing]
-        missing += [with_closest(f"flax {s} (no torch tensor maps to it)", ".".join(s.split("/")[1:]),
-                                 spare, "unused torch key") for s in unclaimed_s]
+        # a missing key against the torch keys nobody used. Only candidates of the same layer
+        # kind (or of no known kind): a BatchNorm's mean is never "closest" to a Linear's bias.
+        kind = self._kinds()
+        wanted_names = [(k, kind.get(k)) for k, _ in missing] + [(".".join(leaf[1:]), kind.get(leaf))
+                                                                 for leaf in unclaimed]
+        spare = [(k, kind.get(k)) for k in unused + [k for k, _ in unexpected]]
+
+        def near(line: str, name: str, of: str | tuple, cands, side: str) -> str:
+            k = kind.get(of)
+            return with_closest(line, name, [c for c, ck in cands if k is None or ck in (None, k)], side)
+
+        lines_unexpected = [near(line, k, k, wanted_names, "wanted key") for k, line in unexpected]
+        lines_unexpected += [near(f"torch {k} (no layer of the plan owns it)", k, k, wanted_names, "wanted key")
+                             for k in unused]
+        missing = [near(line, k, k, spare, "unused torch key") for k, line in missing]
+        missing += [near(f"flax {_leaf_str(leaf)} (no torch tensor maps to it)", ".".join(leaf[1:]), leaf, spare,
+                         "unused torch key") for leaf in unclaimed]
         if missing or lines_unexpected or mismatched:
             cls = KeyMismatchError if missing or lines_unexpected else ShapeMismatchError
             raise cls(missing, lines_unexpected, mismatched, context="torch -> flax", hint=self.layout_hint)
@@ -181,6 +191,20 @@ class PortPlan:
         if "params" in wanted or collections is None:
             variables.setdefault("params", {})  # a parameter-free twin still takes {"params": {}}
         return variables
+
+    def _kinds(self) -> dict:
+        """Layer kind (rule name) of every torch key and Flax leaf the plan knows one for: torch
+        keys by their layer's rule, Flax leaves by their module's registered class."""
+        kinds: dict = {}
+        for layer in self.layers:
+            for tmap in layer.rule.tensors:
+                kinds[layer.torch_key(tmap.torch_name)] = layer.rule.name
+        for leaf in self.target.shapes:
+            module = self.target.modules.get(tuple(leaf[1:-1]))
+            rule = flax_rule_for(type(module)) if module is not None else None
+            if rule is not None:
+                kinds[leaf] = rule.name
+        return kinds
 
     # -- flax -> torch -----------------------------------------------------------------------
     def to_torch(
@@ -405,13 +429,21 @@ def _layers_from_state(state: Mapping, target: FlaxTarget, rename: Rename):
         path, _, name = key.rpartition(".")
         groups.setdefault(path, {})[name] = shape_of(state, key)
     layers, no_rule = [], []
+    prefixes = {leaf[1:i] for leaf in target.shapes for i in range(2, len(leaf))}
     for path, own in groups.items():
-        cands = candidate_paths(apply_rename(path, rename))
+        renamed = apply_rename(path, rename)
+        cands = candidate_paths(renamed) + ([] if "/" in renamed else tree_paths(renamed, prefixes))
         hit = next((c for c in cands if c in target.modules), None)
         module = target.modules.get(hit) if hit is not None else None
         rule = flax_rule_for(type(module)) if module is not None else None
         if module is not None and rule is None:
-            if hit and not any(leaf[1:-1] == hit and leaf[-1] in own for leaf in target.shapes):
+            # a Flax class of no registered kind: the kind whose variables it has exactly
+            rule, kinds = lookalike_rule(own, LayerInfo(path, hit, None, None, module), target.shapes, hit)
+            if kinds:
+                no_rule.append((path, f"flax {type(module).__name__}: has the variables of a "
+                                f"{' and of a '.join(kinds)}, which convert differently"))
+                continue
+            if rule is None and hit and not any(leaf[1:-1] == hit and leaf[-1] in own for leaf in target.shapes):
                 no_rule.append((path, f"flax {type(module).__name__}"))
                 continue
         if rule is None:
@@ -470,7 +502,9 @@ def build_plan(
     else:
         raise TypeError("build_plan needs a torch_module or a state (state_dict / checkpoint)")
     notes = resolve_paths(layers, target, sequential, rename, torch_order)
-    port_notes = drop_computed_tables(layers, target, torch_module, dropped_defaults) if torch_module is not None else []
+    port_notes = lookalike_notes(layers)
+    port_notes += drop_computed_tables(layers, target, torch_module, dropped_defaults) if torch_module is not None else []
+    hint = unpaired_hint(layers, target)
     tied = fold_tied(layers, aliases, target)
     # a module registered under several names: ported once (under the name that paired), every
     # other name refilled on the way back and its gradient judged as the sum over uses, like a tie
@@ -478,7 +512,8 @@ def build_plan(
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
     flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
-    hint = _layout_hint(layers, target, flax_module, arrays, layouts, input_layout is not None)
+    hint = "; ".join(h for h in (hint, _layout_hint(layers, target, flax_module, arrays, layouts,
+                                                     input_layout is not None)) if h)
     checks = [(layer.info, layer.rule) for layer in layers]
     for path, module, rule in paramless:  # e.g. LayerNorm(elementwise_affine=False): eps still matters
         flax_path = next((c for c in candidate_paths(apply_rename(path, rename), sequential)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -405,6 +405,19 @@ CONV1D = Rule(
 
 # --- Embedding: both store the table as [num_embeddings, features]; lookups index row-wise. ------
 EMBEDDING = Rule((TensorMap("weight", "params", "embedding"),), name="embedding")
+
+
+def renamed(rule: Rule, flax_names: Mapping[str, str]) -> Rule:
+    """``rule`` with other Flax leaf names ({torch tensor name: Flax leaf name}) and the same
+    layout changes: the rule of a Flax class that stores a known kind's tensors under names of its
+    own (``register_rule(MyBatchNorm, renamed(BATCH_NORM, {"weight": "gamma", ...}))``). Registered
+    for a Flax class, it is used wherever that class meets a torch layer of the same kind."""
+    unknown = set(flax_names) - set(rule.by_torch_name())
+    if unknown:
+        raise ValueError(f"renamed: {sorted(unknown)} are not tensors of the {rule.name} rule "
+                         f"({', '.join(rule.by_torch_name())})")
+    return replace(rule, tensors=tuple(replace(t, flax_name=flax_names.get(t.torch_name, t.flax_name))
+                                       for t in rule.tensors))
 
 
 def direct_rule(names: Mapping[str, str]) -> Rule:
