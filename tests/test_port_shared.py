@@ -188,3 +188,19 @@ def test_trainable_or_buffer_table_without_a_leaf_stays_an_error(positions):
     t = Seq2Seq(positions=positions)
     with pytest.raises(wp.KeyMismatchError, match="torch positions"):
         wp.torch_to_flax(t, FlaxSeq2Seq(), IDS, input_layout=wp.AS_IS)
+
+
+def example() -> torch.Tensor:
+    return IDS
+
+
+def test_port_command_prints_the_skipped_table(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from parity.cli import main
+
+    monkeypatch.chdir(Path(__file__).parent)
+    assert main(["port", "--torch", "test_port_shared:Seq2Seq", "--flax", "test_port_shared:FlaxSeq2Seq",
+                 "--example-input", "test_port_shared:example", "--out", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "note: torch positions: frozen (requires_grad=False)" in out
