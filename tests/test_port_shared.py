@@ -137,12 +137,17 @@ def test_module_paired_by_another_of_its_names():
                                   t.shared.weight.detach().numpy())
 
 
+@pytest.mark.parametrize("placed", [False, True], ids=["host", "placed"])
 @pytest.mark.parametrize("kept", ["shared.weight", "decoder.embed_tokens.weight"])
-def test_checkpoint_storing_one_name_only(kept):
-    """A file checkpoint keeps one name of a shared tensor (save_pretrained drops the others)."""
+def test_checkpoint_storing_one_name_only(kept, placed):
+    """A file checkpoint keeps one name of a shared tensor (save_pretrained drops the others);
+    also when each tensor is placed on its sharding as it is converted (weight_port.streaming)."""
+    import jax
+
     t = Seq2Seq()
     sd = {k: v for k, v in t.state_dict().items() if k not in {"shared.weight", *ALIASES} - {kept}}
-    variables = wp.torch_to_flax(sd, FlaxSeq2Seq(), IDS, input_layout=wp.AS_IS, torch_module=t)
+    kw = dict(sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])) if placed else {}
+    variables = wp.torch_to_flax(sd, FlaxSeq2Seq(), IDS, input_layout=wp.AS_IS, torch_module=t, **kw)
     np.testing.assert_array_equal(np.asarray(variables["params"]["shared"]["embedding"]),
                                   t.shared.weight.detach().numpy())
 
