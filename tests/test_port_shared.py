@@ -209,3 +209,12 @@ def test_port_command_prints_the_skipped_table(tmp_path, capsys, monkeypatch):
                  "--example-input", "test_port_shared:example", "--out", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
     assert "note: torch positions: frozen (requires_grad=False)" in out
+
+
+def test_state_dict_port_of_a_computed_table_points_to_torch_module():
+    """From a bare state_dict nothing says the table is frozen: the error says what would."""
+    t = Seq2Seq()
+    with pytest.raises(wp.KeyMismatchError) as err:
+        wp.torch_to_flax(t.state_dict(), FlaxSeq2Seq(), IDS, input_layout=wp.AS_IS)
+    assert "torch positions" in str(err.value) and "pass torch_module=" in err.value.hint
+    wp.torch_to_flax(t.state_dict(), FlaxSeq2Seq(), IDS, input_layout=wp.AS_IS, torch_module=t)

@@ -509,6 +509,14 @@ def build_plan(
     # a module registered under several names: ported once (under the name that paired), every
     # other name refilled on the way back and its gradient judged as the sum over uses, like a tie
     tied.update(module_aliases)
+    if torch_module is None:
+        # without the torch module nothing says which tensors are frozen tables the twin computes
+        homeless = [layer.torch_key(n) for layer in layers if layer.matched == "unpaired" for n in layer.own_shapes]
+        if homeless:
+            hint = "; ".join(h for h in (hint, (
+                f"torch {', '.join(homeless[:3])}{' ...' if len(homeless) > 3 else ''} found no Flax module: if "
+                "the twin computes them (a frozen table such as a sinusoid position embedding), pass "
+                "torch_module= (the torch architecture) so the port sees they are frozen and skips them")) if h)
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
     flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
