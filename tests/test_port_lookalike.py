@@ -76,7 +76,8 @@ def _close(variables, flax_model, torch_model, x, flax_x, layout=wp.AS_IS) -> No
 def test_batch_norm_copy_ported_by_its_kinds_rule_with_a_note():
     t = TorchBlock().eval()
     plan = wp.build_plan(t, FlaxBlock(), X)
-    assert [n.split(" is of")[0] for n in plan.notes] == ["flax BatchNorm_0 (BatchNorm)", "flax BatchNorm_1 (BatchNorm)"]
+    assert [n.split(" is of")[0] for n in plan.notes] == ["flax BatchNorm_0 (BatchNorm)",
+                                                          "flax BatchNorm_1 (BatchNorm)"]
     assert all("exactly a BatchNorm's variables" in n and "batch_norm rule" in n for n in plan.notes)
     assert "torch bn1 (BatchNorm2d)" in plan.notes[0] and plan.notes[0] in str(plan)
     variables = plan.to_flax(t.state_dict())

@@ -1,9 +1,11 @@
 """Pair each torch layer with its Flax module: rename, naming rules, then execution order.
 
-Names first (weight_port.matching: the fixed forms, then a walk of the Flax module tree). Layers names cannot pair (Flax auto-names ``Dense_0``) are
-paired structurally: torch layers in the order the torch forward first calls them, against the
-unclaimed Flax modules in the order the twin first calls them, each with the first module of the
-same layer kind whose leaves have the converted shapes. Registration order (torch ``__init__``)
+Names first (weight_port.matching: the fixed forms, then a walk of the Flax module tree). Layers
+names cannot pair (Flax auto-names ``Dense_0``) are paired structurally: torch layers in the
+order the torch forward first calls them, against the unclaimed Flax modules in the order the
+twin first calls them, each with the first module of the same layer kind whose leaves have the
+converted shapes (a Flax class of no registered kind counts when its variables are exactly the
+kind's: weight_port.lookalike). Registration order (torch ``__init__``)
 is never trusted: a correct twin may register layers in another order than it runs them. When an
 order is not traced (no example input, no torch module) a pairing is made only if exactly one
 module fits; otherwise AmbiguousPairingError names both candidates.
@@ -21,7 +23,6 @@ from weight_port.lookalike import is_lookalike, lookalike_rule, looks_like
 from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths
 from weight_port.naming import flax_path_str
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
-
 
 Leaf = tuple[str, ...]  # (collection, *module_path, leaf_name)
 

@@ -503,7 +503,8 @@ def build_plan(
         raise TypeError("build_plan needs a torch_module or a state (state_dict / checkpoint)")
     notes = resolve_paths(layers, target, sequential, rename, torch_order)
     port_notes = lookalike_notes(layers)
-    port_notes += drop_computed_tables(layers, target, torch_module, dropped_defaults) if torch_module is not None else []
+    if torch_module is not None:
+        port_notes += drop_computed_tables(layers, target, torch_module, dropped_defaults)
     hint = unpaired_hint(layers, target)
     tied = fold_tied(layers, aliases, target)
     # a module registered under several names: ported once (under the name that paired), every
