@@ -55,9 +55,15 @@ class PortPlan:
     flatten_notes: list[str] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # What would fix the key or shape errors of a port: the register_rule call for a Flax class of
-    # no known kind, or the other input layout (added to KeyMismatchError / ShapeMismatchError).
-    layout_hint: str = ""
+    # What would fix the key or shape errors of a port (the register_rule call for a Flax class of
+    # no known kind, torch_module= for a computed table, the other input layout): texts, or
+    # functions computing one only when an error needs it (hint()).
+    hints: list = field(default_factory=list, repr=False)
+
+    def hint(self) -> str:
+        """The hints for a KeyMismatchError / ShapeMismatchError of this plan, "" when none."""
+        self.hints = [h() if callable(h) else h for h in self.hints]
+        return "; ".join(h for h in self.hints if h)
 
     def describe(self) -> str:
         """The port as a table: torch tensor, Flax leaf, rule, layout change, how it was paired."""
@@ -184,7 +190,7 @@ class PortPlan:
                          "unused torch key") for leaf in unclaimed]
         if missing or lines_unexpected or mismatched:
             cls = KeyMismatchError if missing or lines_unexpected else ShapeMismatchError
-            raise cls(missing, lines_unexpected, mismatched, context="torch -> flax", hint=self.layout_hint)
+            raise cls(missing, lines_unexpected, mismatched, context="torch -> flax", hint=self.hint())
         if nonfinite:
             raise NonFiniteWeightError(nonfinite)
         variables = traverse_util.unflatten_dict(out)
@@ -244,7 +250,7 @@ class PortPlan:
         unexpected = [f"flax {s} (no torch tensor maps to it)" for s in spare]
         if missing or unexpected or mismatched:
             cls = KeyMismatchError if missing or unexpected else ShapeMismatchError
-            raise cls(missing, unexpected, mismatched, context="flax -> torch", hint=self.layout_hint)
+            raise cls(missing, unexpected, mismatched, context="flax -> torch", hint=self.hint())
         if collections is None:
             out.update(self.dropped_defaults)
         for alias, canonical in self.tied.items():  # strict load_state_dict wants every name
@@ -505,24 +511,22 @@ def build_plan(
     port_notes = lookalike_notes(layers)
     if torch_module is not None:
         port_notes += drop_computed_tables(layers, target, torch_module, dropped_defaults)
-    hint = unpaired_hint(layers, target)
+    hints: list = [unpaired_hint(layers, target)]
     tied = fold_tied(layers, aliases, target)
     # a module registered under several names: ported once (under the name that paired), every
     # other name refilled on the way back and its gradient judged as the sum over uses, like a tie
     tied.update(module_aliases)
-    if torch_module is None:
+    homeless = [layer.torch_key(n) for layer in layers if layer.matched == "unpaired" for n in layer.own_shapes]
+    if torch_module is None and homeless:
         # without the torch module nothing says which tensors are frozen tables the twin computes
-        homeless = [layer.torch_key(n) for layer in layers if layer.matched == "unpaired" for n in layer.own_shapes]
-        if homeless:
-            hint = "; ".join(h for h in (hint, (
-                f"torch {', '.join(homeless[:3])}{' ...' if len(homeless) > 3 else ''} found no Flax module: if "
-                "the twin computes them (a frozen table such as a sinusoid position embedding), pass "
-                "torch_module= (the torch architecture) so the port sees they are frozen and skips them")) if h)
+        hints.append(f"torch {', '.join(homeless[:3])}{' ...' if len(homeless) > 3 else ''} found no Flax "
+                     "module: if the twin computes them (a frozen table such as a sinusoid position "
+                     "embedding), pass torch_module= (the torch architecture) so the port sees they are "
+                     "frozen and skips them")
     inputs = (lambda: _torch_inputs(torch_module, example_input) if example_input is not None else None)
     flatten_notes = decide_flatten(layers, target, dict(flatten or {}), torch_module, inputs)
     decide_transpose_kernels(layers, target)
-    hint = "; ".join(h for h in (hint, _layout_hint(layers, target, flax_module, arrays, layouts,
-                                                     input_layout is not None)) if h)
+    hints.append(lambda: _layout_hint(layers, target, flax_module, arrays, layouts, input_layout is not None))
     checks = [(layer.info, layer.rule) for layer in layers]
     for path, module, rule in paramless:  # e.g. LayerNorm(elementwise_affine=False): eps still matters
         flax_path = next((c for c in candidate_paths(apply_rename(path, rename), sequential)
@@ -532,7 +536,7 @@ def build_plan(
     _check_attributes(checks, check_attributes)
     return PortPlan(layers=layers, target=target, dropped_defaults=dropped_defaults,
                     pairing_notes=notes, flatten_notes=flatten_notes, tied=tied, notes=port_notes,
-                    layout_hint=hint)
+                    hints=hints)
 
 
 __all__ = ["PortPlan", "PlannedLayer", "build_plan", "flax_path_str"]
