@@ -115,10 +115,14 @@ class RowJudge:
     probe_dtype: str = "float32"
     probe: Mapping[tuple[str, int], TorchCall] = field(default_factory=dict)
     probe_params: Mapping[str, np.ndarray] = field(default_factory=dict)
-    # The Flax twin computes below float64 in the float64 rows run (an HF Flax module built with
-    # dtype=float32 keeps it for float64 variables, and its float32 values then mix into float64
-    # ones): every row is judged by float32 noise (set by analyze_layers, with a row note).
-    flax_low: bool = False
+    # Every row is judged by float32 noise: the Flax twin computes below float64 in the float64
+    # rows run (an HF Flax module built with dtype=float32 keeps it for float64 variables, and its
+    # float32 values then mix into float64 ones; set by analyze_layers, with a row note), or a
+    # torch table the twin computes holds float32-rounded values (set by the checker).
+    all_float32: bool = False
+    # The rows' own dtype and the probe's (float64 rows, a float32 probe; or, where no float64
+    # run exists, the checked dtype for both).
+    dtype: str = "float64"
 
     def probe_call(self, tc: TorchCall) -> TorchCall | None:
         return self.probe.get((tc.path, tc.call))
@@ -130,9 +134,9 @@ class RowJudge:
         table = self.grad if grad else self.forward
         if self.ref_tol is not None and probe_value is not None:
             effective = (tc.lower_precision or None) if tc is not None else None
-            if self.flax_low:
+            if self.all_float32 and self.dtype == "float64":
                 effective = "float32"
-            rule = measured(self.ref_tol, "float64", probe_dtype=self.probe_dtype, effective=effective)
+            rule = measured(self.ref_tol, self.dtype, probe_dtype=self.probe_dtype, effective=effective)
             try:
                 return judge(name, flax_value, torch_value, rule, layout=layout, reference=torch_value,
                              probe=probe_value, axis=axis)
@@ -484,8 +488,8 @@ def analyze_layers(
     paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
                              prepare_root=root is None)
     low = next((pc for pc in paired if pc.flax_outputs is not None and _below_float64(pc)), None)
-    if rows.ref_tol is not None and low is not None:
-        rows.flax_low = True
+    if rows.ref_tol is not None and rows.dtype == "float64" and low is not None:
+        rows.all_float32 = True
         low.row.notes.append("the Flax twin computes in float32 here although the rows run in float64 (its "
                              "dtype?): every row is judged by float32 noise")
     for pc in paired:

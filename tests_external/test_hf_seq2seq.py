@@ -93,15 +93,11 @@ def test_seq2seq_misport_is_located(name):
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ))
 def test_seq2seq_float64(name):
-    """Blenderbot and BlenderbotSmall PASS in float64. Pegasus and Marian FAIL at float32 rounding
-    size, never more: torch builds the frozen sinusoid table in float32 (cast to float64 it keeps
-    float32 values), their Flax twins compute it in float64 -- like RoFormer (test_hf_battery)."""
-    from parity.tolerances import GRAD, tolerance_for
-
+    """All four PASS in float64. Pegasus and Marian build their frozen sinusoid table in float32
+    (cast to float64 it keeps float32 values) where their Flax twins compute it in float64: the
+    judge sees the float32-rounded table and judges by float32 noise, and says so (like RoFormer)."""
     tm, fm, inputs = SEQ2SEQ[name].build("float64")
     r = parity.check(tm, fm, inputs, dtype="float64", layers=False)
-    if name not in SINUSOIDS:
-        assert r.verdict == "PASS", r
-        return
-    worst = max(c.rel_norm for c in r.outputs + r.grads if not c.below_floor)
-    assert r.verdict == "FAIL" and worst <= tolerance_for("float32", GRAD).rtol, r
+    assert r.verdict == "PASS", r
+    named = any("holds float32-rounded values" in w for w in r.warnings)
+    assert named == (name in SINUSOIDS), r.warnings
