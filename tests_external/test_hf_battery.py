@@ -14,7 +14,7 @@ from flax import traverse_util
 
 import parity
 import weight_port
-from hf_pairs import PAIRS
+from hf_pairs import PAIRS, assert_round_trip
 
 pytest.importorskip("transformers")
 
@@ -59,20 +59,28 @@ def test_hf_float32_inside_models_pass_in_float64_and_say_why(name):
     assert any("computes in float32 inside" in w or "float32-rounded values" in w for w in r.warnings), r.warnings
 
 
-def test_hf_float32_inside_misport_still_fails():
-    """Judged by float32 noise where torch computes in float32, a planted 1e-5 error is still
-    found, and located, in float64 with per-layer rows."""
-    pair = PAIRS["llama"]
-    tm, fm, inputs = pair.build("float64")
+def _planted(pair, dtype: str, relative: float):
+    """(torch model, Flax module, inputs, Flax variables with the weight of ``pair.misport``
+    scaled by 1 + relative). The port's plan (what torch_to_flax runs) says which Flax leaf
+    holds the layer's weight."""
+    tm, fm, inputs = pair.build(dtype)
     with weight_port.keywords.keyword_call(copy.deepcopy(tm), fm, inputs) as (t2, f2, args):
         plan = weight_port.build_plan(t2, f2, args, input_layout=pair.port_layout)
     variables = plan.to_flax(tm.state_dict())
     layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
     leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
-    flat = traverse_util.flatten_dict(variables["params"])
     key = (*layer.info.flax_path, *leaf.split("/"))
-    flat[key] = flat[key] * (1 + 1e-5)
-    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    flat = traverse_util.flatten_dict(variables["params"])
+    assert key in flat, sorted(flat)
+    flat[key] = flat[key] * (1 + relative)
+    return tm, fm, inputs, {**variables, "params": traverse_util.unflatten_dict(flat)}
+
+
+def test_hf_float32_inside_misport_still_fails():
+    """Judged by float32 noise where torch computes in float32, a planted 1e-5 error is still
+    found, and located, in float64 with per-layer rows."""
+    pair = PAIRS["llama"]
+    tm, fm, inputs, bad = _planted(pair, "float64", 1e-5)
     r = parity.check(tm, fm, inputs, dtype="float64", variables=bad, input_layout=pair.input_layout or None,
                      grads=False)
     assert r.verdict == "FAIL", r
@@ -82,18 +90,7 @@ def test_hf_float32_inside_misport_still_fails():
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_hf_misport_is_located(name):
     pair = PAIRS[name]
-    tm, fm, inputs = pair.build("float32")
-    # The port's plan (what torch_to_flax runs) also says which Flax leaf holds the layer's weight.
-    with weight_port.keywords.keyword_call(copy.deepcopy(tm), fm, inputs) as (t2, f2, args):
-        plan = weight_port.build_plan(t2, f2, args, input_layout=pair.port_layout)
-    variables = plan.to_flax(tm.state_dict())
-    layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
-    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
-    key = (*layer.info.flax_path, *leaf.split("/"))
-    flat = traverse_util.flatten_dict(variables["params"])
-    assert key in flat, sorted(flat)
-    flat[key] = flat[key] * (1 + 1e-3)
-    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    tm, fm, inputs, bad = _planted(pair, "float32", 1e-3)
     # float32: every pair passes there (the float64 exceptions above), and 1e-3 is far above its bound
     r = parity.check(tm, fm, inputs, dtype="float32", variables=bad, input_layout=pair.input_layout or None,
                      grads=False)  # a forward mis-port: located by the forward rows alone
@@ -107,13 +104,4 @@ def test_hf_port_round_trips_bit_exact(name):
     tm, fm, inputs = pair.build("float32")
     variables = weight_port.torch_to_flax(tm, fm, inputs, input_layout=pair.port_layout)
     back = weight_port.flax_to_torch(variables, tm, fm, inputs, input_layout=pair.port_layout)
-    sd = tm.state_dict()
-    assert back.keys() == sd.keys()
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
-    fresh, _, _ = pair.build("float32")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    fresh.load_state_dict(back, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
-    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
+    assert_round_trip(pair, tm, back)

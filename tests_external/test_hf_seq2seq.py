@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from flax import traverse_util
 
 import parity
 import weight_port
-from hf_pairs import _SEQ2SEQ, HFPair, _seq2seq, _tf
+from hf_pairs import _SEQ2SEQ, HFPair, _seq2seq, _tf, assert_round_trip
 
 pytest.importorskip("transformers")
 
@@ -52,16 +51,7 @@ def test_seq2seq_zero_config_port_round_trips_bit_exact(name):
                       if name in SINUSOIDS else set()), plan.notes
     variables = plan.to_flax(tm.state_dict())
     back = weight_port.flax_to_torch(variables, tm, plan=plan)
-    sd = tm.state_dict()
-    assert back.keys() == sd.keys()
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
-    fresh, _, _ = pair.build("float32")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    fresh.load_state_dict(back, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
-    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
+    assert_round_trip(pair, tm, back)
 
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ))
