@@ -26,7 +26,7 @@ from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
-from parity.runtime.layouts import LayoutSpec, model_input_ids
+from parity.runtime.layouts import LayoutSpec, model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
 from weight_port.keywords import bind_keywords
@@ -128,16 +128,19 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
         return CapturedRun(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+    # output_layout entries naming a layer (by torch module path) are for its per-layer rows
+    output_layout, layer_layouts = split_output_spec(output_layout, list(t.outputs),
+                                                     [p for p, _ in tm.named_modules()])
     acts = None
     if t.calls is not None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
 
     def producer(path: str):
         nonlocal acts
         if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
             probe = run_torch(copy.deepcopy(tm), torch_inputs(args, tdtype, tdev, False), train=train,
                               grads=False, capture=True)
-            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases)
+            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases, layer_layouts)
             return acts.of_tensor(probe.raw_outputs[path])
         return acts.of_tensor(t.raw_outputs[path])
 
@@ -151,7 +154,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
     return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
                        acts, tm, notes)
 

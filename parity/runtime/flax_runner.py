@@ -75,6 +75,11 @@ class FlaxCall:
     args: tuple  # positional args with arrays replaced by _SLOT (arrays travel in the aux output)
     kwargs: dict
     input_names: list[str]  # names of array leaves of (args, kwargs): args[0], kwargs['mask']
+    # When the call began and ended on the recorder's clock: a call nests the calls that began
+    # after it and ended before it (what the per-layer pairing reads to tell which Flax module
+    # holds which layers; module paths cannot: an inline nn.Sequential's layers sit beside it).
+    start: int = 0
+    end: int = 0
 
 
 class _Recorder:
@@ -87,12 +92,19 @@ class _Recorder:
         self.calls: dict[str, FlaxCall] = {}
         self.inputs: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
+        self.clock = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
 
     def record(self, path: tuple[str, ...], module_for_rerun, run: Callable, args: tuple, kwargs: dict):
         call = self.counts[path]
         self.counts[path] += 1
         key = call_key(path, call)
+        start = self.tick()
         out = run(*args, **kwargs)
+        end = self.tick()
         pert = (self.perts or {}).get(key)
         if pert:
             out = map_with_path(lambda p, o: o + pert[p] if p in pert else o, out)
@@ -107,7 +119,7 @@ class _Recorder:
             module = module_for_rerun() if callable(module_for_rerun) else module_for_rerun
             self.calls[key] = FlaxCall(path, call, module,
                                        jax.tree_util.tree_map(strip, tuple(args)),
-                                       jax.tree_util.tree_map(strip, dict(kwargs)), names)
+                                       jax.tree_util.tree_map(strip, dict(kwargs)), names, start, end)
         self.inputs[key] = dict(zip(names, arrays))
         self.outputs[key] = {p: o for p, o in flatten(out).items() if _is_array(o)}
         return out
