@@ -336,12 +336,22 @@ def check(
     input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
     one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
     ``out.logits``, or by key); default: inferred (weight_port.layout, parity.runtime.layouts),
-    a LayoutError naming the leaf when it cannot be.
+    a LayoutError naming the leaf when it cannot be. A dict ``output_layout`` may also name the
+    outputs of a layer's per-layer rows by its torch module path: ``{"resnet": "as_is"}`` (every
+    output leaf of ``resnet``) or ``{"resnet:pooler_output": "as_is"}`` (one leaf); a key that
+    names a model output leaf stays a model output. Undeclared layer outputs take the one layout
+    in which torch's and Flax's shapes agree, else the kind of layer that made them: declare
+    those whose shapes fit both layouts ([N, C, H, W] with C == H == W) and whose Flax module
+    returns them channels-first (HF's Flax ResNet, ViT, ... return [N, C, H, W] maps).
     variables: Flax variables to use (linen-style; default: ported from the torch module after
     casting it to ``dtype``). rename: passed to the port (weight_port.build_plan).
     train: BatchNorm uses batch statistics on both sides; the twin's train keyword is found from
     its ``__call__`` (train / training / deterministic / use_running_average) or ``train_kwarg``.
-    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``.
+    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``. A row
+    compares only what is surely paired (a container: the Flax call that holds exactly its
+    layers; otherwise a "not paired" note); a layer whose module boundary differs between the
+    sides (work torch does inside it and Flax after it) says "boundary differs" and is judged at
+    the next layer computed from its output (parity.layers).
     rtol/atol: override the table. precision: JAX matmul precision; tf32 (default: matching
     ``precision``) is torch's TF32 flag, and the report warns when the two disagree.
     reference="float64": also run both sides in float64 and judge the ``dtype`` run by Flax's

@@ -109,6 +109,43 @@ def test_sequential_spelled_otherwise_is_paired_only_with_what_holds_its_layers(
             assert row.accumulated is not None and row.accumulated.ok, row
 
 
+class TorchFlattened(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten())
+        self.head = torch.nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class FlaxConvStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(4, (3, 3), padding=1, name="conv")(x))
+
+
+class FlaxFlattened(nn.Module):
+    def setup(self) -> None:
+        self.features = FlaxConvStack()
+        self.head = nn.Dense(2)
+
+    def __call__(self, x):
+        h = self.features(x)  # [N, H, W, C]: the flatten is the caller's here, torch's Sequential's there
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def test_container_whose_outputs_cannot_be_the_same_thing_is_not_paired():
+    # features holds exactly the conv on both sides, but torch's flattens inside it: [2, 100] vs
+    # [2, 5, 5, 4] agree in no layout. Without it the row was a shape-mismatch FAIL.
+    torch.manual_seed(0)
+    r = parity.check(TorchFlattened(), FlaxFlattened(), _x(2, 3, 5, 5), dtype="float64")
+    assert r.ok, str(r)
+    row = r.layer("features")
+    assert row.isolated is None and row.accumulated is None, row
+    assert any(n.startswith("not paired") and "agree in no layout" in n for n in row.notes), row
+
+
 # -- b. an inner module that returns channels-first maps ----------------------------------------------
 def test_inner_module_returning_channels_first_is_compared_in_that_layout():
     # HF FlaxResNetModel transposes its maps back to [N, C, H, W]: the "resnet" row was converted
