@@ -2,11 +2,13 @@
 
 Both sides are recorded by the one engine (parity.runtime): torch hooks on every module record
 its inputs, outputs and their gradients; the Flax runner records every submodule call (Linen
-interceptors, or NNX recording subclasses) under the module path the port's pairing gives
-(``down.0.conv1`` <-> ``down_0/conv1``), with the cotangent at every output. Each activation's
-layout comes from the kind of layer that made it (weight_port.layout.kind_layout), never from
-its number of dimensions; tensors made between modules by plain functions take the one layout
-their torch and Flax shapes agree on, or are reported as unknown.
+interceptors, or NNX recording subclasses) with its module path and when it began and ended,
+with the cotangent at every output. Layers that own tensors are paired as the port paired them
+(``down.0.conv1`` <-> ``down_0/conv1``); any other module only with the Flax call that holds
+exactly the same of those layers (``_pair_calls``), else its row says "not paired". Each
+activation's layout is the caller's (``output_layout=`` by layer path), else the one layout in
+which its torch and Flax shapes agree, else the kind of layer that made it
+(weight_port.layout.kind_layout), never its number of dimensions; else it is reported unknown.
 
 Two errors per layer:
   accumulated  the Flax model's own intermediate vs torch's: includes everything inherited from
@@ -59,6 +61,10 @@ class LayerRow:
     grad_accumulated: Comparison | None = None
     notes: list[str] = field(default_factory=list)
     backward_order: int = 0  # position in the backward pass (children before their parent)
+    # How the Flax side was found: "port" (the port paired this layer's tensors), "name" (the name
+    # rule, and that Flax call holds exactly the port's layers this module holds), "layers" (the one
+    # Flax call that holds exactly them); None: not paired (the notes say why).
+    paired_by: str | None = None
     start: int = 0  # position in the forward pass by start (a parent before its children)
     # The Flax model's own inputs to this layer vs torch's (error handed to the layer, not made by it).
     input_accumulated: Comparison | None = None
@@ -97,6 +103,7 @@ class LayerRow:
             "flax_path": self.flax_path,
             "torch_type": self.torch_type,
             "call": self.call,
+            "paired_by": self.paired_by,
             "ok": self.ok,
             "isolated": d(self.isolated),
             "accumulated": d(self.accumulated),
@@ -406,6 +413,7 @@ class _Pairing:
 
     path: tuple[str, ...]
     key: str | None
+    by: str | None = None  # LayerRow.paired_by
     note: str = ""
     runs_alone: bool = True
 
@@ -440,14 +448,15 @@ def _pair_calls(t_calls: Sequence[TorchCall], f_run: FlaxRun, plan: PortPlan) ->
         key = keys[i] if keys[i] in f_run.calls else None
         missing = "no Flax module at this path (parameter-free layer inlined as a function?)"
         if by_port[i] or (tc.path == "" and tc.call == 0):
-            out.append(_Pairing(paths[i], key, "" if key else missing))
+            out.append(_Pairing(paths[i], key, ("port" if by_port[i] else "name") if key else None,
+                                "" if key else missing))
             continue
         want = frozenset(keys[j] for j in inside[i] if by_port[j])
         if key is not None and key not in port_keys and _holds(f_run, key, port_keys, cache) == want:
-            out.append(_Pairing(paths[i], key, runs_alone=own(key)))
+            out.append(_Pairing(paths[i], key, "name", runs_alone=own(key)))
             continue
         if not want:
-            out.append(_Pairing(paths[i], None, missing if key is None else
+            out.append(_Pairing(paths[i], None, None, missing if key is None else
                                 f"not paired: the Flax module at {flax_path_str(paths[i])} holds layers "
                                 "this torch module does not"))
             continue
@@ -455,12 +464,12 @@ def _pair_calls(t_calls: Sequence[TorchCall], f_run: FlaxRun, plan: PortPlan) ->
         held = ", ".join(sorted(k.split("#")[0] for k in want))
         if len(fits) == 1:
             path = f_run.calls[fits[0]].path
-            out.append(_Pairing(path, fits[0], f"paired with flax {flax_path_str(path)}: the Flax module that "
+            out.append(_Pairing(path, fits[0], "layers", f"paired with flax {flax_path_str(path)}: the Flax module that "
                                                f"holds exactly its layers ({held})", own(fits[0])))
         else:
             why = (f"{len(fits)} Flax modules hold exactly its layers" if fits
                    else "no Flax module holds exactly its layers")
-            out.append(_Pairing(paths[i], None, f"not paired: {why} ({held}); its layers are compared one by one"))
+            out.append(_Pairing(paths[i], None, None, f"not paired: {why} ({held}); its layers are compared one by one"))
     return out
 
 
@@ -524,7 +533,7 @@ def isolated_layers(
     for tc, pairing in zip(t_calls, _pair_calls(t_calls, f_run, plan)):
         fpath, key = pairing.path, pairing.key
         row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
-                       backward_order=bwd_pos[(tc.path, tc.call)], start=tc.start)
+                       backward_order=bwd_pos[(tc.path, tc.call)], paired_by=pairing.by, start=tc.start)
         pc = PairedCall(row, tc)
         paired.append(pc)
         if pairing.note:
@@ -538,6 +547,7 @@ def isolated_layers(
         if differs and tc.path not in port_paths and not pc.is_root:
             # paired by structure only: different shapes say the two modules are not the same thing
             row.notes.append(f"not paired with flax {row.flax_path}: {differs}; not compared")
+            row.paired_by = None
             continue
         pc.flax_outputs = f_out
         pc.flax_cots = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
