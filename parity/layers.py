@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import traverse_util
 
 from parity.compare import Comparison, compare, failed_comparison, worst_of
-from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
+from parity.runtime import (ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten,
+                            forward_backward)
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import GRAD, Tolerance, forward_noise_floor, noise_floor
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -379,6 +379,19 @@ class PairedCall:
     flax_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     in_layouts: dict[str, str] = field(default_factory=dict)
     layer: IsolatedLayer | None = None
+    key: str | None = None  # the Flax call (call_key); None: not paired
+    out_map: dict[str, str] = field(default_factory=dict)  # Flax output path -> torch output path
+    input_map: dict[str, str] = field(default_factory=dict)  # torch input name -> Flax input name
+    flatten: tuple[int, ...] | None = None  # the plan's flatten before this Linear, if any
+
+    def inputs_from(self, call_inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This call's Flax inputs (as one Flax run recorded them) by torch input name, for the
+        inputs in ``in_layouts``; a flattened Linear's with the flatten permutation undone."""
+        out = {}
+        for tn in self.in_layouts:
+            f = np.asarray(call_inputs[self.input_map[tn]])
+            out[tn] = f if self.flatten is None else _InputLayout(AS_IS, self.flatten).to_torch(f, tn)
+        return out
 
     @property
     def is_root(self) -> bool:
@@ -549,7 +562,7 @@ def isolated_layers(
             row.notes.append(f"not paired with flax {row.flax_path}: {differs}; not compared")
             row.paired_by = None
             continue
-        pc.flax_outputs = f_out
+        pc.flax_outputs, pc.key, pc.out_map = f_out, key, out_map
         pc.flax_cots = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
         for p, t in t_out.items():
             if layouts.is_declared(tc.path, tc.call, p):
@@ -562,17 +575,17 @@ def isolated_layers(
             else:
                 pc.out_layouts[p] = lay
         f_inputs = f_run.call_inputs.get(key, {})
-        flatten_ = _flatten_of(tc.path, plan)
+        flatten_ = pc.flatten = _flatten_of(tc.path, plan)
         t_lay = layouts.inputs.get((tc.path, tc.call), {})
         for tn, fn in _input_pairs(tc, f_run.calls[key], f_inputs):
             t, f = tc.input_values[tn], np.asarray(f_inputs[fn])
-            if flatten_ is not None:  # the flatten's permutation undone: compared in torch's order
-                if f.shape == t.shape:
-                    pc.flax_inputs[tn], pc.in_layouts[tn] = _InputLayout(AS_IS, flatten_).to_torch(f, tn), AS_IS
-                continue
-            lay, _ = resolve(t_lay.get(tn), t.shape, f.shape)
+            if flatten_ is not None:  # compared in torch's feature order (PairedCall.inputs_from)
+                lay = AS_IS if f.shape == t.shape else None
+            else:
+                lay, _ = resolve(t_lay.get(tn), t.shape, f.shape)
             if lay is not None and lay in fitting_layouts(t.shape, f.shape):
-                pc.flax_inputs[tn], pc.in_layouts[tn] = f, lay
+                pc.input_map[tn], pc.in_layouts[tn] = fn, lay
+        pc.flax_inputs = pc.inputs_from(f_inputs)
         if pc.is_root and not prepare_root:
             continue
         if not pairing.runs_alone:
@@ -617,6 +630,17 @@ def analyze_layers(
     tied = getattr(plan, "tied", None) or {}
     paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
                              prepare_root=root is None)
+
+    def judge_inputs(pc: PairedCall, values: Mapping[str, np.ndarray]) -> Comparison | None:
+        """Flax inputs of a layer (by torch name, PairedCall.inputs_from) against torch's, judged
+        as activations are; the floor from the compared inputs alone (a finfo.min mask handed to
+        the same layer must not raise it)."""
+        t_vals = {n: pc.torch_call.input_values[n] for n in values}
+        tol = forward_tol
+        if dtype is not None:
+            tol = forward_tol.with_floor(forward_noise_floor(dtype, _norm(t_vals.values())))
+        return _compare_leaves(f"input of {pc.row.name}", values, t_vals, pc.in_layouts, tol)
+
     for pc in paired:
         row, tc = pc.row, pc.torch_call
         if pc.flax_outputs is None:
@@ -626,8 +650,7 @@ def analyze_layers(
             fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, _norm(_floats(tc.input_values))))
         t_out = tc.output_values
         row.accumulated = _compare_leaves(row.name, pc.flax_outputs, t_out, pc.out_layouts, fwd_tol)
-        row.input_accumulated = _compare_leaves(f"input of {row.name}", pc.flax_inputs,
-                                                {n: tc.input_values[n] for n in pc.flax_inputs}, pc.in_layouts, fwd_tol)
+        row.input_accumulated = judge_inputs(pc, pc.flax_inputs)
         t_g = {p: g for p, g in tc.output_grads.items() if p in pc.out_layouts}
         if grads and t_g and set(t_g) <= set(pc.flax_cots):
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: pc.flax_cots[p] for p in t_g}, t_g,
@@ -650,13 +673,14 @@ def analyze_layers(
             if job.cots is not None:
                 tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()), in_norm))
         _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol, totals)
-    _mark_boundaries(paired)
+    _mark_boundaries(paired, judge_inputs,
+                     lambda offsets: forward_backward(twin, variables, f_run.args, None, capture=True, offsets=offsets))
     return [pc.row for pc in paired]
 
 
 def _computed_from(tc: TorchCall, nodes: set[int], limit: int = 200_000) -> bool:
     """Whether a float input of ``tc`` was computed from an autograd node in ``nodes`` (by id)."""
-    stack = [x.grad_fn for x in tc.arrived.values() if isinstance(x, torch.Tensor) and x.grad_fn is not None]
+    stack = [x.grad_fn for x in tc.arrived.values() if getattr(x, "grad_fn", None) is not None]
     seen: set[int] = set()
     while stack and len(seen) < limit:
         node = stack.pop()
@@ -686,17 +710,22 @@ def _scale_fit(pc: PairedCall) -> str:
     return f"; torch's output is {c:.6g} x the Flax module's (residual {residual:.1e})"
 
 
-def _mark_boundaries(paired: Sequence[PairedCall]) -> None:
+def _mark_boundaries(paired: Sequence[PairedCall],
+                     judge_inputs: Callable[[PairedCall, Mapping[str, np.ndarray]], Comparison | None],
+                     rerun: Callable[[Mapping[str, Mapping[str, np.ndarray]]], FlaxRun]) -> None:
     """Layers whose module boundary differs between the sides (``LayerRow.boundary``).
 
-    A layer whose Flax module, alone on torch's input, misses work that torch does inside the
-    module and Flax right after it (XGLM's embedding scale ``sqrt(d_model)``: inside
+    A layer whose Flax module misses work that torch does inside the module and the Flax model
+    does right after it (XGLM's embedding scale ``sqrt(d_model)``: inside torch's
     ``XGLMScaledWordEmbedding``, after ``nn.Embed`` in Flax), or does work torch does after it,
     is off alone and in the Flax model's own run, yet the Flax model hands the next layer
-    computed from its output the same input as torch does. That layer (the first to start after
-    it whose float input torch computed from this layer's output, and whose input the two sides
-    can be compared on) is where its error is judged: clean there, the row says "boundary
-    differs" and is not blamed; a bug of its own would still be in that input and is not excused.
+    computed from its output (the first to start after it whose float input torch computed from
+    this layer's output and whose inputs the sides can be compared on) the same input as torch.
+    A real bug whose error the model attenuates below tolerance (a 1e-3 query weight through a
+    softmax) looks the same there, so the two are told apart by handing the Flax model torch's
+    output at this layer (``rerun`` with offsets): a bug is then gone and that input stays clean;
+    a boundary that differs does the moved work twice (or not at all) and that input goes wrong.
+    Only then the row says "boundary differs" and is judged at that later layer.
     """
     order = sorted(range(len(paired)), key=lambda i: paired[i].torch_call.start)
     for i, pc in enumerate(paired):
@@ -706,21 +735,38 @@ def _mark_boundaries(paired: Sequence[PairedCall]) -> None:
         made = {id(o.grad_fn) for o in tc.outputs.values() if o.grad_fn is not None}
         if not made:
             continue  # no autograd graph (frozen module): nothing says which layer consumes it
+        later = None
         for j in order:
-            later = paired[j]
+            cand = paired[j]
             # (a layer that starts after this one and completes before it runs inside it)
-            if later.torch_call.start <= tc.start or j < i or later.row.input_accumulated is None:
+            if cand.torch_call.start <= tc.start or j < i or cand.row.input_accumulated is None:
                 continue
-            if not _computed_from(later.torch_call, made):
-                continue
-            if later.row.input_accumulated.ok:
-                row.boundary = later.row.name
-                row.notes.append(
-                    f"boundary differs: off alone (rel_norm {row.isolated.rel_norm:.3e}) and in the Flax "
-                    f"model's own run, but the Flax model hands {later.row.name}, the next layer computed "
-                    f"from its output, the same input as torch{_scale_fit(pc)}: work done inside this "
-                    f"module on one side and outside it on the other; judged at {later.row.name}")
-            break
+            if _computed_from(cand.torch_call, made):
+                later = cand
+                break
+        if later is None or not later.row.input_accumulated.ok:
+            continue
+        offsets = {}
+        for fp, tp in pc.out_map.items():
+            if tp in pc.out_layouts:
+                torch_value = to_flax_layout(tc.output_values[tp], pc.out_layouts[tp], tp)
+                if np.shape(torch_value) == np.shape(pc.flax_outputs[tp]):
+                    offsets[fp] = torch_value - pc.flax_outputs[tp]
+        try:
+            handed = rerun({pc.key: offsets})
+            with_torch = judge_inputs(later, later.inputs_from(handed.call_inputs[later.key]))
+        except Exception as exc:  # noqa: BLE001 -- the rerun is evidence, not the check
+            row.notes.append(f"could not hand the Flax model torch's output here: {type(exc).__name__}: {exc}"[:200])
+            continue
+        if not _dirty(with_torch):
+            continue  # torch's value here leaves that input clean: the error is this layer's own
+        row.boundary = later.row.name
+        row.notes.append(
+            f"boundary differs: off alone (rel_norm {row.isolated.rel_norm:.3e}) and in the Flax model's own "
+            f"run, yet the Flax model hands {later.row.name}, the next layer computed from its output, the "
+            f"same input as torch, and a wrong one (rel_norm {with_torch.rel_norm:.3e}) when handed torch's "
+            f"output here{_scale_fit(pc)}: work done inside this module on one side and outside it on the "
+            f"other; judged at {later.row.name}")
 
 
 def _param_grad_totals(t_calls: Sequence[TorchCall], jobs: Sequence["IsolatedLayer"], results) -> dict:

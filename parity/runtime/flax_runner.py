@@ -308,6 +308,7 @@ class FlaxRun:
     call_inputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     call_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     call_output_cots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    args: tuple = ()  # the inputs it ran on (Flax layout), so a consumer can run it again
 
 
 def _split_floats(args: tuple):
@@ -330,11 +331,14 @@ def output_shapes(twin: FlaxTwin, variables: Mapping, args: tuple) -> dict[str, 
 
 
 def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
-                     cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False) -> FlaxRun:
+                     cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False,
+                     offsets: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> FlaxRun:
     """Forward, and with ``cotangents`` (by output path, Flax layout) the VJP with respect to the
     params and the float input leaves, as ONE jitted program (XLA compiles it once; eager JAX
     would compile every primitive separately). capture: record every submodule call, and the
-    cotangent at every recorded float output (zero perturbations, differentiated)."""
+    cotangent at every recorded float output (zero perturbations, differentiated). offsets (with
+    capture): {call key: {output path: array}} added to those recorded outputs, so the rest of the
+    model runs on another value there (the per-layer analysis hands one layer torch's output)."""
     variables = dict(variables)
     params = variables.get("params", {})
     rest = {k: v for k, v in variables.items() if k != "params"}
@@ -350,9 +354,11 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         return flatten(out), (aux, {k: v for k, v in new.items() if k != "params"})
 
     perts = None
-    if capture and cotangents is not None:
+    if capture and (cotangents is not None or offsets):
         _, ((_, shapes), _) = jax.eval_shape(fn, params, floats, None)
-        perts = {k: {p: jnp.zeros(s.shape, s.dtype) for p, s in v.items() if jnp.issubdtype(s.dtype, jnp.floating)}
+        given = offsets or {}
+        perts = {k: {p: (jnp.asarray(given[k][p], s.dtype) if p in given.get(k, {}) else jnp.zeros(s.shape, s.dtype))
+                     for p, s in v.items() if jnp.issubdtype(s.dtype, jnp.floating)}
                  for k, v in shapes.items()}
         recorders.clear()
 
@@ -368,7 +374,7 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
     out, ((c_in, c_out), new_rest), grads = jax.device_get(jax.jit(run)(params, floats, perts, cots))
     result = FlaxRun({p: np.asarray(o) for p, o in out.items()},
-                     new_variables={"params": params, **new_rest})
+                     new_variables={"params": params, **new_rest}, args=tuple(args))
     if grads is not None:
         p_grads, in_grads, pert_grads = grads
         result.param_grads = p_grads
