@@ -359,3 +359,28 @@ def test_parent_that_feeds_its_child_the_wrong_tensor_is_blamed():
                      input_layout="as_is")
     assert not r.ok
     assert (r.first_divergence, r.divergence_kind) == ("blk", "forward"), r
+
+
+# -- c, the other way: a real bug that the model hides is no boundary --------------------------------
+def test_real_bug_hidden_downstream_is_not_taken_for_a_boundary():
+    # A 1e-3 query weight through a near-uniform softmax: the next input (and the model output)
+    # stays within float32 tolerance, as after a boundary that differs. Handed torch's query, the
+    # Flax model's next input stays clean: the error is the layer's own, and the row is blamed.
+    x, mask = _x(2, 5, 4), np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    torch.manual_seed(0)
+    tm = TorchEncoder()
+    with torch.no_grad():  # small scores: the softmax all but ignores the query
+        for proj in (tm.blk.attn.q, tm.blk.attn.k):
+            proj.weight.mul_(0.05)
+            proj.bias.zero_()
+    fm = FlaxEncoder()
+    variables = weight_port.torch_to_flax(copy.deepcopy(tm), fm, (torch.as_tensor(x), torch.as_tensor(mask)),
+                                          input_layout="as_is")
+    flat = traverse_util.flatten_dict(variables["params"])
+    key = ("block", "attention", "query", "kernel")
+    flat[key] = flat[key] * 1.001
+    r = parity.check(tm, fm, (x, mask), dtype="float32", input_layout="as_is",
+                     variables={**variables, "params": traverse_util.unflatten_dict(flat)})
+    assert r.outputs[0].ok  # the model output cannot see it
+    assert r.layer("blk.attn.q").boundary is None, str(r)
+    assert (r.first_divergence, r.divergence_kind) == ("blk.attn.q", "forward"), str(r)
