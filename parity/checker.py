@@ -26,7 +26,7 @@ from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
-from parity.runtime.layouts import LayoutSpec, model_input_ids
+from parity.runtime.layouts import LayoutSpec, model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port.keywords import bind_keywords
@@ -133,16 +133,19 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
         return CapturedRun(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+    # output_layout entries naming a layer (by torch module path) are for its per-layer rows
+    output_layout, layer_layouts = split_output_spec(output_layout, list(t.outputs),
+                                                     [p for p, _ in tm.named_modules()])
     acts = None
     if t.calls is not None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
 
     def producer(path: str):
         nonlocal acts
         if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
             probe = run_torch(copy.deepcopy(tm), torch_inputs(args, tdtype, tdev, False), train=train,
                               grads=False, capture=True)
-            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases)
+            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases, layer_layouts)
             return acts.of_tensor(probe.raw_outputs[path])
         return acts.of_tensor(t.raw_outputs[path])
 
@@ -156,7 +159,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
     return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
                        acts, tm, notes, output_map=to_t)
 
@@ -368,12 +371,22 @@ def check(
     input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
     one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
     ``out.logits``, or by key); default: inferred (weight_port.layout, parity.runtime.layouts),
-    a LayoutError naming the leaf when it cannot be.
+    a LayoutError naming the leaf when it cannot be. A dict ``output_layout`` may also name the
+    outputs of a layer's per-layer rows by its torch module path: ``{"resnet": "as_is"}`` (every
+    output leaf of ``resnet``) or ``{"resnet:pooler_output": "as_is"}`` (one leaf); a key that
+    names a model output leaf stays a model output. Undeclared layer outputs take the one layout
+    in which torch's and Flax's shapes agree, else the kind of layer that made them: declare
+    those whose shapes fit both layouts ([N, C, H, W] with C == H == W) and whose Flax module
+    returns them channels-first (HF's Flax ResNet, ViT, ... return [N, C, H, W] maps).
     variables: Flax variables to use (linen-style; default: ported from the torch module after
     casting it to ``dtype``). rename: passed to the port (weight_port.build_plan).
     train: BatchNorm uses batch statistics on both sides; the twin's train keyword is found from
     its ``__call__`` (train / training / deterministic / use_running_average) or ``train_kwarg``.
-    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``.
+    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``. A row
+    compares only what is surely paired (a container: the Flax call that holds exactly its
+    layers; otherwise a "not paired" note); a layer whose module boundary differs between the
+    sides (work torch does inside it and Flax after it) says "boundary differs" and is judged at
+    the next layer computed from its output (parity.layers).
     Judging (parity.judge, one judge for every tensor): by default each output, gradient and
     per-layer row is judged by measured noise. A float32 / bfloat16 / float16 check also runs torch
     in float64 (weights rounded to ``dtype``): the twin's error against it must be within k times
