@@ -447,7 +447,7 @@ def real_main(repeat: int, before: str | None, phases: bool = False) -> int:
                  "memcpy_fresh": "floor: every tensor copied into fresh memory",
                  "transpose_fresh": "floor: same, Linear weights transposed",
                  "transpose_warm": "those transposes again, memory already mapped"}
-        print(f"phases of one cold port (own process), beside this machine's copy floor:")
+        print("phases of one cold port (own process), beside this machine's copy floor:")
         print(f"  {'phase':<50} {'wall s':>7} {'cpu s':>6} {'GiB/s':>6}")
         for key, label in names.items():
             wall, cpu = ph[key]

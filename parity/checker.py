@@ -117,6 +117,10 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     # module: everything below calls both top modules positionally.
     tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
     args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
+    # The inputs as given, for every later run: a torch model may change its inputs in place
+    # (XGLM adds its offset to position_ids with +=), and a rerun on those would compute another
+    # thing (the noise probe of XGLM was 91% off its own run).
+    given = torch_inputs(args, tdtype, tdev, grads)
     in_layouts = input_layouts(tm, args, input_layout)
     twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))
     say("porting weights")
@@ -132,7 +136,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     if to_t is None:
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
-        return CapturedRun(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+        return CapturedRun(plan, twin, variables, given, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
     # output_layout entries naming a layer (by torch module path) are for its per-layer rows
     output_layout, layer_layouts = split_output_spec(output_layout, list(t.outputs),
                                                      [p for p, _ in tm.named_modules()])
@@ -143,7 +147,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     def producer(path: str):
         nonlocal acts
         if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
-            probe = run_torch(copy.deepcopy(tm), torch_inputs(args, tdtype, tdev, False), train=train,
+            probe = run_torch(copy.deepcopy(tm), torch_inputs(given, tdtype, tdev, False), train=train,
                               grads=False, capture=True)
             acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases, layer_layouts)
             return acts.of_tensor(probe.raw_outputs[path])
@@ -160,7 +164,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
-    return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
+    return CapturedRun(plan, twin, variables, given, f_args, t, f, f_named, in_layouts, out_layouts,
                        acts, tm, notes, output_map=to_t)
 
 
@@ -438,8 +442,9 @@ def check(
         if lint or strict:
             say("trap lint")
             with x64:  # the twin is traced on the run's own (possibly float64) variables
+                # (a copy of the inputs: the lint runs torch once, and a model may change them in place)
                 found = lint_traced(run.torch_module, run.twin, run.variables, run.flax_args, run.plan,
-                                    train=train, torch_args=run.torch_args)
+                                    train=train, torch_args=torch_inputs(run.torch_args, _DTYPES[dname], tdev, False))
             report.warnings += [f"trap: {f}" for f in found]
             if strict:  # a "note" (a module fx could not trace) says what was not read: no trap
                 report.strict_findings = [str(f) for f in found if f.kind != "note"]
@@ -513,16 +518,17 @@ def _torch_only(run: CapturedRun, dname: str, *, train: bool, grads: bool, captu
     perturb: move a random half of every float weight, buffer and input one ulp toward zero first
     (a noise probe): rounding-sized changes of everything that carries rounding, so a structure
     that cancels exactly in one precision (equal features, equal rows) shows the noise it has in
-    another; zeros, integers and masks (finfo.min stays finite: toward zero never overflows) carry
-    none and get none."""
+    another. Integer values (0, 1, a count or an index kept in a float buffer, a mask's finfo.min)
+    carry no rounding and are left alone: XGLM turns such a float into an index, and a nudged 3.0
+    is index 2."""
     tm = copy.deepcopy(run.torch_module).to(_DTYPES[dname])
     args = torch_inputs(run.torch_args, _DTYPES[dname], tdev, grads)
     if perturb:
         gen = torch.Generator().manual_seed(seed + 7)
 
         def nudge(t: torch.Tensor) -> torch.Tensor:
-            flip = torch.rand(t.shape, generator=gen) < 0.5
-            return torch.where(flip.to(t.device), torch.nextafter(t, torch.zeros_like(t)), t)
+            flip = (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
+            return torch.where(flip, torch.nextafter(t, torch.zeros_like(t)), t)
 
         with torch.no_grad():
             for tensor in list(tm.parameters()) + list(tm.buffers()):

@@ -3,7 +3,6 @@ noise (an a-priori floor once exceeded every UNet gradient, so none was judged),
 layers run alone."""
 from __future__ import annotations
 
-import pytest
 
 import parity
 from parity.registry import PAIRS

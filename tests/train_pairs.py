@@ -3,7 +3,6 @@ that is zero in exact arithmetic (a per-query-row constant that softmax ignores)
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 import torch
 
