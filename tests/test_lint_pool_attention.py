@@ -77,7 +77,7 @@ class _TorchAttn(torch.nn.Module):
         self.written = written
 
     def forward(self, x):
-        n, t = x.size(0), x.size(1)  # written for torch.fx: a traced shape is not iterable
+        n, t = x.size(0), x.size(1)
         qkv = self.qkv(x).reshape(n, t, 3, _HEADS, _DIM // _HEADS).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.written:

@@ -2,7 +2,7 @@
 
 Torch: nn.MultiheadAttention and F.scaled_dot_product_attention(scale=None) scale q.k by
 1/sqrt(head_dim); sdpa(scale=c) by c; a hand-written attention by the numeric factors between
-its q @ k matmul and the softmax (torch.fx, parity.lint._torch).
+its q @ k matmul and the softmax (read from one real forward, parity.lint._torch).
 Flax: in the jaxpr, every ``exp`` whose result is summed (a softmax) is walked back through the
 usual softmax and mask ops (x - max, + mask, select, casts, reshapes) to the ``dot_general``
 producing the logits, multiplying the constant factors met on the way and on each operand of

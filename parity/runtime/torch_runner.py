@@ -8,6 +8,7 @@ dataclasses, HF ModelOutput): they are flattened to {path: array} (parity.runtim
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 import torch
 
+from parity.runtime.torch_ops import OpRecorder, TorchOp
 from parity.runtime.tree import flatten, map_with_path
 from weight_port.tensors import to_numpy
 
@@ -92,6 +94,7 @@ class TorchRun:
     calls: list[TorchCall] | None  # completion order, when capture=True
     raw_outputs: dict[str, torch.Tensor]  # the output tensors themselves (for producer lookup)
     aliases: dict[int, int] = field(default_factory=dict)  # id(view made by a hook) -> id(tensor)
+    ops: list[TorchOp] | None = None  # every torch function the forward called, when ops=True
 
 
 def random_cotangents(outputs: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -190,19 +193,24 @@ def run_torch(
     cotangents: dict[str, np.ndarray] | None = None,
     cotangent_seed: int = 1,
     capture: bool = False,
+    ops: bool = False,
 ) -> TorchRun:
     """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
 
     args: positional inputs from ``torch_inputs`` (the module is run as ``module(*args)``).
     cotangents: by output path, torch layout; default: ``random_cotangents(outputs, seed)``.
     capture: record every submodule call (TorchCall, completion order) for per-layer analysis.
+    ops: record every torch function the forward calls, credited to the innermost module running
+    (TorchOp, call order; parity.runtime.torch_ops), for the trap lint.
     The module's parameter .grad fields are reset first; call it on a private copy.
     """
     module.train(train)
     module.zero_grad(set_to_none=True)
     recorder = _Recorder(module, grads) if capture else None
+    op_recorder = OpRecorder(module) if ops else None  # after the capture hooks: it skips them
     try:
-        raw = module(*args)
+        with op_recorder or contextlib.nullcontext():
+            raw = module(*args)
         outs = {p: o for p, o in flatten(raw).items() if isinstance(o, torch.Tensor)}
         values = {p: to_numpy(o.detach()).copy() for p, o in outs.items()}
         cots: dict[str, np.ndarray] = {}
@@ -215,6 +223,8 @@ def run_torch(
     finally:
         if recorder is not None:
             recorder.remove()
+        if op_recorder is not None:
+            op_recorder.remove()
     in_grads = {}
     if grads:
         for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(tuple(args))[0],
@@ -225,7 +235,7 @@ def run_torch(
     p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
                for n, p in module.named_parameters()} if grads else {}
     return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
-                    recorder.aliases if recorder else {})
+                    recorder.aliases if recorder else {}, op_recorder.ops if op_recorder else None)
 
 
 def train_mode_matters(module: torch.nn.Module) -> bool:
