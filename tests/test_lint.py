@@ -137,6 +137,31 @@ def test_inline_gelu_behind_data_dependent_control_flow_is_named():
     assert "torch GELU is exact (erf), Flax gelu is tanh approximation" in found[0].message
 
 
+class _Vmapped(torch.nn.Module):
+    """Calls torch.vmap in its forward (Hugging Face builds attention masks so): a value read
+    inside vmap raises, which once made the lint's forward fail and read nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return F.gelu(h) + torch.vmap(lambda row: row.sum() * 0.0)(h)[:, None]
+
+
+class _FlaxVmapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="fc")(x)
+        return nn.gelu(h) + (h.sum(-1) * 0.0)[:, None]  # tanh gelu: the finding the lint must make
+
+
+def test_lint_reads_a_forward_that_calls_vmap():
+    found = lint_pair(_Vmapped().eval(), _FlaxVmapped(), torch.randn(3, 6), input_layouts="as_is")
+    assert [(f.kind, f.torch_where) for f in found] == [("gelu", "<root> (inline gelu)")], found
+
+
 def test_lint_forward_leaves_the_module_as_it_found_it():
     # The lint runs one forward of the check's own (train-mode) module: BatchNorm statistics,
     # dropout's random draws, .grad fields and training flags are all put back.

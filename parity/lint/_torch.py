@@ -20,7 +20,8 @@ from parity.runtime import TensorRef, TorchOp, run_torch
 class TorchCall:
     """One inline call: path of the module whose forward made it, the op ("gelu", "interpolate",
     "sdpa", "attention"), and its arguments by name (attention: {"scale": float}, the product of
-    the constants between the q.k matmul and the softmax)."""
+    the constants between the q.k matmul and the softmax; sdpa: its "scale" argument and "factor",
+    the constants applied to q and k before the call)."""
 
     path: str
     op: str
@@ -154,7 +155,11 @@ def inline_calls(module: torch.nn.Module, ops: list[TorchOp]) -> list[TorchCall]
         elif op.name == "interpolate":
             found.append(TorchCall(op.path, "interpolate", _named(op, _INTERPOLATE_ARGS)))
         elif op.name == "scaled_dot_product_attention":
-            found.append(TorchCall(op.path, "sdpa", {"scale": _named(op, _SDPA_ARGS).get("scale")}))
+            # Hugging Face's OPT, Whisper & co. scale q before the call and pass scale=1.0: the
+            # factors on q and k (through views) are part of the logits' scale.
+            named = _named(op, _SDPA_ARGS)
+            factor = flow.operand_scale(named.get("query")) * flow.operand_scale(named.get("key"))
+            found.append(TorchCall(op.path, "sdpa", {"scale": named.get("scale"), "factor": factor}))
         elif op.name == "softmax" and op.args:
             scale = flow.scale_to_matmul(op.args[0])
             if scale is not None:

@@ -49,6 +49,17 @@ class TorchOp:
 _SKIP = ("__get__", "__set__")  # attribute reads (x.shape, x.dtype): no computation
 
 
+def _value(x: torch.Tensor) -> float | None:
+    """The number a one-element real tensor holds, else None. Inside torch.vmap (HF builds its
+    attention masks with it) a tensor's value cannot be read: None there too."""
+    if x.numel() != 1 or x.device.type == "meta" or x.is_complex():
+        return None
+    try:
+        return float(x.detach().reshape(()))
+    except RuntimeError:  # vmap: "We don't support vmap over calling .item() on a Tensor"
+        return None
+
+
 class OpRecorder(TorchFunctionMode):
     """Records TorchOps while active (a context manager around the forward), for every call made
     while some module of ``module`` runs. ``remove()`` takes the hooks off."""
@@ -91,8 +102,7 @@ class OpRecorder(TorchFunctionMode):
             serial = self._serials.get(x)
             if serial is None:
                 serial = self._new_serial(x)
-            one = x.numel() == 1 and x.device.type != "meta" and not x.is_complex()
-            return TensorRef(serial, float(x.detach().reshape(())) if one else None)
+            return TensorRef(serial, _value(x))
         if type(x) in (list, tuple):  # not torch.Size, nor a named tuple (kept as they are)
             return type(x)(self._ref(a) for a in x)
         if isinstance(x, dict):
