@@ -97,18 +97,27 @@ def geglus(tm: torch.nn.Module) -> list[str]:
 
 
 PAIRS: dict[str, DiffusersPair] = {p.name: p for p in [
+    # Cross-attention in the mid block only: a CrossAttn down and up block would add 75 layers
+    # (and 15 s) of the same kinds, named by the same rule.
     DiffusersPair("unet2d_condition", "UNet2DConditionModel", "FlaxUNet2DConditionModel",
-                  dict(_CROSS_ATTN, sample_size=8, out_channels=4, up_block_types=("CrossAttnUpBlock2D",)),
-                  _unet_inputs, "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k"),
+                  dict(_CROSS_ATTN, sample_size=8, out_channels=4, down_block_types=("DownBlock2D",),
+                       up_block_types=("UpBlock2D",)),
+                  _unet_inputs, "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"),
     DiffusersPair("autoencoder_kl", "AutoencoderKL", "FlaxAutoencoderKL",
                   dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,), layers_per_block=1,
                        latent_channels=4, sample_size=8),
                   lambda: (_normal(2, 3, 8, 8),), "decoder.up_blocks.0.resnets.1.conv2"),
+    # The Flax ControlNet has no conditioning_channels (its init makes a 3-channel image) and torch's
+    # no sample_size (Flax uses it only to init).
+    DiffusersPair("controlnet", "ControlNetModel", "FlaxControlNetModel",
+                  dict(_CROSS_ATTN, conditioning_embedding_out_channels=(16, 32)), _controlnet_inputs,
+                  "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+                  torch_only=dict(conditioning_channels=3), random_zero_init=True),
 ]}
 
-# Checked by hand, not in the battery (time): ControlNet, diffusers' third Flax model.
-CONTROLNET = DiffusersPair("controlnet", "ControlNetModel", "FlaxControlNetModel",
-                           dict(_CROSS_ATTN, sample_size=8, conditioning_embedding_out_channels=(16, 32)),
-                           _controlnet_inputs, "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
-                           torch_only=dict(conditioning_channels=3), random_zero_init=True)
+# The pairs whose float32 check (and mis-port check) the battery runs. ControlNet's passes too
+# (77 per-layer rows, mis-port located: checked by hand), left out for time: it is the UNet's down
+# half plus convolutions the other two already cover; its port is tested (round trip, refusal).
+CHECKED = ("unet2d_condition", "autoencoder_kl")
+
