@@ -1,6 +1,6 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
-Public API: check, assert_parity, Report, Comparison, registry helpers, and the execution engine
+Public API: check, assert_parity, Report, Comparison and judge (the one judge), registry helpers, and the execution engine
 (parity.runtime: FlaxTwin, layouts). Heavy imports are lazy so
 ``import parity.configs`` stays framework-free.
 """
@@ -12,8 +12,8 @@ _LAZY = {
     "check": "parity.checker",
     "assert_parity": "parity.checker",
     "Report": "parity.report",
-    "Comparison": "parity.compare",
-    "compare_to_reference": "parity.compare",
+    "Comparison": "parity.judge",
+    "judge": "parity.judge",
     "LayerRow": "parity.layers",
     "plot_layers": "parity.plot",
     "UsageError": "parity.errors",

@@ -10,15 +10,15 @@ import re
 import copy
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.compare import compare, compare_to_reference, failed_comparison, worst_of
-from parity.layers import analyze_layers, first_divergence
+from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, worst_of
+from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
                              reduced_float32)
@@ -28,9 +28,9 @@ from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_a
                             structure, torch_inputs, train_mode_matters)
 from parity.runtime.layouts import LayoutSpec, model_input_ids
 from parity.runtime.torch_runner import keystr
-from parity.tolerances import FORWARD, GRAD, REFERENCE, forward_noise_floor, noise_floor, tolerance_for
+from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port.keywords import bind_keywords
-from weight_port.layout import AS_IS, to_flax_layout
+from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.plan import PortPlan, build_plan
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -68,6 +68,7 @@ class CapturedRun:
     torch_module: torch.nn.Module
     notes: list[str]
     structure_error: str | None = None
+    output_map: dict[str, str] | None = None  # Flax output path -> torch output path
 
 
 def _device(device: str | None) -> tuple[str, object]:
@@ -105,7 +106,7 @@ def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str
 
 
 def _run(torch_module, flax_module, example_input, variables, dname, *, train, train_kwarg, input_layout,
-         output_layout, rename, seed, grads, tdev, say, layers) -> CapturedRun:
+         output_layout, rename, seed, grads, tdev, say, layers, watch: bool = False) -> CapturedRun:
     tdtype = _DTYPES[dname]
     tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
     tm.train(train)
@@ -121,7 +122,8 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
         variables = plan.to_flax(tm.state_dict())
     f_args = flax_inputs(args, in_layouts)
     say("torch forward/backward")
-    t = run_torch(tm, args, train=train, grads=grads, cotangent_seed=seed + 1, capture=layers)
+    t = run_torch(tm, args, train=train, grads=grads, cotangent_seed=seed + 1, capture=layers,
+                  watch_precision=tdtype if watch else None)
     f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
     to_t = _align(list(f_shapes), list(t.outputs))
     if to_t is None:
@@ -153,7 +155,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     if t.calls is not None and acts is None:
         acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
     return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
-                       acts, tm, notes)
+                       acts, tm, notes, output_map=to_t)
 
 
 def capture(torch_module: torch.nn.Module, flax_module, example_input, *, dtype="float32", device: str = "cpu",
@@ -221,31 +223,61 @@ def _bad(value) -> str:
     return "" if np.isfinite(a).all() else "Inf"
 
 
-def _first_nonfinite(run: CapturedRun) -> str | None:
-    """Where a NaN or Inf first appears, in the order the values are made: inputs, then each
-    layer's output (torch, in execution order), the model outputs, Flax's layer outputs, then the
-    gradients. None when everything is finite."""
+def _first_nonfinite(run: CapturedRun, *, nan_only: bool = False, side: str | None = None) -> str | None:
+    """Where a NaN (or, unless ``nan_only``, an Inf) first appears, in the order the values are
+    made: inputs, each layer's output (torch, in execution order), the model outputs, Flax's layer
+    outputs, then the gradients; ``side`` "torch" / "flax" looks at that side only (inputs are
+    torch's). None when nothing is found."""
     def layer(path: str) -> str:
         return f"layer {path or '<root>'}"
 
-    found = [(p, v) for p, v in zip(input_paths(run.torch_args), jax.tree_util.tree_leaves(run.torch_args))]
-    for tc in run.torch.calls or []:  # completion order: a module after its children
-        found += [(f"torch output {p} of {layer(tc.path)}", v) for p, v in tc.output_values.items()]
-    found += [(f"torch {p}", v) for p, v in run.torch.outputs.items()]
-    if run.flax is not None:
+    torch_side, flax_side = side in (None, "torch"), side in (None, "flax") and run.flax is not None
+    found = ([(p, v) for p, v in zip(input_paths(run.torch_args), jax.tree_util.tree_leaves(run.torch_args))]
+             if side is None else [])
+    if torch_side:
+        for tc in run.torch.calls or []:  # completion order: a module after its children
+            found += [(f"torch output {p} of {layer(tc.path)}", v) for p, v in tc.output_values.items()]
+        found += [(f"torch {p}", v) for p, v in run.torch.outputs.items()]
+    if flax_side:
         for key, outs in run.flax.call_outputs.items():
             found += [(f"Flax output {p} of {key}", v) for p, v in outs.items()]
         found += [(f"Flax {p}", v) for p, v in run.flax.outputs.items()]
-    for tc in reversed(run.torch.calls or []):  # roughly backward order
-        found += [(f"torch gradient at output {p} of {layer(tc.path)}", v) for p, v in tc.output_grads.items()]
-    found += [(f"torch grad {p}", v) for p, v in {**run.torch.input_grads, **run.torch.param_grads}.items()]
-    if run.flax is not None:
+    if torch_side:
+        for tc in reversed(run.torch.calls or []):  # roughly backward order
+            found += [(f"torch gradient at output {p} of {layer(tc.path)}", v) for p, v in tc.output_grads.items()]
+        found += [(f"torch grad {p}", v) for p, v in {**run.torch.input_grads, **run.torch.param_grads}.items()]
+    if flax_side:
         found += [(f"Flax grad {p}", v) for p, v in {**run.flax.input_grads, **run.f_p_grads}.items()]
     for where, value in found:
         kind = _bad(value)
-        if kind:
+        if kind and (kind == "NaN" or not nan_only):
             return f"{kind} in {where}"
     return None
+
+
+def _empty_input_warnings(torch_args: tuple) -> list[str]:
+    """An input with no elements (an empty batch): every comparison of nothing passes."""
+    return [f"{keystr(path)} is empty (shape {tuple(leaf.shape)}): a check of nothing passes whatever the twin does"
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tuple(torch_args))[0]
+            if isinstance(leaf, torch.Tensor) and leaf.numel() == 0]
+
+
+def _initial_buffer_warnings(module: torch.nn.Module, train: bool) -> list[str]:
+    """BatchNorm running statistics still at their initial values (mean 0, var 1) in an eval-mode
+    check: normalisation then divides by sqrt(1 + eps) ~ 1, so a twin that gets the variance
+    formula wrong (var + eps for sqrt(var + eps), a missing mean) agrees to ~eps."""
+    if train:
+        return []
+    stale = [name for name, m in module.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+             and m.running_mean is not None and not bool(torch.any(m.running_mean != 0))
+             and not bool(torch.any(m.running_var != 1))]
+    if not stale:
+        return []
+    return [f"BatchNorm running statistics are at their initial values (mean 0, var 1) in {len(stale)} "
+            f"layer(s), first {stale[0] or '<root>'}: in eval mode they normalise by ~1, so a twin that "
+            "mishandles the mean or the variance (var + eps for sqrt(var + eps)) agrees here; run a few "
+            "train-mode steps first, or load trained statistics"]
 
 
 def _zero_warnings(run: CapturedRun) -> list[str]:
@@ -363,8 +395,9 @@ def check(
         raise ValueError(f"unknown dtype {dname!r}; choose from {', '.join(_DTYPES)}")
     if reference not in (None, "float64"):
         raise ValueError(f"reference must be None or 'float64', got {reference!r}")
-    if reference and (rtol is not None or atol is not None):
-        raise ValueError("rtol/atol override the table; they do not combine with reference='float64'")
+    override = rtol is not None or atol is not None
+    if reference and override:
+        raise ValueError("rtol/atol replace the measured-noise judge; they do not combine with reference='float64'")
     tdev, jdev = _device(device)
     opts = dict(train=train, train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
                 rename=rename, seed=seed, grads=grads, tdev=tdev, say=say)
@@ -373,19 +406,15 @@ def check(
         with x64:  # record x64 as it is for the run itself (on only inside float64 checks)
             env = numerics_env(tdev)
         notes = precision_warnings(env)
-        if reference is None and rtol is None and atol is None and reduced_float32(dname, env, jdev.platform):
-            reference = "float64"
+        if not override and dname != "float64" and reduced_float32(dname, env, jdev.platform):
             notes.append(REDUCED_FLOAT32_NOTE)
         with x64:
-            run = _run(torch_module, flax_module, example_input, variables, dname,
-                       layers=layers and not reference, **opts)
+            run = _run(torch_module, flax_module, example_input, variables, dname, layers=layers,
+                       watch=dname == "float64", **opts)
         notes += run.notes + _dtype_warnings(run, dname, variables is not None)
         report = Report(model=name or type(torch_module).__name__, dtype=dname,
-                        mode="train" if train else "eval", outputs=[], reference=reference, env=env,
-                        warnings=notes)
+                        mode="train" if train else "eval", outputs=[], env=env, warnings=notes)
         prec = jax_precision()
-        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-        report.invalid = _first_nonfinite(run)
         if lint or strict:
             say("trap lint")
             with x64:  # the twin is traced on the run's own (possibly float64) variables
@@ -395,173 +424,314 @@ def check(
             if strict:  # a "note" (a module fx could not trace) says what was not read: no trap
                 report.strict_findings = [str(f) for f in found if f.kind != "note"]
         if run.structure_error:
+            fwd = tolerance_for(dname, FORWARD, prec, jdev.platform)
             report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
             return report
         report.warnings += (_constant_input_warnings(run.torch_args) + _batch_of_one_warnings(run.torch_args)
-                            + _zero_warnings(run))
-
-        def reference_run(capture_layers: bool) -> CapturedRun:
-            say("float64 reference run")
-            with jax.enable_x64(True):
-                ref_vars = None
-                if variables is not None:
-                    ref_vars = jax.tree_util.tree_map(
-                        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        variables)
-                # Weights rounded to the checked dtype first: the reference then differs from the
-                # low-precision runs by their arithmetic only, and user-given low-precision
-                # variables upcast to exactly the reference's weights.
-                rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
-                return _run(rounded, flax_module, example_input, ref_vars, "float64", layers=capture_layers, **opts)
-
-        ref = reference_run(layers) if reference else None
-        _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
-        floored = [c.name for c in report.outputs + report.grads if c.floored]
-        escalated = bool(floored) and ref is None and dname != "float64" and rtol is None and atol is None
-        if escalated:
-            # Passing under the a-priori floor is not evidence (a small tensor is not a cancelled
-            # one); the float64 run measures the noise, and the verdict is taken from it.
-            # (its per-layer capture is not needed: the run's own analysis is kept, below)
-            where = f"{', '.join(floored)}: under the {dname} noise floor and outside the relative tolerance"
-            try:
-                ref = reference_run(False)
-            except Exception as exc:  # noqa: BLE001 -- e.g. a torch model that cannot run in float64
-                escalated = False
-                report.warnings.append(
-                    f"{where}; the float64 run that would measure their noise failed "
-                    f"({type(exc).__name__}: {str(exc)[:160]}), so they are judged by the floor alone")
-            else:
-                report.reference = "float64"
-                report.warnings.append(f"{where}, so judged against a float64 run instead (the fp64-reference rule)")
-                _judge_model(report, run, ref, dname, prec, rtol, atol, grads)
-        if ref is not None and report.invalid is None:
-            bad = _first_nonfinite(ref)
-            report.invalid = f"{bad} (float64 reference run)" if bad else None
+                            + _empty_input_warnings(run.torch_args) + _zero_warnings(run)
+                            + _initial_buffer_warnings(run.torch_module, train))
+        ev = _evidence(run, torch_module, flax_module, example_input, variables, dname, prec, jdev.platform,
+                       override=override, rtol=rtol, atol=atol, layers=layers, opts=opts, report=report)
+        report.reference = "float64" if ev.ref is not None else None
+        mj = ModelJudge(run, ev)
+        mj.fill(report)
+        own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
+        if own:
+            report.warnings.append(
+                f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: within the twin's own {dname} rounding "
+                "noise only, which is larger than torch's (XLA accumulating reductions in the low dtype?): "
+                "the twin computes the same thing, less accurately")
+        _locate_nonfinite(report, run)
         if data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
             from parity.data_parallel import attach
             with (jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()):
-                attach(report, run, data_parallel, dname, prec, rtol=rtol, atol=atol, grads=grads)
+                attach(report, run, data_parallel, mj)
         if layers:
-            # Per-layer verdicts need sharp tolerances: in reference mode they run in float64.
-            # A model-level escalation (a tensor under its floor) keeps the run's own per-layer
-            # analysis, whose floors are local: a twin that computes in float32 by design (an HF
-            # module's dtype) would fail a float64 layer table for rounding alone.
-            lr = run if escalated else ref or run
-            ldt = "float64" if lr is ref else dname
-            over = (rtol, atol) if lr is not ref else (None, None)
+            lr = ev.rows_run
+            ldt = "float64" if lr is not run else dname
             with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
                 report.layers = analyze_layers(
                     lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
-                    grads=grads, train=train,
-                    forward_tol=tolerance_for(ldt, FORWARD, prec).override(*over),
-                    grad_tol=tolerance_for(ldt, GRAD, prec).override(*over),
-                    param_grads=lr.torch.param_grads, progress=say, dtype=ldt,
-                    root=None if lr is ref else (worst_of(report.outputs), worst_of(report.grads)),
+                    grads=grads, train=train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
+                    root=(worst_of(report.outputs), worst_of(report.grads)) if lr is run else None,
                 )
             report.first_divergence, report.divergence_kind = first_divergence(report.layers)
         say("done")
         return report
 
 
-def _norm(values) -> float:
-    """Euclidean norm of all float leaves together (torch tensors or arrays)."""
-    total = 0.0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu().double().numpy() if v.is_floating_point() else None
-        # jnp.issubdtype: numpy's own does not count bfloat16 (ml_dtypes) as floating, which
-        # made every bfloat16 run's noise floor 0.
-        if v is not None and jnp.issubdtype(np.asarray(v).dtype, jnp.floating):
-            total += float(np.sum(np.square(np.asarray(v, dtype=np.float64))))
-    return float(np.sqrt(total))
+@dataclass
+class Evidence:
+    """What the judge measures the noise with, for one check.
 
-
-def model_grad_floor(run: CapturedRun, dname: str) -> float:
-    """Noise floor of the whole-model gradients: from the output cotangent and the inputs."""
-    inputs = jax.tree_util.tree_leaves(run.torch_args)
-    return noise_floor(dname, GRAD, _norm(run.torch.cotangents.values()), _norm(inputs))
-
-
-def param_grad_floors(calls, dname: str) -> dict[str, float]:
-    """Noise floor of each torch parameter's gradient from its own module's calls: the floor of
-    parity.tolerances.noise_floor at that module's output cotangent and input norms, summed over
-    the module's calls (each call adds its own sum of products). Empty without captured calls.
-
-    A parameter gradient is a sum over that layer's products only, so its rounding noise scales
-    with that layer's norms; the model's input and output-cotangent norms overstate it by orders of
-    magnitude in a deep model (in bfloat16 the model-wide floor exceeded every UNet gradient, so
-    none was compared).
+    ref: the float64 run that low-precision values are judged against (a CapturedRun with
+    per-layer rows, else the torch run alone; None in table mode and for float64 checks, whose
+    reference is their own torch run). probe: for float64 checks, torch's float32 run whose
+    error, scaled to float64, is the noise. model_rule: the measured rule of the model-level
+    tensors, or the Table when there is no measured noise. rows_run / rows: the run whose
+    per-layer rows are judged (float64 where possible) and how (parity.layers.RowJudge).
     """
-    floors: dict[str, float] = {}
-    for tc in calls or ():
-        if not tc.output_grads:
-            continue
-        f = noise_floor(dname, GRAD, _norm(tc.output_grads.values()), _norm(tc.inputs.values()))
-        for pname, _ in tc.module.named_parameters(recurse=False):
-            full = f"{tc.path}.{pname}" if tc.path else pname
-            floors[full] = floors.get(full, 0.0) + f
-    return floors
+
+    dname: str
+    model_rule: object
+    table_forward: Table
+    table_grad: Table
+    ref: object = None
+    probe: TorchRun | None = None
+    rows_run: CapturedRun | None = None
+    rows: RowJudge | None = None
+    # The twin's own run in the probe's precision (float64 checks: float32) or in float64 (a
+    # low-precision check), by ModelJudge key, torch layout: its own noise on noise slices.
+    flax_other: dict[str, np.ndarray] | None = None
 
 
-def model_forward_floor(run: CapturedRun, dname: str) -> float:
-    """Noise floor of the model's outputs: from the norm of the model's inputs."""
-    return forward_noise_floor(dname, _norm(jax.tree_util.tree_leaves(run.torch_args)))
+def _torch_only(run: CapturedRun, dname: str, *, train: bool, grads: bool, capture: bool, tdev: str,
+                perturb: bool = False, seed: int = 0) -> TorchRun:
+    """The run's torch side again in ``dname``: the same (already rounded) weights and inputs,
+    the same cotangents; forward ops below ``dname``'s precision noted.
+
+    perturb: move a random half of every float weight, buffer and input one ulp toward zero first
+    (a noise probe): rounding-sized changes of everything that carries rounding, so a structure
+    that cancels exactly in one precision (equal features, equal rows) shows the noise it has in
+    another; zeros, integers and masks (finfo.min stays finite: toward zero never overflows) carry
+    none and get none."""
+    tm = copy.deepcopy(run.torch_module).to(_DTYPES[dname])
+    args = torch_inputs(run.torch_args, _DTYPES[dname], tdev, grads)
+    if perturb:
+        gen = torch.Generator().manual_seed(seed + 7)
+
+        def nudge(t: torch.Tensor) -> torch.Tensor:
+            flip = torch.rand(t.shape, generator=gen) < 0.5
+            return torch.where(flip.to(t.device), torch.nextafter(t, torch.zeros_like(t)), t)
+
+        with torch.no_grad():
+            for tensor in list(tm.parameters()) + list(tm.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(nudge(tensor))
+        args = jax.tree_util.tree_map(
+            lambda a: nudge(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+            and a.is_floating_point() else a, args)
+    return run_torch(tm, args, train=train, grads=grads, cotangents=run.torch.cotangents or None,
+                     capture=capture, watch_precision=_DTYPES[dname])
 
 
-def _judge_model(report: Report, run: CapturedRun, ref: CapturedRun | None, dname: str, prec: str, rtol, atol,
-                 grads: bool) -> None:
-    """Fill the report's output, input-gradient and parameter-gradient comparisons."""
-    floor = model_grad_floor(run, dname) if grads else 0.0
-    # Per-parameter floors where the per-layer capture ran (the reference run's, in reference
-    # mode: the same magnitudes); the model-wide floor is the fallback (layers=False, tied names).
-    p_floors = param_grad_floors((ref or run).torch.calls, dname) if grads else {}
-    out_floor = model_forward_floor(run, dname)
-    if ref is None:
-        fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-        if rtol is None and atol is None:  # a per-call override is the whole criterion (its atol
-            fwd = fwd.with_floor(out_floor)  # is the absolute part the caller chose)
-        grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
-
-        def judge(kind, nm, f, t, layout, ref_value, fl):
-            return compare(nm, f, t, fwd if kind == FORWARD else grd.with_floor(fl), layout=layout)
-    else:
-        ref_tol = tolerance_for(dname, REFERENCE, prec)
-
-        def judge(kind, nm, f, t, layout, ref_value, fl):
-            return compare_to_reference(nm, f, t, ref_value, ref_tol, layout=layout,
-                                        floor=fl if kind == GRAD else out_floor)
-
-    def safe(kind, nm, f, t, layout, ref_value, fl=floor):
+def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variables, dname: str, prec: str,
+              platform: str, *, override: bool, rtol, atol, layers: bool, opts: dict, report: Report) -> Evidence:
+    """Run what the measured-noise judge needs (the float64 reference of a low-precision check,
+    the float32 probe of a float64 check), or say in a warning why the table decides instead."""
+    say, tdev, grads, train = opts["say"], opts["tdev"], opts["grads"], opts["train"]
+    fwd_t = tolerance_for(dname, FORWARD, prec, platform)
+    grd_t = tolerance_for(dname, GRAD, prec, platform)
+    if override:  # the caller's rtol/atol replace the table, and nothing else (torch.testing)
+        tf, tg = Table(fwd_t.override(rtol, atol), True), Table(grd_t.override(rtol, atol), True)
+        return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
+    tf, tg = Table(fwd_t), Table(grd_t)
+    ref64 = tolerance_for("float64", REFERENCE)
+    if dname == "float64":
+        say("float32 probe run (measures float64 noise)")
         try:
-            return judge(kind, nm, f, t, layout, ref_value, fl)
-        except ValueError as exc:  # shape mismatch: a wrong twin, reported, not raised
-            return failed_comparison(nm, str(exc), tolerance_for(dname, kind, prec))
+            with jax.enable_x64(True):
+                probe = _torch_only(run, "float32", train=train, grads=grads, capture=layers, tdev=tdev,
+                                    perturb=True, seed=opts["seed"])
+        except Exception as exc:  # noqa: BLE001 -- a model that cannot run in float32
+            report.warnings.append(f"the float32 run that measures float64 noise failed ({type(exc).__name__}: "
+                                   f"{str(exc)[:160]}): judged by the table; a pass only atol explains is "
+                                   "INCONCLUSIVE")
+            return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
+        effective = _lower_warning(run.torch, report, "float64 run")
+        rule = measured(ref64, "float64", probe_dtype="float32", effective=effective)
+        rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
+        return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows,
+                        flax_other=_own_noise_run(run, "float32", report))
+    say("float64 reference run")
+    try:
+        with jax.enable_x64(True):
+            if layers:  # per-layer rows run in float64 on both sides, where verdicts are sharp
+                ref_vars = None
+                if variables is not None:
+                    ref_vars = jax.tree_util.tree_map(
+                        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        variables)
+                # Weights rounded to the checked dtype first: the reference then differs from the
+                # low-precision runs by their arithmetic only.
+                rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
+                ref = _run(rounded, flax_module, example_input, ref_vars, "float64", layers=True, watch=True, **opts)
+                ref_torch = ref.torch
+            else:
+                ref = _torch_only(run, "float64", train=train, grads=grads, capture=False, tdev=tdev)
+                ref_torch = ref
+    except Exception as exc:  # noqa: BLE001 -- e.g. a torch model that builds a float32 constant inside
+        report.warnings.append(f"the float64 reference run failed ({type(exc).__name__}: {str(exc)[:160]}): "
+                               f"judged by the {dname} table; a pass only atol explains is INCONCLUSIVE")
+        return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
+    rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
+    if not layers:
+        with jax.enable_x64(True):
+            other = _own_noise_run(run, "float64", report)
+        return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
+    _lower_warning(ref_torch, report, "float64 reference run")
+    t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
+    say("float32 probe run (measures the float64 rows' noise)")
+    try:
+        probe = _torch_only(run, "float32", train=train, grads=grads, capture=True, tdev=tdev, perturb=True,
+                            seed=opts["seed"])
+        rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
+    except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
+        report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
+                               f"{str(exc)[:120]}): rows judged by the float64 table")
+        rows = RowJudge(t64f, t64g)
+    other = _flax_tensors(ref) if ref.flax is not None else None
+    return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
 
-    t, f = run.torch, run.flax
-    single = len(t.outputs) == 1
-    report.input_grads, report.param_grads = [], []  # a re-judgement (fp64 escalation) starts afresh
-    report.outputs = [safe(FORWARD, _label("output", p, "out", single), f.outputs[p], v, run.out_layouts[p],
-                           ref.torch.outputs[p] if ref else None) for p, v in t.outputs.items()]
-    if not grads:
+
+def _own_noise_run(run: CapturedRun, dname: str, report: Report) -> dict[str, np.ndarray] | None:
+    try:
+        return _flax_values(run, dname)
+    except Exception as exc:  # noqa: BLE001 -- a twin that cannot run in dname: torch's noise alone
+        report.warnings.append(f"the twin's {dname} run (its own rounding noise) failed ({type(exc).__name__}: "
+                               f"{str(exc)[:120]}): noise slices are judged by torch's noise alone")
+        return None
+
+
+def _flax_values(run: CapturedRun, dname: str) -> dict[str, np.ndarray]:
+    """The twin run again in ``dname`` (variables, inputs and cotangents of ``run`` cast): its
+    model-level tensors by ModelJudge key, torch layout. The twin's own rounding noise is this
+    run's distance to ``run``'s values (a bug, being in both, cancels)."""
+    dt = jnp.dtype(dname)
+
+    def cast(a):
+        return jnp.asarray(a, dt) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    to_t = run.output_map or {}
+    to_f = {tp: fp for fp, tp in to_t.items()}
+    cots = {to_f[p]: cast(to_flax_layout(c, run.out_layouts[p], p)) for p, c in run.torch.cotangents.items()
+            if p in to_f} or None
+    f = forward_backward(run.twin, jax.tree_util.tree_map(cast, run.variables),
+                         jax.tree_util.tree_map(cast, run.flax_args), cots)
+    out = {to_t[p]: to_torch_layout(np.asarray(v), run.out_layouts[to_t[p]]) for p, v in f.outputs.items()
+           if p in to_t}
+    if cots is not None:
+        out.update({p: to_torch_layout(np.asarray(g), run.in_layouts[p]) for p, g in f.input_grads.items()
+                    if p in run.in_layouts})
+        named = run.plan.to_torch({"params": f.param_grads}, collections=("params",))
+        out.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
+    return out
+
+
+def _flax_tensors(run: CapturedRun) -> dict[str, np.ndarray]:
+    """``run``'s Flax model-level tensors by ModelJudge key, torch layout."""
+    f = run.flax
+    out = {p: to_torch_layout(np.asarray(v), run.out_layouts[p]) for p, v in f.outputs.items()}
+    out.update({p: to_torch_layout(np.asarray(g), run.in_layouts[p]) for p, g in f.input_grads.items()
+                if p in run.in_layouts})
+    out.update({f"param:{n}": np.asarray(g) for n, g in run.f_p_grads.items()})
+    return out
+
+
+def _calls_by_key(calls) -> dict:
+    return {(c.path, c.call): c for c in calls or ()}
+
+
+def _lower_warning(t: TorchRun, report: Report, what: str) -> str | None:
+    """"float32" (and a warning naming the first layer) when the torch ``what`` computed part of
+    itself below float64; the judge then takes that precision's noise for what depends on it."""
+    if not t.lower_precision:
+        return None
+    report.warnings.append(
+        f"the torch {what} computes in {t.lower_precision} inside, first in layer {t.lower_first or '<root>'} "
+        f"(an upcast/downcast on purpose, e.g. an RMS norm or a float32 softmax): that layer, the layers "
+        f"around it and the model's outputs and gradients are judged by {t.lower_precision} noise")
+    return t.lower_precision
+
+
+class ModelJudge:
+    """Judges the model-level tensors of one check (outputs, input and parameter gradients), and
+    any other Flax value of the same tensor (the data-parallel run's), by the same rule."""
+
+    def __init__(self, run: CapturedRun, ev: Evidence):
+        self.run, self.ev = run, ev
+        t = run.torch
+        self.own_probe = self.own_ref = {}
+        if ev.model_rule is None:
+            self.refs = self.probes = None
+        elif ev.ref is not None:  # low precision: truth = float64 run, noise = torch's own error
+            self.refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
+            self.probes = _tensors(t)
+            if ev.flax_other is not None:  # the twin's own noise: this run against its float64 run
+                self.own_probe, self.own_ref = _flax_tensors(run), ev.flax_other
+        else:  # float64: truth = torch's own run, noise = the float32 probe's error, scaled
+            self.refs, self.probes = _tensors(t), _tensors(ev.probe)
+            if ev.flax_other is not None:  # the twin's own noise: its float32 run against this one
+                self.own_probe, self.own_ref = ev.flax_other, _flax_tensors(run)
+
+    def judge(self, kind: str, key: str, name: str, flax_value, torch_value, layout: str,
+              axis: int | str | None = "auto", probe=None) -> Comparison:
+        """``kind`` FORWARD or GRAD; ``key`` the tensor's key in _tensors (``out...``,
+        ``input[...]``, ``param:<name>``); Flax value in Flax layout. probe: another run of the
+        same tensor whose error against the reference measures the noise (torch layout; default:
+        the check's own probe)."""
+        table = self.ev.table_forward if kind == FORWARD else self.ev.table_grad
+        if self.refs is not None and key in self.refs and key in self.probes:
+            try:
+                return judge(name, flax_value, torch_value, self.ev.model_rule, layout=layout,
+                             reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
+                             flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
+            except NoEvidence as exc:
+                fallback = f"{exc}: judged by the table"
+            except ValueError as exc:
+                return failed_comparison(name, str(exc), table)
+        else:
+            fallback = ""
+        try:
+            c = judge(name, flax_value, torch_value, table, layout=layout)
+        except ValueError as exc:
+            return failed_comparison(name, str(exc), table)
+        return replace(c, note="; ".join(n for n in (c.note, fallback) if n))
+
+    def fill(self, report: Report) -> None:
+        run, t, f = self.run, self.run.torch, self.run.flax
+        single = len(t.outputs) == 1
+        report.outputs = [self.judge(FORWARD, p, _label("output", p, "out", single), f.outputs[p], v,
+                                     run.out_layouts[p]) for p, v in t.outputs.items()]
+        report.input_grads, report.param_grads = [], []
+        if not t.input_grads and not t.param_grads:  # grads=False
+            return
+        single = len(t.input_grads) == 1
+        report.input_grads = [self.judge(GRAD, p, _label("grad input", p, "input", single), f.input_grads[p], g,
+                                         run.in_layouts[p]) for p, g in t.input_grads.items()]
+        tied = getattr(run.plan, "tied", None) or {}
+        # A frozen torch parameter (requires_grad=False: RoFormer's sinusoidal table) has no gradient
+        # to compare; its Flax twin often computes it in code and has no leaf for it at all.
+        frozen = {n for n, p in run.torch_module.named_parameters() if not p.requires_grad}
+        for n, g in t.param_grads.items():
+            if n in frozen:
+                continue
+            if n not in run.f_p_grads:
+                report.param_grads.append(failed_comparison(
+                    f"grad {n}", "the port gives no Flax gradient for this torch parameter"
+                    + (f" (tied to {tied[n]})" if n in tied else ""), self.ev.table_grad))
+                continue
+            report.param_grads.append(self.judge(GRAD, f"param:{n}", f"grad {n}", run.f_p_grads[n], g, AS_IS, axis=0))
+
+
+def _tensors(t: TorchRun) -> dict[str, np.ndarray]:
+    """A torch run's model-level tensors by ModelJudge key."""
+    return {**t.outputs, **t.input_grads, **{f"param:{n}": g for n, g in t.param_grads.items()}}
+
+
+def _locate_nonfinite(report: Report, run: CapturedRun) -> None:
+    """NaN on both sides in a compared tensor: INVALID, with where it first appeared. A NaN or inf
+    on one side only is that tensor's FAIL; say where that side first made it."""
+    if any(c.nonfinite for c in report.outputs + report.grads):
+        report.invalid = _first_nonfinite(run, nan_only=True) or next(
+            f"NaN on both sides in {c.name}" for c in report.outputs + report.grads if c.nonfinite)
         return
-    single = len(t.input_grads) == 1
-    report.input_grads = [safe(GRAD, _label("grad input", p, "input", single), f.input_grads[p], g,
-                               run.in_layouts[p], ref.torch.input_grads[p] if ref else None)
-                          for p, g in t.input_grads.items()]
-    tied = getattr(run.plan, "tied", None) or {}
-    # A frozen torch parameter (requires_grad=False: RoFormer's sinusoidal table) has no gradient
-    # to compare; its Flax twin often computes it in code and has no leaf for it at all.
-    frozen = {n for n, p in run.torch_module.named_parameters() if not p.requires_grad}
-    for n, g in t.param_grads.items():
-        if n in frozen:
-            continue
-        if n not in run.f_p_grads:
-            report.param_grads.append(failed_comparison(
-                f"grad {n}", "the port gives no Flax gradient for this torch parameter"
-                + (f" (tied to {tied[n]})" if n in tied else ""), tolerance_for(dname, GRAD, prec)))
-            continue
-        report.param_grads.append(safe(GRAD, f"grad {n}", run.f_p_grads[n], g, AS_IS,
-                                       ref.torch.param_grads[n] if ref else None, p_floors.get(n, floor)))
+    one_sided = [c for c in report.outputs + report.grads if "one side only" in c.note]
+    if one_sided:
+        side = "flax" if "(flax)" in one_sided[0].note else "torch"
+        where = _first_nonfinite(run, side=side)
+        if where:
+            report.warnings.append(f"{one_sided[0].note.split(':')[0]} in {one_sided[0].name}; first: {where}")
 
 
 def assert_parity(*args, **kwargs) -> Report:

@@ -1,8 +1,9 @@
 """The ``parity`` command line: argument parsing and printing only; the work is importable.
 
 Exit codes: 0 pass, 1 parity mismatch, 2 usage or setup error (one readable line, no traceback;
-PARITY_DEBUG=1 prints the traceback first), 3 no verdict (``parity check``: a NaN or Inf made
-the check INVALID).
+PARITY_DEBUG=1 prints the traceback first), 3 no verdict (``parity check``: NaN on both sides
+made the check INVALID), 4 INCONCLUSIVE (a pass that only the table's atol explains, with no
+measured noise behind it).
 Parsing imports nothing heavy (argument definitions live in parity.commands.arguments), so
 ``parity --help`` answers at once; a command's module, and torch and jax with it, is imported
 only when that command runs.

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from parity.compare import Comparison, compare, failed_comparison, worst_of
+from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
 from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
 from parity.runtime.layouts import resolve
-from parity.tolerances import GRAD, Tolerance, forward_noise_floor, noise_floor
+from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
 from weight_port.plan import PortPlan
@@ -95,6 +95,44 @@ class LayerRow:
             "grad_accumulated": d(self.grad_accumulated),
             "notes": list(self.notes),
         }
+
+
+@dataclass
+class RowJudge:
+    """How the per-layer rows of one check are judged (parity.judge).
+
+    With ``ref_tol`` (the float64 REFERENCE entry) the rows' run is float64 and each tensor is
+    judged by measured noise: truth = torch's float64 value, noise = the same tensor of the
+    ``probe`` run (torch in ``probe_dtype``, by (path, call); parameter gradients in
+    ``probe_params``) scaled to float64, or to float32 where the layer computed in float32 inside
+    (TorchCall.lower_precision). A tensor without a probe value, and every tensor when
+    ``ref_tol`` is None, is judged by the table (``forward`` / ``grad``).
+    """
+
+    forward: Table
+    grad: Table
+    ref_tol: Tolerance | None = None
+    probe_dtype: str = "float32"
+    probe: Mapping[tuple[str, int], TorchCall] = field(default_factory=dict)
+    probe_params: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def probe_call(self, tc: TorchCall) -> TorchCall | None:
+        return self.probe.get((tc.path, tc.call))
+
+    def judge(self, name: str, flax_value, torch_value, *, grad: bool, tc: TorchCall | None, probe_value,
+              layout: str = "as_is", axis: int | str | None = "auto") -> Comparison:
+        """One tensor of a row (Flax value in Flax layout, torch's in torch layout); a shape
+        mismatch raises ValueError (the caller reports it)."""
+        table = self.grad if grad else self.forward
+        if self.ref_tol is not None and probe_value is not None:
+            effective = (tc.lower_precision or None) if tc is not None else None
+            rule = measured(self.ref_tol, "float64", probe_dtype=self.probe_dtype, effective=effective)
+            try:
+                return judge(name, flax_value, torch_value, rule, layout=layout, reference=torch_value,
+                             probe=probe_value, axis=axis)
+            except NoEvidence:
+                pass
+        return judge(name, flax_value, torch_value, table, layout=layout)
 
 
 def first_divergence(rows: Sequence[LayerRow]) -> tuple[str | None, str | None]:
@@ -245,21 +283,24 @@ def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, s
 
 
 def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
-                    layouts: Mapping[str, str], tol: Tolerance) -> Comparison | None:
+                    layouts: Mapping[str, str], rows: RowJudge, *, grad: bool, tc: TorchCall,
+                    probe_vals: Mapping[str, np.ndarray] | None) -> Comparison | None:
     """Worst comparison over torch's leaves (by path); a structural difference fails, except extra
     Flax leaves: torch layers return None for optional outputs that their Flax twins always return
     (HF attention's weights: torch ``(h, None)``, Flax ``(h, weights)``), and a None is no leaf."""
+    table = rows.grad if grad else rows.forward
     if not set(torch_vals) <= set(flax_vals):
-        return failed_comparison(name, f"flax returns {sorted(flax_vals)}, torch {sorted(torch_vals)}", tol)
+        return failed_comparison(name, f"flax returns {sorted(flax_vals)}, torch {sorted(torch_vals)}", table)
     comps = []
     for p in torch_vals:
         if p not in layouts:
             continue
         leaf_name = name if len(torch_vals) == 1 else f"{name} {p}"
         try:
-            comps.append(compare(leaf_name, flax_vals[p], torch_vals[p], tol, layout=layouts[p]))
+            comps.append(rows.judge(leaf_name, flax_vals[p], torch_vals[p], grad=grad, tc=tc, layout=layouts[p],
+                                    probe_value=(probe_vals or {}).get(p)))
         except ValueError as exc:
-            comps.append(failed_comparison(leaf_name, str(exc), tol))
+            comps.append(failed_comparison(leaf_name, str(exc), table))
     return worst_of(comps)
 
 
@@ -312,11 +353,16 @@ class IsolatedLayer:
                         else np.zeros(o.shape, jax.dtypes.float0))) for p, o in out.items()}
         return out, vjp(ct)
 
-    def check(self, out: Mapping[str, np.ndarray], tol: Tolerance) -> Comparison | None:
+    def check(self, out: Mapping[str, np.ndarray], rows: "RowJudge | Tolerance",
+              probe: TorchCall | None = None) -> Comparison | None:
         """``out`` (by Flax output path, Flax layout, as ``forward`` returns) against torch's
-        outputs of this call, leaf by leaf in the resolved layouts; None when no leaf has one."""
+        outputs of this call, leaf by leaf in the resolved layouts; None when no leaf has one.
+        rows: the check's RowJudge (probe: the probe run's same call), or a Tolerance (the table)."""
+        if isinstance(rows, Tolerance):
+            rows = RowJudge(Table(rows), Table(rows))
         return _compare_leaves(self.row.name, {self.out_map.get(p, p): np.asarray(o) for p, o in out.items()},
-                               self.torch_call.output_values, self.out_layouts, tol)
+                               self.torch_call.output_values, self.out_layouts, rows, grad=False, tc=self.torch_call,
+                               probe_vals=probe.output_values if probe else None)
 
 
 @dataclass
@@ -412,23 +458,19 @@ def analyze_layers(
     *,
     grads: bool,
     train: bool,
-    forward_tol: Tolerance,
-    grad_tol: Tolerance,
+    rows: RowJudge,
     param_grads: Mapping[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
     root: tuple[Comparison | None, Comparison | None] | None = None,
-    dtype: str | None = None,
 ) -> list[LayerRow]:
     """Per-layer rows in execution order from one recorded run of each side (parity.runtime).
 
     t_calls: run_torch(capture=True).calls; f_run: forward_backward(capture=True); layouts: the
     activation layouts of the torch calls. grads=False skips the backward columns. param_grads:
-    torch's parameter gradients of the same run. root: the top module's isolated (forward,
-    backward) verdicts, which *are* the whole-model check, so the top module is not rerun.
-    dtype: the run's dtype name; the layer's outputs (isolated and accumulated) then get the
-    forward noise floor of parity.tolerances.NOISE_FLOORS from the norm of torch's inputs to the
-    layer, and its isolated gradients the gradient floor from that and its output cotangent's.
-    Pairing and the layers run alone: ``isolated_layers``.
+    torch's parameter gradients of the same run. rows: how each tensor is judged (RowJudge: by
+    measured noise where a probe run has the same tensor). root: the top module's isolated
+    (forward, backward) verdicts, which *are* the whole-model check, so the top module is not
+    rerun. Pairing and the layers run alone: ``isolated_layers``.
     """
     say = progress or (lambda msg: None)
     zero_params = jax.tree_util.tree_map(np.zeros_like, dict(variables.get("params", {})))
@@ -439,15 +481,15 @@ def analyze_layers(
         row, tc = pc.row, pc.torch_call
         if pc.flax_outputs is None:
             continue
-        fwd_tol = forward_tol
-        if dtype is not None:  # the floor of an activation is set by what went into its layer
-            fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, _norm(_floats(tc.input_values))))
+        probe = rows.probe_call(tc)
         t_out = tc.output_values
-        row.accumulated = _compare_leaves(row.name, pc.flax_outputs, t_out, pc.out_layouts, fwd_tol)
+        row.accumulated = _compare_leaves(row.name, pc.flax_outputs, t_out, pc.out_layouts, rows, grad=False, tc=tc,
+                                          probe_vals=probe.output_values if probe else None)
         t_g = {p: g for p, g in tc.output_grads.items() if p in pc.out_layouts}
         if grads and t_g and set(t_g) <= set(pc.flax_cots):
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: pc.flax_cots[p] for p in t_g}, t_g,
-                                                   pc.out_layouts, grad_tol)
+                                                   pc.out_layouts, rows, grad=True, tc=tc,
+                                                   probe_vals=probe.output_grads if probe else None)
         if root is not None and pc.is_root:
             row.isolated, row.grad_isolated = root
 
@@ -459,13 +501,7 @@ def analyze_layers(
         if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             continue
-        tol, fwd_tol = grad_tol, forward_tol
-        if dtype is not None:
-            in_norm = _norm(job.floats)
-            fwd_tol = forward_tol.with_floor(forward_noise_floor(dtype, in_norm))
-            if job.cots is not None:
-                tol = grad_tol.with_floor(noise_floor(dtype, GRAD, _norm(job.cots.values()), in_norm))
-        _judge(job, result, plan, zero_params, param_grads, tied, fwd_tol, tol, totals)
+        _judge(job, result, plan, zero_params, param_grads, tied, rows, totals)
     return [pc.row for pc in paired]
 
 
@@ -494,15 +530,6 @@ def _param_grad_totals(t_calls: Sequence[TorchCall], jobs: Sequence["IsolatedLay
         totals[path] = p_grads if prev is None else jax.tree_util.tree_map(lambda a, b: a + b, prev, p_grads)
         done[path] = done.get(path, 0) + 1
     return {p: (t if done.get(p) == n_calls.get(p) else None) for p, t in totals.items()}
-
-
-def _norm(arrays) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in arrays)))
-
-
-def _floats(values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The floating-point leaves (token ids and masks carry no rounding)."""
-    return [v for v in values.values() if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)]
 
 
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
@@ -584,23 +611,30 @@ def _run_jobs(jobs: list[IsolatedLayer]) -> list:
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], forward_tol: Tolerance, grad_tol: Tolerance,
-           totals: Mapping[str, object] | None = None) -> None:
+           tied: Mapping[str, str], rows: RowJudge, totals: Mapping[str, object] | None = None) -> None:
     row, tc = job.row, job.torch_call
+    probe = rows.probe_call(tc)
     out, grads = result
-    row.isolated = job.check(out, forward_tol)
+    row.isolated = job.check(out, rows, probe)
     if grads is None:
         return
     p_grads, in_grads = grads
     comps = []
     for fn, g in zip(job.float_names, in_grads):
-        t = tc.input_grads.get(job.torch_names[fn])
+        tn = job.torch_names[fn]
+        t = tc.input_grads.get(tn)
         if t is not None:
-            name = f"d/d {job.torch_names[fn]} of {row.name}"
+            name = f"d/d {tn} of {row.name}"
+            lay = job.in_layouts[fn]
+            axis = "auto" if lay.flatten is None else None
             try:
-                comps.append(compare(name, job.in_layouts[fn].to_torch(np.asarray(g), name), t, grad_tol))
+                # converted to torch layout here (a flattened Linear input is permuted, not
+                # transposed), so the judge's layout only names the slice axis
+                comps.append(rows.judge(name, lay.to_torch(np.asarray(g), name), t, grad=True, tc=tc,
+                                        probe_value=probe.input_grads.get(tn) if probe else None,
+                                        axis=slice_axis(lay.layout, np.ndim(t)) if axis == "auto" else None))
             except ValueError as exc:
-                comps.append(failed_comparison(name, str(exc), grad_tol))
+                comps.append(failed_comparison(name, str(exc), rows.grad))
     if job.params and tc.call == 0:
         # torch's parameter gradient sums every call of this module: judge the sum of the Flax
         # layer's per-call gradients (equal to this call's own when it ran once).
@@ -610,13 +644,13 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
                              "run alone (torch's gradient sums every call); judged whole-model")
         else:
             comps.extend(_param_grad_comps(row, total, job.flax_path, plan, zero_params, t_param_grads, tied,
-                                           grad_tol))
+                                           rows))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params,
                       t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
-                      grad_tol: Tolerance) -> list[Comparison]:
+                      rows: RowJudge) -> list[Comparison]:
     # Put the subtree's gradients into a zero tree of the whole model so the port's own
     # flax -> torch mapping (kernel transposes, flips, flatten permutations) names and lays them out.
     flat = traverse_util.flatten_dict(zero_params)
@@ -635,5 +669,6 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params
             row.notes.append(f"{name} is tied ({'alias of ' + tied[name] if name in tied else 'shared'}); "
                              "its gradient is judged whole-model")
             continue
-        out.append(compare(f"grad {name} (isolated)", value, t_param_grads[name], grad_tol))
+        out.append(rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=None,
+                              probe_value=rows.probe_params.get(name), axis=0))
     return out

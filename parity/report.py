@@ -5,7 +5,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from parity.compare import Comparison
+from parity.judge import Comparison
 from parity.layers import LayerRow
 
 
@@ -24,7 +24,7 @@ class Report:
     # whose isolated error is out of tolerance; divergence_kind says forward or backward.
     first_divergence: str | None = None
     divergence_kind: str | None = None
-    reference: str | None = None  # "float64" when judged in fp64-reference mode
+    reference: str | None = None  # "float64" when the low-precision values were judged against a float64 run
     env: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     # Where a NaN or Inf first appeared ("NaN in input input[0]"); None when every input,
@@ -39,15 +39,22 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """"PASS", "FAIL" or "INVALID" (a NaN or Inf somewhere: the numbers prove nothing either
-        way, since NaN on both sides is not agreement and a non-finite torch value is no reference)."""
+        """"PASS", "FAIL", "INCONCLUSIVE" or "INVALID".
+
+        INVALID: NaN on both sides of a compared tensor (NaN is not agreement, and no reference);
+        a NaN or inf on one side only is that tensor's FAIL. INCONCLUSIVE: nothing failed, but
+        some tensor passed the table only under its atol with no measured noise behind it
+        (parity.judge): the evidence to call it a pass is missing, and the warning says how to
+        get it."""
         nonfinite = next((c for c in self.outputs + self.grads if c.nonfinite), None)
         if self.invalid or nonfinite is not None:
             return "INVALID"
         layers_ok = all(getattr(row, "ok", True) for row in self.layers)
         good = all(c.ok for c in self.outputs + self.grads) and layers_ok and self.first_divergence is None
         good = good and not self.strict_findings
-        return "PASS" if good else "FAIL"
+        if not good:
+            return "FAIL"
+        return "INCONCLUSIVE" if any(c.inconclusive for c in self.outputs + self.grads) else "PASS"
 
     @property
     def invalid_reason(self) -> str | None:
@@ -95,7 +102,7 @@ class Report:
         raise KeyError(f"no layer {name!r} in the report; have {', '.join(r.name for r in self.layers)}")
 
     def __str__(self) -> str:
-        mode = f"{self.dtype}, {self.mode}" + (", fp64 reference" if self.reference else "")
+        mode = f"{self.dtype}, {self.mode}"
         verdict = self.verdict
         lines = [f"parity {self.model} [{mode}]: {verdict}"
                  + (f": {self.invalid_reason} (no verdict on parity)" if verdict == "INVALID" else "")]
@@ -116,17 +123,14 @@ class Report:
                             else "backward: this layer's VJP at torch's input and output cotangent")
                     + f" is off by rel_norm {comp.rel_norm:.3e}, max_abs {comp.max_abs:.3e}"
                 )
-        lines.append(f"  {'tensor':<36} {'max_abs':>10} {'max_rel':>10} {'rel_norm':>10} {'bad':>6}  ok")
+        lines.append(f"  {'tensor':<36} {'max_abs':>10} {'max_rel':>10} {'rel_norm':>10} {'bad':>6} "
+                     f"{'judge':>9}  ok")
         for c in self.outputs + self.grads:
-            # Below its noise floor a tensor's relative errors are ratios of two rounding noises.
-            rels = (f"{'<floor':>10} {'<floor':>10}" if c.below_floor
-                    else f"{c.max_rel:10.3e} {c.rel_norm:10.3e}")
             lines.append(
-                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {rels} "
-                f"{c.mismatches:6d}  {c.nonfinite or ('ok' if c.ok else 'FAIL')}"
-                + (f"  (||torch|| {c.ref_norm:.2e} <= noise floor {c.floor:.2e})" if c.below_floor else "")
+                f"  {c.name[:36]:<36} {c.max_abs:10.3e} {c.max_rel:10.3e} {c.rel_norm:10.3e} "
+                f"{c.mismatches:6d} {c.judge:>9}  {c.verdict}"
             )
-            if not c.ok:
+            if not c.ok or c.inconclusive:
                 lines.append(
                     f"      worst at {list(c.worst_index)}: torch {c.expected_at_worst:.6g}, "
                     f"flax {c.actual_at_worst:.6g} ({c.tolerance}{'; ' + c.note if c.note else ''})"
@@ -138,9 +142,7 @@ class Report:
                          f"{'iso bwd':>9} {'acc bwd':>9}  ok")
 
             def num(c: Comparison | None) -> str:
-                if c is None:
-                    return f"{'-':>9}"
-                return f"{'<floor':>9}" if c.below_floor else f"{c.rel_norm:9.2e}"
+                return f"{'-':>9}" if c is None else f"{c.rel_norm:9.2e}"
 
             for row in self.layers:
                 verdict = "ok" if row.ok else "FAIL " + "/".join(

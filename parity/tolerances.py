@@ -1,12 +1,14 @@
 """The one tolerance table: (dtype, matmul precision, what is compared) -> Tolerance.
 
-A comparison passes when every criterion that is set holds:
-  elementwise  |a - b| <= atol * rms(b) + rtol * |b|   (rtol and atol always come together; the
-               table's atol is in units of the torch tensor's RMS, so it scales with the tensor:
-               an absolute 1e-4 let a 50%-wrong gradient of size 1e-6 pass, and failed a correct
-               BERT-base whose embedding gradients reach 1e1. A per-call override's atol is
-               absolute, as in torch.testing)
-  norm-wise    ||a - b|| / ||b|| <= rel_norm   (or ||a - b|| <= abs_norm when abs_norm is set)
+Read by the one judge (parity.judge), which applies an entry in one of two ways:
+  reference  (FORWARD/GRAD checks whose torch model can also run in float64, the default):
+             per slice ||flax - ref|| <= k * max(measured noise, floor * ||ref||), with k and
+             floor from the REFERENCE entry (floor is relative: the rounding of the slice's own
+             values, never a floor from the inputs)
+  table      |a - b| <= atol + rtol * |b| elementwise (torch.testing semantics: atol absolute,
+             rtol and atol always together) and ||a - b|| / ||b|| <= rel_norm where set: float64
+             checks whose lower-precision probe cannot run, low-precision checks whose float64
+             reference cannot run, and a caller's rtol/atol
 Each entry carries the reason for its numbers. Nothing outside this file holds a tolerance.
 """
 from __future__ import annotations
@@ -22,23 +24,17 @@ class Tolerance:
     atol: float | None = None
     rel_norm: float | None = None
     reason: str = ""
-    # Absolute noise floor: ||a - b|| <= abs_norm passes whatever the other criteria say. Never
-    # a number in the table: set per tensor by with_floor(noise_floor(...)), from the magnitudes
-    # that produced the tensor (a tensor zero in exact arithmetic has ||b|| = rounding noise,
-    # which no relative measure can judge).
+    # Training parity only (parity.training.noise): ||a - b|| <= abs_norm passes, for an update
+    # whose entry the optimizer's own formula makes rounding noise. Never in the table.
     abs_norm: float | None = None
-    # fp64-reference mode only: pass when ||flax - ref|| <= k * max(||torch - ref||, floor)
-    # (norms relative to ||ref||; ref is the float64 torch run). floor: below this the torch
-    # error is rounding noise and using it as the yardstick would demand better than the dtype.
+    # REFERENCE entries: the measured-noise rule's k, and floor (relative: floor * ||ref slice||).
     k: float | None = None
     floor: float | None = None
-    # atol in units of rms(torch value) (the table's); False: absolute (a per-call override)
-    scaled_atol: bool = True
 
     def __post_init__(self) -> None:
         if self.k is not None:
             if self.floor is None:
-                raise ValueError("an fp64-reference Tolerance needs k and floor together")
+                raise ValueError("a REFERENCE Tolerance needs k and floor together")
             return
         # Like torch.testing: an rtol without an atol (or the reverse) is a half-specified check
         # that fails on exact zeros or passes anything large; refuse it.
@@ -55,23 +51,23 @@ class Tolerance:
             return self
         if (rtol is None) != (atol is None):
             raise ValueError("rtol and atol must be given together")
-        return replace(self, rtol=rtol, atol=atol, rel_norm=None, scaled_atol=False,
+        return replace(self, rtol=rtol, atol=atol, rel_norm=None, k=None, floor=None,
                        reason=f"per-call override (was: {self.reason})")
 
     def with_floor(self, abs_norm: float) -> "Tolerance":
-        """This tolerance with an absolute noise floor (0 or less: none)."""
+        """Training parity only: this tolerance with an absolute norm bound (0 or less: none)."""
         return replace(self, abs_norm=abs_norm if abs_norm > 0 else None)
 
     def describe(self) -> str:
         if self.k is not None:
-            return f"flax err vs fp64 <= {self.k:g} x max(torch err vs fp64, {self.floor:g})"
+            return f"flax err vs fp64 <= {self.k:g} x max(torch noise, {self.floor:g} ||ref||) per slice"
         parts = []
         if self.rtol is not None:
-            parts.append(f"rtol={self.rtol:g} atol={self.atol:g}{'*rms' if self.scaled_atol else ''}")
+            parts.append(f"rtol={self.rtol:g} atol={self.atol:g}")
         if self.rel_norm is not None:
             parts.append(f"rel_norm<={self.rel_norm:g}")
         if self.abs_norm:
-            parts.append(f"or ||d||<={self.abs_norm:.3g} (noise floor)")
+            parts.append(f"or ||d||<={self.abs_norm:.3g} (optimizer noise)")
         return ", ".join(parts)
 
 
@@ -83,19 +79,19 @@ PRECISION_ALIASES = {"float32": "highest", "tensorfloat32": "high", "bfloat16": 
 # Key: (dtype name, JAX matmul precision / TF32 state, FORWARD, GRAD or REFERENCE).
 TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("float64", "highest", FORWARD): Tolerance(
-        rel_norm=1e-10,
-        reason="float64 eps is 2.2e-16; reduction order differs between XLA and ATen, which "
-        "costs a few ulps per accumulation, far below 1e-10 for the model sizes we check",
+        rtol=1e-7, atol=1e-7,
+        reason="torch.testing's float64 defaults. Used only where no float32 probe could measure "
+        "the noise (the measured rule is the default): float64 rounding is ~1e-16 per operation, so "
+        "1e-7 is loose for O(1) values, and a pass that only atol explains is INCONCLUSIVE",
     ),
     ("float64", "highest", GRAD): Tolerance(
-        rel_norm=1e-10,
-        reason="same as forward: backward is a same-sized chain of reductions (gradients that are "
-        "zero in exact arithmetic are judged by NOISE_FLOORS[GRAD], not by this relative bound)",
+        rtol=1e-7, atol=1e-7, reason="as the float64 forward entry",
     ),
     ("float32", "highest", FORWARD): Tolerance(
         rtol=1e-5, atol=1e-5,
         reason="float32 eps is 1.2e-7; different summation orders of a few hundred terms give "
-        "~1e-6 relative differences, so 1e-5 leaves ~10x headroom and still catches any layout bug",
+        "~1e-6 relative differences, so 1e-5 leaves ~10x headroom and still catches any layout bug. "
+        "atol is absolute (torch.testing): a tensor that passes only under it is INCONCLUSIVE",
     ),
     ("float32", "highest", GRAD): Tolerance(
         rtol=1e-4, atol=1e-4,
@@ -153,7 +149,14 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
         k=4.0, floor=1.6e-2, reason="as float16; floor 2 bfloat16 eps"
     ),
     ("float32", "highest", REFERENCE): Tolerance(
-        k=4.0, floor=1e-6, reason="as float16; floor ~ 10 float32 eps"
+        k=4.0, floor=1e-6, reason="as float16; floor ~ 8 float32 eps of the slice's own values"
+    ),
+    ("float64", "highest", REFERENCE): Tolerance(
+        k=4.0, floor=2e-15,
+        reason="float64 checks and the per-layer rows (which run in float64) are judged against "
+        "torch's float64 run, with the noise measured by a float32 (or the checked dtype's) torch "
+        "run scaled by eps(float64) / eps(probe): rounding error is proportional to eps, so the "
+        "probe's error scaled down is the float64 run's own. 4x as in float16; floor ~ 9 float64 eps",
     ),
     ("float32", "default", REFERENCE): Tolerance(
         k=4.0, floor=1e-3, reason="as float16; floor ~ TF32 eps"
@@ -162,22 +165,33 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
 }
 
 
-# fp64-reference mode: the absolute noise floor applies to a tensor only where torch's own error
-# against float64 is at least this share of the float64 value, i.e. where the low-precision value
-# is mostly rounding noise (a gradient that cancels to zero keeps eps-sized noise, ~100% of
-# itself). A tensor that is just small (an output scaled by 1e-6: torch's error ~1e-7 of it) is
-# judged relative to torch's error however far under the a-priori floor it is: before, such a
-# twin 50% off passed. 0.5: any tensor whose float32 value carries a real signal has torch's
-# error orders of magnitude below it; a noise tensor has it at ~1 or above.
-REFERENCE_NOISE_SHARE = 0.5
+# The measured-noise rule (parity.judge): a slice is rounding noise when torch's own error against
+# the reference is at least this share of its value (a gradient zero in exact arithmetic: ~100%;
+# a slice carrying a real value: ~eps). There the twin's own measured noise counts beside torch's:
+# two frameworks cancel with different rounding patterns, and torch's may even be exactly zero
+# (the centring twin of tests/verdict_pairs.py: torch float32 cancels exactly, XLA's mean does not;
+# in bfloat16 XLA:CPU accumulates reductions in bfloat16 where ATen uses float32, so the twin's
+# noise on a zero-in-theory attention key bias is ~7x torch's). 0.5: a slice with a real signal
+# has torch's error orders of magnitude below it.
+NOISE_SLICE_SHARE = 0.5
 
+# Half-precision checks count the twin's own measured noise on every slice, not only on noise
+# slices: XLA:CPU accumulates bfloat16/float16 reductions (a conv's weight gradient over N*H*W)
+# in the low dtype where ATen accumulates in float32, so a structurally exact twin's bfloat16
+# conv1 weight gradient of the tiny CNN is 10% off float64 where torch's is 0.4%. That is the
+# framework's arithmetic, not the port; a structural error is in the twin's float64 run too and
+# does not cancel from ||flax - ref||, while it does from the twin's own noise. The report warns
+# where the twin's own noise decided.
+OWN_NOISE_EVERYWHERE = frozenset({"float16", "bfloat16"})
 
-# --- Noise floors: an absolute floor that scales with the magnitudes that made the tensor -----
 # Machine epsilon per dtype (spacing of floats at 1.0).
 EPS: dict[str, float] = {"float64": 2.220446049250313e-16, "float32": 1.1920928955078125e-07,
                          "float16": 9.765625e-04, "bfloat16": 7.8125e-03}
 
 
+# --- Training parity only: a-priori noise floors from the magnitudes that made a tensor ---------
+# The checker never uses these (parity.judge measures the noise instead); training parity still
+# bounds a step's gradient noise from them (parity.training.noise), see TRAIN_NOISE_FLOORS.
 @dataclass(frozen=True)
 class NoiseFloor:
     """floor = factor * eps(dtype) * ||cotangent|| * max(||input||, 1).
@@ -244,14 +258,17 @@ def forward_noise_floor(dtype: str, input_norm: float) -> float:
     return noise_floor(dtype, FORWARD, 1.0, input_norm)
 
 
-def tolerance_for(dtype: str, kind: str, precision: str = "highest") -> Tolerance:
+def tolerance_for(dtype: str, kind: str, precision: str = "highest", platform: str | None = None) -> Tolerance:
     """Look up the table; a missing entry is an error, never a silent default.
 
     float64, float16 and bfloat16 matmuls are not affected by JAX's matmul precision flag on GPU
     (it only selects TF32/bf16 passes for float32), so their entries live under "highest".
+    platform: the JAX backend the check runs on; on "cpu" float32 matmuls are full precision
+    whatever the flag says (XLA:CPU has no TF32 and no bf16 passes), so "highest" applies: the
+    TF32 entry there let a 2e-3 error pass.
     """
     precision = PRECISION_ALIASES.get(precision, precision)
-    if dtype != "float32":
+    if dtype != "float32" or platform == "cpu":
         precision = "highest"
     key = (dtype, precision, kind)
     if key not in TOLERANCES:

@@ -100,7 +100,7 @@ def test_summary_grad_columns_are_maxima_over_every_gradient():
     """The table's grad max_abs is the largest absolute error of any gradient, not the max_abs of
     the tensor with the worst relative error (they differ when a small gradient is relatively off)."""
     from parity.commands.check import _summary_line
-    from parity.compare import Comparison
+    from parity.judge import Comparison
     from parity.report import Report
 
     def comp(name, max_abs, rel_norm):

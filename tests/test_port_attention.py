@@ -11,7 +11,7 @@ from flax import nnx
 
 import weight_port
 from flax_impl.layers import exact_attention
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port.attention import UnsupportedAttentionError
 
@@ -90,7 +90,7 @@ def test_forward_parity_and_round_trip(cfg, api, dtype):
         expected = torch_model(torch.as_tensor(x_torch)).numpy()
     if not batch_first:
         expected = expected.swapaxes(0, 1)
-    result = compare(f"attn-{_grid_id(cfg)}-{api}-{dtype}", y, expected, tolerance_for(dtype, FORWARD))
+    result = judge(f"attn-{_grid_id(cfg)}-{api}-{dtype}", y, expected, tolerance_for(dtype, FORWARD))
     assert result.ok, str(result)
 
     back = weight_port.flax_to_torch(ported, torch_model, flax_model if api == "linen" else None,

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port.plan import build_plan
 
@@ -115,7 +115,7 @@ def test_nnx_twin_forward_and_round_trip(cls, override):
     y = model(jnp.asarray(X.numpy().transpose(0, 2, 3, 1)))
     with torch.no_grad():
         ref = t(X)
-    c = compare("output", np.asarray(y), ref.numpy(), tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("output", np.asarray(y), ref.numpy(), tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
     np.testing.assert_array_equal(np.asarray(model.bn.mean[...]), t.bn.running_mean.numpy())
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 
 pytest.importorskip("transformers")
@@ -64,7 +64,7 @@ def test_hf_pair_zero_config_port(name):
     y = np.asarray(output(f.apply(variables, *f_inputs)))
     with torch.no_grad():
         ref = output(t(*inputs)).numpy()
-    c = compare("last_hidden_state", y, ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("last_hidden_state", y, ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
     back = wp.flax_to_torch(variables, t, plan=plan)
     sd = t.state_dict()

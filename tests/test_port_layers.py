@@ -12,7 +12,7 @@ import parity
 import weight_port
 from flax_impl.layers import torch_conv_transpose_padding
 from layer_helpers import layer_report
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port import GroupedConvTranspose
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout
@@ -86,7 +86,7 @@ def grid_report(torch_layers, makers, inputs, *, train: bool = False, layout: st
         with torch.no_grad():
             t_outs = torch_model(*t_inputs)
         tol = tolerance_for("float64", FORWARD)
-        return [compare(f"output[{i}] ({type(m).__name__})", np.asarray(f), t.numpy(), tol, layout=layout)
+        return [judge(f"output[{i}] ({type(m).__name__})", np.asarray(f), t.numpy(), tol, layout=layout)
                 for i, (f, t, m) in enumerate(zip(f_outs, t_outs, torch_layers))]
 
 

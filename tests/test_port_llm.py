@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from test_port_layers import _ok, grid_report
 from test_port_roundtrip import _round_trip
@@ -159,7 +159,7 @@ class FlaxUntiedLM(nn.Module):
 def _logits_close(flax_logits, torch_model) -> None:
     with torch.no_grad():
         ref = torch_model(IDS).numpy()
-    c = compare("logits", np.asarray(flax_logits), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("logits", np.asarray(flax_logits), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
 
 
@@ -215,7 +215,7 @@ def test_hf_gpt2_zero_config_port_round_trip_strict_load():
     logits = f.apply(variables, *(x.numpy() for x in inputs)).logits
     with torch.no_grad():
         ref = t(ids).logits.numpy()
-    c = compare("logits", np.asarray(logits), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("logits", np.asarray(logits), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
     back = wp.flax_to_torch(variables, t, plan=plan)
     sd = t.state_dict()

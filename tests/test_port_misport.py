@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 
 X = torch.randn(2, 3, 4, 4)
@@ -49,7 +49,7 @@ def _forward_close(variables, flax_model, torch_model) -> None:
     y = flax_model.apply(variables, X.numpy().transpose(0, 2, 3, 1))
     with torch.no_grad():
         ref = torch_model(X).numpy()
-    c = compare("output", np.asarray(y), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("output", np.asarray(y), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port.matching import candidate_paths
 from weight_port.plan import build_plan
@@ -22,7 +22,7 @@ def _np(v) -> np.ndarray:
 
 def _assert_forward_close(flax_out, torch_out) -> None:
     """float32 forward parity through the one comparison helper and tolerance table."""
-    c = compare("output", np.asarray(flax_out), torch_out.detach().numpy(),
+    c = judge("output", np.asarray(flax_out), torch_out.detach().numpy(),
                 tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
 

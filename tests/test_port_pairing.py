@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port.nnx import nnx_variables
 from weight_port.plan import build_plan
@@ -57,7 +57,7 @@ class NNXDefinedOutOfOrder(nnx.Module):
 def _assert_forward_close(flax_out, torch_module) -> None:
     with torch.no_grad():
         ref = torch_module(X).numpy()
-    c = compare("output", np.asarray(flax_out), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+    c = judge("output", np.asarray(flax_out), ref, tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
 
 

@@ -19,7 +19,7 @@ import weight_port
 from flax_impl import UNet as FlaxUNet
 from flax_impl.layers import torch_conv_transpose_padding
 from flax_impl.subpixel import SubpixelConvTranspose
-from parity.compare import compare
+from parity.judge import judge
 from parity.configs import UNetConfig
 from parity.tolerances import FORWARD, GRAD, tolerance_for
 from torch_ref import UNet as TorchUNet
@@ -51,7 +51,7 @@ def test_subpixel_layer_equals_conv_transpose_float64(k, p, op, x64):
     for (path, got), (_, want) in zip(*(jax.tree_util.tree_flatten_with_path(results[n])[0]
                                         for n in ("subpixel", "stock"))):
         kind = FORWARD if path[0].idx == 0 else GRAD
-        result = compare(f"subpixel-{k}-{p}-{op}{jax.tree_util.keystr(path)}", np.asarray(got),
+        result = judge(f"subpixel-{k}-{p}-{op}{jax.tree_util.keystr(path)}", np.asarray(got),
                          np.asarray(want), tolerance_for("float64", kind))
         assert result.ok, str(result)
 

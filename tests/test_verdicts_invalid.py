@@ -61,11 +61,13 @@ def test_cli_exit_3_and_invalid_row_for_a_nan_input(monkeypatch, capsys):
 
 
 def test_cli_prints_the_layernorm_eps_finding_under_a_float32_pass(monkeypatch, capsys):
-    # Large activations: eps 1e-6 vs 1e-5 is within float32's tolerance, so the numbers pass;
-    # the port's finding must still be in front of the user, not only in the JSON.
+    # Large activations: eps 1e-6 vs 1e-5 is under float32's measured noise, so the model's
+    # numbers pass (--no-layers: the per-layer rows run in float64, where the difference is
+    # measurable and the row fails); the port's finding must still be in front of the user.
     monkeypatch.chdir(TESTS)
     code = main(["check", "--torch", "planted:make_torch_block", "--flax", "verdict_pairs:make_flax_block_eps6",
-                 "--example-input", "verdict_pairs:large_block_input", "--dtype", "float32", "--quiet"])
+                 "--example-input", "verdict_pairs:large_block_input", "--dtype", "float32", "--quiet",
+                 "--no-layers"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     row = next(i for i, ln in enumerate(lines) if ln.startswith("TorchBlock"))
@@ -82,7 +84,7 @@ import verdict_pairs
 X = verdict_pairs.large_block_input()
 
 def test_pass_with_warning(parity):
-    parity(planted.make_torch_block(), planted.FlaxBlock(eps=1e-6), X, input_layout="as_is")
+    parity(planted.make_torch_block(), planted.FlaxBlock(eps=1e-6), X, input_layout="as_is", layers=False)
 
 def test_fail(parity):
     parity(planted.make_torch_block(), planted.FlaxBlock(eps=1e-6, approximate=True), X,

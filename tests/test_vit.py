@@ -11,7 +11,7 @@ from flax import nnx
 
 import weight_port
 from flax_impl.vit import ViT as FlaxViT
-from parity.compare import compare
+from parity.judge import judge
 from parity.configs import ViTConfig
 from parity.tolerances import FORWARD, GRAD, tolerance_for
 from torch_ref.vit import ViT as TorchViT
@@ -62,10 +62,10 @@ def test_vit_forward_and_input_gradient_parity(dtype):
         logits_f, grad_f = (np.asarray(a) for a in forward_and_vjp(state, _nhwc(x)))
 
     assert logits_f.dtype == np.dtype(dtype)
-    fwd = compare(f"vit-logits-{dtype}", logits_f, logits_t.detach().numpy(), tolerance_for(dtype, FORWARD))
+    fwd = judge(f"vit-logits-{dtype}", logits_f, logits_t.detach().numpy(), tolerance_for(dtype, FORWARD))
     assert fwd.ok, str(fwd)
     # the input gradient comes back [N, H, W, C]: torch layout is [N, C, H, W]
-    grad = compare(f"vit-grad-input-{dtype}", np.moveaxis(grad_f, -1, 1), x_t.grad.numpy(),
+    grad = judge(f"vit-grad-input-{dtype}", np.moveaxis(grad_f, -1, 1), x_t.grad.numpy(),
                    tolerance_for(dtype, GRAD))
     assert grad.ok, str(grad)
 

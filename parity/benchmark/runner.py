@@ -232,7 +232,7 @@ def check_first_value(ref, value, dtype: str) -> tuple[bool, str]:
     {path: array} (Step.first_value; torch layout), leaf by leaf. The text names the worst leaf."""
     from collections.abc import Mapping
 
-    from parity.compare import compare
+    from parity.judge import judge
 
     if not any(k[0] == dtype for k in TOLERANCES):
         return True, f"not checked: no {dtype} entry in parity/tolerances.py"
@@ -240,7 +240,7 @@ def check_first_value(ref, value, dtype: str) -> tuple[bool, str]:
     if set(ref) != set(value):
         return False, f"different output leaves: {sorted(value)} vs jax-jit's {sorted(ref)}"
     tol = tolerance_for(dtype, FORWARD)
-    cs = [(p, compare(f"first result {p}", ref[p], value[p], tol)) for p in ref]
+    cs = [(p, judge(f"first result {p}", ref[p], value[p], tol)) for p in ref]
     bad = [(p, c) for p, c in cs if not c.ok]
     p, c = max(bad or cs, key=lambda pc: pc[1].rel_norm)
     where = f"{p}: " if len(cs) > 1 else ""

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from parity.compare import Comparison, compare, failed_comparison
+from parity.judge import Comparison, Table, failed_comparison, judge
 from parity.data_parallel.mesh import (batch_sharded, batch_size, data_mesh, per_device_batch, replicate,
                                        shard_batch)
 from parity.runtime import forward_backward, output_shapes
-from parity.tolerances import FORWARD, GRAD, tolerance_for
+from parity.tolerances import FORWARD, GRAD
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 
 
@@ -108,20 +108,23 @@ def _per_replica_batchnorm(run, n: int, batch: int, tol) -> list[BatchNormSemant
             continue
         g, r = global_[path] - old[path], per_replica[path] - old[path]
         rel = float(np.linalg.norm(r - g) / max(np.linalg.norm(g), np.finfo(np.float64).tiny))
-        if not np.allclose(r, g, rtol=tol.rtol or 0.0, atol=tol.atol):
+        if not judge(f"batch_stats {'/'.join(path)} replica 0 vs global", r, g, tol).ok:
             found.append(BatchNormSemantics(torch_path, "/".join(path), rel))
     return found
 
 
-def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=None,
-                        grads: bool = True) -> DataParallelResult:
+def check_data_parallel(run, n: int, mj) -> DataParallelResult:
     """Run the checker's pair (``run``: parity.checker.CapturedRun) with the batch sharded over ``n``
     devices and compare: outputs, input and parameter gradients, and (train mode) the updated
-    BatchNorm statistics, against torch and against the single-device Flax run."""
+    BatchNorm statistics, against torch and against the single-device Flax run. ``mj`` is the
+    check's parity.checker.ModelJudge: a sharded tensor is judged exactly as the report's own
+    tensor of the same name (against torch), and against the single-device run by the same
+    measured noise with the single-device Flax run as the probe."""
     mesh = data_mesh(n)
     batch = batch_size(run.flax_args)
     to_t = _align_outputs(run)
     args = shard_batch(run.flax_args, mesh, batch)
+    grads = bool(run.torch.input_grads or run.torch.param_grads)
     cots = None
     if grads:
         cots = {fp: to_flax_layout(run.torch.cotangents[tp], run.out_layouts[tp], tp)
@@ -129,57 +132,44 @@ def check_data_parallel(run, n: int, dname: str, prec: str, *, rtol=None, atol=N
         cots = shard_batch(cots, mesh, batch, where="cotangents")
     sharded = forward_backward(run.twin, replicate(dict(run.variables), mesh), args, cots)
     result = DataParallelResult(n, mesh.devices.flat[0].platform, mesh.devices.size, per_device_batch(args))
-    from parity.checker import model_forward_floor, model_grad_floor, param_grad_floors
-
-    fwd = tolerance_for(dname, FORWARD, prec).override(rtol, atol)
-    grd = tolerance_for(dname, GRAD, prec).override(rtol, atol)
-    if rtol is None and atol is None:  # the checker's noise floors (an override is the whole criterion)
-        fwd = fwd.with_floor(model_forward_floor(run, dname))
-        floor = model_grad_floor(run, dname) if grads else 0.0
-        p_floors = param_grad_floors(run.torch.calls, dname) if grads else {}
-    else:
-        floor, p_floors = 0.0, {}
     tag = f"dp{n}"
 
-    def both(name: str, value, torch_value, single_value, layout: str, tol) -> None:
-        for target, against, label in ((result.vs_torch, torch_value, name),
-                                       (result.vs_single, single_value, f"{name} vs 1 device")):
-            if against is None:
-                continue
-            try:
-                target.append(compare(f"{tag} {label}", value, against, tol, layout=layout))
-            except ValueError as exc:
-                target.append(failed_comparison(f"{tag} {label}", str(exc), tol))
+    def both(kind: str, key: str, name: str, value, torch_value, single_value, layout: str, axis="auto") -> None:
+        result.vs_torch.append(mj.judge(kind, key, f"{tag} {name}", value, torch_value, layout, axis=axis))
+        if single_value is not None:  # torch layout
+            result.vs_single.append(mj.judge(kind, key, f"{tag} {name} vs 1 device", value, single_value, layout,
+                                             axis=axis, probe=single_value))
 
     for fp, tp in to_t.items():
         layout = run.out_layouts[tp]
-        both(f"output{tp[3:]}", sharded.outputs[fp], run.torch.outputs[tp],
-             to_torch_layout(run.flax.outputs[tp], layout), layout, fwd)
+        both(FORWARD, tp, f"output{tp[3:]}", sharded.outputs[fp], run.torch.outputs[tp],
+             to_torch_layout(run.flax.outputs[tp], layout), layout)
     if grads:
         for p, g in run.torch.input_grads.items():
             layout = run.in_layouts[p]
-            both(f"grad {p}", sharded.input_grads[p], g, to_torch_layout(run.flax.input_grads[p], layout),
-                 layout, grd.with_floor(floor))
+            both(GRAD, p, f"grad {p}", sharded.input_grads[p], g, to_torch_layout(run.flax.input_grads[p], layout),
+                 layout)
         named = run.plan.to_torch({"params": sharded.param_grads}, collections=("params",))
         for n_, g in run.torch.param_grads.items():
             if n_ in named:
-                both(f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, grd.with_floor(p_floors.get(n_, floor)))
+                both(GRAD, f"param:{n_}", f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, axis=0)
     if run.twin.train and "batch_stats" in (sharded.new_variables or {}):
+        stats = Table(mj.ev.table_forward.tol)
         single = traverse_util.flatten_dict(dict(run.flax.new_variables["batch_stats"]))
         for path, v in traverse_util.flatten_dict(dict(sharded.new_variables["batch_stats"])).items():
-            name = f"batch_stats {'/'.join(path)}"
+            name = f"{tag} batch_stats {'/'.join(path)} vs 1 device"
             try:
-                result.vs_single.append(compare(f"{tag} {name} vs 1 device", v, np.asarray(single[path]), fwd))
+                result.vs_single.append(judge(name, v, np.asarray(single[path]), stats))
             except ValueError as exc:
-                result.vs_single.append(failed_comparison(f"{tag} {name} vs 1 device", str(exc), fwd))
-        result.batchnorm = _per_replica_batchnorm(run, n, batch, fwd)
+                result.vs_single.append(failed_comparison(name, str(exc), stats))
+        result.batchnorm = _per_replica_batchnorm(run, n, batch, stats)
     return result
 
 
-def attach(report, run, n: int, dname: str, prec: str, *, rtol=None, atol=None, grads: bool = True) -> None:
+def attach(report, run, n: int, mj) -> None:
     """Add a data-parallel run's comparisons to ``report`` (so its verdict includes them), its
     BatchNorm semantics as warnings, and the DataParallelResult as ``report.data_parallel``."""
-    result = check_data_parallel(run, n, dname, prec, rtol=rtol, atol=atol, grads=grads)
+    result = check_data_parallel(run, n, mj)
     for comp in result.vs_torch + result.vs_single:
         kind = ("outputs" if " output" in comp.name or " batch_stats" in comp.name
                 else "input_grads" if " grad input" in comp.name else "param_grads")

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import torch
 
-from parity.compare import compare
+from parity.judge import judge
 from parity.data_parallel.ddp import ddp_job, replica_rows, run_ddp
 from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
@@ -225,7 +225,7 @@ def _replica0_stats_match(twin, plan, variables, x, y, record, in_layouts, tdtyp
     f_stats = {k: np.asarray(v, np.float64) for k, v in
                plan.to_torch({"batch_stats": stats}, collections=("batch_stats",)).items()}
     tol, floors = train_tolerance(dtype, TRAIN_STATS, 1, prec), stats_floors(dtype, record["buffers"])
-    return all(compare(b, f_stats[b], v, tol.with_floor(floors.get(b, 0.0))).ok
+    return all(judge(b, f_stats[b], v, tol.with_floor(floors.get(b, 0.0))).ok
                for b, v in record["buffers"].items() if b in f_stats)
 
 

@@ -81,6 +81,9 @@ class TorchCall:
     # The tensors as they arrived (input_ids are their id()s): held so that no id is freed and
     # reused by a later tensor during the run, which would link unrelated tensors' layouts.
     arrived: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The lowest float precision computed inside this call (itself or a child) when lower than the
+    # run's dtype ("float32" for an RMS norm's upcast in a float64 run); "" when none.
+    lower_precision: str = ""
 
 
 @dataclass
@@ -94,6 +97,11 @@ class TorchRun:
     calls: list[TorchCall] | None  # completion order, when capture=True
     raw_outputs: dict[str, torch.Tensor]  # the output tensors themselves (for producer lookup)
     aliases: dict[int, int] = field(default_factory=dict)  # id(view made by a hook) -> id(tensor)
+    # run_torch(watch_precision=True): the lowest float precision any forward op computed in
+    # when lower than the run's dtype ("" when none), and the innermost module running the first
+    # such op ("" for the top module's own code).
+    lower_precision: str = ""
+    lower_first: str | None = None
     ops: list[TorchOp] | None = None  # every torch function the forward called, when ops=True
 
 
@@ -122,6 +130,7 @@ class _Recorder:
         self.grads, self.calls, self.handles = grads, [], []
         self.aliases: dict[int, int] = {}
         self.open: dict[int, list[TorchCall]] = defaultdict(list)
+        self.stack: list[TorchCall] = []  # the calls running now, outermost first
         self.counts: dict[str, int] = defaultdict(int)
         self.names = {id(m): p for p, m in module.named_modules()}
         for mod in dict((id(m), m) for _, m in module.named_modules()).values():
@@ -150,10 +159,13 @@ class _Recorder:
         names = iter(n for n, _ in _call_leaves(args, kwargs))
         new_args, new_kwargs = jax.tree_util.tree_map(lambda x: view(x, next(names)), (tuple(args), dict(kwargs)))
         self.open[id(mod)].append(call)
+        self.stack.append(call)
         return new_args, new_kwargs
 
     def post(self, mod, args, output):
         call = self.open[id(mod)].pop()
+        if call in self.stack:
+            self.stack.remove(call)
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
         call.output_values = {p: to_numpy(o.detach()).copy() for p, o in call.outputs.items()}
         self.calls.append(call)
@@ -184,6 +196,41 @@ class _Recorder:
             h.remove()
 
 
+class _PrecisionWatch(torch.overrides.TorchFunctionMode):
+    """Notes every op that computes a float result of lower precision than the run's dtype from
+    tensor inputs (``x.to(torch.float32)`` and what follows it in a float64 run), and marks the
+    module calls running at that moment (TorchCall.lower_precision). Factories (``torch.tensor``)
+    are not computation and are not noted."""
+
+    def __init__(self, dtype: torch.dtype, recorder: "_Recorder | None"):
+        super().__init__()
+        self.eps, self.recorder = torch.finfo(dtype).eps, recorder
+        self.lowest: torch.dtype | None = None
+        self.first: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(a, torch.Tensor) for a in args) or any(isinstance(v, torch.Tensor)
+                                                                 for v in (kwargs or {}).values()):
+            for leaf in (out if isinstance(out, (tuple, list)) else (out,)):
+                if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+                        and torch.finfo(leaf.dtype).eps > self.eps):
+                    self._mark(leaf.dtype)
+        return out
+
+    def _mark(self, dtype: torch.dtype) -> None:
+        name = str(dtype).replace("torch.", "")
+        if self.lowest is None or torch.finfo(dtype).eps > torch.finfo(self.lowest).eps:
+            self.lowest = dtype
+        stack = self.recorder.stack if self.recorder is not None else []
+        if self.first is None:
+            self.first = stack[-1].path if stack else ""
+        for call in stack:
+            if not call.lower_precision or torch.finfo(dtype).eps > torch.finfo(
+                    getattr(torch, call.lower_precision)).eps:
+                call.lower_precision = name
+
+
 def run_torch(
     module: torch.nn.Module,
     args: tuple,
@@ -193,6 +240,7 @@ def run_torch(
     cotangents: dict[str, np.ndarray] | None = None,
     cotangent_seed: int = 1,
     capture: bool = False,
+    watch_precision: torch.dtype | None = None,
     ops: bool = False,
 ) -> TorchRun:
     """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
@@ -200,6 +248,9 @@ def run_torch(
     args: positional inputs from ``torch_inputs`` (the module is run as ``module(*args)``).
     cotangents: by output path, torch layout; default: ``random_cotangents(outputs, seed)``.
     capture: record every submodule call (TorchCall, completion order) for per-layer analysis.
+    watch_precision: the run's dtype, to note forward ops that compute below it
+    (TorchRun.lower_precision / lower_first, TorchCall.lower_precision): a float64 run of a model
+    that upcasts into float32 on purpose is only float32-accurate there.
     ops: record every torch function the forward calls, credited to the innermost module running
     (TorchOp, call order; parity.runtime.torch_ops), for the trap lint.
     The module's parameter .grad fields are reset first; call it on a private copy.
@@ -207,9 +258,12 @@ def run_torch(
     module.train(train)
     module.zero_grad(set_to_none=True)
     recorder = _Recorder(module, grads) if capture else None
+    watch = _PrecisionWatch(watch_precision, recorder) if watch_precision is not None else None
     op_recorder = OpRecorder(module) if ops else None  # after the capture hooks: it skips them
     try:
-        with op_recorder or contextlib.nullcontext():
+        # The op recorder is the outer mode: it sees each op after the watch, and what it computes
+        # itself (reading a scalar's value) runs with both modes off, unseen by the watch.
+        with op_recorder or contextlib.nullcontext(), watch or contextlib.nullcontext():
             raw = module(*args)
         outs = {p: o for p, o in flatten(raw).items() if isinstance(o, torch.Tensor)}
         values = {p: to_numpy(o.detach()).copy() for p, o in outs.items()}
@@ -234,8 +288,10 @@ def run_torch(
                                           else np.zeros(tuple(leaf.shape)))
     p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
                for n, p in module.named_parameters()} if grads else {}
+    lowest = str(watch.lowest).replace("torch.", "") if watch is not None and watch.lowest is not None else ""
     return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
-                    recorder.aliases if recorder else {}, op_recorder.ops if op_recorder else None)
+                    recorder.aliases if recorder else {}, lowest, watch.first if watch is not None else None,
+                    op_recorder.ops if op_recorder else None)
 
 
 def train_mode_matters(module: torch.nn.Module) -> bool:

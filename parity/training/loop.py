@@ -20,7 +20,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
-from parity.compare import Comparison, compare
+from parity.judge import Comparison, judge
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
 from parity.training.bn_audit import BNFinding, audit_batch_norms
@@ -202,12 +202,12 @@ def compare_step(k: int, dtype: str, prec: str, noise: UpdateNoise, torch_side: 
     their own floors (stats_floors). Statistics only one side has are not compared."""
     tol_s, tol_u, tol_b = (train_tolerance(dtype, kind, k, prec) for kind in (TRAIN_LOSS, TRAIN_UPDATE, TRAIN_STATS))
     t, f = torch_side, flax_side
-    scalars = [compare("loss", np.asarray(f.loss), np.asarray(t.loss), tol_s),
-               compare("lr", np.asarray(f.lr), np.asarray(t.lr), tol_s),
-               compare("grad_norm", np.asarray(f.grad_norm), np.asarray(t.grad_norm), tol_s)]
+    scalars = [judge("loss", np.asarray(f.loss), np.asarray(t.loss), tol_s),
+               judge("lr", np.asarray(f.lr), np.asarray(t.lr), tol_s),
+               judge("grad_norm", np.asarray(f.grad_norm), np.asarray(t.grad_norm), tol_s)]
     updates = [noise.compare(f"update {n}", n, f.updates[n], t.updates[n], tol_u) for n in t.updates]
     floors = stats_floors(dtype, t.stats)
-    stats = [compare(n, f.stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
+    stats = [judge(n, f.stats[n], v, tol_b.with_floor(floors.get(n, 0.0)))
              for n, v in t.stats.items() if n in f.stats]
     return StepResult(k, t.loss, f.loss, scalars, updates, stats)
 

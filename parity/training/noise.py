@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from parity.compare import Comparison, compare
+from parity.judge import Comparison, judge
 from parity.tolerances import GRAD, TRAIN_NOISE_FLOORS, Tolerance, forward_noise_floor, noise_floor
 from parity.training.optim import OptimizerSpec
 
@@ -100,16 +100,16 @@ class UpdateNoise:
     def compare(self, name: str, param: str, flax_update, torch_update, tol: Tolerance) -> Comparison:
         """Compare one parameter's update under ``tol`` with this step's noise allowance."""
         if not self.adam:
-            return compare(name, flax_update, torch_update, tol.with_floor(float(self.bounds.get(param, 0.0))))
+            return judge(name, flax_update, torch_update, tol.with_floor(float(self.bounds.get(param, 0.0))))
         mask = self.masks.get(param)
         if mask is None or not mask.any():
-            return compare(name, flax_update, torch_update, tol)
+            return judge(name, flax_update, torch_update, tol)
         f, t = np.asarray(flax_update, np.float64), np.asarray(torch_update, np.float64)
         if f.shape != t.shape or not (np.isfinite(f).all() and np.isfinite(t).all()):
-            return compare(name, f, t, tol)  # its own shape / NaN verdict
+            return judge(name, f, t, tol)  # its own shape / NaN verdict
         bound = np.broadcast_to(self.bounds[param], t.shape)
         # The determined entries under the table; the noise entries (zeroed here) on their own.
-        comp = compare(name, np.where(mask, 0.0, f), np.where(mask, 0.0, t), tol)
+        comp = judge(name, np.where(mask, 0.0, f), np.where(mask, 0.0, t), tol)
         excess = np.where(mask, np.abs(f - t) - bound, -np.inf)
         over = int(np.sum(excess > 0))
         note = (f"{int(mask.sum())}/{mask.size} entries have a first moment under the gradient noise "

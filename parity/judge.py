@@ -1,0 +1,400 @@
+"""The one judge: every "is this close enough" in parity is one call into this module.
+
+Two ways of judging, and each Comparison says which one decided it (``Comparison.judge``):
+
+reference (measured noise)
+    Flax's error against a reference run must be within k times the noise that the same
+    computation is measured to have, per slice (per channel / feature / output unit, so a small
+    column is judged on its own scale, never on the whole tensor's)::
+
+        ||flax_s - ref_s|| <= k * max(noise_scale * ||probe_s - ref_s||, rho * eps * ||ref_s||)
+
+    * a low-precision check (float32, bfloat16, float16): ref = torch run in float64 (weights
+      rounded to the checked dtype), probe = torch's own run in the checked dtype, noise_scale 1;
+    * a float64 check, and the per-layer rows that run in float64: ref = torch's float64 run,
+      probe = a torch run in a lower dtype (float32, or the checked dtype), noise_scale =
+      eps(float64) / eps(probe dtype): the lower run's rounding, measured, scaled down to float64.
+      A layer that computes in float32 even inside a float64 run (an RMS norm's upcast) is
+      judged with noise_scale eps(float32) / eps(probe dtype) instead (``Measured.scaled``).
+    ``rho * eps * ||ref_s||`` is the rounding of the slice's own values in the checked dtype: the
+    only floor, and it comes from what the computation produces, never from its inputs (a mask
+    filled with finfo.min, integer ids and constants carry no rounding).
+
+table (torch.testing semantics)
+    ``|a - b| <= atol + rtol * |b|`` elementwise (and ``||a - b|| <= rel_norm * ||b||`` where the
+    entry sets one): float64 checks whose lower-precision probe could not run, low-precision
+    checks whose float64 reference could not run, and a caller's rtol/atol (which replace the
+    table and nothing else). Without measured noise a pass that only atol explains (norm-wise
+    relative error above rtol) is INCONCLUSIVE, not PASS; a caller's own atol is their decision.
+
+Non-finite values: the same +-inf at the same position on both sides agrees (a banned logit, a
+-inf padded max-pool); NaN on both sides makes the comparison ``nonfinite="NaN"`` (INVALID: no
+verdict); a NaN or inf on one side only is a FAIL that names the side.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from parity.tolerances import EPS, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, Tolerance
+from weight_port.layout import AS_IS, to_torch_layout
+from weight_port.tensors import to_numpy
+
+REFERENCE, TABLE = "reference", "table"
+
+
+class NoEvidence(ValueError):
+    """The measured-noise rule cannot judge this tensor (no reference or probe value for it, or
+    one that is not finite where both sides are): the caller falls back to the table."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Error of one tensor. Indices are in torch layout (e.g. [N, C, H, W]).
+
+    max_abs / max_rel / rel_norm / mismatches / worst_*: Flax against torch, for reading (the
+    reference rule decides on the measured-noise criterion, reported in ``note`` and ``score``).
+    judge: "reference" or "table" (see the module docstring). score: error over allowance of
+    the worst criterion (<= 1 passes). inconclusive: passed the table only through atol, with no
+    measured noise to say whether that is rounding (the verdict is then INCONCLUSIVE).
+    nonfinite: "NaN" when both sides hold NaN at some element (the comparison proves nothing).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    rel_norm: float
+    mismatches: int
+    worst_index: tuple[int, ...]
+    expected_at_worst: float
+    actual_at_worst: float
+    tolerance: str
+    ok: bool
+    score: float = 0.0
+    note: str = ""
+    ref_norm: float = 0.0  # ||torch value|| (finite elements)
+    nonfinite: str = ""
+    judge: str = TABLE
+    inconclusive: bool = False
+    # Training parity only: the optimizer-noise bound of Tolerance.abs_norm (0: none).
+    floor: float = 0.0
+
+    @property
+    def below_floor(self) -> bool:
+        """Training parity: torch's update is itself within the optimizer's noise bound."""
+        return self.floor > 0 and self.ref_norm <= self.floor
+
+    @property
+    def verdict(self) -> str:
+        """"ok", "FAIL", "INCONCLUSIVE" or "NaN" (both sides NaN: no verdict)."""
+        if self.nonfinite:
+            return self.nonfinite
+        if not self.ok:
+            return "FAIL"
+        return "INCONCLUSIVE" if self.inconclusive else "ok"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+# --- the rules ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """The table rule. atol_decides: the caller chose atol (a per-call override), so a pass that
+    only atol explains is a PASS; otherwise it is INCONCLUSIVE (no measured noise behind it)."""
+
+    tol: Tolerance
+    atol_decides: bool = False
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The measured-noise rule: k and rho from the table's REFERENCE entry, eps of the checked
+    dtype, noise_scale = eps(reference arithmetic) / eps(probe dtype) (1 when the probe is the
+    checked run itself)."""
+
+    k: float
+    rho: float
+    eps: float
+    noise_scale: float = 1.0
+    reason: str = ""
+    own_everywhere: bool = False  # the twin's own noise counts on every slice (half precision)
+
+    def describe(self) -> str:
+        noise = "torch's own error vs ref" if self.noise_scale == 1.0 else (
+            f"{self.noise_scale:.2g} x the probe's error vs ref")
+        return f"per slice: ||flax - ref|| <= {self.k:g} x max({noise}, {self.rho:g} eps ||ref||)"
+
+
+
+def measured(tol: Tolerance, dtype: str, *, probe_dtype: str | None = None,
+             effective: str | None = None) -> Measured:
+    """The measured rule of table entry ``tol`` (k, floor) for values computed in ``dtype``.
+
+    probe_dtype: None when the probe is the judged run's own torch side (its error against the
+    reference *is* the noise); else the dtype of a separate lower-precision torch run whose
+    error is scaled by eps(effective) / eps(probe_dtype). effective: the precision the judged
+    torch run really computed in (default ``dtype``; "float32" where a float64 run computes part
+    of itself in float32).
+    """
+    if tol.k is None:
+        raise ValueError("the measured-noise rule needs a REFERENCE table entry (k, floor)")
+    scale = 1.0 if probe_dtype is None else min(EPS[effective or dtype] / EPS[probe_dtype], 1.0)
+    return Measured(k=tol.k, rho=tol.floor / EPS[dtype], eps=EPS[dtype], noise_scale=scale, reason=tol.reason,
+                    own_everywhere=dtype in OWN_NOISE_EVERYWHERE)
+
+
+Rule = Table | Measured
+
+
+# --- the judge -----------------------------------------------------------------------------------
+def _as_float64(x) -> np.ndarray:
+    return np.asarray(to_numpy(x), dtype=np.float64)
+
+
+def slice_axis(layout: str, ndim: int) -> int | None:
+    """The axis whose entries are judged each on their own scale: channels ([N, C, ...] torch
+    layout) for a channels-first tensor, else the last (features of [N, D] / [N, T, D]); None for a
+    vector or scalar (judged whole). Parameter gradients pass axis=0 (one slice per output unit)."""
+    if ndim < 2:
+        return None
+    return 1 if layout != AS_IS else ndim - 1
+
+
+def _slices(x: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None or x.ndim < 2:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def failed_comparison(name: str, reason: str, rule: Rule | Tolerance | None = None) -> Comparison:
+    """A comparison that could not be made (shape or arity mismatch): always out of tolerance."""
+    inf = float("inf")
+    return Comparison(name=name, shape=(), max_abs=inf, max_rel=inf, rel_norm=inf, mismatches=-1,
+                      worst_index=(), expected_at_worst=float("nan"), actual_at_worst=float("nan"),
+                      tolerance=_describe(rule), ok=False, score=inf, note=reason)
+
+
+def worst_of(comps: list[Comparison]) -> Comparison | None:
+    """The comparison that decides a verdict: any failure first, then inconclusive, then the
+    highest score."""
+    return max(comps, key=lambda c: (not c.ok, c.inconclusive, c.score, c.rel_norm), default=None)
+
+
+def _describe(rule) -> str:
+    if rule is None:
+        return ""
+    if isinstance(rule, Measured):
+        return rule.describe()
+    tol = rule.tol if isinstance(rule, Table) else rule
+    return tol.describe()
+
+
+def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout: str = AS_IS,
+          reference=None, probe=None, flax_probe=None, flax_reference=None,
+          axis: int | str | None = "auto") -> Comparison:
+    """Judge a Flax result (Flax layout) against torch (torch layout) by ``rule``.
+
+    A Measured rule needs ``reference`` (torch layout; the truth) and ``probe`` (torch layout; the
+    run whose distance to the reference is the measured noise); without a usable reference
+    (missing, or non-finite where both sides are finite) it raises ValueError. A bare Tolerance
+    is a Table rule whose atol decides (a caller's torch.testing-style check). The Flax value is
+    converted to torch layout here and nowhere else, so every index means the same thing to a
+    PyTorch user. Arithmetic is in float64.
+
+    flax_probe / flax_reference (torch layout, optional): the twin's own run in the probe's and
+    the reference's precision. Where a slice is rounding noise on torch's side (its probe error is
+    at least NOISE_SLICE_SHARE of its value: zero in exact arithmetic), the twin's own measured
+    noise counts too: two frameworks cancel to zero with different rounding patterns (one may
+    even cancel exactly), and a real error on such a slice is orders above either noise.
+    """
+    if isinstance(rule, Tolerance):
+        rule = Table(rule, atol_decides=True)
+    actual = _as_float64(to_torch_layout(to_numpy(flax_value), layout))
+    expected = _as_float64(torch_value)
+    if actual.shape != expected.shape:
+        raise ValueError(f"{name}: shape mismatch, flax {actual.shape} (torch layout) vs torch {expected.shape}")
+    stats = _statistics(actual, expected)
+    if isinstance(rule, Measured):
+        if reference is None or probe is None:
+            raise NoEvidence(f"{name}: the measured-noise rule needs a reference and a probe")
+        ref, prb = _as_float64(reference), _as_float64(probe)
+        if ref.shape != expected.shape or prb.shape != expected.shape:
+            raise NoEvidence(f"{name}: reference {ref.shape} / probe {prb.shape} do not match torch {expected.shape}")
+        ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
+        own = None
+        if flax_probe is not None and flax_reference is not None:
+            own = (_as_float64(flax_probe), _as_float64(flax_reference))
+            if own[0].shape != expected.shape or own[1].shape != expected.shape:
+                own = None
+        return _measured(name, actual, expected, ref, prb, rule, stats, ax, own)
+    return _table(name, actual, expected, rule, stats)
+
+
+@dataclass
+class _Stats:
+    diff: np.ndarray  # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite
+    agree_inf: np.ndarray
+    nan_both: np.ndarray
+    one_sided: np.ndarray
+    ref_norm: float
+    rel_norm: float
+    max_rel: float
+    note: str = ""
+    nonfinite: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
+    fa, fe = np.isfinite(actual), np.isfinite(expected)
+    agree_inf = np.isinf(actual) & np.isinf(expected) & (actual == expected)
+    nan_both = np.isnan(actual) & np.isnan(expected)
+    one_sided = ~(fa & fe) & ~agree_inf & ~nan_both
+    with np.errstate(invalid="ignore"):
+        diff = np.where(fa & fe, np.abs(actual - expected), 0.0)
+    diff = np.where(one_sided | nan_both, np.inf, diff)
+    finite = fa & fe
+    ref_norm = float(np.linalg.norm(np.where(finite, expected, 0.0)))
+    norm_diff = float(np.linalg.norm(np.where(finite, diff, 0.0))) if diff.size else 0.0
+    rel_norm = norm_diff / ref_norm if ref_norm > 0 else (0.0 if norm_diff == 0 else math.inf)
+    if (one_sided | nan_both).any():
+        rel_norm = math.inf
+    denom = np.abs(np.where(finite, expected, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.divide(diff, denom, out=np.where(diff > 0, np.inf, 0.0), where=denom > 0)
+    s = _Stats(diff, agree_inf, nan_both, one_sided, ref_norm, rel_norm, float(rel.max()) if rel.size else 0.0)
+    if nan_both.any():
+        s.nonfinite, s.note = "NaN", "NaN on both sides"
+    elif one_sided.any():
+        bad_flax = ~fa & one_sided & fe
+        bad_torch = ~fe & one_sided & fa
+        side = "flax" if bad_flax.any() and not bad_torch.any() else (
+            "torch" if bad_torch.any() and not bad_flax.any() else "both, at different places")
+        kind = "NaN" if (np.isnan(actual) | np.isnan(expected))[one_sided].any() else "Inf"
+        s.note = f"{kind} on one side only ({side}): {int(one_sided.sum())} element(s)"
+    return s
+
+
+def _worst(diff: np.ndarray, excess: np.ndarray, actual, expected) -> tuple[tuple[int, ...], float, float]:
+    if not diff.size:
+        return (), 0.0, 0.0
+    flat = int(np.argmax(np.where(np.isnan(excess), -np.inf, excess)))
+    idx = tuple(int(i) for i in np.unravel_index(flat, diff.shape))
+    return idx, float(expected[idx]), float(actual[idx])
+
+
+def _result(name, actual, expected, s: _Stats, *, ok, score, mismatches, excess, tolerance, judge_name,
+            note="", inconclusive=False, floor=0.0) -> Comparison:
+    worst, exp_w, act_w = _worst(s.diff, excess, actual, expected)
+    notes = "; ".join(n for n in (s.note, note) if n)
+    return Comparison(
+        name=name, shape=tuple(expected.shape), max_abs=float(s.diff.max()) if s.diff.size else 0.0,
+        max_rel=s.max_rel, rel_norm=float(s.rel_norm), mismatches=int(mismatches), worst_index=worst,
+        expected_at_worst=exp_w, actual_at_worst=act_w, tolerance=tolerance,
+        ok=bool(ok) and not s.nonfinite and not s.one_sided.any(), score=float(score), note=notes,
+        ref_norm=s.ref_norm, nonfinite=s.nonfinite, judge=judge_name,
+        inconclusive=bool(inconclusive) and bool(ok) and not s.nonfinite and not s.one_sided.any(),
+        floor=float(floor or 0.0))
+
+
+def _table(name, actual, expected, rule: Table, s: _Stats) -> Comparison:
+    tol = rule.tol
+    diff = s.diff
+    denom = np.abs(np.where(np.isfinite(expected), expected, 0.0))
+    if tol.rtol is not None:
+        allowed = tol.atol + tol.rtol * denom
+        bad = diff > allowed
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.divide(diff, allowed, out=np.where(diff > 0, np.inf, 0.0), where=allowed > 0)
+        score = float(ratio.max()) if ratio.size else 0.0
+        excess = diff - allowed
+    else:
+        bad = np.zeros(diff.shape, dtype=bool)
+        score, excess = 0.0, diff
+    mismatches = int(bad.sum())
+    ok = mismatches == 0
+    if tol.rel_norm is not None:
+        ok = ok and s.rel_norm <= tol.rel_norm
+        score = max(score, s.rel_norm / tol.rel_norm if tol.rel_norm > 0 else math.inf)
+    # Training's per-tensor noise bounds (parity.training.noise): the one place an absolute norm
+    # floor is still applied, from the optimizer's own update formula.
+    tiny = bool(tol.abs_norm) and not np.isinf(diff).any() and float(np.linalg.norm(diff)) <= tol.abs_norm
+    if tiny and not ok:
+        ok, score = True, float(np.linalg.norm(diff)) / tol.abs_norm
+    inconclusive, note = False, ""
+    if ok and not rule.atol_decides and tol.rtol is not None and s.rel_norm > tol.rtol and not tiny:
+        # Elementwise within atol but the tensor as a whole is off by more than rtol relative:
+        # atol alone passed it, and nothing measured says that this is rounding (a 1e-6-sized
+        # output 50% off passes any absolute bound above 1e-6).
+        inconclusive = True
+        note = (f"passes only under atol={tol.atol:g} (rel_norm {s.rel_norm:.2e} > rtol {tol.rtol:g}); "
+                "a float64 reference run would measure its noise")
+    return _result(name, actual, expected, s, ok=ok, score=score, mismatches=mismatches, excess=excess,
+                   tolerance=tol.describe(), judge_name=TABLE, note=note, inconclusive=inconclusive,
+                   floor=tol.abs_norm or 0.0)
+
+
+def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axis, own=None) -> Comparison:
+    # Elements where flax, torch and the reference all hold the same infinity agree; elsewhere a
+    # non-finite reference cannot measure anything.
+    fine = np.isfinite(actual) & np.isfinite(expected) & np.isfinite(ref) & np.isfinite(probe)
+    usable = fine | s.agree_inf
+    if not usable[~s.one_sided & ~s.nan_both].all():
+        raise NoEvidence(f"{name}: the reference or probe run is not finite where both sides are")
+    z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
+    fl, rf, pr = _slices(z(actual), axis), _slices(z(ref), axis), _slices(z(probe), axis)
+    flax_err = np.linalg.norm(fl - rf, axis=1)
+    probe_err = np.linalg.norm(pr - rf, axis=1)
+    noise = rule.noise_scale * probe_err
+    ref_n = np.linalg.norm(rf, axis=1)
+    if own is not None and np.isfinite(own[0]).all() and np.isfinite(own[1]).all():
+        scale = np.maximum(np.linalg.norm(pr, axis=1), ref_n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(scale > 0, probe_err / np.where(scale > 0, scale, 1.0), 1.0)
+        own_noise = rule.noise_scale * np.linalg.norm(_slices(own[0], axis) - _slices(own[1], axis), axis=1)
+        counts = (share >= NOISE_SLICE_SHARE) | rule.own_everywhere
+        own_decided = counts & (own_noise > noise) & (flax_err > rule.k * noise)
+        noise = np.where(counts, np.maximum(noise, own_noise), noise)
+    else:
+        own_decided = np.zeros(flax_err.shape, dtype=bool)
+    # The smallest normal number of the checked dtype per element: a slice that is exactly zero
+    # on torch's runs may still differ by denormal dust, which is no error.
+    tiny = np.finfo(np.float32).tiny if rule.eps > EPS["float64"] else np.finfo(np.float64).tiny
+    allowed = rule.k * np.maximum(noise, rule.rho * rule.eps * ref_n) + tiny * math.sqrt(fl.shape[1] or 1)
+    ratio = flax_err / allowed
+    worst = int(np.argmax(ratio)) if ratio.size else 0
+    bad_slices = int((ratio > 1).sum())
+    ok = bad_slices == 0
+    excess_slices = ratio
+    # Worst element for reading: the largest |flax - torch| inside the worst slice.
+    diff_sl = _slices(s.diff, axis)
+    mask = np.zeros_like(diff_sl, dtype=bool)
+    if diff_sl.size:
+        mask[worst] = True
+    excess = np.where(mask, diff_sl, -1.0)
+    excess = _unslice(excess, s.diff.shape, axis)
+    rn = ref_n[worst] if ref_n.size else 0.0
+    where = f" (slice {worst} of axis {axis})" if axis is not None and fl.shape[0] > 1 else ""
+    note = (f"vs fp64{where}: flax {flax_err[worst] / rn if rn else flax_err[worst]:.2e}, "
+            f"torch noise {noise[worst] / rn if rn else noise[worst]:.2e}"
+            + ("" if rn else " (absolute: the reference is zero)")
+            + (f"; {bad_slices} of {fl.shape[0]} slices out" if bad_slices else "")
+            + (f"; {int(own_decided.sum())} slice(s) within the twin's own rounding noise only (its own "
+               "low-precision run against its float64 run), above torch's" if own_decided.any() and ok else ""))
+    return _result(name, actual, expected, s, ok=ok, score=float(excess_slices.max()) if ratio.size else 0.0,
+                   mismatches=bad_slices, excess=excess, tolerance=rule.describe(), judge_name=REFERENCE,
+                   note=note)
+
+
+def _unslice(x2d: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarray:
+    if axis is None or len(shape) < 2:
+        return x2d.reshape(shape)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return np.moveaxis(x2d.reshape(moved), 0, axis)
+
+
+__all__ = ["Comparison", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison", "judge",
+           "measured", "slice_axis", "worst_of"]
