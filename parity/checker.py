@@ -371,14 +371,18 @@ def check(
     train: BatchNorm uses batch statistics on both sides; the twin's train keyword is found from
     its ``__call__`` (train / training / deterministic / use_running_average) or ``train_kwarg``.
     layers: per-layer rows with isolated and accumulated error, and ``first_divergence``.
-    rtol/atol: override the table. precision: JAX matmul precision; tf32 (default: matching
-    ``precision``) is torch's TF32 flag, and the report warns when the two disagree.
-    reference="float64": also run both sides in float64 and judge the ``dtype`` run by Flax's
-    error against the torch float64 result relative to torch's own (the per-layer analysis then
-    runs in float64, where verdicts are sharp). A float32 check whose arithmetic is reduced
-    precision (TF32 on a GPU, bf16 passes on a TPU; parity.numerics.reduced_float32) takes this
-    mode by itself unless rtol/atol are given, and says so in a warning. device: "cpu" (default)
-    or "cuda". The torch
+    Judging (parity.judge, one judge for every tensor): by default each output, gradient and
+    per-layer row is judged by measured noise. A float32 / bfloat16 / float16 check also runs torch
+    in float64 (weights rounded to ``dtype``): the twin's error against it must be within k times
+    torch's own, per slice (channel / feature / output unit). A float64 check runs torch in float32
+    once (one ulp nudged) and scales its error to float64. Per-layer rows run in float64. Where the
+    float64 (or float32) run cannot run, the table decides (elementwise rtol/atol, torch.testing
+    semantics) and a pass that only atol explains is INCONCLUSIVE. rtol/atol: the caller's
+    torch.testing-style criterion, replacing the table and the measured noise (and nothing
+    else). reference: "float64" (the default behaviour; kept for compatibility) or None.
+    precision: JAX matmul precision; tf32 (default: matching ``precision``) is torch's TF32 flag,
+    and the report warns when the two disagree (on a CPU float32 is full precision whatever the
+    flag: the float32 table applies). device: "cpu" (default) or "cuda". The torch
     module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
     enabled for the duration of the call only. progress: called with short status lines.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
@@ -453,7 +457,7 @@ def check(
                 report.layers = analyze_layers(
                     lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
                     grads=grads, train=train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
-                    root=(worst_of(report.outputs), worst_of(report.grads)) if lr is run else None,
+                    root=(worst_of(report.outputs), worst_of(report.grads)),  # the whole-model verdicts
                 )
             report.first_divergence, report.divergence_kind = first_divergence(report.layers)
         say("done")
@@ -541,8 +545,9 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
         effective = _lower_warning(run.torch, report, "float64 run")
         rule = measured(ref64, "float64", probe_dtype="float32", effective=effective)
         rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
-        return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows,
-                        flax_other=_own_noise_run(run, "float32", report))
+        with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
+            other = _own_noise_run(run, "float32", report)
+        return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
     say("float64 reference run")
     try:
         with jax.enable_x64(True):

@@ -115,6 +115,10 @@ class RowJudge:
     probe_dtype: str = "float32"
     probe: Mapping[tuple[str, int], TorchCall] = field(default_factory=dict)
     probe_params: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # The Flax twin computes below float64 in the float64 rows run (an HF Flax module built with
+    # dtype=float32 keeps it for float64 variables, and its float32 values then mix into float64
+    # ones): every row is judged by float32 noise (set by analyze_layers, with a row note).
+    flax_low: bool = False
 
     def probe_call(self, tc: TorchCall) -> TorchCall | None:
         return self.probe.get((tc.path, tc.call))
@@ -126,6 +130,8 @@ class RowJudge:
         table = self.grad if grad else self.forward
         if self.ref_tol is not None and probe_value is not None:
             effective = (tc.lower_precision or None) if tc is not None else None
+            if self.flax_low:
+                effective = "float32"
             rule = measured(self.ref_tol, "float64", probe_dtype=self.probe_dtype, effective=effective)
             try:
                 return judge(name, flax_value, torch_value, rule, layout=layout, reference=torch_value,
@@ -477,6 +483,11 @@ def analyze_layers(
     tied = getattr(plan, "tied", None) or {}
     paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
                              prepare_root=root is None)
+    low = next((pc for pc in paired if pc.flax_outputs is not None and _below_float64(pc)), None)
+    if rows.ref_tol is not None and low is not None:
+        rows.flax_low = True
+        low.row.notes.append("the Flax twin computes in float32 here although the rows run in float64 (its "
+                             "dtype?): every row is judged by float32 noise")
     for pc in paired:
         row, tc = pc.row, pc.torch_call
         if pc.flax_outputs is None:
@@ -503,6 +514,14 @@ def analyze_layers(
             continue
         _judge(job, result, plan, zero_params, param_grads, tied, rows, totals)
     return [pc.row for pc in paired]
+
+
+def _below_float64(pc: PairedCall) -> bool:
+    """A float64 torch call whose Flax twin returned a float below float64."""
+    def width(values) -> set[int]:
+        return {np.asarray(v).dtype.itemsize for v in values if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)}
+
+    return 8 in width(pc.torch_call.output_values.values()) and bool(width(pc.flax_outputs.values()) - {8})
 
 
 def _param_grad_totals(t_calls: Sequence[TorchCall], jobs: Sequence["IsolatedLayer"], results) -> dict:
@@ -644,13 +663,13 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
                              "run alone (torch's gradient sums every call); judged whole-model")
         else:
             comps.extend(_param_grad_comps(row, total, job.flax_path, plan, zero_params, t_param_grads, tied,
-                                           rows))
+                                           rows, tc))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params,
                       t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
-                      rows: RowJudge) -> list[Comparison]:
+                      rows: RowJudge, tc: TorchCall | None = None) -> list[Comparison]:
     # Put the subtree's gradients into a zero tree of the whole model so the port's own
     # flax -> torch mapping (kernel transposes, flips, flatten permutations) names and lays them out.
     flat = traverse_util.flatten_dict(zero_params)
@@ -669,6 +688,6 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params
             row.notes.append(f"{name} is tied ({'alias of ' + tied[name] if name in tied else 'shared'}); "
                              "its gradient is judged whole-model")
             continue
-        out.append(rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=None,
+        out.append(rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=tc,
                               probe_value=rows.probe_params.get(name), axis=0))
     return out

@@ -152,11 +152,15 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
         k=4.0, floor=1e-6, reason="as float16; floor ~ 8 float32 eps of the slice's own values"
     ),
     ("float64", "highest", REFERENCE): Tolerance(
-        k=4.0, floor=2e-15,
+        k=32.0, floor=2e-15,
         reason="float64 checks and the per-layer rows (which run in float64) are judged against "
-        "torch's float64 run, with the noise measured by a float32 (or the checked dtype's) torch "
-        "run scaled by eps(float64) / eps(probe): rounding error is proportional to eps, so the "
-        "probe's error scaled down is the float64 run's own. 4x as in float16; floor ~ 9 float64 eps",
+        "torch's float64 run, with the noise measured by a float32 torch run (one ulp nudged) scaled "
+        "by eps(float64) / eps(float32): rounding error is proportional to eps. k is 32, not 4: the "
+        "frameworks' algorithms differ in their error constants (XLA's conv against ATen's: a slice "
+        "of the tiny UNet's DoubleConv 4.1x, a ConvTranspose weight gradient 6.7x the scaled torch "
+        "noise), and float64 leaves room: 32 x its noise is ~1e-14 relative, while the smallest real "
+        "difference in the tests (LayerNorm eps 1e-6 for 1e-5 on large activations) is 3.7e-7. Floor "
+        "~9 float64 eps of the slice's own values",
     ),
     ("float32", "default", REFERENCE): Tolerance(
         k=4.0, floor=1e-3, reason="as float16; floor ~ TF32 eps"

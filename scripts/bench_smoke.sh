@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI benchmark smoke (tiny models, one round) so bench/ and `parity bench` cannot rot. The numbers
-# it prints mean nothing; real numbers come from `parity bench` (see README, "Benchmarks").
+# it prints mean nothing; real numbers come from `parity bench` (see docs/benchmarks.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/env.sh"

@@ -1,11 +1,16 @@
 """Tiny BatchNorm twins for the data-parallel tests (importable: DDP workers unpickle them)."""
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+
 import flax.linen as nn
 import torch
 import torch.distributed as dist
 
 from flax_impl.batchnorm import BatchNorm
+from torch_ref import ExplicitMLP
 from train_pairs import TorchDoubleNorm
 
 
@@ -80,3 +85,31 @@ class FlaxConvBN(nn.Module):
         x = nn.Conv(4, (3, 3), padding=1, name="conv")(x)
         x = BatchNorm(momentum=0.9, epsilon=1e-5, name="bn")(x, use_running_average=not train)
         return nn.Conv(2, (1, 1), name="head")(nn.relu(x))
+
+
+def _in_ddp_worker() -> bool:
+    """Whether this process is a torch DDP worker (python -m parity.data_parallel.ddp), not the
+    test or the parent that plans and judges the check."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "parity.data_parallel.ddp"
+
+
+class MLPDiesAtExit(ExplicitMLP):
+    """The registry MLP whose DDP workers abort when their interpreter exits, after their results
+    are sent: what gloo's "terminate called without an active exception" does to a worker (a
+    SIGABRT at exit). Unpickling it in a worker registers the abort."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if _in_ddp_worker():
+            atexit.register(os.abort)
+
+
+class MLPDiesInStep(ExplicitMLP):
+    """The registry MLP whose DDP workers exit with code 3 at their first forward: no result is
+    ever sent."""
+
+    def forward(self, x):
+        if _in_ddp_worker():
+            os._exit(3)
+        return super().forward(x)

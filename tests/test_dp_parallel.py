@@ -42,6 +42,12 @@ def test_train_batchnorm_semantics_named(child):
     assert evaluation["batchnorm"] == []  # running statistics: nothing differs across replicas
 
 
+def test_float64_train_batchnorm_check_gives_a_verdict(child):
+    res = child["convbn_train_float64"]
+    assert res["verdict"] == "PASS", res
+    assert res["batchnorm"] == child["convbn_train"]["batchnorm"]  # the same semantics named
+
+
 def test_torch_to_flax_places_on_named_sharding(child):
     placed = child["placed"]
     assert placed["equal"]

@@ -71,3 +71,16 @@ def test_hf_pair_zero_config_port(name):
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], v) for k, v in sd.items())
     t.load_state_dict(back, strict=True)
+
+
+def test_hf_resnet_from_variables_alone_paired_by_names():
+    """flax_to_torch with neither the Flax module nor an example input: HF ResNet's two convs of
+    a block are alike in shape (``layer_0`` and ``layer_1`` both fit); its names
+    (``stages/0/layers/0/layer/layer_1``) decide. Once an AmbiguousPairingError."""
+    torch.manual_seed(0)
+    t, f, x, layout, _ = _resnet()
+    variables = wp.torch_to_flax(t, f, x, input_layout=layout)
+    back = wp.flax_to_torch(variables, t)
+    sd = t.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+    assert wp.build_plan(t, f, x, input_layout=layout).pairing_notes == []  # by name with the module too

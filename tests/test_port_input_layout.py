@@ -169,3 +169,47 @@ def test_nnx_twin_decides_an_undeclared_input_when_porting_a_state_dict():
     nnx.update(img_twin, weight_port.torch_to_flax(conv.state_dict(), img_twin, x_img))
     np.testing.assert_allclose(np.asarray(img_twin(jnp.asarray(x_img.numpy().transpose(0, 2, 3, 1)))),
                                conv(x_img).detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+
+
+# -- a twin that takes torch's layout: the shape error says which layout fits ------------------------
+class TorchConvs(torch.nn.Module):
+    def __init__(self, out: int = 3):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(8, out, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv_out(self.conv_in(x))
+
+
+class FlaxTakesNCHW(nn.Module):
+    """Like diffusers' Flax UNet: takes [N, C, H, W] and transposes inside."""
+
+    out: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.transpose(x, (0, 2, 3, 1))
+        x = nn.Conv(self.out, (3, 3), padding=1, name="conv_out")(nn.Conv(8, (3, 3), padding=1, name="conv_in")(x))
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+
+IMG16 = torch.randn(2, 3, 16, 16)
+
+
+def test_shape_error_that_the_other_layout_fixes_names_the_flag():
+    with pytest.raises(weight_port.ShapeMismatchError) as err:
+        weight_port.torch_to_flax(TorchConvs(), FlaxTakesNCHW(), IMG16)
+    msg = str(err.value)
+    assert "conv_in.weight" in msg and "flax expects (3, 3, 16, 8)" in msg
+    assert "traced as 'as_is' instead of the inferred 'NC...'" in err.value.hint
+    assert "input_layout='as_is'" in msg and "--layout as_is" in msg
+    variables = weight_port.torch_to_flax(TorchConvs(), FlaxTakesNCHW(), IMG16, input_layout=AS_IS)
+    assert variables["params"]["conv_in"]["kernel"].shape == (3, 3, 3, 8)
+
+
+def test_shape_error_no_layout_fixes_has_no_hint():
+    """A twin of another width: no layout makes the shapes agree, so no layout is suggested."""
+    with pytest.raises(weight_port.ShapeMismatchError) as err:
+        weight_port.torch_to_flax(TorchConvs(out=3), FlaxTakesNCHW(out=4), IMG16, input_layout=AS_IS)
+    assert err.value.hint == "" and "hint" not in str(err.value)

@@ -281,3 +281,77 @@ def test_hyperparameters_checked_by_name():
     with pytest.warns(UserWarning, match="attribute mismatch"):
         wp.torch_to_flax(TorchNorms(), FlaxNorms(ln_eps=1e-6), x, check_attributes="warn")
     wp.torch_to_flax(TorchNorms(), FlaxNorms(ln_eps=1e-6), x, check_attributes="ignore")
+
+
+# -- names decide first: a walk of the Flax tree, one form per list index ---------------------------
+def test_tree_paths_pick_a_form_per_index():
+    """HF ResNet: ``stages.0`` is ``stages/0`` but ``layer.0`` is ``layer/layer_0`` in one path."""
+    from weight_port.matching import tree_paths
+
+    leaves = [("a", "stages", "0", "layer", "layer_0", "conv"), ("a", "stages", "0", "layer", "layer_1", "conv"),
+              ("blocks_1", "fc"), ("seq", "layers_2", "fc")]
+    prefixes = {leaf[:i] for leaf in leaves for i in range(1, len(leaf) + 1)}
+    assert tree_paths("a.stages.0.layer.1.conv", prefixes) == [("a", "stages", "0", "layer", "layer_1", "conv")]
+    assert tree_paths("blocks.1.fc", prefixes) == [("blocks_1", "fc")]
+    assert tree_paths("seq.2.fc", prefixes) == [("seq", "layers_2", "fc")]
+    assert tree_paths("a.stages.1.layer.0.conv", prefixes) == []  # no such Flax module: no guess
+
+
+class _HFStyleTorch(torch.nn.Module):
+    """Two same-shaped convs at ``stage.0.layer.0`` / ``.1``: only names tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        block = torch.nn.Module()
+        block.layer = torch.nn.ModuleList([torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(2)])
+        self.stage = torch.nn.ModuleList([block])
+
+    def forward(self, x):
+        for conv in self.stage[0].layer:
+            x = conv(x)
+        return x
+
+
+class _HFStyleLayer(nn.Module):
+    """HF's Flax collections: a module ``layer`` holding ``layer_0``, ``layer_1``."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.Conv(3, (3, 3), padding=1, name=f"layer_{i}")(x)
+        return x
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _HFStyleLayer(name="layer")(x)
+
+
+class _Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Block(name="0")(x)
+
+
+class _HFStyleFlax(nn.Module):
+    """Flax paths ``stage/0/layer/layer_i``: the index of ``stage`` a component of its own, the
+    index of ``layer`` an HF-style ``layer_i`` inside ``layer``."""
+
+    @nn.compact
+    def __call__(self, x):
+        return _Stage(name="stage")(x)
+
+
+def test_flax_to_torch_from_variables_alone_pairs_by_names():
+    """No Flax module, no example input: structure alone is ambiguous (both convs fit both), the
+    names ``stage/0/layer/layer_1`` decide; once an AmbiguousPairingError."""
+    t = _HFStyleTorch()
+    with torch.no_grad():
+        t.stage[0].layer[1].weight.mul_(2)  # the two convs differ
+    plan = build_plan(t, _HFStyleFlax(), X)
+    variables = plan.to_flax(t.state_dict())
+    assert set(variables["params"]["stage"]["0"]["layer"]) == {"layer_0", "layer_1"}
+    back = wp.flax_to_torch(variables, _HFStyleTorch())
+    assert all(torch.equal(back[k], v) for k, v in t.state_dict().items())
+    assert plan.pairing_notes == []  # with the Flax module too: by name, not by execution order

@@ -18,6 +18,7 @@ class KeyMismatchError(PortError):
         mismatched: Sequence[str] = (),
         *,
         context: str = "",
+        hint: str = "",
     ):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
@@ -30,7 +31,8 @@ class KeyMismatchError(PortError):
         if self.mismatched:
             parts.append(f"{len(self.mismatched)} shape mismatch: " + "; ".join(self.mismatched))
         prefix = f"{context}: " if context else ""
-        super().__init__(prefix + " | ".join(parts))
+        self.hint = hint
+        super().__init__(prefix + " | ".join(parts) + (f" | hint: {hint}" if hint else ""))
 
 
 class NoRuleError(PortError):

@@ -1,9 +1,11 @@
 """Pair each torch layer with its Flax module: rename, naming rules, then execution order.
 
-Names first (weight_port.matching). Layers names cannot pair (Flax auto-names ``Dense_0``) are
-paired structurally: torch layers in the order the torch forward first calls them, against the
-unclaimed Flax modules in the order the twin first calls them, each with the first module of the
-same layer kind whose leaves have the converted shapes. Registration order (torch ``__init__``)
+Names first (weight_port.matching: the fixed forms, then a walk of the Flax module tree). Layers
+names cannot pair (Flax auto-names ``Dense_0``) are paired structurally: torch layers in the
+order the torch forward first calls them, against the unclaimed Flax modules in the order the
+twin first calls them, each with the first module of the same layer kind whose leaves have the
+converted shapes (a Flax class of no registered kind counts when its variables are exactly the
+kind's: weight_port.lookalike). Registration order (torch ``__init__``)
 is never trusted: a correct twin may register layers in another order than it runs them. When an
 order is not traced (no example input, no torch module) a pairing is made only if exactly one
 module fits; otherwise AmbiguousPairingError names both candidates.
@@ -17,7 +19,8 @@ import numpy as np
 
 from weight_port.errors import AmbiguousPairingError
 from weight_port.flax_tree import FlaxTarget
-from weight_port.matching import Rename, apply_rename, candidate_paths
+from weight_port.lookalike import is_lookalike, lookalike_rule, looks_like
+from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths
 from weight_port.naming import flax_path_str
 from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
 
@@ -31,6 +34,9 @@ class PlannedLayer:
     # torch tensor name -> shape, as the source layer has it (used for structural matching)
     own_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     matched: str = "name"  # how the Flax path was found (printed by PortPlan.describe)
+    # Other torch paths of the same module object (registered under several names, e.g. Pegasus'
+    # ``shared`` is also ``encoder.embed_tokens``): tried by name too; ported once, under info.torch_path.
+    aliases: tuple[str, ...] = ()
 
     def torch_key(self, name: str) -> str:
         return f"{self.info.torch_path}.{name}" if self.info.torch_path else name
@@ -51,7 +57,7 @@ def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:
                         for n in names})
 
 
-def _converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
+def converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
     tmap = rule.by_torch_name()[name]
     # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
     dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
@@ -66,7 +72,7 @@ def _fits(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget, *, sha
     if not shapes:
         return True
     return all(
-        tuple(target.shapes[leaf].shape) == _converted_shape(layer.rule, n, s, info)
+        tuple(target.shapes[leaf].shape) == converted_shape(layer.rule, n, s, info)
         for n, s, leaf in zip(layer.own_shapes, layer.own_shapes.values(), leaves)
     )
 
@@ -80,6 +86,18 @@ def _flax_paths_in_order(target: FlaxTarget) -> list[tuple[str, ...]]:
     return called + [p for p in owning if p not in set(called)]
 
 
+def rule_at(rule: Rule, flax_module) -> Rule:
+    """The torch layer's rule, or -- when the Flax module's class has a rule of its own registered
+    for the same kind (``register_rule(MyBatchNorm, renamed(BATCH_NORM, {...}))``) -- that one,
+    which says how this Flax class stores the kind's tensors. Built-in Flax classes share the
+    torch rules, so only a user's registration changes anything."""
+    frule = flax_rule_for(type(flax_module)) if flax_module is not None else None
+    if frule is None or frule is rule or not rule.name or frule.name != rule.name:
+        return rule
+    return replace(frule, dropped=tuple(dict.fromkeys(rule.dropped + frule.dropped)),
+                   children=rule.children, check=frule.check or rule.check)
+
+
 def _same_kind(rule: Rule, flax_module) -> bool:
     if flax_module is None:
         return True  # target read off variables: no types, shapes decide
@@ -90,13 +108,21 @@ def _same_kind(rule: Rule, flax_module) -> bool:
 def _fit_rule(layer: PlannedLayer, p: tuple[str, ...], target: FlaxTarget):
     """(rule, own shapes) with which ``layer`` fits Flax module ``p`` by kind and shapes, or None."""
     rule = layer.rule
+    module = target.modules.get(p)
     if layer.info.torch_type is None and rule.name == "direct" and p in target.modules:
         # no torch module: the layer type is the Flax module's, verified by names and shapes
-        rule = flax_rule_for(type(target.modules[p])) or rule
+        rule = flax_rule_for(type(module)) or lookalike_rule(layer.own_shapes, layer.info, target.shapes, p)[0] or rule
         if not set(layer.own_shapes) <= set(rule.by_torch_name()) | set(rule.dropped):
             return None
-    elif not _same_kind(rule, target.modules.get(p)):
+    elif is_lookalike(module):
+        # a Flax class of no registered kind: the torch layer's kind if it has exactly its variables
+        if not looks_like(rule, layer.own_shapes, replace(layer.info, flax_path=p, flax_module=module),
+                          target.shapes, p):
+            return None
+    elif not _same_kind(rule, module):
         return None
+    else:
+        rule = rule_at(rule, module)
     own = {n: s for n, s in layer.own_shapes.items() if n not in rule.dropped}
     return (rule, own) if _fits(PlannedLayer(layer.info, rule, own), p, target, shapes=True) else None
 
@@ -114,15 +140,37 @@ def resolve_paths(
     """
     claimed: set[tuple[str, ...]] = set()
     unresolved: list[tuple[PlannedLayer, tuple[str, ...]]] = []
+    prefixes = {leaf[1:i] for leaf in target.shapes for i in range(2, len(leaf))}
+
+    def by_name(torch_path: str) -> list[tuple[str, ...]]:
+        cands = candidate_paths(torch_path, sequential)
+        if "/" in torch_path:  # a rename to a Flax path is taken literally
+            return cands
+        return cands + [p for p in tree_paths(torch_path, prefixes) if p not in cands]
+
+    def named_fit(layer: PlannedLayer, c: tuple[str, ...]) -> bool:
+        if c in claimed:
+            return False
+        at = PlannedLayer(layer.info, rule_at(layer.rule, target.modules.get(c)), layer.own_shapes)
+        return _fits(at, c, target, shapes=False)
+
     for layer in layers:
         renamed = apply_rename(layer.info.torch_path, rename)
-        cands = candidate_paths(renamed, sequential)
-        hit = next((c for c in cands if c not in claimed and _fits(layer, c, target, shapes=False)), None)
+        cands = by_name(renamed)
+        hit = next((c for c in cands if named_fit(layer, c)), None)
+        via = None
+        for alias in layer.aliases if hit is None else ():  # the twin may use another of its names
+            hit = next((c for c in by_name(apply_rename(alias, rename)) if named_fit(layer, c)), None)
+            if hit is not None:
+                via = alias
+                break
         if hit is None:
             unresolved.append((layer, cands[0]))
             continue
         claimed.add(hit)
-        layer.matched = "rename" if renamed != layer.info.torch_path else "name"
+        layer.rule = rule_at(layer.rule, target.modules.get(hit))
+        layer.matched = ("rename" if renamed != layer.info.torch_path else "name") + (
+            f" (of its alias {via})" if via else "")
         _set_path(layer, hit, target)
     order = torch_order() if unresolved and torch_order is not None else None
     rank = {p: i for i, p in enumerate(order)} if order is not None else None
@@ -159,4 +207,4 @@ def _set_path(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget) ->
         layer.rule = _direct_rule_at(layer.own_shapes, path, target)
 
 
-__all__ = ["PlannedLayer", "resolve_paths"]
+__all__ = ["PlannedLayer", "converted_shape", "resolve_paths"]

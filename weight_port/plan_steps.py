@@ -10,14 +10,19 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from weight_port.errors import FlattenOrderError, GroupedKernelLayoutError, KernelLayoutError
 from weight_port.flatten import find_flattened_linears
 from weight_port.flax_tree import FlaxTarget
 from weight_port.naming import flax_path_str
-from weight_port.pairing import PlannedLayer
+from weight_port.lookalike import (
+    KIND_CLASS, LOOKALIKE_KINDS, is_lookalike, lookalike_note, module_leaves, register_rule_call,
+)
+from weight_port.pairing import PlannedLayer, converted_shape
 from weight_port.rules import Rule, conv_groups, flax_rule_for, flax_transposes_kernel
+from weight_port.tensors import to_numpy
 
 # torch layers whose output is channels-first (the only way a later flatten can be C-major)
 _CHANNELS_FIRST_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
@@ -135,6 +140,76 @@ def decide_transpose_kernels(layers: list[PlannedLayer], target: FlaxTarget) -> 
         raise KernelLayoutError(alike)
 
 
+def drop_computed_tables(layers: list[PlannedLayer], target: FlaxTarget, torch_module: torch.nn.Module,
+                         dropped_defaults: dict[str, np.ndarray]) -> list[str]:
+    """Frozen torch parameters (requires_grad=False) that the Flax twin computes instead of
+    storing -- the sinusoid position tables of Pegasus, Marian, RoFormer -- are not ported: a
+    frozen parameter with no Flax leaf is dropped (refilled from the torch module on the way
+    back), one note each. A frozen parameter the twin does store (Whisper's) is ported as usual;
+    a buffer or a trainable parameter without a leaf stays an error (it may be real state)."""
+    frozen = {n: p for n, p in torch_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    notes = []
+    for layer in layers:
+        drop = [t for t in layer.rule.tensors if layer.torch_key(t.torch_name) in frozen
+                and layer.flax_leaf(t.collection, t.flax_name) not in target.shapes]
+        if not drop:
+            continue
+        names = tuple(t.torch_name for t in drop)
+        for n in names:
+            key = layer.torch_key(n)
+            dropped_defaults[key] = to_numpy(frozen[key]).copy()
+            layer.own_shapes.pop(n, None)
+            notes.append(f"torch {key}: frozen (requires_grad=False) and the Flax twin has no leaf for it "
+                         "(it computes the table): not ported, refilled from the torch module on the way back")
+        keep = tuple(t for t in layer.rule.tensors if t.torch_name not in names)
+        layer.rule = replace(layer.rule, tensors=keep, dropped=(*layer.rule.dropped, *names))
+    return notes
+
+
+def lookalike_notes(layers: list[PlannedLayer]) -> list[str]:
+    """One note per layer ported into a Flax module of no registered class by the rule of the kind
+    whose variables it has exactly (weight_port.lookalike)."""
+    return [lookalike_note(layer.info.torch_path, layer.info.torch_type, layer.rule, layer.info.flax_path,
+                           layer.info.flax_module)
+            for layer in layers if layer.rule.name in LOOKALIKE_KINDS and is_lookalike(layer.info.flax_module)]
+
+
+def unpaired_hint(layers: list[PlannedLayer], target: FlaxTarget) -> str:
+    """When torch layers found no Flax module of their kind and Flax modules of no known class are
+    left over: name both classes and the ``register_rule`` call that would teach the port the
+    Flax class (matched to a torch layer whose converted shapes it has, per collection)."""
+    unpaired = [layer for layer in layers if layer.matched == "unpaired" and layer.info.torch_type is not None
+                and layer.rule.tensors]
+    if not unpaired:
+        return ""
+    claimed = {layer.info.flax_path for layer in layers if layer.matched != "unpaired"}
+    unknown = {p: m for p, m in target.modules.items()
+               if p not in claimed and flax_rule_for(type(m)) is None and module_leaves(target.shapes, p)}
+    hints, seen = [], set()
+    for path, module in unknown.items():
+        if type(module) in seen:
+            continue
+        leaves = module_leaves(target.shapes, path)
+        shapes = sorted((c, s) for (c, _), s in leaves.items())
+        for layer in unpaired:
+            info = replace(layer.info, flax_path=path, flax_module=module)
+            maps = layer.rule.by_torch_name()
+            want = sorted((maps[n].collection, converted_shape(layer.rule, n, s, info))
+                          for n, s in layer.own_shapes.items() if n in maps)
+            if want == shapes:
+                seen.add(type(module))
+                n = sum(isinstance(m, type(module)) for m in unknown.values())
+                hints.append(
+                    f"torch {layer.info.torch_path or '<root>'} ({layer.info.torch_type.__name__}) found no Flax "
+                    f"module of its kind ({layer.rule.name}); flax {'/'.join(path)} ({type(module).__name__}"
+                    f"{f', and {n - 1} more of that class' if n > 1 else ''}) has its shapes but is of no "
+                    f"known kind (variables {', '.join('/'.join(k) for k in leaves)}): if {type(module).__name__} "
+                    f"is a {KIND_CLASS.get(layer.rule.name, layer.rule.name)} layer, teach the port: "
+                    + register_rule_call(type(module), layer.rule, layer.own_shapes, leaves, info))
+                break
+    return "; ".join(hints)
+
+
 def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
     """{alias: canonical} for torch tensors sharing storage (same data pointer, shape, strides).
 
@@ -175,4 +250,5 @@ def fold_tied(layers: list[PlannedLayer], aliases: Mapping[str, str], target: Fl
     return tied
 
 
-__all__ = ["decide_flatten", "decide_transpose_kernels", "fold_tied", "tied_aliases"]
+__all__ = ["decide_flatten", "decide_transpose_kernels", "drop_computed_tables", "fold_tied",
+           "lookalike_notes", "tied_aliases", "unpaired_hint"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -346,9 +346,9 @@ HF_RMS_NORM = Rule((TensorMap("weight", "params", "weight"),), check=_hf_rms_nor
 HF_BEIT_RELATIVE_POSITION_BIAS = Rule((TensorMap("relative_position_bias_table", "params",
                                                  "relative_position_bias_table"),), name="hf_relative_position_bias")
 HF_LAYER_SCALE = Rule((TensorMap("lambda1", "params", "lambda1"),), name="hf_layer_scale")
-# RoFormer's sinusoidal position table is a frozen torch Parameter; its Flax twin computes the same
-# table in code and has no leaf for it. Dropped: flax_to_torch refills it from the torch module.
-HF_SINUSOIDAL_POSITIONS = Rule((), dropped=("weight",), name="hf_sinusoidal_positions")
+# (Frozen computed tables -- RoFormer's, Pegasus' and Marian's sinusoid position tables, frozen
+# torch Parameters whose Flax twins compute them -- need no rule of their own: the plan drops any
+# frozen parameter the twin has no leaf for, plan_steps.drop_computed_tables.)
 
 
 # --- Weight norm (torch.nn.utils.parametrizations.weight_norm): torch stores g as
@@ -407,6 +407,19 @@ CONV1D = Rule(
 EMBEDDING = Rule((TensorMap("weight", "params", "embedding"),), name="embedding")
 
 
+def renamed(rule: Rule, flax_names: Mapping[str, str]) -> Rule:
+    """``rule`` with other Flax leaf names ({torch tensor name: Flax leaf name}) and the same
+    layout changes: the rule of a Flax class that stores a known kind's tensors under names of its
+    own (``register_rule(MyBatchNorm, renamed(BATCH_NORM, {"weight": "gamma", ...}))``). Registered
+    for a Flax class, it is used wherever that class meets a torch layer of the same kind."""
+    unknown = set(flax_names) - set(rule.by_torch_name())
+    if unknown:
+        raise ValueError(f"renamed: {sorted(unknown)} are not tensors of the {rule.name} rule "
+                         f"({', '.join(rule.by_torch_name())})")
+    return replace(rule, tensors=tuple(replace(t, flax_name=flax_names.get(t.torch_name, t.flax_name))
+                                       for t in rule.tensors))
+
+
 def direct_rule(names: Mapping[str, str]) -> Rule:
     """Tensors registered directly on a module (class tokens, position embeddings, scalars).
 
@@ -448,7 +461,6 @@ _OPTIONAL_RULES: dict[tuple[str, str], Rule] = {
     ("transformers.", "FlaxBeitRelativePositionBias"): HF_BEIT_RELATIVE_POSITION_BIAS,
     ("transformers.", "Dinov2LayerScale"): HF_LAYER_SCALE,
     ("transformers.", "FlaxDinov2LayerScale"): HF_LAYER_SCALE,
-    ("transformers.", "RoFormerSinusoidalPositionalEmbedding"): HF_SINUSOIDAL_POSITIONS,
     # torch.nn.utils.parametrize makes one ParametrizedConv1d class per parametrized Conv1d (the
     # class says nothing of which parametrization: the rule's check reads it).
     ("torch.nn.utils.parametrize", "ParametrizedConv1d"): WEIGHT_NORM_CONV,

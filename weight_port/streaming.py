@@ -123,6 +123,8 @@ def convert_groups(plan, state: Mapping, group_list: list[tuple[str, list[Planne
     collections = tuple(sorted(plan.target.collections()))
     for i, (name, layers) in enumerate(group_list):
         keys = [k for layer in layers for k in _owned_keys(layer)]
+        # a tied tensor may be stored under one of its other names only (PortPlan.to_flax reads it there)
+        keys += [a for a, c in plan.tied.items() if c in set(keys)]
         leaves = {leaf for layer in layers for leaf in _leaves(layer)}
         if i == 0:
             keys += orphan_keys

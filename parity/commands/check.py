@@ -17,12 +17,36 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from parity.errors import UsageError
 from parity.registry import select
 
 
 
-class SetupError(Exception):
-    """A bad --torch/--flax spec, a factory that raises, a bad --input-shape: exit 2."""
+class SetupError(UsageError):
+    """A bad --torch/--flax spec, a factory that raises, a bad --input-shape: exit 2 (a UsageError,
+    so every command that lets it through still answers with one line, never a traceback)."""
+
+
+# The flags that describe your own pair, by argparse attribute.
+OWN_PAIR_FLAGS = {"torch": "--torch", "flax": "--flax", "input_shape": "--input-shape",
+                  "example_input": "--example-input"}
+
+
+def own_pair_flags(args: argparse.Namespace) -> list[str]:
+    """The own-pair flags given on the command line, in OWN_PAIR_FLAGS order."""
+    return [flag for attr, flag in OWN_PAIR_FLAGS.items() if getattr(args, attr, None)]
+
+
+def refuse_models_with_own_pair(args: argparse.Namespace, models, flag: str, what: str) -> None:
+    """SetupError naming the own-pair flags given beside a built-in pair. models: the value of the
+    built-in pair's argument (None or empty: none given); flag: its name ("MODEL", "--model");
+    what: how the answer calls it ("MODEL names")."""
+    given = own_pair_flags(args)
+    if models and given:
+        names = " ".join(models) if isinstance(models, (list, tuple)) else models
+        raise SetupError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for your own pair, but "
+                         f"{flag} {names!r} names a built-in pair: give either {what} or --torch/--flax, "
+                         "not both")
 
 
 def parse_layout(text: str | None, flag: str):
@@ -58,7 +82,9 @@ def own_pair(args: argparse.Namespace):
 
     given = [f for f, v in (("--torch", args.torch), ("--flax", args.flax)) if v]
     if len(given) != 2:
-        raise SetupError(f"checking your own pair needs {'--flax' if args.torch else '--torch'} as well")
+        others = own_pair_flags(args)
+        raise SetupError(f"your own pair needs {'--flax' if args.torch else '--torch'} as well"
+                         + (f" ({', '.join(others)} given)" if others else ""))
     if bool(args.input_shape) == bool(args.example_input):
         raise SetupError("your own pair needs exactly one of --input-shape and --example-input")
     torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
@@ -211,8 +237,7 @@ def _jobs(args: argparse.Namespace):
                   lint=not args.no_lint, strict=args.strict)
     batch = args.batch or 2 * (args.data_parallel or 1)
     if args.torch or args.flax or args.input_shape or args.example_input:
-        if args.models:
-            raise SetupError("give either MODEL names or --torch/--flax, not both")
+        refuse_models_with_own_pair(args, args.models, "MODEL", "MODEL names")
         torch_model, flax_model, x, name = own_pair(args)
         layout = parse_layout(args.layout, "--layout")
         out_layout = parse_layout(args.output_layout, "--output-layout")

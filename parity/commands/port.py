@@ -71,7 +71,7 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
     if show_plan:
         say(plan.describe())
     else:
-        for note in plan.pairing_notes + plan.flatten_notes:
+        for note in plan.pairing_notes + plan.flatten_notes + plan.notes:
             say(f"note: {note}")
     state = weight_port.load_state(torch_model if source is None else source)
     if isinstance(state, ShardedState):
@@ -126,15 +126,27 @@ def _own_pair(args: argparse.Namespace):
     return torch_model, flax_model, x, layouts, parse_rename(args.rename)
 
 
+def _no_architecture(source: str | None) -> str:
+    """What to say when neither --model nor --torch/--flax tells the port the architecture."""
+    if source is None:
+        return "give --model NAME with a SOURCE checkpoint, or your own pair with --torch and --flax"
+    if not Path(source).exists():  # ``parity port mlp``: a pair name where SOURCE goes
+        return (f"SOURCE {source!r} is not a file or directory; for a built-in pair give --model "
+                f"{source} and a SOURCE checkpoint, for your own pair --torch and --flax")
+    return (f"SOURCE {source!r} needs its architecture: --model NAME (a built-in pair) or "
+            "--torch and --flax (your own pair)")
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from parity.commands.check import SetupError
+    from parity.commands.check import SetupError, own_pair_flags, refuse_models_with_own_pair
     from parity.errors import UsageError
 
     try:
-        if args.model and (args.torch or args.flax):
-            raise SetupError("give either --model or --torch/--flax, not both")
+        refuse_models_with_own_pair(args, args.model, "--model", "--model")
+        if not args.model and not own_pair_flags(args):
+            raise SetupError(_no_architecture(args.source))
         if args.model:
             if args.source is None:
                 raise SetupError("--model needs a SOURCE checkpoint")

@@ -69,12 +69,11 @@ def _own_pair(args: argparse.Namespace, spec):
     import numpy as np
     import torch
 
-    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+    from parity.commands.check import own_pair, parse_layout, parse_rename, refuse_models_with_own_pair
     from parity.runtime import as_args, flatten, torch_inputs
     from parity.training import train_check
 
-    if args.model:
-        raise SetupError("give either MODEL or --torch/--flax, not both")
+    refuse_models_with_own_pair(args, args.model, "MODEL", "MODEL")
     torch_model, flax_model, x, name = own_pair(args)
     loss = args.loss or "cross_entropy"
     with torch.no_grad():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,23 @@ def _worker(rank: int, workdir: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{workdir}/init{j}", rank=rank, world_size=world)
         try:
             records = _train(rank, world, job)
+            if rank == 0:  # sent before the group goes down: a crash in the shutdown cannot lose it
+                _save_whole(records, Path(workdir) / f"out{j}.pt")
+            # Every rank past its last collective before any rank tears the group down: a rank
+            # that destroys its group (or exits) while a peer may still talk to it is the likely
+            # source of the "terminate called without an active exception" seen at exit.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
-        if rank == 0:
-            torch.save(records, Path(workdir) / f"out{j}.pt")
+    (Path(workdir) / f"done{rank}").touch()  # this rank's jobs are done: only its exit is left (run_ddp's _join)
+
+
+def _save_whole(obj, path: Path) -> None:
+    """torch.save to ``path`` all at once (written beside it, then renamed): the parent reads
+    only complete results, whatever happens to this process afterwards."""
+    partial = path.with_suffix(".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
 
 
 def _train(rank: int, world: int, p: dict) -> list[dict]:
@@ -154,19 +168,66 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
                "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
         # cwd=_ROOT: `python -m` puts the working directory first on sys.path, ahead of
         # PYTHONPATH, so a caller standing in another checkout would run that checkout's workers.
-        procs = [subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
-                                  env=env, cwd=str(_ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
-                 for rank in range(world)]
-        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-        failed = [(r, proc.returncode, logs[r]) for r, proc in enumerate(procs) if proc.returncode]
-        if failed:
-            r, code, log = failed[0]
-            raise RuntimeError(f"torch DDP rank {r} exited with {code}:\n{log[-2000:]}")
-        return [torch.load(Path(d) / f"out{j}.pt", weights_only=False) for j in range(len(jobs))]
+        logs = [Path(d) / f"rank{rank}.log" for rank in range(world)]
+        procs = []
+        try:
+            for rank in range(world):
+                with open(logs[rank], "w") as log:  # a file, not a pipe: a chatty rank cannot block on it
+                    procs.append(subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
+                                                  env=env, cwd=str(_ROOT), stdout=log, stderr=subprocess.STDOUT))
+            timed_out = _join(procs, timeout, Path(d))
+        finally:
+            for proc in procs:  # never leave a rank behind (a failure, a timeout, an interrupt)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        codes = [proc.returncode for proc in procs]
+        outs = [Path(d) / f"out{j}.pt" for j in range(len(jobs))]
+        sent = [o.exists() for o in outs]
+        failed = [r for r, code in enumerate(codes) if code]
+        if all(sent):
+            # Rank 0 wrote every job's records, whole, before any shutdown: they are the result,
+            # even when a rank then died in the process group's teardown or the interpreter's exit.
+            for r in failed:
+                warnings.warn(f"torch DDP rank {r} exited with {codes[r]} after every result was sent; the "
+                              f"results are kept. Its output:\n{_tail(logs[r])}", DDPExitWarning, stacklevel=2)
+            return [torch.load(o, weights_only=False) for o in outs]
+        done = f"results of {sum(sent)} of {len(jobs)} jobs were sent"
+        if timed_out:
+            raise RuntimeError(f"torch DDP timed out after {timeout:g} s ({done}); stopped every rank. "
+                               f"Rank 0's output:\n{_tail(logs[0])}")
+        r = failed[0] if failed else 0
+        raise RuntimeError(f"torch DDP rank {r} exited with {codes[r]} ({done}):\n{_tail(logs[r])}")
 
 
-__all__ = ["ddp_job", "replica_rows", "run_ddp"]
+class DDPExitWarning(RuntimeWarning):
+    """A DDP worker exited with an error after every result had been sent (the results are kept)."""
+
+
+_GRACE = 10.0  # seconds the other ranks get to finish once one has failed (then they are stopped)
+
+
+def _join(procs: list[subprocess.Popen], timeout: float, workdir: Path) -> bool:
+    """Wait for every process; True when ``timeout`` ran out first. Once one exits with an error
+    before finishing its jobs, the others get _GRACE seconds: a rank waiting in a collective on a
+    dead peer may never return. (One that failed after its last job, in the interpreter's exit,
+    holds nobody up: the others, rank 0 with jobs of its own left, keep the whole timeout.)"""
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs):
+        now = time.monotonic()
+        if now >= deadline:
+            return True
+        if any(proc.returncode and not (workdir / f"done{r}").exists() for r, proc in enumerate(procs)):
+            deadline = min(deadline, now + _GRACE)
+        time.sleep(0.05)
+    return False
+
+
+def _tail(log: Path, n: int = 2000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no output)"
+
+
+__all__ = ["DDPExitWarning", "ddp_job", "replica_rows", "run_ddp"]
 
 if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORKDIR
     _worker(int(sys.argv[1]), sys.argv[2])
