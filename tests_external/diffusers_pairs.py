@@ -2,7 +2,7 @@
 arguments only (no hub, no network): the diffusers half of the external battery's registry.
 
 diffusers' Flax models take torch's NCHW inputs and transpose inside, so every pair is checked
-with ``input_layout="as_is"``. Their GroupNorms have a fixed 32 groups, hence 32 channels.
+with ``input_layout="as_is"``. Their GroupNorms have a fixed 32 groups, hence channels in 32s.
 
 Where diffusers' Flax port computes something else than its torch model (the upstream findings,
 named by the battery), ``build()`` makes the torch side compute what the Flax port computes, so
@@ -37,7 +37,10 @@ def _controlnet_inputs() -> tuple:
     return (*_unet_inputs(), _normal(2, 3, 16, 16, seed=2))
 
 
-_CROSS_ATTN = dict(in_channels=4, block_out_channels=(32,), layers_per_block=1, cross_attention_dim=16,
+# 64 channels, two per group: with one channel per group (32), GroupNorm removes the time
+# embedding's per-channel shift exactly, and every time-embedding gradient is zero in exact
+# arithmetic (its float32 value pure rounding noise, which no judge can call right or wrong).
+_CROSS_ATTN = dict(in_channels=4, block_out_channels=(64,), layers_per_block=1, cross_attention_dim=16,
                    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",))
 
 
