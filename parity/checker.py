@@ -26,7 +26,7 @@ from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
                             forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
                             structure, torch_inputs, train_mode_matters)
-from parity.runtime.layouts import LayoutSpec, model_input_ids
+from parity.runtime.layouts import LayoutSpec, model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port.keywords import bind_keywords
@@ -102,6 +102,9 @@ def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str
     # Pairings the port made by structure rather than by name (PortPlan.pairing_notes, when the
     # port records them): a user should see them, since a wrong one shifts every verdict.
     notes += [f"weight port pairing: {n}" for n in getattr(plan, "pairing_notes", None) or []]
+    # What a rule of the plan decided about single tensors (a frozen table the twin computes, a
+    # look-alike Flax layer ported by its kind's rule)
+    notes += [f"weight port: {n}" for n in getattr(plan, "notes", None) or []]
     return plan, notes
 
 
@@ -130,16 +133,19 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
         err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                f"{'{' + ', '.join(f_shapes) + '}'}")
         return CapturedRun(plan, twin, variables, args, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+    # output_layout entries naming a layer (by torch module path) are for its per-layer rows
+    output_layout, layer_layouts = split_output_spec(output_layout, list(t.outputs),
+                                                     [p for p, _ in tm.named_modules()])
     acts = None
     if t.calls is not None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
 
     def producer(path: str):
         nonlocal acts
         if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
             probe = run_torch(copy.deepcopy(tm), torch_inputs(args, tdtype, tdev, False), train=train,
                               grads=False, capture=True)
-            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases)
+            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases, layer_layouts)
             return acts.of_tensor(probe.raw_outputs[path])
         return acts.of_tensor(t.raw_outputs[path])
 
@@ -153,7 +159,7 @@ def _run(torch_module, flax_module, example_input, variables, dname, *, train, t
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
     f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
     if t.calls is not None and acts is None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
     return CapturedRun(plan, twin, variables, args, f_args, t, f, f_named, in_layouts, out_layouts,
                        acts, tm, notes, output_map=to_t)
 
@@ -365,12 +371,22 @@ def check(
     input_layout / output_layout: "NC..." ([N, C, *S] in torch, channels-last in Flax) or "as_is",
     one string (inputs: every float leaf) or per leaf (dict by path such as ``input[1]`` /
     ``out.logits``, or by key); default: inferred (weight_port.layout, parity.runtime.layouts),
-    a LayoutError naming the leaf when it cannot be.
+    a LayoutError naming the leaf when it cannot be. A dict ``output_layout`` may also name the
+    outputs of a layer's per-layer rows by its torch module path: ``{"resnet": "as_is"}`` (every
+    output leaf of ``resnet``) or ``{"resnet:pooler_output": "as_is"}`` (one leaf); a key that
+    names a model output leaf stays a model output. Undeclared layer outputs take the one layout
+    in which torch's and Flax's shapes agree, else the kind of layer that made them: declare
+    those whose shapes fit both layouts ([N, C, H, W] with C == H == W) and whose Flax module
+    returns them channels-first (HF's Flax ResNet, ViT, ... return [N, C, H, W] maps).
     variables: Flax variables to use (linen-style; default: ported from the torch module after
     casting it to ``dtype``). rename: passed to the port (weight_port.build_plan).
     train: BatchNorm uses batch statistics on both sides; the twin's train keyword is found from
     its ``__call__`` (train / training / deterministic / use_running_average) or ``train_kwarg``.
-    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``.
+    layers: per-layer rows with isolated and accumulated error, and ``first_divergence``. A row
+    compares only what is surely paired (a container: the Flax call that holds exactly its
+    layers; otherwise a "not paired" note); a layer whose module boundary differs between the
+    sides (work torch does inside it and Flax after it) says "boundary differs" and is judged at
+    the next layer computed from its output (parity.layers).
     Judging (parity.judge, one judge for every tensor): by default each output, gradient and
     per-layer row is judged by measured noise. A float32 / bfloat16 / float16 check also runs torch
     in float64 (weights rounded to ``dtype``): the twin's error against it must be within k times
@@ -542,9 +558,10 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
                                    f"{str(exc)[:160]}): judged by the table; a pass only atol explains is "
                                    "INCONCLUSIVE")
             return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
-        effective = _lower_warning(run.torch, report, "float64 run")
+        effective = _lower_warning(run.torch, report, "float64 run") or _float32_tables(run, report)
         rule = measured(ref64, "float64", probe_dtype="float32", effective=effective)
-        rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
+        rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
+                        all_float32=effective == "float32" and not run.torch.lower_precision)
         with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
             other = _own_noise_run(run, "float32", report)
         return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
@@ -566,21 +583,21 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
                 ref = _torch_only(run, "float64", train=train, grads=grads, capture=False, tdev=tdev)
                 ref_torch = ref
     except Exception as exc:  # noqa: BLE001 -- e.g. a torch model that builds a float32 constant inside
-        report.warnings.append(f"the float64 reference run failed ({type(exc).__name__}: {str(exc)[:160]}): "
-                               f"judged by the {dname} table; a pass only atol explains is INCONCLUSIVE")
-        return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
+        return _same_dtype_evidence(run, dname, prec, platform, tf, tg, opts, report,
+                                    f"the float64 reference run failed ({type(exc).__name__}: {str(exc)[:160]})")
     rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
     if not layers:
         with jax.enable_x64(True):
             other = _own_noise_run(run, "float64", report)
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
-    _lower_warning(ref_torch, report, "float64 reference run")
+    lower = _lower_warning(ref_torch, report, "float64 reference run") or _float32_tables(ref, report)
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
     say("float32 probe run (measures the float64 rows' noise)")
     try:
         probe = _torch_only(run, "float32", train=train, grads=grads, capture=True, tdev=tdev, perturb=True,
                             seed=opts["seed"])
-        rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads)
+        rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
+                        all_float32=lower == "float32" and not ref_torch.lower_precision)
     except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
         report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                f"{str(exc)[:120]}): rows judged by the float64 table")
@@ -631,6 +648,53 @@ def _flax_tensors(run: CapturedRun) -> dict[str, np.ndarray]:
                 if p in run.in_layouts})
     out.update({f"param:{n}": np.asarray(g) for n, g in run.f_p_grads.items()})
     return out
+
+
+def _same_dtype_evidence(run: CapturedRun, dname: str, prec: str, platform: str, tf: Table, tg: Table,
+                         opts: dict, report: Report, why: str) -> Evidence:
+    """No float64 run: the noise is measured by the torch run again in ``dname`` with a random
+    half of every weight, buffer and input one ulp nearer zero, against the run itself (torch is
+    then the reference: the twin's error against torch must be within k times what rounding-sized
+    changes move torch by). Where even that cannot run, the table, with INCONCLUSIVE for a pass
+    that only atol explains."""
+    say, tdev, grads, train, layers = opts["say"], opts["tdev"], opts["grads"], opts["train"], run.torch.calls is not None
+    say(f"{dname} probe run (no float64 run: measures the noise in {dname})")
+    try:
+        probe = _torch_only(run, dname, train=train, grads=grads, capture=layers, tdev=tdev, perturb=True,
+                            seed=opts["seed"])
+    except Exception as exc:  # noqa: BLE001
+        report.warnings.append(f"{why}, and so did the {dname} probe run ({type(exc).__name__}): judged by the "
+                               f"{dname} table; a pass only atol explains is INCONCLUSIVE")
+        return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
+    report.warnings.append(f"{why}: the noise is measured by a {dname} torch run with every weight and input "
+                           "nudged by one ulp, against torch's own run (the reference is torch, not float64)")
+    ref_tol = tolerance_for(dname, REFERENCE, prec, platform)
+    rule = measured(ref_tol, dname, probe_dtype=dname)
+    rows = RowJudge(tf, tg, ref_tol, dname, _calls_by_key(probe.calls), probe.param_grads, dtype=dname)
+    return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows)
+
+
+def _float32_tables(run: CapturedRun, report: Report) -> str | None:
+    """"float32" (with a warning) when a frozen torch table that the twin computes (a sinusoid
+    position table the port skipped) holds float32-rounded values in the float64 run: built in
+    float32 and cast, it stays float32-accurate, while the twin computes it in float64."""
+    found = []
+    for layer in run.plan.layers:
+        for name in getattr(layer.rule, "dropped", ()):
+            key = f"{layer.info.torch_path}.{name}" if layer.info.torch_path else name
+            try:
+                t = run.torch_module.get_parameter(key)
+            except AttributeError:
+                continue
+            if t.dtype == torch.float64 and bool(torch.equal(t, t.float().double())) and bool(
+                    torch.any(t != t.round())):
+                found.append(key)
+    if not found:
+        return None
+    report.warnings.append(f"torch's {', '.join(found[:3])} (a table the twin computes) holds float32-rounded values "
+                           "in the float64 run (built in float32, then cast): the model's outputs and gradients "
+                           "and every row are judged by float32 noise")
+    return "float32"
 
 
 def _calls_by_key(calls) -> dict:

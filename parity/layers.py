@@ -2,11 +2,13 @@
 
 Both sides are recorded by the one engine (parity.runtime): torch hooks on every module record
 its inputs, outputs and their gradients; the Flax runner records every submodule call (Linen
-interceptors, or NNX recording subclasses) under the module path the port's pairing gives
-(``down.0.conv1`` <-> ``down_0/conv1``), with the cotangent at every output. Each activation's
-layout comes from the kind of layer that made it (weight_port.layout.kind_layout), never from
-its number of dimensions; tensors made between modules by plain functions take the one layout
-their torch and Flax shapes agree on, or are reported as unknown.
+interceptors, or NNX recording subclasses) with its module path and when it began and ended,
+with the cotangent at every output. Layers that own tensors are paired as the port paired them
+(``down.0.conv1`` <-> ``down_0/conv1``); any other module only with the Flax call that holds
+exactly the same of those layers (``_pair_calls``), else its row says "not paired". Each
+activation's layout is the caller's (``output_layout=`` by layer path), else the one layout in
+which its torch and Flax shapes agree, else the kind of layer that made it
+(weight_port.layout.kind_layout), never its number of dimensions; else it is reported unknown.
 
 Two errors per layer:
   accumulated  the Flax model's own intermediate vs torch's: includes everything inherited from
@@ -28,8 +30,9 @@ import numpy as np
 from flax import traverse_util
 
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
-from parity.runtime import ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten
-from parity.runtime.layouts import resolve
+from parity.runtime import (ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, TorchCall, call_key, flatten,
+                            forward_backward)
+from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port.naming import flax_path_str, torch_to_flax_path
@@ -58,6 +61,17 @@ class LayerRow:
     grad_accumulated: Comparison | None = None
     notes: list[str] = field(default_factory=list)
     backward_order: int = 0  # position in the backward pass (children before their parent)
+    # How the Flax side was found: "port" (the port paired this layer's tensors), "name" (the name
+    # rule, and that Flax call holds exactly the port's layers this module holds), "layers" (the one
+    # Flax call that holds exactly them); None: not paired (the notes say why).
+    paired_by: str | None = None
+    start: int = 0  # position in the forward pass by start (a parent before its children)
+    # The Flax model's own inputs to this layer vs torch's (error handed to the layer, not made by it).
+    input_accumulated: Comparison | None = None
+    # Name of the later layer where this one's error is judged instead, when the two sides draw this
+    # module's boundary differently (work torch does inside it, Flax after it: XGLM's embedding
+    # scale): its isolated error is gone from the Flax model at that layer's input.
+    boundary: str | None = None
 
     @property
     def name(self) -> str:
@@ -66,11 +80,12 @@ class LayerRow:
 
     @property
     def forward_ok(self) -> bool:
-        return self.isolated is None or self.isolated.ok
+        return self.isolated is None or self.isolated.ok or self.boundary is not None
 
     @property
     def backward_ok(self) -> bool:
-        return self.grad_isolated is None or self.grad_isolated.ok
+        # (a boundary that differs moves the scale's gradient across it as well)
+        return self.grad_isolated is None or self.grad_isolated.ok or self.boundary is not None
 
     @property
     def ok(self) -> bool:
@@ -88,11 +103,14 @@ class LayerRow:
             "flax_path": self.flax_path,
             "torch_type": self.torch_type,
             "call": self.call,
+            "paired_by": self.paired_by,
             "ok": self.ok,
             "isolated": d(self.isolated),
             "accumulated": d(self.accumulated),
             "grad_isolated": d(self.grad_isolated),
             "grad_accumulated": d(self.grad_accumulated),
+            "input_accumulated": d(self.input_accumulated),
+            "boundary": self.boundary,
             "notes": list(self.notes),
         }
 
@@ -115,10 +133,14 @@ class RowJudge:
     probe_dtype: str = "float32"
     probe: Mapping[tuple[str, int], TorchCall] = field(default_factory=dict)
     probe_params: Mapping[str, np.ndarray] = field(default_factory=dict)
-    # The Flax twin computes below float64 in the float64 rows run (an HF Flax module built with
-    # dtype=float32 keeps it for float64 variables, and its float32 values then mix into float64
-    # ones): every row is judged by float32 noise (set by analyze_layers, with a row note).
-    flax_low: bool = False
+    # Every row is judged by float32 noise: the Flax twin computes below float64 in the float64
+    # rows run (an HF Flax module built with dtype=float32 keeps it for float64 variables, and its
+    # float32 values then mix into float64 ones; set by analyze_layers, with a row note), or a
+    # torch table the twin computes holds float32-rounded values (set by the checker).
+    all_float32: bool = False
+    # The rows' own dtype and the probe's (float64 rows, a float32 probe; or, where no float64
+    # run exists, the checked dtype for both).
+    dtype: str = "float64"
 
     def probe_call(self, tc: TorchCall) -> TorchCall | None:
         return self.probe.get((tc.path, tc.call))
@@ -130,9 +152,9 @@ class RowJudge:
         table = self.grad if grad else self.forward
         if self.ref_tol is not None and probe_value is not None:
             effective = (tc.lower_precision or None) if tc is not None else None
-            if self.flax_low:
+            if self.all_float32 and self.dtype == "float64":
                 effective = "float32"
-            rule = measured(self.ref_tol, "float64", probe_dtype=self.probe_dtype, effective=effective)
+            rule = measured(self.ref_tol, self.dtype, probe_dtype=self.probe_dtype, effective=effective)
             try:
                 return judge(name, flax_value, torch_value, rule, layout=layout, reference=torch_value,
                              probe=probe_value, axis=axis)
@@ -146,6 +168,8 @@ def first_divergence(rows: Sequence[LayerRow]) -> tuple[str | None, str | None]:
 
     Forward wins: a layer that computes the wrong value also back-propagates wrongly. Backward
     divergences are searched in backward-pass order (the first place the cotangent goes wrong).
+    A layer whose boundary differs between the sides (``LayerRow.boundary``) is not blamed: its
+    error is judged at the later layer named there, so a real bug further down is still found.
     """
     for row in rows:
         if not row.forward_ok:
@@ -161,6 +185,19 @@ def _is_below(path: str, ancestor: str) -> bool:
     return path != ancestor and (ancestor == "" or path.startswith(ancestor + "."))
 
 
+def _dirty(c: Comparison | None) -> bool:
+    """Known out of tolerance (a comparison that could not be made, mismatches -1, says nothing)."""
+    return c is not None and not c.ok and c.mismatches >= 0
+
+
+def _boundary_windows(rows: Sequence[LayerRow]) -> set[int]:
+    """id() of the rows whose accumulated error a differing boundary explains: each boundary row
+    and every layer that starts after it and before the layer where its error is judged."""
+    by_name = {r.name: r for r in rows}
+    spans = [(r.start, by_name[r.boundary].start) for r in rows if r.boundary in by_name]
+    return {id(r) for r in rows if any(lo <= r.start < hi for lo, hi in spans)}
+
+
 def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
     """A layer inside ``found`` that holds the divergence, when the isolated search cannot see it.
 
@@ -168,23 +205,26 @@ def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
     Flax the raw integer one) has no isolated row; a bug in its inline code then surfaces only in
     the first enclosing layer that can run alone, often the whole model (``<root>``). The
     accumulated rows narrow it: the first layer, in execution order, whose accumulated output is
-    out of tolerance had every earlier layer's output in tolerance. If that layer itself cannot run
-    alone, the error arises in its own code; if it is clean alone, its input was already wrong,
-    made by inline code of the innermost enclosing layer that cannot run alone. None when no such
-    layer lies strictly inside ``found``.
+    out of tolerance had every earlier layer's output in tolerance. If its own input (the Flax
+    model's, against torch's) was clean and it cannot run alone, the error arises in its own code;
+    if its input was already wrong, or it is clean alone, the error was made before it, by inline
+    code of the innermost enclosing layer that cannot run alone and was itself handed a clean
+    input (a parent that feeds its child the wrong tensor is blamed, not the child). None when no
+    such layer lies strictly inside ``found``. Rows whose error a differing boundary explains are
+    passed over.
     """
     order = list(rows)
-    # (a comparison that could not be made, mismatches -1, says nothing about where values go wrong)
+    explained = _boundary_windows(order)
     first = next((i for i, r in enumerate(order) if _is_below(r.torch_path, found.torch_path)
-                  and r.accumulated is not None and not r.accumulated.ok and r.accumulated.mismatches >= 0),
-                 None)
+                  and id(r) not in explained and _dirty(r.accumulated)), None)
     if first is None:
         return None
     row = order[first]
-    if row.isolated is None:
-        return row
-    if not row.isolated.ok:
-        return None  # judged alone and wrong: the isolated search already names it
+    if not _dirty(row.input_accumulated):
+        if row.isolated is None:
+            return row
+        if not row.isolated.ok:
+            return None  # judged alone and wrong: the isolated search already names it
     parts = row.torch_path.split(".")
     for depth in range(len(parts) - 1, 0, -1):  # innermost ancestor first
         anc = ".".join(parts[:depth])
@@ -192,7 +232,9 @@ def _narrowed(rows: Sequence[LayerRow], found: LayerRow) -> LayerRow | None:
             break
         # the ancestor's call that encloses this row: the first one to complete after it
         enclosing = next((r for r in order[first + 1:] if r.torch_path == anc), None)
-        if enclosing is not None and enclosing.isolated is None:
+        if enclosing is None or _dirty(enclosing.input_accumulated):
+            continue  # handed the error too: it was made further out
+        if enclosing.isolated is None:
             return enclosing
     return None
 
@@ -379,8 +421,10 @@ class PairedCall:
     layer cannot run alone. flax_outputs / flax_cots: the Flax model's own values at this call's
     outputs (Flax layout) and their cotangents, by *torch* output path; None when no Flax module
     was recorded here. out_layouts: torch output path -> layout, for the leaves whose layout is
-    known. layer: the Flax layer ready to run alone, None when it cannot (``reason``) or was not
-    prepared (the root with prepare_root=False).
+    known. flax_inputs / in_layouts: the Flax model's own float inputs to this call by *torch*
+    input name, with their layouts (the flatten permutation already undone), for the inputs whose
+    pairing and layout are sure. layer: the Flax layer ready to run alone, None when it cannot
+    (``reason``) or was not prepared (the root with prepare_root=False).
     """
 
     row: LayerRow
@@ -388,7 +432,22 @@ class PairedCall:
     flax_outputs: dict[str, np.ndarray] | None = None
     flax_cots: dict[str, np.ndarray] = field(default_factory=dict)
     out_layouts: dict[str, str] = field(default_factory=dict)
+    flax_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    in_layouts: dict[str, str] = field(default_factory=dict)
     layer: IsolatedLayer | None = None
+    key: str | None = None  # the Flax call (call_key); None: not paired
+    out_map: dict[str, str] = field(default_factory=dict)  # Flax output path -> torch output path
+    input_map: dict[str, str] = field(default_factory=dict)  # torch input name -> Flax input name
+    flatten: tuple[int, ...] | None = None  # the plan's flatten before this Linear, if any
+
+    def inputs_from(self, call_inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This call's Flax inputs (as one Flax run recorded them) by torch input name, for the
+        inputs in ``in_layouts``; a flattened Linear's with the flatten permutation undone."""
+        out = {}
+        for tn in self.in_layouts:
+            f = np.asarray(call_inputs[self.input_map[tn]])
+            out[tn] = f if self.flatten is None else _InputLayout(AS_IS, self.flatten).to_torch(f, tn)
+        return out
 
     @property
     def is_root(self) -> bool:
@@ -398,6 +457,116 @@ class PairedCall:
     def reason(self) -> str:
         """Why the Flax layer cannot run alone ("" when it can)."""
         return "" if self.layer is not None else "; ".join(self.row.notes) or "the Flax layer cannot run alone"
+
+
+def _descendants(t_calls: Sequence[TorchCall]) -> list[list[int]]:
+    """Indices of the calls made inside each torch call: started after it, completed before it."""
+    return [[j for j in range(i) if t_calls[j].start > tc.start] for i, tc in enumerate(t_calls)]
+
+
+def _holds(f_run: FlaxRun, key: str, among: set[str], cache: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The calls of ``among`` that the Flax call ``key`` is or made (began after it, ended before it)."""
+    if key not in cache:
+        fc = f_run.calls[key]
+        cache[key] = frozenset(k for k in among if k == key or
+                               fc.start < f_run.calls[k].start and f_run.calls[k].end < fc.end)
+    return cache[key]
+
+
+@dataclass(frozen=True)
+class _Pairing:
+    """Where one torch call is paired: the Flax path and call key (None: not paired), a note for
+    the row, and whether the Flax module's variables are its own subtree (an ``nn.Sequential``
+    built inline in a compact method holds layers whose variables sit in its parent's: it cannot
+    be run alone on its own variables)."""
+
+    path: tuple[str, ...]
+    key: str | None
+    by: str | None = None  # LayerRow.paired_by
+    note: str = ""
+    runs_alone: bool = True
+
+
+def _pair_calls(t_calls: Sequence[TorchCall], f_run: FlaxRun, plan: PortPlan) -> list[_Pairing]:
+    """The pairing of the per-layer rows, one per torch call.
+
+    Layers that own tensors are paired as the port paired them (``_flax_path_of``): that pairing
+    is the premise of the whole check. Any other module (a container, a parameter-free layer) is
+    paired by its name rule only when the Flax call there holds exactly the port's layers that
+    the torch call holds (by call nesting, not by path: an ``nn.Sequential`` built inline in a
+    compact method holds layers that sit beside it in the variable tree). When it does not (a
+    torch ``nn.Sequential`` spelled as a list of layers in ``setup``: ``shortcut_0``,
+    ``shortcut_1`` and no ``shortcut``), the one Flax call that does hold exactly them is its
+    pair; with none, or several, the row is not paired and says why.
+    """
+    recorded = {fc.path for fc in f_run.calls.values()}
+    port_paths = {layer.info.torch_path for layer in plan.layers}
+    paths = [_flax_path_of(tc.path, plan, recorded) for tc in t_calls]
+    keys = [call_key(fp, tc.call) for fp, tc in zip(paths, t_calls)]
+    by_port = [tc.path in port_paths and k in f_run.calls for tc, k in zip(t_calls, keys)]
+    port_keys = {k for k, sure in zip(keys, by_port) if sure}
+    inside = _descendants(t_calls)
+    cache: dict[str, frozenset[str]] = {}
+
+    def own(key: str) -> bool:
+        top = f_run.calls[key].path
+        return all(f_run.calls[k].path[:len(top)] == top for k in _holds(f_run, key, port_keys, cache))
+
+    out: list[_Pairing] = []
+    for i, tc in enumerate(t_calls):
+        key = keys[i] if keys[i] in f_run.calls else None
+        missing = "no Flax module at this path (parameter-free layer inlined as a function?)"
+        if by_port[i] or (tc.path == "" and tc.call == 0):
+            out.append(_Pairing(paths[i], key, ("port" if by_port[i] else "name") if key else None,
+                                "" if key else missing))
+            continue
+        want = frozenset(keys[j] for j in inside[i] if by_port[j])
+        if key is not None and key not in port_keys and _holds(f_run, key, port_keys, cache) == want:
+            out.append(_Pairing(paths[i], key, "name", runs_alone=own(key)))
+            continue
+        if not want:
+            out.append(_Pairing(paths[i], None, None, missing if key is None else
+                                f"not paired: the Flax module at {flax_path_str(paths[i])} holds layers "
+                                "this torch module does not"))
+            continue
+        fits = [k for k in f_run.calls if k not in port_keys and _holds(f_run, k, port_keys, cache) == want]
+        held = ", ".join(sorted(k.split("#")[0] for k in want))
+        if len(fits) == 1:
+            path = f_run.calls[fits[0]].path
+            out.append(_Pairing(path, fits[0], "layers", f"paired with flax {flax_path_str(path)}: the Flax module that "
+                                               f"holds exactly its layers ({held})", own(fits[0])))
+        else:
+            why = (f"{len(fits)} Flax modules hold exactly its layers" if fits
+                   else "no Flax module holds exactly its layers")
+            out.append(_Pairing(paths[i], None, None, f"not paired: {why} ({held}); its layers are compared one by one"))
+    return out
+
+
+def _shape_difference(t_out: Mapping[str, np.ndarray], f_out: Mapping[str, np.ndarray]) -> str | None:
+    """Why two outputs of a structurally paired call cannot be the same thing (leaves missing on
+    the Flax side, or shapes that agree in no layout), None when they can."""
+    missing = sorted(set(t_out) - set(f_out))
+    if missing:
+        return f"flax returns {sorted(f_out)}, torch {sorted(t_out)}"
+    for p, t in t_out.items():
+        if not fitting_layouts(np.shape(t), np.shape(f_out[p])):
+            return f"{p}: torch {tuple(np.shape(t))}, flax {tuple(np.shape(f_out[p]))} agree in no layout"
+    return None
+
+
+def _input_pairs(tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """(torch input name, Flax input name) of the float inputs that surely correspond: position by
+    position when both sides take as many arrays, else only the first float input of each (HF
+    layers take masks, positions and flags differently on each side; the hidden state leads)."""
+    def floating(x) -> bool:
+        return jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
+
+    if len(tc.inputs) == len(fc.input_names):
+        return [(t, f) for t, f in zip(tc.inputs, fc.input_names)
+                if f in f_inputs and floating(tc.input_values[t]) and floating(f_inputs[f])]
+    t_first = next((t for t in tc.inputs if floating(tc.input_values[t])), None)
+    f_first = next((f for f in fc.input_names if f in f_inputs and floating(f_inputs[f])), None)
+    return [(t_first, f_first)] if t_first is not None and f_first is not None else []
 
 
 def isolated_layers(
@@ -411,46 +580,76 @@ def isolated_layers(
     grads: bool,
     prepare_root: bool = True,
 ) -> list[PairedCall]:
-    """Every torch call paired with the Flax side, in execution order, each layer prepared to run
-    alone on torch's input: THE pairing that the per-layer analysis and the per-layer speed
-    profile (parity.benchmark.layer_profile) both use.
+    """Every torch call paired with the Flax side (``_pair_calls``), in execution order, each layer
+    prepared to run alone on torch's input: THE pairing that the per-layer analysis and the
+    per-layer speed profile (parity.benchmark.layer_profile) both use.
 
     t_calls: run_torch(capture=True).calls; f_run: forward_backward(capture=True) of the same
     input; layouts: the activation layouts of the torch calls; variables: the Flax variables of
     the run (linen-style). grads=False prepares no cotangents (forward only). prepare_root=False
     leaves the top module unprepared (the checker's whole-model verdicts are its isolated ones).
+    A layer's outputs take the layout the caller declared for it (``output_layout=`` by layer
+    path), else the one in which the two sides' shapes agree, else its kind's (``resolve``). A
+    module paired by structure (not by the port) whose outputs cannot be the same thing on both
+    sides is not compared: its row says "not paired" and why.
     """
     # Backward order: a module's backward finishes after its children's, and later modules'
     # backward runs first, so sort by forward *start* descending.
     by_start = sorted(t_calls, key=lambda c: -c.start)
     bwd_pos = {(c.path, c.call): i for i, c in enumerate(by_start)}
-    recorded = {fc.path for fc in f_run.calls.values()}
+    port_paths = {layer.info.torch_path for layer in plan.layers}
     paired = []
-    for tc in t_calls:
-        fpath = _flax_path_of(tc.path, plan, recorded)
-        key = call_key(fpath, tc.call)
+    for tc, pairing in zip(t_calls, _pair_calls(t_calls, f_run, plan)):
+        fpath, key = pairing.path, pairing.key
         row = LayerRow(tc.path, flax_path_str(fpath), type(tc.module).__name__, tc.call,
-                       backward_order=bwd_pos[(tc.path, tc.call)])
+                       backward_order=bwd_pos[(tc.path, tc.call)], paired_by=pairing.by, start=tc.start)
         pc = PairedCall(row, tc)
         paired.append(pc)
-        if key not in f_run.call_outputs:
-            row.notes.append("no Flax module at this path (parameter-free layer inlined as a function?)")
+        if pairing.note:
+            row.notes.append(pairing.note)
+        if key is None:
             continue
         t_out = tc.output_values
         out_map = _align_outputs(list(f_run.call_outputs[key]), list(t_out))
-        pc.flax_outputs = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
+        f_out = {out_map.get(p, p): v for p, v in f_run.call_outputs[key].items()}
+        differs = _shape_difference(t_out, f_out)
+        if differs and tc.path not in port_paths and not pc.is_root:
+            # paired by structure only: different shapes say the two modules are not the same thing
+            row.notes.append(f"not paired with flax {row.flax_path}: {differs}; not compared")
+            row.paired_by = None
+            continue
+        pc.flax_outputs, pc.key, pc.out_map = f_out, key, out_map
         pc.flax_cots = {out_map.get(p, p): v for p, v in f_run.call_output_cots.get(key, {}).items()}
         for p, t in t_out.items():
+            if layouts.is_declared(tc.path, tc.call, p):
+                pc.out_layouts[p] = layouts.outputs[(tc.path, tc.call)][p]
+                continue
             lay, why = resolve(layouts.outputs[(tc.path, tc.call)].get(p), t.shape,
-                               pc.flax_outputs[p].shape if p in pc.flax_outputs else None)
+                               f_out[p].shape if p in f_out else None)
             if lay is None:
                 row.notes.append(f"{p}: {why}; not compared")
             else:
                 pc.out_layouts[p] = lay
+        f_inputs = f_run.call_inputs.get(key, {})
+        flatten_ = pc.flatten = _flatten_of(tc.path, plan)
+        t_lay = layouts.inputs.get((tc.path, tc.call), {})
+        for tn, fn in _input_pairs(tc, f_run.calls[key], f_inputs):
+            t, f = tc.input_values[tn], np.asarray(f_inputs[fn])
+            if flatten_ is not None:  # compared in torch's feature order (PairedCall.inputs_from)
+                lay = AS_IS if f.shape == t.shape else None
+            else:
+                lay, _ = resolve(t_lay.get(tn), t.shape, f.shape)
+            if lay is not None and lay in fitting_layouts(t.shape, f.shape):
+                pc.input_map[tn], pc.in_layouts[tn] = fn, lay
+        pc.flax_inputs = pc.inputs_from(f_inputs)
         if pc.is_root and not prepare_root:
             continue
-        pc.layer = _prepare(row, tc, f_run.calls[key], f_run.call_inputs.get(key, {}), twin, variables, fpath,
-                            pc.out_layouts, grads, layouts, _flatten_of(tc.path, plan), out_map)
+        if not pairing.runs_alone:
+            row.notes.append(f"the layers of flax {row.flax_path} keep their variables in its parent's "
+                             "(built inline in a compact method); not run alone")
+            continue
+        pc.layer = _prepare(row, tc, f_run.calls[key], f_inputs, twin, variables, tuple(fpath),
+                            pc.out_layouts, grads, layouts, flatten_, out_map)
     return paired
 
 
@@ -483,9 +682,19 @@ def analyze_layers(
     tied = getattr(plan, "tied", None) or {}
     paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
                              prepare_root=root is None)
+
+    def judge_inputs(pc: PairedCall, values: Mapping[str, np.ndarray]) -> Comparison | None:
+        """Flax inputs of a layer (by torch name, PairedCall.inputs_from) against torch's, judged
+        as activations are (probe: the probe run's same inputs)."""
+        tc = pc.torch_call
+        probe = rows.probe_call(tc)
+        return _compare_leaves(f"input of {pc.row.name}", values, {n: tc.input_values[n] for n in values},
+                               pc.in_layouts, rows, grad=False, tc=tc,
+                               probe_vals=probe.input_values if probe else None)
+
     low = next((pc for pc in paired if pc.flax_outputs is not None and _below_float64(pc)), None)
-    if rows.ref_tol is not None and low is not None:
-        rows.flax_low = True
+    if rows.ref_tol is not None and rows.dtype == "float64" and low is not None:
+        rows.all_float32 = True
         low.row.notes.append("the Flax twin computes in float32 here although the rows run in float64 (its "
                              "dtype?): every row is judged by float32 noise")
     for pc in paired:
@@ -496,6 +705,7 @@ def analyze_layers(
         t_out = tc.output_values
         row.accumulated = _compare_leaves(row.name, pc.flax_outputs, t_out, pc.out_layouts, rows, grad=False, tc=tc,
                                           probe_vals=probe.output_values if probe else None)
+        row.input_accumulated = judge_inputs(pc, pc.flax_inputs)
         t_g = {p: g for p, g in tc.output_grads.items() if p in pc.out_layouts}
         if grads and t_g and set(t_g) <= set(pc.flax_cots):
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: pc.flax_cots[p] for p in t_g}, t_g,
@@ -513,7 +723,100 @@ def analyze_layers(
             job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             continue
         _judge(job, result, plan, zero_params, param_grads, tied, rows, totals)
+    _mark_boundaries(paired, judge_inputs,
+                     lambda offsets: forward_backward(twin, variables, f_run.args, None, capture=True, offsets=offsets))
     return [pc.row for pc in paired]
+
+
+def _computed_from(tc: TorchCall, nodes: set[int], limit: int = 200_000) -> bool:
+    """Whether a float input of ``tc`` was computed from an autograd node in ``nodes`` (by id)."""
+    stack = [x.grad_fn for x in tc.arrived.values() if getattr(x, "grad_fn", None) is not None]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if id(node) in nodes:
+            return True
+        seen.add(id(node))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _scale_fit(pc: PairedCall) -> str:
+    """"torch = c x flax" for the first compared output, when one factor fits (information only)."""
+    p = next((p for p in pc.out_layouts if p in (pc.flax_outputs or {})), None)
+    if p is None:
+        return ""
+    try:
+        f = np.asarray(to_torch_layout(np.asarray(pc.flax_outputs[p]), pc.out_layouts[p], p), np.float64)
+    except ValueError:
+        return ""
+    t = np.asarray(pc.torch_call.output_values[p], np.float64)
+    if f.shape != t.shape or not np.any(f):
+        return ""
+    c = float(np.sum(f * t) / np.sum(f * f))
+    residual = float(np.linalg.norm(t - c * f) / max(np.linalg.norm(t), np.finfo(np.float64).tiny))
+    return f"; torch's output is {c:.6g} x the Flax module's (residual {residual:.1e})"
+
+
+def _mark_boundaries(paired: Sequence[PairedCall],
+                     judge_inputs: Callable[[PairedCall, Mapping[str, np.ndarray]], Comparison | None],
+                     rerun: Callable[[Mapping[str, Mapping[str, np.ndarray]]], FlaxRun]) -> None:
+    """Layers whose module boundary differs between the sides (``LayerRow.boundary``).
+
+    A layer whose Flax module misses work that torch does inside the module and the Flax model
+    does right after it (XGLM's embedding scale ``sqrt(d_model)``: inside torch's
+    ``XGLMScaledWordEmbedding``, after ``nn.Embed`` in Flax), or does work torch does after it,
+    is off alone and in the Flax model's own run, yet the Flax model hands the next layer
+    computed from its output (the first to start after it whose float input torch computed from
+    this layer's output and whose inputs the sides can be compared on) the same input as torch.
+    A real bug whose error the model attenuates below tolerance (a 1e-3 query weight through a
+    softmax) looks the same there, so the two are told apart by handing the Flax model torch's
+    output at this layer (``rerun`` with offsets): a bug is then gone and that input stays clean;
+    a boundary that differs does the moved work twice (or not at all) and that input goes wrong.
+    Only then the row says "boundary differs" and is judged at that later layer.
+    """
+    order = sorted(range(len(paired)), key=lambda i: paired[i].torch_call.start)
+    for i, pc in enumerate(paired):
+        row, tc = pc.row, pc.torch_call
+        if row.isolated is None or row.isolated.ok or not _dirty(row.accumulated):
+            continue
+        made = {id(o.grad_fn) for o in tc.outputs.values() if o.grad_fn is not None}
+        if not made:
+            continue  # no autograd graph (frozen module): nothing says which layer consumes it
+        later = None
+        for j in order:
+            cand = paired[j]
+            # (a layer that starts after this one and completes before it runs inside it)
+            if cand.torch_call.start <= tc.start or j < i or cand.row.input_accumulated is None:
+                continue
+            if _computed_from(cand.torch_call, made):
+                later = cand
+                break
+        if later is None or not later.row.input_accumulated.ok:
+            continue
+        offsets = {}
+        for fp, tp in pc.out_map.items():
+            if tp in pc.out_layouts:
+                torch_value = to_flax_layout(tc.output_values[tp], pc.out_layouts[tp], tp)
+                if np.shape(torch_value) == np.shape(pc.flax_outputs[tp]):
+                    offsets[fp] = torch_value - pc.flax_outputs[tp]
+        try:
+            handed = rerun({pc.key: offsets})
+            with_torch = judge_inputs(later, later.inputs_from(handed.call_inputs[later.key]))
+        except Exception as exc:  # noqa: BLE001 -- the rerun is evidence, not the check
+            row.notes.append(f"could not hand the Flax model torch's output here: {type(exc).__name__}: {exc}"[:200])
+            continue
+        if not _dirty(with_torch):
+            continue  # torch's value here leaves that input clean: the error is this layer's own
+        row.boundary = later.row.name
+        row.notes.append(
+            f"boundary differs: off alone (rel_norm {row.isolated.rel_norm:.3e}) and in the Flax model's own "
+            f"run, yet the Flax model hands {later.row.name}, the next layer computed from its output, the "
+            f"same input as torch, and a wrong one (rel_norm {with_torch.rel_norm:.3e}) when handed torch's "
+            f"output here{_scale_fit(pc)}: work done inside this module on one side and outside it on the "
+            f"other; judged at {later.row.name}")
 
 
 def _below_float64(pc: PairedCall) -> bool:

@@ -208,15 +208,16 @@ class FlaxRMSBlock(nn.Module):
 
 # --- a model whose float64 run cannot run (a float32 constant built inside) ---------------------------
 class TorchFloat32Inside(torch.nn.Module):
-    """A legitimately small output (1e-6 scale); the projection is a float32 constant made in
-    forward, so a float64 copy fails (matmul of float64 and float32)."""
+    """A legitimately small output (``factor`` scale); the projection is a constant of ``dtype``
+    made in forward, so a copy in another dtype fails (a matmul of mixed dtypes)."""
 
-    def __init__(self):
+    def __init__(self, factor: float = 1e-6, dtype=torch.float32):
         super().__init__()
         self.fc = torch.nn.Linear(8, 4)
+        self.factor, self.const_dtype = factor, dtype
 
     def forward(self, x):
-        return self.fc(x) @ torch.eye(4) * 1e-6
+        return self.fc(x) @ torch.eye(4, dtype=self.const_dtype) * self.factor
 
 
 class FlaxFloat32Inside(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port import rules
 
@@ -68,7 +68,7 @@ class FlaxBlock(nn.Module):
 def _close(variables, flax_model, torch_model, x, flax_x, layout=wp.AS_IS) -> None:
     with torch.no_grad():
         ref = torch_model(x).numpy()
-    c = compare("out", np.asarray(flax_model.apply(variables, flax_x)), ref, tolerance_for("float32", FORWARD),
+    c = judge("out", np.asarray(flax_model.apply(variables, flax_x)), ref, tolerance_for("float32", FORWARD),
                 layout=layout)
     assert c.ok, str(c)
 

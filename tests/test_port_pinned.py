@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 
 IMG = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -17,7 +17,7 @@ TOKENS = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
 
 
 def _close(name: str, flax_out, torch_out) -> None:
-    c = compare(name, np.asarray(flax_out), torch_out.detach().numpy(), tolerance_for("float32", FORWARD),
+    c = judge(name, np.asarray(flax_out), torch_out.detach().numpy(), tolerance_for("float32", FORWARD),
                 layout=wp.AS_IS)
     assert c.ok, str(c)
 

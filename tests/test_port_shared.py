@@ -12,7 +12,7 @@ import torch
 
 import parity
 import weight_port as wp
-from parity.compare import compare
+from parity.judge import judge
 from parity.tolerances import FORWARD, tolerance_for
 from weight_port.plan import build_plan
 
@@ -118,7 +118,7 @@ def test_module_under_three_names_ported_once_refilled_under_every_name():
     assert set(variables["params"]["encoder"]) == {"proj"}  # the embedding has one leaf
     out = FlaxSeq2Seq().apply(variables, IDS.numpy())
     with torch.no_grad():
-        c = compare("out", np.asarray(out), t(IDS).numpy(), tolerance_for("float32", FORWARD), layout=wp.AS_IS)
+        c = judge("out", np.asarray(out), t(IDS).numpy(), tolerance_for("float32", FORWARD), layout=wp.AS_IS)
     assert c.ok, str(c)
     _strict_round_trip(t, variables, plan)
 

@@ -71,7 +71,7 @@ def test_cli_prints_the_layernorm_eps_finding_under_a_float32_pass(monkeypatch, 
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     row = next(i for i, ln in enumerate(lines) if ln.startswith("TorchBlock"))
-    assert lines[row].endswith("PASS")
+    assert lines[row].endswith("PASS  [judge: reference]"), lines[row]
     assert lines[row + 1].startswith("    warning: weight port:"), lines
     assert "eps=1e-05" in lines[row + 1] and "epsilon=1e-06" in lines[row + 1]
 

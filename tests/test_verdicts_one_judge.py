@@ -44,14 +44,30 @@ def test_a_users_rtol_atol_replace_the_table_and_nothing_else():
     assert not next(c for c in r.input_grads if c.name.endswith("[0]")).ok
 
 
-def test_without_a_float64_run_an_atol_only_pass_is_inconclusive_never_pass():
+def test_without_a_float64_run_the_noise_is_measured_in_the_checked_dtype():
+    # The float64 copy cannot run (a float32 constant inside): a twin 79% off at its 1e-6-sized
+    # output passed under the a-priori floor. Now a one-ulp-nudged float32 run measures the noise.
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((4, 8))
     wrong = _check(jp.TorchFloat32Inside(), jp.FlaxFloat32Inside(factor=1.79e-6), x, dtype="float32")
-    assert wrong.verdict == "INCONCLUSIVE", str(wrong)
-    assert any("float64 reference run failed" in w for w in wrong.warnings)
-    assert wrong.outputs[0].inconclusive and "atol" in wrong.outputs[0].note
+    assert wrong.verdict == "FAIL", str(wrong)
+    assert any("float64 reference run failed" in w and "nudged" in w for w in wrong.warnings), wrong.warnings
+    assert wrong.outputs[0].judge == "reference"
     right = _check(jp.TorchFloat32Inside(), jp.FlaxFloat32Inside(), x, dtype="float32")
+    assert right.verdict == "PASS", str(right)
+
+
+def test_an_atol_only_pass_with_no_measured_noise_is_inconclusive_never_pass():
+    # A float64 check whose float32 probe cannot run (a float64 constant inside): the table
+    # decides, and a 1e-9-sized output 79% off is within its absolute atol.
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    tm = jp.TorchFloat32Inside(factor=1e-9, dtype=torch.float64)
+    wrong = _check(tm, jp.FlaxFloat32Inside(factor=1.79e-9), x, dtype="float64")
+    assert wrong.verdict == "INCONCLUSIVE", str(wrong)
+    assert wrong.outputs[0].inconclusive and "atol" in wrong.outputs[0].note
+    assert any("float32 run that measures float64 noise failed" in w for w in wrong.warnings)
+    right = _check(tm, jp.FlaxFloat32Inside(factor=1e-9), x, dtype="float64")
     assert right.verdict == "PASS", str(right)
 
 

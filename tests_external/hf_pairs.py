@@ -189,3 +189,18 @@ PAIRS: dict[str, HFPair] = {p.name: p for p in [
                           decoder_attention_mask=torch.ones(2, 5, dtype=torch.long), decoder_position_ids=pos(5)),
            "decoder.layers.1.fc1", input_layout={"input[0]": "as_is"}, port_layout="as_is"),
 ]}
+
+
+def assert_round_trip(pair, tm, back: dict) -> None:
+    """``back`` (flax_to_torch of the port of ``tm``) equals tm's state_dict bit for bit, and a
+    fresh model of ``pair`` with zeroed parameters loads it strictly into the same state."""
+    sd = tm.state_dict()
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    fresh, _, _ = pair.build("float32")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(back, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")

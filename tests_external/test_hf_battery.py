@@ -14,7 +14,7 @@ from flax import traverse_util
 
 import parity
 import weight_port
-from hf_pairs import PAIRS
+from hf_pairs import PAIRS, assert_round_trip
 
 pytest.importorskip("transformers")
 
@@ -22,12 +22,15 @@ pytest.importorskip("transformers")
 # layer also consumes itself got both uses' cotangent, and freed tensor ids were reused by later
 # tensors. The torch runner now hands callers a view of each output and holds every recorded
 # tensor for the run; both pass, tests/test_runtime_handed_outputs.py pins the first cause.)
-# transformers' torch CLIP cannot run in float64 (its causal mask overflows a float conversion).
+# transformers' torch CLIP cannot run in float64 (its causal mask overflows a float conversion):
+# its float32 check measures the noise with a one-ulp-nudged float32 run instead.
 NO_TORCH_FLOAT64 = {"clip"}
-# float64 checks that cannot pass: the torch model computes part of itself in float32 even when
-# cast to float64 (LlamaRMSNorm & co. upcast with .to(torch.float32) on both sides; GPT-Neo and
-# GPT-J attention in float32, BLOOM's softmax in float32; RoFormer's frozen sinusoid table was made
-# in float32, Flax's in float64), so a float64 check sees float32 rounding (1e-8 to 1e-7).
+# The torch model computes part of itself in float32 even when cast to float64 (LlamaRMSNorm & co.
+# upcast with .to(torch.float32) on both sides; GPT-Neo and GPT-J attention in float32, BLOOM's
+# softmax in float32; RoFormer's frozen sinusoid table was made in float32, Flax's in float64): a
+# float64 check sees float32 rounding (1e-8 to 1e-7), which the judge detects and judges by
+# float32 noise (these 7 FAILed in float64 before). Checked without per-layer rows, to keep the
+# battery's time; test_hf_float32_inside_misport_still_fails checks one with rows.
 FLOAT32_INSIDE = {"llama", "mistral", "gemma", "gpt_neo", "gptj", "bloom", "roformer"}
 
 
@@ -53,21 +56,17 @@ def test_hf_pair_passes(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(FLOAT32_INSIDE))
-def test_hf_float64_failure_of_float32_inside_models_is_float32_sized(name):
-    """What a float64 check of these sees: a divergence at float32 rounding size, never more
-    (a real error would be >= 1e-3): within float32's own gradient bound from the table."""
-    from parity.tolerances import GRAD, tolerance_for
-
+def test_hf_float32_inside_models_pass_in_float64_and_say_why(name):
     r = _check(PAIRS[name], "float64", layers=False)
-    worst = max(c.rel_norm for c in r.outputs + r.grads if not c.below_floor)
-    assert r.verdict == "FAIL" and worst <= tolerance_for("float32", GRAD).rtol, r
+    assert r.verdict == "PASS", r
+    assert any("computes in float32 inside" in w or "float32-rounded values" in w for w in r.warnings), r.warnings
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_hf_misport_is_located(name):
-    pair = PAIRS[name]
-    tm, fm, inputs = pair.build("float32")
-    # The port's plan (what torch_to_flax runs) also says which Flax leaf holds the layer's weight.
+def _planted(pair, dtype: str, relative: float):
+    """(torch model, Flax module, inputs, Flax variables with the weight of ``pair.misport``
+    scaled by 1 + relative). The port's plan (what torch_to_flax runs) says which Flax leaf
+    holds the layer's weight."""
+    tm, fm, inputs = pair.build(dtype)
     with weight_port.keywords.keyword_call(copy.deepcopy(tm), fm, inputs) as (t2, f2, args):
         plan = weight_port.build_plan(t2, f2, args, input_layout=pair.port_layout)
     variables = plan.to_flax(tm.state_dict())
@@ -76,8 +75,25 @@ def test_hf_misport_is_located(name):
     key = (*layer.info.flax_path, *leaf.split("/"))
     flat = traverse_util.flatten_dict(variables["params"])
     assert key in flat, sorted(flat)
-    flat[key] = flat[key] * (1 + 1e-3)
-    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    flat[key] = flat[key] * (1 + relative)
+    return tm, fm, inputs, {**variables, "params": traverse_util.unflatten_dict(flat)}
+
+
+def test_hf_float32_inside_misport_still_fails():
+    """Judged by float32 noise where torch computes in float32, a planted 1e-5 error is still
+    found, and located, in float64 with per-layer rows."""
+    pair = PAIRS["llama"]
+    tm, fm, inputs, bad = _planted(pair, "float64", 1e-5)
+    r = parity.check(tm, fm, inputs, dtype="float64", variables=bad, input_layout=pair.input_layout or None,
+                     grads=False)
+    assert r.verdict == "FAIL", r
+    assert r.first_divergence == pair.misport, r
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hf_misport_is_located(name):
+    pair = PAIRS[name]
+    tm, fm, inputs, bad = _planted(pair, "float32", 1e-3)
     # float32: every pair passes there (the float64 exceptions above), and 1e-3 is far above its bound
     r = parity.check(tm, fm, inputs, dtype="float32", variables=bad, input_layout=pair.input_layout or None,
                      grads=False)  # a forward mis-port: located by the forward rows alone
@@ -91,13 +107,4 @@ def test_hf_port_round_trips_bit_exact(name):
     tm, fm, inputs = pair.build("float32")
     variables = weight_port.torch_to_flax(tm, fm, inputs, input_layout=pair.port_layout)
     back = weight_port.flax_to_torch(variables, tm, fm, inputs, input_layout=pair.port_layout)
-    sd = tm.state_dict()
-    assert back.keys() == sd.keys()
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
-    fresh, _, _ = pair.build("float32")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    fresh.load_state_dict(back, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
-    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
+    assert_round_trip(pair, tm, back)

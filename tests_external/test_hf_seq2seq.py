@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from flax import traverse_util
 
 import parity
 import weight_port
-from hf_pairs import _SEQ2SEQ, HFPair, _seq2seq, _tf
+from hf_pairs import _SEQ2SEQ, HFPair, _seq2seq, _tf, assert_round_trip
 
 pytest.importorskip("transformers")
 
@@ -52,16 +51,7 @@ def test_seq2seq_zero_config_port_round_trips_bit_exact(name):
                       if name in SINUSOIDS else set()), plan.notes
     variables = plan.to_flax(tm.state_dict())
     back = weight_port.flax_to_torch(variables, tm, plan=plan)
-    sd = tm.state_dict()
-    assert back.keys() == sd.keys()
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
-    fresh, _, _ = pair.build("float32")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    fresh.load_state_dict(back, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
-    assert type(tm).__name__ == pair.torch_cls and type(tm).__module__.startswith("transformers.")
+    assert_round_trip(pair, tm, back)
 
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ))
@@ -93,15 +83,11 @@ def test_seq2seq_misport_is_located(name):
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ))
 def test_seq2seq_float64(name):
-    """Blenderbot and BlenderbotSmall PASS in float64. Pegasus and Marian FAIL at float32 rounding
-    size, never more: torch builds the frozen sinusoid table in float32 (cast to float64 it keeps
-    float32 values), their Flax twins compute it in float64 -- like RoFormer (test_hf_battery)."""
-    from parity.tolerances import GRAD, tolerance_for
-
+    """All four PASS in float64. Pegasus and Marian build their frozen sinusoid table in float32
+    (cast to float64 it keeps float32 values) where their Flax twins compute it in float64: the
+    judge sees the float32-rounded table and judges by float32 noise, and says so (like RoFormer)."""
     tm, fm, inputs = SEQ2SEQ[name].build("float64")
     r = parity.check(tm, fm, inputs, dtype="float64", layers=False)
-    if name not in SINUSOIDS:
-        assert r.verdict == "PASS", r
-        return
-    worst = max(c.rel_norm for c in r.outputs + r.grads if not c.below_floor)
-    assert r.verdict == "FAIL" and worst <= tolerance_for("float32", GRAD).rtol, r
+    assert r.verdict == "PASS", r
+    named = any("holds float32-rounded values" in w for w in r.warnings)
+    assert named == (name in SINUSOIDS), r.warnings

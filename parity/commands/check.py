@@ -221,8 +221,9 @@ def _summary_line(r, seconds: float) -> str:
             if r.grads else f"{'-':>12} {'-':>9}")
     omax = (f"{max(c.max_abs for c in r.outputs):11.2e} {max(c.score for c in r.outputs):9.2e}"
             if r.outputs else f"{'-':>11} {'-':>9}")
+    judges = sorted({c.judge for c in r.outputs + r.grads})
     lines = [f"{r.model[:_MODEL_W]:<{_MODEL_W}} {r.dtype:<8} {r.mode:<5} {omax} "
-             f"{gmax} {seconds:5.1f}s  {verdict}{where}"]
+             f"{gmax} {seconds:5.1f}s  {verdict}{where}" + (f"  [judge: {'+'.join(judges)}]" if judges else "")]
     lines += [f"    warning: {w}" for w in r.warnings]
     return "\n".join(lines)
 

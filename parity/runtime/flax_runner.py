@@ -75,6 +75,11 @@ class FlaxCall:
     args: tuple  # positional args with arrays replaced by _SLOT (arrays travel in the aux output)
     kwargs: dict
     input_names: list[str]  # names of array leaves of (args, kwargs): args[0], kwargs['mask']
+    # When the call began and ended on the recorder's clock: a call nests the calls that began
+    # after it and ended before it (what the per-layer pairing reads to tell which Flax module
+    # holds which layers; module paths cannot: an inline nn.Sequential's layers sit beside it).
+    start: int = 0
+    end: int = 0
 
 
 class _Recorder:
@@ -87,12 +92,19 @@ class _Recorder:
         self.calls: dict[str, FlaxCall] = {}
         self.inputs: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
+        self.clock = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
 
     def record(self, path: tuple[str, ...], module_for_rerun, run: Callable, args: tuple, kwargs: dict):
         call = self.counts[path]
         self.counts[path] += 1
         key = call_key(path, call)
+        start = self.tick()
         out = run(*args, **kwargs)
+        end = self.tick()
         pert = (self.perts or {}).get(key)
         if pert:
             out = map_with_path(lambda p, o: o + pert[p] if p in pert else o, out)
@@ -107,7 +119,7 @@ class _Recorder:
             module = module_for_rerun() if callable(module_for_rerun) else module_for_rerun
             self.calls[key] = FlaxCall(path, call, module,
                                        jax.tree_util.tree_map(strip, tuple(args)),
-                                       jax.tree_util.tree_map(strip, dict(kwargs)), names)
+                                       jax.tree_util.tree_map(strip, dict(kwargs)), names, start, end)
         self.inputs[key] = dict(zip(names, arrays))
         self.outputs[key] = {p: o for p, o in flatten(out).items() if _is_array(o)}
         return out
@@ -296,6 +308,7 @@ class FlaxRun:
     call_inputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     call_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     call_output_cots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    args: tuple = ()  # the inputs it ran on (Flax layout), so a consumer can run it again
 
 
 def _split_floats(args: tuple):
@@ -318,11 +331,14 @@ def output_shapes(twin: FlaxTwin, variables: Mapping, args: tuple) -> dict[str, 
 
 
 def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
-                     cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False) -> FlaxRun:
+                     cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False,
+                     offsets: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> FlaxRun:
     """Forward, and with ``cotangents`` (by output path, Flax layout) the VJP with respect to the
     params and the float input leaves, as ONE jitted program (XLA compiles it once; eager JAX
     would compile every primitive separately). capture: record every submodule call, and the
-    cotangent at every recorded float output (zero perturbations, differentiated)."""
+    cotangent at every recorded float output (zero perturbations, differentiated). offsets (with
+    capture): {call key: {output path: array}} added to those recorded outputs, so the rest of the
+    model runs on another value there (the per-layer analysis hands one layer torch's output)."""
     variables = dict(variables)
     params = variables.get("params", {})
     rest = {k: v for k, v in variables.items() if k != "params"}
@@ -338,9 +354,11 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         return flatten(out), (aux, {k: v for k, v in new.items() if k != "params"})
 
     perts = None
-    if capture and cotangents is not None:
+    if capture and (cotangents is not None or offsets):
         _, ((_, shapes), _) = jax.eval_shape(fn, params, floats, None)
-        perts = {k: {p: jnp.zeros(s.shape, s.dtype) for p, s in v.items() if jnp.issubdtype(s.dtype, jnp.floating)}
+        given = offsets or {}
+        perts = {k: {p: (jnp.asarray(given[k][p], s.dtype) if p in given.get(k, {}) else jnp.zeros(s.shape, s.dtype))
+                     for p, s in v.items() if jnp.issubdtype(s.dtype, jnp.floating)}
                  for k, v in shapes.items()}
         recorders.clear()
 
@@ -356,7 +374,7 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
     out, ((c_in, c_out), new_rest), grads = jax.device_get(jax.jit(run)(params, floats, perts, cots))
     result = FlaxRun({p: np.asarray(o) for p, o in out.items()},
-                     new_variables={"params": params, **new_rest})
+                     new_variables={"params": params, **new_rest}, args=tuple(args))
     if grads is not None:
         p_grads, in_grads, pert_grads = grads
         result.param_grads = p_grads

@@ -7,8 +7,11 @@ integer leaves (ids, masks) as-is, else the kind of torch layer that first consu
 ([N, F]) as-is, else a LayoutError naming the leaf and the flag.
 Outputs: ``output_layout``, else the one layout that makes the torch and Flax shapes agree, else
 the kind of layer that produced the tensor, else a LayoutError naming the leaf and the flag.
-Activations inside the model: the producing layer's kind (weight_port.layout.kind_layout),
-pass-through kinds inheriting their input's layout.
+Activations inside the model: ``output_layout`` entries that name a layer by its torch module
+path (``split_output_spec``), else the one layout in which the torch and Flax shapes agree (what
+the tensor is: HF ResNetModel's convolutions return channels-first maps on the Flax side too),
+else the producing layer's kind (weight_port.layout.kind_layout), pass-through kinds inheriting
+their input's layout (``resolve``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from parity.runtime.torch_runner import TorchCall, input_paths, keystr
 from parity.runtime.tree import flatten
 from weight_port.call_order import first_consumers
-from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, check_layout,
+from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LAYOUTS, LayoutError, check_layout,
                                 consumer_layout, flax_shape, kind_layout, layout_from_shapes)
 
 LayoutSpec = str | Mapping | Sequence | None
@@ -55,6 +58,30 @@ def declared(spec: LayoutSpec, paths: Sequence[str], *, root: str, flag: str) ->
     if unknown:
         raise LayoutError(f"{flag}: {', '.join(sorted(unknown))} name no leaf; leaves are {', '.join(paths)}")
     return {p: check_layout(v, f"{flag} {p}") for p, v in table.items()}
+
+
+def split_output_spec(spec: LayoutSpec, output_paths: Sequence[str], module_paths: Sequence[str]
+                      ) -> tuple[LayoutSpec, dict[str, dict[str, str]]]:
+    """(the model-output part of ``output_layout``, {torch module path: {output leaf key or "": layout}}).
+
+    A dict key that names a model output leaf (``declared``'s forms) is a model output. Any other
+    key naming a torch submodule path (``resnet``, ``encoder.layer.0``, as ``named_modules`` spells
+    it) declares every output leaf of that layer's rows; ``path:leaf`` (``resnet:pooler_output``,
+    ``blk:out[0]``) one leaf of them. Strings and mirrored trees are model outputs only.
+    """
+    if not isinstance(spec, Mapping):
+        return spec, {}
+    modules = set(module_paths)
+    model, layers = {}, {}
+    for key, value in spec.items():
+        names_output = isinstance(key, str) and any(
+            p == key or p.endswith((f".{key}", f"[{key!r}]", f"[{key}]")) for p in output_paths)
+        path, _, leaf = key.partition(":") if isinstance(key, str) else (key, "", "")
+        if not names_output and path in modules and path:
+            layers.setdefault(path, {})[leaf] = check_layout(value, f"output_layout {key!r}")
+        else:
+            model[key] = value
+    return (model or None), layers
 
 
 def input_layouts(torch_module: torch.nn.Module, args: tuple, spec: LayoutSpec = None) -> dict[str, str]:
@@ -122,21 +149,29 @@ class ActivationLayouts:
     between modules (flatten, transpose) stay unknown (None): the caller then asks the shapes.
     """
 
-    def __init__(self, calls: Sequence[TorchCall], model_inputs: Mapping[int, str], aliases: Mapping[int, int]):
+    def __init__(self, calls: Sequence[TorchCall], model_inputs: Mapping[int, str], aliases: Mapping[int, int],
+                 layer_outputs: Mapping[str, Mapping[str, str]] | None = None):
+        """layer_outputs: the caller's layouts of layer outputs (``split_output_spec``): they win
+        over everything, and ``declared`` lists the (path, call, leaf) they were given for."""
         self.aliases = aliases
         self.known: dict[int, str] = dict(model_inputs)
         self.inputs: dict[tuple[str, int], dict[str, str | None]] = {}
         self.outputs: dict[tuple[str, int], dict[str, str | None]] = {}
         self.nodes: dict[int, str] = {}  # id(autograd node that made a module output) -> layout
         self._keep = []  # the nodes themselves, so their ids stay theirs
+        self.declared: set[tuple[str, int, str]] = set()
         for c in calls:
             ins = {n: self._get(i) for n, i in c.input_ids.items()}
             self.inputs[(c.path, c.call)] = ins
             kind = kind_layout(type(c.module))
             first_in = next((v for n, v in ins.items() if c.inputs[n].is_floating_point()), None)
             outs = {}
+            given = _layer_spec((layer_outputs or {}).get(c.path), list(c.outputs), c.path)
             for p, o in c.outputs.items():
-                if kind in (CHANNELS_FIRST, AS_IS):
+                if p in given:
+                    lay = given[p]
+                    self.declared.add((c.path, c.call, p))
+                elif kind in (CHANNELS_FIRST, AS_IS):
                     lay = kind
                 elif kind == INHERIT:
                     lay = first_in
@@ -165,6 +200,9 @@ class ActivationLayouts:
             for p, lay in self.outputs[(c.path, c.call)].items():
                 if lay is None:
                     self.outputs[(c.path, c.call)][p] = consumed.get(self._root(id(c.outputs[p])))
+
+    def is_declared(self, path: str, call: int, leaf: str) -> bool:
+        return (path, call, leaf) in self.declared
 
     def _root(self, i: int) -> int:
         seen = 0
@@ -212,18 +250,45 @@ def flax_shape_cf(shape: tuple) -> tuple | None:
         return None
 
 
+def _layer_spec(spec: Mapping[str, str] | None, leaves: Sequence[str], path: str) -> dict[str, str]:
+    """{leaf: layout} of one layer's outputs from its ``split_output_spec`` entry ("" = every leaf)."""
+    if not spec:
+        return {}
+    out = {p: spec[""] for p in leaves} if "" in spec else {}
+    named = {k: v for k, v in spec.items() if k}
+    if named:
+        out.update(declared(named, list(leaves), root="out", flag=f"output_layout {path!r}"))
+    return out
+
+
+def fitting_layouts(torch_shape: tuple, flax_shape_: tuple) -> list[str]:
+    """The layouts under which a torch-layout tensor of ``torch_shape`` has Flax shape ``flax_shape_``."""
+    fits = []
+    for layout in LAYOUTS:
+        try:
+            if flax_shape(tuple(torch_shape), layout) == tuple(flax_shape_):
+                fits.append(layout)
+        except LayoutError:
+            pass
+    return fits
+
+
 def resolve(layout: str | None, torch_shape: tuple, flax_shape: tuple | None) -> tuple[str | None, str]:
-    """(layout, note): a kind-derived layout as is; an unknown one from the shapes when only one
-    layout fits; else (None, why)."""
+    """(layout, note) of one activation inside the model, ``layout`` being its producing layer's
+    kind (or None). What the tensor is decides first: when exactly one layout makes torch's and
+    Flax's shapes agree, that one (a module that computes channels-last may return channels-first
+    maps: HF's FlaxResNetModel transposes its outputs back to [N, C, H, W]); when both do, the
+    kind; when neither does, the kind too (the comparison then reports the shape difference);
+    else (None, why)."""
+    if flax_shape is None:
+        return (layout, "") if layout is not None else (None, "layout unknown")
+    fits = fitting_layouts(torch_shape, flax_shape)
+    if len(fits) == 1:
+        return fits[0], ""
     if layout is not None:
         return layout, ""
-    if flax_shape is None:
-        return None, "layout unknown"
-    guess = layout_from_shapes(tuple(torch_shape), tuple(flax_shape))
-    if guess is None:
-        return None, (f"layout unknown: made by a function between modules and shapes torch "
-                      f"{tuple(torch_shape)} / flax {tuple(flax_shape)} fit both or neither")
-    return guess, ""
+    return None, (f"layout unknown: made by a function between modules and shapes torch "
+                  f"{tuple(torch_shape)} / flax {tuple(flax_shape)} fit both or neither")
 
 
 def model_input_ids(args: tuple, layouts: Mapping[str, str]) -> dict[int, str]:
@@ -233,5 +298,5 @@ def model_input_ids(args: tuple, layouts: Mapping[str, str]) -> dict[int, str]:
             if isinstance(x, torch.Tensor) and keystr(p) in layouts}
 
 
-__all__ = ["ActivationLayouts", "declared", "input_layouts", "input_paths", "model_input_ids",
-           "output_layouts", "resolve"]
+__all__ = ["ActivationLayouts", "declared", "fitting_layouts", "input_layouts", "input_paths", "model_input_ids",
+           "output_layouts", "resolve", "split_output_spec"]
