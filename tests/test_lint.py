@@ -90,6 +90,119 @@ def test_inline_torch_gelu_is_located_to_its_module():
     assert [(f.torch_where, f.flax_where) for f in found] == [("block (inline gelu)", "block (inline gelu)")]
 
 
+class _Branchy(torch.nn.Module):
+    """An exact F.gelu behind data-dependent Python control flow: torch.fx cannot trace this
+    forward (a traced tensor cannot decide an ``if``); the lint reads a real forward instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.abs().max() > 0:  # data-dependent: torch.fx raises TraceError here
+            h = F.gelu(h)
+        return h
+
+
+class _BranchyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Branchy()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class _FlaxBranchy(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.gelu(nn.Dense(6, name="fc")(x))  # flax's default: the tanh approximation
+
+
+class _FlaxBranchyModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _FlaxBranchy(name="block")(x)
+
+
+def test_inline_gelu_behind_data_dependent_control_flow_is_named():
+    # Read from the forward itself, not a torch.fx trace (which cannot trace _Branchy).
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(_Branchy())
+    torch.manual_seed(0)
+    found = lint_pair(_BranchyModel().eval(), _FlaxBranchyModel(), torch.randn(3, 6), input_layouts="as_is")
+    assert [(f.kind, f.torch_where, f.flax_where) for f in found] == [
+        ("gelu", "block (inline gelu)", "block (inline gelu)")]
+    assert "torch GELU is exact (erf), Flax gelu is tanh approximation" in found[0].message
+
+
+class _Vmapped(torch.nn.Module):
+    """Calls torch.vmap in its forward (Hugging Face builds attention masks so): a value read
+    inside vmap raises, which once made the lint's forward fail and read nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return F.gelu(h) + torch.vmap(lambda row: row.sum() * 0.0)(h)[:, None]
+
+
+class _FlaxVmapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="fc")(x)
+        return nn.gelu(h) + (h.sum(-1) * 0.0)[:, None]  # tanh gelu: the finding the lint must make
+
+
+def test_lint_reads_a_forward_that_calls_vmap():
+    found = lint_pair(_Vmapped().eval(), _FlaxVmapped(), torch.randn(3, 6), input_layouts="as_is")
+    assert [(f.kind, f.torch_where) for f in found] == [("gelu", "<root> (inline gelu)")], found
+
+
+def test_lint_forward_leaves_the_module_as_it_found_it():
+    # The lint runs one forward of the check's own (train-mode) module: BatchNorm statistics,
+    # dropout's random draws, .grad fields and training flags are all put back.
+    from parity.lint._torch import traced_ops
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+                            torch.nn.Linear(4, 4))
+    m.train()
+    m[0].weight.grad = torch.ones(4, 4)
+    m[3].eval()  # a flag of its own, not the parent's
+    x = torch.randn(8, 4) + 5
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    ops = traced_ops(m, (x,), train=True)
+    assert {"linear", "batch_norm", "dropout"} <= {op.name for op in ops}
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(m[0].weight.grad, torch.ones(4, 4))
+    assert [x.training for x in m] == [True, True, True, False]
+
+
+def test_ops_are_credited_to_the_innermost_module_running():
+    # The parent's own ops before and after a child runs are the parent's; hooks' ops are no one's.
+    from parity.lint._torch import traced_ops
+
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = _Branchy()
+
+        def forward(self, x):
+            return F.gelu(self.child(F.relu(x)), approximate="tanh")
+
+    m = Parent()
+    m.child.register_forward_hook(lambda mod, args, out: out.sum())
+    ops = [(op.path, op.name) for op in traced_ops(m, (torch.randn(2, 6),), train=False)
+           if op.name in ("relu", "gelu", "linear", "sum")]
+    assert ops == [("", "relu"), ("child.fc", "linear"), ("child", "gelu"), ("", "gelu")]
+
+
 def test_same_padding_with_stride_lists_the_sizes_where_it_differs():
     # 'SAME' with stride 2, kernel 3 pads (0, 1) at even sizes, torch pads (1, 1) everywhere.
     found = _lint(_twin(padding="SAME"))

@@ -71,26 +71,28 @@ _DIM, _HEADS = 16, 2  # head_dim 8: 1/sqrt(8) is torch's default, 1/sqrt(16) the
 class _TorchAttn(torch.nn.Module):
     """Self-attention on [N, T, D]: sdpa (default scale 1/sqrt(head_dim)) or written out."""
 
-    def __init__(self, written: bool):
+    def __init__(self, written: bool, prescaled: bool = False):
         super().__init__()
         self.qkv = torch.nn.Linear(_DIM, 3 * _DIM)
-        self.written = written
+        self.written, self.prescaled = written, prescaled
 
     def forward(self, x):
-        n, t = x.size(0), x.size(1)  # written for torch.fx: a traced shape is not iterable
+        n, t = x.size(0), x.size(1)
         qkv = self.qkv(x).reshape(n, t, 3, _HEADS, _DIM // _HEADS).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.written:
             o = ((q @ k.transpose(-2, -1)) * (_DIM // _HEADS) ** -0.5).softmax(-1) @ v
+        elif self.prescaled:  # as Hugging Face's OPT and Whisper: q scaled first, sdpa's scale=1.0
+            o = F.scaled_dot_product_attention(q * (_DIM // _HEADS) ** -0.5, k, v, scale=1.0)
         else:
             o = F.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).reshape(n, t, _DIM)
 
 
 class _TorchModel(torch.nn.Module):
-    def __init__(self, written: bool = False):
+    def __init__(self, written: bool = False, prescaled: bool = False):
         super().__init__()
-        self.attn = _TorchAttn(written)
+        self.attn = _TorchAttn(written, prescaled)
 
     def forward(self, x):
         return self.attn(x)
@@ -130,6 +132,14 @@ def test_attention_scaled_by_embed_dim_is_named(written):
     assert [(f.torch_where, f.flax_where) for f in found] == [(f"attn (inline {kind})", "attn (q.k product)")]
     assert "by 1/sqrt(8)" in found[0].message and "Flax by 1/sqrt(16)" in found[0].message
     assert _attn_findings(_TorchModel(written), _FlaxModel((_DIM // _HEADS) ** -0.5)) == []
+
+
+def test_sdpa_on_a_prescaled_query_counts_the_factor():
+    # sdpa(scale=1.0) on q * 1/sqrt(8) scales the logits by 1/sqrt(8): no finding against a Flax
+    # 1/sqrt(8) (once named "torch scales by 1"), named against 1/sqrt(16).
+    assert _attn_findings(_TorchModel(prescaled=True), _FlaxModel((_DIM // _HEADS) ** -0.5)) == []
+    found = _attn_findings(_TorchModel(prescaled=True), _FlaxModel(_DIM ** -0.5))
+    assert len(found) == 1 and "by 1/sqrt(8) (its scale=, q and k scaled by 1/sqrt(8) before it)" in found[0].message
 
 
 def test_unscaled_attention_is_named_and_fails():

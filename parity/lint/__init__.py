@@ -3,9 +3,10 @@ compared, and name each known convention difference with both locations.
 
 Torch side: module attributes (nn.GELU(approximate=...), Dropout, ConvNd geometry, pooling,
 nn.Upsample, nn.MultiheadAttention) and inline calls (F.gelu, F.interpolate,
-F.scaled_dot_product_attention, a hand-written softmax attention) found by torch.fx, one trace
-per module with every child kept as a leaf, so an inline op is attributed to the module whose
-``forward`` called it (parity.lint._torch).
+F.scaled_dot_product_attention, a hand-written softmax attention) recorded during one real
+forward on the check's inputs: a torch function mode inside the module hooks credits each call to
+the innermost module running, so an inline op is attributed to the module whose ``forward``
+called it on any model that runs, data-dependent control flow included (parity.lint._torch).
 Flax side: one ``jax.make_jaxpr`` of the twin's apply (parity.lint._trace); each equation
 carries the Flax module path that produced it -- a Linen twin's name stack, an NNX twin's
 submodule scopes opened through the engine's NNX capture -- and the ``jax.image.resize`` calls
@@ -35,7 +36,7 @@ from parity.lint._attention import attention_findings
 from parity.lint._common import LINT_ERROR, Finding
 from parity.lint._norms import fast_variance_findings
 from parity.lint._resize import resize_findings
-from parity.lint._torch import inline_calls
+from parity.lint._torch import inline_calls, traced_ops
 from parity.lint._trace import flax_trace as _flax_eqns
 from parity.lint._traps import (conv_findings, dropout_findings, gelu_findings, pool_ceil_findings,
                                 pool_pad_findings)
@@ -51,7 +52,7 @@ def lint_pair(torch_module: torch.nn.Module, flax_module, example_input, *, inpu
     variables: Flax variables (default: ported from the torch module); plan: the weight port's
     PortPlan when the caller already has one (pairs torch layers to Flax paths). Never raises:
     an exception inside the lint is one Finding of kind "lint-error" naming it.
-    Cost: one jax.make_jaxpr of the twin, one torch.fx trace per non-built-in torch module.
+    Cost: one jax.make_jaxpr of the twin, one torch forward without gradients.
     """
     try:
         from parity.runtime import FlaxTwin, as_args, flax_inputs, torch_inputs, train_mode_matters
@@ -78,14 +79,14 @@ def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_ar
                 train: bool, torch_args: tuple | None = None) -> list[Finding]:
     """lint_pair for a caller that already has the twin, its variables, the Flax-layout inputs
     and the port's plan (parity.check). torch_args: the same inputs in torch layout, for the
-    traps that depend on the data (fast variance; skipped without them). Never raises (a
-    "lint-error" Finding instead)."""
+    one torch forward that reads the inline ops (F.gelu, F.interpolate, attention) and for the
+    traps that depend on the data (fast variance); without them those are not read (a "note"
+    says so). The forward leaves ``torch_module`` as it found it. Never raises (a "lint-error"
+    Finding instead)."""
     try:
         trace = _flax_eqns(twin, variables, flax_args)
-        calls, failed = inline_calls(torch_module)
+        calls, notes = _inline(torch_module, torch_args, train)
         nnx = twin.nnx
-        notes = [Finding("note", ", ".join(failed), "-", "torch.fx could not trace these modules' forward: "
-                         "inline torch ops there (F.gelu, F.interpolate, attention) are not read")] if failed else []
         return (notes + gelu_findings(torch_module, plan, trace, calls, nnx) + conv_findings(plan, trace)
                 + dropout_findings(torch_module, trace, train, nnx) + pool_ceil_findings(torch_module, nnx)
                 + pool_pad_findings(torch_module, trace, nnx) + resize_findings(torch_module, trace, calls, nnx)
@@ -93,6 +94,18 @@ def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_ar
                 + fast_variance_findings(torch_module, plan, torch_args, train))
     except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
         return [_crash(exc)]
+
+
+def _inline(torch_module: torch.nn.Module, torch_args: tuple | None, train: bool) -> tuple[list, list[Finding]]:
+    """(the inline torch calls of one forward, a "note" when they could not be read)."""
+    unread = "inline torch ops (F.gelu, F.interpolate, attention) are not read"
+    if torch_args is None:
+        return [], [Finding("note", "-", "-", f"no torch inputs given: {unread}")]
+    try:
+        return inline_calls(torch_module, traced_ops(torch_module, torch_args, train=train)), []
+    except Exception as exc:  # noqa: BLE001  (the rest of the lint stands without them)
+        return [], [Finding("note", "<root>", "-", f"the torch forward failed ({type(exc).__name__}: {exc}): "
+                            f"{unread}")]
 
 
 def _crash(exc: Exception) -> Finding:

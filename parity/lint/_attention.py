@@ -1,8 +1,10 @@
 """Attention scaling: the constant the softmax logits are scaled by, on both sides.
 
 Torch: nn.MultiheadAttention and F.scaled_dot_product_attention(scale=None) scale q.k by
-1/sqrt(head_dim); sdpa(scale=c) by c; a hand-written attention by the numeric factors between
-its q @ k matmul and the softmax (torch.fx, parity.lint._torch).
+1/sqrt(head_dim); sdpa(scale=c) by c, times any constant applied to q or k before the call
+(Hugging Face's OPT and Whisper scale q and pass scale=1.0); a hand-written attention by the
+numeric factors between its q @ k matmul and the softmax (read from one real forward,
+parity.lint._torch).
 Flax: in the jaxpr, every ``exp`` whose result is summed (a softmax) is walked back through the
 usual softmax and mask ops (x - max, + mask, select, casts, reshapes) to the ``dot_general``
 producing the logits, multiplying the constant factors met on the way and on each operand of
@@ -101,27 +103,30 @@ def flax_attention(trace: FlaxTrace) -> dict[tuple[str, ...], list[tuple[Eqn, fl
 
 
 def _torch_attention(torch_module, plan, calls: list[TorchCall], nnx: bool) -> list[tuple]:
-    """[(torch where, scale or None for 1/sqrt(head_dim), where the head_dim comes from, Flax path)]."""
-    out = [(tpath(p), m.head_dim ** -0.5, f"nn.MultiheadAttention head_dim {m.head_dim}",
+    """[(torch where, scale or None for 1/sqrt(head_dim), factor on q and k before it, where the
+    scale comes from, Flax path)]."""
+    out = [(tpath(p), m.head_dim ** -0.5, 1.0, f"nn.MultiheadAttention head_dim {m.head_dim}",
             flax_path_of(p, plan, nnx))
            for p, m in torch_module.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     for c in calls:
         if c.op == "sdpa":
-            scale = c.kwargs.get("scale")
+            scale, factor = c.kwargs.get("scale"), c.kwargs.get("factor", 1.0)
             origin = "scaled_dot_product_attention's default" if scale is None else "its scale="
+            if not math.isclose(factor, 1.0):
+                origin += f", q and k scaled by {inv_sqrt(factor)} before it"
             out.append((f"{tpath(c.path)} (inline scaled_dot_product_attention)",
-                        None if scale is None else float(scale), origin, guess_flax_path(c.path, nnx)))
+                        None if scale is None else float(scale), factor, origin, guess_flax_path(c.path, nnx)))
         elif c.op == "attention":
-            out.append((f"{tpath(c.path)} (inline softmax attention)", c.kwargs["scale"],
+            out.append((f"{tpath(c.path)} (inline softmax attention)", c.kwargs["scale"], 1.0,
                         "constants before its softmax", guess_flax_path(c.path, nnx)))
     return out
 
 
 def attention_findings(torch_module, plan, trace: FlaxTrace, calls: list[TorchCall], nnx: bool) -> list[Finding]:
     out = []
-    for (where, t_scale, origin, _), (dot, f_scale, d) in pair_by_scope(
+    for (where, t_scale, factor, origin, _), (dot, f_scale, d) in pair_by_scope(
             _torch_attention(torch_module, plan, calls, nnx), flax_attention(trace)):
-        want = d ** -0.5 if t_scale is None else t_scale
+        want = (d ** -0.5 if t_scale is None else t_scale) * factor
         if math.isclose(want, f_scale, rel_tol=1e-5):
             continue
         t_text = f"{inv_sqrt(want)} ({origin}{'' if t_scale is not None else f', head_dim {d} on the Flax side'})"

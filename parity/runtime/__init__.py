@@ -9,6 +9,7 @@ from parity.runtime.flax_runner import (FlaxCall, FlaxRun, FlaxTwin, call_key, f
                                         forward_backward, is_nnx, output_shapes,
                                         value_and_grad_fn)
 from parity.runtime.layouts import ActivationLayouts, declared, input_layouts, output_layouts
+from parity.runtime.torch_ops import TensorRef, TorchOp
 from parity.runtime.torch_runner import (TorchCall, TorchRun, input_paths, random_cotangents,
                                          run_torch, torch_inputs, train_mode_matters)
 from parity.runtime.tree import as_args, flatten, map_with_path, structure
@@ -17,7 +18,7 @@ from weight_port.layout import (AS_IS, CHANNELS_FIRST, LayoutError, to_flax_layo
                                 to_torch_layout)
 
 __all__ = ["AS_IS", "CHANNELS_FIRST", "ActivationLayouts", "FlaxCall", "FlaxRun", "FlaxTwin",
-           "LayoutError", "TRAIN_KWARGS", "TorchCall", "TorchRun", "TrainModeError", "as_args",
+           "LayoutError", "TRAIN_KWARGS", "TensorRef", "TorchCall", "TorchOp", "TorchRun", "TrainModeError", "as_args",
            "call_key", "call_kwargs", "declared", "flatten", "flax_inputs", "forward_backward",
            "input_layouts", "input_paths", "is_nnx", "map_with_path", "output_layouts",
            "output_shapes", "random_cotangents", "run_torch", "structure", "to_flax_layout",

@@ -8,6 +8,7 @@ dataclasses, HF ModelOutput): they are flattened to {path: array} (parity.runtim
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 import torch
 
+from parity.runtime.torch_ops import OpRecorder, TorchOp
 from parity.runtime.tree import flatten, map_with_path
 from weight_port.tensors import to_numpy
 
@@ -100,6 +102,7 @@ class TorchRun:
     # such op ("" for the top module's own code).
     lower_precision: str = ""
     lower_first: str | None = None
+    ops: list[TorchOp] | None = None  # every torch function the forward called, when ops=True
 
 
 def random_cotangents(outputs: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -238,6 +241,7 @@ def run_torch(
     cotangent_seed: int = 1,
     capture: bool = False,
     watch_precision: torch.dtype | None = None,
+    ops: bool = False,
 ) -> TorchRun:
     """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
 
@@ -247,17 +251,19 @@ def run_torch(
     watch_precision: the run's dtype, to note forward ops that compute below it
     (TorchRun.lower_precision / lower_first, TorchCall.lower_precision): a float64 run of a model
     that upcasts into float32 on purpose is only float32-accurate there.
+    ops: record every torch function the forward calls, credited to the innermost module running
+    (TorchOp, call order; parity.runtime.torch_ops), for the trap lint.
     The module's parameter .grad fields are reset first; call it on a private copy.
     """
     module.train(train)
     module.zero_grad(set_to_none=True)
     recorder = _Recorder(module, grads) if capture else None
     watch = _PrecisionWatch(watch_precision, recorder) if watch_precision is not None else None
+    op_recorder = OpRecorder(module) if ops else None  # after the capture hooks: it skips them
     try:
-        if watch is not None:
-            with watch:
-                raw = module(*args)
-        else:
+        # The op recorder is the outer mode: it sees each op after the watch, and what it computes
+        # itself (reading a scalar's value) runs with both modes off, unseen by the watch.
+        with op_recorder or contextlib.nullcontext(), watch or contextlib.nullcontext():
             raw = module(*args)
         outs = {p: o for p, o in flatten(raw).items() if isinstance(o, torch.Tensor)}
         values = {p: to_numpy(o.detach()).copy() for p, o in outs.items()}
@@ -271,6 +277,8 @@ def run_torch(
     finally:
         if recorder is not None:
             recorder.remove()
+        if op_recorder is not None:
+            op_recorder.remove()
     in_grads = {}
     if grads:
         for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(tuple(args))[0],
@@ -282,7 +290,8 @@ def run_torch(
                for n, p in module.named_parameters()} if grads else {}
     lowest = str(watch.lowest).replace("torch.", "") if watch is not None and watch.lowest is not None else ""
     return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
-                    recorder.aliases if recorder else {}, lowest, watch.first if watch is not None else None)
+                    recorder.aliases if recorder else {}, lowest, watch.first if watch is not None else None,
+                    op_recorder.ops if op_recorder else None)
 
 
 def train_mode_matters(module: torch.nn.Module) -> bool:
