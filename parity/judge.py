@@ -143,7 +143,11 @@ def measured(tol: Tolerance, dtype: str, *, probe_dtype: str | None = None,
     if tol.k is None:
         raise ValueError("the measured-noise rule needs a REFERENCE table entry (k, floor)")
     scale = 1.0 if probe_dtype is None else min(EPS[effective or dtype] / EPS[probe_dtype], 1.0)
-    return Measured(k=tol.k, rho=tol.floor / EPS[dtype], eps=EPS[dtype], noise_scale=scale, reason=tol.reason,
+    # The floor is the rounding of the slice's own values in the precision they were computed in:
+    # a float32 part of a float64 run holds float32-rounded values (diffusers' Timesteps computes
+    # its sinusoids in float32 from integer steps: the probe measures no noise there at all).
+    eps = max(EPS[dtype], EPS[effective]) if effective else EPS[dtype]
+    return Measured(k=tol.k, rho=tol.floor / EPS[dtype], eps=eps, noise_scale=scale, reason=tol.reason,
                     own_everywhere=dtype in OWN_NOISE_EVERYWHERE)
 
 
