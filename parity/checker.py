@@ -446,7 +446,7 @@ def check(
                 found = lint_traced(run.torch_module, run.twin, run.variables, run.flax_args, run.plan,
                                     train=train, torch_args=torch_inputs(run.torch_args, _DTYPES[dname], tdev, False))
             report.warnings += [f"trap: {f}" for f in found]
-            if strict:  # a "note" (a module fx could not trace) says what was not read: no trap
+            if strict:  # a "note" (a forward the lint could not run) says what was not read: no trap
                 report.strict_findings = [str(f) for f in found if f.kind != "note"]
         if run.structure_error:
             fwd = tolerance_for(dname, FORWARD, prec, jdev.platform)
