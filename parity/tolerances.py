@@ -179,6 +179,13 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
 # has torch's error orders of magnitude below it.
 NOISE_SLICE_SHARE = 0.5
 
+# The measured noise of a slice is one draw of a random rounding process: over m elements its norm
+# is a good estimate (relative spread ~ 1/sqrt(2m)), over a few it is not (for a scalar, the ratio
+# of two such draws is Cauchy-like: CLIP's logit_scale gradient came out 5.6x torch's one-ulp-nudged
+# noise on a correct twin). k is widened for small slices: k * (1 + FEW_ELEMENTS / sqrt(m)), 4k for
+# a scalar, 1.3k for 100 elements. What it could hide is a scalar off by 16x its rounding noise.
+FEW_ELEMENTS = 3.0
+
 # Half-precision checks count the twin's own measured noise on every slice, not only on noise
 # slices: XLA:CPU accumulates bfloat16/float16 reductions (a conv's weight gradient over N*H*W)
 # in the low dtype where ATen accumulates in float32, so a structurally exact twin's bfloat16
