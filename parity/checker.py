@@ -104,8 +104,27 @@ def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str
     notes += [f"weight port pairing: {n}" for n in getattr(plan, "pairing_notes", None) or []]
     # What a rule of the plan decided about single tensors (a frozen table the twin computes, a
     # look-alike Flax layer ported by its kind's rule)
-    notes += [f"weight port: {n}" for n in getattr(plan, "notes", None) or []]
+    notes += _grouped_plan_notes(getattr(plan, "notes", None) or [])
     return plan, notes
+
+
+def _grouped_plan_notes(plan_notes: list[str]) -> list[str]:
+    """The port's notes, one line per look-alike Flax class (a UNet has ten BatchNorms of one
+    class: one line, not ten) and one per other note."""
+    looks: dict[str, list[str]] = {}
+    out = []
+    for n in plan_notes:
+        m = re.match(r"flax (\S+) \((\w+)\) is of no registered class but has exactly (.*?): torch", n)
+        if m:
+            looks.setdefault(f"{m.group(2)}|{m.group(3)}", []).append(m.group(1))
+        else:
+            out.append(f"weight port: {n}")
+    for key, paths in looks.items():
+        cls, kind = key.split("|", 1)
+        out.append(f"weight port: {len(paths)} Flax {cls} layer(s) of no registered class have exactly {kind} "
+                   f"and are ported by that kind's rule (first: {paths[0]}); weight_port.register_rule names "
+                   "the class for good")
+    return out
 
 
 def _run(torch_module, flax_module, example_input, variables, dname, *, train, train_kwarg, input_layout,
@@ -463,9 +482,10 @@ def check(
         own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
         if own:
             report.warnings.append(
-                f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: within the twin's own {dname} rounding "
-                "noise only, which is larger than torch's (XLA accumulating reductions in the low dtype?): "
-                "the twin computes the same thing, less accurately")
+                f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: some slices are within the twin's own "
+                f"{dname} rounding noise only, larger there than torch's (a slice that is zero in exact "
+                "arithmetic, or reductions XLA accumulates in the low dtype): the same computation, rounded "
+                "differently")
         _locate_nonfinite(report, run)
         if data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
             from parity.data_parallel import attach
