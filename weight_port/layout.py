@@ -70,9 +70,8 @@ def flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return tuple(np.shape(to_flax_layout(np.empty(shape, dtype=np.bool_), layout)))
 
 
-def layout_from_shapes(torch_shape: tuple[int, ...], flax_shape_: tuple[int, ...]) -> str | None:
-    """The one layout under which the two shapes agree, or None when both or neither do
-    (e.g. [N, T, D] with T == D: ambiguous; the caller must declare it)."""
+def fitting_layouts(torch_shape: tuple[int, ...], flax_shape_: tuple[int, ...]) -> list[str]:
+    """The layouts under which a torch-layout tensor of ``torch_shape`` has Flax shape ``flax_shape_``."""
     fits = []
     for layout in LAYOUTS:
         try:
@@ -80,6 +79,13 @@ def layout_from_shapes(torch_shape: tuple[int, ...], flax_shape_: tuple[int, ...
                 fits.append(layout)
         except LayoutError:
             pass
+    return fits
+
+
+def layout_from_shapes(torch_shape: tuple[int, ...], flax_shape_: tuple[int, ...]) -> str | None:
+    """The one layout under which the two shapes agree, or None when both or neither do
+    (e.g. [N, T, D] with T == D: ambiguous; the caller must declare it)."""
+    fits = fitting_layouts(torch_shape, flax_shape_)
     return fits[0] if len(fits) == 1 else None
 
 

@@ -22,8 +22,8 @@ import torch
 from parity.runtime.torch_runner import TorchCall, input_paths, keystr
 from parity.runtime.tree import flatten
 from weight_port.call_order import first_consumers
-from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LAYOUTS, LayoutError, check_layout,
-                                consumer_layout, flax_shape, kind_layout, layout_from_shapes)
+from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, check_layout,
+                                consumer_layout, fitting_layouts, flax_shape, kind_layout, layout_from_shapes)
 
 LayoutSpec = str | Mapping | Sequence | None
 
@@ -259,18 +259,6 @@ def _layer_spec(spec: Mapping[str, str] | None, leaves: Sequence[str], path: str
     if named:
         out.update(declared(named, list(leaves), root="out", flag=f"output_layout {path!r}"))
     return out
-
-
-def fitting_layouts(torch_shape: tuple, flax_shape_: tuple) -> list[str]:
-    """The layouts under which a torch-layout tensor of ``torch_shape`` has Flax shape ``flax_shape_``."""
-    fits = []
-    for layout in LAYOUTS:
-        try:
-            if flax_shape(tuple(torch_shape), layout) == tuple(flax_shape_):
-                fits.append(layout)
-        except LayoutError:
-            pass
-    return fits
 
 
 def resolve(layout: str | None, torch_shape: tuple, flax_shape: tuple | None) -> tuple[str | None, str]:
