@@ -47,7 +47,7 @@ def child(ckpt: str, out: str, width: int, layers: int, mode: str) -> None:
     import weight_port as wp
     from flax_impl.mlp import ExplicitMLP
     from parity.commands.port import write_orbax
-    from parity.configs import MLPConfig
+    from model_configs import MLPConfig
 
     state = wp.load_state(ckpt)
     plan = wp.build_plan(None, ExplicitMLP(MLPConfig(in_features=width, features=(width,) * layers)),

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 
 from flax_impl.layers import log_softmax
-from parity.configs import CNNConfig
+from model_configs import CNNConfig
 
 
 class CNN(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from parity.configs import MLPConfig
+from model_configs import MLPConfig
 
 
 class ExplicitMLP(nn.Module):

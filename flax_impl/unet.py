@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax_impl.batchnorm import BatchNorm
 from flax_impl.layers import center_crop, resize_bilinear, torch_conv_transpose_padding
 from flax_impl.subpixel import SubpixelConvTranspose
-from parity.configs import UNetConfig
+from model_configs import UNetConfig
 
 
 class DoubleConv(nn.Module):

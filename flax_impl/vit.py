@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_impl.layers import exact_attention
-from parity.configs import ViTConfig
+from model_configs import ViTConfig
 
 # torch's LayerNorm eps is 1e-5; Flax's default 1e-6 would be silently off by ~1e-6 relative.
 _LN_EPS = 1e-5

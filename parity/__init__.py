@@ -1,8 +1,9 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
-Public API: check, assert_parity, Report, Comparison and judge (the one judge), registry helpers, and the execution engine
-(parity.runtime: FlaxTwin, layouts). Heavy imports are lazy so
-``import parity.configs`` stays framework-free.
+Public API: check, assert_parity, Report, Comparison and judge (the one judge), the prepared
+pair (prepare, PreparedPair, CheckOptions), registry helpers, and the execution engine
+(parity.runtime: FlaxTwin, layouts). Heavy imports are lazy: ``import parity`` loads no framework
+until a name is used.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ _LAZY = {
     "check": "parity.checker",
     "assert_parity": "parity.checker",
     "Report": "parity.report",
+    "prepare": "parity.pair",
+    "PreparedPair": "parity.pair",
+    "CheckOptions": "parity.pair",
     "Comparison": "parity.judge",
     "judge": "parity.judge",
     "LayerRow": "parity.layers",

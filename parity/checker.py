@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import copy
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -22,192 +20,106 @@ from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
                              reduced_float32)
+from parity.pair import CheckOptions, PreparedPair, devices, prepare
 from parity.report import Report
-from parity.runtime import (ActivationLayouts, FlaxRun, FlaxTwin, TorchRun, as_args, flax_inputs,
-                            forward_backward, input_layouts, input_paths, output_layouts, output_shapes, run_torch,
-                            structure, torch_inputs, train_mode_matters)
-from parity.runtime.layouts import LayoutSpec, model_input_ids, split_output_spec
+from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, output_layouts,
+                            output_shapes, structure)
+from parity.runtime.layouts import model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
-from weight_port.keywords import bind_keywords
-from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
-from weight_port.plan import PortPlan, build_plan
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
-
-
-def _dtype_name(dtype) -> str:
-    if dtype is None:
-        return "float32"
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-
+from weight_port import AS_IS, to_flax_layout, to_torch_layout
 
 @dataclass
 class CapturedRun:
-    """Raw results of one forward + backward on both sides (numpy; torch values in torch layout,
-    Flax values in Flax layout): what ``capture`` returns and ``check`` judges.
+    """Raw results of one forward + backward on both sides of a prepared pair (numpy; torch values
+    in torch layout, Flax values in Flax layout): what ``capture`` returns and ``check`` judges.
 
     torch.calls / flax.calls (when captured with layers=True): every module call on each side,
     the input of parity.layers.isolated_layers with ``act_layouts`` (None without layers).
     """
 
-    plan: PortPlan
-    twin: FlaxTwin
-    variables: Mapping
-    torch_args: tuple
-    flax_args: tuple
+    pair: PreparedPair
     torch: TorchRun
     flax: FlaxRun | None  # None when the output structures differ (nothing to compare leaf by leaf)
     f_p_grads: dict[str, np.ndarray]  # Flax param grads named and laid out as torch's
-    in_layouts: dict[str, str]
-    out_layouts: dict[str, str]
     act_layouts: ActivationLayouts | None
-    torch_module: torch.nn.Module
-    notes: list[str]
     structure_error: str | None = None
-    output_map: dict[str, str] | None = None  # Flax output path -> torch output path
+
+    # The pair's pieces, read through the run (every consumer of a run also needs them).
+    plan = property(lambda self: self.pair.plan)
+    twin = property(lambda self: self.pair.twin)
+    variables = property(lambda self: self.pair.variables)
+    torch_args = property(lambda self: self.pair.torch_args)
+    flax_args = property(lambda self: self.pair.flax_args)
+    in_layouts = property(lambda self: self.pair.in_layouts)
+    out_layouts = property(lambda self: self.pair.out_layouts or {})
+    output_map = property(lambda self: self.pair.output_map)
+    torch_module = property(lambda self: self.pair.torch_module)
+    notes = property(lambda self: self.pair.notes)
 
 
-def _device(device: str | None) -> tuple[str, object]:
-    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU."""
-    if device in (None, "cpu"):
-        return "cpu", jax.devices("cpu")[0]
-    if device in ("cuda", "gpu"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
-        try:
-            return "cuda", jax.devices("gpu")[0]
-        except RuntimeError as exc:
-            raise ValueError(f"device {device!r} requested but JAX has no GPU backend ({exc})") from None
-    raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
-
-
-def _plan_layouts(args: tuple, in_layouts: Mapping[str, str]) -> list[str]:
-    # build_plan takes one layout per positional argument (its example input is flat).
-    return [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
-
-
-def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str]]:
-    # A Flax hyperparameter that differs from torch's (LayerNorm eps) is something this check
-    # should measure and locate, not refuse: ask the port to warn, and keep its words.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plain = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in args)
-        plan = build_plan(tm, flax_module, plain, input_layout=_plan_layouts(args, in_layouts),
-                          check_attributes="warn", rename=rename)
-    notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
-    # Pairings the port made by structure rather than by name (PortPlan.pairing_notes, when the
-    # port records them): a user should see them, since a wrong one shifts every verdict.
-    notes += [f"weight port pairing: {n}" for n in getattr(plan, "pairing_notes", None) or []]
-    # What a rule of the plan decided about single tensors (a frozen table the twin computes, a
-    # look-alike Flax layer ported by its kind's rule)
-    notes += _grouped_plan_notes(getattr(plan, "notes", None) or [])
-    return plan, notes
-
-
-def _grouped_plan_notes(plan_notes: list[str]) -> list[str]:
-    """The port's notes, one line per look-alike Flax class (a UNet has ten BatchNorms of one
-    class: one line, not ten) and one per other note."""
-    looks: dict[str, list[str]] = {}
-    out = []
-    for n in plan_notes:
-        m = re.match(r"flax (\S+) \((\w+)\) is of no registered class but has exactly (.*?): torch", n)
-        if m:
-            looks.setdefault(f"{m.group(2)}|{m.group(3)}", []).append(m.group(1))
-        else:
-            out.append(f"weight port: {n}")
-    for key, paths in looks.items():
-        cls, kind = key.split("|", 1)
-        out.append(f"weight port: {len(paths)} Flax {cls} layer(s) of no registered class have exactly {kind} "
-                   f"and are ported by that kind's rule (first: {paths[0]}); weight_port.register_rule names "
-                   "the class for good")
-    return out
-
-
-def _run(torch_module, flax_module, example_input, variables, dname, *, train, train_kwarg, input_layout,
-         output_layout, rename, seed, grads, tdev, say, layers, watch: bool = False) -> CapturedRun:
-    tdtype = _DTYPES[dname]
-    tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
-    tm.train(train)
-    # Keyword inputs (parity.Inputs) are bound into the private torch copy and a rebuilt Flax
-    # module: everything below calls both top modules positionally.
-    tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
-    args = torch_inputs(as_args(example_input), tdtype, tdev, grads)
-    # The inputs as given, for every later run: a torch model may change its inputs in place
-    # (XGLM adds its offset to position_ids with +=), and a rerun on those would compute another
-    # thing (the noise probe of XGLM was 91% off its own run).
-    given = torch_inputs(args, tdtype, tdev, grads)
-    in_layouts = input_layouts(tm, args, input_layout)
-    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg, train_mode_matters=train_mode_matters(tm))
-    say("porting weights")
-    plan, notes = _port(tm, flax_module, args, in_layouts, rename)
-    if variables is None:
-        variables = plan.to_flax(tm.state_dict())
-    f_args = flax_inputs(args, in_layouts)
+def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
+         cotangents: Mapping[str, np.ndarray] | None = None) -> CapturedRun:
+    """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
+    default: seeded random); the first run also settles the output map and layouts the pair's
+    casts share."""
     say("torch forward/backward")
-    t = run_torch(tm, args, train=train, grads=grads, cotangent_seed=seed + 1, capture=layers,
-                  watch_precision=tdtype if watch else None)
-    f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
-    to_t = _align(list(f_shapes), list(t.outputs))
-    if to_t is None:
-        err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
-               f"{'{' + ', '.join(f_shapes) + '}'}")
-        return CapturedRun(plan, twin, variables, given, f_args, t, None, {}, in_layouts, {}, None, tm, notes, err)
+    t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
+                             cotangent_seed=o.seed + 1, watch=watch)
+    module_paths = [p for p, _ in pair.torch_module.named_modules()]
     # output_layout entries naming a layer (by torch module path) are for its per-layer rows
-    output_layout, layer_layouts = split_output_spec(output_layout, list(t.outputs),
-                                                     [p for p, _ in tm.named_modules()])
+    output_layout, layer_layouts = split_output_spec(o.output_layout, list(t.outputs), module_paths)
     acts = None
     if t.calls is not None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
+        acts = ActivationLayouts(t.calls, model_input_ids(args, pair.in_layouts), t.aliases, layer_layouts)
+    if pair.output_map is None:
+        f_shapes = {p: s.shape for p, s in output_shapes(pair.twin, pair.variables, pair.flax_args).items()}
+        to_t = _align(list(f_shapes), list(t.outputs))
+        if to_t is None:
+            err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
+                   f"{'{' + ', '.join(f_shapes) + '}'}")
+            return CapturedRun(pair, t, None, {}, None, err)
 
-    def producer(path: str):
-        nonlocal acts
-        if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
-            probe = run_torch(copy.deepcopy(tm), torch_inputs(given, tdtype, tdev, False), train=train,
-                              grads=False, capture=True)
-            acts = ActivationLayouts(probe.calls, model_input_ids(args, in_layouts), probe.aliases, layer_layouts)
-            return acts.of_tensor(probe.raw_outputs[path])
-        return acts.of_tensor(t.raw_outputs[path])
+        def producer(path: str):
+            if acts is None:  # only asked when the shapes fit both layouts: one more forward, hooked
+                probe, probe_args = pair.run_torch(grads=False, capture=True)
+                probe_acts = ActivationLayouts(probe.calls, model_input_ids(probe_args, pair.in_layouts),
+                                               probe.aliases, layer_layouts)
+                return probe_acts.of_tensor(probe.raw_outputs[path])
+            return acts.of_tensor(t.raw_outputs[path])
 
-    f_shapes = {to_t[p]: shape for p, shape in f_shapes.items()}
-    out_layouts = output_layouts(output_layout, {p: o.shape for p, o in t.outputs.items()}, f_shapes, producer)
+        f_shapes = {to_t[p]: shape for p, shape in f_shapes.items()}
+        pair.out_layouts = output_layouts(output_layout, {p: o_.shape for p, o_ in t.outputs.items()}, f_shapes,
+                                          producer)
+        pair.output_map = to_t
+    to_t = pair.output_map
     to_f = {tp: fp for fp, tp in to_t.items()}
-    f_cots = ({to_f[p]: to_flax_layout(c, out_layouts[p], p) for p, c in t.cotangents.items()}
-              if grads else None)
+    f_cots = ({to_f[p]: to_flax_layout(c, pair.out_layouts[p], p) for p, c in t.cotangents.items()}
+              if o.grads else None)
     say("flax forward/vjp" + (" with every layer recorded" if layers else ""))
-    f = forward_backward(twin, variables, f_args, f_cots, capture=layers)
+    f = forward_backward(pair.twin, pair.variables, pair.flax_args, f_cots, capture=layers)
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
-    f_named = plan.to_torch({"params": f.param_grads}, collections=("params",)) if grads else {}
-    if t.calls is not None and acts is None:
-        acts = ActivationLayouts(t.calls, model_input_ids(args, in_layouts), t.aliases, layer_layouts)
-    return CapturedRun(plan, twin, variables, given, f_args, t, f, f_named, in_layouts, out_layouts,
-                       acts, tm, notes, output_map=to_t)
+    f_named = pair.plan.to_torch({"params": f.param_grads}, collections=("params",)) if o.grads else {}
+    return CapturedRun(pair, t, f, f_named, acts)
 
 
-def capture(torch_module: torch.nn.Module, flax_module, example_input, *, dtype="float32", device: str = "cpu",
-            variables: Mapping | None = None, train: bool = False, train_kwarg: str | None = None,
-            input_layout: LayoutSpec = None, output_layout: LayoutSpec = None, rename=None, seed: int = 0,
-            grads: bool = True, layers: bool = True,
-            progress: Callable[[str], None] | None = None) -> CapturedRun:
+def capture(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
+            variables: Mapping | None = None, progress: Callable[[str], None] | None = None,
+            **option_fields) -> CapturedRun:
     """One forward + backward of both sides, exactly as ``check`` runs them, without judging.
 
-    Arguments as for ``check`` (example_input in torch layout, [N, C, H, W] for images). The
-    torch module is copied and cast to ``dtype``; ``variables`` default to the port of that copy.
-    layers=True records every module call on both sides (``CapturedRun.torch.calls``,
-    ``.flax.calls``) for parity.layers. ``.flax`` is None when the output structures differ
-    (``.structure_error`` says how). Numerics are the caller's: ``check`` runs the same capture
-    under parity.numerics.pinned and jax.default_device(device), with x64 enabled for float64.
+    Arguments as for ``check`` (example_input in torch layout, [N, C, H, W] for images; options
+    as a CheckOptions and/or its fields as keywords). The torch module is copied and cast to
+    ``dtype``; ``variables`` default to the port of that copy. layers=True records every module
+    call on both sides (``CapturedRun.torch.calls``, ``.flax.calls``) for parity.layers.
+    ``.flax`` is None when the output structures differ (``.structure_error`` says how). Numerics
+    are the caller's: ``check`` runs the same capture under parity.numerics.pinned and
+    jax.default_device(device), with x64 enabled for float64.
     """
-    dname = _dtype_name(dtype)
-    if dname not in _DTYPES:
-        raise ValueError(f"unknown dtype {dname!r}; choose from {', '.join(_DTYPES)}")
-    tdev, _ = _device(device)
-    return _run(torch_module, flax_module, example_input, variables, dname, train=train, train_kwarg=train_kwarg,
-                input_layout=input_layout, output_layout=output_layout, rename=rename, seed=seed, grads=grads,
-                tdev=tdev, say=progress or (lambda msg: None), layers=layers)
+    o = CheckOptions.of(options, **option_fields)
+    say = progress or (lambda msg: None)
+    pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say)
+    return run_pair(pair, o, layers=o.layers, say=say)
 
 
 def _canonical(path: str) -> str:
@@ -361,30 +273,17 @@ def check(
     torch_module: torch.nn.Module,
     flax_module,
     example_input,
+    options: CheckOptions | None = None,
     *,
     variables: Mapping | None = None,
-    grads: bool = True,
-    layers: bool = True,
-    dtype=None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    train: bool = False,
-    train_kwarg: str | None = None,
-    input_layout: LayoutSpec = None,
-    output_layout: LayoutSpec = None,
-    rename=None,
-    precision: str = "highest",
-    tf32: bool | None = None,
-    reference: str | None = None,
-    device: str | None = None,
-    seed: int = 0,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
-    data_parallel: int | None = None,
-    lint: bool = True,
-    strict: bool = False,
+    **option_fields,
 ) -> Report:
     """Compare ``torch_module`` and its Flax twin (Linen or NNX) on ``example_input``.
+
+    options: a CheckOptions (parity.pair); its fields may also be given as keywords, which win
+    (``check(tm, fm, x, dtype="bfloat16", layers=False)``). The fields:
 
     example_input: the torch module's positional arguments in torch layout: one tensor / array,
     or a tuple/list of them (pytrees allowed: dicts, tuples with None); integer leaves (token
@@ -432,77 +331,80 @@ def check(
     verdict FAIL, never a setup error: the numbers are still computed and shown, so the report
     says both what the lint found and whether it mattered on this input.
     """
+    o = CheckOptions.of(options, **option_fields)
     say = progress or (lambda msg: None)
-    dname = _dtype_name(dtype)
-    if dname not in _DTYPES:
-        raise ValueError(f"unknown dtype {dname!r}; choose from {', '.join(_DTYPES)}")
-    if reference not in (None, "float64"):
-        raise ValueError(f"reference must be None or 'float64', got {reference!r}")
-    override = rtol is not None or atol is not None
-    if reference and override:
-        raise ValueError("rtol/atol replace the measured-noise judge; they do not combine with reference='float64'")
-    tdev, jdev = _device(device)
-    opts = dict(train=train, train_kwarg=train_kwarg, input_layout=input_layout, output_layout=output_layout,
-                rename=rename, seed=seed, grads=grads, tdev=tdev, say=say)
-    x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
-    with jax.default_device(jdev), pinned(precision=precision, tf32=tf32):
+    _, jdev = devices(o.device)
+    x64 = jax.enable_x64(True) if o.dtype == "float64" else contextlib.nullcontext()
+    with jax.default_device(jdev), pinned(precision=o.precision, tf32=o.tf32):
         with x64:  # record x64 as it is for the run itself (on only inside float64 checks)
-            env = numerics_env(tdev)
-        notes = precision_warnings(env)
-        if not override and dname != "float64" and reduced_float32(dname, env, jdev.platform):
-            notes.append(REDUCED_FLOAT32_NOTE)
-        with x64:
-            run = _run(torch_module, flax_module, example_input, variables, dname, layers=layers,
-                       watch=dname == "float64", **opts)
-        notes += run.notes + _dtype_warnings(run, dname, variables is not None)
-        report = Report(model=name or type(torch_module).__name__, dtype=dname,
-                        mode="train" if train else "eval", outputs=[], env=env, warnings=notes)
-        prec = jax_precision()
-        if lint or strict:
-            say("trap lint")
-            with x64:  # the twin is traced on the run's own (possibly float64) variables
-                # (a copy of the inputs: the lint runs torch once, and a model may change them in place)
-                found = lint_traced(run.torch_module, run.twin, run.variables, run.flax_args, run.plan,
-                                    train=train, torch_args=torch_inputs(run.torch_args, _DTYPES[dname], tdev, False))
-            report.warnings += [f"trap: {f}" for f in found]
-            if strict:  # a "note" (a forward the lint could not run) says what was not read: no trap
-                report.strict_findings = [str(f) for f in found if f.kind != "note"]
-        if run.structure_error:
-            fwd = tolerance_for(dname, FORWARD, prec, jdev.platform)
-            report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
-            return report
-        report.warnings += (_constant_input_warnings(run.torch_args) + _batch_of_one_warnings(run.torch_args)
-                            + _empty_input_warnings(run.torch_args) + _zero_warnings(run)
-                            + _initial_buffer_warnings(run.torch_module, train))
-        ev = _evidence(run, torch_module, flax_module, example_input, variables, dname, prec, jdev.platform,
-                       override=override, rtol=rtol, atol=atol, layers=layers, opts=opts, report=report)
-        report.reference = "float64" if ev.ref is not None else None
-        mj = ModelJudge(run, ev)
-        mj.fill(report)
-        own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
-        if own:
-            report.warnings.append(
-                f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: some slices are within the twin's own "
-                f"{dname} rounding noise only, larger there than torch's (a slice that is zero in exact "
-                "arithmetic, or reductions XLA accumulates in the low dtype): the same computation, rounded "
-                "differently")
-        _locate_nonfinite(report, run)
-        if data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
-            from parity.data_parallel import attach
-            with (jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()):
-                attach(report, run, data_parallel, mj)
-        if layers:
-            lr = ev.rows_run
-            ldt = "float64" if lr is not run else dname
-            with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
-                report.layers = analyze_layers(
-                    lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
-                    grads=grads, train=train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
-                    root=(worst_of(report.outputs), worst_of(report.grads)),  # the whole-model verdicts
-                )
-            report.first_divergence, report.divergence_kind = first_divergence(report.layers)
-        say("done")
+            env = numerics_env(devices(o.device)[0])
+            pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say)
+        return _check_pair(pair, o, env, jdev.platform, name or type(torch_module).__name__, say)
+
+
+def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, name: str, say) -> Report:
+    """The check of a prepared pair, under the caller's numerics (check() sets them)."""
+    dname = o.dtype
+    x64 = (lambda: jax.enable_x64(True)) if dname == "float64" else contextlib.nullcontext
+    notes = precision_warnings(env)
+    if not o.override and dname != "float64" and reduced_float32(dname, env, platform):
+        notes.append(REDUCED_FLOAT32_NOTE)
+    # A low-precision check judges its per-layer rows on the float64 run, which records every
+    # layer itself: this run records none (half the memory), unless the float64 run fails.
+    rows_here = o.layers and (dname == "float64" or o.override)
+    with x64():
+        run = run_pair(pair, o, layers=rows_here, say=say, watch=dname == "float64")
+    notes += pair.notes + _dtype_warnings(run, dname, pair.user_variables)
+    report = Report(model=name, dtype=dname, mode="train" if o.train else "eval", outputs=[], env=env,
+                    warnings=notes)
+    prec = jax_precision()
+    if o.lint or o.strict:
+        say("trap lint")
+        with x64():  # the twin is traced on the run's own (possibly float64) variables
+            found = lint_traced(pair.torch_module, pair.twin, pair.variables, pair.flax_args, pair.plan,
+                                train=o.train, torch_args=pair.inputs(False))
+        report.warnings += [f"trap: {f}" for f in found]
+        if o.strict:  # a "note" (a forward the lint could not run) says what was not read: no trap
+            report.strict_findings = [str(f) for f in found if f.kind != "note"]
+    if run.structure_error:
+        fwd = tolerance_for(dname, FORWARD, prec, platform)
+        report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
         return report
+    report.warnings += (_constant_input_warnings(pair.torch_args) + _batch_of_one_warnings(pair.torch_args)
+                        + _empty_input_warnings(pair.torch_args) + _zero_warnings(run)
+                        + _initial_buffer_warnings(pair.torch_module, o.train))
+    ev = _evidence(run, o, prec, platform, report, say)
+    if o.layers and ev.rows_run is run and run.torch.calls is None:
+        # No float64 run to take the rows from: this run again, every layer recorded.
+        with x64():
+            run = ev.rows_run = run_pair(pair, o, layers=True, say=say, watch=dname == "float64")
+    report.reference = "float64" if ev.ref is not None else None
+    mj = ModelJudge(run, ev)
+    mj.fill(report)
+    own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
+    if own:
+        report.warnings.append(
+            f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: some slices are within the twin's own "
+            f"{dname} rounding noise only, larger there than torch's (a slice that is zero in exact "
+            "arithmetic, or reductions XLA accumulates in the low dtype): the same computation, rounded "
+            "differently")
+    _locate_nonfinite(report, run, lambda: run_pair(pair, o, layers=True, say=say) if run.torch.calls is None else run)
+    if o.data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
+        from parity.data_parallel import attach
+        with x64():
+            attach(report, run, o.data_parallel, mj)
+    if o.layers:
+        lr = ev.rows_run
+        ldt = "float64" if lr is not run else dname
+        with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
+            report.layers = analyze_layers(
+                lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
+                grads=o.grads, train=o.train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
+                root=(worst_of(report.outputs), worst_of(report.grads)),  # the whole-model verdicts
+            )
+        report.first_divergence, report.divergence_kind = first_divergence(report.layers)
+    say("done")
+    return report
 
 
 @dataclass
@@ -526,50 +428,32 @@ class Evidence:
     rows_run: CapturedRun | None = None
     rows: RowJudge | None = None
     # The twin's own run in the probe's precision (float64 checks: float32) or in float64 (a
-    # low-precision check), by ModelJudge key, torch layout: its own noise on noise slices.
-    flax_other: dict[str, np.ndarray] | None = None
+    # low-precision check), by ModelJudge key, torch layout: its own noise on noise slices. A
+    # thunk, run only when a tensor does not pass on torch's noise alone (the twin's own noise
+    # only ever widens the bound: a pass without it is a pass with it).
+    flax_other: Callable[[], dict[str, np.ndarray] | None] | None = None
 
 
-def _torch_only(run: CapturedRun, dname: str, *, train: bool, grads: bool, capture: bool, tdev: str,
-                perturb: bool = False, seed: int = 0) -> TorchRun:
-    """The run's torch side again in ``dname``: the same (already rounded) weights and inputs,
-    the same cotangents; forward ops below ``dname``'s precision noted.
-
-    perturb: move a random half of every float weight, buffer and input one ulp toward zero first
-    (a noise probe): rounding-sized changes of everything that carries rounding, so a structure
-    that cancels exactly in one precision (equal features, equal rows) shows the noise it has in
-    another. Integer values (0, 1, a count or an index kept in a float buffer, a mask's finfo.min)
-    carry no rounding and are left alone: XGLM turns such a float into an index, and a nudged 3.0
-    is index 2."""
-    tm = copy.deepcopy(run.torch_module).to(_DTYPES[dname])
-    args = torch_inputs(run.torch_args, _DTYPES[dname], tdev, grads)
-    if perturb:
-        gen = torch.Generator().manual_seed(seed + 7)
-
-        def nudge(t: torch.Tensor) -> torch.Tensor:
-            flip = (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
-            return torch.where(flip, torch.nextafter(t, torch.zeros_like(t)), t)
-
-        with torch.no_grad():
-            for tensor in list(tm.parameters()) + list(tm.buffers()):
-                if tensor.is_floating_point():
-                    tensor.copy_(nudge(tensor))
-        args = jax.tree_util.tree_map(
-            lambda a: nudge(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-            and a.is_floating_point() else a, args)
-    return run_torch(tm, args, train=train, grads=grads, cotangents=run.torch.cotangents or None,
-                     capture=capture, watch_precision=_DTYPES[dname])
+def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: bool, cotangents,
+                perturb: bool = False) -> TorchRun:
+    """The pair's torch side again in ``dname``: the same (already rounded) weights and inputs,
+    the same cotangents; forward ops below ``dname``'s precision noted. perturb: the noise probe
+    of PreparedPair.run_torch (a random half of every weight, buffer and input one ulp nearer
+    zero). In the pair's own dtype no copy is made."""
+    p = pair if dname == pair.dtype else pair.cast(dname, flax=False)
+    t, _ = p.run_torch(grads=o.grads, capture=capture, cotangents=cotangents or None, watch=True,
+                       perturb=o.seed + 7 if perturb else None)
+    return t
 
 
-def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variables, dname: str, prec: str,
-              platform: str, *, override: bool, rtol, atol, layers: bool, opts: dict, report: Report) -> Evidence:
+def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, report: Report, say) -> Evidence:
     """Run what the measured-noise judge needs (the float64 reference of a low-precision check,
     the float32 probe of a float64 check), or say in a warning why the table decides instead."""
-    say, tdev, grads, train = opts["say"], opts["tdev"], opts["grads"], opts["train"]
+    dname, pair, cots = o.dtype, run.pair, run.torch.cotangents
     fwd_t = tolerance_for(dname, FORWARD, prec, platform)
     grd_t = tolerance_for(dname, GRAD, prec, platform)
-    if override:  # the caller's rtol/atol replace the table, and nothing else (torch.testing)
-        tf, tg = Table(fwd_t.override(rtol, atol), True), Table(grd_t.override(rtol, atol), True)
+    if o.override:  # the caller's rtol/atol replace the table, and nothing else (torch.testing)
+        tf, tg = Table(fwd_t.override(o.rtol, o.atol), True), Table(grd_t.override(o.rtol, o.atol), True)
         return Evidence(dname, None, tf, tg, rows_run=run, rows=RowJudge(tf, tg))
     tf, tg = Table(fwd_t), Table(grd_t)
     ref64 = tolerance_for("float64", REFERENCE)
@@ -577,8 +461,7 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
         say("float32 probe run (measures float64 noise)")
         try:
             with jax.enable_x64(True):
-                probe = _torch_only(run, "float32", train=train, grads=grads, capture=layers, tdev=tdev,
-                                    perturb=True, seed=opts["seed"])
+                probe = _torch_only(pair, o, "float32", capture=o.layers, cotangents=cots, perturb=True)
         except Exception as exc:  # noqa: BLE001 -- a model that cannot run in float32
             report.warnings.append(f"the float32 run that measures float64 noise failed ({type(exc).__name__}: "
                                    f"{str(exc)[:160]}): judged by the table; a pass only atol explains is "
@@ -590,53 +473,52 @@ def _evidence(run: CapturedRun, torch_module, flax_module, example_input, variab
             rule = replace(rule, own_everywhere=True)
         rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
                         all_float32=effective == "float32" and not run.torch.lower_precision)
-        with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
-            other = _own_noise_run(run, "float32", report)
+
+        def other():
+            with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
+                return _own_noise_run(run, "float32", report)
         return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
     say("float64 reference run")
     try:
         with jax.enable_x64(True):
-            if layers:  # per-layer rows run in float64 on both sides, where verdicts are sharp
-                ref_vars = None
-                if variables is not None:
-                    ref_vars = jax.tree_util.tree_map(
-                        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        variables)
-                # Weights rounded to the checked dtype first: the reference then differs from the
-                # low-precision runs by their arithmetic only.
-                rounded = copy.deepcopy(torch_module).to(_DTYPES[dname])
-                ref = _run(rounded, flax_module, example_input, ref_vars, "float64", layers=True, watch=True, **opts)
+            # The same pair in float64: weights and inputs already rounded to the checked dtype
+            # (the reference then differs from the low-precision runs by their arithmetic only),
+            # the same plan and the same cotangents. Per-layer rows run in float64 on both sides,
+            # where verdicts are sharp.
+            ref_pair = pair.cast("float64", flax=o.layers)
+            if o.layers:
+                ref = run_pair(ref_pair, o, layers=True, say=say, watch=True, cotangents=cots)
                 ref_torch = ref.torch
             else:
-                ref = _torch_only(run, "float64", train=train, grads=grads, capture=False, tdev=tdev)
-                ref_torch = ref
+                ref = ref_torch = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True)[0]
+            del ref_pair
     except Exception as exc:  # noqa: BLE001 -- e.g. a torch model that builds a float32 constant inside
-        return _same_dtype_evidence(run, dname, prec, platform, tf, tg, opts, report,
+        return _same_dtype_evidence(run, o, prec, platform, tf, tg, report, say,
                                     f"the float64 reference run failed ({type(exc).__name__}: {str(exc)[:160]})")
     rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
-    if ref_torch.lower_precision or any(getattr(layer.rule, "dropped", ()) for layer in run.plan.layers):
+    if ref_torch.lower_precision or any(getattr(layer.rule, "dropped", ()) for layer in pair.plan.layers):
         # The reference computes part of itself in float32 (or holds a float32 table the twin
         # computes): that part is the same in torch's own run, so torch's measured noise misses
         # its rounding (diffusers' float32 sinusoids of timesteps up to 1000), while the twin
         # computes it its own way. The twin's own noise counts on every slice then.
         rule = replace(rule, own_everywhere=True)
-    if not layers:
-        with jax.enable_x64(True):
-            other = _own_noise_run(run, "float64", report)
+    if not o.layers:
+        def other():
+            with jax.enable_x64(True):
+                return _own_noise_run(run, "float64", report)
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
     lower = _lower_warning(ref_torch, report, "float64 reference run") or _float32_tables(ref, report)
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
     say("float32 probe run (measures the float64 rows' noise)")
     try:
-        probe = _torch_only(run, "float32", train=train, grads=grads, capture=True, tdev=tdev, perturb=True,
-                            seed=opts["seed"])
+        probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True)
         rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
                         all_float32=lower == "float32" and not ref_torch.lower_precision)
     except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
         report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                f"{str(exc)[:120]}): rows judged by the float64 table")
         rows = RowJudge(t64f, t64g)
-    other = _flax_tensors(ref) if ref.flax is not None else None
+    other = (lambda: _flax_tensors(ref)) if ref.flax is not None else None
     return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
 
 
@@ -684,18 +566,17 @@ def _flax_tensors(run: CapturedRun) -> dict[str, np.ndarray]:
     return out
 
 
-def _same_dtype_evidence(run: CapturedRun, dname: str, prec: str, platform: str, tf: Table, tg: Table,
-                         opts: dict, report: Report, why: str) -> Evidence:
-    """No float64 run: the noise is measured by the torch run again in ``dname`` with a random
-    half of every weight, buffer and input one ulp nearer zero, against the run itself (torch is
-    then the reference: the twin's error against torch must be within k times what rounding-sized
-    changes move torch by). Where even that cannot run, the table, with INCONCLUSIVE for a pass
-    that only atol explains."""
-    say, tdev, grads, train, layers = opts["say"], opts["tdev"], opts["grads"], opts["train"], run.torch.calls is not None
+def _same_dtype_evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, tf: Table, tg: Table,
+                         report: Report, say, why: str) -> Evidence:
+    """No float64 run: the noise is measured by the torch run again in the checked dtype with a
+    random half of every weight, buffer and input one ulp nearer zero, against the run itself
+    (torch is then the reference: the twin's error against torch must be within k times what
+    rounding-sized changes move torch by). Where even that cannot run, the table, with
+    INCONCLUSIVE for a pass that only atol explains."""
+    dname = o.dtype
     say(f"{dname} probe run (no float64 run: measures the noise in {dname})")
     try:
-        probe = _torch_only(run, dname, train=train, grads=grads, capture=layers, tdev=tdev, perturb=True,
-                            seed=opts["seed"])
+        probe = _torch_only(run.pair, o, dname, capture=o.layers, cotangents=run.torch.cotangents, perturb=True)
     except Exception as exc:  # noqa: BLE001
         report.warnings.append(f"{why}, and so did the {dname} probe run ({type(exc).__name__}): judged by the "
                                f"{dname} table; a pass only atol explains is INCONCLUSIVE")
@@ -755,17 +636,26 @@ class ModelJudge:
         self.run, self.ev = run, ev
         t = run.torch
         self.own_probe = self.own_ref = {}
+        self._own_pending = ev.flax_other is not None and ev.model_rule is not None
         if ev.model_rule is None:
             self.refs = self.probes = None
         elif ev.ref is not None:  # low precision: truth = float64 run, noise = torch's own error
             self.refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
             self.probes = _tensors(t)
-            if ev.flax_other is not None:  # the twin's own noise: this run against its float64 run
-                self.own_probe, self.own_ref = _flax_tensors(run), ev.flax_other
         else:  # float64: truth = torch's own run, noise = the float32 probe's error, scaled
             self.refs, self.probes = _tensors(t), _tensors(ev.probe)
-            if ev.flax_other is not None:  # the twin's own noise: its float32 run against this one
-                self.own_probe, self.own_ref = ev.flax_other, _flax_tensors(run)
+
+    def _own_noise(self) -> None:
+        """The twin's own noise, once, when a tensor first needs it: low precision compares this
+        run against the twin's float64 run; float64 compares the twin's float32 run against this."""
+        self._own_pending = False
+        other = self.ev.flax_other()
+        if other is None:
+            return
+        if self.ev.ref is not None:
+            self.own_probe, self.own_ref = _flax_tensors(self.run), other
+        else:
+            self.own_probe, self.own_ref = other, _flax_tensors(self.run)
 
     def judge(self, kind: str, key: str, name: str, flax_value, torch_value, layout: str,
               axis: int | str | None = "auto", probe=None) -> Comparison:
@@ -776,9 +666,11 @@ class ModelJudge:
         table = self.ev.table_forward if kind == FORWARD else self.ev.table_grad
         if self.refs is not None and key in self.refs and key in self.probes:
             try:
-                return judge(name, flax_value, torch_value, self.ev.model_rule, layout=layout,
-                             reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
-                             flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
+                c = self._measured(name, key, flax_value, torch_value, layout, axis, probe)
+                if not c.ok and self._own_pending:
+                    self._own_noise()
+                    c = self._measured(name, key, flax_value, torch_value, layout, axis, probe)
+                return c
             except NoEvidence as exc:
                 fallback = f"{exc}: judged by the table"
             except ValueError as exc:
@@ -790,6 +682,11 @@ class ModelJudge:
         except ValueError as exc:
             return failed_comparison(name, str(exc), table)
         return replace(c, note="; ".join(n for n in (c.note, fallback) if n))
+
+    def _measured(self, name, key, flax_value, torch_value, layout, axis, probe) -> Comparison:
+        return judge(name, flax_value, torch_value, self.ev.model_rule, layout=layout,
+                     reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
+                     flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
 
     def fill(self, report: Report) -> None:
         run, t, f = self.run, self.run.torch, self.run.flax
@@ -822,9 +719,14 @@ def _tensors(t: TorchRun) -> dict[str, np.ndarray]:
     return {**t.outputs, **t.input_grads, **{f"param:{n}": g for n, g in t.param_grads.items()}}
 
 
-def _locate_nonfinite(report: Report, run: CapturedRun) -> None:
+def _locate_nonfinite(report: Report, run: CapturedRun, recorded: Callable[[], CapturedRun]) -> None:
     """NaN on both sides in a compared tensor: INVALID, with where it first appeared. A NaN or inf
-    on one side only is that tensor's FAIL; say where that side first made it."""
+    on one side only is that tensor's FAIL; say where that side first made it. recorded(): the
+    run with every layer recorded (run again only when something is not finite)."""
+    bad = [c for c in report.outputs + report.grads if c.nonfinite or "one side only" in c.note]
+    if not bad:
+        return
+    run = recorded()
     if any(c.nonfinite for c in report.outputs + report.grads):
         report.invalid = _first_nonfinite(run, nan_only=True) or next(
             f"NaN on both sides in {c.name}" for c in report.outputs + report.grads if c.nonfinite)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("parity: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from weight_port.errors import PortError
+        from weight_port import PortError
 
         # Expected failures (bad input, bad files, a port that cannot be made) are one line.
         # Anything else is a bug in this tool and keeps its traceback.

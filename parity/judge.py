@@ -40,7 +40,7 @@ import numpy as np
 
 from parity.tolerances import EPS, FEW_ELEMENTS, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, TOLERANCES, Tolerance
 from weight_port.layout import AS_IS, to_torch_layout
-from weight_port.tensors import to_numpy
+from weight_port import to_numpy
 
 REFERENCE, TABLE = "reference", "table"
 

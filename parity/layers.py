@@ -35,8 +35,8 @@ from parity.runtime import (ActivationLayouts, FlaxCall, FlaxRun, FlaxTwin, Torc
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
-from weight_port.naming import flax_path_str, torch_to_flax_path
-from weight_port.plan import PortPlan
+from weight_port import flax_path_str, torch_to_flax_path
+from weight_port import PortPlan
 
 ROOT = "<root>"  # how the report names the top-level module (its torch path is "")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.configs import CNNConfig, MLPConfig, UNetConfig, ViTConfig
+from model_configs import CNNConfig, MLPConfig, UNetConfig, ViTConfig
 # weight_port.layout's two layout names, spelled here because importing weight_port imports torch
 # and the registry must stay light (``parity --help``); tests/test_runtime_layout.py pins them equal.
 CHANNELS_FIRST = "NC..."

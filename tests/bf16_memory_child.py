@@ -30,7 +30,7 @@ def _mlp(width: int, layers: int):
     import torch
 
     from flax_impl.mlp import ExplicitMLP
-    from parity.configs import MLPConfig
+    from model_configs import MLPConfig
     from torch_ref.mlp import ExplicitMLP as TorchMLP
 
     cfg = MLPConfig(in_features=width, features=(width,) * layers)

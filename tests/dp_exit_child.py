@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dp_models import MLPDiesAtExit, MLPDiesInStep
-from parity.data_parallel.train import train_check_data_parallel
+from parity.training.ddp_train import train_check_data_parallel
 from parity.registry import PAIRS
 
 

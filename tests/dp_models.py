@@ -88,10 +88,10 @@ class FlaxConvBN(nn.Module):
 
 
 def _in_ddp_worker() -> bool:
-    """Whether this process is a torch DDP worker (python -m parity.data_parallel.ddp), not the
+    """Whether this process is a torch DDP worker (python -m parity.training.ddp), not the
     test or the parent that plans and judges the check."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "parity.data_parallel.ddp"
+    return getattr(spec, "name", None) == "parity.training.ddp"
 
 
 class MLPDiesAtExit(ExplicitMLP):

@@ -13,8 +13,8 @@ import train_pairs as tp
 import verdict_pairs as vp
 from dp_models import FlaxConvBN, TorchConvBN, TorchGlobalDoubleNorm
 from planted import example_tokens, make_flax_tokens_renamed, make_torch_tokens
-from parity.data_parallel.ddp import run_ddp
-from parity.data_parallel.train import PlannedChecks, plan_checks
+from parity.training.ddp import run_ddp
+from parity.training.ddp_train import PlannedChecks, plan_checks
 from parity.registry import PAIRS
 from parity.tolerances import GRAD, NOISE_FLOORS, TRAIN_NOISE_FLOORS
 from parity.training import OptimizerSpec

@@ -24,7 +24,7 @@ def main(ckpt: str, out: str, width: int, layers: int, mode: str) -> None:
     import weight_port as wp
     from flax_impl.mlp import ExplicitMLP
     from parity.commands.port import write_orbax
-    from parity.configs import MLPConfig
+    from model_configs import MLPConfig
 
     flax_model = ExplicitMLP(MLPConfig(in_features=width, features=(width,) * layers))
     state = wp.load_state(ckpt)

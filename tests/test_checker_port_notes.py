@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 import parity
-import parity.checker
+import parity.pair
 import planted
 
 
 def _with_plan_attrs(monkeypatch, **attrs):
-    real = parity.checker.build_plan
+    real = parity.pair.build_plan
 
     def build(*a, **kw):
         plan = real(*a, **kw)
@@ -18,7 +18,7 @@ def _with_plan_attrs(monkeypatch, **attrs):
             setattr(plan, k, v)
         return plan
 
-    monkeypatch.setattr(parity.checker, "build_plan", build)
+    monkeypatch.setattr(parity.pair, "build_plan", build)
 
 
 def test_pairing_notes_are_report_warnings(monkeypatch):

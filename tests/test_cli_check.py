@@ -126,16 +126,16 @@ def test_example_input_with_token_ids_and_nnx_twin(monkeypatch, capsys):
 
 
 def test_rename_and_layouts_reach_the_port_and_the_checker(monkeypatch, capsys):
-    import parity.checker
+    import parity.pair
 
     seen = {}
-    real = parity.checker.build_plan
+    real = parity.pair.build_plan
 
     def spy(*a, **kw):
         seen.update(kw)
         return real(*a, **kw)
 
-    monkeypatch.setattr(parity.checker, "build_plan", spy)
+    monkeypatch.setattr(parity.pair, "build_plan", spy)
     monkeypatch.chdir(TESTS)
     code = main(["check", "--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens_renamed",
                  "--example-input", "planted:example_tokens", "--dtype", "float64", "--quiet",

@@ -79,7 +79,7 @@ def test_children_start_in_the_checkout_that_runs_them(monkeypatch, tmp_path):
     import subprocess
 
     from parity.benchmark import dp_scaling
-    from parity.data_parallel import ddp
+    from parity.training import ddp
 
     seen = []
 

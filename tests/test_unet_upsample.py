@@ -20,7 +20,7 @@ from flax_impl import UNet as FlaxUNet
 from flax_impl.layers import torch_conv_transpose_padding
 from flax_impl.subpixel import SubpixelConvTranspose
 from parity.judge import judge
-from parity.configs import UNetConfig
+from model_configs import UNetConfig
 from parity.tolerances import FORWARD, GRAD, tolerance_for
 from torch_ref import UNet as TorchUNet
 

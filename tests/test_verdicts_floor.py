@@ -16,6 +16,7 @@ import planted
 import verdict_pairs as vp
 from parity.cli import main
 import parity.checker as checker
+from parity.pair import CheckOptions
 from weight_port import build_plan
 
 TESTS = Path(__file__).parent
@@ -112,13 +113,33 @@ def test_the_noise_probe_is_nudged_where_float32_cancels_exactly():
     # integer values (a mask, an index kept in a float) are left alone.
     run = checker.capture(vp.make_torch_centered(), vp.make_flax_centered(), CENTERED_X, dtype="float64",
                           input_layout="as_is", layers=False)
-    kw = dict(train=False, grads=True, capture=False, tdev="cpu")
-    plain = checker._torch_only(run, "float32", **kw).outputs["out"]
-    nudged = checker._torch_only(run, "float32", perturb=True, **kw).outputs["out"]
+    o = CheckOptions(dtype="float64", layers=False)
+    kw = dict(capture=False, cotangents=run.torch.cotangents)
+    plain = checker._torch_only(run.pair, o, "float32", **kw).outputs["out"]
+    nudged = checker._torch_only(run.pair, o, "float32", perturb=True, **kw).outputs["out"]
     assert (np.abs(plain).max(axis=1) == 0).any()  # some samples cancel exactly in float32
     assert (np.abs(nudged).max(axis=1) > 0).all()  # none does once nudged
-    whole = checker._torch_only(run, "float32", perturb=True, **kw)
+    whole = checker._torch_only(run.pair, o, "float32", perturb=True, **kw)
     assert np.array_equal(whole.outputs["out"], nudged)  # seeded: the same probe every time
+
+
+def test_the_nudged_probe_leaves_the_pair_bit_for_bit_as_it_was():
+    # The probe of a float32 check nudges the pair's own float32 copy in place (no second copy
+    # of the weights) and moves every nudged value back: the next run must see the same bits.
+    run = checker.capture(vp.make_torch_centered(), vp.make_flax_centered(), CENTERED_X, dtype="float32",
+                          input_layout="as_is", layers=False)
+    tm = run.pair.torch_module
+    with torch.no_grad():  # values where a one-ulp move toward zero is a subnormal or a signed zero
+        first = next(tm.parameters())
+        first.view(-1)[:4] = torch.tensor([1e-45, -1e-45, 3.5, -2.75])
+    before = {k: v.clone() for k, v in tm.state_dict().items()}
+    probe, _ = run.pair.run_torch(grads=True, perturb=7)
+    again, _ = run.pair.run_torch(grads=True)
+    assert not np.array_equal(probe.outputs["out"], again.outputs["out"])  # the probe did move
+    after = tm.state_dict()
+    assert all(torch.equal(before[k], after[k]) and
+               torch.equal(torch.signbit(before[k]), torch.signbit(after[k])) for k in before)
+    assert all(p.grad is None for p in tm.parameters())  # the run's gradients are not kept twice
 
 
 @MODES

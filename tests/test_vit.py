@@ -12,7 +12,7 @@ from flax import nnx
 import weight_port
 from flax_impl.vit import ViT as FlaxViT
 from parity.judge import judge
-from parity.configs import ViTConfig
+from model_configs import ViTConfig
 from parity.tolerances import FORWARD, GRAD, tolerance_for
 from torch_ref.vit import ViT as TorchViT
 

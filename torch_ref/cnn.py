@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.configs import CNNConfig
+from model_configs import CNNConfig
 
 
 class CNN(nn.Module):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.configs import UNetConfig
+from model_configs import UNetConfig
 
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

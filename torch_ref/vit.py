@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parity.configs import ViTConfig
+from model_configs import ViTConfig
 
 
 class MLP(nn.Module):

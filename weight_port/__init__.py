@@ -18,15 +18,17 @@ from weight_port.errors import (
 )
 from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
-from weight_port.flax_tree import is_nnx
-from weight_port.keywords import Inputs, keyword_call
+from weight_port.call_order import first_consumers
+from weight_port.flax_tree import TRAIN_KWARGS, TrainModeError, call_kwargs, is_nnx, train_kwarg_of
+from weight_port.keywords import Inputs, bind_keywords, keyword_call
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout, to_torch_layout
 from weight_port.matching import Rename
-from weight_port.naming import torch_to_flax_path
+from weight_port.naming import flax_path_str, torch_to_flax_path
+from weight_port.nnx import nnx_variables, update_nnx
 from weight_port.plan import PortPlan, build_plan
 from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
-from weight_port.sources import load_state
+from weight_port.sources import ShardedState, load_state
 from weight_port.streaming import load_streamed, write_streamed
 import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from weight_port.tensors import numpy_to_torch, to_numpy
@@ -156,36 +158,48 @@ def _state_to_variables(state) -> dict:
 
 
 __all__ = [
-    "AS_IS",
     "AmbiguousPairingError",
+    "AS_IS",
     "AttributeMismatchError",
+    "bind_keywords",
+    "build_plan",
+    "call_kwargs",
     "CHANNELS_FIRST",
     "CheckpointError",
-    "KernelLayoutError",
+    "direct_rule",
+    "first_consumers",
     "FlattenOrderError",
     "FlattenTraceWarning",
+    "flax_path_str",
+    "flax_to_torch",
     "GroupedConvTranspose",
     "Inputs",
+    "is_nnx",
+    "KernelLayoutError",
     "KeyMismatchError",
     "LayerInfo",
-    "NoRuleError",
-    "NonFiniteWeightError",
-    "PortError",
-    "PortPlan",
-    "Rule",
-    "ShapeMismatchError",
-    "TensorMap",
-    "UnsafeCheckpointError",
-    "build_plan",
-    "direct_rule",
-    "flax_to_torch",
     "load_state",
     "load_streamed",
+    "nnx_variables",
+    "NonFiniteWeightError",
+    "NoRuleError",
+    "numpy_to_torch",
+    "PortError",
+    "PortPlan",
     "register_rule",
+    "Rule",
+    "ShapeMismatchError",
+    "ShardedState",
+    "TensorMap",
     "to_flax_layout",
     "to_numpy",
     "to_torch_layout",
     "torch_to_flax",
     "torch_to_flax_path",
+    "train_kwarg_of",
+    "TRAIN_KWARGS",
+    "TrainModeError",
+    "UnsafeCheckpointError",
+    "update_nnx",
     "write_streamed",
 ]

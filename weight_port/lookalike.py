@@ -20,7 +20,7 @@ import numpy as np
 
 from weight_port.rules import (
     BATCH_NORM, CONV, EMBEDDING, GROUP_NORM, INSTANCE_NORM, LINEAR, NORM, RMS_NORM, LayerInfo, Rule,
-    flax_rule_for,
+    converted_shape, flax_rule_for,
 )
 
 Path = tuple[str, ...]
@@ -49,8 +49,6 @@ def module_leaves(shapes: Mapping[tuple, object], path: Path) -> dict[tuple[str,
 
 def _converted(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...] | None:
     """The Flax shape ``rule`` makes of a torch tensor, None when the rule cannot take that rank."""
-    from weight_port.pairing import converted_shape
-
     try:
         return converted_shape(rule, name, shape, info)
     except ValueError:  # e.g. a conv kernel's transpose of a 1-D norm weight

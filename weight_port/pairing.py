@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 
 from weight_port.errors import AmbiguousPairingError
 from weight_port.flax_tree import FlaxTarget
 from weight_port.lookalike import is_lookalike, lookalike_rule, looks_like
 from weight_port.matching import Rename, apply_rename, candidate_paths, tree_paths
 from weight_port.naming import flax_path_str
-from weight_port.rules import LayerInfo, Rule, direct_rule, flax_rule_for
+from weight_port.rules import LayerInfo, Rule, converted_shape, direct_rule, flax_rule_for
 
 Leaf = tuple[str, ...]  # (collection, *module_path, leaf_name)
 
@@ -55,13 +54,6 @@ def _direct_rule_at(names, path, target: FlaxTarget) -> Rule:
     colls = sorted(target.collections(), key=lambda c: c != "params")
     return direct_rule({n: next((c for c in colls if (c, *path, n) in target.shapes), "params")
                         for n in names})
-
-
-def converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
-    tmap = rule.by_torch_name()[name]
-    # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
-    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
-    return tuple(tmap.to_flax(dummy, info).shape)
 
 
 def _fits(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget, *, shapes: bool) -> bool:
@@ -207,4 +199,4 @@ def _set_path(layer: PlannedLayer, path: tuple[str, ...], target: FlaxTarget) ->
         layer.rule = _direct_rule_at(layer.own_shapes, path, target)
 
 
-__all__ = ["PlannedLayer", "converted_shape", "resolve_paths"]
+__all__ = ["PlannedLayer", "converted_shape", "resolve_paths"]  # converted_shape: weight_port.rules

@@ -551,3 +551,11 @@ def flax_rule_for(flax_type: type) -> Rule | None:
 
 def registered_rules() -> Mapping[type, Rule]:
     return dict(_RULES)
+
+
+def converted_shape(rule: Rule, name: str, shape: tuple[int, ...], info: LayerInfo) -> tuple[int, ...]:
+    """The Flax shape ``rule`` makes of the torch tensor ``name`` of ``shape`` (no data moved)."""
+    tmap = rule.by_torch_name()[name]
+    # A zero-stride stand-in: transposes and flips of it cost nothing; only a reshape copies.
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
+    return tuple(tmap.to_flax(dummy, info).shape)

@@ -98,8 +98,8 @@ def measure_scaling(cfg: ScalingConfig, log: Callable[[str], None] = print) -> d
     from parity.benchmark.devices import select_device
     from parity.benchmark.runner import BenchConfig, environment
     from parity.benchmark.sizes import sized_config
-    from parity.data_parallel.ddp import ddp_job, run_ddp
-    from parity.data_parallel.train import plan_checks
+    from parity.training.ddp import ddp_job, run_ddp
+    from parity.training.ddp_train import plan_checks
     from parity.numerics import pinned
     from parity.registry import select
     from parity.training import OptimizerSpec
@@ -175,10 +175,10 @@ def _jax_steps(pair, torch_model, flax_model, batch, spec, steps: int, loss: str
     from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
     from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, torch_inputs, train_mode_matters,
                                 value_and_grad_fn)
-    from parity.training.loop import _first_leaf, flax_loss
+    from parity.training.loop import first_leaf, flax_loss
     from parity.training.optim import optax_optimizer
     from weight_port.layout import AS_IS
-    from weight_port.plan import build_plan
+    from weight_port import build_plan
 
     x_np, y_np = batch
     x0 = torch_inputs(as_args(x_np), torch.float32, grads=False)
@@ -188,7 +188,7 @@ def _jax_steps(pair, torch_model, flax_model, batch, spec, steps: int, loss: str
     variables = plan.to_flax(torch_model.state_dict())
     twin = FlaxTwin(flax_model, train=True, train_kwarg=pair.train_kwarg, dropout=False,
                     train_mode_matters=train_mode_matters(torch_model))
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, first_leaf(out), y))
     tx = optax_optimizer(spec, steps)
 
     @jax.jit

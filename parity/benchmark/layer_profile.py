@@ -115,7 +115,7 @@ def captured_layers(torch_module: torch.nn.Module, flax_module: Any, example_inp
     from parity.checker import capture
     from parity.layers import isolated_layers
     from parity.tolerances import FORWARD, tolerance_for
-    from weight_port.tensors import numpy_to_torch
+    from weight_port import numpy_to_torch
 
     if device.kind not in ("cpu", "cuda"):
         raise ValueError(f"the per-layer profile runs on cpu or cuda, not {device.kind}")

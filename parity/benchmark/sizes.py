@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from parity.configs import UNetConfig, ViTConfig
+from model_configs import UNetConfig, ViTConfig
 
 # --size gpu: one batch per family. UNet at 3x256x256 batch 8 and ViT-B/16 at batch 32 (the
 # issue's sizes); MLP and CNN are small enough that only large batches keep a GPU busy.

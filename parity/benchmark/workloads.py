@@ -38,8 +38,8 @@ from parity.benchmark.devices import Device
 from parity.benchmark.names import PHASES, VARIANTS
 from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
                             to_torch_layout, torch_inputs, value_and_grad_fn)
-from weight_port.plan import build_plan
-from weight_port.tensors import to_numpy
+from weight_port import build_plan
+from weight_port import to_numpy
 
 LR, MOMENTUM = 1e-3, 0.9
 TORCH_COMPILE_MODE = "default"
@@ -137,8 +137,7 @@ def prepare_own(torch_module: torch.nn.Module, flax_module, example_input, devic
     parity gate checks. A twin whose outputs do not line up with torch's gets no targets for
     them; the gate then fails and nothing is timed.
     """
-    from parity.checker import _align, capture  # _align: the checker's flax->torch output pairing
-    from parity.runtime import output_shapes
+    from parity.checker import capture
 
     run = capture(torch_module, flax_module, example_input, dtype="float32", grads=False, layers=False,
                   input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
@@ -146,10 +145,7 @@ def prepare_own(torch_module: torch.nn.Module, flax_module, example_input, devic
     args = jax.tree.map(lambda a: np.array(to_numpy(a.detach() if hasattr(a, "detach") else a)) if
                         hasattr(a, "shape") else a, as_args(example_input))
     torch_shapes = {p: tuple(o.shape) for p, o in run.torch.outputs.items()}
-    to_t = None
-    if run.structure_error is None:
-        to_t = _align(list(output_shapes(run.twin, run.variables, run.flax_args)), list(torch_shapes))
-    flax_paths = {t: f for f, t in (to_t or {}).items()}
+    flax_paths = {t: f for f, t in (run.output_map or {}).items()}
     train_mode = _has_batch_statistics(torch_module)
     return Prepared(
         name, example_batch(args), dtype, device,

@@ -164,6 +164,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="smoke mode: tiny models, batch 2, one warm-up, one timed round")
     p.add_argument("--port", action="store_true",
                    help="also run the port-throughput benchmark (bench/port_throughput.py)")
+    p.add_argument("--check-cost", nargs="*", default=None, metavar="WORKLOAD",
+                   help="what a check costs against its floor (the runs the judge needs, each once), wall and "
+                        "peak RSS, each run in a fresh process: registry names and bert-tiny / bert-base "
+                        "(default: vit bert-tiny); writes check_cost.json/.md under --out")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_parallel is not None:  # before anything initialises JAX in this process
         return _data_parallel(args)
+    if args.check_cost is not None:
+        return _check_cost(args)
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
     device = select_device(args.device)  # DeviceError (a ValueError): one line, exit 2
@@ -222,6 +224,22 @@ def _own_pair(args: argparse.Namespace):
         raise UsageError(str(exc)) from None
     first = next(iter(x)) if isinstance(x, (tuple, list)) else x
     return torch_model, flax_model, x, facts, name, "own", int(first.shape[0])
+
+
+def _check_cost(args: argparse.Namespace) -> int:
+    """parity bench --check-cost: each run in a fresh process; the table printed and written."""
+    import json
+    from dataclasses import asdict
+
+    from parity.benchmark.check_cost import measure, table
+
+    costs = measure(args.check_cost or ["vit", "bert-tiny"])
+    text = table(costs)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "check_cost.md").write_text(text + "\n")
+    (args.out / "check_cost.json").write_text(json.dumps([asdict(c) for c in costs], indent=1) + "\n")
+    return 0
 
 
 def _port_benchmark(args: argparse.Namespace) -> int:

@@ -59,9 +59,9 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
     streamed a shard at a time into a streamed checkpoint (restore it with
     ``weight_port.load_streamed``) and None is returned: the model is never whole in memory."""
     import weight_port
-    from weight_port.flax_tree import is_nnx
-    from weight_port.sources import ShardedState
-    from weight_port.streaming import write_streamed
+    from weight_port import is_nnx
+    from weight_port import ShardedState
+    from weight_port import write_streamed
 
     out = Path(out).absolute()
     if out.exists():
@@ -85,7 +85,7 @@ def port_pair(source, torch_model, flax_model, example_input, out: str | os.Path
     if is_nnx(flax_model):
         from flax import nnx
 
-        from weight_port.nnx import update_nnx
+        from weight_port import update_nnx
 
         return update_nnx(nnx.clone(flax_model), variables)
     return variables

@@ -3,7 +3,7 @@
 Public API: check_data_parallel / attach (used by ``parity.check(..., data_parallel=N)``),
 DataParallelResult, BatchNormSemantics, data_mesh, shard_batch, request_cpu_devices,
 DataParallelError. Training (``parity.train_check(..., data_parallel=N)``) lives in
-parity.data_parallel.train (torch DDP in parity.data_parallel.ddp), imported on use: it needs torch.
+parity.training.ddp_train (torch DDP in parity.training.ddp), imported on use: it needs torch.
 """
 from parity.data_parallel.check import BatchNormSemantics, DataParallelResult, attach, check_data_parallel
 from parity.data_parallel.mesh import (DataParallelError, batch_size, data_mesh, request_cpu_devices,

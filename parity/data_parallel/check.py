@@ -17,7 +17,7 @@ from flax import traverse_util
 from parity.judge import Comparison, Table, failed_comparison, judge
 from parity.data_parallel.mesh import (batch_sharded, batch_size, data_mesh, per_device_batch, replicate,
                                        shard_batch)
-from parity.runtime import forward_backward, output_shapes
+from parity.runtime import forward_backward
 from parity.tolerances import FORWARD, GRAD
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 
@@ -68,14 +68,6 @@ class DataParallelResult:
         return all(c.ok for c in self.vs_torch + self.vs_single)
 
 
-def _align_outputs(run) -> dict[str, str]:
-    """{flax output path: torch output path}, as the checker aligned them."""
-    from parity.checker import _align
-
-    shapes = output_shapes(run.twin, run.variables, run.flax_args)
-    return _align(list(shapes), list(run.torch.outputs))
-
-
 def _bn_layers(plan) -> dict[tuple[str, ...], str]:
     """{flax module path: torch path} of the BatchNorm layers of the port plan."""
     return {tuple(layer.info.flax_path): layer.info.torch_path or "<root>" for layer in plan.layers
@@ -122,7 +114,7 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
     measured noise with the single-device Flax run as the probe."""
     mesh = data_mesh(n)
     batch = batch_size(run.flax_args)
-    to_t = _align_outputs(run)
+    to_t = run.output_map
     args = shard_batch(run.flax_args, mesh, batch)
     grads = bool(run.torch.input_grads or run.torch.param_grads)
     cots = None

@@ -64,7 +64,7 @@ def lint_pair(torch_module: torch.nn.Module, flax_module, example_input, *, inpu
                         train_mode_matters=train_mode_matters(torch_module))
         if plan is None or variables is None:
             from weight_port.layout import AS_IS
-            from weight_port.plan import build_plan
+            from weight_port import build_plan
             plain = [layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
             plan = plan or build_plan(torch_module, flax_module, args, input_layout=plain,
                                       check_attributes="warn")

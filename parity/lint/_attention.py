@@ -21,7 +21,7 @@ import torch
 from parity.lint._common import Finding, flax_path_of, guess_flax_path, pair_by_scope, tpath
 from parity.lint._torch import TorchCall, inv_sqrt
 from parity.lint._trace import Eqn, FlaxTrace
-from weight_port.naming import flax_path_str
+from weight_port import flax_path_str
 
 _VIEW = ("convert_element_type", "reshape", "transpose", "broadcast_in_dim", "copy", "squeeze",
          "expand_dims", "reduce_precision")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from weight_port.naming import torch_to_flax_path
+from weight_port import torch_to_flax_path
 
 LINT_ERROR = "lint-error"
 

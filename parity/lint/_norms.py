@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from parity.lint._common import Finding, tpath
-from weight_port.naming import flax_path_str
+from weight_port import flax_path_str
 
 # |mean| / std at which float32's one-pass variance is off by >= 1e-4 of the variance:
 # eps32 * (1 + r^2) = 1.2e-7 * (1 + 30^2) ~ 1.1e-4. Below it the difference is under the

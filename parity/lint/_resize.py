@@ -21,7 +21,7 @@ import torch
 from parity.lint._common import Finding, guess_flax_path, pair_by_scope, tpath
 from parity.lint._torch import TorchCall
 from parity.lint._trace import FlaxTrace, ResizeCall
-from weight_port.naming import flax_path_str
+from weight_port import flax_path_str
 
 _TORCH_METHOD = {"nearest": "nearest", "nearest-exact": "nearest", "linear": "linear", "bilinear": "linear",
                  "trilinear": "linear", "bicubic": "cubic", "area": "area"}

@@ -7,7 +7,7 @@ import torch
 from parity.lint._common import Finding, closest, flax_path_of, guess_flax_path, pair_by_scope, tpath
 from parity.lint._torch import TorchCall
 from parity.lint._trace import Eqn, FlaxTrace
-from weight_port.naming import flax_path_str
+from weight_port import flax_path_str
 
 
 # --- GELU ------------------------------------------------------------------------------------------

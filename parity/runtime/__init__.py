@@ -13,7 +13,7 @@ from parity.runtime.torch_ops import TensorRef, TorchOp
 from parity.runtime.torch_runner import (TorchCall, TorchRun, input_paths, random_cotangents,
                                          run_torch, torch_inputs, train_mode_matters)
 from parity.runtime.tree import as_args, flatten, map_with_path, structure
-from weight_port.flax_tree import TRAIN_KWARGS, TrainModeError, call_kwargs, train_kwarg_of
+from weight_port import TRAIN_KWARGS, TrainModeError, call_kwargs, train_kwarg_of
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, LayoutError, to_flax_layout,
                                 to_torch_layout)
 

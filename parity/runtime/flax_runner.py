@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from parity.runtime.torch_runner import keystr
 from parity.runtime.tree import flatten, map_with_path
-from weight_port.flax_tree import TrainModeError, call_kwargs
+from weight_port import TrainModeError, call_kwargs
 
 # Attributes NNX layers read for their mode (nnx.Dropout, nnx.BatchNorm); Module.train()/eval()
 # set the same ones.
@@ -200,7 +200,7 @@ class FlaxTwin:
         """NNX: the module's current variable values (linen-style). Linen: nothing to read."""
         if not self.nnx:
             raise TypeError("a Linen twin carries no variables; pass them (or port them)")
-        from weight_port.nnx import nnx_variables
+        from weight_port import nnx_variables
 
         return nnx_variables(self.module)
 
@@ -232,7 +232,7 @@ class FlaxTwin:
         return model
 
     def _apply_nnx(self, variables, args, recorder):
-        from weight_port.nnx import nnx_variables
+        from weight_port import nnx_variables
 
         model = self._merged(variables)
         if recorder is not None:
@@ -410,7 +410,7 @@ def flax_inputs(args: tuple, layouts: Mapping[str, str], dtype=None) -> tuple:
     """Torch-layout input pytree -> Flax-layout jax arrays, per leaf layout (by input path);
     float leaves cast to ``dtype`` when given, integer leaves untouched."""
     from weight_port.layout import to_flax_layout
-    from weight_port.tensors import to_numpy
+    from weight_port import to_numpy
 
     flat, tree = jax.tree_util.tree_flatten_with_path(tuple(args))
     out = []

@@ -21,7 +21,7 @@ import torch
 
 from parity.runtime.torch_runner import TorchCall, input_paths, keystr
 from parity.runtime.tree import flatten
-from weight_port.call_order import first_consumers
+from weight_port import first_consumers
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, check_layout,
                                 consumer_layout, fitting_layouts, flax_shape, kind_layout, layout_from_shapes)
 

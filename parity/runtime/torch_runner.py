@@ -18,7 +18,7 @@ import torch
 
 from parity.runtime.torch_ops import OpRecorder, TorchOp
 from parity.runtime.tree import flatten, map_with_path
-from weight_port.tensors import to_numpy
+from weight_port import to_numpy
 
 
 def input_paths(args: tuple) -> list[str]:

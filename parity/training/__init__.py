@@ -5,7 +5,8 @@ audit_batch_norms/BNFinding. Data makers live in parity.training.data, the digit
 loss-curve plot in parity.training.digits.
 """
 from parity.training.bn_audit import BNFinding, audit_batch_norms
-from parity.training.loop import LOSSES, StepResult, TrainReport, train_check
+from parity.training.check import train_check
+from parity.training.loop import LOSSES, StepResult, TrainReport
 from parity.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
 __all__ = ["BNFinding", "LOSSES", "OPTIMIZERS", "OptimizerSpec", "SCHEDULES", "StepResult",

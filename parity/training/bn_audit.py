@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from flax_impl.batchnorm import BatchNorm as TorchExactBatchNorm
-from weight_port.plan import PortPlan
+from weight_port import PortPlan
 
 
 @dataclass(frozen=True)

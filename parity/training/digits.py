@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.configs import CNNConfig
+from model_configs import CNNConfig
 from parity.registry import PAIRS
 from parity.runtime import FlaxTwin, flax_inputs
 from parity.tolerances import TRAIN_LOSS, train_tolerance
 from parity.training.data import epoch_batches, load_digits_split
-from parity.training.loop import TrainReport, train_check
+from parity.training.check import train_check
+from parity.training.loop import TrainReport
 from parity.training.optim import OptimizerSpec
 
 # 8x8 inputs: two 2x2 pools leave 2x2 maps; small widths keep a few hundred steps in seconds.

@@ -5,10 +5,9 @@ torch-named parameter, and BatchNorm running statistics. Dropout runs determinis
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from parity.judge import Comparison, judge
-from parity.numerics import jax_precision, numerics_env, pinned
+from parity.numerics import jax_precision, numerics_env
 from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
 from parity.training.bn_audit import BNFinding, audit_batch_norms
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
@@ -29,14 +28,13 @@ from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
 from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
                             output_shapes, torch_inputs, train_mode_matters, value_and_grad_fn)
-from parity.runtime.layouts import LayoutSpec
 from weight_port.layout import AS_IS, to_flax_layout
-from weight_port.plan import PortPlan, build_plan
-from weight_port.tensors import to_numpy
+from weight_port import PortPlan, build_plan
+from weight_port import to_numpy
 
 LOSSES = ("cross_entropy", "nll", "mse")
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_MAX_REPLAY = 100  # steps of the Flax trajectory kept for naming an optimizer convention mistake
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_REPLAY = 100  # steps of the Flax trajectory kept for naming an optimizer convention mistake
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -268,70 +266,12 @@ def _bn_stats_torch(module: torch.nn.Module, bn_paths: list[str]) -> dict[str, n
     return out
 
 
-def train_check(
-    torch_module: torch.nn.Module,
-    flax_module: nn.Module,
-    data: Sequence[Batch] | Callable[[int], Batch],
-    *,
-    steps: int = 10,
-    optimizer: OptimizerSpec | str = "sgd-momentum",
-    loss: str = "cross_entropy",
-    dtype: str = "float64",
-    input_layout: LayoutSpec = None,
-    output_layout: LayoutSpec = None,
-    train_kwarg: str | None = None,
-    rename=None,
-    flax_optimizer: optax.GradientTransformation | None = None,
-    precision: str = "highest",
-    name: str | None = None,
-    data_parallel: int | None = None,
-) -> TrainReport:
-    """Train ``torch_module`` and its Flax twin side by side for ``steps`` steps and compare.
-
-    data: a sequence of (x, y) batches, cycled, or a callable step -> (x, y). x is the torch
-    module's input in torch layout (one array, or a tuple of positional inputs; integer leaves
-    such as token ids are fed as they are); y holds class labels ([N] or [N, H, W], int) for "cross_entropy"
-    (logits) and "nll" (log-probabilities), or targets shaped like the torch output for "mse".
-    optimizer: an OptimizerSpec or an optimizer name (OPTIMIZERS); its optax twin is built here
-    unless ``flax_optimizer`` is given (to test your own optax setup against torch's).
-    input_layout / output_layout: as in parity.check (declared, or inferred); the loss reads the
-    output (its first leaf when the model returns a pytree: logits of a ModelOutput). The Flax
-    twin (Linen or NNX) runs in train mode through its train keyword (found from its signature,
-    or ``train_kwarg``); rename is passed to the port.
-    The torch module is copied, never mutated. Both sides run in train mode (BatchNorm uses batch
-    statistics and updates running ones) with dropout held deterministic.
-    data_parallel=N: torch DistributedDataParallel on N local gloo processes against the Flax step
-    under jit on the batch sharded over an N-device mesh (parity.data_parallel.train; the batch a
-    multiple of N, JAX needs N devices: on CPU XLA_FLAGS=--xla_force_host_platform_device_count=N
-    before JAX initialises, which the CLI sets itself).
-    """
-    spec = OptimizerSpec(optimizer) if isinstance(optimizer, str) else optimizer
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if data_parallel is not None:
-        from parity.data_parallel.train import train_check_data_parallel  # imports this module
-
-        return train_check_data_parallel(
-            torch_module, flax_module, data, data_parallel=data_parallel, steps=steps, optimizer=spec, loss=loss,
-            dtype=dtype, input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
-            rename=rename, flax_optimizer=flax_optimizer, precision=precision, name=name)
-    tdtype = _TORCH_DTYPES[dtype]
-    x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
-    with x64, pinned(precision=precision, tf32=False):
-        return _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout,
-                    output_layout, train_kwarg, rename, flax_optimizer, name or type(torch_module).__name__)
-
-
 def flax_train_step(twin: FlaxTwin, tx: optax.GradientTransformation, loss: str) -> Callable:
     """The Flax side of one training step, jitted, shared by single-device and data-parallel
     training parity: (params, other collections, optimizer state, inputs, target) -> (params,
     updated collections, optimizer state, loss, global gradient norm, gradients). Inputs and
     target in Flax layout; the gradient comes from the engine's value_and_grad_fn."""
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, _first_leaf(out), y))
+    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, first_leaf(out), y))
 
     @jax.jit
     def step(p, bs, state, x, y):
@@ -349,13 +289,14 @@ def named_like_torch(plan: PortPlan, tree, collection: str) -> dict[str, np.ndar
             plan.to_torch({collection: tree}, collections=(collection,)).items()}
 
 
-def _first_leaf(out):
+def first_leaf(out):
     """The output the loss reads: the output itself, or the first leaf of a pytree output."""
     return next(iter(flatten(out).values()))
 
 
-def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout, output_layout,
-         train_kwarg, rename, flax_tx, name):
+def train_local(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout, output_layout,
+                train_kwarg, rename, flax_tx, name):
+    """Training parity on one device: torch steps in this process (see parity.training.check)."""
     tm = copy.deepcopy(torch_module).to(tdtype)
     twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False,
                     train_mode_matters=train_mode_matters(tm))
@@ -416,7 +357,7 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         xt = torch_inputs(as_args(x_np), tdtype, grads=False)
         yt = torch.as_tensor(y_np) if loss != "mse" else torch.as_tensor(y_np, dtype=tdtype)
         t_opt.zero_grad(set_to_none=False)
-        t_out = _first_leaf(tm(*xt))
+        t_out = first_leaf(tm(*xt))
         if t_out.requires_grad:
             t_out.retain_grad()  # dL/d output: one factor of the gradients' noise floor
         t_loss = torch_loss(loss, t_out, yt)
@@ -451,7 +392,7 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
         t_upd = {n: t_now[n] - t_prev[n] for n in t_now}
         f_upd = {n: f_now[n] - f_prev[n] for n in f_now}
         # Keep the Flax trajectory up to (and including) the first failing step, to name the cause.
-        if len(replay) < _MAX_REPLAY and all(r.ok for r in results):
+        if len(replay) < MAX_REPLAY and all(r.ok for r in results):
             replay.append((f_lr, f_prev, named(grads, "params"), f_upd))
         t_prev, f_prev = t_now, f_now
 
@@ -466,7 +407,7 @@ def _run(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, inpu
     report.notes += noise_notes(spec, results)
     report.findings += _bn_drift(bn_findings, results)
     if not report.ok:
-        report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
+        report.findings += name_optimizer_mistake(spec, steps, replay, dtype, prec)
     return report
 
 
@@ -489,7 +430,7 @@ def _bn_drift(findings: list[BNFinding], results: list[StepResult]) -> list[str]
     return out
 
 
-def _name_optimizer_mistake(spec, steps, replay, dtype, prec) -> list[str]:
+def name_optimizer_mistake(spec, steps, replay, dtype, prec) -> list[str]:
     """Replay the Flax run's own gradients through torch's formula and each known mistake.
 
     If torch's formula reproduces Flax's updates, the optimizer is not the cause (look upstream:
@@ -524,4 +465,5 @@ def _name_optimizer_mistake(spec, steps, replay, dtype, prec) -> list[str]:
 
 
 __all__ = ["LOSSES", "StepResult", "StepSide", "TrainReport", "compare_step", "flax_loss", "floor_norms",
-           "noise_notes", "torch_grads", "torch_loss", "train_check"]
+           "noise_notes", "torch_grads", "torch_loss", "train_local", "first_leaf", "flax_train_step",
+           "named_like_torch", "name_optimizer_mistake", "MAX_REPLAY", "TORCH_DTYPES"]

@@ -24,19 +24,19 @@ import optax
 import torch
 
 from parity.judge import judge
-from parity.data_parallel.ddp import ddp_job, replica_rows, run_ddp
+from parity.training.ddp import ddp_job, replica_rows, run_ddp
 from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
 from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
                             torch_inputs, train_mode_matters)
 from parity.tolerances import TRAIN_STATS, train_tolerance
-from parity.training.loop import (_MAX_REPLAY, LOSSES, StepSide, TrainReport, _first_leaf, _name_optimizer_mistake,
+from parity.training.loop import (MAX_REPLAY, LOSSES, StepSide, TrainReport, first_leaf, name_optimizer_mistake,
                                   compare_step, flax_train_step, named_like_torch, noise_notes,
                                   tdtype_to_jnp)
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
 from weight_port.layout import AS_IS, to_flax_layout
-from weight_port.plan import build_plan
+from weight_port import build_plan
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -140,7 +140,7 @@ def _target_layout(twin, variables, xf, tm, example, output_layout) -> str:
     if isinstance(output_layout, dict):
         return next(iter(output_layout.values()))
     with torch.no_grad():
-        t_out = _first_leaf(copy.deepcopy(tm).eval()(*example))
+        t_out = first_leaf(copy.deepcopy(tm).eval()(*example))
     f_shape = next(iter(output_shapes(twin, variables, xf).values())).shape
     return output_layouts(output_layout, {"out": tuple(t_out.shape)}, {"out": f_shape})["out"]
 
@@ -187,7 +187,7 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
         f_now = named(params, "params")
         f_upd = {p: f_now[p] - f_prev[p] for p in f_now}
         # Keep the Flax trajectory up to (and including) the first failing step, to name the cause.
-        if len(replay) < _MAX_REPLAY and all(r.ok for r in results):
+        if len(replay) < MAX_REPLAY and all(r.ok for r in results):
             replay.append((float(schedule(i)), f_prev, named(grads, "params"), f_upd))
         # torch's averaged gradients of this step, and its global-batch gradient floor (run_ddp)
         noise.observe(rec["lr"], loss_gradient_floor(dtype, rec["out_cotangent_norm"], rec["input_norm"]),
@@ -207,7 +207,7 @@ def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> Trai
     report.findings += _findings(report, plan, n, _replica0_stats_match(twin, plan, variables, *batches[0],
                                                                         records[0], in_layouts, tdtype, n, dtype, prec))
     if not report.ok:  # an optimizer convention mistake, named as on one device
-        report.findings += _name_optimizer_mistake(spec, steps, replay, dtype, prec)
+        report.findings += name_optimizer_mistake(spec, steps, replay, dtype, prec)
     return report
 
 

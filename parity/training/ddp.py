@@ -64,7 +64,7 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from parity.runtime import as_args, torch_inputs
-    from parity.training.loop import _first_leaf, floor_norms, torch_grads, torch_loss
+    from parity.training.loop import first_leaf, floor_norms, torch_grads, torch_loss
     from parity.training.optim import torch_optimizer
 
     model = p["module"]
@@ -82,7 +82,7 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
         if p["loss"] == "mse":  # targets shaped like the output, in the run's dtype
             ys = ys.to(p["dtype"])
         opt.zero_grad(set_to_none=False)
-        out = _first_leaf(ddp(*xs))
+        out = first_leaf(ddp(*xs))
         if p["record"] and out.requires_grad:
             out.retain_grad()  # dL/d output: one factor of the gradients' noise floor
         loss = torch_loss(p["loss"], out, ys)
@@ -173,7 +173,7 @@ def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[
         try:
             for rank in range(world):
                 with open(logs[rank], "w") as log:  # a file, not a pipe: a chatty rank cannot block on it
-                    procs.append(subprocess.Popen([sys.executable, "-m", "parity.data_parallel.ddp", str(rank), d],
+                    procs.append(subprocess.Popen([sys.executable, "-m", "parity.training.ddp", str(rank), d],
                                                   env=env, cwd=str(_ROOT), stdout=log, stderr=subprocess.STDOUT))
             timed_out = _join(procs, timeout, Path(d))
         finally:
@@ -229,5 +229,5 @@ def _tail(log: Path, n: int = 2000) -> str:
 
 __all__ = ["DDPExitWarning", "ddp_job", "replica_rows", "run_ddp"]
 
-if __name__ == "__main__":  # one rank: python -m parity.data_parallel.ddp RANK WORKDIR
+if __name__ == "__main__":  # one rank: python -m parity.training.ddp RANK WORKDIR
     _worker(int(sys.argv[1]), sys.argv[2])

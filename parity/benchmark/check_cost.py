@@ -1,0 +1,177 @@
+"""What a check costs against the floor: the runs its judge needs, each once.
+
+floor: the port (one plan, the variables), torch forward/backward in the check's dtype and in
+float64 (both kept alive), and the twin's jitted forward/VJP including its compile. Each run of
+the benchmark is a fresh process (``python -m parity.benchmark.check_cost --child ...``): wall
+time and peak RSS growth are measured after the models are built and the imports done (the
+kernel's peak-RSS mark is reset there through /proc/self/clear_refs), so a figure is that run's
+own. Workloads: a registry pair (its "full" config) and Hugging Face BertModel built from a
+config (random init, never from the hub): ``tiny`` (2 layers of 32) or ``base`` (BERT-base, 110M
+parameters), ids + mask at batch 2 x 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+KINDS = ("floor", "check", "check-layers")
+BERT = {"tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256),
+        "base": dict()}  # transformers' BertConfig defaults are BERT-base
+
+
+@dataclass
+class Cost:
+    workload: str
+    kind: str
+    wall_s: float
+    peak_rss_growth_mib: float
+    model_mib: float
+    verdict: str = ""
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    try:  # "5" resets the peak RSS mark (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _build(workload: str):
+    """(torch module, Flax module, example input, check options as keywords)."""
+    import torch
+
+    if workload.startswith("bert-"):
+        import transformers
+        from transformers.models.bert.modeling_flax_bert import FlaxBertModule
+
+        from parity import Inputs
+
+        cfg = transformers.BertConfig(**BERT[workload.split("-", 1)[1]])
+        torch.manual_seed(0)
+        tm = transformers.BertModel(cfg).eval()
+        ids = torch.randint(3, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 128, dtype=torch.long)
+        mask[1, 100:] = 0
+        x = Inputs(ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                   position_ids=torch.arange(128)[None].repeat(2, 1), flax_only=dict(head_mask=None))
+        return tm, FlaxBertModule(cfg), x, {}
+    from parity.registry import PAIRS
+
+    pair = PAIRS[workload]
+    cfg = pair.full()
+    tm, fm = pair.build(cfg)
+    return tm, fm, pair.example_input(cfg), dict(input_layout=pair.input_layout, output_layout=pair.out_layout())
+
+
+def _floor(tm, fm, x, opts: dict) -> str:
+    """The runs the judge needs, each once, through the engine: port, torch in float32 and
+    float64 (both alive), the twin's jitted forward/VJP with its compile."""
+    import jax
+
+    from parity.checker import run_pair
+    from parity.numerics import pinned
+    from parity.pair import CheckOptions, prepare
+
+    o = CheckOptions(**opts)
+    with pinned(precision="highest", tf32=False):
+        pair = prepare(tm, fm, x, o)
+        run = run_pair(pair, o, layers=False, say=lambda m: None)  # torch float32, the twin's jit + VJP
+        jax.block_until_ready(run.flax.outputs)
+        with jax.enable_x64(True):
+            t64, _ = pair.cast("float64", flax=False).run_torch(grads=True, cotangents=run.torch.cotangents)
+    del t64
+    return "floor"
+
+
+def child(workload: str, kind: str) -> Cost:
+    """One measurement in this process (called in a fresh one)."""
+    import jax
+
+    import parity
+    import parity.checker  # noqa: F401 -- every import done, and the backend up, before the clock starts
+    import parity.pair  # noqa: F401
+
+    jax.block_until_ready(jax.jit(lambda a: a + 1)(jax.numpy.zeros(2)))
+    tm, fm, x, opts = _build(workload)
+    model_mib = sum(p.numel() * p.element_size() for p in tm.parameters()) / 2 ** 20
+    _reset_peak()
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    if kind == "floor":
+        verdict = _floor(tm, fm, x, opts)
+    else:
+        verdict = parity.check(tm, fm, x, layers=kind == "check-layers", **opts).verdict
+    wall = time.perf_counter() - t0
+    return Cost(workload, kind, wall, _peak_mib() - base, model_mib, verdict)
+
+
+def measure(workloads: list[str], kinds: tuple[str, ...] = KINDS) -> list[Cost]:
+    """Each (workload, kind) in a fresh process, one after another."""
+    out = []
+    for w in workloads:
+        for k in kinds:
+            res = subprocess.run([sys.executable, "-m", "parity.benchmark.check_cost", "--child", w, k],
+                                 capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            if res.returncode != 0:
+                raise RuntimeError(f"check-cost child {w} {k} failed:\n{res.stderr[-2000:]}")
+            out.append(Cost(**json.loads(res.stdout.strip().splitlines()[-1])))
+    return out
+
+
+def table(costs: list[Cost]) -> str:
+    """Markdown: each run's wall and peak RSS growth, and the check's ratios to its floor."""
+    floors = {c.workload: c for c in costs if c.kind == "floor"}
+    lines = ["| workload | run | wall s | x floor | peak RSS growth MiB | x floor | x model | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in costs:
+        f = floors.get(c.workload)
+        rw = f"{c.wall_s / f.wall_s:.2f}" if f else ""
+        rm = f"{c.peak_rss_growth_mib / f.peak_rss_growth_mib:.2f}" if f and f.peak_rss_growth_mib > 0 else ""
+        lines.append(f"| {c.workload} | {c.kind} | {c.wall_s:.1f} | {rw} | {c.peak_rss_growth_mib:.0f} | {rm} | "
+                     f"{c.peak_rss_growth_mib / c.model_mib:.1f} | {c.verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parity.benchmark.check_cost", description=__doc__)
+    ap.add_argument("--child", nargs=2, metavar=("WORKLOAD", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("workloads", nargs="*", default=["vit", "bert-tiny"])
+    ap.add_argument("--out", help="write the costs as JSON here")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(asdict(child(*args.child))))
+        return 0
+    costs = measure(args.workloads)
+    print(table(costs))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([asdict(c) for c in costs], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The prepared pair: a torch module and its Flax twin made ready once (private copy, port plan,
+variables, inputs in both layouts) and handed to every consumer; the check's options as one
+frozen value.
+
+A PreparedPair in another dtype (``pair.cast("float64")``: the judge's reference run) reuses the
+plan, the twin, the layouts and the output map: no second port, no second trace.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from parity.runtime import (FlaxTwin, TorchRun, as_args, flax_inputs, input_layouts, run_torch, torch_inputs,
+                            train_mode_matters)
+from parity.runtime.layouts import LayoutSpec
+from weight_port import AS_IS, Inputs, PortPlan, bind_keywords, build_plan
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype) -> str:
+    """"float32" / "bfloat16" / ... for a torch dtype, numpy dtype, string or None (float32)."""
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def devices(device: str | None) -> tuple[str, object]:
+    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU."""
+    if device in (None, "cpu"):
+        return "cpu", jax.devices("cpu")[0]
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
+        try:
+            return "cuda", jax.devices("gpu")[0]
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} requested but JAX has no GPU backend ({exc})") from None
+    raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What ``parity.check`` runs and how it judges (the fields are check()'s keywords; see its
+    docstring). Frozen: one value travels from the CLI or the caller to every consumer."""
+
+    dtype: str = "float32"
+    grads: bool = True
+    layers: bool = True
+    rtol: float | None = None
+    atol: float | None = None
+    train: bool = False
+    train_kwarg: str | None = None
+    input_layout: LayoutSpec = None
+    output_layout: LayoutSpec = None
+    rename: object = None
+    precision: str = "highest"
+    tf32: bool | None = None
+    reference: str | None = None
+    device: str | None = None
+    seed: int = 0
+    data_parallel: int | None = None
+    lint: bool = True
+    strict: bool = False
+
+    def __post_init__(self):
+        name = dtype_name(self.dtype)
+        if name not in TORCH_DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(TORCH_DTYPES)}")
+        object.__setattr__(self, "dtype", name)
+        if self.reference not in (None, "float64"):
+            raise ValueError(f"reference must be None or 'float64', got {self.reference!r}")
+        if self.reference and self.override:
+            raise ValueError("rtol/atol replace the measured-noise judge; they do not combine with "
+                             "reference='float64'")
+
+    @property
+    def override(self) -> bool:
+        """The caller's rtol/atol decide instead of the measured noise (torch.testing semantics)."""
+        return self.rtol is not None or self.atol is not None
+
+    @classmethod
+    def of(cls, options: CheckOptions | None, **overrides) -> CheckOptions:
+        """``options`` (default: the defaults) with keyword ``overrides``; an unknown keyword is a
+        TypeError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown check option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(options or cls(), **overrides) if overrides else (options or cls())
+
+
+@dataclass
+class PreparedPair:
+    """One torch module and its Flax twin, ready to run in one dtype.
+
+    torch_module: a private copy cast to ``dtype`` (keyword inputs bound; never the caller's).
+    torch_args: the inputs as given (torch layout, ``dtype``), kept pristine: every run gets a
+    fresh copy (a torch model may change its inputs in place: XGLM adds its offset to
+    position_ids with +=). flax_args: the same inputs in Flax layout ([N, H, W, C] for "NC..."
+    leaves). in_layouts: the layout of every float input leaf, by path (``input[0]``).
+    output_map / out_layouts: Flax output path -> torch output path, and each torch output's
+    layout; set by the first run that sees both output structures (parity.checker), shared by
+    every cast.
+    """
+
+    torch_module: torch.nn.Module
+    flax_module: object
+    twin: FlaxTwin
+    plan: PortPlan
+    variables: Mapping
+    torch_args: tuple
+    flax_args: tuple
+    in_layouts: dict[str, str]
+    dtype: str
+    device: str
+    train: bool
+    notes: list[str] = field(default_factory=list)
+    user_variables: bool = False
+    output_map: dict[str, str] | None = None
+    out_layouts: dict[str, str] | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def inputs(self, grads: bool) -> tuple:
+        """A fresh copy of the inputs for one torch run (float leaves require grad with ``grads``)."""
+        return torch_inputs(self.torch_args, self.torch_dtype, self.device, grads)
+
+    def run_torch(self, *, grads: bool, capture: bool = False, cotangents: Mapping | None = None,
+                  cotangent_seed: int = 1, watch: bool = False, ops: bool = False,
+                  perturb: int | None = None) -> tuple[TorchRun, tuple]:
+        """One torch forward (and backward with ``grads``) of the private copy on fresh inputs:
+        (the run, the inputs it was given). The copy is left as it was: train-mode BatchNorm
+        statistics are restored and the parameter .grad fields freed (the run holds its own
+        numpy gradients; keeping both would double the memory).
+
+        perturb (a seed): first move a random half of every non-integer weight, buffer and input
+        one ulp toward zero (a noise probe: rounding-sized changes of everything that carries
+        rounding, so a structure that cancels exactly in one precision shows the noise it has in
+        another), and move the weights back afterwards, bit for bit. Integer values (0, 1, an
+        index kept in a float buffer, a mask's finfo.min) carry no rounding and are left alone:
+        XGLM turns such a float into an index, and a nudged 3.0 is index 2."""
+        tm = self.torch_module
+        args = self.inputs(grads)
+        saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
+        flips: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if perturb is not None:
+            gen = torch.Generator().manual_seed(perturb)
+            with torch.no_grad():
+                for tensor in list(tm.parameters()) + list(tm.buffers()):
+                    if tensor.is_floating_point():
+                        flip = _nudge_mask(tensor, gen)
+                        tensor.copy_(torch.where(flip, torch.nextafter(tensor, torch.zeros_like(tensor)), tensor))
+                        flips.append((tensor, flip))
+            args = jax.tree_util.tree_map(
+                lambda a: torch.where(_nudge_mask(a, gen), torch.nextafter(a.detach(), torch.zeros_like(a)),
+                                      a.detach()).requires_grad_(a.requires_grad)
+                if isinstance(a, torch.Tensor) and a.is_floating_point() else a, args)
+        try:
+            run = run_torch(tm, args, train=self.train, grads=grads, cotangents=cotangents,
+                            cotangent_seed=cotangent_seed, capture=capture,
+                            watch_precision=self.torch_dtype if watch else None, ops=ops)
+        finally:
+            tm.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for tensor, flip in flips:  # one ulp back, away from zero: the exact original value
+                    away = torch.copysign(torch.full_like(tensor, float("inf")), tensor)
+                    tensor.copy_(torch.where(flip, torch.nextafter(tensor, away), tensor))
+                buffers = dict(tm.named_buffers())
+                for n, b in saved.items():
+                    buffers[n].copy_(b)
+        return run, args
+
+    def cast(self, dtype: str, *, flax: bool = True) -> PreparedPair:
+        """The same pair in ``dtype``: the torch copy, the inputs and (with ``flax``; else they
+        stay this pair's) the variables cast (values already rounded to this pair's dtype stay
+        so: a reference then differs by its arithmetic only); the plan, twin, layouts and output
+        map shared. Call under jax.enable_x64 for float64 variables."""
+        tdt = TORCH_DTYPES[dtype]
+        tm = copy.deepcopy(self.torch_module).to(tdt)
+        jdt = jnp.dtype(dtype)
+        variables = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a, jdt) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
+            self.variables) if flax else self.variables
+        args = torch_inputs(self.torch_args, tdt, self.device, False)
+        return replace(self, torch_module=tm, variables=variables, torch_args=args,
+                       flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[])
+
+
+def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random half of ``t``'s finite, non-integer elements (drawn on the CPU generator)."""
+    return (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
+
+
+def _plan_layouts(args: tuple, in_layouts: Mapping[str, str]) -> list[str]:
+    # build_plan takes one layout per positional argument (its example input is flat).
+    return [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
+
+
+def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str]]:
+    # A Flax hyperparameter that differs from torch's (LayerNorm eps) is something a check should
+    # measure and locate, not refuse: ask the port to warn, and keep its words.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in args)
+        plan = build_plan(tm, flax_module, plain, input_layout=_plan_layouts(args, in_layouts),
+                          check_attributes="warn", rename=rename)
+    notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    # Pairings the port made by structure rather than by name: a user should see them, since a
+    # wrong one shifts every verdict.
+    notes += [f"weight port pairing: {n}" for n in plan.pairing_notes or []]
+    # What a rule decided about single tensors (a frozen table the twin computes, a look-alike
+    # Flax layer ported by its kind's rule)
+    notes += grouped_plan_notes(plan.notes or [])
+    return plan, notes
+
+
+def grouped_plan_notes(plan_notes: list[str]) -> list[str]:
+    """The port's notes, one line per look-alike Flax class (a UNet has ten BatchNorms of one
+    class: one line, not ten) and one per other note."""
+    looks: dict[str, list[str]] = {}
+    out = []
+    for n in plan_notes:
+        m = re.match(r"flax (\S+) \((\w+)\) is of no registered class but has exactly (.*?): torch", n)
+        if m:
+            looks.setdefault(f"{m.group(2)}|{m.group(3)}", []).append(m.group(1))
+        else:
+            out.append(f"weight port: {n}")
+    for key, paths in looks.items():
+        cls, kind = key.split("|", 1)
+        out.append(f"weight port: {len(paths)} Flax {cls} layer(s) of no registered class have exactly {kind} "
+                   f"and are ported by that kind's rule (first: {paths[0]}); weight_port.register_rule names "
+                   "the class for good")
+    return out
+
+
+def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
+            variables: Mapping | None = None, progress: Callable[[str], None] | None = None) -> PreparedPair:
+    """Prepare ``torch_module`` and its Flax twin once: copy and cast torch to ``options.dtype``,
+    bind keyword inputs (parity.Inputs), declare or infer every input's layout, port the weights
+    (one plan) unless ``variables`` are given.
+
+    example_input: the torch module's positional arguments in torch layout ([N, C, H, W] images,
+    [N, T] ids, [N, T, D] tokens), or parity.Inputs(*args, **kwargs). Numerics (pinned
+    precision, x64) are the caller's: parity.check prepares inside them.
+    """
+    o = options or CheckOptions()
+    say = progress or (lambda msg: None)
+    tdev, _ = devices(o.device)
+    tdtype = TORCH_DTYPES[o.dtype]
+    tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
+    tm.train(o.train)
+    # Keyword inputs are bound into the private torch copy and a rebuilt Flax module: everything
+    # after this calls both top modules positionally.
+    tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
+    args = torch_inputs(as_args(example_input), tdtype, tdev, False)
+    in_layouts = input_layouts(tm, args, o.input_layout)
+    twin = FlaxTwin(flax_module, train=o.train, train_kwarg=o.train_kwarg, train_mode_matters=train_mode_matters(tm))
+    say("porting weights")
+    plan, notes = _port(tm, flax_module, args, in_layouts, o.rename)
+    given = variables is not None
+    if variables is None:
+        variables = plan.to_flax(tm.state_dict())
+    return PreparedPair(tm, flax_module, twin, plan, variables, args, flax_inputs(args, in_layouts), in_layouts,
+                        o.dtype, tdev, o.train, notes, given)
+
+
+__all__ = ["CheckOptions", "Inputs", "PreparedPair", "prepare", "dtype_name", "devices", "TORCH_DTYPES"]
