@@ -9,14 +9,16 @@ import os
 
 from collections.abc import Mapping
 
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.errors import (
     AmbiguousPairingError, AttributeMismatchError, CheckpointError, KernelLayoutError,
     FlattenOrderError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
     ShapeMismatchError, UnsafeCheckpointError,
 )
-from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
 from weight_port.flax_tree import is_nnx
 from weight_port.keywords import Inputs, keyword_call
@@ -28,7 +30,9 @@ from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
 from weight_port.sources import load_state
 from weight_port.streaming import load_streamed, write_streamed
-import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
+if torch is not None:  # the torch-side pieces: the fx trace of flatten order, nn.MultiheadAttention's rule
+    from weight_port.flatten import FlattenTraceWarning
+    import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from weight_port.tensors import numpy_to_torch, to_numpy
 
 

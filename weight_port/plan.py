@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 from flax import traverse_util
 
 from weight_port.errors import (
