@@ -1,6 +1,6 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
-Public API: check, assert_parity, Report, Comparison and judge (the one judge), registry helpers, and the execution engine
+Public API: check, assert_parity, record and verify (golden bundles: parity.golden), Report, Comparison and judge (the one judge), registry helpers, and the execution engine
 (parity.runtime: FlaxTwin, layouts). Heavy imports are lazy so
 ``import parity.configs`` stays framework-free.
 """
@@ -33,6 +33,9 @@ _LAZY = {
     "CHANNELS_FIRST": "parity.runtime",
     "AS_IS": "parity.runtime",
     "numerics_env": "parity.numerics",
+    "record": "parity.golden",
+    "verify": "parity.golden",
+    "BundleError": "parity.golden",
 }
 
 __all__ = sorted(_LAZY)
