@@ -221,7 +221,7 @@ def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key, t in named:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        if torch is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
             continue
         ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if ident in first:

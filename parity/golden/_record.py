@@ -21,6 +21,7 @@ from parity.runtime import (ActivationLayouts, TorchRun, as_args, input_layouts,
 from parity.runtime.layouts import model_input_ids, split_output_spec
 from weight_port.keywords import Inputs
 from weight_port.layout import AS_IS
+from weight_port.plan_steps import tied_aliases
 from weight_port.rules import rule_for
 from weight_port.tensors import to_numpy
 
@@ -76,18 +77,11 @@ def _calls(group: str, calls, acts: ActivationLayouts | None, budget: _Budget) -
 
 
 def _state(module: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(state_dict as numpy with every storage once, {alias: canonical} for the tied names)."""
-    out, seen, tied = {}, {}, {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        t = t.detach()
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
-        if ident is not None and ident in seen:
-            tied[name] = seen[ident]  # the same storage (an LM head tied to the embedding)
-            continue
-        if ident is not None:
-            seen[ident] = name
-        out[name] = to_numpy(t).copy()
-    return out, tied
+    """(state_dict as numpy with every storage once, {alias: canonical} for the tied names: an LM
+    head tied to its embedding is one tensor in the bundle, as in a safetensors checkpoint)."""
+    state = module.state_dict(keep_vars=True)
+    tied = tied_aliases(state.items())
+    return {n: to_numpy(t.detach()).copy() for n, t in state.items() if n not in tied}, tied
 
 
 def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -> dict:

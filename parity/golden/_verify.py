@@ -178,6 +178,9 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
         except PortError as exc:
             raise BundleError(f"the bundle's weights do not fit this twin (another model?): {exc}".replace("\n", " ")
                               ) from None
+        except Exception as exc:  # noqa: BLE001 -- the twin's abstract init refused the recorded inputs
+            raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     # The torch side's layer kinds against the rules the twin's classes chose: a Linear ported by
     # another kind's rule is a wrong port, whatever the shapes say.
