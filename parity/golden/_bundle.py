@@ -68,6 +68,7 @@ def write_bundle(path: str | os.PathLike, manifest: dict, files: Mapping[str, Ma
     if not parent.is_dir():
         raise BundleError(f"{dest}: directory {str(parent)!r} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         listed = {}
         for name, tensors in files.items():
