@@ -1,9 +1,9 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
-Public API: check, assert_parity, Report, Comparison and judge (the one judge), the prepared
-pair (prepare, PreparedPair, CheckOptions), registry helpers, and the execution engine
-(parity.runtime: FlaxTwin, layouts). Heavy imports are lazy: ``import parity`` loads no framework
-until a name is used.
+Public API: check, assert_parity, record and verify (golden bundles: parity.golden), Report,
+Comparison and judge (the one judge), the prepared pair (prepare, PreparedPair, CheckOptions),
+registry helpers, and the execution engine (parity.runtime: FlaxTwin, layouts). Heavy imports are
+lazy: ``import parity`` loads no framework until a name is used.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ _LAZY = {
     "CHANNELS_FIRST": "parity.runtime",
     "AS_IS": "parity.runtime",
     "numerics_env": "parity.numerics",
+    "record": "parity.golden",
+    "verify": "parity.golden",
+    "BundleError": "parity.golden",
 }
 
 __all__ = sorted(_LAZY)

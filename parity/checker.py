@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, worst_of
+from parity.judge import Comparison, Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
@@ -664,29 +664,18 @@ class ModelJudge:
         same tensor whose error against the reference measures the noise (torch layout; default:
         the check's own probe)."""
         table = self.ev.table_forward if kind == FORWARD else self.ev.table_grad
-        if self.refs is not None and key in self.refs and key in self.probes:
-            try:
-                c = self._measured(name, key, flax_value, torch_value, layout, axis, probe)
-                if not c.ok and self._own_pending:
-                    self._own_noise()
-                    c = self._measured(name, key, flax_value, torch_value, layout, axis, probe)
-                return c
-            except NoEvidence as exc:
-                fallback = f"{exc}: judged by the table"
-            except ValueError as exc:
-                return failed_comparison(name, str(exc), table)
-        else:
-            fallback = ""
-        try:
-            c = judge(name, flax_value, torch_value, table, layout=layout)
-        except ValueError as exc:
-            return failed_comparison(name, str(exc), table)
-        return replace(c, note="; ".join(n for n in (c.note, fallback) if n))
+        if self.refs is None or key not in self.refs or key not in self.probes:
+            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
+        c = self._measured(name, key, flax_value, torch_value, layout, axis, probe, table)
+        if not c.ok and self._own_pending:  # the twin's own noise, run now that a tensor needs it
+            self._own_noise()
+            c = self._measured(name, key, flax_value, torch_value, layout, axis, probe, table)
+        return c
 
-    def _measured(self, name, key, flax_value, torch_value, layout, axis, probe) -> Comparison:
-        return judge(name, flax_value, torch_value, self.ev.model_rule, layout=layout,
-                     reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
-                     flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
+    def _measured(self, name, key, flax_value, torch_value, layout, axis, probe, table) -> Comparison:
+        return judge_or_table(name, flax_value, torch_value, self.ev.model_rule, table, layout=layout,
+                              reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
+                              flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
 
     def fill(self, report: Report) -> None:
         run, t, f = self.run, self.run.torch, self.run.flax

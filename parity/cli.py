@@ -29,6 +29,10 @@ COMMANDS = {
               "benchmark torch vs jax.jit on the built-in models, or profile one model per layer"),
     "train": ("parity.commands.train", arguments.add_train_arguments,
               "train both twins side by side and compare per step"),
+    "record": ("parity.commands.record", arguments.add_record_arguments,
+               "run a torch model once and write a golden bundle (weights, inputs, outputs, gradients)"),
+    "verify": ("parity.commands.verify", arguments.add_verify_arguments,
+               "judge a Flax twin against a golden bundle, without torch"),
 }
 
 

@@ -34,7 +34,7 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -239,6 +239,29 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
                 own = None
         return _measured(name, actual, expected, ref, prb, rule, stats, ax, own)
     return _table(name, actual, expected, rule, stats)
+
+
+def judge_or_table(name: str, flax_value, torch_value, rule: Rule | None, table: Table, *, layout: str = AS_IS,
+                   reference=None, probe=None, flax_probe=None, flax_reference=None,
+                   axis: int | str | None = "auto") -> Comparison:
+    """One model-level tensor: by the measured ``rule`` where there is evidence (a reference and a
+    probe), else by ``table`` with a note saying why; a shape mismatch is a failed comparison,
+    never an exception. What parity.check's ModelJudge and parity.verify both call."""
+    if rule is not None and reference is not None and probe is not None:
+        try:
+            return judge(name, flax_value, torch_value, rule, layout=layout, reference=reference, probe=probe,
+                         flax_probe=flax_probe, flax_reference=flax_reference, axis=axis)
+        except NoEvidence as exc:
+            fallback = f"{exc}: judged by the table"
+        except ValueError as exc:
+            return failed_comparison(name, str(exc), table)
+    else:
+        fallback = ""
+    try:
+        c = judge(name, flax_value, torch_value, table, layout=layout)
+    except ValueError as exc:
+        return failed_comparison(name, str(exc), table)
+    return replace(c, note="; ".join(n for n in (c.note, fallback) if n))
 
 
 @dataclass

@@ -83,7 +83,8 @@ def test_every_command_parses_and_dispatches_to_its_module(monkeypatch):
     from parity.cli import main
 
     argv = {"check": ["check", "mlp"], "port": ["port", "x.pt", "--model", "mlp", "--out", "o"],
-            "bench": ["bench", "--quick"], "train": ["train", "mlp"]}
+            "bench": ["bench", "--quick"], "train": ["train", "mlp"], "record": ["record", "mlp", "--out", "o"],
+            "verify": ["verify", "o", "mlp"]}
     for name in COMMANDS:
         assert main(argv[name]) == 0
     assert seen == list(COMMANDS)

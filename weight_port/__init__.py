@@ -9,16 +9,18 @@ import os
 
 from collections.abc import Mapping
 
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.errors import (
     AmbiguousPairingError, AttributeMismatchError, CheckpointError, KernelLayoutError,
     FlattenOrderError, KeyMismatchError, NoRuleError, NonFiniteWeightError, PortError,
     ShapeMismatchError, UnsafeCheckpointError,
 )
-from weight_port.flatten import FlattenTraceWarning
 from weight_port.flax_layers import GroupedConvTranspose
-from weight_port.call_order import first_consumers
+from weight_port.call_order import first_consumers, torch_call_order
 from weight_port.flax_tree import TRAIN_KWARGS, TrainModeError, call_kwargs, is_nnx, train_kwarg_of
 from weight_port.keywords import Inputs, bind_keywords, keyword_call
 from weight_port.layout import AS_IS, CHANNELS_FIRST, to_flax_layout, to_torch_layout
@@ -27,10 +29,13 @@ from weight_port.naming import flax_path_str, torch_to_flax_path
 from weight_port.nnx import nnx_variables, update_nnx
 from weight_port.plan import PortPlan, build_plan
 from weight_port.prefetch import Prefetch, worth_prefetching
-from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule
+from weight_port.plan_steps import tied_aliases
+from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule, rule_for
 from weight_port.sources import ShardedState, load_state
 from weight_port.streaming import load_streamed, write_streamed
-import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
+if torch is not None:  # the torch-side pieces: the fx trace of flatten order, nn.MultiheadAttention's rule
+    from weight_port.flatten import FlattenTraceWarning, find_flattened_linears
+    import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from weight_port.tensors import numpy_to_torch, to_numpy
 
 
@@ -167,6 +172,7 @@ __all__ = [
     "CHANNELS_FIRST",
     "CheckpointError",
     "direct_rule",
+    "find_flattened_linears",
     "first_consumers",
     "FlattenOrderError",
     "FlattenTraceWarning",
@@ -188,12 +194,15 @@ __all__ = [
     "PortPlan",
     "register_rule",
     "Rule",
+    "rule_for",
     "ShapeMismatchError",
     "ShardedState",
     "TensorMap",
+    "tied_aliases",
     "to_flax_layout",
     "to_numpy",
     "to_torch_layout",
+    "torch_call_order",
     "torch_to_flax",
     "torch_to_flax_path",
     "train_kwarg_of",

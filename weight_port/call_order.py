@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import jax
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.layout import consumer_layout
 

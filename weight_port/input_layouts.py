@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.call_order import first_consumers
 from weight_port.flax_tree import call_kwargs, is_nnx

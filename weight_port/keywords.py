@@ -20,7 +20,10 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 
 class Inputs:

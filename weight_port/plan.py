@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 from flax import traverse_util
 
 from weight_port.errors import (
@@ -473,6 +476,7 @@ def build_plan(
     state: Mapping | None = None,
     rename: Rename = None,
     check_attributes: str = "error",
+    call_order: list[str] | None = None,
 ) -> PortPlan:
     """Pair every torch layer owning tensors with its Flax module and conversion rule.
 
@@ -485,7 +489,9 @@ def build_plan(
     one, ``variables`` give the target. flatten: explicit {linear path: (C, *S) or None} entries,
     over what tracing finds. rename: callable or (regex, replacement) pairs applied to torch paths
     first. check_attributes: "error", "warn" or "ignore" when eps/momentum/groups of a Flax module
-    differ from its torch layer's. print(plan) shows every pairing and layout change.
+    differ from its torch layer's. call_order: the torch forward's module call order recorded
+elsewhere (parity.golden bundles), for a port from ``state`` without a torch module to trace.
+print(plan) shows every pairing and layout change.
     """
     if check_attributes not in ("error", "warn", "ignore"):
         raise ValueError("check_attributes must be 'error', 'warn' or 'ignore'")
@@ -505,6 +511,8 @@ def build_plan(
                             "from it); pass flax_module and example_input")
         (layers, aliases), dropped_defaults, sequential = _layers_from_state(state, target, rename), {}, set()
         module_aliases = {}
+        if call_order is not None:
+            torch_order = lambda: list(call_order)
     else:
         raise TypeError("build_plan needs a torch_module or a state (state_dict / checkpoint)")
     notes = resolve_paths(layers, target, sequential, rename, torch_order)

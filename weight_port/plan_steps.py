@@ -11,10 +11,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.errors import FlattenOrderError, GroupedKernelLayoutError, KernelLayoutError
-from weight_port.flatten import find_flattened_linears
 from weight_port.flax_tree import FlaxTarget
 from weight_port.naming import flax_path_str
 from weight_port.lookalike import (
@@ -25,7 +27,7 @@ from weight_port.rules import Rule, conv_groups, flax_rule_for, flax_transposes_
 from weight_port.tensors import to_numpy
 
 # torch layers whose output is channels-first (the only way a later flatten can be C-major)
-_CHANNELS_FIRST_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
+_CHANNELS_FIRST_LAYERS = () if torch is None else (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
                           torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
                           torch.nn.modules.pooling._AdaptiveMaxPoolNd, torch.nn.BatchNorm2d,
                           torch.nn.BatchNorm3d, torch.nn.Upsample)
@@ -62,6 +64,8 @@ def decide_flatten(
             inputs = torch_inputs()
             traced = {}
             if _could_flatten_channels_first(torch_module, inputs):
+                from weight_port.flatten import find_flattened_linears  # torch.fx: the torch side only
+
                 traced = find_flattened_linears(copy.deepcopy(torch_module), inputs) or {}
         return traced
 
@@ -217,7 +221,7 @@ def tied_aliases(named: Iterable[tuple[str, object]]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key, t in named:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        if torch is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
             continue
         ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if ident in first:

@@ -20,7 +20,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.rules import LayerInfo, Rule, rule_for
 from weight_port.tensors import all_finite, single_threaded_torch, to_jax, to_numpy

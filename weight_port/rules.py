@@ -16,8 +16,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 Transform = Callable[[np.ndarray, "LayerInfo"], np.ndarray]
 
@@ -429,7 +432,7 @@ def direct_rule(names: Mapping[str, str]) -> Rule:
     return Rule(tuple(TensorMap(n, c, n) for n, c in names.items()), name="direct")
 
 
-_RULES: dict[type, Rule] = {
+_RULES: dict[type, Rule] = {} if torch is None else {
     nn.Linear: LINEAR,
     nn.Conv1d: CONV,
     nn.Conv2d: CONV,
@@ -514,7 +517,7 @@ def register_rule(layer_type: type, rule: Rule) -> None:
     linen/nnx Module subclass (used when the source is a bare state_dict or checkpoint file and the
     layer type must be read off the Flax twin). Register both for a layer you port both ways.
     """
-    if isinstance(layer_type, type) and issubclass(layer_type, torch.nn.Module):
+    if torch is not None and isinstance(layer_type, type) and issubclass(layer_type, torch.nn.Module):
         _RULES[layer_type] = rule
     elif isinstance(layer_type, type) and _is_flax_module_type(layer_type):
         _flax_rules()[layer_type] = rule

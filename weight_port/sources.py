@@ -12,7 +12,10 @@ import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 from weight_port.errors import CheckpointError, UnsafeCheckpointError
 

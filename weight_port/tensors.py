@@ -10,7 +10,10 @@ import math
 
 import ml_dtypes
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify): only the torch-side paths need torch
+    torch = None
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -35,7 +38,7 @@ def numpy_to_torch(a: np.ndarray) -> torch.Tensor:
 
 def to_numpy(x) -> np.ndarray:
     """torch tensor, jax array or numpy array -> numpy array (no copy where avoidable)."""
-    if isinstance(x, torch.Tensor):
+    if torch is not None and isinstance(x, torch.Tensor):
         return torch_to_numpy(x)
     return np.asarray(x)
 
@@ -94,6 +97,9 @@ def single_threaded_torch():
     machine the two pools starve each other (ViT-L, 2 cores: 6.8 s in ``.contiguous()`` instead
     of ~1 s). One thread per copy, with the plan's Flax trace on the other core, is faster.
     """
+    if torch is None:  # nothing to starve
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -104,7 +110,7 @@ def single_threaded_torch():
 
 def torch_view(a: np.ndarray) -> torch.Tensor | None:
     """A torch tensor sharing ``a``'s memory (bfloat16 through an int16 bit view), or None."""
-    if any(s < 0 for s in a.strides):
+    if torch is None or any(s < 0 for s in a.strides):
         return None  # torch.from_numpy refuses negative strides (np.flip views)
     try:
         if a.dtype == _BF16:

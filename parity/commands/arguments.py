@@ -81,6 +81,46 @@ def add_pair_arguments(own) -> None:
                           "training, deterministic or use_running_average")
 
 
+def add_record_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="a registry pair name (e.g. unet-same-bn), or --torch for your own model")
+    p.add_argument("--out", required=True, metavar="DIR", help="the bundle directory to create (must not exist)")
+    own = p.add_argument_group("your own model (instead of MODEL)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
+    own.add_argument("--input-shape", metavar="N,C,H,W",
+                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+    own.add_argument("--example-input", metavar="MODULE:FN",
+                     help="zero-argument callable returning the torch input pytree, instead of --input-shape")
+    own.add_argument("--layout", default=None, help="torch-side layout of the float inputs, as for parity check")
+    own.add_argument("--output-layout", default=None, help="torch-side layout of the outputs, as for parity check")
+    own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--layers", action="store_true",
+                   help="also record every module call's inputs, outputs and cotangents (per-layer rows)")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="cap on the per-layer activations written (default 2 GiB); past it nothing is written")
+    p.add_argument("--train", action="store_true", help="BatchNorm in training mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="DIR", help="a bundle written by parity record")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="the registry pair whose Flax twin to verify, or --flax for your own")
+    p.add_argument("--flax", metavar="MODULE:FACTORY",
+                   help="zero-argument callable returning the Flax twin (Linen or NNX)")
+    p.add_argument("--layout", default=None,
+                   help="the twin's input layouts where they differ from the torch side's inference "
+                        "(NC... or as_is, or input[0]=NC...,...)")
+    p.add_argument("--train-kwarg", default=None, help="the Flax twin's train-mode keyword (as for parity check)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer rows even if the bundle has them")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--full", action="store_true", help="print the full report even when it passes")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
 def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
                    help=".safetensors, .pt/.pth (loaded with weights_only=True), a sharded "

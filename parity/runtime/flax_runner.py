@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from parity.runtime.torch_runner import keystr
-from parity.runtime.tree import flatten, map_with_path
+from parity.runtime.tree import flatten, keystr, map_with_path
 from weight_port import TrainModeError, call_kwargs
 
 # Attributes NNX layers read for their mode (nnx.Dropout, nnx.BatchNorm); Module.train()/eval()

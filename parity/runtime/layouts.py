@@ -17,13 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
+from typing import TYPE_CHECKING
 
-from parity.runtime.torch_runner import TorchCall, input_paths, keystr
-from parity.runtime.tree import flatten
+try:
+    import torch
+except ImportError:  # a Flax-only machine (parity verify) resolves recorded layouts only
+    torch = None
+
+from parity.runtime.tree import flatten, input_paths, keystr
 from weight_port import first_consumers
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, INHERIT, LayoutError, check_layout,
                                 consumer_layout, fitting_layouts, flax_shape, kind_layout, layout_from_shapes)
+
+if TYPE_CHECKING:
+    from parity.runtime.torch_runner import TorchCall
 
 LayoutSpec = str | Mapping | Sequence | None
 

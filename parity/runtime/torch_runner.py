@@ -17,25 +17,8 @@ import numpy as np
 import torch
 
 from parity.runtime.torch_ops import OpRecorder, TorchOp
-from parity.runtime.tree import flatten, map_with_path
+from parity.runtime.tree import flatten, input_paths, keystr, map_with_path
 from weight_port import to_numpy
-
-
-def input_paths(args: tuple) -> list[str]:
-    """Readable names of the leaves of a tuple of positional arguments: input[0], input[1]['ids']."""
-    return [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
-
-
-def keystr(path, root: str = "input") -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(f"[{k.idx}]")
-        elif isinstance(k, jax.tree_util.DictKey):
-            parts.append(f"[{k.key!r}]")
-        else:
-            parts.append(f".{getattr(k, 'name', k)}")
-    return root + "".join(parts)
 
 
 def torch_inputs(args: tuple, dtype: torch.dtype, device: str = "cpu", grads: bool = True) -> tuple:
@@ -84,6 +67,11 @@ class TorchCall:
     # The lowest float precision computed inside this call (itself or a child) when lower than the
     # run's dtype ("float32" for an RMS norm's upcast in a float64 run); "" when none.
     lower_precision: str = ""
+
+    @property
+    def torch_type(self) -> str:
+        """The module's class name (a recorded call, parity.golden, carries the name alone)."""
+        return type(self.module).__name__
 
 
 @dataclass

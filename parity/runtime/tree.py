@@ -89,4 +89,27 @@ def as_args(example_input) -> tuple:
     return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
 
 
-__all__ = ["as_args", "flatten", "map_with_path", "structure"]
+def input_paths(args: tuple) -> list[str]:
+    """Readable names of the leaves of a tuple of positional arguments: input[0], input[1]['ids']."""
+    return [keystr(p) for p, _ in _jtu().tree_flatten_with_path(args)[0]]
+
+
+def keystr(path, root: str = "input") -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, _jtu().SequenceKey):
+            parts.append(f"[{k.idx}]")
+        elif isinstance(k, _jtu().DictKey):
+            parts.append(f"[{k.key!r}]")
+        else:
+            parts.append(f".{getattr(k, 'name', k)}")
+    return root + "".join(parts)
+
+
+def _jtu():
+    import jax  # (lazy: ``import parity.configs`` stays framework-free through this module)
+
+    return jax.tree_util
+
+
+__all__ = ["as_args", "flatten", "input_paths", "keystr", "map_with_path", "structure"]

@@ -1,0 +1,177 @@
+"""The golden bundle on disk: a directory of safetensors files and one manifest.json. Torch-free.
+
+    DIR/manifest.json        format, model, dtype, seeds, versions, precision flags, the port plan
+                             inputs, the layer calls, the output tree, and sha256 + size of every file
+    DIR/weights.safetensors  the torch state_dict (torch names, torch layout; tied aliases stored once)
+    DIR/run.safetensors      "<group>|<kind>|<path>": inputs, outputs, cotangents, input and parameter
+                             gradients of the run ("main"), the float64 reference ("ref") and the
+                             one-ulp-nudged float32 probe ("probe"); paths as parity.check names them
+    DIR/layers.safetensors   (--layers) "<calls>|<i>|<kind>|<leaf>": every recorded module call's
+                             inputs, outputs and their cotangents
+
+Only json and safetensors are read: nothing is unpickled. A bundle is written into a temporary
+directory beside DIR and renamed into place, the manifest last, so a half-written bundle is never
+found at DIR; on reading, every file's size and sha256 must match the manifest before anything
+is judged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parity.errors import UsageError
+
+FORMAT = "parity-golden/1"
+MANIFEST = "manifest.json"
+SEP = "|"
+
+
+class BundleError(UsageError):
+    """A bundle that is refused, never judged: missing, corrupt, truncated, hashes that do not match,
+    another format, or recorded from a model that does not fit the twin (exit 2, one line)."""
+
+
+class BundleTooLarge(BundleError):
+    """Recording would write more than ``max_bytes`` of per-layer activations."""
+
+
+def key(*parts) -> str:
+    return SEP.join(str(p) for p in parts)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bundle(path: str | os.PathLike, manifest: dict, files: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
+    """Write ``files`` ({file name: {key: array}}) and the manifest (with their hashes) to ``path``,
+    atomically: into a temporary directory beside it, renamed into place at the end. ``path``
+    must not exist yet (a bundle is evidence: it is never overwritten in place)."""
+    from safetensors.numpy import save_file
+
+    dest = Path(path)
+    if dest.exists():
+        raise BundleError(f"{dest} exists; record into a new directory (a bundle is never overwritten)")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise BundleError(f"{dest}: directory {str(parent)!r} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    try:
+        listed = {}
+        for name, tensors in files.items():
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / name))
+            listed[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": listed}, indent=1))
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+@dataclass
+class Bundle:
+    """A bundle whose files were all found intact (``read_bundle``); tensors load on demand."""
+
+    path: Path
+    manifest: dict
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        if name not in self.manifest["files"]:
+            return {}
+        try:
+            return load_file(str(self.path / name))
+        except Exception as exc:  # noqa: BLE001 -- hashed already; this is a safetensors bug or a race
+            raise BundleError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
+
+    def group(self, name: str, *prefix) -> dict[str, np.ndarray]:
+        """{rest of the key: array} of the keys of file ``name`` that start with ``prefix``."""
+        head = key(*prefix) + SEP
+        return {k[len(head):]: v for k, v in self.tensors(name).items() if k.startswith(head)}
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """The bundle at ``path`` with every listed file checked against the manifest (size, then
+    sha256); BundleError naming what is wrong otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no bundle here (not a directory)")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root}: no {MANIFEST} (not a bundle, or a half-written one)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{mpath}: format {got!r}, expected {FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "weights.safetensors" not in files or "run.safetensors" not in files:
+        raise BundleError(f"{mpath}: the file list is missing weights.safetensors or run.safetensors")
+    for name, info in files.items():
+        f = root / name
+        if Path(name).name != name:
+            raise BundleError(f"{mpath}: file name {name!r} is not a plain name in the bundle")
+        if not f.is_file():
+            raise BundleError(f"{root}: {name} is listed in the manifest but missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise BundleError(f"{f}: {size} bytes, the manifest says {info.get('bytes')} (truncated or replaced)")
+        digest = _sha256(f)
+        if digest != info.get("sha256"):
+            raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's "
+                              f"{str(info.get('sha256'))[:16]}... (corrupt or edited)")
+    return Bundle(root, manifest)
+
+
+# --- pytrees of arrays <-> JSON -----------------------------------------------------------------
+def encode_tree(tree, root: str = "input") -> object:
+    """A JSON description of a pytree of tuples, lists, dicts and None whose array leaves are
+    replaced by their path as parity names it (``input[0]``, ``input[1]['ids']``: their key in
+    run.safetensors); other scalars are kept as they are."""
+    def enc(node, path):
+        if isinstance(node, (tuple, list)):
+            return {type(node).__name__: [enc(v, f"{path}[{i}]") for i, v in enumerate(node)]}
+        if isinstance(node, dict):
+            return {"dict": [[k, enc(v, f"{path}[{k!r}]")] for k, v in node.items()]}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return {"value": node}
+        return {"leaf": path}
+
+    return enc(tree, root)
+
+
+def decode_tree(desc, leaves: Mapping[str, np.ndarray]):
+    """The pytree ``encode_tree`` described, its leaves from ``leaves`` (by name)."""
+    if "tuple" in desc:
+        return tuple(decode_tree(d, leaves) for d in desc["tuple"])
+    if "list" in desc:
+        return [decode_tree(d, leaves) for d in desc["list"]]
+    if "dict" in desc:
+        return {k: decode_tree(d, leaves) for k, d in desc["dict"]}
+    if "value" in desc:
+        return desc["value"]
+    name = desc["leaf"]
+    if name not in leaves:
+        raise BundleError(f"run.safetensors has no input {name!r} named by the manifest")
+    return leaves[name]
+
+
+__all__ = ["Bundle", "BundleError", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
+           "write_bundle"]

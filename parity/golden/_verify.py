@@ -1,0 +1,321 @@
+"""parity.verify: judge a Flax twin against a golden bundle, without torch.
+
+The weights are ported by the state-dict path of weight_port (layer kinds read off the Flax twin,
+the torch side's call order and flatten order from the bundle), the twin runs forward and VJP
+with the recorded cotangents on the one Flax engine (parity.runtime), and every tensor is judged
+by parity.judge exactly as parity.check judges it (judge_or_table for outputs and gradients,
+parity.layers for the per-layer rows), into the same Report. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
+from parity.judge import Table, failed_comparison, judge_or_table, measured, worst_of
+from parity.layers import RowJudge, analyze_layers, first_divergence
+from parity.report import Report
+from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
+from parity.runtime.layouts import declared, output_layouts
+from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
+from weight_port import PortError
+from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
+from weight_port import PortPlan, build_plan
+
+
+@dataclass
+class RecordedCall:
+    """One torch module call as the bundle holds it: what parity.layers reads of a TorchCall
+    (its values, names and order), without the torch module and its autograd graph."""
+
+    path: str
+    call: int
+    start: int
+    torch_type: str
+    inputs: dict[str, None]
+    input_values: dict[str, np.ndarray] = field(default_factory=dict)
+    output_values: dict[str, np.ndarray] = field(default_factory=dict)
+    input_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    output_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    lower_precision: str = ""
+    # No autograd graph in a bundle: parity.layers' "boundary differs" test, which follows it,
+    # finds nothing to follow and judges every layer by its own isolated error.
+    outputs: dict = field(default_factory=dict)
+    arrived: dict = field(default_factory=dict)
+
+
+class RecordedLayouts:
+    """The activation layouts the torch side resolved (parity.runtime.ActivationLayouts), read back."""
+
+    def __init__(self, meta: list[dict]):
+        self.inputs = {(m["path"], m["call"]): dict(m.get("in_layouts", {})) for m in meta}
+        self.outputs = {(m["path"], m["call"]): dict(m.get("out_layouts", {})) for m in meta}
+        self.declared = {(m["path"], m["call"], p) for m in meta for p in m.get("declared", ())}
+
+    def is_declared(self, path: str, call: int, leaf: str) -> bool:
+        return (path, call, leaf) in self.declared
+
+
+def _calls(bundle: Bundle, group: str) -> list[RecordedCall]:
+    meta = bundle.manifest["calls"].get(group, [])
+    values = bundle.group("layers.safetensors", group)
+    calls = [RecordedCall(m["path"], m["call"], m["start"], m["type"], dict.fromkeys(m["inputs"]),
+                          lower_precision=m.get("lower_precision", "")) for m in meta]
+    kinds = {"in": "input_values", "out": "output_values", "gin": "input_grads", "gout": "output_grads"}
+    for k, v in values.items():
+        i, kind, leaf = k.split("|", 2)
+        getattr(calls[int(i)], kinds[kind])[leaf] = v
+    return calls
+
+
+@dataclass
+class _Side:
+    """One group of recorded model-level tensors (outputs, input and parameter gradients)."""
+
+    outputs: dict[str, np.ndarray]
+    input_grads: dict[str, np.ndarray]
+    param_grads: dict[str, np.ndarray]
+
+    def tensors(self) -> dict[str, np.ndarray]:  # by the checker's ModelJudge keys
+        return {**self.outputs, **self.input_grads, **{f"param:{n}": g for n, g in self.param_grads.items()}}
+
+
+def _side(bundle: Bundle, group: str) -> _Side | None:
+    g = bundle.group("run.safetensors", group)
+    if not g:
+        return None
+    pick = lambda kind: {k.split("|", 1)[1]: v for k, v in g.items() if k.split("|", 1)[0] == kind}  # noqa: E731
+    return _Side(pick("out"), pick("igrad"), pick("pgrad"))
+
+
+def _canonical(path: str) -> str:
+    # ``out.logits`` (a torch ModelOutput field) and ``out['logits']`` (a Flax dict key) are one leaf
+    return re.sub(r"\['([^']*)'\]", r".\1", path)
+
+
+def _align(flax_paths, torch_paths) -> dict[str, str] | None:
+    by_canon = {_canonical(p): p for p in torch_paths}
+    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
+    if None in out.values() or len(set(out.values())) != len(torch_paths):
+        return None
+    return out
+
+
+@dataclass
+class _FlaxSide:
+    """The twin run once: its model-level tensors named and laid out as torch's (ModelJudge keys)."""
+
+    outputs: dict[str, np.ndarray]  # Flax layout, by torch path
+    tensors: dict[str, np.ndarray]  # torch layout, by ModelJudge key
+    input_grads: dict[str, np.ndarray]  # Flax layout
+    param_grads: dict[str, np.ndarray]  # torch names and layout
+
+
+def _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan: PortPlan, dtype=None,
+              capture: bool = False):
+    def cast(a):
+        return jnp.asarray(a, dtype) if dtype is not None and hasattr(a, "dtype") and jnp.issubdtype(
+            a.dtype, jnp.floating) else a
+
+    to_f = {tp: fp for fp, tp in to_t.items()}
+    f_cots = {to_f[p]: cast(to_flax_layout(c, out_layouts[p], p)) for p, c in cots.items()}
+    f = forward_backward(twin, jax.tree_util.tree_map(cast, variables), jax.tree_util.tree_map(cast, f_args),
+                         f_cots, capture=capture)
+    outs = {to_t[p]: v for p, v in f.outputs.items()}
+    named = plan.to_torch({"params": f.param_grads}, collections=("params",))
+    tensors = {p: to_torch_layout(np.asarray(v), out_layouts[p]) for p, v in outs.items()}
+    tensors.update({p: to_torch_layout(np.asarray(g), in_layouts[p]) for p, g in f.input_grads.items()
+                    if p in in_layouts})
+    tensors.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
+    return _FlaxSide(outs, tensors, dict(f.input_grads), named), f
+
+
+def _label(prefix: str, path: str, root: str, single: bool) -> str:
+    return prefix if single else prefix + path[len(root):]
+
+
+def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
+           train_kwarg: str | None = None, progress: Callable[[str], None] | None = None) -> Report:
+    """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
+
+    The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
+    twin runs forward and VJP with the recorded cotangents on the recorded inputs, and outputs,
+    input and parameter gradients and (when the bundle has them and ``layers``) the per-layer
+    rows with the first divergence are judged as parity.check judges them. input_layout: the
+    twin's input layouts where they differ from the torch side's inference (as parity.check's).
+    A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
+    """
+    say = progress or (lambda msg: None)
+    bundle = read_bundle(path)
+    m = bundle.manifest
+    dname = m["dtype"]
+    x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
+    with jax.default_matmul_precision("highest"), x64:
+        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, say)
+    return report
+
+
+def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables):
+    plan_in = bundle.manifest["plan"]
+    positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
+    weights = bundle.tensors("weights.safetensors")
+    flatten = {p: tuple(s) if s else None for p, s in plan_in.get("flatten", {}).items()}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            plan = build_plan(None, flax_module, args, state=weights, input_layout=positional, flatten=flatten,
+                              call_order=plan_in.get("call_order"), check_attributes="warn")
+            if variables is None:
+                variables = plan.to_flax(weights)
+        except PortError as exc:
+            raise BundleError(f"the bundle's weights do not fit this twin (another model?): {exc}".replace("\n", " ")
+                              ) from None
+        except Exception as exc:  # noqa: BLE001 -- the twin's abstract init refused the recorded inputs
+            raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    # The torch side's layer kinds against the rules the twin's classes chose: a Linear ported by
+    # another kind's rule is a wrong port, whatever the shapes say.
+    kinds = {e["path"]: e["kind"] for e in plan_in.get("modules", [])}
+    for layer in plan.layers:
+        want = kinds.get(layer.info.torch_path)
+        if want and layer.rule.name and want != layer.rule.name:
+            notes.append(f"torch {layer.info.torch_path} is a {want} but the twin's module is ported as "
+                         f"{layer.rule.name}")
+    return plan, variables, notes
+
+
+def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, say) -> Report:
+    m = bundle.manifest
+    dname, train = m["dtype"], m["train"]
+    run = bundle.group("run.safetensors", "main")
+    inputs = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("input|")}
+    args = decode_tree(m["inputs"]["tree"], inputs)
+    in_layouts = dict(m["inputs"]["layouts"])
+    if input_layout is not None:
+        in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
+    say("porting the bundle's weights")
+    plan, variables, notes = _port(bundle, flax_module, args, in_layouts, variables)
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg,
+                    train_mode_matters=m.get("train_mode_matters", True))
+    f_args = flax_inputs(args, in_layouts)
+    main = _side(bundle, "main")
+    cots = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("cot|")}
+    try:
+        f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
+    except Exception as exc:  # noqa: BLE001 -- a twin that cannot take the recorded inputs
+        raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    to_t = _align(list(f_shapes), m["outputs"]["paths"])
+    if to_t is None:
+        raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
+                          f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
+    producers = m["outputs"].get("producer_layouts", {})
+    out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: v.shape for p, v in main.outputs.items()},
+                                 {to_t[p]: s for p, s in f_shapes.items()}, producers.get)
+    say("flax forward/vjp")
+    flax_main, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan)
+    prec, platform = "highest", jax.default_backend()
+    report = Report(model=m["model"], dtype=dname, mode="train" if train else "eval", outputs=[],
+                    env={"bundle": str(bundle.path), "recorded": m.get("env", {}), "jax": jax.__version__,
+                         "jax_platform": platform, "jax_default_matmul_precision": prec}, warnings=notes)
+    tf, tg = Table(tolerance_for(dname, FORWARD, prec, platform)), Table(tolerance_for(dname, GRAD, prec, platform))
+    ref64 = tolerance_for("float64", REFERENCE)
+    lower = m.get("lower_precision", {})
+    dropped = any(getattr(layer.rule, "dropped", ()) for layer in plan.layers)
+    rows_calls, rows_flax, rows_vars, rows_pgrads, row_judge = None, None, None, None, None
+    with_layers = layers and m.get("layers") and "layers.safetensors" in m["files"]
+    if dname == "float64":
+        probe = _side(bundle, "probe")
+        rule = measured(ref64, "float64", probe_dtype="float32", effective=lower.get("main") or None)
+        if lower.get("main"):
+            rule = replace(rule, own_everywhere=True)
+        refs, probes = main.tensors(), probe.tensors()
+        say("flax float32 run (its own rounding noise)")
+        own32, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan, dtype=jnp.float32)
+        own_probe, own_ref = own32.tensors, flax_main.tensors
+        if with_layers:
+            rows_calls, rows_vars, rows_pgrads = _calls(bundle, "rows"), variables, main.param_grads
+            probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
+            row_judge = RowJudge(tf, tg, ref64, "float32", probe_calls, probe.param_grads)
+    else:
+        ref = _side(bundle, "ref")
+        rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
+        if lower.get("ref") or dropped:  # as parity.check: float32 parts or tables the twin computes
+            rule = replace(rule, own_everywhere=True)
+        refs, probes = ref.tensors(), main.tensors()
+        report.reference = "float64"
+        say("flax float64 run (its own rounding noise)")
+        with jax.enable_x64(True):
+            own64, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan,
+                                 dtype=jnp.float64)
+            own_probe, own_ref = flax_main.tensors, own64.tensors
+            if with_layers:
+                rows_calls = _calls(bundle, "rows")
+                rows_vars = jax.tree_util.tree_map(
+                    lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables)
+                rows_pgrads = ref.param_grads
+                probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
+                probe_pgrads = bundle.group("layers.safetensors", "probe_params")
+                row_judge = RowJudge(Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD)),
+                                     ref64, "float32", probe_calls, probe_pgrads)
+    _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
+    if with_layers:
+        say("per-layer rows from the bundle")
+        layouts = RecordedLayouts(m["calls"]["rows"])
+        x64 = jax.enable_x64(True) if dname != "float64" else contextlib.nullcontext()
+        with x64:
+            dt = jnp.float64
+            r_args = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt) if jnp.issubdtype(a.dtype, jnp.floating)
+                                            else a, f_args)
+            to_f = {tp: fp for fp, tp in to_t.items()}
+            r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), dt) for p, c in cots.items()}
+            rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
+            report.layers = analyze_layers(rows_calls, rows_flax, twin, rows_vars, plan, layouts, grads=True,
+                                           train=train, rows=row_judge, param_grads=rows_pgrads, progress=say,
+                                           root=(worst_of(report.outputs), worst_of(report.grads)))
+        report.first_divergence, report.divergence_kind = first_divergence(report.layers)
+    say("done")
+    return report
+
+
+def _fill(report: Report, main: _Side, flax: _FlaxSide, out_layouts, in_layouts, plan: PortPlan, m: dict,
+          rule, tf: Table, tg: Table, refs, probes, own_probe, own_ref) -> None:
+    """Outputs, input and parameter gradients, each by judge_or_table: parity.check's ModelJudge.fill
+    on recorded torch values."""
+    def one(name, key, flax_value, torch_value, layout, table, axis="auto"):
+        if key not in refs or key not in probes:
+            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
+        return judge_or_table(name, flax_value, torch_value, rule, table, layout=layout, reference=refs[key],
+                              probe=probes[key], flax_probe=own_probe.get(key), flax_reference=own_ref.get(key),
+                              axis=axis)
+
+    single = len(main.outputs) == 1
+    report.outputs = [one(_label("output", p, "out", single), p, flax.outputs[p], v, out_layouts[p], tf)
+                      for p, v in main.outputs.items()]
+    single = len(main.input_grads) == 1
+    report.input_grads = [one(_label("grad input", p, "input", single), p, flax.input_grads[p], g, in_layouts[p], tg)
+                          for p, g in main.input_grads.items()]
+    frozen = set(m["plan"].get("frozen", ()))
+    tied = m["plan"].get("tied", {})
+    report.param_grads = []
+    for n, g in main.param_grads.items():
+        if n in frozen:
+            continue
+        if n not in flax.param_grads:
+            report.param_grads.append(failed_comparison(
+                f"grad {n}", "the port gives no Flax gradient for this torch parameter"
+                + (f" (tied to {tied[n]})" if n in tied else ""), tg))
+            continue
+        report.param_grads.append(one(f"grad {n}", f"param:{n}", flax.param_grads[n], g, AS_IS, tg, axis=0))
+
+
+__all__ = ["verify"]
