@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from parity.commands.check import SetupError, _call_factory, _fail, _summary_line, _write_atomic, load_factory, parse_layout
+from parity.commands.check import SetupError, call_factory, fail, summary_line, write_atomic, load_factory, parse_layout
 from parity.errors import UsageError
 
 _EXIT = {"PASS": 0, "FAIL": 1, "INVALID": 3, "INCONCLUSIVE": 4}
@@ -25,7 +25,7 @@ def _twin(args: argparse.Namespace):
         return pair.flax_cls()(pair.tiny()), pair.train_kwarg
     if not args.flax:
         raise SetupError("give MODEL (a registry pair) or --flax MODULE:FACTORY")
-    return _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
+    return call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         flax_model, train_kwarg = _twin(args)
         layout = parse_layout(args.layout, "--layout")
     except (SetupError, KeyError) as exc:
-        return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
+        return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from parity.golden import verify
 
     start = time.perf_counter()
@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
         report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
                         train_kwarg=args.train_kwarg or train_kwarg, progress=say)
     except UsageError as exc:
-        return _fail(str(exc))
-    print(_summary_line(report, time.perf_counter() - start))
+        return fail(str(exc))
+    print(summary_line(report, time.perf_counter() - start))
     if args.full or report.verdict != "PASS":
         print()
         print(report)
     if args.json:
-        _write_atomic(args.json, report.to_json())
+        write_atomic(args.json, report.to_json())
     return _EXIT[report.verdict]
