@@ -544,7 +544,7 @@ def _flax_values(run: CapturedRun, dname: str) -> dict[str, np.ndarray]:
     to_f = {tp: fp for fp, tp in to_t.items()}
     cots = {to_f[p]: cast(to_flax_layout(c, run.out_layouts[p], p)) for p, c in run.torch.cotangents.items()
             if p in to_f} or None
-    f = forward_backward(run.twin, jax.tree_util.tree_map(cast, run.variables),
+    f = forward_backward(run.pair.twin_in(dname), jax.tree_util.tree_map(cast, run.variables),
                          jax.tree_util.tree_map(cast, run.flax_args), cots)
     out = {to_t[p]: to_torch_layout(np.asarray(v), run.out_layouts[to_t[p]]) for p, v in f.outputs.items()
            if p in to_t}

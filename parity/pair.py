@@ -184,6 +184,29 @@ class PreparedPair:
                     buffers[n].copy_(b)
         return run, args
 
+    def twin_in(self, dtype: str) -> FlaxTwin:
+        """The twin computing in ``dtype``. A Linen module whose ``dtype`` / ``param_dtype`` field
+        is this pair's dtype (HF's Flax modules say dtype=float32 by default) is cloned with
+        ``dtype`` there, so its float64 run is float64 throughout (cast variables alone would be
+        computed in float32 again by every Dense). A field holding another dtype is kept: a twin
+        that computes below the checked dtype must show it in every run."""
+        m = self.flax_module
+        if dtype == self.dtype or self.twin.nnx or not hasattr(m, "clone"):
+            return self.twin
+        updates = {}
+        for name in ("dtype", "param_dtype"):
+            value = getattr(m, name, None)
+            try:
+                if value is not None and jnp.dtype(value) == jnp.dtype(self.dtype):
+                    updates[name] = jnp.dtype(dtype).type
+            except TypeError:  # not a dtype (a field of the same name meaning something else)
+                continue
+        if not updates:
+            return self.twin
+        twin = copy.copy(self.twin)
+        twin.module = m.clone(**updates)
+        return twin
+
     def cast(self, dtype: str, *, flax: bool = True) -> PreparedPair:
         """The same pair in ``dtype``: the torch copy, the inputs and (with ``flax``; else they
         stay this pair's) the variables cast (values already rounded to this pair's dtype stay
@@ -197,7 +220,8 @@ class PreparedPair:
             self.variables) if flax else self.variables
         args = torch_inputs(self.torch_args, tdt, self.device, False)
         return replace(self, torch_module=tm, variables=variables, torch_args=args,
-                       flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[])
+                       flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[],
+                       twin=self.twin_in(dtype) if flax else self.twin)
 
 
 def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""The twin's own rounding noise counts on every slice of a float32 check (tolerances.
+OWN_NOISE_EVERYWHERE): a twin computing the same function with worse float32 rounding than ATen
+(HF's Flax BERT at BERT-base size: XLA's value-projection weight gradient 50-130 eps off float64 on
+a few rows where torch's is 6-16 eps) passes, and says so; the same twin with a real error fails.
+The twin's float64 run is float64 throughout: a Linen ``dtype`` field equal to the checked dtype is
+cloned to float64 for it (parity.pair.PreparedPair.twin_in)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import parity
+
+SHIFT = 256.0  # (x + c) @ W - c * sum(W): x @ W in exact arithmetic, ~c/|x| times its float32 rounding
+
+
+class TorchLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 16, bias=False)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ShiftedDense(nn.Module):
+    """torch's Linear computed as (x + c) @ W - c * colsum(W): the same function, rounded worse."""
+
+    dtype: jnp.dtype = jnp.float32
+    error: float = 0.0  # a real error: W scaled by (1 + error) in the product
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.zeros, (64, 16)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        return (x + SHIFT) @ (k * (1 + self.error)) - SHIFT * k.sum(0)
+
+
+class FC(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+    error: float = 0.0
+
+    @nn.compact
+    def __call__(self, x):
+        return ShiftedDense(dtype=self.dtype, error=self.error, name="fc")(x)
+
+
+X = np.random.default_rng(0).standard_normal((8, 64))
+
+
+def test_a_twin_rounding_worse_than_torch_passes_on_its_own_noise():
+    r = parity.check(TorchLinear(), FC(), X, input_layout="as_is", layers=False, lint=False)
+    assert r.verdict == "PASS", str(r)
+    out = r.outputs[0]
+    # torch's noise alone would not have passed it: the twin's own noise decided, and it says so
+    assert "within the twin's own rounding noise only" in out.note, out.note
+    assert any("twin's own" in w for w in r.warnings), r.warnings
+
+
+def test_the_twin_with_a_real_error_still_fails():
+    # 1e-4 relative in the weights: far above any float32 rounding, in the twin's float64 run too
+    r = parity.check(TorchLinear(), FC(error=1e-4), X, input_layout="as_is", layers=False, lint=False)
+    assert r.verdict == "FAIL"
+
+
+def test_the_twins_float64_run_is_float64_throughout():
+    # FC(dtype=float32) would compute its float64 run in float32 again (every astype): cloned to
+    # float64, its own noise is its float32 rounding, not ~0.
+    from parity.pair import CheckOptions, prepare
+
+    pair = prepare(TorchLinear(), FC(), X, CheckOptions(input_layout="as_is"))
+    assert pair.twin_in("float64").module.dtype == jnp.float64
+    assert pair.twin_in("float32") is pair.twin
+    # a twin declared below the checked dtype keeps it: computing in bfloat16 must show
+    low = prepare(TorchLinear(), FC(dtype=jnp.bfloat16), X, CheckOptions(input_layout="as_is"))
+    assert low.twin_in("float64").module.dtype == jnp.bfloat16
