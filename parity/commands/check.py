@@ -228,6 +228,14 @@ def _summary_line(r, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def logits_option(given: list[str] | None):
+    """check()'s / verify()'s ``logits`` from ``--logits PATH`` (repeatable; ``--logits none``: no
+    leaf is logits): None (infer) when not given."""
+    if not given:
+        return None
+    return () if given == ["none"] else tuple(given)
+
+
 def _jobs(args: argparse.Namespace):
     """(label, thunk) per check to run; thunk(progress) -> Report."""
     from parity.checker import check
@@ -235,7 +243,7 @@ def _jobs(args: argparse.Namespace):
     common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                   precision=args.precision, device=args.device, seed=args.seed,
                   reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
-                  lint=not args.no_lint, strict=args.strict)
+                  lint=not args.no_lint, strict=args.strict, logits=logits_option(args.logits))
     batch = args.batch or 2 * (args.data_parallel or 1)
     if args.torch or args.flax or args.input_shape or args.example_input:
         refuse_models_with_own_pair(args, args.models, "MODEL", "MODEL names")

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parity._logits import judge_logits
+from parity.errors import UsageError
 from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
 from parity.judge import Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
@@ -141,7 +143,7 @@ def _label(prefix: str, path: str, root: str, single: bool) -> str:
 
 
 def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
-           train_kwarg: str | None = None, progress: Callable[[str], None] | None = None) -> Report:
+           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
@@ -150,6 +152,9 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     rows with the first divergence are judged as parity.check judges them. input_layout: the
     twin's input layouts where they differ from the torch side's inference (as parity.check's).
     A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
+    logits: the output leaves that are logits, as parity.check's (default: inferred from a path
+    ending in ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision
+    bundle, exactly as parity.check applies them.
     """
     say = progress or (lambda msg: None)
     bundle = read_bundle(path)
@@ -157,7 +162,7 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     dname = m["dtype"]
     x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
     with jax.default_matmul_precision("highest"), x64:
-        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, say)
+        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say)
     return report
 
 
@@ -193,7 +198,7 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
     return plan, variables, notes
 
 
-def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, say) -> Report:
+def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
     run = bundle.group("run.safetensors", "main")
@@ -268,6 +273,12 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
                 row_judge = RowJudge(Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD)),
                                      ref64, "float32", probe_calls, probe_pgrads)
     _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
+    try:  # before the rows: the root row takes the whole-model verdicts
+        report.outputs, report.logits, logit_notes = judge_logits(
+            report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
+    except ValueError as exc:  # a declared path that names no output
+        raise UsageError(str(exc)) from None
+    report.warnings += logit_notes
     if with_layers:
         say("per-layer rows from the bundle")
         layouts = RecordedLayouts(m["calls"]["rows"])
