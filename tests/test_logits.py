@@ -165,3 +165,23 @@ def test_check_declared_logits():
     assert [m.path for m in report.logits] == ["out.logits", "out.hidden"]
     with pytest.raises(parity.UsageError, match="names no output"):
         parity.check(torch_lm(), FlaxLM(), lm_ids(), layers=False, grads=False, logits="scores")
+
+
+# --- through parity.verify (the same metrics and rule from a golden bundle) ----------------------
+def test_verify_reports_the_metrics_check_reports(tmp_path):
+    bundle = parity.record(torch_lm(), lm_ids(), tmp_path / "lm")
+    report = parity.verify(bundle, FlaxLM(), layers=False)
+    checked = parity.check(torch_lm(), FlaxLM(), lm_ids(), layers=False)
+    assert report.verdict == "PASS" and [m.to_dict() for m in report.logits] == [m.to_dict() for m in checked.logits]
+    assert json.loads(report.to_json())["logits"][0]["top1"] == 1.0
+    assert parity.verify(bundle, FlaxLM(), layers=False, logits=()).logits == []
+    with pytest.raises(parity.UsageError, match="names no output"):
+        parity.verify(bundle, FlaxLM(), layers=False, logits="scores")
+
+
+def test_verify_logit_rule_in_a_bfloat16_bundle(tmp_path):
+    bundle = parity.record(torch_lm(), lm_ids(), tmp_path / "lm16", dtype="bfloat16")
+    report = parity.verify(bundle, FlaxLM(shift=1.0), layers=False)
+    assert report.verdict == "PASS" and report.logits[0].decided, str(report)
+    report = parity.verify(bundle, FlaxLM(roll_vocab=True), layers=False)
+    assert report.verdict == "FAIL" and report.logits[0].top1 < 0.3 and not report.logits[0].decided
