@@ -26,7 +26,7 @@ from parity.report import Report
 from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
 from parity.runtime.layouts import declared, output_layouts
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
-from weight_port import PortError
+from weight_port import Inputs, PortError, bind_keywords
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port import PortPlan, build_plan
 
@@ -187,6 +187,10 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
             raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    # A tied tensor is stored once (an LM head tied to its embedding), so the plan from the weights
+    # alone cannot see the tie: the recorded one makes the per-layer rows judge its gradient
+    # whole-model (each layer sees one use of it), as parity.check's plan does.
+    plan.tied = {**plan_in.get("tied", {}), **plan.tied}
     # The torch side's layer kinds against the rules the twin's classes chose: a Linear ported by
     # another kind's rule is a wrong port, whatever the shapes say.
     kinds = {e["path"]: e["kind"] for e in plan_in.get("modules", [])}
@@ -198,12 +202,26 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
     return plan, variables, notes
 
 
+def _bind_keywords(flax_module, args: tuple, keywords: dict | None, run: Mapping[str, np.ndarray]):
+    """(the twin, its positional inputs) with a recorded parity.Inputs call bound as parity.check
+    binds it (weight_port.bind_keywords): the keyword inputs and the Flax-only constants."""
+    if not keywords:
+        return flax_module, args
+    n = keywords["positional"]
+    only = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("flax_only|")}
+    call = Inputs(*args[:n], **dict(zip(keywords["keys"], args[n:])),
+                  flax_only=decode_tree(keywords["flax_only"], only))
+    _, flax_module, args = bind_keywords(None, flax_module, call)
+    return flax_module, args
+
+
 def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
     run = bundle.group("run.safetensors", "main")
     inputs = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("input|")}
     args = decode_tree(m["inputs"]["tree"], inputs)
+    flax_module, args = _bind_keywords(flax_module, args, m["inputs"].get("keywords"), run)
     in_layouts = dict(m["inputs"]["layouts"])
     if input_layout is not None:
         in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
