@@ -72,7 +72,7 @@ def _verify_without_torch(path: Path, name: str, json_out: Path) -> subprocess.C
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_torch"), str(HERE), str(ROOT)])}
     return subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(path), "--flax",
-                           f"golden_hf_twins:{name}", "--no-layers", "--full", "--json", str(json_out)],
+                           f"golden_hf_twins:{name}", "--full", "--json", str(json_out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -83,6 +83,11 @@ def test_verify_without_torch_passes(recorded, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verdict"] == "PASS" and report["param_grads"]
     assert {c["judge"] for c in report["outputs"] + report["param_grads"]} == {"reference"}
+    # per-layer rows from the bundle alone, every one within its noise
+    assert report["first_divergence"] is None and len(report["layers"]) > 10
+    if name == "gpt2":  # the tie is in the manifest, not in the weights: the rows judge wte whole-model
+        row = next(r for r in report["layers"] if r["name"] == "transformer")
+        assert any("transformer.wte.weight is tied" in n for n in row["notes"]), row
     if name == "gpt2":  # CausalLMOutput.logits, inferred: the metrics without being asked for
         (m,) = report["logits"]
         assert m["path"] == "out.logits" and m["shape"] == [2, T, 64]
