@@ -141,7 +141,7 @@ class Report:
                     f"flax {c.actual_at_worst:.6g} ({c.tolerance}{'; ' + c.note if c.note else ''})"
                 )
         for m in self.logits:
-            lines.append(f"  logits {m.name}: {m.describe()}"
+            lines.append(f"  logits {m.path} {list(m.shape)}: {m.describe()}"
                          + ("  <- the logit rule decided" if m.decided else ""))
         if self.layers:
             lines.append("  layers, execution order (rel_norm; iso = Flax layer alone on torch's input, "

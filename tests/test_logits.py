@@ -134,7 +134,7 @@ def test_check_correct_lm_reports_full_agreement_and_json():
     (m,) = report.logits  # inferred from the dataclass field / dict key "logits"; "hidden" is not logits
     assert m.path == "out.logits" and m.shape == (2, 6, 16) and m.positions == 12
     assert m.top1 == 1.0 and m.topk == 1.0 and m.kl_max < 1e-10 and not m.decided
-    assert "logits output.logits: top-1 1.0000" in str(report)
+    assert "logits out.logits [2, 6, 16]: top-1 1.0000, top-5 1.0000" in str(report)
     j = json.loads(report.to_json())["logits"]
     assert j[0]["top1"] == 1.0 and j[0]["kl_max"] < 1e-10 and j[0]["path"] == "out.logits"
 
@@ -185,3 +185,27 @@ def test_verify_logit_rule_in_a_bfloat16_bundle(tmp_path):
     assert report.verdict == "PASS" and report.logits[0].decided, str(report)
     report = parity.verify(bundle, FlaxLM(roll_vocab=True), layers=False)
     assert report.verdict == "FAIL" and report.logits[0].top1 < 0.3 and not report.logits[0].decided
+
+
+def test_cli_verify_logits_flag(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bundle = parity.record(torch_lm(), lm_ids(), tmp_path / "lm")
+    tests = Path(__file__).parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(bundle), "--flax", "logit_pairs:FlaxLM",
+                               "--no-layers", "--quiet", *args], cwd=tests.parent, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    proc = cli("--logits", "scores")
+    assert proc.returncode == 2 and "logits='scores' names no output" in proc.stderr, proc.stderr
+    proc = cli("--logits", "hidden", "--logits", "logits", "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert [m["path"] for m in json.loads((tmp_path / "r.json").read_text())["logits"]] == ["out.hidden", "out.logits"]
+    proc = cli("--logits", "none", "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["logits"] == []

@@ -92,7 +92,7 @@ def test_verify_without_torch_passes(recorded, tmp_path):
         (m,) = report["logits"]
         assert m["path"] == "out.logits" and m["shape"] == [2, T, 64]
         assert m["top1"] == 1.0 and m["topk"] == 1.0 and m["kl_max"] < 1e-10
-        assert "logits output: top-1 1.0000" in proc.stdout
+        assert f"logits out.logits [2, {T}, 64]: top-1 1.0000" in proc.stdout
     else:
         assert report["logits"] == []
 
