@@ -453,5 +453,5 @@ def _unslice(x2d: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarray:
     return np.moveaxis(x2d.reshape(moved), 0, axis)
 
 
-__all__ = ["Comparison", "LOGITS", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison", "judge",
-           "logit_rule", "measured", "slice_axis", "worst_of"]
+__all__ = ["Comparison", "LOGITS", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
+           "judge", "logit_rule", "measured", "slice_axis", "worst_of"]

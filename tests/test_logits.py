@@ -198,9 +198,9 @@ def test_cli_verify_logits_flag(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(bundle), "--flax", "logit_pairs:FlaxLM",
-                               "--no-layers", "--quiet", *args], cwd=tests.parent, env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(bundle), "--flax",
+                               "logit_pairs:FlaxLM", "--no-layers", "--quiet", *args], cwd=tests.parent, env=env,
+                              capture_output=True, text=True, timeout=300)
 
     proc = cli("--logits", "scores")
     assert proc.returncode == 2 and "logits='scores' names no output" in proc.stderr, proc.stderr

@@ -139,11 +139,11 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
     tensors / arrays allowed), or parity.Inputs(*args, **kwargs) (the keyword inputs and the
     Flax-only constants are recorded; parity.verify calls the twin with them). dtype: the checked
     dtype ("float32" or "float64"; float16 and bfloat16 records are written but their measured
-    noise comes from a float64 reference the same way). The bundle holds the weights, the inputs, the outputs, the seeded cotangents
-    (``seed + 1``, as parity.check), every input and parameter gradient, the float64 reference
-    run (a float64 record: the float32 run nudged by one ulp that measures float64 noise), and
-    with ``layers`` every module call's inputs, outputs and cotangents in the run the per-layer
-    rows are judged on (float64) and in the float32 probe, up to ``max_bytes`` (BundleTooLarge
+    noise comes from a float64 reference the same way). The bundle holds the weights, the inputs,
+    the outputs, the seeded cotangents (``seed + 1``, as parity.check), every input and parameter
+    gradient, the float64 reference run (a float64 record: the float32 run nudged by one ulp that
+    measures float64 noise), and with ``layers`` every module call's inputs, outputs and
+    cotangents in the run the per-layer rows are judged on (float64) and in the float32 probe, up to ``max_bytes`` (BundleTooLarge
     past it, and nothing is left at ``path``). input_layout / output_layout as for parity.check.
     """
     from parity.checker import _torch_only  # the checker's nudged probe, the same one
