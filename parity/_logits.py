@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from parity.errors import UsageError
 from parity.judge import Comparison, logit_rule
 from parity.tolerances import LOGIT_RULE
 
@@ -68,7 +69,7 @@ def logit_paths(paths: list[str], declared=None) -> list[str]:
     declared: None (infer: every path whose last name ends in ``logits``, any case), one path or
     a list of them, given as parity names them (``out.logits``, ``out['logits']``) or without the
     root (``logits``, ``[0]``); ``()`` for none. A declared path that names no output is a
-    ValueError listing the outputs."""
+    UsageError listing the outputs (check and verify ask before their runs)."""
     if declared is None:
         return [p for p in paths if _canonical(p).lower().endswith("logits")]
     wanted = [declared] if isinstance(declared, str) else list(declared)
@@ -78,7 +79,7 @@ def logit_paths(paths: list[str], declared=None) -> list[str]:
         c = _canonical(w)
         hit = canon.get(c) or canon.get(f"out.{c}") or canon.get(f"out{c}")
         if hit is None:
-            raise ValueError(f"logits={w!r} names no output; the outputs are {', '.join(paths)}")
+            raise UsageError(f"logits={w!r} names no output; the outputs are {', '.join(paths)}")
         if hit not in out:
             out.append(hit)
     return out

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity._logits import judge_logits
-from parity.errors import UsageError
+from parity._logits import judge_logits, logit_paths
 from parity.judge import Comparison, Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
@@ -378,6 +377,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         fwd = tolerance_for(dname, FORWARD, prec, platform)
         report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
         return report
+    logit_paths(list(run.torch.outputs), o.logits)  # a declared path that names no output: stop before the runs
     report.warnings += (_constant_input_warnings(pair.torch_args) + _batch_of_one_warnings(pair.torch_args)
                         + _empty_input_warnings(pair.torch_args) + _zero_warnings(run)
                         + _initial_buffer_warnings(pair.torch_module, o.train))
@@ -420,11 +420,8 @@ def _judge_logits(report: Report, run: CapturedRun, o: CheckOptions) -> None:
     """The logit metrics of the outputs declared or inferred as logits, and the logit rule
     (parity._logits.judge_logits; the caller's own rtol/atol decide alone: metrics only)."""
     flax = {p: to_torch_layout(np.asarray(v), run.out_layouts[p]) for p, v in run.flax.outputs.items()}
-    try:
-        report.outputs, report.logits, notes = judge_logits(report.outputs, list(run.torch.outputs), flax,
-                                                            run.torch.outputs, o.dtype, o.logits, rule=not o.override)
-    except ValueError as exc:  # a declared path that names no output
-        raise UsageError(str(exc)) from None
+    report.outputs, report.logits, notes = judge_logits(report.outputs, list(run.torch.outputs), flax,
+                                                        run.torch.outputs, o.dtype, o.logits, rule=not o.override)
     report.warnings += notes
 
 

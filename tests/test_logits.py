@@ -66,7 +66,7 @@ def test_logit_paths_inferred_and_declared():
     assert logit_paths(paths, ["out['logits']", "hidden"]) == ["out.logits", "out.hidden"]
     assert logit_paths(["out"], "out") == ["out"]
     assert logit_paths(paths, ()) == []
-    with pytest.raises(ValueError, match="names no output; the outputs are out.logits"):
+    with pytest.raises(parity.UsageError, match="names no output; the outputs are out.logits"):
         logit_paths(paths, "scores")
 
 

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parity._logits import judge_logits
-from parity.errors import UsageError
+from parity._logits import judge_logits, logit_paths
 from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
 from parity.judge import Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
@@ -241,6 +240,7 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     if to_t is None:
         raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
                           f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
+    logit_paths(m["outputs"]["paths"], logits)  # a declared path that names no output: stop before the runs
     producers = m["outputs"].get("producer_layouts", {})
     out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: v.shape for p, v in main.outputs.items()},
                                  {to_t[p]: s for p, s in f_shapes.items()}, producers.get)
@@ -291,11 +291,9 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
                 row_judge = RowJudge(Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD)),
                                      ref64, "float32", probe_calls, probe_pgrads)
     _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
-    try:  # before the rows: the root row takes the whole-model verdicts
-        report.outputs, report.logits, logit_notes = judge_logits(
-            report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
-    except ValueError as exc:  # a declared path that names no output
-        raise UsageError(str(exc)) from None
+    # before the rows: the root row takes the whole-model verdicts
+    report.outputs, report.logits, logit_notes = judge_logits(
+        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
     report.warnings += logit_notes
     if with_layers:
         say("per-layer rows from the bundle")
