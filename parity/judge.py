@@ -284,8 +284,7 @@ def logit_rule(c: Comparison, m, dtype: str):
     if not eligible or m.top1 < r.top1_min or m.kl_max > r.kl_max:
         return c, m
     note = (f"decided by the logit rule ({dtype}): top-1 {m.top1:.4f} >= {r.top1_min:g}, max KL "
-            f"{m.kl_max:.2e} <= {r.kl_max:g}; elementwise it fails ({c.tolerance}"
-            + (f"; {c.note}" if c.note else "") + ")")
+            f"{m.kl_max:.2e} <= {r.kl_max:g}; elementwise it fails" + (f": {c.note}" if c.note else ""))
     return replace(c, ok=True, judge=LOGITS, note=note, inconclusive=False), replace(m, decided=True)
 
 

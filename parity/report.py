@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from parity._logits import LogitMetrics
-from parity.judge import Comparison
+from parity.judge import LOGITS, Comparison
 from parity.layers import LayerRow
 
 
@@ -135,7 +135,7 @@ class Report:
                 f"  {c.name[:36]:<36} {c.max_abs:10.3e} {c.max_rel:10.3e} {c.rel_norm:10.3e} "
                 f"{c.mismatches:6d} {c.judge:>9}  {c.verdict}"
             )
-            if not c.ok or c.inconclusive:
+            if not c.ok or c.inconclusive or c.judge == LOGITS:  # a logit-rule pass shows what failed elementwise
                 lines.append(
                     f"      worst at {list(c.worst_index)}: torch {c.expected_at_worst:.6g}, "
                     f"flax {c.actual_at_worst:.6g} ({c.tolerance}{'; ' + c.note if c.note else ''})"

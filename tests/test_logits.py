@@ -146,16 +146,24 @@ def test_check_permuted_vocabulary_fails_with_low_top1():
     assert m.top1 < 0.3 and m.kl_max > 1.0 and not m.decided
 
 
-@pytest.mark.parametrize("dtype,verdict", [("bfloat16", "PASS"), ("float32", "FAIL")])
-def test_check_logit_rule_decides_in_bfloat16_only(dtype, verdict):
+@pytest.mark.parametrize("dtype,verdict", [("bfloat16", "PASS"), ("float16", "PASS"), ("float32", "FAIL"),
+                                           ("float64", "FAIL")])
+def test_check_logit_rule_decides_in_half_precision_only(dtype, verdict):
     # a constant added to every logit: the same distributions, elementwise far off
     report = parity.check(torch_lm(), FlaxLM(shift=1.0), lm_ids(), layers=False, grads=False, dtype=dtype)
     assert report.verdict == verdict, str(report)
     (m,) = report.logits
-    assert m.top1 == 1.0 and m.decided == (dtype == "bfloat16")
+    half = dtype in ("bfloat16", "float16")
+    assert m.top1 == 1.0 and m.decided == half
     out = next(c for c in report.outputs if c.name == "output.logits")
-    assert out.judge == (LOGITS if dtype == "bfloat16" else "reference")
-    assert ("the logit rule decided" in str(report)) == (dtype == "bfloat16")
+    assert out.judge == (LOGITS if half else "reference")
+    assert ("the logit rule decided" in str(report)) == half
+
+
+def test_check_logit_rule_leaves_the_callers_own_tolerance_alone():
+    report = parity.check(torch_lm(), FlaxLM(shift=1.0), lm_ids(), layers=False, grads=False, dtype="bfloat16",
+                          rtol=1e-2, atol=1e-2)
+    assert report.verdict == "FAIL" and report.logits[0].top1 == 1.0 and not report.logits[0].decided
 
 
 def test_check_declared_logits():
