@@ -1,9 +1,9 @@
 """torchjax-parity: prove a Flax port computes what its PyTorch model computes.
 
 Public API: check, assert_parity, record and verify (golden bundles: parity.golden), Report,
-Comparison and judge (the one judge), the prepared pair (prepare, PreparedPair, CheckOptions),
-registry helpers, and the execution engine (parity.runtime: FlaxTwin, layouts). Heavy imports are
-lazy: ``import parity`` loads no framework until a name is used.
+Comparison and judge (the one judge), LogitMetrics (Report.logits), the prepared pair (prepare,
+PreparedPair, CheckOptions), registry helpers, and the execution engine (parity.runtime: FlaxTwin,
+layouts). Heavy imports are lazy: ``import parity`` loads no framework until a name is used.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ _LAZY = {
     "PreparedPair": "parity.pair",
     "CheckOptions": "parity.pair",
     "Comparison": "parity.judge",
+    "LogitMetrics": "parity._logits",
     "judge": "parity.judge",
     "LayerRow": "parity.layers",
     "plot_layers": "parity.plot",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from parity._logits import judge_logits, logit_paths
 from parity.judge import Comparison, Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
@@ -323,6 +324,12 @@ def check(
     flag: the float32 table applies). device: "cpu" (default) or "cuda". The torch
     module is copied, never mutated. Runs under pinned numerics and, for float64, with x64
     enabled for the duration of the call only. progress: called with short status lines.
+    logits: the output leaves that are logits, class axis last ([N, T, V], [N, C]): a path such as
+    ``out.logits`` or ``logits``, or several; default None infers every leaf whose path ends in
+    ``logits`` (an HF ModelOutput's ``.logits``), () none. Each gets top-1 agreement, top-k overlap
+    and KL(p_torch || p_flax) per position in ``report.logits``; in a bfloat16 / float16 check they
+    may turn that leaf's FAIL into a pass (parity.judge.logit_rule; the report says so), never the
+    reverse, never for a NaN, and never under the caller's own rtol/atol.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
     lint: read both graphs for known convention traps first (parity.lint: GELU exact vs tanh,
     'SAME' vs symmetric padding with stride > 1, conv geometry, dropout left on, ceil_mode); each
@@ -370,6 +377,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         fwd = tolerance_for(dname, FORWARD, prec, platform)
         report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
         return report
+    logit_paths(list(run.torch.outputs), o.logits)  # a declared path that names no output: stop before the runs
     report.warnings += (_constant_input_warnings(pair.torch_args) + _batch_of_one_warnings(pair.torch_args)
                         + _empty_input_warnings(pair.torch_args) + _zero_warnings(run)
                         + _initial_buffer_warnings(pair.torch_module, o.train))
@@ -381,6 +389,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     report.reference = "float64" if ev.ref is not None else None
     mj = ModelJudge(run, ev)
     mj.fill(report)
+    _judge_logits(report, run, o)
     own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
     if own:
         report.warnings.append(
@@ -405,6 +414,15 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
     say("done")
     return report
+
+
+def _judge_logits(report: Report, run: CapturedRun, o: CheckOptions) -> None:
+    """The logit metrics of the outputs declared or inferred as logits, and the logit rule
+    (parity._logits.judge_logits; the caller's own rtol/atol decide alone: metrics only)."""
+    flax = {p: to_torch_layout(np.asarray(v), run.out_layouts[p]) for p, v in run.flax.outputs.items()}
+    report.outputs, report.logits, notes = judge_logits(report.outputs, list(run.torch.outputs), flax,
+                                                        run.torch.outputs, o.dtype, o.logits, rule=not o.override)
+    report.warnings += notes
 
 
 @dataclass

@@ -27,6 +27,11 @@ table (torch.testing semantics)
     table and nothing else). Without measured noise a pass that only atol explains (norm-wise
     relative error above rtol) is INCONCLUSIVE, not PASS; a caller's own atol is their decision.
 
+logits (parity.tolerances.LOGIT_RULE, ``logit_rule``)
+    only for an output declared as logits, only in a bfloat16 / float16 check, and only to turn
+    that leaf's FAIL into a pass: top-1 agreement and the largest per-position KL(p_torch ||
+    p_flax) (parity._logits) within the rule's bounds. Never for a NaN or Inf, never the other way.
+
 Non-finite values: the same +-inf at the same position on both sides agrees (a banned logit, a
 -inf padded max-pool); NaN on both sides makes the comparison ``nonfinite="NaN"`` (INVALID: no
 verdict); a NaN or inf on one side only is a FAIL that names the side.
@@ -38,11 +43,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from parity.tolerances import EPS, FEW_ELEMENTS, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, TOLERANCES, Tolerance
+from parity.tolerances import (EPS, FEW_ELEMENTS, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, TOLERANCES,
+                                Tolerance)
 from weight_port.layout import AS_IS, to_torch_layout
 from weight_port import to_numpy
 
-REFERENCE, TABLE = "reference", "table"
+REFERENCE, TABLE, LOGITS = "reference", "table", "logits"
 
 
 class NoEvidence(ValueError):
@@ -56,7 +62,7 @@ class Comparison:
 
     max_abs / max_rel / rel_norm / mismatches / worst_*: Flax against torch, for reading (the
     reference rule decides on the measured-noise criterion, reported in ``note`` and ``score``).
-    judge: "reference" or "table" (see the module docstring). score: error over allowance of
+    judge: "reference", "table" or "logits" (see the module docstring). score: error over allowance of
     the worst criterion (<= 1 passes). inconclusive: passed the table only through atol, with no
     measured noise to say whether that is rounding (the verdict is then INCONCLUSIVE).
     nonfinite: "NaN" when both sides hold NaN at some element (the comparison proves nothing).
@@ -264,6 +270,24 @@ def judge_or_table(name: str, flax_value, torch_value, rule: Rule | None, table:
     return replace(c, note="; ".join(n for n in (c.note, fallback) if n))
 
 
+def logit_rule(c: Comparison, m, dtype: str):
+    """The logit rule (parity.tolerances.LOGIT_RULE): a logits leaf that FAILs elementwise in a
+    bfloat16 / float16 check passes when its distributions agree (top-1 agreement and the largest
+    per-position KL within the rule's bounds); then the comparison's judge is "logits" and its
+    note says what decided, over what the elementwise judge found. Anything else comes back
+    unchanged: a pass is never turned into a failure, float32 / float64 keep their verdict, and a
+    NaN or Inf (on one side or both) or a comparison that could not be made is never a pass.
+    m: the leaf's parity._logits.LogitMetrics; returns (comparison, metrics with ``decided``)."""
+    r = LOGIT_RULE
+    eligible = (dtype in r.dtypes and not c.ok and not c.nonfinite and c.mismatches >= 0
+                and "one side only" not in c.note and math.isfinite(m.top1) and math.isfinite(m.kl_max))
+    if not eligible or m.top1 < r.top1_min or m.kl_max > r.kl_max:
+        return c, m
+    note = (f"decided by the logit rule ({dtype}): top-1 {m.top1:.4f} >= {r.top1_min:g}, max KL "
+            f"{m.kl_max:.2e} <= {r.kl_max:g}; elementwise it fails" + (f": {c.note}" if c.note else ""))
+    return replace(c, ok=True, judge=LOGITS, note=note, inconclusive=False), replace(m, decided=True)
+
+
 @dataclass
 class _Stats:
     diff: np.ndarray  # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite
@@ -428,5 +452,5 @@ def _unslice(x2d: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarray:
     return np.moveaxis(x2d.reshape(moved), 0, axis)
 
 
-__all__ = ["Comparison", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison", "judge",
-           "measured", "slice_axis", "worst_of"]
+__all__ = ["Comparison", "LOGITS", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
+           "judge", "logit_rule", "measured", "slice_axis", "worst_of"]

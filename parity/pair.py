@@ -73,8 +73,13 @@ class CheckOptions:
     data_parallel: int | None = None
     lint: bool = True
     strict: bool = False
+    # Output leaves that are logits (class axis last): a path or paths (``out.logits``, ``logits``);
+    # None infers them (a leaf whose path ends in ``logits``), () declares none (parity._logits).
+    logits: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.logits is not None and not isinstance(self.logits, str):
+            object.__setattr__(self, "logits", tuple(self.logits))
         name = dtype_name(self.dtype)
         if name not in TORCH_DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(TORCH_DTYPES)}")

@@ -5,7 +5,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from parity.judge import Comparison
+from parity._logits import LogitMetrics
+from parity.judge import LOGITS, Comparison
 from parity.layers import LayerRow
 
 
@@ -32,6 +33,9 @@ class Report:
     invalid: str | None = None
     # check(strict=True): the trap lint's findings (parity.lint); any makes a PASS a FAIL.
     strict_findings: list[str] = field(default_factory=list)
+    # Top-1 / top-k agreement and KL per output leaf declared or inferred as logits (parity._logits);
+    # one whose ``decided`` is set passed by the logit rule (its output comparison's judge is "logits").
+    logits: list[LogitMetrics] = field(default_factory=list)
 
     @property
     def grads(self) -> list[Comparison]:
@@ -89,6 +93,7 @@ class Report:
             "env": self.env,
             "warnings": self.warnings,
             "strict_findings": self.strict_findings,
+            "logits": [m.to_dict() for m in self.logits],
         }
 
     def to_json(self, **kw) -> str:
@@ -130,11 +135,14 @@ class Report:
                 f"  {c.name[:36]:<36} {c.max_abs:10.3e} {c.max_rel:10.3e} {c.rel_norm:10.3e} "
                 f"{c.mismatches:6d} {c.judge:>9}  {c.verdict}"
             )
-            if not c.ok or c.inconclusive:
+            if not c.ok or c.inconclusive or c.judge == LOGITS:  # a logit-rule pass shows what failed elementwise
                 lines.append(
                     f"      worst at {list(c.worst_index)}: torch {c.expected_at_worst:.6g}, "
                     f"flax {c.actual_at_worst:.6g} ({c.tolerance}{'; ' + c.note if c.note else ''})"
                 )
+        for m in self.logits:
+            lines.append(f"  logits {m.path} {list(m.shape)}: {m.describe()}"
+                         + ("  <- the logit rule decided" if m.decided else ""))
         if self.layers:
             lines.append("  layers, execution order (rel_norm; iso = Flax layer alone on torch's input, "
                          "acc = inherited through the Flax model):")

@@ -203,6 +203,36 @@ FEW_ELEMENTS = 3.0
 # with worse float32 rounding (the fast-variance trap, which the lint names).
 OWN_NOISE_EVERYWHERE = frozenset({"float16", "bfloat16", "float32"})
 
+# --- The logit rule (parity.judge.logit_rule; metrics in parity._logits) ------------------------
+@dataclass(frozen=True)
+class LogitRule:
+    """When the logit metrics of an output declared as logits may turn its elementwise FAIL into
+    a pass: only in ``dtypes``, only with top-1 agreement >= ``top1_min`` and the largest
+    per-position KL(p_torch || p_flax) <= ``kl_max`` (nats), never for a NaN or Inf."""
+
+    dtypes: frozenset
+    top1_min: float
+    kl_max: float
+    reason: str
+
+
+LOGIT_RULE = LogitRule(
+    dtypes=frozenset({"bfloat16", "float16"}),
+    top1_min=0.99,
+    kl_max=1e-2,
+    reason="bfloat16 and float16 only: there the elementwise bounds of a large model's logits are "
+    "loose (logits of size ~10 carry ~0.04 of bfloat16 rounding each, compounded over the layers), "
+    "while what a language model or classifier is used for is the distribution over its classes. "
+    "A rounding-sized perturbation e of the logits moves the distribution by KL ~ Var_p(e) / 2: "
+    "~1e-3 for bfloat16 rounding of logits of size ~10, so 1e-2 leaves ~10x headroom; a wrong "
+    "vocabulary order, a missing bias or scale or a wrong layer is KL ~0.1 to 10 on most positions. "
+    "top-1 >= 0.99: only positions whose two best classes are within rounding of each other may "
+    "flip (a trained LM's near-ties are well under 1% of positions); a permuted head agrees on "
+    "~1/V. float32 and float64 keep the elementwise (measured-noise) verdict: their noise is "
+    "measured sharply and a metric this coarse would only hide errors. Per-layer rows still run in "
+    "float64 and still fail a structural error, whatever this rule says about the logits leaf",
+)
+
 # Machine epsilon per dtype (spacing of floats at 1.0).
 EPS: dict[str, float] = {"float64": 2.220446049250313e-16, "float32": 1.1920928955078125e-07,
                          "float16": 9.765625e-04, "bfloat16": 7.8125e-03}

@@ -87,9 +87,11 @@ def test_cli_record_then_verify_without_torch(tmp_path):
     out = tmp_path / "b"
     proc = _cli("record", "mlp", "--out", str(out), "--layers")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env={
-        **os.environ, "PYTHONPATH": str(TESTS / "no_torch")}, capture_output=True, text=True)
-    assert probe.returncode != 0 and "blocked" in probe.stderr  # the child really has no torch
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util; assert importlib.util.find_spec('torch') "
+                            "is None; import torch"], env={**os.environ, "PYTHONPATH": str(TESTS / "no_torch")},
+                           capture_output=True, text=True)
+    # the child really has no torch, as a machine without it installed
+    assert probe.returncode != 0 and "ModuleNotFoundError: No module named 'torch'" in probe.stderr
     proc = _cli("verify", str(out), "mlp", "--full", "--json", str(tmp_path / "r.json"), no_torch=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "layers.1" in proc.stdout  # per-layer rows printed

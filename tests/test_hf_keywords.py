@@ -81,3 +81,47 @@ def test_keyword_inputs_refused_for_nnx_with_a_named_error():
         parity.check(TorchNet(), N(), parity.Inputs(np.zeros((2, 5, 4)), mask=torch.ones(2, 5)),
                      dtype="float32", input_layout="as_is")
     assert jnp.float32  # (jnp imported for the Flax twin above)
+
+
+_VERIFY_WITHOUT_TORCH = """
+import sys
+import flax.linen as nn
+import parity
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask, offset, deterministic: bool = True):
+        return nn.Dense(3, name="proj")(x) * mask[..., None] + 0 * offset
+
+report = parity.verify(sys.argv[1], FlaxNet())
+print(report.verdict, [c.name for c in report.input_grads])
+"""
+
+
+def test_record_and_verify_keyword_inputs_without_torch(tmp_path):
+    """parity.record writes the keyword call (the mask a keyword input, the Flax-only offset a
+    recorded constant, the torch-only scale bound into the torch side); parity.verify binds the
+    twin with them in a process where torch cannot be imported (weight_port.bind_keywords
+    without torch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    bundle = parity.record(TorchNet(), _inputs(), tmp_path / "kw", input_layout="as_is")
+    assert parity.verify(bundle, FlaxNet()).verdict == "PASS"
+
+    class Wrong(FlaxNet):
+        @nn.compact
+        def __call__(self, x, mask, offset, deterministic: bool = True):
+            return nn.Dense(3, name="proj")(x) * mask[..., None] * 1.001
+
+    assert parity.verify(bundle, Wrong()).verdict == "FAIL"
+    tests = Path(__file__).parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tests / "no_torch"), str(tests.parent)])}
+    proc = subprocess.run([sys.executable, "-c", _VERIFY_WITHOUT_TORCH, str(bundle)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "PASS ['grad input']"

@@ -139,7 +139,8 @@ def keyword_call(torch_module: torch.nn.Module | None, flax_module, example_inpu
 
 def _as_jax(value):
     # A torch tensor constant for the Flax side: the same values as a numpy array.
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    # (no torch on this machine: parity.verify binds a twin from a bundle, whose values are numpy)
+    return value.detach().cpu().numpy() if torch is not None and isinstance(value, torch.Tensor) else value
 
 
 __all__ = ["Inputs", "bind_keywords", "keyword_call"]

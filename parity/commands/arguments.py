@@ -54,6 +54,11 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",
                    help="also run the Flax twin under jit with the batch sharded over N devices and compare "
                         "it with torch and with 1 device (on CPU the N devices are simulated)")
+    p.add_argument("--logits", action="append", default=None, metavar="PATH",
+                   help="an output leaf that is logits, class axis last (out.logits, logits; repeatable; "
+                        "'none' for none): top-1 / top-5 agreement and KL per position are reported, and "
+                        "in bfloat16/float16 decide that leaf (docs/golden.md). Default: every output "
+                        "whose path ends in 'logits'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON (a list when several)")
     p.add_argument("--plot", metavar="PATH",
@@ -116,6 +121,11 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                         "(NC... or as_is, or input[0]=NC...,...)")
     p.add_argument("--train-kwarg", default=None, help="the Flax twin's train-mode keyword (as for parity check)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer rows even if the bundle has them")
+    p.add_argument("--logits", action="append", default=None, metavar="PATH",
+                   help="an output leaf that is logits, class axis last (out.logits, logits; repeatable; "
+                        "'none' for none): top-1 / top-5 agreement and KL per position are reported, and "
+                        "in bfloat16/float16 decide that leaf (docs/golden.md). Default: every output "
+                        "whose path ends in 'logits'")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--full", action="store_true", help="print the full report even when it passes")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -260,6 +260,14 @@ def summary_line(r, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def logits_option(given: list[str] | None):
+    """check()'s / verify()'s ``logits`` from ``--logits PATH`` (repeatable; ``--logits none``: no
+    leaf is logits): None (infer) when not given."""
+    if not given:
+        return None
+    return () if given == ["none"] else tuple(given)
+
+
 def check_options(args: argparse.Namespace) -> CheckOptions:
     """What every check of this command runs with (dtype, train mode and the pair's facts are
     set per job)."""
@@ -268,7 +276,7 @@ def check_options(args: argparse.Namespace) -> CheckOptions:
     return CheckOptions(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                         precision=args.precision, device=args.device, seed=args.seed,
                         reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
-                        lint=not args.no_lint, strict=args.strict)
+                        lint=not args.no_lint, strict=args.strict, logits=logits_option(args.logits))
 
 
 def _jobs(args: argparse.Namespace):

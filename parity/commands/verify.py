@@ -9,7 +9,8 @@ import argparse
 import sys
 import time
 
-from parity.commands.check import SetupError, call_factory, fail, summary_line, write_atomic, load_factory, parse_layout
+from parity.commands.check import (SetupError, call_factory, fail, load_factory, logits_option, parse_layout,
+                                   summary_line, write_atomic)
 from parity.errors import UsageError
 
 _EXIT = {"PASS": 0, "FAIL": 1, "INVALID": 3, "INCONCLUSIVE": 4}
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
-                        train_kwarg=args.train_kwarg or train_kwarg, progress=say)
+                        train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
+                        progress=say)
     except UsageError as exc:
         return fail(str(exc))
     print(summary_line(report, time.perf_counter() - start))

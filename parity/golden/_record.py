@@ -19,7 +19,7 @@ from parity.golden._bundle import BundleError, BundleTooLarge, encode_tree, key,
 from parity.runtime import (ActivationLayouts, TorchRun, as_args, input_layouts, input_paths, run_torch,
                             torch_inputs, train_mode_matters)
 from parity.runtime.layouts import model_input_ids, split_output_spec
-from weight_port import Inputs
+from weight_port import Inputs, bind_keywords
 from weight_port.layout import AS_IS
 from weight_port import tied_aliases
 from weight_port import rule_for
@@ -113,6 +113,22 @@ def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -
             "positional_layouts": positional, "frozen": frozen}
 
 
+def _keywords(example_input) -> tuple[dict | None, dict[str, np.ndarray]]:
+    """(the manifest entry of an Inputs call, its Flax-only array constants by leaf name): how
+    many positional arguments, the keywords in order (their values are the inputs input[n]...),
+    and the Flax-only keywords (None when the call is positional). torch_only keywords are bound
+    into the recorded torch module and need nothing on the Flax side."""
+    if not isinstance(example_input, Inputs):
+        return None, {}
+    only = _numpy_tree(dict(example_input.flax_only))
+    leaves = {p: np.asarray(v) for p, v in zip(
+        input_paths((only,)), jax.tree_util.tree_leaves(only)) if hasattr(v, "shape")}
+    tree = encode_tree(only, root="flax_only")
+    leaves = {p.replace("input[0]", "flax_only", 1): v for p, v in leaves.items()}
+    return {"positional": len(example_input.args), "keys": list(example_input.kwargs), "flax_only": tree,
+            "torch_only": sorted(example_input.torch_only)}, leaves
+
+
 def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool = False, dtype: str = "float32",
            seed: int = 0, train: bool = False, input_layout=None, output_layout=None, name: str | None = None,
            max_bytes: int = DEFAULT_MAX_BYTES, progress: Callable[[str], None] | None = None) -> Path:
@@ -120,13 +136,14 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
     to the new directory ``path`` (parity.golden._bundle); returns that path.
 
     example_input: the positional arguments in torch layout ([N, C, H, W] for images; a pytree of
-    tensors / arrays allowed). dtype: the checked dtype ("float32" or "float64"; float16 and
-    bfloat16 records are written but their measured noise comes from a float64 reference the
-    same way). The bundle holds the weights, the inputs, the outputs, the seeded cotangents
-    (``seed + 1``, as parity.check), every input and parameter gradient, the float64 reference
-    run (a float64 record: the float32 run nudged by one ulp that measures float64 noise), and
-    with ``layers`` every module call's inputs, outputs and cotangents in the run the per-layer
-    rows are judged on (float64) and in the float32 probe, up to ``max_bytes`` (BundleTooLarge
+    tensors / arrays allowed), or parity.Inputs(*args, **kwargs) (the keyword inputs and the
+    Flax-only constants are recorded; parity.verify calls the twin with them). dtype: the checked
+    dtype ("float32" or "float64"; float16 and bfloat16 records are written but their measured
+    noise comes from a float64 reference the same way). The bundle holds the weights, the inputs,
+    the outputs, the seeded cotangents (``seed + 1``, as parity.check), every input and parameter
+    gradient, the float64 reference run (a float64 record: the float32 run nudged by one ulp that
+    measures float64 noise), and with ``layers`` every module call's inputs, outputs and
+    cotangents in the run the per-layer rows are judged on (float64) and in the float32 probe, up to ``max_bytes`` (BundleTooLarge
     past it, and nothing is left at ``path``). input_layout / output_layout as for parity.check.
     """
     from parity.checker import _torch_only  # the checker's nudged probe, the same one
@@ -134,8 +151,6 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
     from parity.numerics import numerics_env, pinned
 
     say = progress or (lambda msg: None)
-    if isinstance(example_input, Inputs):
-        raise BundleError("keyword inputs (parity.Inputs) are not recorded yet: pass positional inputs")
     if dtype not in DTYPES:
         raise BundleError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if Path(path).exists():
@@ -146,6 +161,10 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         env = numerics_env("cpu")
         tm = copy.deepcopy(torch_module).to(dtype=tdtype)
         tm.train(train)
+        # Keyword inputs are bound into the private copy as parity.check binds them (its leaves
+        # named input[k] after the positional ones); verify binds the twin from the manifest.
+        keywords, flax_only = _keywords(example_input)
+        tm, _, example_input = bind_keywords(tm, None, example_input)
         args = torch_inputs(as_args(example_input), tdtype, "cpu", True)
         given = torch_inputs(args, tdtype, "cpu", True)
         in_layouts = input_layouts(tm, args, input_layout)
@@ -172,6 +191,7 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         run.update({key("main", "input", p): to_numpy(x.detach()) for p, x in
                     zip(input_paths(given), jax.tree_util.tree_leaves(given)) if isinstance(x, torch.Tensor)})
         run.update(_run_tensors("main", t, cotangents=True))
+        run.update({key("main", "flax_only", p): v for p, v in flax_only.items()})
         layer_files: dict[str, np.ndarray] = {}
         calls_meta: dict[str, list[dict]] = {}
         lower = {"main": t.lower_precision}
@@ -215,7 +235,7 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
             "layers": layers,
             "reference": "probe" if dtype == "float64" else "float64",
             "lower_precision": lower,
-            "inputs": {"tree": encode_tree(_numpy_tree(given)), "layouts": in_layouts},
+            "inputs": {"tree": encode_tree(_numpy_tree(given)), "layouts": in_layouts, "keywords": keywords},
             "outputs": {"paths": list(t.outputs), "shapes": {p: list(v.shape) for p, v in t.outputs.items()},
                         "producer_layouts": producers,
                         "output_layout": spec},

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parity._logits import judge_logits, logit_paths
 from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
 from parity.judge import Table, failed_comparison, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
@@ -24,7 +25,7 @@ from parity.report import Report
 from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
 from parity.runtime.layouts import declared, output_layouts
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
-from weight_port import PortError
+from weight_port import Inputs, PortError, bind_keywords
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
 from weight_port import PortPlan, build_plan
 
@@ -141,7 +142,7 @@ def _label(prefix: str, path: str, root: str, single: bool) -> str:
 
 
 def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
-           train_kwarg: str | None = None, progress: Callable[[str], None] | None = None) -> Report:
+           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
@@ -150,6 +151,9 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     rows with the first divergence are judged as parity.check judges them. input_layout: the
     twin's input layouts where they differ from the torch side's inference (as parity.check's).
     A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
+    logits: the output leaves that are logits, as parity.check's (default: inferred from a path
+    ending in ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision
+    bundle, exactly as parity.check applies them.
     """
     say = progress or (lambda msg: None)
     bundle = read_bundle(path)
@@ -157,7 +161,7 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     dname = m["dtype"]
     x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
     with jax.default_matmul_precision("highest"), x64:
-        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, say)
+        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say)
     return report
 
 
@@ -182,6 +186,10 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
             raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    # A tied tensor is stored once (an LM head tied to its embedding), so the plan from the weights
+    # alone cannot see the tie: the recorded one makes the per-layer rows judge its gradient
+    # whole-model (each layer sees one use of it), as parity.check's plan does.
+    plan.tied = {**plan_in.get("tied", {}), **plan.tied}
     # The torch side's layer kinds against the rules the twin's classes chose: a Linear ported by
     # another kind's rule is a wrong port, whatever the shapes say.
     kinds = {e["path"]: e["kind"] for e in plan_in.get("modules", [])}
@@ -193,12 +201,26 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
     return plan, variables, notes
 
 
-def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, say) -> Report:
+def _bind_keywords(flax_module, args: tuple, keywords: dict | None, run: Mapping[str, np.ndarray]):
+    """(the twin, its positional inputs) with a recorded parity.Inputs call bound as parity.check
+    binds it (weight_port.bind_keywords): the keyword inputs and the Flax-only constants."""
+    if not keywords:
+        return flax_module, args
+    n = keywords["positional"]
+    only = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("flax_only|")}
+    call = Inputs(*args[:n], **dict(zip(keywords["keys"], args[n:])),
+                  flax_only=decode_tree(keywords["flax_only"], only))
+    _, flax_module, args = bind_keywords(None, flax_module, call)
+    return flax_module, args
+
+
+def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
     run = bundle.group("run.safetensors", "main")
     inputs = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("input|")}
     args = decode_tree(m["inputs"]["tree"], inputs)
+    flax_module, args = _bind_keywords(flax_module, args, m["inputs"].get("keywords"), run)
     in_layouts = dict(m["inputs"]["layouts"])
     if input_layout is not None:
         in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
@@ -218,6 +240,7 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     if to_t is None:
         raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
                           f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
+    logit_paths(m["outputs"]["paths"], logits)  # a declared path that names no output: stop before the runs
     producers = m["outputs"].get("producer_layouts", {})
     out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: v.shape for p, v in main.outputs.items()},
                                  {to_t[p]: s for p, s in f_shapes.items()}, producers.get)
@@ -268,6 +291,10 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
                 row_judge = RowJudge(Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD)),
                                      ref64, "float32", probe_calls, probe_pgrads)
     _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
+    # before the rows: the root row takes the whole-model verdicts
+    report.outputs, report.logits, logit_notes = judge_logits(
+        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
+    report.warnings += logit_notes
     if with_layers:
         say("per-layer rows from the bundle")
         layouts = RecordedLayouts(m["calls"]["rows"])
