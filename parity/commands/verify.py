@@ -28,11 +28,26 @@ def _twin(args: argparse.Namespace):
     return _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
 
 
+def _sharding(args: argparse.Namespace):
+    """--mesh/--shard-style/--shard-rule as parity.sharding.ShardOptions (None without --mesh); asks
+    for the mesh's CPU devices before anything initialises JAX (as check --data-parallel does)."""
+    if not args.mesh:
+        if args.shard_rule or args.shard_style != "fsdp+tp":
+            raise SetupError("--shard-style and --shard-rule need --mesh")
+        return None
+    from parity.data_parallel import request_cpu_devices
+    from parity.sharding import ShardOptions, mesh_devices
+
+    request_cpu_devices(mesh_devices(args.mesh))
+    return ShardOptions(style=args.shard_style, rules=tuple(args.shard_rule))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        shard = _sharding(args)
         flax_model, train_kwarg = _twin(args)
         layout = parse_layout(args.layout, "--layout")
-    except (SetupError, KeyError) as exc:
+    except (SetupError, UsageError, KeyError) as exc:
         return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from parity.golden import verify
 
@@ -44,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
-                        train_kwarg=args.train_kwarg or train_kwarg, progress=say)
+                        train_kwarg=args.train_kwarg or train_kwarg, progress=say,
+                        mesh=args.mesh, shard=shard)
     except UsageError as exc:
         return _fail(str(exc))
     print(_summary_line(report, time.perf_counter() - start))
