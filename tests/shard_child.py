@@ -97,6 +97,8 @@ def main() -> None:
         "bad_mesh": _error(lambda: parity.verify(mlp, twin, mesh="data=2,model")),
         "rule_matches_nothing": _error(lambda: parity.verify(mlp, twin, mesh="data=8", shard=ShardOptions(
             rules=(".*/attention/kernel=data",)))),
+        "rule_too_long": _error(lambda: parity.verify(mlp, twin, mesh="data=8", shard=ShardOptions(
+            rules=("params/layers_0/bias=data,None",)))),
         "rule_unknown_axis": _error(lambda: parity.verify(mlp, twin, mesh="data=8", shard=ShardOptions(
             rules=(".*/kernel=None,model",)))),
     }

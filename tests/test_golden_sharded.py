@@ -137,6 +137,7 @@ def test_sharding_errors_are_named(child):
     assert errors["rule_matches_nothing"].startswith("ShardingError: --shard-rule '.*/attention/kernel=data' "
                                                      "decides no parameter")
     assert "the mesh has no axis 'model'" in errors["rule_unknown_axis"]
+    assert "2 entries for params/layers_0/bias, which has 1 dimensions [8]" in errors["rule_too_long"]
 
 
 @pytest.mark.parametrize("text,match", [("data", "NAME=SIZE"), ("data=0", "SIZE >= 1"), ("data=2,data=2", "twice"),
