@@ -196,8 +196,32 @@ def test_cli_sharded_verify_without_torch(child, tmp_path):
     (("--mesh", "data=4,model=4"), "needs 16 devices, JAX has 8"),
     (("--mesh", "data=8", "--shard-rule", "params/encoder/.*=data"), "decides no parameter"),
     (("--shard-rule", ".*=data"), "--shard-style and --shard-rule need --mesh"),
-], ids=["bad-mesh", "too-many-devices", "rule-matches-nothing", "rule-without-mesh"])
+    (("--mesh", "data=8", "--processes", "3"), "the mesh's 8 devices do not split evenly over 3 processes"),
+    (("--processes", "2"), "--processes needs --mesh"),
+], ids=["bad-mesh", "too-many-devices", "rule-matches-nothing", "rule-without-mesh", "processes-uneven",
+        "processes-without-mesh"])
 def test_cli_sharding_errors_are_one_line(child, flags, match):
     # 8 devices set from outside (as a user's XLA_FLAGS would): the command does not raise it
     line = _one_line_error(_cli("verify", str(Path(child["dir"]) / "mlp"), "mlp", *flags, devices=8))
     assert match in line
+
+
+def test_cli_two_processes_give_one_report(child, tmp_path):
+    # 2 processes x 4 simulated CPU devices in one jax.distributed job (gloo collectives on
+    # localhost), the mesh spanning both; process 0 alone prints and writes the report
+    proc = _cli("verify", str(Path(child["dir"]) / "mlp"), "mlp", "--mesh", "data=2,model=4", "--processes", "2",
+                "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [ln.split()[-3] for ln in proc.stdout.splitlines() if ln.startswith("mlp ")] == ["PASS"]  # one report
+    report = json.loads((tmp_path / "r.json").read_text())
+    record = report["env"]["sharding"]
+    assert (record["processes"], record["devices_per_process"], record["devices"]) == (2, 4, 8)
+    assert record["shard_shapes"]["params/layers_0/kernel"] == [2, 2]  # each process holds its devices' shards
+    one = child["mlp"]["data=2,model=4"]  # the same mesh in one process
+    assert report["verdict"] == one["verdict"] == "PASS"
+    got = {c["name"]: c for c in report["outputs"] + report["input_grads"] + report["param_grads"]}
+    for c in one["comparisons"]:
+        tol = tolerance_for(one["dtype"], GRAD if c["grad"] else FORWARD, "highest", "cpu")
+        assert abs(got[c["name"]]["rel_norm"] - c["rel_norm"]) <= tol.rtol, c["name"]
+    assert {row["name"]: row["ok"] for row in report["layers"]} == one["layers"]
+    assert all(row["isolated"] is not None for row in report["layers"])  # the rows really ran, not skipped

@@ -130,6 +130,14 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                        help="your own rule, first match wins over the defaults: a regex on the whole Flax path "
                             "(params/dense/kernel) = one entry per dimension (None, an axis, or axes joined by "
                             "'+'), e.g. '.*/kernel=None,model'; repeatable")
+    shard.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="run as N processes of one jax.distributed job on this machine (CPU devices "
+                            "simulated, the mesh's devices split evenly); process 0 prints the one report")
+    shard.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="join a jax.distributed job (every host of a multi-host slice runs the same "
+                            "command with its --process-id; 'auto' lets JAX find the job, as on Cloud TPU)")
+    shard.add_argument("--num-processes", type=int, default=None, help="with --coordinator HOST:PORT")
+    shard.add_argument("--process-id", type=int, default=None, help="with --coordinator HOST:PORT (0 prints the report)")
 
 
 def add_port_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,8 +42,29 @@ def _sharding(args: argparse.Namespace):
     return ShardOptions(style=args.shard_style, rules=tuple(args.shard_rule))
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """--processes N: this command again as N processes of one jax.distributed job (localhost)."""
+    if not args.mesh:
+        raise SetupError("--processes needs --mesh (the mesh spans the processes' devices)")
+    from parity.sharding import launch, mesh_devices
+
+    argv, skip = [], False
+    for a in args.argv:
+        if skip or a == "--processes" or a.startswith("--processes="):
+            skip = a == "--processes"
+            continue
+        argv.append(a)
+    return launch(argv, args.processes, mesh_devices(args.mesh))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.processes is not None and args.processes > 1:
+            return _launch(args)
+        if args.coordinator:  # before anything initialises JAX's backends
+            from parity.sharding import join
+
+            join(args.coordinator, args.num_processes, args.process_id)
         shard = _sharding(args)
         flax_model, train_kwarg = _twin(args)
         layout = parse_layout(args.layout, "--layout")
@@ -54,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     def say(msg: str) -> None:
-        if not args.quiet:
+        if not args.quiet and not args.process_id:
             print(f"verify {args.bundle}: {msg} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     try:
@@ -63,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
                         mesh=args.mesh, shard=shard)
     except UsageError as exc:
         return _fail(str(exc))
+    if args.process_id:  # one report: process 0's (every process computed the same one)
+        return _EXIT[report.verdict]
     print(_summary_line(report, time.perf_counter() - start))
     if args.full or report.verdict != "PASS":
         print()

@@ -4,7 +4,8 @@ rules), and the Placement that ports weights straight into those shardings (pari
 ``mesh=``; docs/golden.md, "Sharded verify")."""
 from parity.sharding._mesh import DATA, MODEL, ShardingError, make_mesh, mesh_devices, parse_mesh
 from parity.sharding._placement import Placement
+from parity.sharding._processes import join, launch
 from parity.sharding._rules import STYLES, Note, ShardOptions, ShardRule, plan_specs
 
 __all__ = ["DATA", "MODEL", "Note", "Placement", "STYLES", "ShardOptions", "ShardRule", "ShardingError",
-           "make_mesh", "mesh_devices", "parse_mesh", "plan_specs"]
+           "join", "launch", "make_mesh", "mesh_devices", "parse_mesh", "plan_specs"]

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from parity.data_parallel import DataParallelError, batch_size
 from parity.sharding._mesh import DATA, describe_mesh, make_mesh
 from parity.sharding._rules import Note, ShardOptions, plan_specs
-from weight_port import convert_placed
+from weight_port import convert_placed, put_sharded
 
 
 def _partition(dims) -> PartitionSpec:
@@ -52,7 +52,7 @@ class Placement:
         self.specs, self.notes = plan_specs(plan, self.mesh, self.options)
         flat = traverse_util.flatten_dict(dict(variables))
         return self._seen(traverse_util.unflatten_dict(
-            {leaf: jax.device_put(v, self.sharding(leaf)) for leaf, v in flat.items()}))
+            {leaf: put_sharded(v, self.sharding(leaf)) for leaf, v in flat.items()}))
 
     def _seen(self, variables) -> dict:
         # what one device really holds of each leaf (the test of "each device holds its share")
@@ -80,7 +80,7 @@ class Placement:
                 return x
             batched = split and np.ndim(x) >= 1 and np.shape(x)[0] == batch
             self.input_specs["input" + jax.tree_util.keystr(path)] = [DATA] if batched else []
-            return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(DATA) if batched else PartitionSpec()))
+            return put_sharded(x, NamedSharding(self.mesh, PartitionSpec(DATA) if batched else PartitionSpec()))
 
         return jax.tree_util.tree_map_with_path(put, tree)
 
@@ -89,6 +89,7 @@ class Placement:
         entry per dimension: null = whole, an axis, or a list of axes), its shape and the shape one
         device holds of it, the inputs' specs, and the notes."""
         return {"mesh": dict(self.mesh.shape), "devices": int(self.mesh.devices.size),
+                "processes": jax.process_count(), "devices_per_process": len(self.mesh.local_devices),
                 "platform": self.mesh.devices.flat[0].platform, "style": self.options.style,
                 "rules": [r.text for r in self.options.rules],
                 "params": {"/".join(leaf): _json_spec(dims) for leaf, dims in self.specs.items()},
@@ -98,8 +99,11 @@ class Placement:
     def summary(self, most: int = 5) -> list[str]:
         """Report warnings: one line for the run, then the notes (the first ``most``)."""
         split = sum(any(d for d in dims) for dims in self.specs.values())
+        procs = jax.process_count()
         head = (f"sharded: mesh {describe_mesh(self.mesh)} ({self.mesh.devices.size} "
-                f"{self.mesh.devices.flat[0].platform} devices), style {self.options.style}"
+                f"{self.mesh.devices.flat[0].platform} devices"
+                + (f" in {procs} processes, {len(self.mesh.local_devices)} each" if procs > 1 else "")
+                + f"), style {self.options.style}"
                 + (f", {len(self.options.rules)} rule(s)" if self.options.rules else "")
                 + f"; {split} of {len(self.specs)} variables split, the rest replicated; inputs "
                 + ("split over data" if any(self.input_specs.values()) else "replicated")
