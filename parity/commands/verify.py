@@ -38,7 +38,8 @@ def _sharding(args: argparse.Namespace):
     from parity.data_parallel import request_cpu_devices
     from parity.sharding import ShardOptions, mesh_devices
 
-    request_cpu_devices(mesh_devices(args.mesh))
+    if not args.coordinator:  # a process of a job gets its devices from its launcher or its host
+        request_cpu_devices(mesh_devices(args.mesh))
     return ShardOptions(style=args.shard_style, rules=tuple(args.shard_rule))
 
 
