@@ -74,7 +74,7 @@ def _error(fn) -> str:
 def main() -> None:
     import parity
     from parity.registry import select
-    from parity.sharding import ShardOptions, make_mesh
+    from parity.sharding import Placement, ShardOptions, make_mesh
 
     root = Path(sys.argv[1])
     out: dict = {"devices": len(jax.devices()), "torch_loaded": "torch" in sys.modules}
@@ -91,6 +91,10 @@ def main() -> None:
     out["mlp_rule"] = _report(parity.verify(mlp, twin, mesh="data=2,model=4", layers=False, shard=ShardOptions(
         rules=("params/layers_0/kernel=model,data", ".*/bias=model"))))
     out["placed"] = _placed(mlp, twin)
+    odd = Placement("data=2,model=4")  # a batch of 3 does not split over data=2
+    placed = odd.inputs((np.zeros((3, 4), np.float32), {"mask": np.ones((3,), np.float32)}))
+    out["odd_batch"] = {"specs": odd.input_specs, "notes": [n.text for n in odd.notes],
+                        "replicated": [bool(a.sharding.is_fully_replicated) for a in jax.tree_util.tree_leaves(placed)]}
     out["planted"] = _report(parity.verify(mlp, twin, mesh="data=2,model=4", variables=_planted(mlp, twin)))
     out["errors"] = {
         "too_many_devices": _error(lambda: parity.verify(mlp, twin, mesh="data=4,model=4")),

@@ -124,6 +124,12 @@ def test_tensor_parallel_only_mesh_replicates_inputs(child):
     assert r["sharding"]["inputs"] == {"input[0]": []}  # no "data" axis: inputs whole on every device
 
 
+def test_a_batch_that_does_not_divide_is_replicated_with_a_note(child):
+    odd = child["odd_batch"]
+    assert odd["specs"] == {"input[0]": [], "input[1]['mask']": []} and all(odd["replicated"])
+    assert odd["notes"] == ["batch 3 is not divisible by data=2: inputs replicated"]
+
+
 def test_planted_bug_fails_sharded_and_is_located(child):
     r = child["planted"]
     assert r["verdict"] == "FAIL" and r["first_divergence"] == "layers.1"
@@ -198,8 +204,10 @@ def test_cli_sharded_verify_without_torch(child, tmp_path):
     (("--shard-rule", ".*=data"), "--shard-style and --shard-rule need --mesh"),
     (("--mesh", "data=8", "--processes", "3"), "the mesh's 8 devices do not split evenly over 3 processes"),
     (("--processes", "2"), "--processes needs --mesh"),
+    # refused inside the processes of a job: the launcher passes the error on, once
+    (("--mesh", "data=2,model=4", "--processes", "2", "--shard-rule", "params/encoder/.*=data"), "decides no parameter"),
 ], ids=["bad-mesh", "too-many-devices", "rule-matches-nothing", "rule-without-mesh", "processes-uneven",
-        "processes-without-mesh"])
+        "processes-without-mesh", "processes-rule-matches-nothing"])
 def test_cli_sharding_errors_are_one_line(child, flags, match):
     # 8 devices set from outside (as a user's XLA_FLAGS would): the command does not raise it
     line = _one_line_error(_cli("verify", str(Path(child["dir"]) / "mlp"), "mlp", *flags, devices=8))
