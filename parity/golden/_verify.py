@@ -145,6 +145,10 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
            train_kwarg: str | None = None, progress: Callable[[str], None] | None = None,
            mesh=None, shard: ShardOptions | None = None) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
+    With ``mesh`` ("data=2,model=4" or a jax.sharding.Mesh) the twin's variables are ported
+    straight into their shardings (parity.sharding; ``shard`` picks the style and adds regex
+    rules), the inputs split over "data", and the same judging runs on the sharded run;
+    ShardingError (exit 2) for a mesh or a rule that cannot be used.
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
     twin runs forward and VJP with the recorded cotangents on the recorded inputs, and outputs,
@@ -152,10 +156,6 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     rows with the first divergence are judged as parity.check judges them. input_layout: the
     twin's input layouts where they differ from the torch side's inference (as parity.check's).
     A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
-    mesh: "data=2,model=4" or a jax.sharding.Mesh: the twin's variables are ported straight into
-    their shardings (parity.sharding: ``shard`` picks the style and adds regex rules), the inputs
-    split over "data", and the same judging runs on the sharded run; ShardingError (exit 2) for a
-    mesh or a rule that cannot be used.
     """
     say = progress or (lambda msg: None)
     placement = None if mesh is None else Placement(mesh, shard)
