@@ -210,14 +210,14 @@ def _plan_layouts(args: tuple, in_layouts: Mapping[str, str]) -> list[str]:
     return [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
 
 
-def _port(tm, flax_module, args, in_layouts, rename) -> tuple[PortPlan, list[str]]:
+def _port(tm, flax_module, args, in_layouts, rename, check_attributes: str = "warn") -> tuple[PortPlan, list[str]]:
     # A Flax hyperparameter that differs from torch's (LayerNorm eps) is something a check should
     # measure and locate, not refuse: ask the port to warn, and keep its words.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plain = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in args)
         plan = build_plan(tm, flax_module, plain, input_layout=_plan_layouts(args, in_layouts),
-                          check_attributes="warn", rename=rename)
+                          check_attributes=check_attributes, rename=rename)
     notes = [f"weight port: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     # Pairings the port made by structure rather than by name: a user should see them, since a
     # wrong one shifts every verdict.
@@ -248,7 +248,8 @@ def grouped_plan_notes(plan_notes: list[str]) -> list[str]:
 
 
 def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
-            variables: Mapping | None = None, progress: Callable[[str], None] | None = None) -> PreparedPair:
+            variables: Mapping | None = None, progress: Callable[[str], None] | None = None,
+            check_attributes: str = "warn", dropout: bool | None = None) -> PreparedPair:
     """Prepare ``torch_module`` and its Flax twin once: copy and cast torch to ``options.dtype``,
     bind keyword inputs (parity.Inputs), declare or infer every input's layout, port the weights
     (one plan) unless ``variables`` are given.
@@ -256,6 +257,10 @@ def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: 
     example_input: the torch module's positional arguments in torch layout ([N, C, H, W] images,
     [N, T] ids, [N, T, D] tokens), or parity.Inputs(*args, **kwargs). Numerics (pinned
     precision, x64) are the caller's: parity.check prepares inside them.
+    check_attributes: the port's policy for a hyperparameter that differs between the sides
+    ("warn": a check measures and reports it; training parity passes "ignore" and names the
+    BatchNorm ones itself). dropout: the twin's dropout in train mode (None: as ``train``;
+    training parity holds it off, as it holds torch's Dropout modules in eval mode).
     """
     o = options or CheckOptions()
     say = progress or (lambda msg: None)
@@ -268,9 +273,10 @@ def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: 
     tm, flax_module, example_input = bind_keywords(tm, flax_module, example_input)
     args = torch_inputs(as_args(example_input), tdtype, tdev, False)
     in_layouts = input_layouts(tm, args, o.input_layout)
-    twin = FlaxTwin(flax_module, train=o.train, train_kwarg=o.train_kwarg, train_mode_matters=train_mode_matters(tm))
+    twin = FlaxTwin(flax_module, train=o.train, train_kwarg=o.train_kwarg, dropout=dropout,
+                    train_mode_matters=train_mode_matters(tm))
     say("porting weights")
-    plan, notes = _port(tm, flax_module, args, in_layouts, o.rename)
+    plan, notes = _port(tm, flax_module, args, in_layouts, o.rename, check_attributes)
     given = variables is not None
     if variables is None:
         variables = plan.to_flax(tm.state_dict())

@@ -100,7 +100,7 @@ def test_a_users_tolerance_is_the_whole_criterion_and_exits_1(capsys):
 def test_summary_grad_columns_are_maxima_over_every_gradient():
     """The table's grad max_abs is the largest absolute error of any gradient, not the max_abs of
     the tensor with the worst relative error (they differ when a small gradient is relatively off)."""
-    from parity.commands.check import _summary_line
+    from parity.commands.check import summary_line
     from parity.judge import Comparison
     from parity.report import Report
 
@@ -110,7 +110,7 @@ def test_summary_grad_columns_are_maxima_over_every_gradient():
     report = Report(model="m", dtype="float32", mode="eval", outputs=[comp("output", 1e-7, 1e-2)],
                     input_grads=[comp("grad input", 5e-3, 1e-1)],
                     param_grads=[comp("grad w", 1e-9, 3e-1)])
-    fields = _summary_line(report, 1.0).split()
+    fields = summary_line(report, 1.0).split()
     assert float(fields[5]) == 5e-3  # grad max_abs: from "grad input"
     assert float(fields[6]) == 3e-1  # grad score (error over allowance): from "grad w"
 

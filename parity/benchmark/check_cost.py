@@ -113,7 +113,6 @@ def child(workload: str, kind: str) -> Cost:
 
     import parity
     import parity.checker  # noqa: F401 -- every import done, and the backend up, before the clock starts
-    import parity.pair  # noqa: F401
 
     jax.block_until_ready(jax.jit(lambda a: a + 1)(jax.numpy.zeros(2)))
     tm, fm, x, opts = _build(workload)

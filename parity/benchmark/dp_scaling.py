@@ -170,24 +170,19 @@ def _jax_steps(pair, torch_model, flax_model, batch, spec, steps: int, loss: str
     """k -> a zero-argument train step on a k-device mesh that blocks until done (fresh state per k)."""
     import jax
     import optax
-    import torch
 
     from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
-    from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, torch_inputs, train_mode_matters,
-                                value_and_grad_fn)
+    from parity.pair import CheckOptions, prepare
+    from parity.runtime import flax_inputs, value_and_grad_fn
     from parity.training.loop import first_leaf, flax_loss
     from parity.training.optim import optax_optimizer
-    from weight_port.layout import AS_IS
-    from weight_port import build_plan
 
     x_np, y_np = batch
-    x0 = torch_inputs(as_args(x_np), torch.float32, grads=False)
-    layouts = input_layouts(torch_model, x0, pair.input_layout)
-    plan = build_plan(torch_model, flax_model, x0,
-                      input_layout=[layouts.get(f"input[{i}]", AS_IS) for i in range(len(x0))])
-    variables = plan.to_flax(torch_model.state_dict())
-    twin = FlaxTwin(flax_model, train=True, train_kwarg=pair.train_kwarg, dropout=False,
-                    train_mode_matters=train_mode_matters(torch_model))
+    # Prepared as training parity prepares its pair (one port, the twin in train mode, dropout off).
+    prepared = prepare(torch_model, flax_model, x_np, CheckOptions(train=True, train_kwarg=pair.train_kwarg,
+                                                                   input_layout=pair.input_layout),
+                       dropout=False)
+    x0, layouts, variables, twin = prepared.inputs(False), prepared.in_layouts, prepared.variables, prepared.twin
     grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, first_leaf(out), y))
     tx = optax_optimizer(spec, steps)
 

@@ -38,7 +38,8 @@ from parity.benchmark.devices import Device
 from parity.benchmark.names import PHASES, VARIANTS
 from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
                             to_torch_layout, torch_inputs, value_and_grad_fn)
-from weight_port import build_plan
+from parity.pair import CheckOptions
+from parity.pair import prepare as prepare_pair
 from weight_port import to_numpy
 
 LR, MOMENTUM = 1e-3, 0.9
@@ -108,10 +109,10 @@ def prepare(pair, config, batch: int, device: Device, *, dtype: str = "float32",
     x = pair.example_input(config, batch=batch, seed=seed)
     # Port at float32 (the port's tested path), then cast both sides to the benchmark dtype.
     # plan.to_flax gives linen-style variables for Linen and NNX twins alike (parity.runtime).
-    plan = build_plan(torch_module, flax_module, (torch.as_tensor(x, dtype=torch.float32),),
-                      input_layout=[pair.input_layout])
-    variables = _numpy_variables(plan.to_flax(torch_module.state_dict()))
-    torch_module = torch_module.to(_TORCH_DTYPES[dtype])
+    prepared = prepare_pair(torch_module, flax_module, torch.as_tensor(x, dtype=torch.float32),
+                            CheckOptions(input_layout=pair.input_layout, train_kwarg=pair.train_kwarg))
+    variables = _numpy_variables(prepared.variables)
+    torch_module = prepared.torch_module.to(_TORCH_DTYPES[dtype])
     with torch.no_grad():
         out = torch_module.eval()(torch.as_tensor(x[:1], dtype=_TORCH_DTYPES[dtype]))
     shapes = {p: (batch, *o.shape[1:]) for p, o in flatten(out).items()}

@@ -90,20 +90,15 @@ def _own_grid(args: argparse.Namespace, device) -> int:
     pair, at the batch of its example input (parity.benchmark.runner.run_own_benchmark)."""
     from parity.benchmark.runner import BenchConfig, environment, run_own_benchmark
     from parity.benchmark.workloads import VARIANTS, example_batch, prepare_own
-    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+    from parity.commands.check import own_pair
 
     other = [f for f, v in (("--models", args.models), ("--batch", args.batch), ("--model-batch", args.model_batch),
                             ("--size", args.size), ("--port", args.port)) if v]
     if other:
         raise UsageError(f"your own pair is timed at its example input's batch and size; it does not take "
                          f"{', '.join(other)} (change --input-shape or --example-input instead)")
-    try:
-        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**vars(args), seed=0))
-        layout = parse_layout(args.layout, "--layout")
-        out_layout = parse_layout(args.output_layout, "--output-layout")
-        rename = parse_rename(args.rename)
-    except SetupError as exc:  # one line, exit 2
-        raise UsageError(str(exc)) from None
+    own = own_pair(argparse.Namespace(**vars(args), seed=0))  # SetupError: a UsageError, one line, exit 2
+    torch_model, flax_model, x, name = own.torch_model, own.flax_model, own.example_input, own.name
     variants = args.variants or [v for v in VARIANTS if not (args.quick and v == "torch-compile")]
     cfg = BenchConfig(models=(name,), batches=(example_batch(x),), size="full",
                       dtype="bfloat16" if args.bf16 else "float32", phases=tuple(args.phase),
@@ -116,8 +111,7 @@ def _own_grid(args: argparse.Namespace, device) -> int:
     print(f"your pair: {name} ({args.torch} / {args.flax}), batch {cfg.batches[0]}", flush=True)
     results, gates = run_own_benchmark(
         lambda: prepare_own(torch_model, flax_model, x, device, name=name, dtype=cfg.dtype, seed=cfg.seed,
-                            input_layout=layout, output_layout=out_layout, train_kwarg=args.train_kwarg,
-                            rename=rename),
+                            **own.facts()),
         cfg, device, log=lambda s: print(s, flush=True))
     # Files named <pair>_<device>_<dtype>_..., beside (never over) the registry grid's.
     return _write(results, gates, env, args, prefix="".join(c if c.isalnum() or c in "._-" else "-" for c in name) + "_")
@@ -213,17 +207,12 @@ def _profile_pair(args: argparse.Namespace, device):
 
 def _own_pair(args: argparse.Namespace):
     """--torch/--flax with --input-shape or --example-input, as `parity check` takes them."""
-    from parity.commands.check import SetupError, own_pair, parse_layout, parse_rename
+    from parity.commands.check import own_pair
 
-    try:
-        torch_model, flax_model, x, name = own_pair(argparse.Namespace(**{**vars(args), "seed": 0, "name": args.layers}))
-        facts = dict(input_layout=parse_layout(args.layout, "--layout"),
-                     output_layout=parse_layout(args.output_layout, "--output-layout"),
-                     rename=parse_rename(args.rename), train_kwarg=args.train_kwarg)
-    except SetupError as exc:  # one line, exit 2
-        raise UsageError(str(exc)) from None
+    own = own_pair(argparse.Namespace(**{**vars(args), "seed": 0, "name": args.layers}))
+    x = own.example_input
     first = next(iter(x)) if isinstance(x, (tuple, list)) else x
-    return torch_model, flax_model, x, facts, name, "own", int(first.shape[0])
+    return own.torch_model, own.flax_model, x, own.facts(), own.name, "own", int(first.shape[0])
 
 
 def _check_cost(args: argparse.Namespace) -> int:

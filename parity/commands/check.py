@@ -15,10 +15,16 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 from parity.errors import UsageError
 from parity.registry import select
+
+if TYPE_CHECKING:
+    from parity.pair import CheckOptions
 
 
 
@@ -75,9 +81,31 @@ def parse_rename(items: list[str] | None):
     return pairs
 
 
-def own_pair(args: argparse.Namespace):
-    """(torch_model, flax_model, example input, name) from --torch/--flax and --example-input or
-    --input-shape; SetupError with one readable line for anything missing or broken."""
+@dataclass(frozen=True)
+class OwnPair:
+    """Your own pair from the command line: the two models, the example input (torch layout) and
+    the facts every command passes on (layouts parsed from --layout / --output-layout, --rename,
+    --train-kwarg; None where the command has no such flag)."""
+
+    torch_model: object
+    flax_model: object
+    example_input: object
+    name: str
+    input_layout: object = None
+    output_layout: object = None
+    rename: object = None
+    train_kwarg: str | None = None
+
+    def facts(self) -> dict:
+        """The pair facts as CheckOptions / train_check / prepare_own keywords."""
+        return dict(input_layout=self.input_layout, output_layout=self.output_layout, rename=self.rename,
+                    train_kwarg=self.train_kwarg)
+
+
+def own_pair(args: argparse.Namespace) -> OwnPair:
+    """Your own pair from --torch/--flax and --example-input or --input-shape (and the layout,
+    rename and train-kwarg flags, where the command has them); SetupError with one readable line
+    for anything missing or broken."""
     import numpy as np
 
     given = [f for f, v in (("--torch", args.torch), ("--flax", args.flax)) if v]
@@ -87,18 +115,22 @@ def own_pair(args: argparse.Namespace):
                          + (f" ({', '.join(others)} given)" if others else ""))
     if bool(args.input_shape) == bool(args.example_input):
         raise SetupError("your own pair needs exactly one of --input-shape and --example-input")
-    torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
-    flax_model = _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
+    torch_model = call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
+    flax_model = call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
     expect_models(torch_model, args.torch, flax_model, args.flax)
     if args.example_input:
-        x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
+        x = call_factory(load_factory(args.example_input, "--example-input"), args.example_input,
                           "--example-input")
         text = args.example_input
     else:
         x = np.random.default_rng(getattr(args, "seed", 0)).standard_normal(parse_shape(args.input_shape))
         text = args.input_shape
     _fits(torch_model, x, text)
-    return torch_model, flax_model, x, getattr(args, "name", None) or type(torch_model).__name__
+    return OwnPair(torch_model, flax_model, x, getattr(args, "name", None) or type(torch_model).__name__,
+                   input_layout=parse_layout(getattr(args, "layout", None), "--layout"),
+                   output_layout=parse_layout(getattr(args, "output_layout", None), "--output-layout"),
+                   rename=parse_rename(getattr(args, "rename", None)),
+                   train_kwarg=getattr(args, "train_kwarg", None))
 
 
 def load_factory(spec: str, flag: str) -> Callable[[], object]:
@@ -123,7 +155,7 @@ def load_factory(spec: str, flag: str) -> Callable[[], object]:
     return obj
 
 
-def _call_factory(factory: Callable[[], object], spec: str, flag: str) -> object:
+def call_factory(factory: Callable[[], object], spec: str, flag: str) -> object:
     try:
         return factory()
     except Exception as exc:
@@ -202,7 +234,7 @@ def _plot_path(base: str, report, many: bool) -> str:
 _MODEL_W = 24  # the longest registry name (unet-same-convtranspose) fits
 
 
-def _summary_line(r, seconds: float) -> str:
+def summary_line(r, seconds: float) -> str:
     """One row of the table, then one indented line per warning of the port and the checker."""
     where = f"  first divergence: {r.first_divergence} ({r.divergence_kind})" if r.first_divergence else ""
     bad = ", ".join(c.name for c in r.outputs + r.grads if not c.ok)
@@ -228,25 +260,30 @@ def _summary_line(r, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def check_options(args: argparse.Namespace) -> CheckOptions:
+    """What every check of this command runs with (dtype, train mode and the pair's facts are
+    set per job)."""
+    from parity.pair import CheckOptions  # torch and JAX load with the first check, not with the CLI
+
+    return CheckOptions(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
+                        precision=args.precision, device=args.device, seed=args.seed,
+                        reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
+                        lint=not args.no_lint, strict=args.strict)
+
+
 def _jobs(args: argparse.Namespace):
     """(label, thunk) per check to run; thunk(progress) -> Report."""
     from parity.checker import check
 
-    common = dict(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
-                  precision=args.precision, device=args.device, seed=args.seed,
-                  reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
-                  lint=not args.no_lint, strict=args.strict)
+    base = check_options(args)
     batch = args.batch or 2 * (args.data_parallel or 1)
     if args.torch or args.flax or args.input_shape or args.example_input:
         refuse_models_with_own_pair(args, args.models, "MODEL", "MODEL names")
-        torch_model, flax_model, x, name = own_pair(args)
-        layout = parse_layout(args.layout, "--layout")
-        out_layout = parse_layout(args.output_layout, "--output-layout")
+        own = own_pair(args)
         for dtype in args.dtype or ["float32"]:
-            yield f"{name} {dtype}", lambda say, dtype=dtype: check(
-                torch_model, flax_model, x, dtype=dtype, train=args.train, input_layout=layout,
-                output_layout=out_layout, rename=parse_rename(args.rename), train_kwarg=args.train_kwarg,
-                name=name, progress=say, **common)
+            o = replace(base, dtype=dtype, train=args.train, **own.facts())
+            yield f"{own.name} {dtype}", lambda say, o=o: check(own.torch_model, own.flax_model, own.example_input, o,
+                                                               name=own.name, progress=say)
         return
     pairs = select(args.models or ["all"])
     for pair in pairs:
@@ -256,9 +293,9 @@ def _jobs(args: argparse.Namespace):
                 def job(say, pair=pair, config=config, dtype=dtype, train=train):
                     torch_model, flax_model = pair.build(config, seed=args.seed)
                     x = pair.example_input(config, batch=batch, seed=args.seed)
-                    return check(torch_model, flax_model, x, dtype=dtype, train=train,
-                                 input_layout=pair.input_layout, output_layout=pair.out_layout(),
-                                 train_kwarg=pair.train_kwarg, name=pair.name, progress=say, **common)
+                    o = replace(base, dtype=dtype, train=train, input_layout=pair.input_layout,
+                                output_layout=pair.out_layout(), train_kwarg=pair.train_kwarg)
+                    return check(torch_model, flax_model, x, o, name=pair.name, progress=say)
                 yield f"{pair.name} {dtype} {'train' if train else 'eval'}", job
 
 
@@ -282,7 +319,7 @@ def writable(path: str, flag: str) -> None:
         raise SetupError(f"{flag} {path!r}: cannot write in {str(parent)!r} ({exc.strerror or exc})") from None
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     # Written beside the target and renamed over it: an interrupted write leaves no half file.
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(text)
@@ -291,7 +328,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if (args.rtol is None) != (args.atol is None):
-        return _fail("--rtol and --atol must be given together")
+        return fail("--rtol and --atol must be given together")
     if args.data_parallel:  # before JAX initialises: on CPU the N devices are simulated
         from parity.data_parallel import request_cpu_devices
         request_cpu_devices(args.data_parallel)
@@ -300,11 +337,11 @@ def run(args: argparse.Namespace) -> int:
             if path:
                 writable(path, flag)
     except SetupError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         jobs = list(_jobs(args))
     except (SetupError, KeyError) as exc:
-        return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
+        return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     header = (f"{'model':<{_MODEL_W}} {'dtype':<8} {'mode':<5} {'out max_abs':>11} {'out score':>9} "
               f"{'grad max_abs':>12} {'grad score':>9} {'time':>6}  result")
     print(header)
@@ -323,9 +360,9 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # a pair that cannot even be run (port refuses, shapes) is setup
             if os.environ.get("PARITY_DEBUG"):
                 raise
-            return _fail(f"{label}: {type(exc).__name__}: {exc} (PARITY_DEBUG=1 for the traceback)")
+            return fail(f"{label}: {type(exc).__name__}: {exc} (PARITY_DEBUG=1 for the traceback)")
         reports.append(report)
-        print(_summary_line(report, time.perf_counter() - start), flush=True)
+        print(summary_line(report, time.perf_counter() - start), flush=True)
     failed = [r for r in reports if r.verdict == "FAIL"]
     invalid = [r for r in reports if r.verdict == "INVALID"]
     inconclusive = [r for r in reports if r.verdict == "INCONCLUSIVE"]
@@ -336,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
         from parity.report import dumps
 
         payload = [r.to_dict() for r in reports]
-        _write_atomic(args.json, dumps(payload[0] if len(payload) == 1 else payload))
+        write_atomic(args.json, dumps(payload[0] if len(payload) == 1 else payload))
     if args.plot:
         from parity.plot import plot_layers
 
@@ -356,6 +393,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else (3 if invalid else (4 if inconclusive else 0))
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"parity: error: {message}", file=sys.stderr)
     return 2

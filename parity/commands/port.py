@@ -112,18 +112,19 @@ def _own_pair(args: argparse.Namespace):
     """(torch model, Flax model, example input, input layouts, rename) from --torch/--flax/...:
     the same factories, checks and messages as ``parity check``'s own pair. Input layouts are
     declared (--layout) or inferred from the layer that consumes each input, never from ndim."""
-    from parity.commands.check import own_pair, parse_rename
+    from parity.commands.check import own_pair
     from parity.runtime import as_args, input_layouts
 
     import numpy as np
     import torch
 
-    torch_model, flax_model, x, _ = own_pair(args)
+    own = own_pair(args)
+    torch_model, flax_model, x = own.torch_model, own.flax_model, own.example_input
     if isinstance(x, np.ndarray):  # --input-shape: random float64 values; the port reads shapes
         x = torch.as_tensor(x, dtype=torch.float32)
     args_tuple = as_args(x)
     layouts = list(input_layouts(torch_model, args_tuple, args.layout).values())
-    return torch_model, flax_model, x, layouts, parse_rename(args.rename)
+    return torch_model, flax_model, x, layouts, own.rename
 
 
 def _no_architecture(source: str | None) -> str:

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from parity.commands.check import (SetupError, _call_factory, _fail, load_factory, parse_layout, parse_shape)
+from parity.commands.check import (SetupError, call_factory, fail, load_factory, parse_layout, parse_shape)
 from parity.errors import UsageError
 
 
@@ -30,9 +30,9 @@ def _model(args: argparse.Namespace):
         raise SetupError("give MODEL (a registry pair) or --torch MODULE:FACTORY")
     if bool(args.input_shape) == bool(args.example_input):
         raise SetupError("--torch needs exactly one of --input-shape and --example-input")
-    torch_model = _call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
+    torch_model = call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
     if args.example_input:
-        x = _call_factory(load_factory(args.example_input, "--example-input"), args.example_input, "--example-input")
+        x = call_factory(load_factory(args.example_input, "--example-input"), args.example_input, "--example-input")
     else:
         x = np.random.default_rng(args.seed).standard_normal(parse_shape(args.input_shape))
     return (torch_model, x, parse_layout(args.layout, "--layout"), parse_layout(args.output_layout, "--output-layout"),
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch_model, x, layout, out_layout, name = _model(args)
     except (SetupError, KeyError) as exc:
-        return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
+        return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from parity.golden import DEFAULT_MAX_BYTES, record
 
     start = time.perf_counter()
@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
                       train=args.train, input_layout=layout, output_layout=out_layout, name=name,
                       max_bytes=args.max_bytes or DEFAULT_MAX_BYTES, progress=say)
     except UsageError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"wrote {path} ({name}, {args.dtype}{', with layers' if args.layers else ''})")
     return 0

@@ -69,12 +69,13 @@ def _own_pair(args: argparse.Namespace, spec):
     import numpy as np
     import torch
 
-    from parity.commands.check import own_pair, parse_layout, parse_rename, refuse_models_with_own_pair
+    from parity.commands.check import own_pair, refuse_models_with_own_pair
     from parity.runtime import as_args, flatten, torch_inputs
     from parity.training import train_check
 
     refuse_models_with_own_pair(args, args.model, "MODEL", "MODEL")
-    torch_model, flax_model, x, name = own_pair(args)
+    own = own_pair(args)
+    torch_model, flax_model, x = own.torch_model, own.flax_model, own.example_input
     loss = args.loss or "cross_entropy"
     with torch.no_grad():
         dtype = next((p.dtype for p in torch_model.parameters() if p.is_floating_point()), torch.float32)
@@ -88,7 +89,4 @@ def _own_pair(args: argparse.Namespace, spec):
         data = [(x, rng.integers(0, out.shape[1], size=shape)) for _ in range(n)]
     n_dp = args.data_parallel
     return train_check(torch_model, flax_model, data, steps=args.steps or (5 if n_dp else 20), optimizer=spec,
-                       loss=loss, dtype=args.dtype, input_layout=parse_layout(args.layout, "--layout"),
-                       output_layout=parse_layout(args.output_layout, "--output-layout"),
-                       train_kwarg=args.train_kwarg, rename=parse_rename(args.rename), name=name,
-                       data_parallel=n_dp)
+                       loss=loss, dtype=args.dtype, name=own.name, data_parallel=n_dp, **own.facts())

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from parity.commands.check import SetupError, _call_factory, _fail, _summary_line, _write_atomic, load_factory, parse_layout
+from parity.commands.check import SetupError, call_factory, fail, summary_line, write_atomic, load_factory, parse_layout
 from parity.errors import UsageError
 
 _EXIT = {"PASS": 0, "FAIL": 1, "INVALID": 3, "INCONCLUSIVE": 4}
@@ -25,7 +25,7 @@ def _twin(args: argparse.Namespace):
         return pair.flax_cls()(pair.tiny()), pair.train_kwarg
     if not args.flax:
         raise SetupError("give MODEL (a registry pair) or --flax MODULE:FACTORY")
-    return _call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
+    return call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
 
 
 def _sharding(args: argparse.Namespace):
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         flax_model, train_kwarg = _twin(args)
         layout = parse_layout(args.layout, "--layout")
     except (SetupError, UsageError, KeyError) as exc:
-        return _fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
+        return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from parity.golden import verify
 
     start = time.perf_counter()
@@ -84,13 +84,13 @@ def run(args: argparse.Namespace) -> int:
                         train_kwarg=args.train_kwarg or train_kwarg, progress=say,
                         mesh=args.mesh, shard=shard)
     except UsageError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.process_id:  # one report: process 0's (every process computed the same one)
         return _EXIT[report.verdict]
-    print(_summary_line(report, time.perf_counter() - start))
+    print(summary_line(report, time.perf_counter() - start))
     if args.full or report.verdict != "PASS":
         print()
         print(report)
     if args.json:
-        _write_atomic(args.json, report.to_json())
+        write_atomic(args.json, report.to_json())
     return _EXIT[report.verdict]

@@ -27,16 +27,16 @@ from parity.judge import judge
 from parity.training.ddp import ddp_job, replica_rows, run_ddp
 from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
 from parity.numerics import jax_precision, numerics_env, pinned
-from parity.runtime import (FlaxTwin, as_args, flax_inputs, input_layouts, output_layouts, output_shapes,
-                            torch_inputs, train_mode_matters)
+from parity.pair import CheckOptions, prepare
+from parity.runtime import (as_args, flax_inputs, output_layouts, output_shapes,
+                            torch_inputs)
 from parity.tolerances import TRAIN_STATS, train_tolerance
 from parity.training.loop import (MAX_REPLAY, LOSSES, StepSide, TrainReport, first_leaf, name_optimizer_mistake,
                                   compare_step, flax_train_step, named_like_torch, noise_notes,
                                   tdtype_to_jnp)
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import OptimizerSpec, conventions, optax_optimizer, optax_schedule
-from weight_port.layout import AS_IS, to_flax_layout
-from weight_port import build_plan
+from weight_port.layout import to_flax_layout
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -148,14 +148,12 @@ def _target_layout(twin, variables, xf, tm, example, output_layout) -> str:
 def _flax_and_compare(tm, c: dict, spec, tdtype, batches, records, mesh) -> TrainReport:
     n = mesh.devices.size
     steps, loss, dtype = c["steps"], c["loss"], c["dtype"]
-    twin = FlaxTwin(c["flax_module"], train=True, train_kwarg=c["train_kwarg"], dropout=False,
-                    train_mode_matters=train_mode_matters(tm))
-    example = torch_inputs(as_args(batches[0][0]), tdtype, grads=False)
-    in_layouts = input_layouts(tm, example, c["input_layout"])
-    plan = build_plan(tm, c["flax_module"], example, check_attributes="ignore", rename=c["rename"],
-                      input_layout=[in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(example))])
-    variables = replicate(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), plan.to_flax(tm.state_dict())),
-                          mesh)
+    # The pair prepared as single-device training prepares it (parity.training.loop.train_local).
+    pair = prepare(tm, c["flax_module"], batches[0][0],
+                   CheckOptions(dtype=dtype, train=True, train_kwarg=c["train_kwarg"], input_layout=c["input_layout"],
+                                rename=c["rename"]), check_attributes="ignore", dropout=False)
+    twin, plan, in_layouts, example = pair.twin, pair.plan, pair.in_layouts, pair.inputs(False)
+    variables = replicate(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), pair.variables), mesh)
     params = variables["params"]
     bstats = {k: v for k, v in variables.items() if k != "params"}
     tx = c["flax_optimizer"] if c["flax_optimizer"] is not None else optax_optimizer(spec, steps)

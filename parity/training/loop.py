@@ -5,7 +5,6 @@ torch-named parameter, and BatchNorm running statistics. Dropout runs determinis
 """
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +20,16 @@ import torch.nn.functional as F
 
 from parity.judge import Comparison, judge
 from parity.numerics import jax_precision, numerics_env
+from parity.pair import CheckOptions, prepare
 from parity.tolerances import TRAIN_DIAGNOSIS, TRAIN_LOSS, TRAIN_STATS, TRAIN_UPDATE, train_tolerance
 from parity.training.bn_audit import BNFinding, audit_batch_norms
 from parity.training.noise import UpdateNoise, loss_gradient_floor, stats_floors
 from parity.training.optim import (OptimizerSpec, _RefState, conventions, optax_optimizer,
                                    optax_schedule, reference_update, suspect_variants, torch_optimizer)
-from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, input_layouts, output_layouts,
-                            output_shapes, torch_inputs, train_mode_matters, value_and_grad_fn)
-from weight_port.layout import AS_IS, to_flax_layout
-from weight_port import PortPlan, build_plan
+from parity.runtime import (FlaxTwin, as_args, flatten, flax_inputs, output_layouts,
+                            output_shapes, torch_inputs, value_and_grad_fn)
+from weight_port.layout import to_flax_layout
+from weight_port import PortPlan
 from weight_port import to_numpy
 
 LOSSES = ("cross_entropy", "nll", "mse")
@@ -297,23 +297,19 @@ def first_leaf(out):
 def train_local(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout, output_layout,
                 train_kwarg, rename, flax_tx, name):
     """Training parity on one device: torch steps in this process (see parity.training.check)."""
-    tm = copy.deepcopy(torch_module).to(tdtype)
-    twin = FlaxTwin(flax_module, train=True, train_kwarg=train_kwarg, dropout=False,
-                    train_mode_matters=train_mode_matters(tm))
     x0, _ = _batch(data, 0)
-    example = torch_inputs(as_args(x0), tdtype, grads=False)
-    in_layouts = input_layouts(tm, example, input_layout)
     # check_attributes="ignore": BatchNorm momentum/eps mismatches are named by the audit below
-    # (with the drift they cause) instead of stopping the run.
-    plan: PortPlan = build_plan(tm, flax_module, example, check_attributes="ignore", rename=rename,
-                                input_layout=[in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(example))])
+    # (with the drift they cause) instead of stopping the run. Dropout off on both sides (below).
+    pair = prepare(torch_module, flax_module, x0, CheckOptions(dtype=dtype, train=True, train_kwarg=train_kwarg,
+                                                                input_layout=input_layout, rename=rename),
+                   check_attributes="ignore", dropout=False)
+    tm, twin, plan, in_layouts = pair.torch_module, pair.twin, pair.plan, pair.in_layouts
     # Copy: on CPU, plan.to_flax can hand back jax arrays that alias the torch tensors' memory
     # (zero-copy jnp.asarray), so torch's in-place optimizer.step() would move the Flax weights too.
     # (A numpy copy, then device_put: committed arrays from the start, so the jitted step is
     # compiled once instead of again when its own committed outputs come back as inputs.)
     device = jax.devices()[0]
-    variables = jax.device_put(jax.tree_util.tree_map(lambda a: np.array(a, copy=True),
-                                                      plan.to_flax(tm.state_dict())), device)
+    variables = jax.device_put(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), pair.variables), device)
     params = variables["params"]
     # Non-param collections (BatchNorm statistics) travel through the step and come back updated.
     bstats = {k: v for k, v in variables.items() if k != "params"}
