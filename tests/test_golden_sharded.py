@@ -67,17 +67,17 @@ def test_sharded_verify_equals_unsharded(child, name, mesh):
     # the per-layer rows from the bundle, judged on the sharded variables: the same rows, all ok
     assert sharded["layers"] == plain["layers"] and all(sharded["layers"].values())
     record = sharded["sharding"]
-    assert record["mesh"] == dict(parse_mesh(mesh)) and record["devices"] == 8
+    assert record["mesh"] == dict(parse_mesh(mesh)) and record["devices"] == 8 and record["processes"] == 1
     assert record["inputs"] == {"input[0]": ["data"]}  # batch 8: split over "data"
-    assert set(record["params"]) == set(record["shard_shapes"]) and record["params"]
-    assert any("data" in spec for spec in record["params"].values())
+    assert set(record["specs"]) == set(record["shard_shapes"]) and record["specs"]
+    assert any("data" in spec for spec in record["specs"].values())
     assert plain["sharding"] is None and sharded["warnings"][0].startswith(f"sharded: mesh {mesh} (8 cpu devices)")
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_report_records_what_each_device_holds(child, name):
     record = child[name]["data=2,model=4"]["sharding"]
-    specs = record["params"]
+    specs = record["specs"]
     # fsdp+tp: a Dense kernel [in, out] gets out over "model" and in over "data"
     assert specs[f"params/{'layers_0' if name == 'mlp' else 'dense1'}/kernel"] == ["data", "model"]
     assert all(spec == [None] for leaf, spec in specs.items() if leaf.endswith("/bias"))
@@ -108,7 +108,7 @@ def test_parameters_are_ported_straight_into_their_shards(child):
 def test_user_rules_win_over_the_defaults(child):
     r = child["mlp_rule"]
     assert r["verdict"] == "PASS"
-    specs, shards = r["sharding"]["params"], r["sharding"]["shard_shapes"]
+    specs, shards = r["sharding"]["specs"], r["sharding"]["shard_shapes"]
     assert specs["params/layers_0/kernel"] == ["model", "data"] and shards["params/layers_0/kernel"] == [1, 4]
     assert specs["params/layers_1/bias"] == ["model"] and shards["params/layers_1/bias"] == [2]
     assert specs["params/layers_1/kernel"] == ["data", "model"]  # no rule: the default
@@ -119,7 +119,7 @@ def test_user_rules_win_over_the_defaults(child):
 def test_tensor_parallel_only_mesh_replicates_inputs(child):
     r = child["mlp_tp_model8"]
     assert r["verdict"] == "PASS"
-    assert r["sharding"]["params"]["params/layers_1/kernel"] == [None, "model"]
+    assert r["sharding"]["specs"]["params/layers_1/kernel"] == [None, "model"]
     assert r["sharding"]["shard_shapes"]["params/layers_1/kernel"] == [8, 1]
     assert r["sharding"]["inputs"] == {"input[0]": []}  # no "data" axis: inputs whole on every device
 
@@ -133,7 +133,7 @@ def test_a_batch_that_does_not_divide_is_replicated_with_a_note(child):
 def test_planted_bug_fails_sharded_and_is_located(child):
     r = child["planted"]
     assert r["verdict"] == "FAIL" and r["first_divergence"] == "layers.1"
-    assert r["sharding"]["params"]["params/layers_1/kernel"] == ["data", "model"]  # it really ran sharded
+    assert r["sharding"]["specs"]["params/layers_1/kernel"] == ["data", "model"]  # it really ran sharded
 
 
 def test_sharding_errors_are_named(child):
@@ -193,7 +193,7 @@ def test_cli_sharded_verify_without_torch(child, tmp_path):
     assert report["verdict"] == "PASS"
     record = report["env"]["sharding"]
     assert record["mesh"] == {"data": 2, "model": 4} and record["devices"] == 8
-    assert record["params"]["params/conv2/kernel"] == [None, None, "model", "data"]
+    assert record["specs"]["params/conv2/kernel"] == [None, None, "model", "data"]
     assert record["shard_shapes"]["params/conv2/kernel"] == [3, 3, 1, 4]
 
 

@@ -92,7 +92,7 @@ class Placement:
                 "processes": jax.process_count(), "devices_per_process": len(self.mesh.local_devices),
                 "platform": self.mesh.devices.flat[0].platform, "style": self.options.style,
                 "rules": [r.text for r in self.options.rules],
-                "params": {"/".join(leaf): _json_spec(dims) for leaf, dims in self.specs.items()},
+                "specs": {"/".join(leaf): _json_spec(dims) for leaf, dims in self.specs.items()},
                 "shapes": dict(self.shapes), "shard_shapes": dict(self.shard_shapes), "inputs": dict(self.input_specs),
                 "notes": [n.to_dict() for n in self.notes]}
 
