@@ -65,6 +65,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: --processes relaunches it
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
-from parity.runtime import FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward
+from parity.runtime import FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, to_host
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -681,7 +681,7 @@ def analyze_layers(
     rerun. Pairing and the layers run alone: ``isolated_layers``.
     """
     say = progress or (lambda msg: None)
-    zero_params = jax.tree_util.tree_map(np.zeros_like, dict(variables.get("params", {})))
+    zero_params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), dict(variables.get("params", {})))
     tied = getattr(plan, "tied", None) or {}
     paired = isolated_layers(t_calls, f_run, twin, variables, plan, layouts, grads=grads,
                              prepare_root=root is None)
@@ -923,13 +923,13 @@ def _run_jobs(jobs: list[IsolatedLayer]) -> list:
     args = [(j.params, j.floats, j.cots) for j in jobs]
     try:
         batched = jax.jit(lambda a: [j.fwd_bwd(*x) for j, x in zip(jobs, a)])
-        return jax.device_get(batched(args))
+        return to_host(batched(args))
     except Exception:
         pass
     results = []
     for j, a in zip(jobs, args):
         try:
-            results.append(jax.device_get(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a)))
+            results.append(to_host(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a)))
         except Exception as exc:
             results.append(exc)
     return results

@@ -32,7 +32,7 @@ from weight_port.prefetch import Prefetch, worth_prefetching
 from weight_port.plan_steps import tied_aliases
 from weight_port.rules import LayerInfo, Rule, TensorMap, direct_rule, register_rule, rule_for
 from weight_port.sources import ShardedState, load_state
-from weight_port.streaming import load_streamed, write_streamed
+from weight_port.streaming import convert_placed, load_streamed, put as put_sharded, write_streamed
 if torch is not None:  # the torch-side pieces: the fx trace of flatten order, nn.MultiheadAttention's rule
     from weight_port.flatten import FlattenTraceWarning, find_flattened_linears
     import weight_port.attention  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
@@ -171,6 +171,7 @@ __all__ = [
     "call_kwargs",
     "CHANNELS_FIRST",
     "CheckpointError",
+    "convert_placed",
     "direct_rule",
     "find_flattened_linears",
     "first_consumers",
@@ -192,6 +193,7 @@ __all__ = [
     "numpy_to_torch",
     "PortError",
     "PortPlan",
+    "put_sharded",
     "register_rule",
     "Rule",
     "rule_for",

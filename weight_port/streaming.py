@@ -154,13 +154,24 @@ def sharding_for(spec: ShardingSpec, leaf: Leaf):
     return node
 
 
+def put(x, sharding):
+    """``jax.device_put(x, sharding)``, also for a sharding over other processes' devices (a
+    jax.distributed job): there a device_put of an array held by one device would be a cross-host
+    transfer, so this process builds just its own devices' shards from a host copy."""
+    import jax
+    import numpy as np
+
+    if getattr(sharding, "is_fully_addressable", True):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place(flat: dict[Leaf, object], spec: ShardingSpec) -> dict[Leaf, object]:
     """Move each array to its target sharding, dropping the host copy as soon as it is placed."""
-    import jax
-
     out = {}
     for leaf in list(flat):
-        out[leaf] = jax.device_put(flat.pop(leaf), sharding_for(spec, leaf))
+        out[leaf] = put(flat.pop(leaf), sharding_for(spec, leaf))
     return out
 
 
@@ -263,4 +274,4 @@ def load_streamed(path: str | os.PathLike, *, sharding: ShardingSpec | None = No
 
 
 __all__ = ["FORMAT", "MANIFEST", "ShardingSpec", "convert_groups", "convert_placed", "groups",
-           "is_streamed", "load_streamed", "place", "sharding_for", "write_streamed"]
+           "is_streamed", "load_streamed", "place", "put", "sharding_for", "write_streamed"]

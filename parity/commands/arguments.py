@@ -129,6 +129,25 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--full", action="store_true", help="print the full report even when it passes")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    shard = p.add_argument_group("sharded verify (docs/golden.md)")
+    shard.add_argument("--mesh", metavar="AXIS=N,...",
+                       help="run the twin with its parameters sharded on a device mesh, e.g. data=2,model=4 "
+                            "(inputs split over 'data'; on CPU the devices are simulated)")
+    shard.add_argument("--shard-style", choices=("fsdp", "tp", "fsdp+tp"), default="fsdp+tp",
+                       help="default rules: fsdp (largest divisible axis of each weight over 'data'), tp "
+                            "(Dense/conv output axis, attention heads, embedding features over 'model'), or both")
+    shard.add_argument("--shard-rule", action="append", default=[], metavar="REGEX=SPEC",
+                       help="your own rule, first match wins over the defaults: a regex on the whole Flax path "
+                            "(params/dense/kernel) = one entry per dimension (None, an axis, or axes joined by "
+                            "'+'), e.g. '.*/kernel=None,model'; repeatable")
+    shard.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="run as N processes of one jax.distributed job on this machine (CPU devices "
+                            "simulated, the mesh's devices split evenly); process 0 prints the one report")
+    shard.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="join a jax.distributed job (every host of a multi-host slice runs the same "
+                            "command with its --process-id; 'auto' lets JAX find the job, as on Cloud TPU)")
+    shard.add_argument("--num-processes", type=int, default=None, help="with --coordinator HOST:PORT")
+    shard.add_argument("--process-id", type=int, default=None, help="with --coordinator HOST:PORT (0 prints the report)")
 
 
 def add_port_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,26 +29,65 @@ def _twin(args: argparse.Namespace):
     return call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax"), None
 
 
+def _sharding(args: argparse.Namespace):
+    """--mesh/--shard-style/--shard-rule as parity.sharding.ShardOptions (None without --mesh); asks
+    for the mesh's CPU devices before anything initialises JAX (as check --data-parallel does)."""
+    if not args.mesh:
+        if args.shard_rule or args.shard_style != "fsdp+tp":
+            raise SetupError("--shard-style and --shard-rule need --mesh")
+        return None
+    from parity.data_parallel import request_cpu_devices
+    from parity.sharding import ShardOptions, mesh_devices
+
+    if not args.coordinator:  # a process of a job gets its devices from its launcher or its host
+        request_cpu_devices(mesh_devices(args.mesh))
+    return ShardOptions(style=args.shard_style, rules=tuple(args.shard_rule))
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """--processes N: this command again as N processes of one jax.distributed job (localhost)."""
+    if not args.mesh:
+        raise SetupError("--processes needs --mesh (the mesh spans the processes' devices)")
+    from parity.sharding import launch, mesh_devices
+
+    argv, skip = [], False
+    for a in args.argv:
+        if skip or a == "--processes" or a.startswith("--processes="):
+            skip = a == "--processes"
+            continue
+        argv.append(a)
+    return launch(argv, args.processes, mesh_devices(args.mesh))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.processes is not None and args.processes > 1:
+            return _launch(args)
+        if args.coordinator:  # before anything initialises JAX's backends
+            from parity.sharding import join
+
+            join(args.coordinator, args.num_processes, args.process_id)
+        shard = _sharding(args)
         flax_model, train_kwarg = _twin(args)
         layout = parse_layout(args.layout, "--layout")
-    except (SetupError, KeyError) as exc:
+    except (SetupError, UsageError, KeyError) as exc:
         return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from parity.golden import verify
 
     start = time.perf_counter()
 
     def say(msg: str) -> None:
-        if not args.quiet:
+        if not args.quiet and not args.process_id:
             print(f"verify {args.bundle}: {msg} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     try:
         report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
                         train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
-                        progress=say)
+                        progress=say, mesh=args.mesh, shard=shard)
     except UsageError as exc:
         return fail(str(exc))
+    if args.process_id:  # one report: process 0's (every process computed the same one)
+        return _EXIT[report.verdict]
     print(summary_line(report, time.perf_counter() - start))
     if args.full or report.verdict != "PASS":
         print()

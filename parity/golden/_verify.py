@@ -24,6 +24,7 @@ from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.report import Report
 from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
 from parity.runtime.layouts import declared, output_layouts
+from parity.sharding import Placement, ShardingError, ShardOptions
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port import Inputs, PortError, bind_keywords
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -142,8 +143,13 @@ def _label(prefix: str, path: str, root: str, single: bool) -> str:
 
 
 def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
-           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None) -> Report:
+           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None,
+           mesh=None, shard: ShardOptions | None = None) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
+    With ``mesh`` ("data=2,model=4" or a jax.sharding.Mesh) the twin's variables are ported
+    straight into their shardings (parity.sharding; ``shard`` picks the style and adds regex
+    rules), the inputs split over "data", and the same judging runs on the sharded run;
+    ShardingError (exit 2) for a mesh or a rule that cannot be used.
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
     twin runs forward and VJP with the recorded cotangents on the recorded inputs, and outputs,
@@ -156,16 +162,18 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
     bundle, exactly as parity.check applies them.
     """
     say = progress or (lambda msg: None)
+    placement = None if mesh is None else Placement(mesh, shard)
     bundle = read_bundle(path)
     m = bundle.manifest
     dname = m["dtype"]
     x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
     with jax.default_matmul_precision("highest"), x64:
-        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say)
+        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say,
+                         placement)
     return report
 
 
-def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables):
+def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables, placement=None):
     plan_in = bundle.manifest["plan"]
     positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
     weights = bundle.tensors("weights.safetensors")
@@ -177,8 +185,12 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables)
         try:
             plan = build_plan(None, flax_module, args, state=weights, input_layout=positional, flatten=flatten,
                               call_order=plan_in.get("call_order"), check_attributes="warn")
-            if variables is None:
+            if placement is not None:  # straight into their shardings, a layer at a time
+                variables = placement.port(plan, weights) if variables is None else placement.place(plan, variables)
+            elif variables is None:
                 variables = plan.to_flax(weights)
+        except ShardingError:  # a sharding rule that cannot be used (parity.sharding), by name
+            raise
         except PortError as exc:
             raise BundleError(f"the bundle's weights do not fit this twin (another model?): {exc}".replace("\n", " ")
                               ) from None
@@ -214,7 +226,8 @@ def _bind_keywords(flax_module, args: tuple, keywords: dict | None, run: Mapping
     return flax_module, args
 
 
-def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say) -> Report:
+def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say,
+            placement: Placement | None = None) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
     run = bundle.group("run.safetensors", "main")
@@ -225,10 +238,12 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     if input_layout is not None:
         in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
     say("porting the bundle's weights")
-    plan, variables, notes = _port(bundle, flax_module, args, in_layouts, variables)
+    plan, variables, notes = _port(bundle, flax_module, args, in_layouts, variables, placement)
     twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg,
                     train_mode_matters=m.get("train_mode_matters", True))
     f_args = flax_inputs(args, in_layouts)
+    if placement is not None:
+        f_args = placement.inputs(f_args)
     main = _side(bundle, "main")
     cots = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("cot|")}
     try:
@@ -250,6 +265,9 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     report = Report(model=m["model"], dtype=dname, mode="train" if train else "eval", outputs=[],
                     env={"bundle": str(bundle.path), "recorded": m.get("env", {}), "jax": jax.__version__,
                          "jax_platform": platform, "jax_default_matmul_precision": prec}, warnings=notes)
+    if placement is not None:
+        report.env["sharding"] = placement.record()
+        report.warnings += placement.summary()
     tf, tg = Table(tolerance_for(dname, FORWARD, prec, platform)), Table(tolerance_for(dname, GRAD, prec, platform))
     ref64 = tolerance_for("float64", REFERENCE)
     lower = m.get("lower_precision", {})

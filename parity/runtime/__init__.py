@@ -11,7 +11,7 @@ package on machines without torch (parity verify).
 import importlib
 
 from parity.runtime.flax_runner import (FlaxCall, FlaxRun, FlaxTwin, call_key, flax_inputs,
-                                        forward_backward, is_nnx, output_shapes,
+                                        forward_backward, is_nnx, output_shapes, to_host,
                                         value_and_grad_fn)
 from parity.runtime.layouts import ActivationLayouts, declared, input_layouts, output_layouts
 from parity.runtime.tree import as_args, flatten, input_paths, map_with_path, structure
@@ -24,7 +24,7 @@ __all__ = ["AS_IS", "CHANNELS_FIRST", "ActivationLayouts", "FlaxCall", "FlaxRun"
            "call_key", "call_kwargs", "declared", "flatten", "flax_inputs", "forward_backward",
            "input_layouts", "input_paths", "is_nnx", "map_with_path", "output_layouts",
            "output_shapes", "random_cotangents", "run_torch", "structure", "to_flax_layout",
-           "to_torch_layout", "torch_inputs", "train_kwarg_of", "train_mode_matters", "value_and_grad_fn"]
+           "to_host", "to_torch_layout", "torch_inputs", "train_kwarg_of", "train_mode_matters", "value_and_grad_fn"]
 
 _TORCH_SIDE = {"TensorRef": "torch_ops", "TorchOp": "torch_ops", "TorchCall": "torch_runner", "TorchRun": "torch_runner",
                "random_cotangents": "torch_runner", "run_torch": "torch_runner", "torch_inputs": "torch_runner",

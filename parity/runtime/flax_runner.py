@@ -329,6 +329,20 @@ def output_shapes(twin: FlaxTwin, variables: Mapping, args: tuple) -> dict[str, 
     return jax.eval_shape(lambda v, a: flatten(twin.apply(v, a)[0]), dict(variables), tuple(args))
 
 
+def to_host(tree):
+    """jax.device_get, also of arrays that span other processes' devices (a mesh over several
+    processes, jax.distributed): those are all-gathered first (a collective every process of the
+    job makes, in the same order, as an SPMD program does), so every process gets whole values."""
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.device_get(jax.tree_util.tree_map(whole, tree))
+
+
 def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
                      cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False,
                      offsets: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> FlaxRun:
@@ -371,7 +385,7 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         return out, aux, vjp(ct)
 
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
-    out, ((c_in, c_out), new_rest), grads = jax.device_get(jax.jit(run)(params, floats, perts, cots))
+    out, ((c_in, c_out), new_rest), grads = to_host(jax.jit(run)(params, floats, perts, cots))
     result = FlaxRun({p: np.asarray(o) for p, o in out.items()},
                      new_variables={"params": params, **new_rest}, args=tuple(args))
     if grads is not None:
