@@ -36,6 +36,8 @@ class Report:
     # Top-1 / top-k agreement and KL per output leaf declared or inferred as logits (parity._logits);
     # one whose ``decided`` is set passed by the logit rule (its output comparison's judge is "logits").
     logits: list[LogitMetrics] = field(default_factory=list)
+    # check(data_parallel=N): the sharded run (parity.data_parallel.DataParallelResult), else None.
+    data_parallel: object = None
 
     @property
     def grads(self) -> list[Comparison]:
@@ -94,6 +96,7 @@ class Report:
             "warnings": self.warnings,
             "strict_findings": self.strict_findings,
             "logits": [m.to_dict() for m in self.logits],
+            "data_parallel": self.data_parallel.to_dict() if self.data_parallel is not None else None,
         }
 
     def to_json(self, **kw) -> str:

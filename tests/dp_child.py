@@ -33,7 +33,8 @@ def main() -> None:
         dp = r.data_parallel
         out[f"convbn_{mode}"] = {"ok": r.ok, "per_device_batch": dp.per_device_batch,
                                  "batchnorm": [b.torch_path for b in dp.batchnorm],
-                                 "rows": _rows(r, "dp8 "), "warnings": r.warnings}
+                                 "rows": _rows(r, "dp8 "), "warnings": r.warnings,
+                                 "json": json.loads(json.dumps(r.to_dict(), default=str))["data_parallel"]}
     # float64 in train mode: the BatchNorm replica statistics were judged by a private
     # np.allclose(atol=None) that crashed (TypeError); they go through the one judge now.
     r = check(TorchConvBN(), FlaxConvBN(), x.astype(np.float64), train=True, layers=False, data_parallel=8,

@@ -42,6 +42,14 @@ def test_train_batchnorm_semantics_named(child):
     assert evaluation["batchnorm"] == []  # running statistics: nothing differs across replicas
 
 
+def test_the_data_parallel_result_is_in_the_report_json(child):
+    # report.data_parallel was set but missing from Report.to_dict (and so from --json)
+    dp = child["convbn_train"]["json"]
+    assert dp["n"] == 8 and dp["per_device_batch"] == 2
+    assert dp["vs_torch"] and all("verdict" in c for c in dp["vs_torch"] + dp["vs_single"])
+    assert [b["torch_path"] for b in dp["batchnorm"]] == child["convbn_train"]["batchnorm"]
+
+
 def test_float64_train_batchnorm_check_gives_a_verdict(child):
     res = child["convbn_train_float64"]
     assert res["verdict"] == "PASS", res

@@ -8,7 +8,7 @@ inserts the cross-device reductions (BatchNorm moments, parameter gradients) its
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import jax
 import numpy as np
@@ -66,6 +66,13 @@ class DataParallelResult:
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.vs_torch + self.vs_single)
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "platform": self.platform, "devices": self.devices,
+                "per_device_batch": self.per_device_batch, "ok": self.ok,
+                "vs_torch": [c.to_dict() for c in self.vs_torch],
+                "vs_single": [c.to_dict() for c in self.vs_single],
+                "batchnorm": [asdict(b) for b in self.batchnorm]}
 
 
 def _bn_layers(plan) -> dict[tuple[str, ...], str]:
