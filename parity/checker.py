@@ -9,6 +9,7 @@ import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +23,13 @@ from parity.lint import lint_traced
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
                              reduced_float32)
 from parity.pair import CheckOptions, PreparedPair, devices, prepare
-from parity.report import Report
+from parity.report import Report, fill_model_tensors
 from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, output_layouts,
                             output_shapes, structure)
 from parity.runtime.layouts import model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
-from weight_port import AS_IS, to_flax_layout, to_torch_layout
+from weight_port import to_flax_layout, to_torch_layout
 
 @dataclass
 class CapturedRun:
@@ -263,11 +264,6 @@ def _batch_of_one_warnings(torch_args: tuple) -> list[str]:
 def _is_zero(value) -> bool:
     a = np.asarray(value)
     return a.size > 0 and jnp.issubdtype(a.dtype, jnp.floating) and not np.any(a)
-
-
-def _label(prefix: str, path: str, root: str, single: bool) -> str:
-    """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
-    return prefix if single else prefix + path[len(root):]
 
 
 def check(
@@ -697,28 +693,12 @@ class ModelJudge:
 
     def fill(self, report: Report) -> None:
         run, t, f = self.run, self.run.torch, self.run.flax
-        single = len(t.outputs) == 1
-        report.outputs = [self.judge(FORWARD, p, _label("output", p, "out", single), f.outputs[p], v,
-                                     run.out_layouts[p]) for p, v in t.outputs.items()]
-        report.input_grads, report.param_grads = [], []
-        if not t.input_grads and not t.param_grads:  # grads=False
-            return
-        single = len(t.input_grads) == 1
-        report.input_grads = [self.judge(GRAD, p, _label("grad input", p, "input", single), f.input_grads[p], g,
-                                         run.in_layouts[p]) for p, g in t.input_grads.items()]
-        tied = getattr(run.plan, "tied", None) or {}
-        # A frozen torch parameter (requires_grad=False: RoFormer's sinusoidal table) has no gradient
-        # to compare; its Flax twin often computes it in code and has no leaf for it at all.
+        flax_side = SimpleNamespace(outputs=f.outputs, input_grads=f.input_grads, param_grads=run.f_p_grads)
         frozen = {n for n, p in run.torch_module.named_parameters() if not p.requires_grad}
-        for n, g in t.param_grads.items():
-            if n in frozen:
-                continue
-            if n not in run.f_p_grads:
-                report.param_grads.append(failed_comparison(
-                    f"grad {n}", "the port gives no Flax gradient for this torch parameter"
-                    + (f" (tied to {tied[n]})" if n in tied else ""), self.ev.table_grad))
-                continue
-            report.param_grads.append(self.judge(GRAD, f"param:{n}", f"grad {n}", run.f_p_grads[n], g, AS_IS, axis=0))
+        fill_model_tensors(report, t, flax_side, run.out_layouts, run.in_layouts,
+                           lambda kind, key, name, fv, tv, layout, axis: self.judge(kind, key, name, fv, tv, layout,
+                                                                                    axis=axis),
+                           frozen=frozen, tied=getattr(run.plan, "tied", None) or {}, table_grad=self.ev.table_grad)
 
 
 def _tensors(t: TorchRun) -> dict[str, np.ndarray]:

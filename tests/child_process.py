@@ -57,3 +57,12 @@ def once_per_run(name: str, compute: Callable[[Path], dict]) -> dict:
             partial.write_text(json.dumps(value))
             partial.replace(result)
     return json.loads(result.read_text())
+
+
+def one_line_error(proc) -> str:
+    """The one ``parity: error:`` line of a CLI run that must exit 2 without a traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]

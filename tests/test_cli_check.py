@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from parity.cli import main
+from child_process import one_line_error
 
 TESTS = Path(__file__).parent
 
@@ -20,14 +21,6 @@ def _parity(*args: str, cwd: Path = TESTS) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "parity.cli", "check", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def test_own_pair_passes_and_writes_json_and_png(tmp_path):
@@ -58,7 +51,7 @@ def test_own_pair_mismatch_exits_1_and_names_the_layer(tmp_path):
      "the factory raised RuntimeError: cannot build this model today"),
 ], ids=["bad-module", "factory-raises"])
 def test_setup_errors_exit_2_with_one_line(args, expected):
-    assert expected in _one_line_error(_parity(*args))
+    assert expected in one_line_error(_parity(*args))
 
 
 def test_built_in_model_passes():
@@ -146,13 +139,13 @@ def test_rename_and_layouts_reach_the_port_and_the_checker(monkeypatch, capsys):
     assert seen["input_layout"] == ["as_is", "as_is"]
 
 
-def test_bad_layout_flag_is_a_one_line_error():
+def test_bad_layout_flag_is_aone_line_error():
     proc = _parity("--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
                    "--example-input", "planted:example_tokens", "--layout", "input[9]=as_is")
-    assert "input[9]" in _one_line_error(proc)
+    assert "input[9]" in one_line_error(proc)
 
 
 def test_example_input_and_input_shape_are_exclusive():
     proc = _parity("--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
                    "--example-input", "planted:example_tokens", "--input-shape", "2,7")
-    assert "exactly one of --input-shape and --example-input" in _one_line_error(proc)
+    assert "exactly one of --input-shape and --example-input" in one_line_error(proc)

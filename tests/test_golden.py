@@ -16,6 +16,7 @@ import parity
 import weight_port
 from parity.golden import BundleError, BundleTooLarge, read_bundle
 from parity.registry import select
+from child_process import one_line_error
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -39,14 +40,6 @@ def _cli(*args: str, no_torch: bool = False) -> subprocess.CompletedProcess:
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "no_torch"), str(ROOT)])
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +137,7 @@ def test_corrupt_hash_is_refused(tmp_path, mlp_bundle):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="run.safetensors: sha256 .* does not match"):
         parity.verify(b, _twin("mlp"))
-    assert "does not match the manifest" in _one_line_error(_cli("verify", str(b), "mlp"))
+    assert "does not match the manifest" in one_line_error(_cli("verify", str(b), "mlp"))
 
 
 def test_truncated_file_is_refused(tmp_path, mlp_bundle):
@@ -153,7 +146,7 @@ def test_truncated_file_is_refused(tmp_path, mlp_bundle):
     (b / "weights.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="weights.safetensors: .* bytes, the manifest says .*truncated"):
         read_bundle(b)
-    assert "truncated" in _one_line_error(_cli("verify", str(b), "mlp"))
+    assert "truncated" in one_line_error(_cli("verify", str(b), "mlp"))
 
 
 def test_flipped_byte_is_refused(tmp_path, mlp_bundle):
@@ -172,7 +165,7 @@ def test_bundle_of_another_model_is_refused(mlp_bundle):
         pair = select(["mlp"])[0]
         wider = dataclasses.replace(pair.tiny(), features=tuple(f + 1 for f in pair.tiny().features))
         parity.verify(mlp_bundle, pair.flax_cls()(wider))  # the same layers, other shapes
-    line = _one_line_error(_cli("verify", str(mlp_bundle), "cnn"))
+    line = one_line_error(_cli("verify", str(mlp_bundle), "cnn"))
     assert "another model" in line
 
 

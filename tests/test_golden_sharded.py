@@ -21,6 +21,7 @@ from parity.sharding import ShardingError, ShardOptions, ShardRule, parse_mesh
 from parity.tolerances import FORWARD, GRAD, tolerance_for
 
 from child_process import once_per_run, run_json_child
+from child_process import one_line_error
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -176,14 +177,6 @@ def _cli(*args: str, devices: int | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_cli_sharded_verify_without_torch(child, tmp_path):
     # no XLA_FLAGS: the command asks for the mesh's 8 CPU devices itself
     proc = _cli("verify", str(Path(child["dir"]) / "cnn"), "cnn", "--mesh", "data=2,model=4",
@@ -210,7 +203,7 @@ def test_cli_sharded_verify_without_torch(child, tmp_path):
         "processes-without-mesh", "processes-rule-matches-nothing"])
 def test_cli_sharding_errors_are_one_line(child, flags, match):
     # 8 devices set from outside (as a user's XLA_FLAGS would): the command does not raise it
-    line = _one_line_error(_cli("verify", str(Path(child["dir"]) / "mlp"), "mlp", *flags, devices=8))
+    line = one_line_error(_cli("verify", str(Path(child["dir"]) / "mlp"), "mlp", *flags, devices=8))
     assert match in line
 
 

@@ -19,15 +19,23 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 _MODELS_HELP = "all (default), a registry family (e.g. unet) or a pair name (e.g. unet-same-bn); an unknown name lists every choice"
 
 
+def _torch_argument(own) -> None:
+    own.add_argument("--torch", metavar="MODULE:FACTORY",
+                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
+
+
+def _input_shape_argument(own) -> None:
+    own.add_argument("--input-shape", metavar="N,C,H,W",
+                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+
+
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help=_MODELS_HELP)
     own = p.add_argument_group("your own pair (instead of MODEL)")
-    own.add_argument("--torch", metavar="MODULE:FACTORY",
-                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
+    _torch_argument(own)
     own.add_argument("--flax", metavar="MODULE:FACTORY",
                      help="zero-argument callable returning the Flax twin (a linen Module)")
-    own.add_argument("--input-shape", metavar="N,C,H,W",
-                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+    _input_shape_argument(own)
     add_pair_arguments(own)
     own.add_argument("--name", default=None, help="name used in the report (default: torch class name)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
@@ -91,10 +99,8 @@ def add_record_arguments(p: argparse.ArgumentParser) -> None:
                    help="a registry pair name (e.g. unet-same-bn), or --torch for your own model")
     p.add_argument("--out", required=True, metavar="DIR", help="the bundle directory to create (must not exist)")
     own = p.add_argument_group("your own model (instead of MODEL)")
-    own.add_argument("--torch", metavar="MODULE:FACTORY",
-                     help="zero-argument callable returning the torch.nn.Module, e.g. mypkg.models:make_torch")
-    own.add_argument("--input-shape", metavar="N,C,H,W",
-                     help="shape of the random example input, torch layout (e.g. 2,3,64,64)")
+    _torch_argument(own)
+    _input_shape_argument(own)
     own.add_argument("--example-input", metavar="MODULE:FN",
                      help="zero-argument callable returning the torch input pytree, instead of --input-shape")
     own.add_argument("--layout", default=None, help="torch-side layout of the float inputs, as for parity check")

@@ -19,9 +19,9 @@ import numpy as np
 
 from parity._logits import judge_logits, logit_paths
 from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
-from parity.judge import Table, failed_comparison, judge_or_table, measured, worst_of
+from parity.judge import Table, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
-from parity.report import Report
+from parity.report import Report, fill_model_tensors
 from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
 from parity.runtime.layouts import declared, output_layouts
 from parity.sharding import Placement, ShardingError, ShardOptions
@@ -136,10 +136,6 @@ def _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan
                     if p in in_layouts})
     tensors.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
     return _FlaxSide(outs, tensors, dict(f.input_grads), named), f
-
-
-def _label(prefix: str, path: str, root: str, single: bool) -> str:
-    return prefix if single else prefix + path[len(root):]
 
 
 def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
@@ -336,31 +332,16 @@ def _fill(report: Report, main: _Side, flax: _FlaxSide, out_layouts, in_layouts,
           rule, tf: Table, tg: Table, refs, probes, own_probe, own_ref) -> None:
     """Outputs, input and parameter gradients, each by judge_or_table: parity.check's ModelJudge.fill
     on recorded torch values."""
-    def one(name, key, flax_value, torch_value, layout, table, axis="auto"):
+    def one(kind, key, name, flax_value, torch_value, layout, axis):
+        table = tf if kind == FORWARD else tg
         if key not in refs or key not in probes:
             return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
         return judge_or_table(name, flax_value, torch_value, rule, table, layout=layout, reference=refs[key],
                               probe=probes[key], flax_probe=own_probe.get(key), flax_reference=own_ref.get(key),
                               axis=axis)
 
-    single = len(main.outputs) == 1
-    report.outputs = [one(_label("output", p, "out", single), p, flax.outputs[p], v, out_layouts[p], tf)
-                      for p, v in main.outputs.items()]
-    single = len(main.input_grads) == 1
-    report.input_grads = [one(_label("grad input", p, "input", single), p, flax.input_grads[p], g, in_layouts[p], tg)
-                          for p, g in main.input_grads.items()]
-    frozen = set(m["plan"].get("frozen", ()))
-    tied = m["plan"].get("tied", {})
-    report.param_grads = []
-    for n, g in main.param_grads.items():
-        if n in frozen:
-            continue
-        if n not in flax.param_grads:
-            report.param_grads.append(failed_comparison(
-                f"grad {n}", "the port gives no Flax gradient for this torch parameter"
-                + (f" (tied to {tied[n]})" if n in tied else ""), tg))
-            continue
-        report.param_grads.append(one(f"grad {n}", f"param:{n}", flax.param_grads[n], g, AS_IS, tg, axis=0))
+    fill_model_tensors(report, main, flax, out_layouts, in_layouts, one, frozen=set(m["plan"].get("frozen", ())),
+                       tied=m["plan"].get("tied", {}), table_grad=tg)
 
 
 __all__ = ["verify"]
