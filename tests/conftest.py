@@ -48,7 +48,13 @@ pin_numerics(precision="highest", tf32=False)
 # asks for 2 devices if it gets there first: start the backend now, whichever test a worker runs
 # first.
 jax.devices()
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# torch's intra-op threads: this process's share of the cores (at most 2). Under xdist each
+# worker is one of PYTEST_XDIST_WORKER_COUNT processes on the same cores; torch's OpenMP threads
+# spin-wait between the tiny ops of these models, so 2 workers x 2 threads on 2 cores burn CPU
+# fighting over them (a tiny model gains nothing from a second thread). One thread per worker:
+# the same float32 check of a tiny mBART, 17 s -> 11 s of CPU on the 2-core machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_report_header(config):

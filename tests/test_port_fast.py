@@ -17,6 +17,16 @@ from weight_port.prefetch import Prefetch
 X = torch.randn(2, 3, 4, 4)
 
 
+@pytest.fixture
+def two_threads():
+    """torch at 2 intra-op threads for the test (an xdist worker runs at 1, tests/conftest.py), so
+    that "restored" is not 1 == 1 whether or not the port restores it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 class Torch(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -65,10 +75,11 @@ def test_prefetched_equals_plain_bit_for_bit(dtype):
     assert fast["params"]["head"]["kernel"] is pre["head.weight"].value
 
 
-def test_torch_to_flax_fast_path_same_as_plan_and_restores_threads(monkeypatch):
+def test_torch_to_flax_fast_path_same_as_plan_and_restores_threads(monkeypatch, two_threads):
     monkeypatch.setattr(prefetch_mod, "MIN_BYTES", 0)  # take the fast path on a tiny model
     t = Torch().eval()
     threads = torch.get_num_threads()
+    assert threads == 2
     fast = wp.torch_to_flax(t, Flax(), X)
     assert torch.get_num_threads() == threads
     assert _bits(fast) == _bits(build_plan(t, Flax(), X).to_flax(t.state_dict()))
@@ -87,9 +98,10 @@ def test_nonfinite_found_on_the_fast_path(monkeypatch):
         wp.torch_to_flax(t, Flax(), X)
 
 
-def test_failed_plan_stops_the_prefetch(monkeypatch):
+def test_failed_plan_stops_the_prefetch(monkeypatch, two_threads):
     monkeypatch.setattr(prefetch_mod, "MIN_BYTES", 0)
     threads = torch.get_num_threads()
+    assert threads == 2
     with pytest.raises(wp.AttributeMismatchError):
         wp.torch_to_flax(Torch(), Flax(eps=1e-6), X)  # Flax's default eps: refused by the plan
     assert torch.get_num_threads() == threads

@@ -56,6 +56,7 @@ class DiffusersPair:
     # ControlNet's output convolutions start at zero (on both sides): every output and gradient
     # would be 0 = 0. Drawn at random in torch before the port, so the check compares something.
     random_zero_init: bool = False
+    judged: tuple[str, ...] = ()  # torch paths whose per-layer rows the float32 check must judge
 
     def build(self, shipped: bool = False):
         """(torch model in eval mode, Flax Linen module, inputs); see the module docstring."""
@@ -116,11 +117,14 @@ PAIRS: dict[str, DiffusersPair] = {p.name: p for p in [
     DiffusersPair("controlnet", "ControlNetModel", "FlaxControlNetModel",
                   dict(_CROSS_ATTN, conditioning_embedding_out_channels=(16, 32)), _controlnet_inputs,
                   "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
-                  torch_only=dict(conditioning_channels=3), random_zero_init=True),
+                  torch_only=dict(conditioning_channels=3), random_zero_init=True,
+                  # what ControlNet has beyond the UNet's down half: the conditioning image's embedding
+                  # and the (zero-initialised) output convolutions, each judged as a layer
+                  judged=("controlnet_cond_embedding.conv_in", "controlnet_cond_embedding.conv_out",
+                          "controlnet_down_blocks.0", "controlnet_down_blocks.1", "controlnet_mid_block")),
 ]}
 
-# The pairs whose float32 check (and mis-port check) the battery runs. ControlNet's passes too
-# (77 per-layer rows, mis-port located: checked by hand), left out for time: it is the UNet's down
-# half plus convolutions the other two already cover; its port is tested (round trip, refusal).
-CHECKED = ("unet2d_condition", "autoencoder_kl")
-
+# The pairs whose float32 check (and mis-port check) the battery runs: all three (ControlNet's
+# check has 97 per-layer rows, 73 of them judged, its conditioning embedding and output
+# convolutions among them).
+CHECKED = ("unet2d_condition", "autoencoder_kl", "controlnet")

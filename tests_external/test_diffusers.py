@@ -1,6 +1,6 @@
-"""The checker on diffusers' own Flax models (tests_external/diffusers_pairs.py): UNet2DCondition
-and AutoencoderKL against FlaxUNet2DConditionModel and FlaxAutoencoderKL, tiny, float32 (and
-ControlNet's port).
+"""The checker on diffusers' own Flax models (tests_external/diffusers_pairs.py): UNet2DCondition,
+AutoencoderKL and ControlNet against FlaxUNet2DConditionModel, FlaxAutoencoderKL and
+FlaxControlNetModel, tiny, float32.
 
 Per checked pair: the twin PASSes with per-layer rows; a mis-port (one layer's weight scaled by
 1 + 1e-3 in the ported Flax variables) FAILs and is located at that layer. Per pair: the weight
@@ -37,6 +37,7 @@ def test_diffusers_pair_passes(name):
     assert r.verdict == "PASS", r
     judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
     assert len(judged) >= 5, r
+    assert set(PAIRS[name].judged) <= {row.torch_path for row in judged}, r
     assert r.outputs and all(c.mismatches == 0 for c in r.outputs)
     assert not [w for w in r.warnings if w.startswith("trap:")], r.warnings
 
