@@ -532,7 +532,9 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                f"{str(exc)[:120]}): rows judged by the float64 table")
         rows = RowJudge(t64f, t64g)
-    other = (lambda: _flax_tensors(ref)) if ref.flax is not None else None
+    def other():  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
+        with jax.enable_x64(True):
+            return _own_noise_run(run, "float64", report)
     return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
 
 

@@ -216,7 +216,9 @@ class PreparedPair:
         """The same pair in ``dtype``: the torch copy, the inputs and (with ``flax``; else they
         stay this pair's) the variables cast (values already rounded to this pair's dtype stay
         so: a reference then differs by its arithmetic only); the plan, twin, layouts and output
-        map shared. Call under jax.enable_x64 for float64 variables."""
+        map shared; the twin too, as declared (the per-layer rows of a twin declared float32 keep
+        its float32 parts, as torch's upcasts keep theirs: parity.checker judges those by float32
+        noise). Call under jax.enable_x64 for float64 variables."""
         tdt = TORCH_DTYPES[dtype]
         tm = copy.deepcopy(self.torch_module).to(tdt)
         jdt = jnp.dtype(dtype)
@@ -225,8 +227,7 @@ class PreparedPair:
             self.variables) if flax else self.variables
         args = torch_inputs(self.torch_args, tdt, self.device, False)
         return replace(self, torch_module=tm, variables=variables, torch_args=args,
-                       flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[],
-                       twin=self.twin_in(dtype) if flax else self.twin)
+                       flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[])
 
 
 def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

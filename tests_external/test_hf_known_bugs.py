@@ -17,7 +17,7 @@ def test_mistral_without_sliding_window_attends_to_the_diagonal_only():
     attends causally. The bug is inline attention code; the layer cannot run alone (torch hands
     it 6 tensors, Flax 3), and the check still names it."""
     tm, fm, inputs = PAIRS["mistral"].build("float32", sliding_window=None)
-    r = parity.check(tm, fm, inputs, dtype="float32", grads=False, lint=False)  # a forward bug, located by rows
+    r = parity.check(tm, fm, inputs, dtype="float32", lint=False)  # a forward bug, located by rows (the gradients place it inside the block)
     assert r.verdict == "FAIL"
     assert (r.first_divergence, r.divergence_kind) == ("layers.0.self_attn", "forward"), r
     assert r.layer("layers.0.self_attn").isolated is None  # located by the accumulated rows
