@@ -36,18 +36,11 @@ class Cost:
     verdict: str = ""
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS: now, VmHWM: the peak) in MiB; ru_maxrss elsewhere."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -118,14 +111,14 @@ def child(workload: str, kind: str) -> Cost:
     tm, fm, x, opts = _build(workload)
     model_mib = sum(p.numel() * p.element_size() for p in tm.parameters()) / 2 ** 20
     _reset_peak()
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     t0 = time.perf_counter()
     if kind == "floor":
         verdict = _floor(tm, fm, x, opts)
     else:
         verdict = parity.check(tm, fm, x, layers=kind == "check-layers", **opts).verdict
     wall = time.perf_counter() - t0
-    return Cost(workload, kind, wall, _peak_mib() - base, model_mib, verdict)
+    return Cost(workload, kind, wall, _status_mib("VmHWM") - base, model_mib, verdict)
 
 
 def measure(workloads: list[str], kinds: tuple[str, ...] = KINDS) -> list[Cost]:
