@@ -23,10 +23,10 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from parity.benchmark.rss import in_fresh_process, measured
+from parity.benchmark.rss import in_fresh_process, measured, peak_mib, rss_mib
 
 SLACK = 1.3  # the design's allowance over the model's bytes
 GPT2 = {  # (GPT2Config arguments, batch, tokens, per-layer rows measured too)
@@ -46,6 +46,19 @@ class GoldenCost:
     recorded_mib: float  # record: the bundle on disk; verify: the tensors it judges
     verdict: str = ""
     torch_imported: bool = False
+    # (step, RSS growth MiB when it starts, peak growth MiB until then): where the peak is reached
+    steps: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # verify: the comparisons that failed, as the report prints them
+
+
+class _Steps:
+    """parity.record / parity.verify's progress callback: the RSS and peak growth at each step."""
+
+    def __init__(self):  # made just before the measured region starts
+        self.base, self.steps = rss_mib(), []
+
+    def __call__(self, msg: str) -> None:
+        self.steps.append((msg, round(rss_mib() - self.base), round(peak_mib() - self.base)))
 
 
 def _config(workload: str):
@@ -89,8 +102,10 @@ def _record(workload: str, bundle: Path, layers: bool) -> GoldenCost:
     tm = transformers.GPT2LMHeadModel(_config(workload)).eval()
     x = _inputs(workload)
     model_mib = sum(p.numel() * p.element_size() for p in tm.parameters()) / 2 ** 20  # unique: tied once
-    _, wall, growth = measured(lambda: parity.record(tm, x, bundle, layers=layers, name=workload))
-    return GoldenCost(workload, "record", wall, growth, model_mib, _mib(bundle), torch_imported=True)
+    steps = _Steps()
+    _, wall, growth = measured(lambda: parity.record(tm, x, bundle, layers=layers, name=workload, progress=steps))
+    return GoldenCost(workload, "record", wall, growth, model_mib, _mib(bundle), torch_imported=True,
+                      steps=steps.steps)
 
 
 def _verify(workload: str, bundle: Path, layers: bool) -> GoldenCost:
@@ -102,9 +117,11 @@ def _verify(workload: str, bundle: Path, layers: bool) -> GoldenCost:
     jax.block_until_ready(jax.jit(lambda a: a + 1)(jax.numpy.zeros(2)))
     fm = _twin(workload)
     model_mib = _mib(bundle, {"weights.safetensors"})
-    report, wall, growth = measured(lambda: parity.verify(bundle, fm, layers=layers))
+    steps = _Steps()
+    report, wall, growth = measured(lambda: parity.verify(bundle, fm, layers=layers, progress=steps))
     return GoldenCost(workload, "verify", wall, growth, model_mib, _mib(bundle, {"run.safetensors", "layers.safetensors"}),
-                      report.verdict, "torch" in sys.modules)
+                      report.verdict, "torch" in sys.modules, steps.steps,
+                      [str(c) for c in report.outputs + report.grads if not c.ok][:10])
 
 
 def _compile(workload: str, bundle: Path) -> GoldenCost:

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,16 +108,26 @@ class Bundle:
 
     path: Path
     manifest: dict
+    # Each file read once: verify asks for groups of run.safetensors several times, and every
+    # read of it would be another copy of everything recorded.
+    _loaded: dict = field(default_factory=dict, repr=False)
 
-    def tensors(self, name: str) -> dict[str, np.ndarray]:
+    def tensors(self, name: str, keep: bool = True) -> dict[str, np.ndarray]:
+        """{key: array} of file ``name`` ({} if the bundle has none), read once and kept unless
+        ``keep`` is false (the weights: ported once, then dropped)."""
         from safetensors.numpy import load_file
 
         if name not in self.manifest["files"]:
             return {}
+        if name in self._loaded:
+            return self._loaded[name]
         try:
-            return load_file(str(self.path / name))
+            out = load_file(str(self.path / name))
         except Exception as exc:  # noqa: BLE001 -- hashed already; this is a safetensors bug or a race
             raise BundleError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
+        if keep:
+            self._loaded[name] = out
+        return out
 
     def group(self, name: str, *prefix) -> dict[str, np.ndarray]:
         """{rest of the key: array} of the keys of file ``name`` that start with ``prefix``."""

@@ -7,6 +7,7 @@ the same judge, on a machine without torch.
 from __future__ import annotations
 
 import copy
+import gc
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +93,8 @@ def _state(module: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, st
 def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -> dict:
     """What the port needs from the torch side when it runs without torch: every module's path,
     class and rule kind, the forward's call order, the flatten order of Linears after a flatten
-    of channels-first maps, and the layout of every positional input."""
+    of channels-first maps, and the layout of every positional input. ``tm`` is record's private
+    copy: both traces run it in eval mode and remove their hooks, so no copy of it is made."""
     from weight_port import torch_call_order
 
     modules = []
@@ -100,7 +102,7 @@ def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -
         rule = rule_for(type(m))
         modules.append({"path": path, "type": type(m).__name__, "kind": rule.name if rule is not None else None})
     try:
-        order = torch_call_order(copy.deepcopy(tm), tuple(a.detach() if isinstance(a, torch.Tensor) else a
+        order = torch_call_order(tm, tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                                           for a in args))
     except Exception:  # noqa: BLE001 -- names pair most models; the order is the fallback
         order = None
@@ -109,7 +111,7 @@ def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -
         from weight_port import find_flattened_linears
 
         plain = tuple(a.detach() for a in args if isinstance(a, torch.Tensor))
-        flatten = {p: list(s) if s else None for p, s in (find_flattened_linears(copy.deepcopy(tm), plain) or {}).items()}
+        flatten = {p: list(s) if s else None for p, s in (find_flattened_linears(tm, plain) or {}).items()}
     except Exception:  # noqa: BLE001 -- the Flax side's own trace decides then
         flatten = {}
     positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
@@ -176,12 +178,15 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         args = torch_inputs(as_args(example_input), tdtype, "cpu", True)
         given = torch_inputs(args, tdtype, "cpu", True)
         in_layouts = input_layouts(tm, args, input_layout)
-        # The port plan's inputs and the producers of the outputs come from traced / hooked
-        # copies of the model, made before any run leaves gradients on it (a deep copy copies them).
+        # The port plan's inputs and the producers of the outputs, before any run leaves gradients
+        # on the model (a deep copy would copy them).
+        say("port plan inputs (call order, flatten order)")
         plan_in = _plan_inputs(tm, given, in_layouts)
+        say("hooked forward (output producers)")
         # Which layer kind made each output: decides its layout where the shapes fit both (one more
         # hooked forward, like parity.check's).
-        hooked = run_torch(copy.deepcopy(tm), torch_inputs(given, tdtype, "cpu", False), train=train, grads=False,
+        # A train-mode forward updates BatchNorm statistics: on a copy then, else on the model itself
+        hooked = run_torch(copy.deepcopy(tm) if train else tm, torch_inputs(given, tdtype, "cpu", False), train=train, grads=False,
                            capture=True)
         _, layer_layouts = split_output_spec(output_layout, list(hooked.outputs), [p for p, _ in tm.named_modules()])
         spec = output_layout if not isinstance(output_layout, dict) else {
@@ -189,6 +194,8 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         out_acts = ActivationLayouts(hooked.calls, {}, hooked.aliases, layer_layouts)
         producers = {p: out_acts.of_tensor(hooked.raw_outputs[p]) for p in hooked.outputs}
         del hooked, out_acts
+        gc.collect()  # a train-mode copy sits in reference cycles (hooks close over their modules)
+        say("writing the weights")
         # The weights as the runs below see them (train-mode statistics not yet updated)
         state, tied = _state(tm)
         writer.add("weights.safetensors", state)
@@ -238,6 +245,7 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
                             watch_precision=torch.float64)
             lower["ref"], lower["ref_first"] = ref.lower_precision, ref.lower_first
             run.update(_run_tensors("ref", ref, cotangents=False))
+            del tm, tm64  # the float64 model, before the run's tensors are written
             if layers:
                 acts = ActivationLayouts(ref.calls, model_input_ids(args64, in_layouts), ref.aliases, layer_layouts)
                 calls_meta["rows"], tens = _calls("rows", ref.calls, acts, budget)

@@ -176,7 +176,7 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
 def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables, placement=None):
     plan_in = bundle.manifest["plan"]
     positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
-    weights = bundle.tensors("weights.safetensors")
+    weights = bundle.tensors("weights.safetensors", keep=False)
     flatten = {p: tuple(s) if s else None for p, s in plan_in.get("flatten", {}).items()}
     import warnings
 
