@@ -281,7 +281,8 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
             rule = replace(rule, own_everywhere=True)
         refs, probes = main.tensors(), probe.tensors()
         say("flax float32 run (its own rounding noise)")
-        own32, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan, dtype=jnp.float32)
+        own32, _ = _run_twin(twin.computing_in("float32", dname), variables, f_args, cots, to_t, out_layouts,
+                             in_layouts, plan, dtype=jnp.float32)
         own_probe, own_ref = own32.tensors, flax_main.tensors
         if with_layers:
             rows_calls, rows_vars, rows_pgrads = _calls(bundle, "rows"), variables, main.param_grads
@@ -296,8 +297,9 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
         report.reference = "float64"
         say("flax float64 run (its own rounding noise)")
         with jax.enable_x64(True):
-            own64, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan,
-                                 dtype=jnp.float64)
+            # truly float64, as parity.check's: a Linen dtype=float32 field cloned (FlaxTwin.computing_in)
+            own64, _ = _run_twin(twin.computing_in("float64", dname), variables, f_args, cots, to_t, out_layouts,
+                                 in_layouts, plan, dtype=jnp.float64)
             own_probe, own_ref = flax_main.tensors, own64.tensors
             if with_layers:
                 rows_calls = _calls(bundle, "rows")
@@ -323,8 +325,9 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
                                             else a, f_args)
             to_f = {tp: fp for fp, tp in to_t.items()}
             r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), dt) for p, c in cots.items()}
-            rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
-            report.layers = analyze_layers(rows_calls, rows_flax, twin, rows_vars, plan, layouts, grads=True,
+            rows_twin = twin.computing_in("float64", dname)  # the rows run in float64, as parity.check's
+            rows_flax = forward_backward(rows_twin, rows_vars, r_args, r_cots, capture=True)
+            report.layers = analyze_layers(rows_calls, rows_flax, rows_twin, rows_vars, plan, layouts, grads=True,
                                            train=train, rows=row_judge, param_grads=rows_pgrads, progress=say,
                                            root=(worst_of(report.outputs), worst_of(report.grads)))
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
