@@ -10,6 +10,7 @@ with the same paths as the torch side (parity.runtime.tree).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -201,8 +202,6 @@ class FlaxTwin:
         throughout (cast variables alone would be computed in float32 again by every Dense). A
         field holding another dtype is kept: a twin that computes below the checked dtype must
         show it in every run. parity.check (PreparedPair.twin_in) and parity.verify both call this."""
-        import copy
-
         m = self.module
         if dtype == checked or self.nnx or not hasattr(m, "clone"):
             return self
