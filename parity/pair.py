@@ -190,27 +190,9 @@ class PreparedPair:
         return run, args
 
     def twin_in(self, dtype: str) -> FlaxTwin:
-        """The twin computing in ``dtype``. A Linen module whose ``dtype`` / ``param_dtype`` field
-        is this pair's dtype (HF's Flax modules say dtype=float32 by default) is cloned with
-        ``dtype`` there, so its float64 run is float64 throughout (cast variables alone would be
-        computed in float32 again by every Dense). A field holding another dtype is kept: a twin
-        that computes below the checked dtype must show it in every run."""
-        m = self.flax_module
-        if dtype == self.dtype or self.twin.nnx or not hasattr(m, "clone"):
-            return self.twin
-        updates = {}
-        for name in ("dtype", "param_dtype"):
-            value = getattr(m, name, None)
-            try:
-                if value is not None and jnp.dtype(value) == jnp.dtype(self.dtype):
-                    updates[name] = jnp.dtype(dtype).type
-            except TypeError:  # not a dtype (a field of the same name meaning something else)
-                continue
-        if not updates:
-            return self.twin
-        twin = copy.copy(self.twin)
-        twin.module = m.clone(**updates)
-        return twin
+        """The twin computing in ``dtype`` (FlaxTwin.computing_in: a Linen ``dtype`` field equal to
+        this pair's dtype is cloned with ``dtype``)."""
+        return self.twin.computing_in(dtype, self.dtype)
 
     def cast(self, dtype: str, *, flax: bool = True) -> PreparedPair:
         """The same pair in ``dtype``: the torch copy, the inputs and (with ``flax``; else they

@@ -207,3 +207,40 @@ def test_record_refuses_an_existing_directory(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(BundleError, match="exists"):
         _record("mlp", tmp_path / "b")
+
+
+# --- memory: what parity bench --golden-cost measures, held structurally ---------------------------
+def test_record_copies_the_model_once(tmp_path, monkeypatch):
+    """An eval-mode record makes one private copy of the model: the plan traces and the hooked
+    forward run on it, and the float64 run converts it in place (a copy beside it doubled the
+    model's bytes each time: 15 GiB and more at GPT-2-medium size)."""
+    import copy
+
+    import torch
+
+    import parity.golden._record as rec
+
+    copies, depth = [], [0]
+    real = copy.deepcopy
+
+    def counting(x, *a, **kw):  # the copies record makes, not the submodules copy.deepcopy recurses into
+        if isinstance(x, torch.nn.Module) and depth[0] == 0:
+            copies.append(type(x).__name__)
+        depth[0] += 1
+        try:
+            return real(x, *a, **kw)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(rec.copy, "deepcopy", counting)
+    _record("mlp", tmp_path / "b")
+    assert len(copies) == 1, copies
+    assert parity.verify(tmp_path / "b", _twin("mlp")).verdict == "PASS"
+
+
+def test_bundle_reads_each_file_once(mlp_bundle):
+    """verify asks for groups of run.safetensors several times: one read, every group a view of it."""
+    b = read_bundle(mlp_bundle)
+    first, again = b.group("run.safetensors", "main"), b.group("run.safetensors", "main")
+    assert first and all(first[k] is again[k] for k in first)
+    assert b.tensors("weights.safetensors", keep=False) is not b.tensors("weights.safetensors", keep=False)

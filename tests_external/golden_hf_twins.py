@@ -1,5 +1,5 @@
-"""Torch-free factories of the Flax twins of tests_external/test_golden_hf.py: what ``parity
-verify --flax golden_hf_twins:gpt2`` imports in a process where torch cannot be imported. The
+"""Torch-free factories of the Flax twins of tests_external/test_golden_hf.py and
+test_golden_diffusers.py: what ``parity verify --flax golden_hf_twins:gpt2`` imports in a process where torch cannot be imported. The
 configs are the ones the torch side is built from (the test asserts they are equal)."""
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def bert():
     from transformers.models.bert.modeling_flax_bert import FlaxBertModule
 
     return FlaxBertModule(bert_config())
+
+
+# tests_external/diffusers_pairs.py's unet2d_condition (the test asserts they are equal)
+UNET_CONFIG = dict(in_channels=4, block_out_channels=(64,), layers_per_block=1, cross_attention_dim=16,
+                   attention_head_dim=8, sample_size=8, out_channels=4, down_block_types=("DownBlock2D",),
+                   up_block_types=("UpBlock2D",))
+
+
+def unet():
+    from diffusers import FlaxUNet2DConditionModel  # imports no torch (diffusers' Flax models are torch-free)
+
+    return FlaxUNet2DConditionModel(**UNET_CONFIG)

@@ -119,3 +119,27 @@ def test_planted_bug_fails_and_is_located_from_the_bundle(recorded):
     report = parity.verify(path, fm, variables=bad)
     assert report.verdict == "FAIL", str(report)
     assert (report.first_divergence, report.divergence_kind) == (GOLDEN[name].misport, "forward"), str(report)
+
+
+def test_verify_runs_the_twin_truly_in_float64(recorded, monkeypatch):
+    """The twin's own-noise run is float64 with HF's dtype=float32 field cloned to float64, as
+    parity.check's (FlaxTwin.computing_in): with the variables cast alone every Dense computed in
+    float32 again, the twin's own noise was not measured, and a GPT-2-medium-size twin FAILed
+    verify on attention weight gradients that parity.check PASSes. The per-layer rows run the twin
+    as declared, as parity.check's rows do (they judge what the port computes)."""
+    import jax
+    import jax.numpy as jnp
+
+    import parity.golden._verify as v
+
+    name, path = recorded
+    seen, real = [], v.forward_backward
+
+    def spy(twin, variables, *a, **kw):
+        leaf = next(x for x in jax.tree_util.tree_leaves(variables) if jnp.issubdtype(x.dtype, jnp.floating))
+        seen.append((str(leaf.dtype), str(jnp.dtype(twin.module.dtype))))
+        return real(twin, variables, *a, **kw)
+
+    monkeypatch.setattr(v, "forward_backward", spy)
+    assert parity.verify(path, FACTORY[name]()).verdict == "PASS"
+    assert ("float64", "float64") in seen, seen

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
+
+from parity.benchmark.rss import in_fresh_process, measured
 
 KINDS = ("floor", "check", "check-layers")
 BERT = {"tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -34,23 +31,6 @@ class Cost:
     peak_rss_growth_mib: float
     model_mib: float
     verdict: str = ""
-
-
-def _status_mib(field: str) -> float:
-    """A /proc/self/status memory field (VmRSS: now, VmHWM: the peak) in MiB; ru_maxrss elsewhere."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    try:  # "5" resets the peak RSS mark (VmHWM) to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _build(workload: str):
@@ -110,28 +90,17 @@ def child(workload: str, kind: str) -> Cost:
     jax.block_until_ready(jax.jit(lambda a: a + 1)(jax.numpy.zeros(2)))
     tm, fm, x, opts = _build(workload)
     model_mib = sum(p.numel() * p.element_size() for p in tm.parameters()) / 2 ** 20
-    _reset_peak()
-    base = _status_mib("VmRSS")
-    t0 = time.perf_counter()
     if kind == "floor":
-        verdict = _floor(tm, fm, x, opts)
+        verdict, wall, growth = measured(lambda: _floor(tm, fm, x, opts))
     else:
-        verdict = parity.check(tm, fm, x, layers=kind == "check-layers", **opts).verdict
-    wall = time.perf_counter() - t0
-    return Cost(workload, kind, wall, _status_mib("VmHWM") - base, model_mib, verdict)
+        verdict, wall, growth = measured(
+            lambda: parity.check(tm, fm, x, layers=kind == "check-layers", **opts).verdict)
+    return Cost(workload, kind, wall, growth, model_mib, verdict)
 
 
 def measure(workloads: list[str], kinds: tuple[str, ...] = KINDS) -> list[Cost]:
     """Each (workload, kind) in a fresh process, one after another."""
-    out = []
-    for w in workloads:
-        for k in kinds:
-            res = subprocess.run([sys.executable, "-m", "parity.benchmark.check_cost", "--child", w, k],
-                                 capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-            if res.returncode != 0:
-                raise RuntimeError(f"check-cost child {w} {k} failed:\n{res.stderr[-2000:]}")
-            out.append(Cost(**json.loads(res.stdout.strip().splitlines()[-1])))
-    return out
+    return [Cost(**in_fresh_process("parity.benchmark.check_cost", [w, k])) for w in workloads for k in kinds]
 
 
 def table(costs: list[Cost]) -> str:

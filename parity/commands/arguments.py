@@ -243,6 +243,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="what a check costs against its floor (the runs the judge needs, each once), wall and "
                         "peak RSS, each run in a fresh process: registry names and bert-tiny / bert-base "
                         "(default: vit bert-tiny); writes check_cost.json/.md under --out")
+    p.add_argument("--golden-cost", nargs="*", default=None, metavar="WORKLOAD",
+                   help="peak RSS growth of parity record (torch side) and parity verify (torch-free), each in "
+                        "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-medium (default: "
+                        "gpt2-tiny); writes golden_cost.json/.md under --out")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",

@@ -2,7 +2,8 @@
 ``parity bench --torch M:F --flax M:F (--input-shape S | --example-input M:FN)``: the same grid on
 your own pair (an HF transformers model and its Flax module, say);
 ``parity bench --layers MODEL``: the per-layer speed profile of one model instead;
-``parity bench --data-parallel N``: data-parallel scaling at 1..N devices instead."""
+``parity bench --data-parallel N``: data-parallel scaling at 1..N devices instead;
+``parity bench --check-cost`` / ``--golden-cost``: what a check, a record and a verify cost in memory."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         return _data_parallel(args)
     if args.check_cost is not None:
         return _check_cost(args)
+    if args.golden_cost is not None:
+        return _golden_cost(args)
     if args.threads is not None:
         set_cpu_threads(args.threads)  # before select_device: XLA reads its flags at backend start
     device = select_device(args.device)  # DeviceError (a ValueError): one line, exit 2
@@ -228,6 +231,14 @@ def _check_cost(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "check_cost.md").write_text(text + "\n")
     (args.out / "check_cost.json").write_text(json.dumps([asdict(c) for c in costs], indent=1) + "\n")
+    return 0
+
+
+def _golden_cost(args: argparse.Namespace) -> int:
+    """parity bench --golden-cost: record and verify, each in a fresh process; the table printed and written."""
+    from parity.benchmark.golden_cost import measure, write
+
+    print(write(measure(args.golden_cost or ["gpt2-tiny"]), args.out))
     return 0
 
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,31 +55,51 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class BundleWriter:
+    """Writes a bundle a file at a time, atomically: into a temporary directory beside ``path``,
+    renamed into place by ``finish`` (the manifest, with every file's hash, written last); on an
+    exception inside ``with`` the temporary directory is removed and nothing is left at ``path``.
+    A file's tensors can be dropped once ``add`` returns: a recorder that writes the weights
+    before its float64 run never holds both (parity.record's peak memory)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dest = Path(path)
+        if self.dest.exists():
+            raise BundleError(f"{self.dest} exists; record into a new directory (a bundle is never overwritten)")
+        parent = self.dest.parent if str(self.dest.parent) else Path(".")
+        if not parent.is_dir():
+            raise BundleError(f"{self.dest}: directory {str(parent)!r} does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".partial", dir=parent))
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+        self.listed: dict[str, dict] = {}
+
+    def add(self, name: str, tensors: Mapping[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(self.tmp / name))
+        self.listed[name] = {"bytes": (self.tmp / name).stat().st_size, "sha256": _sha256(self.tmp / name)}
+
+    def finish(self, manifest: dict) -> Path:
+        (self.tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": self.listed}, indent=1))
+        os.rename(self.tmp, self.dest)
+        return self.dest
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_bundle(path: str | os.PathLike, manifest: dict, files: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
     """Write ``files`` ({file name: {key: array}}) and the manifest (with their hashes) to ``path``,
-    atomically: into a temporary directory beside it, renamed into place at the end. ``path``
-    must not exist yet (a bundle is evidence: it is never overwritten in place)."""
-    from safetensors.numpy import save_file
-
-    dest = Path(path)
-    if dest.exists():
-        raise BundleError(f"{dest} exists; record into a new directory (a bundle is never overwritten)")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise BundleError(f"{dest}: directory {str(parent)!r} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
-    try:
-        listed = {}
+    atomically (BundleWriter). ``path`` must not exist yet (a bundle is evidence: it is never
+    overwritten in place)."""
+    with BundleWriter(path) as w:
         for name, tensors in files.items():
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / name))
-            listed[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": listed}, indent=1))
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+            w.add(name, tensors)
+        return w.finish(manifest)
 
 
 @dataclass
@@ -88,16 +108,26 @@ class Bundle:
 
     path: Path
     manifest: dict
+    # Each file read once: verify asks for groups of run.safetensors several times, and every
+    # read of it would be another copy of everything recorded.
+    _loaded: dict = field(default_factory=dict, repr=False)
 
-    def tensors(self, name: str) -> dict[str, np.ndarray]:
+    def tensors(self, name: str, keep: bool = True) -> dict[str, np.ndarray]:
+        """{key: array} of file ``name`` ({} if the bundle has none), read once and kept unless
+        ``keep`` is false (the weights: ported once, then dropped)."""
         from safetensors.numpy import load_file
 
         if name not in self.manifest["files"]:
             return {}
+        if name in self._loaded:
+            return self._loaded[name]
         try:
-            return load_file(str(self.path / name))
+            out = load_file(str(self.path / name))
         except Exception as exc:  # noqa: BLE001 -- hashed already; this is a safetensors bug or a race
             raise BundleError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
+        if keep:
+            self._loaded[name] = out
+        return out
 
     def group(self, name: str, *prefix) -> dict[str, np.ndarray]:
         """{rest of the key: array} of the keys of file ``name`` that start with ``prefix``."""
@@ -173,5 +203,5 @@ def decode_tree(desc, leaves: Mapping[str, np.ndarray]):
     return leaves[name]
 
 
-__all__ = ["Bundle", "BundleError", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
+__all__ = ["Bundle", "BundleError", "BundleWriter", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
            "write_bundle"]

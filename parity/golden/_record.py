@@ -7,6 +7,7 @@ the same judge, on a machine without torch.
 from __future__ import annotations
 
 import copy
+import gc
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import torch
 
-from parity.golden._bundle import BundleError, BundleTooLarge, encode_tree, key, write_bundle
+from parity.golden._bundle import BundleError, BundleTooLarge, BundleWriter, encode_tree, key
 from parity.runtime import (ActivationLayouts, TorchRun, as_args, input_layouts, input_paths, run_torch,
                             torch_inputs, train_mode_matters)
 from parity.runtime.layouts import model_input_ids, split_output_spec
@@ -78,16 +79,22 @@ def _calls(group: str, calls, acts: ActivationLayouts | None, budget: _Budget) -
 
 def _state(module: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(state_dict as numpy with every storage once, {alias: canonical} for the tied names: an LM
-    head tied to its embedding is one tensor in the bundle, as in a safetensors checkpoint)."""
+    head tied to its embedding is one tensor in the bundle, as in a safetensors checkpoint).
+    Parameters are views of the module's own storage, not copies (a second copy of the model is
+    what the memory budget of record cannot afford): write them before anything changes the
+    module. Buffers are copied (a train-mode run updates BatchNorm statistics in place)."""
     state = module.state_dict(keep_vars=True)
     tied = tied_aliases(state.items())
-    return {n: to_numpy(t.detach()).copy() for n, t in state.items() if n not in tied}, tied
+    params = {id(p) for p in module.parameters()}
+    return {n: to_numpy(t.detach()) if id(t) in params else to_numpy(t.detach()).copy()
+            for n, t in state.items() if n not in tied}, tied
 
 
 def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -> dict:
     """What the port needs from the torch side when it runs without torch: every module's path,
     class and rule kind, the forward's call order, the flatten order of Linears after a flatten
-    of channels-first maps, and the layout of every positional input."""
+    of channels-first maps, and the layout of every positional input. ``tm`` is record's private
+    copy: both traces run it in eval mode and remove their hooks, so no copy of it is made."""
     from weight_port import torch_call_order
 
     modules = []
@@ -95,7 +102,7 @@ def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -
         rule = rule_for(type(m))
         modules.append({"path": path, "type": type(m).__name__, "kind": rule.name if rule is not None else None})
     try:
-        order = torch_call_order(copy.deepcopy(tm), tuple(a.detach() if isinstance(a, torch.Tensor) else a
+        order = torch_call_order(tm, tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                                           for a in args))
     except Exception:  # noqa: BLE001 -- names pair most models; the order is the fallback
         order = None
@@ -104,7 +111,7 @@ def _plan_inputs(tm: torch.nn.Module, args: tuple, in_layouts: dict[str, str]) -
         from weight_port import find_flattened_linears
 
         plain = tuple(a.detach() for a in args if isinstance(a, torch.Tensor))
-        flatten = {p: list(s) if s else None for p, s in (find_flattened_linears(copy.deepcopy(tm), plain) or {}).items()}
+        flatten = {p: list(s) if s else None for p, s in (find_flattened_linears(tm, plain) or {}).items()}
     except Exception:  # noqa: BLE001 -- the Flax side's own trace decides then
         flatten = {}
     positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
@@ -157,7 +164,10 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         raise BundleError(f"{path} exists; record into a new directory (a bundle is never overwritten)")
     tdtype = DTYPES[dtype]
     budget = _Budget(max_bytes)
-    with pinned(precision="highest"):
+    # Peak memory (the design's budget: 1.3x the model's bytes plus what is recorded): one private
+    # copy of the model, its weights written from that copy's own storage before the float64 run,
+    # which then converts that copy in place (float32 storage freed), never a second copy beside it.
+    with pinned(precision="highest"), BundleWriter(path) as writer:
         env = numerics_env("cpu")
         tm = copy.deepcopy(torch_module).to(dtype=tdtype)
         tm.train(train)
@@ -168,26 +178,36 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         args = torch_inputs(as_args(example_input), tdtype, "cpu", True)
         given = torch_inputs(args, tdtype, "cpu", True)
         in_layouts = input_layouts(tm, args, input_layout)
+        # The port plan's inputs and the producers of the outputs, before any run leaves gradients
+        # on the model (a deep copy would copy them).
+        say("port plan inputs (call order, flatten order)")
+        plan_in = _plan_inputs(tm, given, in_layouts)
+        say("hooked forward (output producers)")
+        # Which layer kind made each output: decides its layout where the shapes fit both (one more
+        # hooked forward, like parity.check's).
+        # A train-mode forward updates BatchNorm statistics: on a copy then, else on the model itself
+        hooked = run_torch(copy.deepcopy(tm) if train else tm, torch_inputs(given, tdtype, "cpu", False), train=train, grads=False,
+                           capture=True)
+        _, layer_layouts = split_output_spec(output_layout, list(hooked.outputs), [p for p, _ in tm.named_modules()])
+        spec = output_layout if not isinstance(output_layout, dict) else {
+            k: v for k, v in output_layout.items() if not any(k == p or k.startswith(p + ":") for p in layer_layouts)}
+        out_acts = ActivationLayouts(hooked.calls, {}, hooked.aliases, layer_layouts)
+        producers = {p: out_acts.of_tensor(hooked.raw_outputs[p]) for p in hooked.outputs}
+        del hooked, out_acts
+        gc.collect()  # a train-mode copy sits in reference cycles (hooks close over their modules)
+        say("writing the weights")
+        # The weights as the runs below see them (train-mode statistics not yet updated)
+        state, tied = _state(tm)
+        writer.add("weights.safetensors", state)
+        del state
         say("torch forward/backward")
         t = run_torch(tm, args, train=train, grads=True, cotangent_seed=seed + 1, capture=layers and dtype == "float64",
                       watch_precision=tdtype if dtype == "float64" else None)
-        _, layer_layouts = split_output_spec(output_layout, list(t.outputs), [p for p, _ in tm.named_modules()])
-        spec = output_layout if not isinstance(output_layout, dict) else {
-            k: v for k, v in output_layout.items() if not any(k == p or k.startswith(p + ":") for p in layer_layouts)}
-        # Which layer kind made each output: decides its layout where the shapes fit both (one more
-        # hooked forward, like parity.check's).
-        hooked = run_torch(copy.deepcopy(tm), torch_inputs(given, tdtype, "cpu", False), train=train, grads=False,
-                           capture=True)
-        out_acts = ActivationLayouts(hooked.calls, {}, hooked.aliases, layer_layouts)
-        producers = {p: out_acts.of_tensor(hooked.raw_outputs[p]) for p in t.outputs}
         # The torch half of a prepared pair (no twin on this machine): the probe below is the
         # checker's own, run the same way.
         like = PreparedPair(tm, None, None, None, {}, given, (), in_layouts, dtype, "cpu", train)
         probe_opts = CheckOptions(dtype=dtype, seed=seed)
-        files = {"weights.safetensors": None, "run.safetensors": {}}
-        state, tied = _state(tm)
-        files["weights.safetensors"] = state
-        run = files["run.safetensors"]
+        run: dict[str, np.ndarray] = {}
         run.update({key("main", "input", p): to_numpy(x.detach()) for p, x in
                     zip(input_paths(given), jax.tree_util.tree_leaves(given)) if isinstance(x, torch.Tensor)})
         run.update(_run_tensors("main", t, cotangents=True))
@@ -195,6 +215,7 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         layer_files: dict[str, np.ndarray] = {}
         calls_meta: dict[str, list[dict]] = {}
         lower = {"main": t.lower_precision}
+        mode_matters = train_mode_matters(tm)
         if dtype == "float64":
             say("float32 probe run (measures float64 noise)")
             probe = _torch_only(like, probe_opts, "float32", capture=layers, cotangents=t.cotangents, perturb=True)
@@ -206,30 +227,41 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
                 calls_meta["probe"], tens = _calls("probe", probe.calls, None, budget)
                 layer_files.update(tens)
         else:
+            probe_calls = None
+            if layers:  # on the float32 copy, before it becomes the float64 one
+                say("float32 probe run (measures the float64 rows' noise)")
+                probe = _torch_only(like, probe_opts, "float32", capture=True, cotangents=t.cotangents,
+                                    perturb=True)
+                probe_calls, probe_params = probe.calls, probe.param_grads
+                del probe
             say("float64 reference run")
-            tm64 = copy.deepcopy(tm).to(torch.float64)
+            # In place: the gradients of the run above are held as numpy (recorded), the weights
+            # are on disk, so the float32 storage is freed as each parameter is converted.
+            tm.zero_grad(set_to_none=True)
+            del like
+            tm64 = tm.to(torch.float64)
             args64 = torch_inputs(given, torch.float64, "cpu", True)
             ref = run_torch(tm64, args64, train=train, grads=True, cotangents=t.cotangents, capture=layers,
                             watch_precision=torch.float64)
             lower["ref"], lower["ref_first"] = ref.lower_precision, ref.lower_first
             run.update(_run_tensors("ref", ref, cotangents=False))
+            del tm, tm64  # the float64 model, before the run's tensors are written
             if layers:
                 acts = ActivationLayouts(ref.calls, model_input_ids(args64, in_layouts), ref.aliases, layer_layouts)
                 calls_meta["rows"], tens = _calls("rows", ref.calls, acts, budget)
                 layer_files.update(tens)
-                say("float32 probe run (measures the float64 rows' noise)")
-                probe = _torch_only(like, probe_opts, "float32", capture=True, cotangents=t.cotangents,
-                                    perturb=True)
-                calls_meta["probe"], tens = _calls("probe", probe.calls, None, budget)
+                calls_meta["probe"], tens = _calls("probe", probe_calls, None, budget)
                 layer_files.update(tens)
-                layer_files.update({key("probe_params", n): g for n, g in probe.param_grads.items()})
+                layer_files.update({key("probe_params", n): g for n, g in probe_params.items()})
+        say("writing the bundle")
+        writer.add("run.safetensors", run)
         if layers:
-            files["layers.safetensors"] = layer_files
+            writer.add("layers.safetensors", layer_files)
         manifest = {
             "model": name or type(torch_module).__name__,
             "dtype": dtype,
             "train": train,
-            "train_mode_matters": train_mode_matters(tm),
+            "train_mode_matters": mode_matters,
             "seed": seed,
             "cotangent_seed": seed + 1,
             "layers": layers,
@@ -239,12 +271,11 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
             "outputs": {"paths": list(t.outputs), "shapes": {p: list(v.shape) for p, v in t.outputs.items()},
                         "producer_layouts": producers,
                         "output_layout": spec},
-            "plan": {**_plan_inputs(tm, given, in_layouts), "tied": tied},
+            "plan": {**plan_in, "tied": tied},
             "calls": calls_meta,
             "env": {**env, "python": platform.python_version()},
         }
-        say("writing the bundle")
-        return write_bundle(path, manifest, files)
+        return writer.finish(manifest)
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "record"]

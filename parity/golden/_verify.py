@@ -172,7 +172,7 @@ def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=
 def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables, placement=None):
     plan_in = bundle.manifest["plan"]
     positional = [in_layouts.get(f"input[{i}]", AS_IS) for i in range(len(args))]
-    weights = bundle.tensors("weights.safetensors")
+    weights = bundle.tensors("weights.safetensors", keep=False)
     flatten = {p: tuple(s) if s else None for p, s in plan_in.get("flatten", {}).items()}
     import warnings
 
@@ -277,7 +277,8 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
             rule = replace(rule, own_everywhere=True)
         refs, probes = main.tensors(), probe.tensors()
         say("flax float32 run (its own rounding noise)")
-        own32, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan, dtype=jnp.float32)
+        own32, _ = _run_twin(twin.computing_in("float32", dname), variables, f_args, cots, to_t, out_layouts,
+                             in_layouts, plan, dtype=jnp.float32)
         own_probe, own_ref = own32.tensors, flax_main.tensors
         if with_layers:
             rows_calls, rows_vars, rows_pgrads = _calls(bundle, "rows"), variables, main.param_grads
@@ -292,8 +293,9 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
         report.reference = "float64"
         say("flax float64 run (its own rounding noise)")
         with jax.enable_x64(True):
-            own64, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan,
-                                 dtype=jnp.float64)
+            # truly float64, as parity.check's: a Linen dtype=float32 field cloned (FlaxTwin.computing_in)
+            own64, _ = _run_twin(twin.computing_in("float64", dname), variables, f_args, cots, to_t, out_layouts,
+                                 in_layouts, plan, dtype=jnp.float64)
             own_probe, own_ref = flax_main.tensors, own64.tensors
             if with_layers:
                 rows_calls = _calls(bundle, "rows")
@@ -319,6 +321,8 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
                                             else a, f_args)
             to_f = {tp: fp for fp, tp in to_t.items()}
             r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), dt) for p, c in cots.items()}
+            # the rows run the twin as declared, as parity.check's rows do: own noise is measured
+            # by the twin truly in float64 (computing_in) above, the rows judge what the port computes
             rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
             report.layers = analyze_layers(rows_calls, rows_flax, twin, rows_vars, plan, layouts, grads=True,
                                            train=train, rows=row_judge, param_grads=rows_pgrads, progress=say,

@@ -10,6 +10,7 @@ with the same paths as the torch side (parity.runtime.tree).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -193,6 +194,30 @@ class FlaxTwin:
                 f"train=True but {type(module).__name__}.__call__ takes no train-mode keyword "
                 f"({', '.join(k for k in ('train', 'training', 'deterministic', 'use_running_average'))}); "
                 "pass train_kwarg= (CLI --train-kwarg) naming the one it uses, or run in eval mode")
+
+    def computing_in(self, dtype: str, checked: str) -> FlaxTwin:
+        """This twin computing in ``dtype`` where it was built for the ``checked`` dtype. A Linen
+        module whose ``dtype`` / ``param_dtype`` field is ``checked`` (HF's Flax modules say
+        dtype=float32 by default) is cloned with ``dtype`` there, so its float64 run is float64
+        throughout (cast variables alone would be computed in float32 again by every Dense). A
+        field holding another dtype is kept: a twin that computes below the checked dtype must
+        show it in every run. parity.check (PreparedPair.twin_in) and parity.verify both call this."""
+        m = self.module
+        if dtype == checked or self.nnx or not hasattr(m, "clone"):
+            return self
+        updates = {}
+        for name in ("dtype", "param_dtype"):
+            value = getattr(m, name, None)
+            try:
+                if value is not None and jnp.dtype(value) == jnp.dtype(checked):
+                    updates[name] = jnp.dtype(dtype).type
+            except TypeError:  # not a dtype (a field of the same name meaning something else)
+                continue
+        if not updates:
+            return self
+        twin = copy.copy(self)
+        twin.module = m.clone(**updates)
+        return twin
 
     # --- variables -------------------------------------------------------------------------------
     def initial_variables(self) -> dict:
