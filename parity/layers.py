@@ -21,7 +21,8 @@ bug that only exists in gradients (stop_gradient, a wrong custom_vjp) is pinned 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -404,6 +405,10 @@ class IsolatedLayer:
                         else np.zeros(o.shape, jax.dtypes.float0))) for p, o in out.items()}
         return out, vjp(ct)
 
+    def release(self) -> None:
+        """Drop the arrays once judged (the analysis streams: run, judge, free)."""
+        self.inputs, self.cots, self.params = {}, None, {}
+
     def check(self, out: Mapping[str, np.ndarray], rows: "RowJudge | Tolerance",
               probe: TorchCall | None = None) -> Comparison | None:
         """``out`` (by Flax output path, Flax layout, as ``forward`` returns) against torch's
@@ -719,13 +724,30 @@ def analyze_layers(
 
     jobs = [pc.layer for pc in paired if pc.layer is not None]
     say(f"per-layer: {len(jobs)} layers alone on torch's inputs")
-    results = _run_jobs(jobs)
-    totals = _param_grad_totals(t_calls, jobs, results)
-    for job, result in zip(jobs, results):
-        if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
-            job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
-            continue
-        _judge(job, result, plan, zero_params, param_grads, tied, rows, totals)
+    totals = _ParamGradTotals(t_calls)
+    waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
+    # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
+    # gradients are held together, and a parameter's gradient once per module that holds it
+    # (BERT's query kernel by encoder, layer.i, attention, self and query: 5 copies).
+    for chunk in _chunks(jobs):
+        for job, result in zip(chunk, _run_jobs(chunk)):
+            if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
+                job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
+            path = job.torch_call.path
+            complete = totals.add(job, result)
+            if job.torch_call.call == 0 and not isinstance(result, Exception):
+                waiting[path] = (job, result)
+            else:
+                if not isinstance(result, Exception):
+                    _judge(job, result, plan, zero_params, param_grads, tied, rows, None)
+                job.release()
+            if complete and path in waiting:  # torch's gradient sums every call: judged once all ran
+                first, first_result = waiting.pop(path)
+                _judge(first, first_result, plan, zero_params, param_grads, tied, rows, totals.pop(path))
+                first.release()
+    for job, result in waiting.values():  # some call of the module did not run alone
+        _judge(job, result, plan, zero_params, param_grads, tied, rows, None)
+        job.release()
     _mark_boundaries(paired, judge_inputs,
                      lambda offsets: forward_backward(twin, variables, f_run.args, None, capture=True, offsets=offsets))
     return [pc.row for pc in paired]
@@ -830,31 +852,63 @@ def _below_float64(pc: PairedCall) -> bool:
     return 8 in width(pc.torch_call.output_values.values()) and bool(width(pc.flax_outputs.values()) - {8})
 
 
-def _param_grad_totals(t_calls: Sequence[TorchCall], jobs: Sequence["IsolatedLayer"], results) -> dict:
-    """{torch path: the Flax layer's isolated parameter gradients summed over all its calls}, or
-    None for a path where some call did not run alone.
+class _ParamGradTotals:
+    """Each module's isolated parameter gradients summed over all its calls, as the calls run.
 
     torch records one gradient per parameter, the sum over every call of its module (ALBERT runs
     one shared layer num_hidden_layers times); one call's VJP is only its share of it. The sum of
-    every call's share, each at torch's input and cotangent for that call, is what compares.
+    every call's share, each at torch's input and cotangent for that call, is what compares; a
+    module with a call that did not run alone (or without gradients) has no total.
     """
-    n_calls: dict[str, int] = {}
-    for tc in t_calls:
-        n_calls[tc.path] = n_calls.get(tc.path, 0) + 1
-    totals: dict[str, object] = {}
-    done: dict[str, int] = {}
-    for job, result in zip(jobs, results):
+
+    def __init__(self, t_calls: Sequence[TorchCall]):
+        self.calls = Counter(tc.path for tc in t_calls)
+        self.ran: Counter = Counter()
+        self.sums: dict[str, object] = {}
+
+    def add(self, job: IsolatedLayer, result) -> bool:
+        """Count ``job``'s call and add its parameter gradients; True when every call of its module ran."""
         path = job.torch_call.path
+        self.ran[path] += 1
         if isinstance(result, Exception) or result[1] is None or not job.params:
-            totals[path] = None
-            continue
-        p_grads = result[1][0]
-        if path in totals and totals[path] is None:
-            continue
-        prev = totals.get(path)
-        totals[path] = p_grads if prev is None else jax.tree_util.tree_map(lambda a, b: a + b, prev, p_grads)
-        done[path] = done.get(path, 0) + 1
-    return {p: (t if done.get(p) == n_calls.get(p) else None) for p, t in totals.items()}
+            self.sums[path] = None
+        elif path not in self.sums:
+            self.sums[path] = result[1][0]
+        elif self.sums[path] is not None:
+            self.sums[path] = jax.tree_util.tree_map(lambda a, b: a + b, self.sums[path], result[1][0])
+        return self.ran[path] == self.calls[path]
+
+    def pop(self, path: str):
+        """The total of a module whose calls all ran (None: some call had no parameter gradients)."""
+        return self.sums.pop(path, None)
+
+
+def _job_bytes(job: IsolatedLayer) -> int:
+    """What running ``job`` holds: its parameters, inputs and cotangents, and as much again for the
+    parameter and input gradients and the outputs they come with."""
+    leaves = jax.tree_util.tree_leaves((job.params, job.inputs, job.cots))
+    return 2 * sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
+
+
+_CHUNK_BYTES = 256 << 20
+
+
+def _chunks(jobs: Sequence[IsolatedLayer]) -> Iterator[list[IsolatedLayer]]:
+    """Consecutive jobs up to the larger of 256 MiB and the largest job: one chunk (one compile)
+    for small models, and for big ones never more than the largest job (the encoder, which is most
+    of the model) held at a time."""
+    sizes = [_job_bytes(j) for j in jobs]
+    budget = max([_CHUNK_BYTES, *sizes])
+    chunk: list[IsolatedLayer] = []
+    held = 0
+    for job, size in zip(jobs, sizes):
+        if chunk and held + size > budget:
+            yield chunk
+            chunk, held = [], 0
+        chunk.append(job)
+        held += size
+    if chunk:
+        yield chunk
 
 
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
@@ -936,7 +990,9 @@ def _run_jobs(jobs: list[IsolatedLayer]) -> list:
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], rows: RowJudge, totals: Mapping[str, object] | None = None) -> None:
+           tied: Mapping[str, str], rows: RowJudge, total) -> None:
+    """Judge ``job``'s isolated outputs and input gradients; with call 0 of a module, its parameter
+    gradients as ``total`` (the sum over every call, _ParamGradTotals; None: not judged per layer)."""
     row, tc = job.row, job.torch_call
     probe = rows.probe_call(tc)
     out, grads = result
@@ -963,7 +1019,6 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
     if job.params and tc.call == 0:
         # torch's parameter gradient sums every call of this module: judge the sum of the Flax
         # layer's per-call gradients (equal to this call's own when it ran once).
-        total = (totals or {}).get(tc.path, p_grads)
         if total is None:
             row.notes.append("parameter gradients not judged per layer: some call of this module did not "
                              "run alone (torch's gradient sums every call); judged whole-model")

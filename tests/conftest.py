@@ -5,32 +5,13 @@ fixture below, so float32 tests never run with x64 silently on.
 """
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One directory per test run, made by its first process (the xdist controller, or the only
-# process) and inherited by the xdist workers and every child process through the environment;
-# removed at the end by the process that made it. Fresh per run, so a run's timing is a cold run's.
-if "PARITY_TEST_RUN_DIR" not in os.environ:
-    _RUN_DIR = tempfile.mkdtemp(prefix="parity_test_run_")
-    atexit.register(shutil.rmtree, _RUN_DIR, ignore_errors=True)
-    os.environ["PARITY_TEST_RUN_DIR"] = _RUN_DIR
-    # One XLA compilation cache for the run: a program compiled once (the same model, dtype and
-    # shapes checked by several tests, the same Flax step judged twice, in a worker or a child)
-    # is loaded instead of recompiled. Compilation is most of the suite's CPU time; a hit returns
-    # the executable XLA built for the identical program, options and flags (all in the key), so
-    # no test checks anything different. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_RUN_DIR, "xla_cache"))
-    # Programs that took 0.1 s or more to compile (a model's forward+backward, the per-layer
-    # batch: the costly ones); the many tiny ones cost about as much to store as to redo.
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-    # A size limit turns on JAX's file lock around cache reads and writes, so a worker never
-    # reads an entry another process is still writing (4 GiB: never reached by this suite).
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+from run_dir import start_run  # noqa: E402
+
+start_run()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -7,6 +7,13 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from run_dir import start_run  # noqa: E402
+
+# The unit suite's run directory and XLA compilation cache (tests/run_dir.py): the battery checks
+# each tiny model several times (float32, float64, with rows, planted), the same programs each time.
+start_run()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -20,6 +20,7 @@ from parity.benchmark.rss import in_fresh_process, measured
 KINDS = ("floor", "check", "check-layers")
 BERT = {"tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=256),
+        "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
         "base": dict()}  # transformers' BertConfig defaults are BERT-base
 
 
