@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,25 +65,11 @@ def batch_at(data: Sequence[Batch] | Callable[[int], Batch], i: int) -> Batch:
 def train_steps(pair: PreparedPair, stepper: TorchStepper, data, settings: TrainSettings, name: str) -> TrainReport:
     """The loop: per step, torch's step from ``stepper``, the Flax twin's optax step on the same
     batch, both compared (compare_step); then the report. Numerics are the caller's."""
-    spec, loss, dtype, steps = settings.optimizer, settings.loss, settings.dtype, settings.steps
-    place, place_batch = _placement(stepper.mesh)
-    # Copy: on CPU, plan.to_flax can hand back jax arrays that alias the torch tensors' memory
-    # (zero-copy jnp.asarray), so torch's in-place optimizer.step() would move the Flax weights too.
-    # (A numpy copy, then device_put: committed arrays from the start, so the jitted step is
-    # compiled once instead of again when its own committed outputs come back as inputs.)
-    variables = place(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), pair.variables))
-    params = variables["params"]
-    # Non-param collections (BatchNorm statistics) travel through the step and come back updated.
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    tx = settings.flax_optimizer if settings.flax_optimizer is not None else optax_optimizer(spec, steps)
-    schedule = optax_schedule(spec, steps)
-    opt_state = place(jax.jit(tx.init)(params))  # one compile, not one per leaf shape
-    flax_step = flax_train_step(pair.twin, tx, loss)
-    target = _target_maker(pair, settings)
-
+    spec, dtype, steps = settings.optimizer, settings.dtype, settings.steps
+    flax = _FlaxSide(pair, settings, stepper.mesh)
     prec = jax_precision()
     noise = UpdateNoise(spec)
-    t_prev, f_prev = named_params(pair.torch_module), named_like_torch(pair.plan, params, "params")
+    t_prev, f_prev = named_params(pair.torch_module), flax.named(flax.params, "params")
     replay: list[tuple[float, dict, dict, dict]] = []  # (lr, p_prev, grads, update), Flax side
     results: list[StepResult] = []
     for i in range(steps):
@@ -90,28 +77,18 @@ def train_steps(pair: PreparedPair, stepper: TorchStepper, data, settings: Train
         x, y = batch_at(data, i)
         y = np.asarray(y)
         t = stepper.step(k, (x, y))
-        xf = flax_inputs(torch_inputs(as_args(x), pair.torch_dtype, grads=False), pair.in_layouts)
-        xf, yf = place_batch(xf, target(y), int(np.shape(y)[0]))
-        try:
-            params, rest, opt_state, f_loss, f_gnorm, grads = flax_step(params, rest, opt_state, xf, yf)
-        except nn.errors.InvalidRngError as exc:
-            raise ValueError("the Flax twin asks for an RNG in train mode (dropout?); train parity runs "
-                             f"deterministic and passes none: {exc}") from exc
-        f_stats = named_like_torch(pair.plan, rest["batch_stats"], "batch_stats") if t.stats and "batch_stats" in rest else {}
-        f = StepSide(float(f_loss), float(schedule(i)), float(f_gnorm), named_like_torch(pair.plan, params, "params"),
-                     f_stats)
+        f, grads = flax.step(i, x, y)
         t_upd, f_upd = _moved(t.params, t_prev), _moved(f.params, f_prev)
         # Keep the Flax trajectory up to (and including) the first failing step, to name the cause.
         if len(replay) < MAX_REPLAY and all(r.ok for r in results):
-            replay.append((f.lr, f_prev, named_like_torch(pair.plan, grads, "params"), f_upd))
+            replay.append((f.lr, f_prev, flax.named(grads, "params"), f_upd))
         # torch's gradients of this step (before its optimizer step) and their noise floor
         noise.observe(t.lr, loss_gradient_floor(dtype, t.out_cotangent_norm, t.input_norm), t.grads, t_prev, f_prev)
         results.append(compare_step(k, dtype, prec, noise, t, t_upd, f, f_upd))
         t_prev, f_prev = t.params, f.params
 
-    report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=loss, steps=results,
-                         conventions=conventions(spec), env=numerics_env(),
-                         flax_variables={"params": params, **rest})
+    report = TrainReport(model=name, dtype=dtype, optimizer=spec, loss=settings.loss, steps=results,
+                         conventions=conventions(spec), env=numerics_env(), flax_variables=flax.variables)
     stepper.annotate(report)
     report.notes += noise_notes(spec, results)
     if not report.ok:
@@ -119,18 +96,61 @@ def train_steps(pair: PreparedPair, stepper: TorchStepper, data, settings: Train
     return report
 
 
+class _FlaxSide:
+    """The Flax twin trained by the one optax step (flax_train_step) from the pair's variables, on
+    one device, or with a mesh replicated and fed the batch split row-wise over it (as torch's
+    replicas split it)."""
+
+    def __init__(self, pair: PreparedPair, settings: TrainSettings, mesh):
+        def place(tree):
+            return jax.device_put(tree, jax.devices()[0]) if mesh is None else replicate(tree, mesh)
+
+        self.mesh = mesh
+        self.pair = pair
+        # Copy: on CPU, plan.to_flax can hand back jax arrays that alias the torch tensors' memory
+        # (zero-copy jnp.asarray), so torch's in-place optimizer.step() would move the Flax weights
+        # too. (A numpy copy, then placed: committed arrays from the start, so the jitted step is
+        # compiled once instead of again when its own committed outputs come back as inputs.)
+        variables = place(jax.tree_util.tree_map(lambda a: np.array(a, copy=True), pair.variables))
+        self.params = variables["params"]
+        # Non-param collections (BatchNorm statistics) travel through the step and come back updated.
+        self.rest = {k: v for k, v in variables.items() if k != "params"}
+        spec, steps = settings.optimizer, settings.steps
+        tx = settings.flax_optimizer if settings.flax_optimizer is not None else optax_optimizer(spec, steps)
+        self.schedule = optax_schedule(spec, steps)
+        self.opt_state = place(jax.jit(tx.init)(self.params))  # one compile, not one per leaf shape
+        self._step = flax_train_step(pair.twin, tx, settings.loss)
+        self._target = _target_maker(pair, settings)
+
+    def _placed(self, x, y, rows: int):
+        if self.mesh is None:
+            return x, y
+        return shard_batch(x, self.mesh, rows), shard_batch(y, self.mesh, rows, where="labels")
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.rest}
+
+    def named(self, tree, collection: str) -> dict[str, np.ndarray]:
+        return named_like_torch(self.pair.plan, tree, collection)
+
+    def step(self, i: int, x, y: np.ndarray) -> tuple[StepSide, Any]:
+        """Step i (0-based) on (x torch layout, y): (its StepSide, its gradients as a params tree)."""
+        xf = flax_inputs(torch_inputs(as_args(x), self.pair.torch_dtype, grads=False), self.pair.in_layouts)
+        xf, yf = self._placed(xf, self._target(y), int(np.shape(y)[0]))
+        try:
+            self.params, self.rest, self.opt_state, loss, gnorm, grads = self._step(
+                self.params, self.rest, self.opt_state, xf, yf)
+        except nn.errors.InvalidRngError as exc:
+            raise ValueError("the Flax twin asks for an RNG in train mode (dropout?); train parity runs "
+                             f"deterministic and passes none: {exc}") from exc
+        stats = self.named(self.rest["batch_stats"], "batch_stats") if "batch_stats" in self.rest else {}
+        return StepSide(float(loss), float(self.schedule(i)), float(gnorm), self.named(self.params, "params"),
+                        stats), grads
+
+
 def _moved(now: Mapping[str, np.ndarray], before: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: now[n] - before[n] for n in now}
-
-
-def _placement(mesh) -> tuple[Callable, Callable]:
-    """(place variables, place a batch (x, y, rows)): on the first device, or with a mesh the
-    variables replicated and the batch split row-wise over it (as torch's replicas split it)."""
-    if mesh is None:
-        device = jax.devices()[0]
-        return (lambda tree: jax.device_put(tree, device)), (lambda x, y, n: (x, y))
-    return ((lambda tree: replicate(tree, mesh)),
-            (lambda x, y, n: (shard_batch(x, mesh, n), shard_batch(y, mesh, n, where="labels"))))
 
 
 def _target_maker(pair: PreparedPair, settings: TrainSettings) -> Callable[[np.ndarray], jax.Array]:
@@ -149,8 +169,7 @@ def _target_maker(pair: PreparedPair, settings: TrainSettings) -> Callable[[np.n
             t_shape = tuple(first_leaf(probe(*pair.inputs(False))).shape)
         f_shape = next(iter(output_shapes(pair.twin, pair.variables, pair.flax_args).values())).shape
         layout = output_layouts(declared, {"out": t_shape}, {"out": f_shape})["out"]
-    dtype = jnp.float64 if settings.dtype == "float64" else jnp.float32
-    return lambda y: jnp.asarray(to_flax_layout(y, layout, "mse target"), dtype=dtype)
+    return lambda y: jnp.asarray(to_flax_layout(y, layout, "mse target"), dtype=settings.dtype)
 
 
 # --- the Flax step ------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ from typing import Any
 
 import jax
 import optax
+import torch
 
 from parity.numerics import pinned
+from parity.pair import TORCH_DTYPES
 from parity.runtime.layouts import LayoutSpec
 from parity.training._losses import LOSSES
 from parity.training.optim import OptimizerSpec
@@ -42,6 +44,10 @@ class TrainSettings:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
 
     def keywords(self) -> dict:
         """The settings as train_check keywords."""

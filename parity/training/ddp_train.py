@@ -29,8 +29,8 @@ from parity.pair import PreparedPair
 from parity.runtime import as_args, flax_inputs, forward_backward, torch_inputs
 from parity.tolerances import TRAIN_STATS, train_tolerance
 from parity.training._loop import batch_at, named_like_torch, train_pair
-from parity.training._settings import TrainSettings
 from parity.training._report import TrainReport
+from parity.training._settings import TrainSettings
 from parity.training._stepper import Batch, StepSide
 from parity.training.ddp import ddp_job, replica_rows, run_ddp
 from parity.training.noise import stats_floors
@@ -122,10 +122,9 @@ def plan_checks(cases: list[dict]) -> PlannedChecks:
         settings = TrainSettings(**{"steps": 3, **{k: c[k] for k in _SETTINGS if k in c}})
         batches = [batch_at(c["data"], i) for i in range(settings.steps)]
         batches = [(x, np.asarray(y)) for x, y in batches]
-        tdtype = torch.float64 if settings.dtype == "float64" else torch.float32
         tm = copy.deepcopy(c["torch_module"])  # as it is now, whatever the caller does with theirs
         jobs.append(ddp_job(copy.deepcopy(tm), batches, world=n, spec=settings.optimizer,
-                            steps=settings.steps, loss=settings.loss, dtype=tdtype,
+                            steps=settings.steps, loss=settings.loss, dtype=settings.torch_dtype,
                             loss_reduction=c.get("torch_loss_reduction", "mean")))
         prepared.append(_Case(tm, c["flax_module"], batches, settings))
     return PlannedChecks(n, mesh, jobs, prepared)
