@@ -169,12 +169,11 @@ def measure_scaling(cfg: ScalingConfig, log: Callable[[str], None] = print) -> d
 def _jax_steps(pair, torch_model, flax_model, batch, spec, steps: int, loss: str):
     """k -> a zero-argument train step on a k-device mesh that blocks until done (fresh state per k)."""
     import jax
-    import optax
 
     from parity.data_parallel.mesh import data_mesh, replicate, shard_batch
     from parity.pair import CheckOptions, prepare
-    from parity.runtime import flax_inputs, value_and_grad_fn
-    from parity.training.loop import first_leaf, flax_loss
+    from parity.runtime import flax_inputs
+    from parity.training import flax_train_step
     from parity.training.optim import optax_optimizer
 
     x_np, y_np = batch
@@ -183,23 +182,21 @@ def _jax_steps(pair, torch_model, flax_model, batch, spec, steps: int, loss: str
                                                                    input_layout=pair.input_layout),
                        dropout=False)
     x0, layouts, variables, twin = prepared.inputs(False), prepared.in_layouts, prepared.variables, prepared.twin
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, first_leaf(out), y))
     tx = optax_optimizer(spec, steps)
-
-    @jax.jit
-    def train_step(v, state, x, y):
-        value, grads, rest = grad_fn(v, x, y)
-        updates, state = tx.update(grads, state, v["params"])
-        return {"params": optax.apply_updates(v["params"], updates), **rest}, state, value
+    # training parity's Flax step, without its gradient norm and gradients (as the timed torch
+    # DDP jobs skip theirs)
+    train_step = flax_train_step(twin, tx, loss, measure=False)
+    rest = {k: v for k, v in variables.items() if k != "params"}
 
     def step_for(k: int):
         mesh = data_mesh(k)
         n = int(y_np.shape[0])
-        carry = [replicate(variables, mesh), replicate(tx.init(variables["params"]), mesh)]
+        carry = [replicate(variables["params"], mesh), replicate(rest, mesh),
+                 replicate(tx.init(variables["params"]), mesh)]
         x, y = shard_batch(flax_inputs(x0, layouts), mesh, n), shard_batch(y_np, mesh, n, where="labels")
 
         def step() -> None:
-            carry[0], carry[1], value = train_step(carry[0], carry[1], x, y)
+            carry[0], carry[1], carry[2], value = train_step(*carry, x, y)
             jax.block_until_ready(value)
 
         return step

@@ -1,23 +1,24 @@
 """train_check: port torch's initial weights, train both twins on identical batches, compare per step.
 
-The entry point: validates the options, then runs training parity on one device
-(parity.training.loop.train_local) or torch DDP against the sharded Flax step
-(parity.training.ddp_train); both compare every step with parity.training.loop.compare_step.
+The entry point: validates the options (TrainSettings), then runs the one training loop
+(parity.training._loop) with torch stepped in this process (LocalStepper) or by torch DDP
+workers against the sharded Flax step (parity.training.ddp_train).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import flax.linen as nn
-import jax
 import optax
 import torch
 
-from parity.training.ddp_train import train_check_data_parallel
-from parity.numerics import pinned
 from parity.runtime.layouts import LayoutSpec
-from parity.training.loop import LOSSES, TORCH_DTYPES, Batch, TrainReport, train_local
+from parity.training._loop import train_pair
+from parity.training._settings import TrainSettings
+from parity.training._report import TrainReport
+from parity.training._stepper import Batch, LocalStepper
+from parity.training.ddp_train import train_check_data_parallel
 from parity.training.optim import OptimizerSpec
 
 
@@ -58,23 +59,14 @@ def train_check(
     multiple of N, JAX needs N devices: on CPU XLA_FLAGS=--xla_force_host_platform_device_count=N
     before JAX initialises, which the CLI sets itself).
     """
-    spec = OptimizerSpec(optimizer) if isinstance(optimizer, str) else optimizer
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    settings = TrainSettings(steps=steps, optimizer=optimizer, loss=loss, dtype=dtype, input_layout=input_layout,
+                             output_layout=output_layout, train_kwarg=train_kwarg, rename=rename,
+                             flax_optimizer=flax_optimizer, precision=precision, name=name)
     if data_parallel is not None:
-        return train_check_data_parallel(
-            torch_module, flax_module, data, data_parallel=data_parallel, steps=steps, optimizer=spec, loss=loss,
-            dtype=dtype, input_layout=input_layout, output_layout=output_layout, train_kwarg=train_kwarg,
-            rename=rename, flax_optimizer=flax_optimizer, precision=precision, name=name)
-    tdtype = TORCH_DTYPES[dtype]
-    x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
-    with x64, pinned(precision=precision, tf32=False):
-        return train_local(torch_module, flax_module, data, steps, spec, loss, dtype, tdtype, input_layout,
-                           output_layout, train_kwarg, rename, flax_optimizer, name or type(torch_module).__name__)
+        return train_check_data_parallel(torch_module, flax_module, data, data_parallel=data_parallel,
+                                         **settings.keywords())
+    return train_pair(torch_module, flax_module, data, settings, partial(LocalStepper, settings=settings))
+
 
 
 __all__ = ["train_check"]

@@ -64,16 +64,25 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from parity.runtime import as_args, torch_inputs
-    from parity.training.loop import first_leaf, floor_norms, torch_grads, torch_loss
+    from parity.training._stepper import hold_dropout, torch_step
     from parity.training.optim import torch_optimizer
 
     model = p["module"]
-    model.train(True)
-    for m in model.modules():  # dropout held deterministic, as in single-device training parity
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.eval()
+    hold_dropout(model)  # dropout held deterministic, as in single-device training parity
     ddp = DDP(model)
     opt, sched = torch_optimizer(p["spec"], ddp.parameters(), p["steps"])
+
+    def across(loss: torch.Tensor, cot: float, inp: float) -> tuple[float, float, float]:
+        # The global step: the mean of the replicas' losses, and the gradient noise floor's norms
+        # (parity.training.noise.loss_gradient_floor): DDP's averaged gradient is that of the
+        # global mean loss, whose output cotangent is each rank's own over world (stacked), and
+        # whose input is the global batch.
+        total = loss.clone()
+        dist.all_reduce(total)
+        squares = torch.tensor([cot * cot, inp * inp], dtype=torch.float64)
+        dist.all_reduce(squares)
+        return float(total) / world, float(np.sqrt(squares[0])) / world, float(np.sqrt(squares[1]))
+
     records = []
     for x, y in p["batches"]:
         start = time.perf_counter()
@@ -81,41 +90,13 @@ def _train(rank: int, world: int, p: dict) -> list[dict]:
         ys = torch.as_tensor(replica_rows(y, rank, world, len(y)))
         if p["loss"] == "mse":  # targets shaped like the output, in the run's dtype
             ys = ys.to(p["dtype"])
-        opt.zero_grad(set_to_none=False)
-        out = first_leaf(ddp(*xs))
-        if p["record"] and out.requires_grad:
-            out.retain_grad()  # dL/d output: one factor of the gradients' noise floor
-        loss = torch_loss(p["loss"], out, ys)
-        if p["loss_reduction"] == "sum":  # a planted mistake: replicas' losses summed, not averaged
-            loss = loss * world
-        loss.backward()  # DDP all-reduces (averages) the gradients here
-        lr = float(opt.param_groups[0]["lr"])
-        if not p["record"]:  # timing only (benchmarks): no extra all-reduce, norm or copies
-            opt.step()
-            records.append({"seconds": time.perf_counter() - start})
-            continue
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        # The gradient noise floor of the global step (parity.training.noise.loss_gradient_floor):
-        # DDP's averaged gradient is that of the global mean loss, whose output cotangent is each
-        # rank's own over world (stacked), and whose input is the global batch.
-        cot, inp = floor_norms(out, xs)
-        squares = torch.tensor([cot * cot, inp * inp], dtype=torch.float64)
-        dist.all_reduce(squares)
-        gnorm = float(np.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in model.parameters()
-                                  if q.grad is not None)))
-        grads = torch_grads(model)  # after DDP's all-reduce: the averaged gradients the optimizer steps with
-        opt.step()
-        if sched is not None:
-            sched.step()
-        seconds = time.perf_counter() - start  # the step on this rank, incl. DDP's all-reduce (benchmarks)
-        records.append({
-            "loss": float(mean_loss) / world, "lr": lr, "grad_norm": gnorm, "seconds": seconds, "grads": grads,
-            "out_cotangent_norm": float(np.sqrt(squares[0])) / world, "input_norm": float(np.sqrt(squares[1])),
-            "params": {n: q.detach().double().numpy().copy() for n, q in model.named_parameters()},
-            "buffers": {n: q.detach().double().numpy().copy() for n, q in model.named_buffers()
-                        if n.endswith(("running_mean", "running_var"))},
-        })
+        # DDP all-reduces (averages) the gradients in the backward; a summed loss is planted as
+        # the per-replica mean times world. record=False (benchmarks): the step alone, no extra
+        # all-reduce, norm or copies.
+        side = torch_step(model, opt, sched, xs, ys, p["loss"], forward=ddp, measure=p["record"], across=across,
+                          loss_scale=world if p["loss_reduction"] == "sum" else 1)
+        # the step on this rank, incl. DDP's all-reduce (benchmarks)
+        records.append({"seconds": time.perf_counter() - start, "step": side})
     return records
 
 
@@ -150,11 +131,12 @@ def ddp_job(torch_module: torch.nn.Module, batches: list[tuple[Any, np.ndarray]]
 
 def run_ddp(jobs: list[dict], *, world: int, timeout: float = 300) -> list[list[dict]]:
     """Run ``jobs`` (ddp_job) with DDP on ``world`` local gloo processes started here, each job on
-    the first ``job["world"]`` (<= world) of them, one job after another; per job,
-    rank 0's record per step: global mean loss, lr, global gradient norm and the gradients
+    the first ``job["world"]`` (<= world) of them, one job after another; per job, rank 0's
+    record per step: {"seconds": the step on rank 0, "step": the StepSide of torch_step (None
+    for record=False jobs): global mean loss, lr, global gradient norm and the gradients
     themselves (after DDP's averaging, before the optimizer step), the global output cotangent and
     input norms (the step's gradient noise floor), parameters and BatchNorm running statistics
-    after the step (float64 numpy). The modules are pickled to the workers: their classes must
+    after the step (float64 numpy)}. The modules are pickled to the workers: their classes must
     import from the caller's sys.path (not be defined in ``__main__``)."""
     too_big = [j["world"] for j in jobs if j["world"] > world]
     if too_big:

@@ -14,7 +14,7 @@ from parity.runtime import FlaxTwin, flax_inputs
 from parity.tolerances import TRAIN_LOSS, train_tolerance
 from parity.training.data import epoch_batches, load_digits_split
 from parity.training.check import train_check
-from parity.training.loop import TrainReport
+from parity.training._report import TrainReport
 from parity.training.optim import OptimizerSpec
 
 # 8x8 inputs: two 2x2 pools leave 2x2 maps; small widths keep a few hundred steps in seconds.
