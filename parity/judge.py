@@ -157,7 +157,9 @@ def measured(tol: Tolerance, dtype: str, *, probe_dtype: str | None = None,
     # float32 part does not have (k 32 let a planted 1e-5 error after an RMS norm's upcast pass)
     k = TOLERANCES[(effective, "highest", "fp64_reference")].k if effective and effective != dtype else tol.k
     return Measured(k=k, rho=tol.floor / EPS[dtype], eps=eps, noise_scale=scale, reason=tol.reason,
-                    own_everywhere=dtype in OWN_NOISE_EVERYWHERE)
+                    # the precision the values were really computed in decides (a float32 part of a
+                    # float64 run rounds as float32 does, XLA and ATen differently)
+                    own_everywhere=(effective or dtype) in OWN_NOISE_EVERYWHERE)
 
 
 Rule = Table | Measured

@@ -150,9 +150,10 @@ class RowJudge:
         return self.probe.get((tc.path, tc.call))
 
     def judge(self, name: str, flax_value, torch_value, *, grad: bool, tc: TorchCall | None, probe_value,
-              layout: str = "as_is", axis: int | str | None = "auto") -> Comparison:
+              layout: str = "as_is", axis: int | str | None = "auto", own: tuple | None = None) -> Comparison:
         """One tensor of a row (Flax value in Flax layout, torch's in torch layout); a shape
-        mismatch raises ValueError (the caller reports it)."""
+        mismatch raises ValueError (the caller reports it). own: (the twin's value as declared,
+        the same layer truly in float64), Flax layout: its own rounding noise (parity.judge)."""
         table = self.grad if grad else self.forward
         if self.ref_tol is not None and probe_value is not None:
             effective = (tc.lower_precision or None) if tc is not None else None
@@ -160,8 +161,10 @@ class RowJudge:
                 effective = "float32"
             rule = measured(self.ref_tol, self.dtype, probe_dtype=self.probe_dtype, effective=effective)
             try:
+                mine = {} if own is None else dict(flax_probe=to_torch_layout(np.asarray(own[0]), layout),
+                                                    flax_reference=to_torch_layout(np.asarray(own[1]), layout))
                 return judge(name, flax_value, torch_value, rule, layout=layout, reference=torch_value,
-                             probe=probe_value, axis=axis)
+                             probe=probe_value, axis=axis, **mine)
             except NoEvidence:
                 pass
         return judge(name, flax_value, torch_value, table, layout=layout)
@@ -336,7 +339,8 @@ def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, s
 
 def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: Mapping[str, np.ndarray],
                     layouts: Mapping[str, str], rows: RowJudge, *, grad: bool, tc: TorchCall,
-                    probe_vals: Mapping[str, np.ndarray] | None) -> Comparison | None:
+                    probe_vals: Mapping[str, np.ndarray] | None,
+                    own: tuple[Mapping, Mapping] | None = None) -> Comparison | None:
     """Worst comparison over torch's leaves (by path); a structural difference fails, except extra
     Flax leaves: torch layers return None for optional outputs that their Flax twins always return
     (HF attention's weights: torch ``(h, None)``, Flax ``(h, weights)``), and a None is no leaf."""
@@ -350,7 +354,8 @@ def _compare_leaves(name: str, flax_vals: Mapping[str, np.ndarray], torch_vals: 
         leaf_name = name if len(torch_vals) == 1 else f"{name} {p}"
         try:
             comps.append(rows.judge(leaf_name, flax_vals[p], torch_vals[p], grad=grad, tc=tc, layout=layouts[p],
-                                    probe_value=(probe_vals or {}).get(p)))
+                                    probe_value=(probe_vals or {}).get(p),
+                                    own=None if own is None or p not in own[1] else (own[0][p], own[1][p])))
         except ValueError as exc:
             comps.append(failed_comparison(leaf_name, str(exc), table))
     return worst_of(comps)
@@ -381,23 +386,28 @@ class IsolatedLayer:
     in_layouts: dict[str, _InputLayout]  # by Flax input name
     torch_names: dict[str, str]  # Flax input name -> torch input name
     out_map: dict[str, str]  # Flax output path -> torch output path
+    # remake(computing=(dtype, checked)) -> the layer cloned to compute in dtype (None: no clone
+    # differs), for the twin's own noise (FlaxTwin.layer_fn)
+    remake: Callable[..., Callable | None] | None = None
 
     @property
     def floats(self) -> list[jax.Array]:
         """The float inputs in Flax layout, ``float_names`` order: the second argument of forward."""
         return [self.inputs[n] for n in self.float_names]
 
-    def forward(self, params: Mapping, floats: Sequence[jax.Array]) -> dict[str, jax.Array]:
+    def forward(self, params: Mapping, floats: Sequence[jax.Array], fn: Callable | None = None) -> dict[str, jax.Array]:
         """The layer's outputs by Flax output path (parity.runtime.flatten), Flax layout, for
-        ``params`` and ``floats`` (Flax layout) in place of the captured ones."""
-        return flatten(self.fn(params, {**self.inputs, **dict(zip(self.float_names, floats))}))
+        ``params`` and ``floats`` (Flax layout) in place of the captured ones (``fn``: another
+        build of the layer, e.g. computing in float64)."""
+        return flatten((fn or self.fn)(params, {**self.inputs, **dict(zip(self.float_names, floats))}))
 
-    def fwd_bwd(self, params: Mapping, floats: Sequence[jax.Array], cots: Mapping[str, jax.Array] | None):
+    def fwd_bwd(self, params: Mapping, floats: Sequence[jax.Array], cots: Mapping[str, jax.Array] | None,
+                fn: Callable | None = None):
         """(outputs as ``forward``, (param grads tree, [input grads, Flax layout, like floats]) from
         the VJP with ``cots`` (Flax layout, by Flax output path; outputs without one get zero));
         the gradients are None when ``cots`` is None or does not fit the outputs' shapes (the
         forward comparison then says why)."""
-        out, vjp = jax.vjp(self.forward, params, floats)
+        out, vjp = jax.vjp(lambda p, f: self.forward(p, f, fn), params, floats)
         if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
             return out, None
         ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
@@ -407,18 +417,20 @@ class IsolatedLayer:
 
     def release(self) -> None:
         """Drop the arrays once judged (the analysis streams: run, judge, free)."""
-        self.inputs, self.cots, self.params = {}, None, {}
+        self.inputs, self.cots, self.params, self.remake = {}, None, {}, None
 
     def check(self, out: Mapping[str, np.ndarray], rows: "RowJudge | Tolerance",
-              probe: TorchCall | None = None) -> Comparison | None:
+              probe: TorchCall | None = None, own: Mapping[str, np.ndarray] | None = None) -> Comparison | None:
         """``out`` (by Flax output path, Flax layout, as ``forward`` returns) against torch's
         outputs of this call, leaf by leaf in the resolved layouts; None when no leaf has one.
         rows: the check's RowJudge (probe: the probe run's same call), or a Tolerance (the table)."""
         if isinstance(rows, Tolerance):
             rows = RowJudge(Table(rows), Table(rows))
-        return _compare_leaves(self.row.name, {self.out_map.get(p, p): np.asarray(o) for p, o in out.items()},
-                               self.torch_call.output_values, self.out_layouts, rows, grad=False, tc=self.torch_call,
-                               probe_vals=probe.output_values if probe else None)
+        by_torch = {self.out_map.get(p, p): np.asarray(o) for p, o in out.items()}
+        own_vals = None if own is None else (by_torch, {self.out_map.get(p, p): np.asarray(o) for p, o in own.items()})
+        return _compare_leaves(self.row.name, by_torch, self.torch_call.output_values, self.out_layouts, rows,
+                               grad=False, tc=self.torch_call, probe_vals=probe.output_values if probe else None,
+                               own=own_vals)
 
 
 @dataclass
@@ -725,6 +737,16 @@ def analyze_layers(
     jobs = [pc.layer for pc in paired if pc.layer is not None]
     say(f"per-layer: {len(jobs)} layers alone on torch's inputs")
     totals = _ParamGradTotals(t_calls)
+
+    def judge_job(job: IsolatedLayer, result, total) -> None:
+        notes = len(job.row.notes)
+        _judge(job, result, plan, zero_params, param_grads, tied, rows, total)
+        own = _own_run(job, rows) if not job.row.ok else None
+        if own is not None:  # judged again, the twin's own rounding noise measured
+            del job.row.notes[notes:]
+            own_total = own[1][0] if own[1] is not None and total is not None and totals.calls[
+                job.torch_call.path] == 1 else None
+            _judge(job, result, plan, zero_params, param_grads, tied, rows, total, own, own_total)
     waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
     # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
     # gradients are held together, and a parameter's gradient once per module that holds it
@@ -739,14 +761,14 @@ def analyze_layers(
                 waiting[path] = (job, result)
             else:
                 if not isinstance(result, Exception):
-                    _judge(job, result, plan, zero_params, param_grads, tied, rows, None)
+                    judge_job(job, result, None)
                 job.release()
             if complete and path in waiting:  # torch's gradient sums every call: judged once all ran
                 first, first_result = waiting.pop(path)
-                _judge(first, first_result, plan, zero_params, param_grads, tied, rows, totals.pop(path))
+                judge_job(first, first_result, totals.pop(path))
                 first.release()
     for job, result in waiting.values():  # some call of the module did not run alone
-        _judge(job, result, plan, zero_params, param_grads, tied, rows, None)
+        judge_job(job, result, None)
         job.release()
     _mark_boundaries(paired, judge_inputs,
                      lambda offsets: forward_backward(twin, variables, f_run.args, None, capture=True, offsets=offsets))
@@ -883,6 +905,27 @@ class _ParamGradTotals:
         return self.sums.pop(path, None)
 
 
+def _own_run(job: IsolatedLayer, rows: RowJudge):
+    """The layer alone, on the same inputs, cloned to compute truly in float64, or None.
+
+    Where the twin computes in float32 inside the float64 rows' run (an HF module's dtype=float32
+    field: RowJudge.all_float32), a row's error is the twin's float32 rounding, judged against
+    torch's float32 probe. XLA and ATen round differently (BERT-base's value-projection gradients:
+    50-130 eps against 6-16), so a row of a correct twin can exceed k x torch's noise: the twin's
+    own noise counts, as it does for the model's tensors (parity.judge). Run only for a row that
+    fails without it: own noise only ever widens the bound.
+    """
+    if rows.ref_tol is None or not rows.all_float32 or rows.dtype != "float64" or job.remake is None:
+        return None
+    fn = job.remake(computing=("float64", rows.probe_dtype))
+    if fn is None:
+        return None
+    try:
+        return to_host(jax.jit(lambda x: job.fwd_bwd(*x, fn=fn))((job.params, job.floats, job.cots)))
+    except Exception:  # noqa: BLE001 - the float64 clone cannot run alone: the row stands as judged
+        return None
+
+
 def _job_bytes(job: IsolatedLayer) -> int:
     """What running ``job`` holds: its parameters, inputs and cotangents, and as much again for the
     parameter and input gradients and the outputs they come with."""
@@ -965,7 +1008,8 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
         cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
                 for p, g in t_g.items()}
     return IsolatedLayer(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
-                         out_layouts, in_layouts, names, out_map)
+                         out_layouts, in_layouts, names, out_map,
+                         remake=lambda computing: twin.layer_fn(fc, sub, computing=computing))
 
 
 def _run_jobs(jobs: list[IsolatedLayer]) -> list:
@@ -990,18 +1034,22 @@ def _run_jobs(jobs: list[IsolatedLayer]) -> list:
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], rows: RowJudge, total) -> None:
+           tied: Mapping[str, str], rows: RowJudge, total, own=None, own_total=None) -> None:
     """Judge ``job``'s isolated outputs and input gradients; with call 0 of a module, its parameter
-    gradients as ``total`` (the sum over every call, _ParamGradTotals; None: not judged per layer)."""
+    gradients as ``total`` (the sum over every call, _ParamGradTotals; None: not judged per layer).
+    own / own_total: the same layer's run (and total) truly in float64 (``_own_run``), whose
+    distance to ``result`` is the twin's own rounding noise."""
     row, tc = job.row, job.torch_call
     probe = rows.probe_call(tc)
     out, grads = result
-    row.isolated = job.check(out, rows, probe)
+    own_out, own_grads = own if own is not None else (None, None)
+    row.isolated = job.check(out, rows, probe, own=own_out)
     if grads is None:
         return
     p_grads, in_grads = grads
+    own_in = own_grads[1] if own_grads is not None else [None] * len(in_grads)
     comps = []
-    for fn, g in zip(job.float_names, in_grads):
+    for fn, g, og in zip(job.float_names, in_grads, own_in):
         tn = job.torch_names[fn]
         t = tc.input_grads.get(tn)
         if t is not None:
@@ -1011,9 +1059,11 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
             try:
                 # converted to torch layout here (a flattened Linear input is permuted, not
                 # transposed), so the judge's layout only names the slice axis
-                comps.append(rows.judge(name, lay.to_torch(np.asarray(g), name), t, grad=True, tc=tc,
+                g_t = lay.to_torch(np.asarray(g), name)
+                comps.append(rows.judge(name, g_t, t, grad=True, tc=tc,
                                         probe_value=probe.input_grads.get(tn) if probe else None,
-                                        axis=slice_axis(lay.layout, np.ndim(t)) if axis == "auto" else None))
+                                        axis=slice_axis(lay.layout, np.ndim(t)) if axis == "auto" else None,
+                                        own=None if og is None else (g_t, lay.to_torch(np.asarray(og), name))))
             except ValueError as exc:
                 comps.append(failed_comparison(name, str(exc), rows.grad))
     if job.params and tc.call == 0:
@@ -1024,19 +1074,15 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, zero_params, t_param_grad
                              "run alone (torch's gradient sums every call); judged whole-model")
         else:
             comps.extend(_param_grad_comps(row, total, job.flax_path, plan, zero_params, t_param_grads, tied,
-                                           rows, tc))
+                                           rows, tc, own_total))
     row.grad_isolated = worst_of([c for c in comps if c is not None])
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params,
                       t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
-                      rows: RowJudge, tc: TorchCall | None = None) -> list[Comparison]:
-    # Put the subtree's gradients into a zero tree of the whole model so the port's own
-    # flax -> torch mapping (kernel transposes, flips, flatten permutations) names and lays them out.
-    flat = traverse_util.flatten_dict(zero_params)
-    for k, v in traverse_util.flatten_dict(dict(p_grads)).items():
-        flat[(*fpath, *k)] = np.asarray(v)
-    named = plan.to_torch({"params": traverse_util.unflatten_dict(flat)}, collections=("params",))
+                      rows: RowJudge, tc: TorchCall | None = None, own_grads=None) -> list[Comparison]:
+    named = _named_grads(p_grads, fpath, plan, zero_params)
+    own_named = _named_grads(own_grads, fpath, plan, zero_params) if own_grads is not None else {}
     prefix = f"{row.torch_path}." if row.torch_path else ""
     shared = set(tied) | set(tied.values())
     out = []
@@ -1050,5 +1096,16 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan, zero_params
                              "its gradient is judged whole-model")
             continue
         out.append(rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=tc,
-                              probe_value=rows.probe_params.get(name), axis=0))
+                              probe_value=rows.probe_params.get(name), axis=0,
+                              own=(value, own_named[name]) if name in own_named else None))
     return out
+
+
+def _named_grads(p_grads, fpath, plan: PortPlan, zero_params) -> dict[str, np.ndarray]:
+    """A layer's parameter gradients (its subtree) by torch name, in torch layout: put into a zero
+    tree of the whole model so the port's own flax -> torch mapping (kernel transposes, flips,
+    flatten permutations) names and lays them out."""
+    flat = traverse_util.flatten_dict(zero_params)
+    for k, v in traverse_util.flatten_dict(dict(p_grads)).items():
+        flat[(*fpath, *k)] = np.asarray(v)
+    return plan.to_torch({"params": traverse_util.unflatten_dict(flat)}, collections=("params",))

@@ -77,3 +77,21 @@ def test_the_twins_float64_run_is_float64_throughout():
     # a twin declared below the checked dtype keeps it: computing in bfloat16 must show
     low = prepare(TorchLinear(), FC(dtype=jnp.bfloat16), X, CheckOptions(input_layout="as_is"))
     assert low.twin_in("float64").module.dtype == jnp.bfloat16
+
+
+def test_a_layer_row_counts_the_twins_own_noise_too():
+    # The rows run in float64 with the twin as declared: ShiftedDense(dtype=float32) computes its
+    # layer in float32 there (RowJudge.all_float32). Judged on torch's float32 noise alone the
+    # layer's isolated row FAILed on a correct twin (BERT-base's pooler and diffusers' ControlNet
+    # mid-block rows, the same rounding difference); its own noise (the layer cloned to float64,
+    # run alone on the same inputs) counts, as it does for the model's tensors.
+    r = parity.check(TorchLinear(), FC(), X, input_layout="as_is", lint=False)
+    assert r.verdict == "PASS", str(r)
+    row = next(row for row in r.layers if row.torch_path == "fc")
+    assert row.isolated is not None and row.isolated.ok
+    assert "within the twin's own rounding noise only" in row.isolated.note, row.isolated.note
+
+
+def test_a_layer_row_with_a_real_error_still_fails_and_is_located():
+    r = parity.check(TorchLinear(), FC(error=1e-4), X, input_layout="as_is", lint=False)
+    assert r.verdict == "FAIL" and r.first_divergence == "fc", str(r)

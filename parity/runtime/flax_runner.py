@@ -13,7 +13,7 @@ import contextlib
 import copy
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import flax.linen as nn
@@ -164,6 +164,26 @@ def _recording_class(cls: type) -> type:
     return _RECORDING_CLASSES[cls]
 
 
+def _module_computing_in(module, dtype: str, checked: str):
+    """A Linen module computing in ``dtype`` where it was built for the ``checked`` dtype: a
+    ``dtype`` / ``param_dtype`` field equal to ``checked`` (HF's Flax modules say dtype=float32 by
+    default and hand it to their submodules) is cloned with ``dtype``, so a float64 run is float64
+    throughout (cast variables alone would be computed in float32 again by every Dense). A field
+    holding another dtype is kept: a twin that computes below the checked dtype must show it in
+    every run. The module itself when nothing changes (or it cannot be cloned)."""
+    if dtype == checked or not hasattr(module, "clone"):
+        return module
+    updates = {}
+    for name in ("dtype", "param_dtype"):
+        value = getattr(module, name, None)
+        try:
+            if value is not None and jnp.dtype(value) == jnp.dtype(checked):
+                updates[name] = jnp.dtype(dtype).type
+        except TypeError:  # not a dtype (a field of the same name meaning something else)
+            continue
+    return module.clone(**updates) if updates else module
+
+
 class FlaxTwin:
     """A Flax twin (Linen Module or nnx.Module) as one pure function of linen-style variables.
 
@@ -196,27 +216,16 @@ class FlaxTwin:
                 "pass train_kwarg= (CLI --train-kwarg) naming the one it uses, or run in eval mode")
 
     def computing_in(self, dtype: str, checked: str) -> FlaxTwin:
-        """This twin computing in ``dtype`` where it was built for the ``checked`` dtype. A Linen
-        module whose ``dtype`` / ``param_dtype`` field is ``checked`` (HF's Flax modules say
-        dtype=float32 by default) is cloned with ``dtype`` there, so its float64 run is float64
-        throughout (cast variables alone would be computed in float32 again by every Dense). A
-        field holding another dtype is kept: a twin that computes below the checked dtype must
-        show it in every run. parity.check (PreparedPair.twin_in) and parity.verify both call this."""
-        m = self.module
-        if dtype == checked or self.nnx or not hasattr(m, "clone"):
+        """This twin computing in ``dtype`` where it was built for the ``checked`` dtype
+        (``_module_computing_in``, on the top module). parity.check (PreparedPair.twin_in) and
+        parity.verify both call this."""
+        if self.nnx:
             return self
-        updates = {}
-        for name in ("dtype", "param_dtype"):
-            value = getattr(m, name, None)
-            try:
-                if value is not None and jnp.dtype(value) == jnp.dtype(checked):
-                    updates[name] = jnp.dtype(dtype).type
-            except TypeError:  # not a dtype (a field of the same name meaning something else)
-                continue
-        if not updates:
+        module = _module_computing_in(self.module, dtype, checked)
+        if module is self.module:
             return self
         twin = copy.copy(self)
-        twin.module = m.clone(**updates)
+        twin.module = module
         return twin
 
     # --- variables -------------------------------------------------------------------------------
@@ -270,9 +279,19 @@ class FlaxTwin:
         return out, (nnx_variables(model) if self.train else variables)
 
     # --- one layer alone ----------------------------------------------------------------------
-    def layer_fn(self, fc: FlaxCall, sub_variables: Mapping) -> Callable:
+    def layer_fn(self, fc: FlaxCall, sub_variables: Mapping, *,
+                 computing: tuple[str, str] | None = None) -> Callable | None:
         """run(params, arrays) -> output of the recorded submodule alone, with ``arrays`` (by
-        FlaxCall.input_names) in place of the recorded array arguments."""
+        FlaxCall.input_names) in place of the recorded array arguments. computing=(dtype,
+        checked): the submodule cloned to compute in ``dtype`` (Linen; None for NNX or where
+        nothing changes), as ``computing_in`` does the whole twin."""
+        if computing is not None:
+            if self.nnx:
+                return None
+            module = _module_computing_in(fc.module, *computing)
+            if module is fc.module:
+                return None
+            fc = replace(fc, module=module)
         rest = {k: v for k, v in sub_variables.items() if k != "params"}
 
         def fill(arrays: Mapping):
