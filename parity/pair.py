@@ -11,13 +11,14 @@ import copy
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from parity.options import Options
 from parity.runtime import (FlaxTwin, TorchRun, as_args, flax_inputs, input_layouts, run_torch, torch_inputs,
                             train_mode_matters)
 from parity.runtime.layouts import LayoutSpec
@@ -51,9 +52,12 @@ def devices(device: str | None) -> tuple[str, object]:
 
 
 @dataclass(frozen=True)
-class CheckOptions:
+class CheckOptions(Options):
     """What ``parity.check`` runs and how it judges (the fields are check()'s keywords; see its
-    docstring). Frozen: one value travels from the CLI or the caller to every consumer."""
+    docstring). Frozen: one value travels from the CLI or the caller to every consumer;
+    ``CheckOptions.of(options, **keywords)`` merges keywords into it (parity.options)."""
+
+    what = "check option"
 
     dtype: str = "float32"
     grads: bool = True
@@ -94,16 +98,6 @@ class CheckOptions:
     def override(self) -> bool:
         """The caller's rtol/atol decide instead of the measured noise (torch.testing semantics)."""
         return self.rtol is not None or self.atol is not None
-
-    @classmethod
-    def of(cls, options: CheckOptions | None, **overrides) -> CheckOptions:
-        """``options`` (default: the defaults) with keyword ``overrides``; an unknown keyword is a
-        TypeError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown check option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return replace(options or cls(), **overrides) if overrides else (options or cls())
 
 
 @dataclass

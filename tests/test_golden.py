@@ -123,6 +123,29 @@ def test_twin_with_a_code_bug_exits_1_from_the_cli(tmp_path, mlp_bundle):
     assert "FAIL" in proc.stdout and "first divergence: <root>" in proc.stdout
 
 
+def test_verify_takes_its_options_as_one_value(mlp_bundle):
+    """parity.verify(path, twin, VerifyOptions(...)): the options travel as one frozen value (the
+    CLI builds it once); keyword fields are still accepted and win over it."""
+    from parity.golden import VerifyOptions
+    from parity.sharding import ShardingError, ShardOptions
+
+    twin = _twin("mlp")
+    no_rows = VerifyOptions(layers=False, logits=["out"])
+    assert no_rows.logits == ("out",)  # a list of leaves is kept as a tuple: the value stays hashable
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        no_rows.layers = True
+    plain = parity.verify(mlp_bundle, twin, no_rows)
+    assert plain.verdict == "PASS" and plain.layers == [] and [m.path for m in plain.logits] == ["out"]
+    rows = parity.verify(mlp_bundle, twin, no_rows, layers=True, logits=())  # the keywords win
+    assert rows.layers and rows.logits == []
+    with pytest.raises(TypeError, match="unknown verify option.*layer_rows.*known: .*layers"):
+        parity.verify(mlp_bundle, twin, layer_rows=False)
+    with pytest.raises(TypeError, match="options must be a VerifyOptions"):
+        parity.verify(mlp_bundle, twin, {"layers": False})
+    with pytest.raises(ShardingError, match="needs mesh="):  # it was ignored: an unsharded run
+        parity.verify(mlp_bundle, twin, shard=ShardOptions(style="tp"))
+
+
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
 

@@ -67,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
             from parity.sharding import join
 
             join(args.coordinator, args.num_processes, args.process_id)
-        shard = _sharding(args)
+        shard = _sharding(args)  # first: it asks for the mesh's CPU devices before JAX initialises
         flax_model, train_kwarg = _twin(args)
-        layout = parse_layout(args.layout, "--layout")
+        from parity.golden import VerifyOptions, verify
+
+        options = VerifyOptions(input_layout=parse_layout(args.layout, "--layout"), layers=not args.no_layers,
+                                train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
+                                mesh=args.mesh, shard=shard)
     except (SetupError, UsageError, KeyError) as exc:
         return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
-    from parity.golden import verify
 
     start = time.perf_counter()
 
@@ -81,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"verify {args.bundle}: {msg} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     try:
-        report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
-                        train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
-                        progress=say, mesh=args.mesh, shard=shard)
+        report = verify(args.bundle, flax_model, options, progress=say)
     except UsageError as exc:
         return fail(str(exc))
     if args.process_id:  # one report: process 0's (every process computed the same one)

@@ -19,11 +19,12 @@ import numpy as np
 
 from parity._logits import judge_logits, logit_paths
 from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
+from parity.options import Options
 from parity.judge import Table, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.report import Report, fill_model_tensors
 from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
-from parity.runtime.layouts import declared, output_layouts
+from parity.runtime.layouts import LayoutSpec, declared, output_layouts
 from parity.sharding import Placement, ShardingError, ShardOptions
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port import Inputs, PortError, bind_keywords
@@ -138,35 +139,61 @@ def _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan
     return _FlaxSide(outs, tensors, dict(f.input_grads), named), f
 
 
-def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
-           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None,
-           mesh=None, shard: ShardOptions | None = None) -> Report:
+@dataclass(frozen=True)
+class VerifyOptions(Options):
+    """What ``parity.verify`` runs and how (the fields are verify()'s keywords; see its
+    docstring). Frozen: the CLI builds one, a caller may pass one and override fields by keyword
+    (``VerifyOptions.of``, parity.options). Torch-free, unlike parity.pair.CheckOptions beside
+    which it would otherwise sit: verify runs where torch is not installed."""
+
+    what = "verify option"
+
+    input_layout: LayoutSpec = None
+    layers: bool = True
+    train_kwarg: str | None = None
+    # Output leaves that are logits, as CheckOptions.logits (None infers, () declares none).
+    logits: str | tuple[str, ...] | None = None
+    mesh: object = None  # "data=2,model=4" or a jax.sharding.Mesh: a sharded verify
+    shard: ShardOptions | None = None  # the sharding style and the user's rules (with mesh only)
+
+    def __post_init__(self):
+        if self.logits is not None and not isinstance(self.logits, str):
+            object.__setattr__(self, "logits", tuple(self.logits))
+        if self.shard is not None and self.mesh is None:
+            raise ShardingError("shard= (a sharding style or rules) needs mesh=")
+
+
+def verify(path, flax_module, options: VerifyOptions | None = None, *, variables: Mapping | None = None,
+           progress: Callable[[str], None] | None = None, **option_fields) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
-    With ``mesh`` ("data=2,model=4" or a jax.sharding.Mesh) the twin's variables are ported
-    straight into their shardings (parity.sharding; ``shard`` picks the style and adds regex
-    rules), the inputs split over "data", and the same judging runs on the sharded run;
-    ShardingError (exit 2) for a mesh or a rule that cannot be used.
+
+    options: a VerifyOptions; its fields may also be given as keywords, which win
+    (``verify(path, twin, layers=False)``). The fields:
+
+    input_layout: the twin's input layouts where they differ from the torch side's inference
+    (as parity.check's). layers: the per-layer rows with the first divergence, when the bundle
+    has them. train_kwarg: the twin's train-mode keyword (as parity.check's). logits: the output
+    leaves that are logits, as parity.check's (default: inferred from a path ending in
+    ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision bundle,
+    exactly as parity.check applies them. mesh ("data=2,model=4" or a jax.sharding.Mesh): the
+    twin's variables are ported straight into their shardings (parity.sharding; ``shard``, a
+    ShardOptions, picks the style and adds regex rules), the inputs split over "data", and the
+    same judging runs on the sharded run; ShardingError (exit 2) for a mesh or a rule that cannot
+    be used, or ``shard`` without ``mesh``.
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
     twin runs forward and VJP with the recorded cotangents on the recorded inputs, and outputs,
-    input and parameter gradients and (when the bundle has them and ``layers``) the per-layer
-    rows with the first divergence are judged as parity.check judges them. input_layout: the
-    twin's input layouts where they differ from the torch side's inference (as parity.check's).
+    input and parameter gradients and the per-layer rows are judged as parity.check judges them.
     A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
-    logits: the output leaves that are logits, as parity.check's (default: inferred from a path
-    ending in ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision
-    bundle, exactly as parity.check applies them.
+    progress: called with short status lines.
     """
+    o = VerifyOptions.of(options, **option_fields)
     say = progress or (lambda msg: None)
-    placement = None if mesh is None else Placement(mesh, shard)
+    placement = None if o.mesh is None else Placement(o.mesh, o.shard)
     bundle = read_bundle(path)
-    m = bundle.manifest
-    dname = m["dtype"]
-    x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
+    x64 = jax.enable_x64(True) if bundle.manifest["dtype"] == "float64" else contextlib.nullcontext()
     with jax.default_matmul_precision("highest"), x64:
-        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say,
-                         placement)
-    return report
+        return _verify(bundle, flax_module, variables, o, say, placement)
 
 
 def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables, placement=None):
@@ -222,8 +249,7 @@ def _bind_keywords(flax_module, args: tuple, keywords: dict | None, run: Mapping
     return flax_module, args
 
 
-def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say,
-            placement: Placement | None = None) -> Report:
+def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, placement: Placement | None) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
     run = bundle.group("run.safetensors", "main")
@@ -231,11 +257,11 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     args = decode_tree(m["inputs"]["tree"], inputs)
     flax_module, args = _bind_keywords(flax_module, args, m["inputs"].get("keywords"), run)
     in_layouts = dict(m["inputs"]["layouts"])
-    if input_layout is not None:
-        in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
+    if o.input_layout is not None:
+        in_layouts.update(declared(o.input_layout, list(in_layouts), root="input", flag="--layout"))
     say("porting the bundle's weights")
     plan, variables, notes = _port(bundle, flax_module, args, in_layouts, variables, placement)
-    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg,
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=o.train_kwarg,
                     train_mode_matters=m.get("train_mode_matters", True))
     f_args = flax_inputs(args, in_layouts)
     if placement is not None:
@@ -251,7 +277,7 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     if to_t is None:
         raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
                           f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
-    logit_paths(m["outputs"]["paths"], logits)  # a declared path that names no output: stop before the runs
+    logit_paths(m["outputs"]["paths"], o.logits)  # a declared path that names no output: stop before the runs
     producers = m["outputs"].get("producer_layouts", {})
     out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: v.shape for p, v in main.outputs.items()},
                                  {to_t[p]: s for p, s in f_shapes.items()}, producers.get)
@@ -269,7 +295,7 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     lower = m.get("lower_precision", {})
     dropped = any(getattr(layer.rule, "dropped", ()) for layer in plan.layers)
     rows_calls, rows_flax, rows_vars, rows_pgrads, row_judge = None, None, None, None, None
-    with_layers = layers and m.get("layers") and "layers.safetensors" in m["files"]
+    with_layers = o.layers and m.get("layers") and "layers.safetensors" in m["files"]
     if dname == "float64":
         probe = _side(bundle, "probe")
         rule = measured(ref64, "float64", probe_dtype="float32", effective=lower.get("main") or None)
@@ -309,7 +335,7 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
     # before the rows: the root row takes the whole-model verdicts
     report.outputs, report.logits, logit_notes = judge_logits(
-        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
+        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, o.logits)
     report.warnings += logit_notes
     if with_layers:
         say("per-layer rows from the bundle")
@@ -348,4 +374,4 @@ def _fill(report: Report, main: _Side, flax: _FlaxSide, out_layouts, in_layouts,
                        tied=m["plan"].get("tied", {}), table_grad=tg)
 
 
-__all__ = ["verify"]
+__all__ = ["VerifyOptions", "verify"]
