@@ -6,7 +6,6 @@ plain sum would hide sign and permutation errors that cancel).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -24,8 +23,8 @@ from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, 
                              reduced_float32)
 from parity.pair import CheckOptions, PreparedPair, devices, prepare
 from parity.report import Report, fill_model_tensors
-from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, output_layouts,
-                            output_shapes, structure)
+from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, match_outputs,
+                            output_layouts, output_shapes, structure)
 from parity.runtime.layouts import model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
@@ -76,7 +75,7 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
         acts = ActivationLayouts(t.calls, model_input_ids(args, pair.in_layouts), t.aliases, layer_layouts)
     if pair.output_map is None:
         f_shapes = {p: s.shape for p, s in output_shapes(pair.twin, pair.variables, pair.flax_args).items()}
-        to_t = _align(list(f_shapes), list(t.outputs))
+        to_t = match_outputs(list(f_shapes), list(t.outputs))
         if to_t is None:
             err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                    f"{'{' + ', '.join(f_shapes) + '}'}")
@@ -122,21 +121,6 @@ def capture(torch_module: torch.nn.Module, flax_module, example_input, options: 
     say = progress or (lambda msg: None)
     pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say)
     return run_pair(pair, o, layers=o.layers, say=say)
-
-
-def _canonical(path: str) -> str:
-    # A field of a ModelOutput/dataclass (``out.logits``) and a dict key (``out['logits']``) are
-    # the same leaf to a user comparing a torch ModelOutput against a Flax dict.
-    return re.sub(r"\['([^']*)'\]", r".\1", path)
-
-
-def _align(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str] | None:
-    """{flax output path: torch output path}, or None when the two output structures differ."""
-    by_canon = {_canonical(p): p for p in torch_paths}
-    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
-    if None in out.values() or len(set(out.values())) != len(torch_paths):
-        return None
-    return out
 
 
 def _dtype_warnings(run: CapturedRun, dname: str, user_variables: bool) -> list[str]:

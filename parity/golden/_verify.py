@@ -9,7 +9,6 @@ parity.layers for the per-layer rows), into the same Report. Nothing here import
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +22,7 @@ from parity.options import Options
 from parity.judge import Table, judge_or_table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.report import Report, fill_model_tensors
-from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
+from parity.runtime import FlaxTwin, flax_inputs, forward_backward, match_outputs, output_shapes
 from parity.runtime.layouts import LayoutSpec, declared, output_layouts
 from parity.sharding import Placement, ShardingError, ShardOptions
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
@@ -95,19 +94,6 @@ def _side(bundle: Bundle, group: str) -> _Side | None:
         return None
     pick = lambda kind: {k.split("|", 1)[1]: v for k, v in g.items() if k.split("|", 1)[0] == kind}  # noqa: E731
     return _Side(pick("out"), pick("igrad"), pick("pgrad"))
-
-
-def _canonical(path: str) -> str:
-    # ``out.logits`` (a torch ModelOutput field) and ``out['logits']`` (a Flax dict key) are one leaf
-    return re.sub(r"\['([^']*)'\]", r".\1", path)
-
-
-def _align(flax_paths, torch_paths) -> dict[str, str] | None:
-    by_canon = {_canonical(p): p for p in torch_paths}
-    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
-    if None in out.values() or len(set(out.values())) != len(torch_paths):
-        return None
-    return out
 
 
 @dataclass
@@ -273,7 +259,7 @@ def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, place
     except Exception as exc:  # noqa: BLE001 -- a twin that cannot take the recorded inputs
         raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    to_t = _align(list(f_shapes), m["outputs"]["paths"])
+    to_t = match_outputs(list(f_shapes), m["outputs"]["paths"])
     if to_t is None:
         raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
                           f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
