@@ -245,7 +245,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: vit bert-tiny); writes check_cost.json/.md under --out")
     p.add_argument("--golden-cost", nargs="*", default=None, metavar="WORKLOAD",
                    help="peak RSS growth of parity record (torch side) and parity verify (torch-free), each in "
-                        "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-medium (default: "
+                        "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-8x1024, gpt2-medium (default: "
                         "gpt2-tiny); writes golden_cost.json/.md under --out")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")
