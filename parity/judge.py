@@ -39,12 +39,13 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from parity.tolerances import (EPS, FEW_ELEMENTS, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, TOLERANCES,
-                                Tolerance)
+from parity.tolerances import (EPS, FEW_ELEMENTS, FORWARD, GRAD, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE,
+                                TOLERANCES, Tolerance)
 from weight_port.layout import AS_IS, to_torch_layout
 from weight_port import to_numpy
 
@@ -288,6 +289,125 @@ def logit_rule(c: Comparison, m, dtype: str):
     return replace(c, ok=True, judge=LOGITS, note=note, inconclusive=False), replace(m, decided=True)
 
 
+# --- a model's tensors -------------------------------------------------------------------------------
+def _label(prefix: str, path: str, root: str, single: bool) -> str:
+    """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
+    return prefix if single else prefix + path[len(root):]
+
+
+class ModelJudge:
+    """Judges the model-level tensors of one check or verify (outputs, input gradients, parameter
+    gradients; keys ``out...``, ``input[...]``, ``param:<torch name>``), each by
+    ``judge_or_table``: parity.check's and parity.verify's one mechanism.
+
+    rule: the measured rule (None: the tables decide). refs / probes: the reference run's and the
+    probe run's values by key, torch layout (any Mapping: verify's read the bundle when asked).
+    own_noise(keys): the twin's own run in the other precision, (flax_probe, flax_reference) by
+    key, torch layout, for at least ``keys`` (None: every key), or None when it cannot run. It is
+    run at most once, and only when a tensor does not pass on torch's noise alone: the twin's own
+    noise only ever widens the bound (a pass without it is a pass with it), and that run is a
+    whole-model run in another precision (in float64: twice the model's bytes in variables and
+    as much again in gradients).
+    """
+
+    def __init__(self, rule: Rule | None, table_forward: Table, table_grad: Table, refs=None, probes=None,
+                 own_noise=None):
+        self.rule, self.table_forward, self.table_grad = rule, table_forward, table_grad
+        self.refs, self.probes = (refs, probes) if rule is not None else (None, None)
+        self.own_probe: dict = {}
+        self.own_ref: dict = {}
+        self._own_noise = own_noise if rule is not None else None
+
+    def _measurable(self, key: str) -> bool:
+        return self.refs is not None and key in self.refs and key in self.probes
+
+    def _run_own_noise(self, keys) -> None:
+        run, self._own_noise = self._own_noise, None
+        got = run(keys)
+        if got is not None:
+            self.own_probe, self.own_ref = got
+
+    def _judge(self, kind, key, name, flax_value, torch_value, layout, axis, probe) -> Comparison:
+        table = self.table_forward if kind == FORWARD else self.table_grad
+        if not self._measurable(key):
+            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
+        return judge_or_table(name, flax_value, torch_value, self.rule, table, layout=layout, reference=self.refs[key],
+                              probe=self.probes[key] if probe is None else probe,
+                              flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
+
+    def _own_noise_may_pass(self, c: Comparison) -> bool:
+        return not c.ok and c.judge == REFERENCE and self._own_noise is not None
+
+    def judge(self, kind: str, key: str, name: str, flax_value, torch_value, layout: str,
+              axis: int | str | None = "auto", probe=None) -> Comparison:
+        """One tensor now (``kind`` FORWARD or GRAD; Flax value in Flax layout, torch value in
+        torch layout); the twin's own noise is run for every key if this one needs it. probe:
+        another run of the same tensor whose error against the reference measures the noise
+        (torch layout; default: the probe's): the data-parallel rows' single-device run."""
+        c = self._judge(kind, key, name, flax_value, torch_value, layout, axis, probe)
+        if self._own_noise_may_pass(c):
+            self._run_own_noise(None)
+            c = self._judge(kind, key, name, flax_value, torch_value, layout, axis, probe)
+        return c
+
+    def fill(self, report, torch_side, flax_side, out_layouts: Mapping[str, str], in_layouts: Mapping[str, str], *,
+             frozen=frozenset(), tied: Mapping[str, str] | None = None, release=None) -> None:
+        """The report's outputs, input gradients and parameter gradients. torch_side / flax_side:
+        ``.outputs``, ``.input_grads`` by path and ``.param_grads`` by torch name (Flax's laid out
+        as torch's; Mappings). A frozen torch parameter (requires_grad=False: RoFormer's
+        sinusoidal table) has no gradient to compare; its Flax twin often computes it in code.
+
+        Two passes: every tensor on torch's noise first; then, when some failed there, the twin's
+        own noise is run once for those keys alone and they are judged again. release(key), when
+        given, is called as soon as a tensor's comparison is final (its reference, probe and own
+        values are dropped here; the caller drops its own): parity.verify frees what it has judged
+        before the twin's own-noise run needs the memory."""
+        tied = tied or {}
+        again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
+
+        def one(out: list, kind, key, name, flax_of, torch_of, layout, axis) -> None:
+            c = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
+            out.append(c)
+            if self._own_noise_may_pass(c):
+                again.append((out, len(out) - 1, key, (kind, key, name, flax_of, torch_of, layout, axis)))
+            else:
+                self._done(key, release)
+
+        report.outputs, report.input_grads, report.param_grads = [], [], []
+        single = len(torch_side.outputs) == 1
+        for p in list(torch_side.outputs):
+            one(report.outputs, FORWARD, p, _label("output", p, "out", single), lambda p=p: flax_side.outputs[p],
+                lambda p=p: torch_side.outputs[p], out_layouts[p], "auto")
+        single = len(torch_side.input_grads) == 1
+        for p in list(torch_side.input_grads):
+            one(report.input_grads, GRAD, p, _label("grad input", p, "input", single),
+                lambda p=p: flax_side.input_grads[p], lambda p=p: torch_side.input_grads[p], in_layouts[p], "auto")
+        for n in list(torch_side.param_grads):
+            if n in frozen:
+                continue
+            if n not in flax_side.param_grads:
+                report.param_grads.append(failed_comparison(
+                    f"grad {n}", "the port gives no Flax gradient for this torch parameter"
+                    + (f" (tied to {tied[n]})" if n in tied else ""), self.table_grad))
+                self._done(f"param:{n}", release)
+                continue
+            one(report.param_grads, GRAD, f"param:{n}", f"grad {n}", lambda n=n: flax_side.param_grads[n],
+                lambda n=n: torch_side.param_grads[n], AS_IS, 0)
+        if again and self._own_noise is not None:
+            self._run_own_noise([key for _, _, key, _ in again])
+        for out, i, key, (kind, key, name, flax_of, torch_of, layout, axis) in again:
+            out[i] = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
+            self._done(key, release)
+
+    def _done(self, key: str, release) -> None:
+        if release is None:  # kept: the data-parallel rows judge the same keys again
+            return
+        for d in (self.refs, self.probes, self.own_probe, self.own_ref):
+            if isinstance(d, dict):
+                d.pop(key, None)
+        release(key)
+
+
 @dataclass
 class _Stats:
     diff: np.ndarray  # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite
@@ -452,5 +572,5 @@ def _unslice(x2d: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarray:
     return np.moveaxis(x2d.reshape(moved), 0, axis)
 
 
-__all__ = ["Comparison", "LOGITS", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
+__all__ = ["Comparison", "LOGITS", "Measured", "ModelJudge", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
            "judge", "logit_rule", "measured", "slice_axis", "worst_of"]

@@ -116,7 +116,7 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
     """Run the checker's pair (``run``: parity.checker.CapturedRun) with the batch sharded over ``n``
     devices and compare: outputs, input and parameter gradients, and (train mode) the updated
     BatchNorm statistics, against torch and against the single-device Flax run. ``mj`` is the
-    check's parity.checker.ModelJudge: a sharded tensor is judged exactly as the report's own
+    check's parity.judge.ModelJudge: a sharded tensor is judged exactly as the report's own
     tensor of the same name (against torch), and against the single-device run by the same
     measured noise with the single-device Flax run as the probe."""
     mesh = data_mesh(n)
@@ -153,7 +153,7 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
             if n_ in named:
                 both(GRAD, f"param:{n_}", f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, axis=0)
     if run.twin.train and "batch_stats" in (sharded.new_variables or {}):
-        stats = Table(mj.ev.table_forward.tol)
+        stats = Table(mj.table_forward.tol)
         single = traverse_util.flatten_dict(dict(run.flax.new_variables["batch_stats"]))
         for path, v in traverse_util.flatten_dict(dict(sharded.new_variables["batch_stats"])).items():
             name = f"{tag} batch_stats {'/'.join(path)} vs 1 device"
