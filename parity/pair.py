@@ -38,14 +38,16 @@ def dtype_name(dtype) -> str:
 
 
 def devices(device: str | None) -> tuple[str, object]:
-    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU."""
+    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU. The JAX device
+    is this process's first (in a jax.distributed job jax.devices() lists every process's, and
+    process 0's are not this one's to run on)."""
     if device in (None, "cpu"):
-        return "cpu", jax.devices("cpu")[0]
+        return "cpu", jax.local_devices(backend="cpu")[0]
     if device in ("cuda", "gpu"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
         try:
-            return "cuda", jax.devices("gpu")[0]
+            return "cuda", jax.local_devices(backend="gpu")[0]
         except RuntimeError as exc:
             raise ValueError(f"device {device!r} requested but JAX has no GPU backend ({exc})") from None
     raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")

@@ -50,13 +50,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise SetupError("--processes needs --mesh (the mesh spans the processes' devices)")
     from parity.sharding import launch, mesh_devices
 
-    argv, skip = [], False
-    for a in args.argv:
-        if skip or a == "--processes" or a.startswith("--processes="):
-            skip = a == "--processes"
-            continue
-        argv.append(a)
-    return launch(argv, args.processes, mesh_devices(args.mesh))
+    return launch(args.argv, args.processes, mesh_devices(args.mesh))
 
 
 def run(args: argparse.Namespace) -> int:
