@@ -312,8 +312,9 @@ def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, place
         refs, probes = main.tensors, probe.tensors
 
         def own_noise(keys):  # the twin's float32 run against its float64 one (this run)
-            say("flax float32 run (its own rounding noise)")
+            say(f"flax float32 run (its own rounding noise) for {len(keys)} tensor(s)")
             own32 = run_twin(twin.computing_in("float32", dname), jnp.float32, keys)
+            say("judging them again with the twin's own noise")
             return own32, {k: flax_main.tensors[k] for k in own32 if k in flax_main.tensors}
     else:
         ref = _side(bundle, "ref")
@@ -324,13 +325,15 @@ def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, place
         report.reference = "float64"
 
         def own_noise(keys):  # this run against the twin's float64 run
-            say("flax float64 run (its own rounding noise)")
+            say(f"flax float64 run (its own rounding noise) for {len(keys)} tensor(s)")
             with jax.enable_x64(True):
                 # truly float64, as parity.check's: a Linen dtype=float32 field cloned (FlaxTwin.computing_in)
                 own64 = run_twin(twin.computing_in("float64", dname), jnp.float64, keys)
+            say("judging them again with the twin's own noise")
             return {k: flax_main.tensors[k] for k in own64 if k in flax_main.tensors}, own64
     # the one mechanism of parity.check: the twin's own noise run only for the tensors that do not
     # pass on torch's alone, and every tensor freed once judged (the bundle's are read when asked)
+    say("judging outputs and gradients on torch's noise")
     ModelJudge(rule, tf, tg, refs, probes, own_noise).fill(
         report, main, flax_main, out_layouts, in_layouts, frozen=set(m["plan"].get("frozen", ())),
         tied=m["plan"].get("tied", {}), release=flax_main.drop)
