@@ -637,8 +637,8 @@ def _model_judge(run: CapturedRun, ev: Evidence) -> ModelJudge:
     own run with the float32 probe's error, scaled. The twin's own noise (ev.flax_other) is run
     by the judge when a tensor first needs it, for every key (the data-parallel rows reuse it)."""
     refs = probes = None
-    if ev.model_rule is not None and ev.ref is not None:
-        refs, probes = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch), _tensors(run.torch)
+    if ev.model_rule is not None and ev.ref is not None:  # the probe: torch's own value (probes None)
+        refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
     elif ev.model_rule is not None:
         refs, probes = _tensors(run.torch), _tensors(ev.probe)
 

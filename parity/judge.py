@@ -235,7 +235,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
     if isinstance(rule, Measured):
         if reference is None or probe is None:
             raise NoEvidence(f"{name}: the measured-noise rule needs a reference and a probe")
-        ref, prb = _as_float64(reference), _as_float64(probe)
+        # a low-precision run's probe is torch's own value: one float64 copy of it, not two
+        ref, prb = _as_float64(reference), expected if probe is torch_value else _as_float64(probe)
         if ref.shape != expected.shape or prb.shape != expected.shape:
             raise NoEvidence(f"{name}: reference {ref.shape} / probe {prb.shape} do not match torch {expected.shape}")
         ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
@@ -301,7 +302,9 @@ class ModelJudge:
     ``judge_or_table``: parity.check's and parity.verify's one mechanism.
 
     rule: the measured rule (None: the tables decide). refs / probes: the reference run's and the
-    probe run's values by key, torch layout (any Mapping: verify's read the bundle when asked).
+    probe run's values by key, torch layout (any Mapping: verify's read the bundle when asked);
+    probes None: the probe is the judged torch value itself (a low-precision run against its
+    float64 reference: torch's own error is the noise).
     own_noise(keys): the twin's own run in the other precision, (flax_probe, flax_reference) by
     key, torch layout, for at least ``keys`` (None: every key), or None when it cannot run. It is
     run at most once, and only when a tensor does not pass on torch's noise alone: the twin's own
@@ -319,7 +322,7 @@ class ModelJudge:
         self._own_noise = own_noise if rule is not None else None
 
     def _measurable(self, key: str) -> bool:
-        return self.refs is not None and key in self.refs and key in self.probes
+        return self.refs is not None and key in self.refs and (self.probes is None or key in self.probes)
 
     def _run_own_noise(self, keys) -> None:
         run, self._own_noise = self._own_noise, None
@@ -332,7 +335,8 @@ class ModelJudge:
         if not self._measurable(key):
             return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
         return judge_or_table(name, flax_value, torch_value, self.rule, table, layout=layout, reference=self.refs[key],
-                              probe=self.probes[key] if probe is None else probe,
+                              probe=probe if probe is not None else (
+                                  torch_value if self.probes is None else self.probes[key]),
                               flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
 
     def _own_noise_may_pass(self, c: Comparison) -> bool:

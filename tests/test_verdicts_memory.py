@@ -20,17 +20,21 @@ RULE = j.measured(tolerance_for("float32", REFERENCE, "highest", "cpu"), "float3
 
 
 @pytest.mark.parametrize("axis", [0, 1, None])
-def test_judging_a_tensor_takes_few_float64_copies_of_it(axis):
+@pytest.mark.parametrize("own_probe", [False, True], ids=["probe-is-torch", "probe-apart"])
+def test_judging_a_tensor_takes_few_float64_copies_of_it(axis, own_probe):
+    # a low-precision run's probe is torch's own value (ModelJudge passes the same array): one
+    # float64 copy of it; a float64 run's probe is another run
+    probe = TORCH.copy() if own_probe else TORCH
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
     try:
-        c = j.judge("grad", FLAX, TORCH, RULE, reference=REF, probe=TORCH, axis=axis)
+        c = j.judge("grad", FLAX, TORCH, RULE, reference=REF, probe=probe, axis=axis)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert c.ok
-    # the flax, torch and probe values in float64, |flax - torch|, one temporary and masks; the
-    # masked copies of the general path made it 9.9 copies
-    assert peak <= 6.5 * REF.nbytes, peak / REF.nbytes
+    # the flax, torch (and probe) values in float64, |flax - torch|, one temporary and masks:
+    # 5.3 and 6.3 copies; the masked copies of the general path made it 9.9 either way
+    assert peak <= (6.5 if own_probe else 5.5) * REF.nbytes, peak / REF.nbytes
 
 
 def test_the_finite_path_gives_the_masked_paths_numbers():

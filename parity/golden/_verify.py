@@ -3,8 +3,10 @@
 The weights are ported by the state-dict path of weight_port (layer kinds read off the Flax twin,
 the torch side's call order and flatten order from the bundle), the twin runs forward and VJP
 with the recorded cotangents on the one Flax engine (parity.runtime), and every tensor is judged
-by parity.judge exactly as parity.check judges it (judge_or_table for outputs and gradients,
-parity.layers for the per-layer rows), into the same Report. Nothing here imports torch.
+by parity.judge exactly as parity.check judges it (parity.judge.ModelJudge for outputs and
+gradients, with the twin's own noise run only for the tensors that need it; parity.layers for the
+per-layer rows), into the same Report. The bundle's judged tensors are read when the judge asks
+and every tensor is freed once judged (docs/golden.md, "Memory"). Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -321,7 +323,7 @@ def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, place
         rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
         if lower.get("ref") or dropped:  # as parity.check: float32 parts or tables the twin computes
             rule = replace(rule, own_everywhere=True)
-        refs, probes = ref.tensors, main.tensors
+        refs, probes = ref.tensors, None  # the probe is torch's own run: the recorded value judged
         report.reference = "float64"
 
         def own_noise(keys):  # this run against the twin's float64 run
@@ -356,14 +358,14 @@ def _rows(bundle: Bundle, twin, variables, plan: PortPlan, f_args, cots, to_t, o
     """The per-layer rows from the bundle, in float64 (a float32 bundle's rows were recorded in
     float64, with a float32 probe run measuring their noise), as parity.check's."""
     m = bundle.manifest
-    t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
-    probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
-    if m["dtype"] == "float64":
+    if m["dtype"] == "float64":  # the run itself is the rows' run: its tables, its probe's gradients
+        where = ("highest", jax.default_backend())
         probe_pgrads = _side(bundle, "probe").param_grads
-        prec, platform = "highest", jax.default_backend()
-        t64f, t64g = (Table(tolerance_for("float64", k, prec, platform)) for k in (FORWARD, GRAD))
     else:
+        where = ()
         probe_pgrads = bundle.group("layers.safetensors", "probe_params")
+    t64f, t64g = (Table(tolerance_for("float64", kind, *where)) for kind in (FORWARD, GRAD))
+    probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
     row_judge = RowJudge(t64f, t64g, tolerance_for("float64", REFERENCE), "float32", probe_calls, probe_pgrads)
     with jax.enable_x64(True):
         f64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
