@@ -468,7 +468,7 @@ def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     numbers, in a third of the memory (a 50k-token vocabulary's embedding gradient is 400 MB in
     float64, and each of the general path's masked copies is as large again)."""
     none = np.zeros(actual.shape, dtype=bool)  # no infinity, no NaN (pages never written)
-    diff = np.subtract(actual, expected)
+    diff = np.asarray(actual - expected)  # an array also for 0-d values (a loss), then made |.| in place
     np.abs(diff, out=diff)
     ref_norm = float(np.linalg.norm(expected)) if expected.size else 0.0
     norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0

@@ -37,10 +37,13 @@ def test_judging_a_tensor_takes_few_float64_copies_of_it(axis, own_probe):
     assert peak <= (6.5 if own_probe else 5.5) * REF.nbytes, peak / REF.nbytes
 
 
-def test_the_finite_path_gives_the_masked_paths_numbers():
+@pytest.mark.parametrize("shape", [(2048, 512), ()], ids=["matrix", "scalar"])  # a loss is 0-d
+def test_the_finite_path_gives_the_masked_paths_numbers(shape):
     a, e = FLAX.astype(np.float64), TORCH.astype(np.float64)
     e[3, :7] = 0.0  # zeros in torch's values: their relative error is inf or 0
     a[3, :3] = 0.0
+    if not shape:
+        a, e = np.asarray(a[0, 0]), np.asarray(e[0, 0])
     lean, full = j._finite_statistics(a, e), j._masked_statistics(a, e)
     for f in dataclasses.fields(lean):
         x, y = getattr(lean, f.name), getattr(full, f.name)
