@@ -2,8 +2,8 @@
 
 Public API: check, assert_parity, record and verify (golden bundles: parity.golden), Report,
 Comparison and judge (the one judge), LogitMetrics (Report.logits), the prepared pair (prepare,
-PreparedPair, CheckOptions), registry helpers, and the execution engine (parity.runtime: FlaxTwin,
-layouts). Heavy imports are lazy: ``import parity`` loads no framework until a name is used.
+PreparedPair, CheckOptions), VerifyOptions, registry helpers, and the execution engine
+(parity.runtime: FlaxTwin, layouts). Heavy imports are lazy: ``import parity`` loads no framework until a name is used.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ _LAZY = {
     "numerics_env": "parity.numerics",
     "record": "parity.golden",
     "verify": "parity.golden",
+    "VerifyOptions": "parity.golden",
     "BundleError": "parity.golden",
 }
 

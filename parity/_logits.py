@@ -20,7 +20,6 @@ parity.tolerances); this module only measures.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from parity.errors import UsageError
 from parity.judge import Comparison, logit_rule
+from parity.runtime.tree import canonical_path
 from parity.tolerances import LOGIT_RULE
 
 TOP_K = 5  # the default k of the top-k overlap (HF / MaxText logit checkers report top-5)
@@ -58,11 +58,6 @@ class LogitMetrics:
                 f"(at {list(self.worst_position)}) mean {self.kl_mean:.3e} over {self.positions} positions")
 
 
-def _canonical(path: str) -> str:
-    # ``out.logits`` (a ModelOutput field) and ``out['logits']`` (a dict key) are one leaf
-    return re.sub(r"\['([^']*)'\]", r".\1", path)
-
-
 def logit_paths(paths: list[str], declared=None) -> list[str]:
     """The output paths (parity's: ``out``, ``out.logits``, ``out[0]``) that are logits.
 
@@ -71,12 +66,12 @@ def logit_paths(paths: list[str], declared=None) -> list[str]:
     root (``logits``, ``[0]``); ``()`` for none. A declared path that names no output is a
     UsageError listing the outputs (check and verify ask before their runs)."""
     if declared is None:
-        return [p for p in paths if _canonical(p).lower().endswith("logits")]
+        return [p for p in paths if canonical_path(p).lower().endswith("logits")]
     wanted = [declared] if isinstance(declared, str) else list(declared)
-    canon = {_canonical(p): p for p in paths}
+    canon = {canonical_path(p): p for p in paths}
     out = []
     for w in wanted:
-        c = _canonical(w)
+        c = canonical_path(w)
         hit = canon.get(c) or canon.get(f"out.{c}") or canon.get(f"out{c}")
         if hit is None:
             raise UsageError(f"logits={w!r} names no output; the outputs are {', '.join(paths)}")

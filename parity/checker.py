@@ -6,7 +6,6 @@ plain sum would hide sign and permutation errors that cancel).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -17,15 +16,15 @@ import numpy as np
 import torch
 
 from parity._logits import judge_logits, logit_paths
-from parity.judge import Comparison, Table, failed_comparison, judge_or_table, measured, worst_of
+from parity.judge import ModelJudge, Table, failed_comparison, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
                              reduced_float32)
 from parity.pair import CheckOptions, PreparedPair, devices, prepare
-from parity.report import Report, fill_model_tensors
-from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, output_layouts,
-                            output_shapes, structure)
+from parity.report import Report
+from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, match_outputs,
+                            output_layouts, output_shapes, structure)
 from parity.runtime.layouts import model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
@@ -76,7 +75,7 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
         acts = ActivationLayouts(t.calls, model_input_ids(args, pair.in_layouts), t.aliases, layer_layouts)
     if pair.output_map is None:
         f_shapes = {p: s.shape for p, s in output_shapes(pair.twin, pair.variables, pair.flax_args).items()}
-        to_t = _align(list(f_shapes), list(t.outputs))
+        to_t = match_outputs(list(f_shapes), list(t.outputs))
         if to_t is None:
             err = (f"output structures differ: torch {structure(t.raw_outputs)} vs Flax "
                    f"{'{' + ', '.join(f_shapes) + '}'}")
@@ -122,21 +121,6 @@ def capture(torch_module: torch.nn.Module, flax_module, example_input, options: 
     say = progress or (lambda msg: None)
     pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say)
     return run_pair(pair, o, layers=o.layers, say=say)
-
-
-def _canonical(path: str) -> str:
-    # A field of a ModelOutput/dataclass (``out.logits``) and a dict key (``out['logits']``) are
-    # the same leaf to a user comparing a torch ModelOutput against a Flax dict.
-    return re.sub(r"\['([^']*)'\]", r".\1", path)
-
-
-def _align(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str] | None:
-    """{flax output path: torch output path}, or None when the two output structures differ."""
-    by_canon = {_canonical(p): p for p in torch_paths}
-    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
-    if None in out.values() or len(set(out.values())) != len(torch_paths):
-        return None
-    return out
 
 
 def _dtype_warnings(run: CapturedRun, dname: str, user_variables: bool) -> list[str]:
@@ -383,8 +367,11 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         with x64():
             run = ev.rows_run = run_pair(pair, o, layers=True, say=say, watch=dname == "float64")
     report.reference = "float64" if ev.ref is not None else None
-    mj = ModelJudge(run, ev)
-    mj.fill(report)
+    mj = _model_judge(run, ev)
+    mj.fill(report, run.torch, SimpleNamespace(outputs=run.flax.outputs, input_grads=run.flax.input_grads,
+                                               param_grads=run.f_p_grads), run.out_layouts, run.in_layouts,
+            frozen={n for n, p in run.torch_module.named_parameters() if not p.requires_grad},
+            tied=getattr(run.plan, "tied", None) or {})
     _judge_logits(report, run, o)
     own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
     if own:
@@ -644,63 +631,26 @@ def _lower_warning(t: TorchRun, report: Report, what: str) -> str | None:
     return t.lower_precision
 
 
-class ModelJudge:
-    """Judges the model-level tensors of one check (outputs, input and parameter gradients), and
-    any other Flax value of the same tensor (the data-parallel run's), by the same rule."""
+def _model_judge(run: CapturedRun, ev: Evidence) -> ModelJudge:
+    """The check's ModelJudge (parity.judge; verify's is the same): a low-precision check judges
+    against the float64 run with torch's own error as the noise; a float64 check against torch's
+    own run with the float32 probe's error, scaled. The twin's own noise (ev.flax_other) is run
+    by the judge when a tensor first needs it, for every key (the data-parallel rows reuse it)."""
+    refs = probes = None
+    if ev.model_rule is not None and ev.ref is not None:  # the probe: torch's own value (probes None)
+        refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
+    elif ev.model_rule is not None:
+        refs, probes = _tensors(run.torch), _tensors(ev.probe)
 
-    def __init__(self, run: CapturedRun, ev: Evidence):
-        self.run, self.ev = run, ev
-        t = run.torch
-        self.own_probe = self.own_ref = {}
-        self._own_pending = ev.flax_other is not None and ev.model_rule is not None
-        if ev.model_rule is None:
-            self.refs = self.probes = None
-        elif ev.ref is not None:  # low precision: truth = float64 run, noise = torch's own error
-            self.refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
-            self.probes = _tensors(t)
-        else:  # float64: truth = torch's own run, noise = the float32 probe's error, scaled
-            self.refs, self.probes = _tensors(t), _tensors(ev.probe)
-
-    def _own_noise(self) -> None:
-        """The twin's own noise, once, when a tensor first needs it: low precision compares this
-        run against the twin's float64 run; float64 compares the twin's float32 run against this."""
-        self._own_pending = False
-        other = self.ev.flax_other()
+    def own_noise(keys):
+        other = ev.flax_other()
         if other is None:
-            return
-        if self.ev.ref is not None:
-            self.own_probe, self.own_ref = _flax_tensors(self.run), other
-        else:
-            self.own_probe, self.own_ref = other, _flax_tensors(self.run)
+            return None
+        # low precision: this run against the twin's float64 run; float64: its float32 run against this
+        return (_flax_tensors(run), other) if ev.ref is not None else (other, _flax_tensors(run))
 
-    def judge(self, kind: str, key: str, name: str, flax_value, torch_value, layout: str,
-              axis: int | str | None = "auto", probe=None) -> Comparison:
-        """``kind`` FORWARD or GRAD; ``key`` the tensor's key in _tensors (``out...``,
-        ``input[...]``, ``param:<name>``); Flax value in Flax layout. probe: another run of the
-        same tensor whose error against the reference measures the noise (torch layout; default:
-        the check's own probe)."""
-        table = self.ev.table_forward if kind == FORWARD else self.ev.table_grad
-        if self.refs is None or key not in self.refs or key not in self.probes:
-            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
-        c = self._measured(name, key, flax_value, torch_value, layout, axis, probe, table)
-        if not c.ok and self._own_pending:  # the twin's own noise, run now that a tensor needs it
-            self._own_noise()
-            c = self._measured(name, key, flax_value, torch_value, layout, axis, probe, table)
-        return c
-
-    def _measured(self, name, key, flax_value, torch_value, layout, axis, probe, table) -> Comparison:
-        return judge_or_table(name, flax_value, torch_value, self.ev.model_rule, table, layout=layout,
-                              reference=self.refs[key], probe=self.probes[key] if probe is None else probe,
-                              flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
-
-    def fill(self, report: Report) -> None:
-        run, t, f = self.run, self.run.torch, self.run.flax
-        flax_side = SimpleNamespace(outputs=f.outputs, input_grads=f.input_grads, param_grads=run.f_p_grads)
-        frozen = {n for n, p in run.torch_module.named_parameters() if not p.requires_grad}
-        fill_model_tensors(report, t, flax_side, run.out_layouts, run.in_layouts,
-                           lambda kind, key, name, fv, tv, layout, axis: self.judge(kind, key, name, fv, tv, layout,
-                                                                                    axis=axis),
-                           frozen=frozen, tied=getattr(run.plan, "tied", None) or {}, table_grad=self.ev.table_grad)
+    return ModelJudge(ev.model_rule, ev.table_forward, ev.table_grad, refs, probes,
+                      own_noise if ev.flax_other is not None else None)
 
 
 def _tensors(t: TorchRun) -> dict[str, np.ndarray]:

@@ -39,12 +39,13 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from parity.tolerances import (EPS, FEW_ELEMENTS, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE, TOLERANCES,
-                                Tolerance)
+from parity.tolerances import (EPS, FEW_ELEMENTS, FORWARD, GRAD, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE,
+                                TOLERANCES, Tolerance)
 from weight_port.layout import AS_IS, to_torch_layout
 from weight_port import to_numpy
 
@@ -236,7 +237,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
     if isinstance(rule, Measured):
         if reference is None or probe is None:
             raise NoEvidence(f"{name}: the measured-noise rule needs a reference and a probe")
-        ref, prb = _as_float64(reference), _as_float64(probe)
+        # a low-precision run's probe is torch's own value: one float64 copy of it, not two
+        ref, prb = _as_float64(reference), expected if probe is torch_value else _as_float64(probe)
         if ref.shape != expected.shape or prb.shape != expected.shape:
             raise NoEvidence(f"{name}: reference {ref.shape} / probe {prb.shape} do not match torch {expected.shape}")
         ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
@@ -290,6 +292,128 @@ def logit_rule(c: Comparison, m, dtype: str):
     return replace(c, ok=True, judge=LOGITS, note=note, inconclusive=False), replace(m, decided=True)
 
 
+# --- a model's tensors -------------------------------------------------------------------------------
+def _label(prefix: str, path: str, root: str, single: bool) -> str:
+    """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
+    return prefix if single else prefix + path[len(root):]
+
+
+class ModelJudge:
+    """Judges the model-level tensors of one check or verify (outputs, input gradients, parameter
+    gradients; keys ``out...``, ``input[...]``, ``param:<torch name>``), each by
+    ``judge_or_table``: parity.check's and parity.verify's one mechanism.
+
+    rule: the measured rule (None: the tables decide). refs / probes: the reference run's and the
+    probe run's values by key, torch layout (any Mapping: verify's read the bundle when asked);
+    probes None: the probe is the judged torch value itself (a low-precision run against its
+    float64 reference: torch's own error is the noise).
+    own_noise(keys): the twin's own run in the other precision, (flax_probe, flax_reference) by
+    key, torch layout, for at least ``keys`` (None: every key), or None when it cannot run. It is
+    run at most once, and only when a tensor does not pass on torch's noise alone: the twin's own
+    noise only ever widens the bound (a pass without it is a pass with it), and that run is a
+    whole-model run in another precision (in float64: twice the model's bytes in variables and
+    as much again in gradients).
+    """
+
+    def __init__(self, rule: Rule | None, table_forward: Table, table_grad: Table, refs=None, probes=None,
+                 own_noise=None):
+        self.rule, self.table_forward, self.table_grad = rule, table_forward, table_grad
+        self.refs, self.probes = (refs, probes) if rule is not None else (None, None)
+        self.own_probe: dict = {}
+        self.own_ref: dict = {}
+        self._own_noise = own_noise if rule is not None else None
+
+    def _measurable(self, key: str) -> bool:
+        return self.refs is not None and key in self.refs and (self.probes is None or key in self.probes)
+
+    def _run_own_noise(self, keys) -> None:
+        run, self._own_noise = self._own_noise, None
+        got = run(keys)
+        if got is not None:
+            self.own_probe, self.own_ref = got
+
+    def _judge(self, kind, key, name, flax_value, torch_value, layout, axis, probe) -> Comparison:
+        table = self.table_forward if kind == FORWARD else self.table_grad
+        if not self._measurable(key):
+            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
+        return judge_or_table(name, flax_value, torch_value, self.rule, table, layout=layout, reference=self.refs[key],
+                              probe=probe if probe is not None else (
+                                  torch_value if self.probes is None else self.probes[key]),
+                              flax_probe=self.own_probe.get(key), flax_reference=self.own_ref.get(key), axis=axis)
+
+    def _own_noise_may_pass(self, c: Comparison) -> bool:
+        return not c.ok and c.judge == REFERENCE and self._own_noise is not None
+
+    def judge(self, kind: str, key: str, name: str, flax_value, torch_value, layout: str,
+              axis: int | str | None = "auto", probe=None) -> Comparison:
+        """One tensor now (``kind`` FORWARD or GRAD; Flax value in Flax layout, torch value in
+        torch layout); the twin's own noise is run for every key if this one needs it. probe:
+        another run of the same tensor whose error against the reference measures the noise
+        (torch layout; default: the probe's): the data-parallel rows' single-device run."""
+        c = self._judge(kind, key, name, flax_value, torch_value, layout, axis, probe)
+        if self._own_noise_may_pass(c):
+            self._run_own_noise(None)
+            c = self._judge(kind, key, name, flax_value, torch_value, layout, axis, probe)
+        return c
+
+    def fill(self, report, torch_side, flax_side, out_layouts: Mapping[str, str], in_layouts: Mapping[str, str], *,
+             frozen=frozenset(), tied: Mapping[str, str] | None = None, release=None) -> None:
+        """The report's outputs, input gradients and parameter gradients. torch_side / flax_side:
+        ``.outputs``, ``.input_grads`` by path and ``.param_grads`` by torch name (Flax's laid out
+        as torch's; Mappings). A frozen torch parameter (requires_grad=False: RoFormer's
+        sinusoidal table) has no gradient to compare; its Flax twin often computes it in code.
+
+        Two passes: every tensor on torch's noise first; then, when some failed there, the twin's
+        own noise is run once for those keys alone and they are judged again. release(key), when
+        given, is called as soon as a tensor's comparison is final (its reference, probe and own
+        values are dropped here; the caller drops its own): parity.verify frees what it has judged
+        before the twin's own-noise run needs the memory."""
+        tied = tied or {}
+        again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
+
+        def one(out: list, kind, key, name, flax_of, torch_of, layout, axis) -> None:
+            c = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
+            out.append(c)
+            if self._own_noise_may_pass(c):
+                again.append((out, len(out) - 1, key, (kind, key, name, flax_of, torch_of, layout, axis)))
+            else:
+                self._done(key, release)
+
+        report.outputs, report.input_grads, report.param_grads = [], [], []
+        single = len(torch_side.outputs) == 1
+        for p in list(torch_side.outputs):
+            one(report.outputs, FORWARD, p, _label("output", p, "out", single), lambda p=p: flax_side.outputs[p],
+                lambda p=p: torch_side.outputs[p], out_layouts[p], "auto")
+        single = len(torch_side.input_grads) == 1
+        for p in list(torch_side.input_grads):
+            one(report.input_grads, GRAD, p, _label("grad input", p, "input", single),
+                lambda p=p: flax_side.input_grads[p], lambda p=p: torch_side.input_grads[p], in_layouts[p], "auto")
+        for n in list(torch_side.param_grads):
+            if n in frozen:
+                continue
+            if n not in flax_side.param_grads:
+                report.param_grads.append(failed_comparison(
+                    f"grad {n}", "the port gives no Flax gradient for this torch parameter"
+                    + (f" (tied to {tied[n]})" if n in tied else ""), self.table_grad))
+                self._done(f"param:{n}", release)
+                continue
+            one(report.param_grads, GRAD, f"param:{n}", f"grad {n}", lambda n=n: flax_side.param_grads[n],
+                lambda n=n: torch_side.param_grads[n], AS_IS, 0)
+        if again and self._own_noise is not None:
+            self._run_own_noise([key for _, _, key, _ in again])
+        for out, i, key, (kind, key, name, flax_of, torch_of, layout, axis) in again:
+            out[i] = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
+            self._done(key, release)
+
+    def _done(self, key: str, release) -> None:
+        if release is None:  # kept: the data-parallel rows judge the same keys again
+            return
+        for d in (self.refs, self.probes, self.own_probe, self.own_ref):
+            if isinstance(d, dict):
+                d.pop(key, None)
+        release(key)
+
+
 @dataclass
 class _Stats:
     diff: np.ndarray  # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite
@@ -305,6 +429,13 @@ class _Stats:
 
 
 def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
+    finite = np.isfinite(actual)
+    finite &= np.isfinite(expected)
+    return _finite_statistics(actual, expected) if finite.all() else _masked_statistics(actual, expected)
+
+
+def _masked_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
+    """_statistics where some element is not finite (infinities that agree, NaN, one side only)."""
     fa, fe = np.isfinite(actual), np.isfinite(expected)
     agree_inf = np.isinf(actual) & np.isinf(expected) & (actual == expected)
     nan_both = np.isnan(actual) & np.isnan(expected)
@@ -334,6 +465,36 @@ def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     return s
 
 
+def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
+    """_statistics of two finite arrays (the usual case) without the masks' copies: the same
+    numbers, in a third of the memory (a 50k-token vocabulary's embedding gradient is 400 MB in
+    float64, and each of the general path's masked copies is as large again)."""
+    none = np.zeros(actual.shape, dtype=bool)  # no infinity, no NaN (pages never written)
+    diff = np.asarray(actual - expected)  # an array also for 0-d values (a loss), then made |.| in place
+    np.abs(diff, out=diff)
+    ref_norm = float(np.linalg.norm(expected)) if expected.size else 0.0
+    norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0
+    rel_norm = norm_diff / ref_norm if ref_norm > 0 else (0.0 if norm_diff == 0 else math.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.divide(diff, expected, out=np.where(diff > 0, np.inf, 0.0), where=expected != 0)
+    np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
+    return _Stats(diff, none, none, none, ref_norm, rel_norm, float(rel.max()) if rel.size else 0.0)
+
+
+def _worst_in_slice(diff: np.ndarray, axis, row: int) -> tuple[int, ...]:
+    """Index (in ``diff``'s shape) of the largest element of slice ``row`` along ``axis`` (the
+    whole array when ``axis`` is None or it has fewer than 2 dimensions): the first one in C order,
+    as an argmax over the whole array masked to that slice finds it, without the mask's copy."""
+    if not diff.size:
+        return ()
+    if axis is None or diff.ndim < 2:
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+    part = np.take(diff, row, axis=axis)
+    idx = [int(i) for i in np.unravel_index(int(np.argmax(part)), part.shape)]
+    idx.insert(axis % diff.ndim, row)
+    return tuple(idx)
+
+
 def _worst(diff: np.ndarray, excess: np.ndarray, actual, expected) -> tuple[tuple[int, ...], float, float]:
     if not diff.size:
         return (), 0.0, 0.0
@@ -343,8 +504,12 @@ def _worst(diff: np.ndarray, excess: np.ndarray, actual, expected) -> tuple[tupl
 
 
 def _result(name, actual, expected, s: _Stats, *, ok, score, mismatches, excess, tolerance, judge_name,
-            note="", inconclusive=False, floor=0.0) -> Comparison:
-    worst, exp_w, act_w = _worst(s.diff, excess, actual, expected)
+            note="", inconclusive=False, floor=0.0, worst_index: tuple[int, ...] | None = None) -> Comparison:
+    if worst_index is None:
+        worst, exp_w, act_w = _worst(s.diff, excess, actual, expected)
+    else:  # found by the caller
+        worst = worst_index
+        exp_w, act_w = (float(expected[worst]), float(actual[worst])) if s.diff.size else (0.0, 0.0)
     notes = "; ".join(n for n in (s.note, note) if n)
     return Comparison(
         name=name, shape=tuple(expected.shape), max_abs=float(s.diff.max()) if s.diff.size else 0.0,
@@ -396,11 +561,16 @@ def _table(name, actual, expected, rule: Table, s: _Stats) -> Comparison:
 def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axis, own=None) -> Comparison:
     # Elements where flax, torch and the reference all hold the same infinity agree; elsewhere a
     # non-finite reference cannot measure anything.
-    fine = np.isfinite(actual) & np.isfinite(expected) & np.isfinite(ref) & np.isfinite(probe)
-    usable = fine | s.agree_inf
-    if not usable[~s.one_sided & ~s.nan_both].all():
-        raise NoEvidence(f"{name}: the reference or probe run is not finite where both sides are")
-    z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
+    fine = np.isfinite(actual)
+    for x in (expected, ref, probe):
+        fine &= np.isfinite(x)
+    if fine.all():  # the usual case: no masked copies (each is the tensor's size in float64)
+        z = lambda x: x  # noqa: E731
+    else:
+        usable = fine | s.agree_inf
+        if not usable[~s.one_sided & ~s.nan_both].all():
+            raise NoEvidence(f"{name}: the reference or probe run is not finite where both sides are")
+        z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
     fl, rf, pr = _slices(z(actual), axis), _slices(z(ref), axis), _slices(z(probe), axis)
     flax_err = np.linalg.norm(fl - rf, axis=1)
     probe_err = np.linalg.norm(pr - rf, axis=1)
@@ -428,12 +598,7 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
     ok = bad_slices == 0
     excess_slices = ratio
     # Worst element for reading: the largest |flax - torch| inside the worst slice.
-    diff_sl = _slices(s.diff, axis)
-    mask = np.zeros_like(diff_sl, dtype=bool)
-    if diff_sl.size:
-        mask[worst] = True
-    excess = np.where(mask, diff_sl, -1.0)
-    excess = _unslice(excess, s.diff.shape, axis)
+    worst_index = _worst_in_slice(s.diff, axis if fl.shape[0] > 1 else None, worst)
     rn = ref_n[worst] if ref_n.size else 0.0
     where = f" (slice {worst} of axis {axis})" if axis is not None and fl.shape[0] > 1 else ""
     note = (f"vs fp64{where}: flax {flax_err[worst] / rn if rn else flax_err[worst]:.2e}, "
@@ -443,16 +608,9 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
             + (f"; {int(own_decided.sum())} slice(s) within the twin's own rounding noise only (its own "
                "low-precision run against its float64 run), above torch's" if own_decided.any() and ok else ""))
     return _result(name, actual, expected, s, ok=ok, score=float(excess_slices.max()) if ratio.size else 0.0,
-                   mismatches=bad_slices, excess=excess, tolerance=rule.describe(), judge_name=REFERENCE,
-                   note=note)
+                   mismatches=bad_slices, excess=None, tolerance=rule.describe(), judge_name=REFERENCE,
+                   note=note, worst_index=worst_index)
 
 
-def _unslice(x2d: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarray:
-    if axis is None or len(shape) < 2:
-        return x2d.reshape(shape)
-    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
-    return np.moveaxis(x2d.reshape(moved), 0, axis)
-
-
-__all__ = ["Comparison", "LOGITS", "Measured", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
+__all__ = ["Comparison", "LOGITS", "Measured", "ModelJudge", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
            "judge", "logit_rule", "measured", "slice_axis", "worst_of"]

@@ -11,13 +11,14 @@ import copy
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from parity.options import Options
 from parity.runtime import (FlaxTwin, TorchRun, as_args, flax_inputs, input_layouts, run_torch, torch_inputs,
                             train_mode_matters)
 from parity.runtime.layouts import LayoutSpec
@@ -37,23 +38,28 @@ def dtype_name(dtype) -> str:
 
 
 def devices(device: str | None) -> tuple[str, object]:
-    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU."""
+    """(torch device, JAX device) for "cpu" / "cuda" (alias "gpu"); None means CPU. The JAX device
+    is this process's first (in a jax.distributed job jax.devices() lists every process's, and
+    process 0's are not this one's to run on)."""
     if device in (None, "cpu"):
-        return "cpu", jax.devices("cpu")[0]
+        return "cpu", jax.local_devices(backend="cpu")[0]
     if device in ("cuda", "gpu"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
         try:
-            return "cuda", jax.devices("gpu")[0]
+            return "cuda", jax.local_devices(backend="gpu")[0]
         except RuntimeError as exc:
             raise ValueError(f"device {device!r} requested but JAX has no GPU backend ({exc})") from None
     raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
 
 
 @dataclass(frozen=True)
-class CheckOptions:
+class CheckOptions(Options):
     """What ``parity.check`` runs and how it judges (the fields are check()'s keywords; see its
-    docstring). Frozen: one value travels from the CLI or the caller to every consumer."""
+    docstring). Frozen: one value travels from the CLI or the caller to every consumer;
+    ``CheckOptions.of(options, **keywords)`` merges keywords into it (parity.options)."""
+
+    what = "check option"
 
     dtype: str = "float32"
     grads: bool = True
@@ -94,16 +100,6 @@ class CheckOptions:
     def override(self) -> bool:
         """The caller's rtol/atol decide instead of the measured noise (torch.testing semantics)."""
         return self.rtol is not None or self.atol is not None
-
-    @classmethod
-    def of(cls, options: CheckOptions | None, **overrides) -> CheckOptions:
-        """``options`` (default: the defaults) with keyword ``overrides``; an unknown keyword is a
-        TypeError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown check option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return replace(options or cls(), **overrides) if overrides else (options or cls())
 
 
 @dataclass

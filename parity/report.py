@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 from parity._logits import LogitMetrics
-from parity.judge import LOGITS, Comparison, failed_comparison
+from parity.judge import LOGITS, Comparison
 from parity.layers import LayerRow
-from weight_port.layout import AS_IS
 
 
 @dataclass
@@ -190,36 +189,3 @@ def json_safe(value):
 def dumps(payload, **kw) -> str:
     """Strict JSON text of a report dict (or a list of them): non-finite numbers as strings."""
     return json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False, **kw)
-
-
-def _label(prefix: str, path: str, root: str, single: bool) -> str:
-    """Report name of a leaf: "output" / "output.logits" / "grad input[1]"."""
-    return prefix if single else prefix + path[len(root):]
-
-
-def fill_model_tensors(report: Report, torch_side, flax_side, out_layouts: dict, in_layouts: dict, judge_one, *,
-                       frozen: set, tied: dict, table_grad) -> None:
-    """The report's outputs, input gradients and parameter gradients, each judged by
-    ``judge_one(kind, key, name, flax value, torch value, layout, axis)`` (parity.check's
-    ModelJudge, parity.verify's recorded values: one loop for both). torch_side / flax_side:
-    ``.outputs``, ``.input_grads`` by path and ``.param_grads`` by torch name (Flax's laid out as
-    torch's). A frozen torch parameter (requires_grad=False: RoFormer's sinusoidal table) has no
-    gradient to compare; its Flax twin often computes it in code and has no leaf for it at all."""
-    from parity.tolerances import FORWARD, GRAD
-
-    single = len(torch_side.outputs) == 1
-    report.outputs = [judge_one(FORWARD, p, _label("output", p, "out", single), flax_side.outputs[p], v,
-                                out_layouts[p], "auto") for p, v in torch_side.outputs.items()]
-    report.input_grads, report.param_grads = [], []
-    single = len(torch_side.input_grads) == 1
-    report.input_grads = [judge_one(GRAD, p, _label("grad input", p, "input", single), flax_side.input_grads[p], g,
-                                    in_layouts[p], "auto") for p, g in torch_side.input_grads.items()]
-    for n, g in torch_side.param_grads.items():
-        if n in frozen:
-            continue
-        if n not in flax_side.param_grads:
-            report.param_grads.append(failed_comparison(
-                f"grad {n}", "the port gives no Flax gradient for this torch parameter"
-                + (f" (tied to {tied[n]})" if n in tied else ""), table_grad))
-            continue
-        report.param_grads.append(judge_one(GRAD, f"param:{n}", f"grad {n}", flax_side.param_grads[n], g, AS_IS, 0))

@@ -2,13 +2,22 @@
 and the clear errors in the 1-device main process."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from parity.checker import check
 from parity.data_parallel import DataParallelError, data_mesh
 from parity.registry import PAIRS
+from parity.tolerances import FORWARD, GRAD, tolerance_for
 
-from child_process import once_per_run, run_json_child
+from child_process import once_per_run, one_line_error, run_json_child
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +91,45 @@ def test_cli_data_parallel(capsys):
     # this process's JAX is initialised with one CPU device: a clear setup error, exit 2
     assert main(common + ["--data-parallel", "2"]) == 2
     assert "needs 2 devices" in capsys.readouterr().err
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    # no XLA_FLAGS from outside: the command asks for its devices itself (--processes: per process)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_two_processes_give_one_report(tmp_path):
+    """--processes 2: the check as 2 processes x 4 simulated CPU devices of one jax.distributed job
+    on localhost (gloo collectives), the data-parallel mesh of 8 spanning both; process 0 alone
+    prints and writes the report, which equals the one-process run's on 8 devices."""
+    common = ("check", "unet-same-bn", "--dtype", "float32", "--no-layers", "--data-parallel", "8", "--quiet")
+    two = _cli(*common, "--processes", "2", "--json", str(tmp_path / "two.json"))
+    assert two.returncode == 0, two.stdout + two.stderr
+    rows = [ln.split()[:3] for ln in two.stdout.splitlines() if ln.startswith("unet-same-bn ")]
+    assert rows == [["unet-same-bn", "float32", "eval"], ["unet-same-bn", "float32", "train"]]  # one report each
+    one = _cli(*common, "--json", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stdout + one.stderr
+    for got, want in zip(json.loads((tmp_path / "two.json").read_text()),
+                         json.loads((tmp_path / "one.json").read_text())):
+        dp, dp1 = got["data_parallel"], want["data_parallel"]
+        assert (dp["processes"], dp["devices_per_process"], dp["devices"], dp["per_device_batch"]) == (2, 4, 8, 2)
+        assert (dp1["processes"], dp1["devices_per_process"]) == (1, 8)
+        assert got["verdict"] == want["verdict"] == "PASS" and dp["ok"]
+        assert [b["torch_path"] for b in dp["batchnorm"]] == [b["torch_path"] for b in dp1["batchnorm"]]
+        assert bool(dp["batchnorm"]) == (got["mode"] == "train")
+        for c, c1 in zip(dp["vs_torch"] + dp["vs_single"], dp1["vs_torch"] + dp1["vs_single"]):
+            assert c["name"] == c1["name"] and c["ok"]
+            # the same sharded program over other processes: within the table's tolerance
+            tol = tolerance_for("float32", FORWARD if " output" in c["name"] else GRAD, "highest", "cpu")
+            assert abs(c["rel_norm"] - c1["rel_norm"]) <= tol.rtol, c["name"]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--processes", "2"), "--processes needs --data-parallel N"),
+    (("--data-parallel", "8", "--processes", "3"), "the mesh's 8 devices do not split evenly over 3 processes"),
+], ids=["without-data-parallel", "uneven"])
+def test_cli_processes_errors_are_one_line(flags, match):
+    assert match in one_line_error(_cli("check", "mlp", "--dtype", "float32", "--no-layers", *flags))

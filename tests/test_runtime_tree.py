@@ -54,3 +54,17 @@ def test_structure_names_every_leaf():
 @pytest.mark.parametrize("x, n", [(np.zeros(1), 1), ((np.zeros(1), np.zeros(1)), 2), ({"a": 1}, 1)])
 def test_as_args(x, n):
     assert len(as_args(x)) == n
+
+
+def test_output_paths_match_across_field_and_key_spellings():
+    """One matcher for check, verify and the logit metrics: a torch ModelOutput field and a Flax
+    dict key are one leaf; a leaf without a partner means the structures differ."""
+    from parity.runtime import canonical_path, match_outputs
+
+    assert canonical_path("out['logits']") == canonical_path("out.logits") == "out.logits"
+    assert canonical_path("out['a'][0]['b']") == "out.a[0].b"
+    assert match_outputs(["out['logits']", "out['hidden']"], ["out.hidden", "out.logits"]) == {
+        "out['logits']": "out.logits", "out['hidden']": "out.hidden"}
+    assert match_outputs(["out"], ["out"]) == {"out": "out"}
+    assert match_outputs(["out['logits']"], ["out.logits", "out.hidden"]) is None  # torch has one more
+    assert match_outputs(["out['logits']", "out['x']"], ["out.logits"]) is None  # flax has one more

@@ -62,6 +62,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",
                    help="also run the Flax twin under jit with the batch sharded over N devices and compare "
                         "it with torch and with 1 device (on CPU the N devices are simulated)")
+    add_process_arguments(p.add_argument_group("--data-parallel across processes (docs/data_parallel.md)"))
     p.add_argument("--logits", action="append", default=None, metavar="PATH",
                    help="an output leaf that is logits, class axis last (out.logits, logits; repeatable; "
                         "'none' for none): top-1 / top-5 agreement and KL per position are reported, and "
@@ -146,14 +147,20 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                        help="your own rule, first match wins over the defaults: a regex on the whole Flax path "
                             "(params/dense/kernel) = one entry per dimension (None, an axis, or axes joined by "
                             "'+'), e.g. '.*/kernel=None,model'; repeatable")
-    shard.add_argument("--processes", type=int, default=None, metavar="N",
+    add_process_arguments(shard)
+
+
+def add_process_arguments(group) -> None:
+    """--processes / --coordinator / --num-processes / --process-id: one run as the processes of a
+    jax.distributed job (parity verify --mesh, parity check --data-parallel; parity.sharding)."""
+    group.add_argument("--processes", type=int, default=None, metavar="N",
                        help="run as N processes of one jax.distributed job on this machine (CPU devices "
                             "simulated, the mesh's devices split evenly); process 0 prints the one report")
-    shard.add_argument("--coordinator", metavar="HOST:PORT",
+    group.add_argument("--coordinator", metavar="HOST:PORT",
                        help="join a jax.distributed job (every host of a multi-host slice runs the same "
                             "command with its --process-id; 'auto' lets JAX find the job, as on Cloud TPU)")
-    shard.add_argument("--num-processes", type=int, default=None, help="with --coordinator HOST:PORT")
-    shard.add_argument("--process-id", type=int, default=None, help="with --coordinator HOST:PORT (0 prints the report)")
+    group.add_argument("--num-processes", type=int, default=None, help="with --coordinator HOST:PORT")
+    group.add_argument("--process-id", type=int, default=None, help="with --coordinator HOST:PORT (0 prints the report)")
 
 
 def add_port_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,7 +252,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: vit bert-tiny); writes check_cost.json/.md under --out")
     p.add_argument("--golden-cost", nargs="*", default=None, metavar="WORKLOAD",
                    help="peak RSS growth of parity record (torch side) and parity verify (torch-free), each in "
-                        "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-medium (default: "
+                        "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-8x1024, gpt2-medium (default: "
                         "gpt2-tiny); writes golden_cost.json/.md under --out")
     p.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
                    help="where the JSON, markdown table and PNG chart go (default: bench/results)")

@@ -334,15 +334,40 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _processes(args: argparse.Namespace) -> int | None:
+    """--processes N: this command again as N processes of one jax.distributed job on localhost
+    (parity.sharding.launch), the data-parallel mesh spanning their devices; its exit code. With
+    --coordinator (a process of such a job, or a host of a multi-host slice): join the job before
+    JAX initialises, and None (run the checks here)."""
+    if args.processes is not None and args.processes > 1:
+        if not args.data_parallel:
+            raise SetupError("--processes needs --data-parallel N (the mesh of N devices spans the processes)")
+        from parity.sharding import launch
+
+        return launch(args.argv, args.processes, args.data_parallel)
+    if args.coordinator:
+        from parity.sharding import join
+
+        join(args.coordinator, args.num_processes, args.process_id)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.rtol is None) != (args.atol is None):
         return fail("--rtol and --atol must be given together")
-    if args.data_parallel:  # before JAX initialises: on CPU the N devices are simulated
+    try:
+        code = _processes(args)
+    except UsageError as exc:
+        return fail(str(exc))
+    if code is not None:
+        return code
+    if args.data_parallel and not args.coordinator:  # before JAX initialises: on CPU the N devices are simulated
         from parity.data_parallel import request_cpu_devices
         request_cpu_devices(args.data_parallel)
+    lead = not args.process_id  # of a job's processes, 0 alone writes the files (all compute the same report)
     try:
         for flag, path in (("--json", args.json), ("--plot", args.plot)):
-            if path:
+            if path and lead:
                 writable(path, flag)
     except SetupError as exc:
         return fail(str(exc))
@@ -377,12 +402,12 @@ def run(args: argparse.Namespace) -> int:
     for r in reports if args.full else failed + invalid + inconclusive:
         print()
         print(r)
-    if args.json:
+    if args.json and lead:
         from parity.report import dumps
 
         payload = [r.to_dict() for r in reports]
         write_atomic(args.json, dumps(payload[0] if len(payload) == 1 else payload))
-    if args.plot:
+    if args.plot and lead:
         from parity.plot import plot_layers
 
         for r in reports:

@@ -50,13 +50,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise SetupError("--processes needs --mesh (the mesh spans the processes' devices)")
     from parity.sharding import launch, mesh_devices
 
-    argv, skip = [], False
-    for a in args.argv:
-        if skip or a == "--processes" or a.startswith("--processes="):
-            skip = a == "--processes"
-            continue
-        argv.append(a)
-    return launch(argv, args.processes, mesh_devices(args.mesh))
+    return launch(args.argv, args.processes, mesh_devices(args.mesh))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
             from parity.sharding import join
 
             join(args.coordinator, args.num_processes, args.process_id)
-        shard = _sharding(args)
+        shard = _sharding(args)  # first: it asks for the mesh's CPU devices before JAX initialises
         flax_model, train_kwarg = _twin(args)
-        layout = parse_layout(args.layout, "--layout")
+        from parity.golden import VerifyOptions, verify
+
+        options = VerifyOptions(input_layout=parse_layout(args.layout, "--layout"), layers=not args.no_layers,
+                                train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
+                                mesh=args.mesh, shard=shard)
     except (SetupError, UsageError, KeyError) as exc:
         return fail(exc.args[0] if isinstance(exc, KeyError) else str(exc))
-    from parity.golden import verify
 
     start = time.perf_counter()
 
@@ -81,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"verify {args.bundle}: {msg} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     try:
-        report = verify(args.bundle, flax_model, input_layout=layout, layers=not args.no_layers,
-                        train_kwarg=args.train_kwarg or train_kwarg, logits=logits_option(args.logits),
-                        progress=say, mesh=args.mesh, shard=shard)
+        report = verify(args.bundle, flax_model, options, progress=say)
     except UsageError as exc:
         return fail(str(exc))
     if args.process_id:  # one report: process 0's (every process computed the same one)

@@ -59,6 +59,8 @@ class DataParallelResult:
     platform: str
     devices: int  # devices in the mesh
     per_device_batch: int  # rows of the input batch each device held (batch / N when sharded)
+    processes: int = 1  # processes of the jax.distributed job the mesh spans (parity check --processes)
+    devices_per_process: int = 0  # the mesh's devices in this process
     vs_torch: list[Comparison] = field(default_factory=list)
     vs_single: list[Comparison] = field(default_factory=list)
     batchnorm: list[BatchNormSemantics] = field(default_factory=list)
@@ -69,7 +71,8 @@ class DataParallelResult:
 
     def to_dict(self) -> dict:
         return {"n": self.n, "platform": self.platform, "devices": self.devices,
-                "per_device_batch": self.per_device_batch, "ok": self.ok,
+                "per_device_batch": self.per_device_batch, "processes": self.processes,
+                "devices_per_process": self.devices_per_process, "ok": self.ok,
                 "vs_torch": [c.to_dict() for c in self.vs_torch],
                 "vs_single": [c.to_dict() for c in self.vs_single],
                 "batchnorm": [asdict(b) for b in self.batchnorm]}
@@ -116,7 +119,7 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
     """Run the checker's pair (``run``: parity.checker.CapturedRun) with the batch sharded over ``n``
     devices and compare: outputs, input and parameter gradients, and (train mode) the updated
     BatchNorm statistics, against torch and against the single-device Flax run. ``mj`` is the
-    check's parity.checker.ModelJudge: a sharded tensor is judged exactly as the report's own
+    check's parity.judge.ModelJudge: a sharded tensor is judged exactly as the report's own
     tensor of the same name (against torch), and against the single-device run by the same
     measured noise with the single-device Flax run as the probe."""
     mesh = data_mesh(n)
@@ -130,7 +133,8 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
                 for fp, tp in to_t.items() if tp in run.torch.cotangents}
         cots = shard_batch(cots, mesh, batch, where="cotangents")
     sharded = forward_backward(run.twin, replicate(dict(run.variables), mesh), args, cots)
-    result = DataParallelResult(n, mesh.devices.flat[0].platform, mesh.devices.size, per_device_batch(args))
+    result = DataParallelResult(n, mesh.devices.flat[0].platform, mesh.devices.size, per_device_batch(args),
+                                jax.process_count(), len(mesh.local_devices))
     tag = f"dp{n}"
 
     def both(kind: str, key: str, name: str, value, torch_value, single_value, layout: str, axis="auto") -> None:
@@ -153,7 +157,7 @@ def check_data_parallel(run, n: int, mj) -> DataParallelResult:
             if n_ in named:
                 both(GRAD, f"param:{n_}", f"grad {n_}", named[n_], g, run.f_p_grads.get(n_), AS_IS, axis=0)
     if run.twin.train and "batch_stats" in (sharded.new_variables or {}):
-        stats = Table(mj.ev.table_forward.tol)
+        stats = Table(mj.table_forward.tol)
         single = traverse_util.flatten_dict(dict(run.flax.new_variables["batch_stats"]))
         for path, v in traverse_util.flatten_dict(dict(sharded.new_variables["batch_stats"])).items():
             name = f"{tag} batch_stats {'/'.join(path)} vs 1 device"
@@ -173,9 +177,12 @@ def attach(report, run, n: int, mj) -> None:
         kind = ("outputs" if " output" in comp.name or " batch_stats" in comp.name
                 else "input_grads" if " grad input" in comp.name else "param_grads")
         getattr(report, kind).append(comp)
+    procs = (f" in {result.processes} processes, {result.devices_per_process} each" if result.processes > 1
+             else "")
     report.warnings.append(
         f"data_parallel={n}: Flax twin under jit with the batch sharded over {result.devices} "
-        f"{result.platform} devices, {result.per_device_batch} rows each (parameters replicated), rows 'dp{n} ...'")
+        f"{result.platform} devices{procs}, {result.per_device_batch} rows each (parameters replicated), "
+        f"rows 'dp{n} ...'")
     if result.batchnorm:
         report.warnings += [bn.describe() for bn in result.batchnorm] + [semantics_note(n)]
     report.data_parallel = result

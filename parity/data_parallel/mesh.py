@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from weight_port import put_sharded
+
 AXIS = "data"
 _FORCE = "--xla_force_host_platform_device_count"
 
@@ -48,7 +50,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def shard_batch(tree, mesh: Mesh, batch: int, where: str = "input"):
     """Place every array leaf of ``tree`` (Flax layout, batch first) on the mesh: leaves whose
     leading axis is the batch are split over "data", others (scalars, per-model constants)
-    replicated. DataParallelError, naming the leaf, when the batch does not divide evenly."""
+    replicated. On a mesh over several processes (jax.distributed) each process builds only its
+    own devices' shards (weight_port.put_sharded). DataParallelError, naming the leaf, when the batch does not divide evenly."""
     n = mesh.devices.size
     if batch % n:
         raise DataParallelError(f"{where}: batch {batch} is not a multiple of data_parallel={n}")
@@ -57,13 +60,14 @@ def shard_batch(tree, mesh: Mesh, batch: int, where: str = "input"):
         if not hasattr(x, "shape"):
             return x
         batched = np.ndim(x) >= 1 and np.shape(x)[0] == batch
-        return jax.device_put(x, batch_sharded(mesh) if batched else replicated(mesh))
+        return put_sharded(x, batch_sharded(mesh) if batched else replicated(mesh))
 
     return jax.tree_util.tree_map_with_path(put, tree)
 
 
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
+    """Every leaf whole on every device of the mesh (a mesh over several processes included)."""
+    return jax.tree_util.tree_map(lambda x: put_sharded(x, replicated(mesh)), tree)
 
 
 def batch_size(args: tuple) -> int:

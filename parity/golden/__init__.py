@@ -10,9 +10,10 @@ import importlib
 from parity.golden._bundle import FORMAT, BundleError, BundleTooLarge, read_bundle
 
 _LAZY = {"record": "parity.golden._record", "DEFAULT_MAX_BYTES": "parity.golden._record",
-         "verify": "parity.golden._verify"}
+         "verify": "parity.golden._verify", "VerifyOptions": "parity.golden._verify"}
 
-__all__ = ["BundleError", "BundleTooLarge", "DEFAULT_MAX_BYTES", "FORMAT", "read_bundle", "record", "verify"]
+__all__ = ["BundleError", "BundleTooLarge", "DEFAULT_MAX_BYTES", "FORMAT", "VerifyOptions", "read_bundle", "record",
+           "verify"]
 
 
 def __getattr__(name: str):

@@ -102,37 +102,102 @@ def write_bundle(path: str | os.PathLike, manifest: dict, files: Mapping[str, Ma
         return w.finish(manifest)
 
 
+class Recorded(Mapping):
+    """Recorded tensors of one bundle file, read when asked and never kept: each access reads the
+    tensor (safetensors' memory map, opened and closed around the read, so the file's pages do
+    not stay in the process), and a consumer that drops what it has judged frees it for good.
+    Keys: the file's keys under a prefix, renamed (parity.verify: by the judge's keys)."""
+
+    def __init__(self, path: Path, keys: Mapping[str, str]):
+        self.path, self._keys = path, dict(keys)  # {name as asked: key in the file}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _read(self.path, [self._keys[name]])[self._keys[name]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header (nothing read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            return tuple(f.get_slice(self._keys[name]).get_shape())
+
+    def __contains__(self, name) -> bool:
+        return name in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _read(path: Path, keys) -> dict[str, np.ndarray]:
+    """{key: array} of ``keys`` of one safetensors file, each tensor read on its own (never the
+    whole file into memory beside its arrays, which doubled the peak of reading it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # noqa: BLE001 -- hashed already; this is a safetensors bug or a race
+        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 @dataclass
 class Bundle:
     """A bundle whose files were all found intact (``read_bundle``); tensors load on demand."""
 
     path: Path
     manifest: dict
-    # Each file read once: verify asks for groups of run.safetensors several times, and every
-    # read of it would be another copy of everything recorded.
+    # Each tensor read once: verify asks for groups of run.safetensors several times, and every
+    # read of it would be another copy of what was recorded.
     _loaded: dict = field(default_factory=dict, repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
+
+    def keys(self, name: str) -> list[str]:
+        """The keys of file ``name`` ([] if the bundle has none), from its header alone."""
+        from safetensors import safe_open
+
+        if name not in self.manifest["files"]:
+            return []
+        if name not in self._keys:
+            try:
+                with safe_open(str(self.path / name), framework="numpy") as f:
+                    self._keys[name] = list(f.keys())
+            except Exception as exc:  # noqa: BLE001
+                raise BundleError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
+        return self._keys[name]
 
     def tensors(self, name: str, keep: bool = True) -> dict[str, np.ndarray]:
         """{key: array} of file ``name`` ({} if the bundle has none), read once and kept unless
         ``keep`` is false (the weights: ported once, then dropped)."""
-        from safetensors.numpy import load_file
-
-        if name not in self.manifest["files"]:
-            return {}
-        if name in self._loaded:
-            return self._loaded[name]
-        try:
-            out = load_file(str(self.path / name))
-        except Exception as exc:  # noqa: BLE001 -- hashed already; this is a safetensors bug or a race
-            raise BundleError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
-        if keep:
-            self._loaded[name] = out
-        return out
+        return self._get(name, self.keys(name), keep)
 
     def group(self, name: str, *prefix) -> dict[str, np.ndarray]:
-        """{rest of the key: array} of the keys of file ``name`` that start with ``prefix``."""
+        """{rest of the key: array} of the keys of file ``name`` that start with ``prefix``, read
+        once (only those keys) and kept."""
         head = key(*prefix) + SEP
-        return {k[len(head):]: v for k, v in self.tensors(name).items() if k.startswith(head)}
+        got = self._get(name, [k for k in self.keys(name) if k.startswith(head)], True)
+        return {k[len(head):]: v for k, v in got.items()}
+
+    def recorded(self, name: str, *prefix, rename=None) -> Recorded:
+        """The keys of file ``name`` under ``prefix`` as a Recorded mapping (read when asked, never
+        kept), named ``rename(rest of the key)`` (the rest itself by default; None leaves a key out)."""
+        head = key(*prefix) + SEP
+        names = {}
+        for k in self.keys(name):
+            if k.startswith(head):
+                n = k[len(head):] if rename is None else rename(k[len(head):])
+                if n is not None:
+                    names[n] = k
+        return Recorded(self.path / name, names)
+
+    def _get(self, name: str, keys: list[str], keep: bool) -> dict[str, np.ndarray]:
+        cache = self._loaded.setdefault(name, {})
+        new = _read(self.path / name, [k for k in keys if k not in cache])
+        if keep:
+            cache.update(new)
+        return {k: cache[k] if k in cache else new[k] for k in keys}
 
 
 def read_bundle(path: str | os.PathLike) -> Bundle:
@@ -203,5 +268,5 @@ def decode_tree(desc, leaves: Mapping[str, np.ndarray]):
     return leaves[name]
 
 
-__all__ = ["Bundle", "BundleError", "BundleWriter", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
+__all__ = ["Bundle", "BundleError", "Recorded", "BundleWriter", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
            "write_bundle"]

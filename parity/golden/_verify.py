@@ -3,13 +3,14 @@
 The weights are ported by the state-dict path of weight_port (layer kinds read off the Flax twin,
 the torch side's call order and flatten order from the bundle), the twin runs forward and VJP
 with the recorded cotangents on the one Flax engine (parity.runtime), and every tensor is judged
-by parity.judge exactly as parity.check judges it (judge_or_table for outputs and gradients,
-parity.layers for the per-layer rows), into the same Report. Nothing here imports torch.
+by parity.judge exactly as parity.check judges it (parity.judge.ModelJudge for outputs and
+gradients, with the twin's own noise run only for the tensors that need it; parity.layers for the
+per-layer rows), into the same Report. The bundle's judged tensors are read when the judge asks
+and every tensor is freed once judged (docs/golden.md, "Memory"). Nothing here imports torch.
 """
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from parity._logits import judge_logits, logit_paths
-from parity.golden._bundle import Bundle, BundleError, decode_tree, read_bundle
-from parity.judge import Table, judge_or_table, measured, worst_of
+from parity.golden._bundle import Bundle, BundleError, Recorded, decode_tree, read_bundle
+from parity.options import Options
+from parity.judge import ModelJudge, Table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
-from parity.report import Report, fill_model_tensors
-from parity.runtime import FlaxTwin, flax_inputs, forward_backward, output_shapes
-from parity.runtime.layouts import declared, output_layouts
+from parity.report import Report
+from parity.runtime import FlaxTwin, flax_inputs, forward_backward, match_outputs, output_shapes
+from parity.runtime.layouts import LayoutSpec, declared, output_layouts
 from parity.sharding import Placement, ShardingError, ShardOptions
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
 from weight_port import Inputs, PortError, bind_keywords
@@ -78,35 +80,25 @@ def _calls(bundle: Bundle, group: str) -> list[RecordedCall]:
 
 @dataclass
 class _Side:
-    """One group of recorded model-level tensors (outputs, input and parameter gradients)."""
+    """One group of recorded model-level tensors (outputs, input and parameter gradients), read
+    from the bundle when asked (Recorded: never kept, so what has been judged is not held)."""
 
-    outputs: dict[str, np.ndarray]
-    input_grads: dict[str, np.ndarray]
-    param_grads: dict[str, np.ndarray]
+    outputs: Recorded
+    input_grads: Recorded
+    param_grads: Recorded
+    tensors: Recorded  # all three by the ModelJudge keys (``out...``, ``input[...]``, ``param:<name>``)
 
-    def tensors(self) -> dict[str, np.ndarray]:  # by the checker's ModelJudge keys
-        return {**self.outputs, **self.input_grads, **{f"param:{n}": g for n, g in self.param_grads.items()}}
+
+def _judge_key(rest: str) -> str | None:
+    kind, path = rest.split("|", 1)
+    return {"out": path, "igrad": path, "pgrad": "param:" + path}.get(kind)
 
 
 def _side(bundle: Bundle, group: str) -> _Side | None:
-    g = bundle.group("run.safetensors", group)
-    if not g:
+    if not any(k.startswith(group + "|") for k in bundle.keys("run.safetensors")):
         return None
-    pick = lambda kind: {k.split("|", 1)[1]: v for k, v in g.items() if k.split("|", 1)[0] == kind}  # noqa: E731
-    return _Side(pick("out"), pick("igrad"), pick("pgrad"))
-
-
-def _canonical(path: str) -> str:
-    # ``out.logits`` (a torch ModelOutput field) and ``out['logits']`` (a Flax dict key) are one leaf
-    return re.sub(r"\['([^']*)'\]", r".\1", path)
-
-
-def _align(flax_paths, torch_paths) -> dict[str, str] | None:
-    by_canon = {_canonical(p): p for p in torch_paths}
-    out = {p: by_canon.get(_canonical(p)) for p in flax_paths}
-    if None in out.values() or len(set(out.values())) != len(torch_paths):
-        return None
-    return out
+    return _Side(*(bundle.recorded("run.safetensors", group, kind) for kind in ("out", "igrad", "pgrad")),
+                 bundle.recorded("run.safetensors", group, rename=_judge_key))
 
 
 @dataclass
@@ -118,55 +110,98 @@ class _FlaxSide:
     input_grads: dict[str, np.ndarray]  # Flax layout
     param_grads: dict[str, np.ndarray]  # torch names and layout
 
+    def drop(self, key: str) -> None:
+        """Free a judged gradient (its outputs stay: the logit metrics read them after)."""
+        if key in self.outputs:
+            return
+        self.tensors.pop(key, None)
+        self.input_grads.pop(key, None)
+        self.param_grads.pop(key.removeprefix("param:"), None)
+
 
 def _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan: PortPlan, dtype=None,
-              capture: bool = False):
+              keys=None) -> _FlaxSide:
+    """The twin's forward and VJP on ``variables`` and inputs cast to ``dtype`` (as they are when
+    None), its tensors in torch names and layout; ``keys``: keep only those (the own-noise run of
+    the tensors that need it)."""
     def cast(a):
         return jnp.asarray(a, dtype) if dtype is not None and hasattr(a, "dtype") and jnp.issubdtype(
             a.dtype, jnp.floating) else a
 
     to_f = {tp: fp for fp, tp in to_t.items()}
     f_cots = {to_f[p]: cast(to_flax_layout(c, out_layouts[p], p)) for p, c in cots.items()}
-    f = forward_backward(twin, jax.tree_util.tree_map(cast, variables), jax.tree_util.tree_map(cast, f_args),
-                         f_cots, capture=capture)
+    f = forward_backward(twin, jax.tree_util.tree_map(cast, variables), jax.tree_util.tree_map(cast, f_args), f_cots)
+    # the variables as cast (a float64 run's: twice the model's bytes) are not needed past the run
+    f.new_variables = None
     outs = {to_t[p]: v for p, v in f.outputs.items()}
     named = plan.to_torch({"params": f.param_grads}, collections=("params",))
+    f.param_grads = None
     tensors = {p: to_torch_layout(np.asarray(v), out_layouts[p]) for p, v in outs.items()}
     tensors.update({p: to_torch_layout(np.asarray(g), in_layouts[p]) for p, g in f.input_grads.items()
                     if p in in_layouts})
     tensors.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
-    return _FlaxSide(outs, tensors, dict(f.input_grads), named), f
+    if keys is not None:
+        keep = set(keys)
+        tensors = {k: v for k, v in tensors.items() if k in keep}
+        named = {n: g for n, g in named.items() if f"param:{n}" in keep}
+    return _FlaxSide(outs, tensors, dict(f.input_grads), named)
 
 
-def verify(path, flax_module, *, variables: Mapping | None = None, input_layout=None, layers: bool = True,
-           train_kwarg: str | None = None, logits=None, progress: Callable[[str], None] | None = None,
-           mesh=None, shard: ShardOptions | None = None) -> Report:
+@dataclass(frozen=True)
+class VerifyOptions(Options):
+    """What ``parity.verify`` runs and how (the fields are verify()'s keywords; see its
+    docstring). Frozen: the CLI builds one, a caller may pass one and override fields by keyword
+    (``VerifyOptions.of``, parity.options). Torch-free, unlike parity.pair.CheckOptions beside
+    which it would otherwise sit: verify runs where torch is not installed."""
+
+    what = "verify option"
+
+    input_layout: LayoutSpec = None
+    layers: bool = True
+    train_kwarg: str | None = None
+    # Output leaves that are logits, as CheckOptions.logits (None infers, () declares none).
+    logits: str | tuple[str, ...] | None = None
+    mesh: object = None  # "data=2,model=4" or a jax.sharding.Mesh: a sharded verify
+    shard: ShardOptions | None = None  # the sharding style and the user's rules (with mesh only)
+
+    def __post_init__(self):
+        if self.logits is not None and not isinstance(self.logits, str):
+            object.__setattr__(self, "logits", tuple(self.logits))
+        if self.shard is not None and self.mesh is None:
+            raise ShardingError("shard= (a sharding style or rules) needs mesh=")
+
+
+def verify(path, flax_module, options: VerifyOptions | None = None, *, variables: Mapping | None = None,
+           progress: Callable[[str], None] | None = None, **option_fields) -> Report:
     """Judge ``flax_module`` (Linen or NNX) against the golden bundle at ``path`` (parity.record).
-    With ``mesh`` ("data=2,model=4" or a jax.sharding.Mesh) the twin's variables are ported
-    straight into their shardings (parity.sharding; ``shard`` picks the style and adds regex
-    rules), the inputs split over "data", and the same judging runs on the sharded run;
-    ShardingError (exit 2) for a mesh or a rule that cannot be used.
+
+    options: a VerifyOptions; its fields may also be given as keywords, which win
+    (``verify(path, twin, layers=False)``). The fields:
+
+    input_layout: the twin's input layouts where they differ from the torch side's inference
+    (as parity.check's). layers: the per-layer rows with the first divergence, when the bundle
+    has them. train_kwarg: the twin's train-mode keyword (as parity.check's). logits: the output
+    leaves that are logits, as parity.check's (default: inferred from a path ending in
+    ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision bundle,
+    exactly as parity.check applies them. mesh ("data=2,model=4" or a jax.sharding.Mesh): the
+    twin's variables are ported straight into their shardings (parity.sharding; ``shard``, a
+    ShardOptions, picks the style and adds regex rules), the inputs split over "data", and the
+    same judging runs on the sharded run; ShardingError (exit 2) for a mesh or a rule that cannot
+    be used, or ``shard`` without ``mesh``.
 
     The bundle's torch weights are ported into the twin (or ``variables`` are used as given), the
     twin runs forward and VJP with the recorded cotangents on the recorded inputs, and outputs,
-    input and parameter gradients and (when the bundle has them and ``layers``) the per-layer
-    rows with the first divergence are judged as parity.check judges them. input_layout: the
-    twin's input layouts where they differ from the torch side's inference (as parity.check's).
+    input and parameter gradients and the per-layer rows are judged as parity.check judges them.
     A bundle that is damaged or does not fit the twin raises BundleError (never a verdict).
-    logits: the output leaves that are logits, as parity.check's (default: inferred from a path
-    ending in ``logits``): metrics in ``report.logits``, and the logit rule in a half-precision
-    bundle, exactly as parity.check applies them.
+    progress: called with short status lines.
     """
+    o = VerifyOptions.of(options, **option_fields)
     say = progress or (lambda msg: None)
-    placement = None if mesh is None else Placement(mesh, shard)
+    placement = None if o.mesh is None else Placement(o.mesh, o.shard)
     bundle = read_bundle(path)
-    m = bundle.manifest
-    dname = m["dtype"]
-    x64 = jax.enable_x64(True) if dname == "float64" else contextlib.nullcontext()
+    x64 = jax.enable_x64(True) if bundle.manifest["dtype"] == "float64" else contextlib.nullcontext()
     with jax.default_matmul_precision("highest"), x64:
-        report = _verify(bundle, flax_module, variables, input_layout, layers, train_kwarg, logits, say,
-                         placement)
-    return report
+        return _verify(bundle, flax_module, variables, o, say, placement)
 
 
 def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables, placement=None):
@@ -209,54 +244,54 @@ def _port(bundle: Bundle, flax_module, args: tuple, in_layouts: dict, variables,
     return plan, variables, notes
 
 
-def _bind_keywords(flax_module, args: tuple, keywords: dict | None, run: Mapping[str, np.ndarray]):
+def _bind_keywords(flax_module, args: tuple, keywords: dict | None, flax_only: Mapping[str, np.ndarray]):
     """(the twin, its positional inputs) with a recorded parity.Inputs call bound as parity.check
-    binds it (weight_port.bind_keywords): the keyword inputs and the Flax-only constants."""
+    binds it (weight_port.bind_keywords): the keyword inputs and the Flax-only constants (the
+    run's ``main|flax_only`` group)."""
     if not keywords:
         return flax_module, args
     n = keywords["positional"]
-    only = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("flax_only|")}
     call = Inputs(*args[:n], **dict(zip(keywords["keys"], args[n:])),
-                  flax_only=decode_tree(keywords["flax_only"], only))
+                  flax_only=decode_tree(keywords["flax_only"], flax_only))
     _, flax_module, args = bind_keywords(None, flax_module, call)
     return flax_module, args
 
 
-def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, train_kwarg, logits, say,
-            placement: Placement | None = None) -> Report:
+def _verify(bundle: Bundle, flax_module, variables, o: VerifyOptions, say, placement: Placement | None) -> Report:
     m = bundle.manifest
     dname, train = m["dtype"], m["train"]
-    run = bundle.group("run.safetensors", "main")
-    inputs = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("input|")}
+    # the small groups of the run, kept; the judged tensors are read when the judge asks (_side)
+    inputs = bundle.group("run.safetensors", "main", "input")
+    cots = bundle.group("run.safetensors", "main", "cot")
     args = decode_tree(m["inputs"]["tree"], inputs)
-    flax_module, args = _bind_keywords(flax_module, args, m["inputs"].get("keywords"), run)
+    flax_module, args = _bind_keywords(flax_module, args, m["inputs"].get("keywords"),
+                                       bundle.group("run.safetensors", "main", "flax_only"))
     in_layouts = dict(m["inputs"]["layouts"])
-    if input_layout is not None:
-        in_layouts.update(declared(input_layout, list(in_layouts), root="input", flag="--layout"))
+    if o.input_layout is not None:
+        in_layouts.update(declared(o.input_layout, list(in_layouts), root="input", flag="--layout"))
     say("porting the bundle's weights")
     plan, variables, notes = _port(bundle, flax_module, args, in_layouts, variables, placement)
-    twin = FlaxTwin(flax_module, train=train, train_kwarg=train_kwarg,
+    twin = FlaxTwin(flax_module, train=train, train_kwarg=o.train_kwarg,
                     train_mode_matters=m.get("train_mode_matters", True))
     f_args = flax_inputs(args, in_layouts)
     if placement is not None:
         f_args = placement.inputs(f_args)
     main = _side(bundle, "main")
-    cots = {k.split("|", 1)[1]: v for k, v in run.items() if k.startswith("cot|")}
     try:
         f_shapes = {p: s.shape for p, s in output_shapes(twin, variables, f_args).items()}
     except Exception as exc:  # noqa: BLE001 -- a twin that cannot take the recorded inputs
         raise BundleError(f"the twin does not run on the bundle's inputs (another model?): "
                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    to_t = _align(list(f_shapes), m["outputs"]["paths"])
+    to_t = match_outputs(list(f_shapes), m["outputs"]["paths"])
     if to_t is None:
         raise BundleError(f"the twin's outputs {{{', '.join(f_shapes)}}} are not the bundle's "
                           f"{{{', '.join(m['outputs']['paths'])}}} (another model?)")
-    logit_paths(m["outputs"]["paths"], logits)  # a declared path that names no output: stop before the runs
+    logit_paths(m["outputs"]["paths"], o.logits)  # a declared path that names no output: stop before the runs
     producers = m["outputs"].get("producer_layouts", {})
-    out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: v.shape for p, v in main.outputs.items()},
+    out_layouts = output_layouts(m["outputs"].get("output_layout"), {p: main.outputs.shape(p) for p in main.outputs},
                                  {to_t[p]: s for p, s in f_shapes.items()}, producers.get)
     say("flax forward/vjp")
-    flax_main, _ = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan)
+    flax_main = _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan)
     prec, platform = "highest", jax.default_backend()
     report = Report(model=m["model"], dtype=dname, mode="train" if train else "eval", outputs=[],
                     env={"bundle": str(bundle.path), "recorded": m.get("env", {}), "jax": jax.__version__,
@@ -268,84 +303,83 @@ def _verify(bundle: Bundle, flax_module, variables, input_layout, layers: bool, 
     ref64 = tolerance_for("float64", REFERENCE)
     lower = m.get("lower_precision", {})
     dropped = any(getattr(layer.rule, "dropped", ()) for layer in plan.layers)
-    rows_calls, rows_flax, rows_vars, rows_pgrads, row_judge = None, None, None, None, None
-    with_layers = layers and m.get("layers") and "layers.safetensors" in m["files"]
+    with_layers = o.layers and m.get("layers") and "layers.safetensors" in m["files"]
+    run_twin = lambda twin_, dtype, keys: _run_twin(twin_, variables, f_args, cots, to_t,  # noqa: E731
+                                                    out_layouts, in_layouts, plan, dtype, keys).tensors
     if dname == "float64":
         probe = _side(bundle, "probe")
         rule = measured(ref64, "float64", probe_dtype="float32", effective=lower.get("main") or None)
         if lower.get("main"):
             rule = replace(rule, own_everywhere=True)
-        refs, probes = main.tensors(), probe.tensors()
-        say("flax float32 run (its own rounding noise)")
-        own32, _ = _run_twin(twin.computing_in("float32", dname), variables, f_args, cots, to_t, out_layouts,
-                             in_layouts, plan, dtype=jnp.float32)
-        own_probe, own_ref = own32.tensors, flax_main.tensors
-        if with_layers:
-            rows_calls, rows_vars, rows_pgrads = _calls(bundle, "rows"), variables, main.param_grads
-            probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
-            row_judge = RowJudge(tf, tg, ref64, "float32", probe_calls, probe.param_grads)
+        refs, probes = main.tensors, probe.tensors
+
+        def own_noise(keys):  # the twin's float32 run against its float64 one (this run)
+            say(f"flax float32 run (its own rounding noise) for {len(keys)} tensor(s)")
+            own32 = run_twin(twin.computing_in("float32", dname), jnp.float32, keys)
+            say("judging them again with the twin's own noise")
+            return own32, {k: flax_main.tensors[k] for k in own32 if k in flax_main.tensors}
     else:
         ref = _side(bundle, "ref")
         rule = measured(tolerance_for(dname, REFERENCE, prec, platform), dname)
         if lower.get("ref") or dropped:  # as parity.check: float32 parts or tables the twin computes
             rule = replace(rule, own_everywhere=True)
-        refs, probes = ref.tensors(), main.tensors()
+        refs, probes = ref.tensors, None  # the probe is torch's own run: the recorded value judged
         report.reference = "float64"
-        say("flax float64 run (its own rounding noise)")
-        with jax.enable_x64(True):
-            # truly float64, as parity.check's: a Linen dtype=float32 field cloned (FlaxTwin.computing_in)
-            own64, _ = _run_twin(twin.computing_in("float64", dname), variables, f_args, cots, to_t, out_layouts,
-                                 in_layouts, plan, dtype=jnp.float64)
-            own_probe, own_ref = flax_main.tensors, own64.tensors
-            if with_layers:
-                rows_calls = _calls(bundle, "rows")
-                rows_vars = jax.tree_util.tree_map(
-                    lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables)
-                rows_pgrads = ref.param_grads
-                probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
-                probe_pgrads = bundle.group("layers.safetensors", "probe_params")
-                row_judge = RowJudge(Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD)),
-                                     ref64, "float32", probe_calls, probe_pgrads)
-    _fill(report, main, flax_main, out_layouts, in_layouts, plan, m, rule, tf, tg, refs, probes, own_probe, own_ref)
+
+        def own_noise(keys):  # this run against the twin's float64 run
+            say(f"flax float64 run (its own rounding noise) for {len(keys)} tensor(s)")
+            with jax.enable_x64(True):
+                # truly float64, as parity.check's: a Linen dtype=float32 field cloned (FlaxTwin.computing_in)
+                own64 = run_twin(twin.computing_in("float64", dname), jnp.float64, keys)
+            say("judging them again with the twin's own noise")
+            return {k: flax_main.tensors[k] for k in own64 if k in flax_main.tensors}, own64
+    # the one mechanism of parity.check: the twin's own noise run only for the tensors that do not
+    # pass on torch's alone, and every tensor freed once judged (the bundle's are read when asked)
+    say("judging outputs and gradients on torch's noise")
+    ModelJudge(rule, tf, tg, refs, probes, own_noise).fill(
+        report, main, flax_main, out_layouts, in_layouts, frozen=set(m["plan"].get("frozen", ())),
+        tied=m["plan"].get("tied", {}), release=flax_main.drop)
     # before the rows: the root row takes the whole-model verdicts
     report.outputs, report.logits, logit_notes = judge_logits(
-        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, logits)
+        report.outputs, list(main.outputs), flax_main.tensors, main.outputs, dname, o.logits)
     report.warnings += logit_notes
+    flax_main = None  # the rows run the twin again; nothing of this run is needed past here
     if with_layers:
         say("per-layer rows from the bundle")
-        layouts = RecordedLayouts(m["calls"]["rows"])
-        x64 = jax.enable_x64(True) if dname != "float64" else contextlib.nullcontext()
-        with x64:
-            dt = jnp.float64
-            r_args = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt) if jnp.issubdtype(a.dtype, jnp.floating)
-                                            else a, f_args)
-            to_f = {tp: fp for fp, tp in to_t.items()}
-            r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), dt) for p, c in cots.items()}
-            # the rows run the twin as declared, as parity.check's rows do: own noise is measured
-            # by the twin truly in float64 (computing_in) above, the rows judge what the port computes
-            rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
-            report.layers = analyze_layers(rows_calls, rows_flax, twin, rows_vars, plan, layouts, grads=True,
-                                           train=train, rows=row_judge, param_grads=rows_pgrads, progress=say,
-                                           root=(worst_of(report.outputs), worst_of(report.grads)))
+        report.layers = _rows(bundle, twin, variables, plan, f_args, cots, to_t, out_layouts, train, report, say,
+                              main if dname == "float64" else ref)
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
     say("done")
     return report
 
 
-def _fill(report: Report, main: _Side, flax: _FlaxSide, out_layouts, in_layouts, plan: PortPlan, m: dict,
-          rule, tf: Table, tg: Table, refs, probes, own_probe, own_ref) -> None:
-    """Outputs, input and parameter gradients, each by judge_or_table: parity.check's ModelJudge.fill
-    on recorded torch values."""
-    def one(kind, key, name, flax_value, torch_value, layout, axis):
-        table = tf if kind == FORWARD else tg
-        if key not in refs or key not in probes:
-            return judge_or_table(name, flax_value, torch_value, None, table, layout=layout)
-        return judge_or_table(name, flax_value, torch_value, rule, table, layout=layout, reference=refs[key],
-                              probe=probes[key], flax_probe=own_probe.get(key), flax_reference=own_ref.get(key),
-                              axis=axis)
+def _rows(bundle: Bundle, twin, variables, plan: PortPlan, f_args, cots, to_t, out_layouts, train: bool,
+          report: Report, say, truth: _Side):
+    """The per-layer rows from the bundle, in float64 (a float32 bundle's rows were recorded in
+    float64, with a float32 probe run measuring their noise), as parity.check's."""
+    m = bundle.manifest
+    if m["dtype"] == "float64":  # the run itself is the rows' run: its tables, its probe's gradients
+        where = ("highest", jax.default_backend())
+        probe_pgrads = _side(bundle, "probe").param_grads
+    else:
+        where = ()
+        probe_pgrads = bundle.group("layers.safetensors", "probe_params")
+    t64f, t64g = (Table(tolerance_for("float64", kind, *where)) for kind in (FORWARD, GRAD))
+    probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
+    row_judge = RowJudge(t64f, t64g, tolerance_for("float64", REFERENCE), "float32", probe_calls, probe_pgrads)
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        rows_vars = jax.tree_util.tree_map(f64, variables)
+        r_args = jax.tree_util.tree_map(f64, f_args)
+        to_f = {tp: fp for fp, tp in to_t.items()}
+        r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), jnp.float64) for p, c in cots.items()}
+        # the rows run the twin as declared, as parity.check's rows do: own noise is measured
+        # by the twin truly in float64 (computing_in) above, the rows judge what the port computes
+        rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
+        return analyze_layers(_calls(bundle, "rows"), rows_flax, twin, rows_vars, plan,
+                              RecordedLayouts(m["calls"]["rows"]), grads=True, train=train, rows=row_judge,
+                              param_grads=truth.param_grads, progress=say,
+                              root=(worst_of(report.outputs), worst_of(report.grads)))
 
-    fill_model_tensors(report, main, flax, out_layouts, in_layouts, one, frozen=set(m["plan"].get("frozen", ())),
-                       tied=m["plan"].get("tied", {}), table_grad=tg)
 
-
-__all__ = ["verify"]
+__all__ = ["VerifyOptions", "verify"]

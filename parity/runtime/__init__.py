@@ -14,15 +14,16 @@ from parity.runtime.flax_runner import (FlaxCall, FlaxRun, FlaxTwin, call_key, f
                                         forward_backward, is_nnx, output_shapes, to_host,
                                         value_and_grad_fn)
 from parity.runtime.layouts import ActivationLayouts, declared, input_layouts, output_layouts
-from parity.runtime.tree import as_args, flatten, input_paths, map_with_path, structure
+from parity.runtime.tree import (as_args, canonical_path, flatten, input_paths, map_with_path, match_outputs,
+                                 structure)
 from weight_port import TRAIN_KWARGS, TrainModeError, call_kwargs, train_kwarg_of
 from weight_port.layout import (AS_IS, CHANNELS_FIRST, LayoutError, to_flax_layout,
                                 to_torch_layout)
 
 __all__ = ["AS_IS", "CHANNELS_FIRST", "ActivationLayouts", "FlaxCall", "FlaxRun", "FlaxTwin",
            "LayoutError", "TRAIN_KWARGS", "TensorRef", "TorchCall", "TorchOp", "TorchRun", "TrainModeError", "as_args",
-           "call_key", "call_kwargs", "declared", "flatten", "flax_inputs", "forward_backward",
-           "input_layouts", "input_paths", "is_nnx", "map_with_path", "output_layouts",
+           "call_key", "call_kwargs", "canonical_path", "declared", "flatten", "flax_inputs", "forward_backward",
+           "input_layouts", "input_paths", "is_nnx", "map_with_path", "match_outputs", "output_layouts",
            "output_shapes", "random_cotangents", "run_torch", "structure", "to_flax_layout",
            "to_host", "to_torch_layout", "torch_inputs", "train_kwarg_of", "train_mode_matters", "value_and_grad_fn"]
 

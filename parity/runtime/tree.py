@@ -9,7 +9,8 @@ compare); HF ``ModelOutput`` is an OrderedDict subclass whose None fields are no
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Leaf = Any  # torch.Tensor, jax.Array / tracer, np.ndarray, or a Python scalar
@@ -83,6 +84,23 @@ def map_with_path(fn, tree, root: str = "out"):
     return walk(tree, root)
 
 
+def canonical_path(path: str) -> str:
+    """An output path as both frameworks may spell it: a ModelOutput / dataclass field
+    (``out.logits``, torch) and a dict key (``out['logits']``, a Flax dict) are one leaf to a user
+    comparing a torch ModelOutput against a Flax dict, so both become ``out.logits``."""
+    return re.sub(r"\['([^']*)'\]", r".\1", path)
+
+
+def match_outputs(flax_paths: Sequence[str], torch_paths: Sequence[str]) -> dict[str, str] | None:
+    """{flax output path: torch output path}, paired by ``canonical_path``; None when the two
+    output structures differ (a leaf on one side with no partner on the other)."""
+    by_canon = {canonical_path(p): p for p in torch_paths}
+    out = {p: by_canon.get(canonical_path(p)) for p in flax_paths}
+    if None in out.values() or len(set(out.values())) != len(torch_paths):
+        return None
+    return out
+
+
 def as_args(example_input) -> tuple:
     """The positional arguments a model is called with: a tuple/list is several arguments, any
     other value (a tensor, a dict, a dataclass) is one."""
@@ -112,4 +130,5 @@ def _jtu():
     return jax.tree_util
 
 
-__all__ = ["as_args", "flatten", "input_paths", "keystr", "map_with_path", "structure"]
+__all__ = ["as_args", "canonical_path", "flatten", "input_paths", "keystr", "map_with_path", "match_outputs",
+           "structure"]

@@ -41,14 +41,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--processes" or a.startswith("--processes="):
+            skip = a == "--processes"
+            continue
+        out.append(a)
+    return out
+
+
 def launch(argv: list[str], processes: int, devices: int, *, timeout: float | None = None) -> int:
-    """``python -m parity.cli *argv`` as ``processes`` processes of one jax.distributed job on this
-    machine, each with ``devices // processes`` simulated CPU devices. Process 0's output is
-    passed through (it alone prints the report); a process that fails stops the others (they
-    would wait in a collective forever) and its error is printed. Returns process 0's exit code."""
+    """``python -m parity.cli *argv`` (the command line as given; its ``--processes N`` left out) as
+    ``processes`` processes of one jax.distributed job on this machine, each with
+    ``devices // processes`` simulated CPU devices. Process 0's output is passed through (it alone
+    prints the report); a process that fails stops the others (they would wait in a collective
+    forever) and its error is printed. Returns process 0's exit code. Used by parity verify --mesh
+    and parity check --data-parallel."""
     if processes < 1 or devices % processes:
         raise ShardingError(f"--processes {processes}: the mesh's {devices} devices do not split evenly "
                             f"over {processes} processes")
+    argv = _without_processes(argv)
     coordinator = f"localhost:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{_FORCE}={devices // processes}"}
     logs, procs = [], []
