@@ -128,3 +128,21 @@ PAIRS: dict[str, DiffusersPair] = {p.name: p for p in [
 # check has 97 per-layer rows, 73 of them judged, its conditioning embedding and output
 # convolutions among them).
 CHECKED = ("unet2d_condition", "autoencoder_kl", "controlnet")
+
+
+def misported_variables(pair, tm: torch.nn.Module, fm, inputs) -> dict:
+    """The twin's ported variables with ``pair.misport``'s weight scaled by 1 + 1e-3 (a planted bug)."""
+    import copy
+
+    from flax import traverse_util
+
+    import weight_port
+
+    plan = weight_port.build_plan(copy.deepcopy(tm), fm, inputs, input_layout="as_is")
+    variables = plan.to_flax(tm.state_dict())
+    layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
+    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
+    flat = traverse_util.flatten_dict(variables["params"])
+    key = (*layer.info.flax_path, *leaf.split("/"))
+    flat[key] = flat[key] * (1 + 1e-3)
+    return {**variables, "params": traverse_util.unflatten_dict(flat)}

@@ -13,15 +13,13 @@ zero in exact arithmetic, a judge issue of its own.)
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-from flax import traverse_util
 
 import parity
 import weight_port
-from diffusers_pairs import CHECKED, PAIRS, geglus, transformer_norms
+from diffusers_pairs import CHECKED, PAIRS, geglus, misported_variables, transformer_norms
 
 pytest.importorskip("diffusers")
 
@@ -46,14 +44,7 @@ def test_diffusers_pair_passes(name):
 def test_diffusers_misport_is_located(name):
     pair = PAIRS[name]
     tm, fm, inputs = pair.build()
-    plan = weight_port.build_plan(copy.deepcopy(tm), fm, inputs, input_layout=AS_IS)
-    variables = plan.to_flax(tm.state_dict())
-    layer = next(lay for lay in plan.layers if lay.info.torch_path == pair.misport)
-    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
-    flat = traverse_util.flatten_dict(variables["params"])
-    key = (*layer.info.flax_path, *leaf.split("/"))
-    flat[key] = flat[key] * (1 + 1e-3)
-    bad = {**variables, "params": traverse_util.unflatten_dict(flat)}
+    bad = misported_variables(pair, tm, fm, inputs)
     r = parity.check(tm, fm, inputs, dtype="float32", variables=bad, input_layout=AS_IS, grads=False, lint=False)
     assert r.verdict == "FAIL", r
     assert (r.first_divergence, r.divergence_kind) == (pair.misport, "forward"), r

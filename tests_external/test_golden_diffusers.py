@@ -8,16 +8,13 @@ transformer norm's eps and GEGLU's GELU are the upstream findings test_diffusers
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-from flax import traverse_util
 
 import golden_hf_twins as twins
 import parity
-import weight_port
-from diffusers_pairs import PAIRS
+from diffusers_pairs import PAIRS, misported_variables
 from test_golden_hf import _verify_without_torch
 
 pytest.importorskip("diffusers")
@@ -49,13 +46,6 @@ def test_unet_bundle_verifies_without_torch(recorded, tmp_path):
 
 def test_planted_bug_in_the_unet_is_located_from_the_bundle(recorded):
     tm, fm, inputs = PAIR.build()
-    plan = weight_port.build_plan(copy.deepcopy(tm), fm, inputs, input_layout=AS_IS)
-    variables = plan.to_flax(tm.state_dict())
-    layer = next(lay for lay in plan.layers if lay.info.torch_path == PAIR.misport)
-    leaf = next(t.flax_name for t in layer.rule.tensors if t.torch_name == "weight")
-    flat = traverse_util.flatten_dict(variables["params"])
-    key = (*layer.info.flax_path, *leaf.split("/"))
-    flat[key] = flat[key] * (1 + 1e-3)
-    report = parity.verify(recorded, fm, variables={**variables, "params": traverse_util.unflatten_dict(flat)})
+    report = parity.verify(recorded, fm, variables=misported_variables(PAIR, tm, fm, inputs))
     assert report.verdict == "FAIL", str(report)
     assert (report.first_divergence, report.divergence_kind) == (PAIR.misport, "forward"), str(report)

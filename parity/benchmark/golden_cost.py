@@ -9,7 +9,7 @@ The compile's share is measured, not guessed: a ``compile`` run lowers and compi
 jitted forward/VJP in float32 and float64 (what verify compiles) on abstract inputs, nothing
 else, and its growth is the compile term of verify's budget.
 The verify and compile processes run as on a machine without torch: torch is not found there
-(``_hide_torch``, as tests/no_torch does for the torch-free tests), and the table says so. Wall time and peak RSS growth are measured
+(``parity.golden.hide_torch``, as tests/no_torch does for the torch-free tests), and the table says so. Wall time and peak RSS growth are measured
 after the imports and the model build (parity.benchmark.rss). Workloads: Hugging Face
 GPT2LMHeadModel (tied LM head) built from a config, random init, never from the hub:
 ``gpt2-tiny`` (2 layers of 32, batch 2 x 16, also with per-layer rows), ``gpt2-medium``
@@ -159,29 +159,14 @@ def _compile(workload: str, bundle: Path) -> GoldenCost:
                       torch_imported="torch" in sys.modules)
 
 
-class _NoTorch:
-    """Wraps a meta-path finder so that it finds no torch, exactly as if torch were not installed
-    (``find_spec("torch")`` is None, ``import torch`` raises ModuleNotFoundError): weight_port and
-    transformers take their torch-free paths, as on a JAX-only host."""
-
-    def __init__(self, finder):
-        self._finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            return None
-        return self._finder.find_spec(name, path, target)
-
-    def __getattr__(self, attr):  # invalidate_caches, find_distributions, ...
-        return getattr(self._finder, attr)
-
-
 def child(workload: str, kind: str, bundle: str) -> GoldenCost:
     """One measurement in this process (called in a fresh one)."""
     layers = kind.endswith("+layers")
     base = kind.split("+")[0]
     if base != "record":
-        sys.meta_path[:] = [_NoTorch(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+        from parity.golden import hide_torch
+
+        hide_torch()  # as on a JAX-only host
     if base == "record":
         cost = _record(workload, Path(bundle), layers)
     elif base == "verify":

@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 
 from parity.golden._bundle import FORMAT, BundleError, BundleTooLarge, read_bundle
+from parity.golden._no_torch import hide_torch
 
 _LAZY = {"record": "parity.golden._record", "DEFAULT_MAX_BYTES": "parity.golden._record",
          "verify": "parity.golden._verify", "VerifyOptions": "parity.golden._verify"}
 
-__all__ = ["BundleError", "BundleTooLarge", "DEFAULT_MAX_BYTES", "FORMAT", "VerifyOptions", "read_bundle", "record",
-           "verify"]
+__all__ = ["BundleError", "BundleTooLarge", "DEFAULT_MAX_BYTES", "FORMAT", "VerifyOptions", "hide_torch", "read_bundle",
+           "record", "verify"]
 
 
 def __getattr__(name: str):
