@@ -25,11 +25,12 @@ def start_run() -> None:
         # the executable XLA built for the identical program, options and flags (all in the key), so
         # no test checks anything different. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(run_dir, "xla_cache"))
-        # Every program, the tiny ones too (the eager casts and reductions of the judge, a layer run
-        # alone): loading one costs a few ms against tens of ms to compile. Measured on test_models,
-        # test_checker_planted and test_cli_check in one process: 179 s of CPU with a 0.1 s minimum,
-        # 144 s with none.
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        # Programs that took 0.1 s or more to compile (a model's forward+backward, the per-layer
+        # batch: the costly ones). Caching the many tiny ones too was measured worse: the whole
+        # suite on the idle 2-core VM took 8:48 (user 859 s, sys 116 s) with no minimum against
+        # 6:28 (707 s, 41 s) with 0.1 s: two workers and their children locking and writing every
+        # small entry cost more than recompiling it (one process alone gains, 179 -> 144 s).
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
         # A size limit turns on JAX's file lock around cache reads and writes, so a worker never
         # reads an entry another process is still writing (4 GiB: never reached by this suite).
         os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))

@@ -97,34 +97,40 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     # no XLA_FLAGS from outside: the command asks for its devices itself (--processes: per process)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT / "tests", env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_two_processes_give_one_report(tmp_path):
     """--processes 2: the check as 2 processes x 4 simulated CPU devices of one jax.distributed job
     on localhost (gloo collectives), the data-parallel mesh of 8 spanning both; process 0 alone
-    prints and writes the report, which equals the one-process run's on 8 devices."""
-    common = ("check", "unet-same-bn", "--dtype", "float32", "--no-layers", "--data-parallel", "8", "--quiet")
+    prints and writes the report, which equals the one-process run's on 8 devices. A conv +
+    BatchNorm pair in train mode (dp_models): the batch statistics are where processes matter."""
+    common = ("check", "--torch", "dp_models:TorchConvBN", "--flax", "dp_models:FlaxConvBN", "--name", "convbn",
+              "--input-shape", "16,3,6,6", "--layout", "NC...", "--output-layout", "NC...", "--train",
+              "--dtype", "float32", "--no-layers", "--data-parallel", "8", "--quiet")
     two = _cli(*common, "--processes", "2", "--json", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stdout + two.stderr
-    rows = [ln.split()[:3] for ln in two.stdout.splitlines() if ln.startswith("unet-same-bn ")]
-    assert rows == [["unet-same-bn", "float32", "eval"], ["unet-same-bn", "float32", "train"]]  # one report each
+    rows = [ln.split()[:3] for ln in two.stdout.splitlines() if ln.startswith("convbn ")]
+    assert rows == [["convbn", "float32", "train"]]  # one report, from process 0 only
     one = _cli(*common, "--json", str(tmp_path / "one.json"))
     assert one.returncode == 0, one.stdout + one.stderr
-    for got, want in zip(json.loads((tmp_path / "two.json").read_text()),
-                         json.loads((tmp_path / "one.json").read_text())):
-        dp, dp1 = got["data_parallel"], want["data_parallel"]
-        assert (dp["processes"], dp["devices_per_process"], dp["devices"], dp["per_device_batch"]) == (2, 4, 8, 2)
-        assert (dp1["processes"], dp1["devices_per_process"]) == (1, 8)
-        assert got["verdict"] == want["verdict"] == "PASS" and dp["ok"]
-        assert [b["torch_path"] for b in dp["batchnorm"]] == [b["torch_path"] for b in dp1["batchnorm"]]
-        assert bool(dp["batchnorm"]) == (got["mode"] == "train")
-        for c, c1 in zip(dp["vs_torch"] + dp["vs_single"], dp1["vs_torch"] + dp1["vs_single"]):
-            assert c["name"] == c1["name"] and c["ok"]
-            # the same sharded program over other processes: within the table's tolerance
-            tol = tolerance_for("float32", FORWARD if " output" in c["name"] else GRAD, "highest", "cpu")
-            assert abs(c["rel_norm"] - c1["rel_norm"]) <= tol.rtol, c["name"]
+    got, want = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    dp, dp1 = got["data_parallel"], want["data_parallel"]
+    assert (dp["processes"], dp["devices_per_process"], dp["devices"], dp["per_device_batch"]) == (2, 4, 8, 2)
+    assert (dp1["processes"], dp1["devices_per_process"]) == (1, 8)
+    assert got["verdict"] == want["verdict"] == "PASS" and dp["ok"]
+    assert [b["torch_path"] for b in dp["batchnorm"]] == [b["torch_path"] for b in dp1["batchnorm"]] == ["bn"]
+    assert len(dp["vs_torch"] + dp["vs_single"]) == len(dp1["vs_torch"] + dp1["vs_single"]) > 0
+    for c, c1 in zip(dp["vs_torch"] + dp["vs_single"], dp1["vs_torch"] + dp1["vs_single"]):
+        assert c["name"] == c1["name"] and c["ok"] == c1["ok"] is True
+        if c1["rel_norm"] > 1:
+            # rounding noise only: the conv bias before a train-mode BatchNorm cancels (its gradient
+            # is zero in exact arithmetic), so its relative error is a draw, not a figure to match
+            continue
+        # the same sharded program over other processes: within the table's tolerance
+        tol = tolerance_for("float32", FORWARD if " output" in c["name"] else GRAD, "highest", "cpu")
+        assert abs(c["rel_norm"] - c1["rel_norm"]) <= tol.rtol, c["name"]
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -115,6 +115,12 @@ def own_pair(args: argparse.Namespace) -> OwnPair:
                          + (f" ({', '.join(others)} given)" if others else ""))
     if bool(args.input_shape) == bool(args.example_input):
         raise SetupError("your own pair needs exactly one of --input-shape and --example-input")
+    import torch
+
+    # A factory that initialises at random draws from torch's global generator: seeded (--seed),
+    # so every run, and every process of a --processes job, builds the same weights (each process
+    # places its own shards of them: unseeded, process 1's shards came from other weights).
+    torch.manual_seed(getattr(args, "seed", 0))
     torch_model = call_factory(load_factory(args.torch, "--torch"), args.torch, "--torch")
     flax_model = call_factory(load_factory(args.flax, "--flax"), args.flax, "--flax")
     expect_models(torch_model, args.torch, flax_model, args.flax)
