@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from parity._xla_flags import with_cpu_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def run_json_child(script: str, *args: str, devices: int | None = None, timeout:
     stdout line parsed as JSON. A failing child fails the calling test with its stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), devices)  # beside the suite's flags
     done = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from parity._xla_flags import with_cpu_devices
+
 _RESULT = "PARITY_DP_SCALING_RESULT "  # prefix of the child's last stdout line (JSON)
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding parity/, for the child's imports
 
@@ -67,9 +69,7 @@ def run_in_child(cfg: ScalingConfig, out_dir: Path, log: Callable[[str], None] =
     cfg.global_batch()  # a bad batch fails here, before a process starts
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(_ROOT), *(p for p in sys.path if p)]))}
     if cfg.device == "cpu":
-        flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cfg.devices}".strip()
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), cfg.devices)
         env["JAX_PLATFORMS"] = "cpu"
     # stderr merged into stdout: one pipe read to its end cannot fill up and stall the child
     # cwd=_ROOT (and so an absolute out_dir): `python -m` puts the working directory first on

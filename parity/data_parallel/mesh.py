@@ -7,10 +7,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from parity._xla_flags import FORCE_DEVICES, with_cpu_devices
 from weight_port import put_sharded
 
 AXIS = "data"
-_FORCE = "--xla_force_host_platform_device_count"
 
 
 class DataParallelError(ValueError):
@@ -21,9 +21,7 @@ def request_cpu_devices(n: int) -> None:
     """Ask XLA for ``n`` simulated CPU devices. Only effective before JAX initialises its backends
     (the first jax.devices() / computation), which is why the CLI calls it before any work and
     tests run multi-device cases in their own process with XLA_FLAGS set."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if _FORCE not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_FORCE}={n}".strip()
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), n, replace=False)
 
 
 def data_mesh(n: int, devices=None) -> Mesh:
@@ -34,7 +32,7 @@ def data_mesh(n: int, devices=None) -> Mesh:
     if len(devices) < n:
         raise DataParallelError(
             f"data_parallel={n} needs {n} devices, JAX has {len(devices)} ({devices[0].platform}); on CPU "
-            f"set XLA_FLAGS={_FORCE}={n} before JAX initialises (the parity CLI does this itself)")
+            f"set XLA_FLAGS={FORCE_DEVICES}={n} before JAX initialises (the parity CLI does this itself)")
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 

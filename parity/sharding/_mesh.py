@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 import re
 
+from parity._xla_flags import FORCE_DEVICES
 from parity.errors import UsageError
 
 DATA, MODEL = "data", "model"  # the batch / FSDP axis and the tensor-parallel axis of the rule table
-_FORCE = "--xla_force_host_platform_device_count"
 _AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -54,7 +54,7 @@ def make_mesh(mesh, devices=None):
     need = math.prod(s for _, s in axes)
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < need:
-        hint = (f"; on CPU set XLA_FLAGS={_FORCE}={need} before JAX initialises (the parity CLI does "
+        hint = (f"; on CPU set XLA_FLAGS={FORCE_DEVICES}={need} before JAX initialises (the parity CLI does "
                 "this itself when nothing set it)" if devices[0].platform == "cpu" else "")
         raise ShardingError(f"--mesh {mesh!r} needs {need} devices, JAX has {len(devices)} "
                             f"({devices[0].platform}){hint}")

@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 
+from parity._xla_flags import with_cpu_devices
 from parity.sharding._mesh import ShardingError
 
-_FORCE = "--xla_force_host_platform_device_count"
 
 
 def join(coordinator: str, num_processes: int | None = None, process_id: int | None = None) -> None:
@@ -63,7 +63,9 @@ def launch(argv: list[str], processes: int, devices: int, *, timeout: float | No
                             f"over {processes} processes")
     argv = _without_processes(argv)
     coordinator = f"localhost:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{_FORCE}={devices // processes}"}
+    # each process its share of the devices; the user's other XLA flags travel with it
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices // processes)}
     logs, procs = [], []
     for i in range(processes):
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
