@@ -1,0 +1,31 @@
+"""parity bench --check-cost's pieces (parity/benchmark/check_cost.py): the floor with the twin's
+own float64 run really runs that run, and the table compares a check with the floor it needed."""
+from __future__ import annotations
+
+import torch
+
+import parity.checker
+from parity.benchmark import check_cost
+from parity.benchmark.check_cost import Cost, table
+from planted import make_flax_block, make_torch_block
+
+
+def test_floor_own_runs_the_twins_float64_run_and_the_floor_does_not(monkeypatch):
+    calls = []
+    real = parity.checker._flax_values
+    monkeypatch.setattr(parity.checker, "_flax_values", lambda run, d: calls.append(d) or real(run, d))
+    x = torch.randn(3, 8)
+    assert check_cost._floor(make_torch_block(), make_flax_block(), x, {}) == "floor" and calls == []
+    assert check_cost._floor(make_torch_block(), make_flax_block(), x, {}, own=True) == "floor"
+    assert calls == ["float64"]
+
+
+def test_table_ratios_against_the_floor_the_check_needed():
+    costs = [Cost("m", "floor", 10.0, 100.0, 1.0, "floor"), Cost("m", "floor-own", 15.0, 150.0, 1.0, "floor"),
+             Cost("m", "check", 18.0, 165.0, 1.0, "PASS", own_noise=True),
+             Cost("m", "check-layers", 30.0, 300.0, 1.0, "PASS")]
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in table(costs).splitlines()[2:]}
+    own = rows["check (own noise run)"]
+    assert own[3:6] == ["1.80", "1.20", "165"] and own[6:8] == ["1.65", "1.10"]
+    plain = rows["check-layers"]
+    assert plain[3:5] == ["3.00", ""] and plain[6:8] == ["3.00", ""]  # no own-noise run: no floor-own ratio
