@@ -373,13 +373,6 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
             frozen={n for n, p in run.torch_module.named_parameters() if not p.requires_grad},
             tied=getattr(run.plan, "tied", None) or {})
     _judge_logits(report, run, o)
-    own = [c.name for c in report.outputs + report.grads if "twin's own rounding noise only" in c.note]
-    if own:
-        report.warnings.append(
-            f"{', '.join(own[:4])}{' ...' if len(own) > 4 else ''}: some slices are within the twin's own "
-            f"{dname} rounding noise only, larger there than torch's (a slice that is zero in exact "
-            "arithmetic, or reductions XLA accumulates in the low dtype): the same computation, rounded "
-            "differently")
     _locate_nonfinite(report, run, lambda: run_pair(pair, o, layers=True, say=say) if run.torch.calls is None else run)
     if o.data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
         from parity.data_parallel import attach
@@ -477,7 +470,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
 
         def other():
             with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
-                return _own_noise_run(run, "float32", report)
+                return _flax_values(run, "float32")
         return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
     say("float64 reference run")
     try:
@@ -506,7 +499,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
     if not o.layers:
         def other():
             with jax.enable_x64(True):
-                return _own_noise_run(run, "float64", report)
+                return _flax_values(run, "float64")
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
     lower = _lower_warning(ref_torch, report, "float64 reference run") or _float32_tables(ref, report)
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
@@ -521,17 +514,8 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         rows = RowJudge(t64f, t64g)
     def other():  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
         with jax.enable_x64(True):
-            return _own_noise_run(run, "float64", report)
+            return _flax_values(run, "float64")
     return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
-
-
-def _own_noise_run(run: CapturedRun, dname: str, report: Report) -> dict[str, np.ndarray] | None:
-    try:
-        return _flax_values(run, dname)
-    except Exception as exc:  # noqa: BLE001 -- a twin that cannot run in dname: torch's noise alone
-        report.warnings.append(f"the twin's {dname} run (its own rounding noise) failed ({type(exc).__name__}: "
-                               f"{str(exc)[:120]}): noise slices are judged by torch's noise alone")
-        return None
 
 
 def _flax_values(run: CapturedRun, dname: str) -> dict[str, np.ndarray]:

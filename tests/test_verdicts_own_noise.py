@@ -95,3 +95,35 @@ def test_a_layer_row_counts_the_twins_own_noise_too():
 def test_a_layer_row_with_a_real_error_still_fails_and_is_located():
     r = parity.check(TorchLinear(), FC(error=1e-4), X, input_layout="as_is", lint=False)
     assert r.verdict == "FAIL" and r.first_divergence == "fc", str(r)
+
+
+class FCNoFloat64(FC):
+    """FC that cannot compute in float64 (its own-noise run raises): torch's noise alone decides."""
+
+    @nn.compact
+    def __call__(self, x):
+        if jnp.dtype(self.dtype) == jnp.float64:
+            raise TypeError("this twin has no float64 kernels")
+        return ShiftedDense(dtype=self.dtype, error=self.error, name="fc")(x)
+
+
+def test_verify_counts_and_names_the_twins_own_noise_as_check_does(tmp_path):
+    bundle = parity.record(TorchLinear(), torch.as_tensor(X, dtype=torch.float32), tmp_path / "b",
+                           input_layout="as_is", layers=False)
+    r = parity.verify(bundle, FC(), layers=False)
+    assert r.verdict == "PASS", str(r)
+    assert "within the twin's own rounding noise only" in r.outputs[0].note, r.outputs[0].note
+    assert any("rounding noise only, larger there than torch's" in w for w in r.warnings), r.warnings
+
+
+def test_an_own_noise_run_that_raises_is_a_warning_in_check_and_verify(tmp_path):
+    # torch's noise alone does not pass this twin (the test above): without its own run it FAILs,
+    # and says why; verify raised here before
+    r = parity.check(TorchLinear(), FCNoFloat64(), X, input_layout="as_is", layers=False, lint=False)
+    assert r.verdict == "FAIL" and any("own-noise run (the other precision) failed (TypeError" in w
+                                       for w in r.warnings), r.warnings
+    bundle = parity.record(TorchLinear(), torch.as_tensor(X, dtype=torch.float32), tmp_path / "b",
+                           input_layout="as_is", layers=False)
+    v = parity.verify(bundle, FCNoFloat64(), layers=False)
+    assert v.verdict == "FAIL" and any("own-noise run (the other precision) failed (TypeError" in w
+                                       for w in v.warnings), v.warnings
