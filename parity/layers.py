@@ -32,7 +32,8 @@ import numpy as np
 from flax import traverse_util
 
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
-from parity.runtime import FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, to_host
+from parity.runtime import (FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, match_outputs,
+                            to_host)
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -328,10 +329,13 @@ def _flatten_of(torch_path: str, plan: PortPlan) -> tuple[int, ...] | None:
 
 def _align_outputs(flax_paths: list[str], torch_paths: list[str]) -> dict[str, str]:
     """{flax output path: torch output path} of one layer: by name when both sides name the leaves
-    alike, else by order when the counts agree (an HF Flax layer returns ``(h,)`` where its torch
-    twin returns ``h``); {} otherwise (the comparison then reports the structural difference)."""
-    if set(flax_paths) == set(torch_paths):
-        return {p: p for p in flax_paths}
+    alike (parity.runtime.match_outputs: a torch ModelOutput's ``out.z`` is a Flax dict's
+    ``out['z']``, whatever the order of each side's leaves), else by order when the counts agree
+    (an HF Flax layer returns ``(h,)`` where its torch twin returns ``h``); {} otherwise (the
+    comparison then reports the structural difference)."""
+    by_name = match_outputs(flax_paths, torch_paths)
+    if by_name is not None:
+        return by_name
     if len(flax_paths) == len(torch_paths):
         return dict(zip(flax_paths, torch_paths))
     return {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from transformers.utils import ModelOutput
 
 import parity
 import weight_port
@@ -384,3 +386,52 @@ def test_real_bug_hidden_downstream_is_not_taken_for_a_boundary():
     assert r.outputs[0].ok  # the model output cannot see it
     assert r.layer("blk.attn.q").boundary is None, str(r)
     assert (r.first_divergence, r.divergence_kind) == ("blk.attn.q", "forward"), str(r)
+
+
+# -- f. a layer returning a ModelOutput in torch and a dict in Flax -----------------------------------
+@dataclass
+class TwoOut(ModelOutput):
+    # field order (z before a) differs from the Flax dict's sorted keys (a before z)
+    z: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+
+
+class TorchTwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.za = torch.nn.Linear(6, 5)
+        self.zb = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return TwoOut(z=self.za(x), a=self.zb(x))
+
+
+class TorchTwoHeadsModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = TorchTwoHeads()
+
+    def forward(self, x):
+        o = self.heads(x)
+        return o.z.sum(-1) + o.a.sum(-1)
+
+
+class FlaxTwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return {"z": nn.Dense(5, name="za")(x), "a": nn.Dense(3, name="zb")(x)}
+
+
+class FlaxTwoHeadsModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        o = FlaxTwoHeads(name="heads")(x)
+        return o["z"].sum(-1) + o["a"].sum(-1)
+
+
+def test_a_layers_named_outputs_pair_by_name_across_modeloutput_and_dict():
+    r = parity.check(TorchTwoHeadsModel(), FlaxTwoHeadsModel(), _x(4, 6), dtype="float64", input_layout="as_is")
+    assert r.verdict == "PASS", str(r)
+    # paired by name (out.z with out['z']), not by the order of the leaves: the row is compared
+    row = next(x for x in r.layers if x.torch_path == "heads")
+    assert row.isolated is not None and row.isolated.ok and not row.notes, str(r)
