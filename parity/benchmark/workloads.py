@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 from parity.benchmark.devices import Device
 from parity.benchmark.names import PHASES, VARIANTS
-from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
-                            to_torch_layout, torch_inputs, value_and_grad_fn)
 from parity.pair import CheckOptions
 from parity.pair import prepare as prepare_pair
+from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
+                            to_torch_layout, torch_inputs)
+from parity.training import flax_train_step
 from weight_port import to_numpy
 
 LR, MOMENTUM = 1e-3, 0.9
@@ -363,8 +364,9 @@ def _jax_step(prep: Prepared, phase: str) -> Step:
         params = variables["params"]
         rest = {k: v for k, v in variables.items() if k != "params"}
         tx = optax.sgd(LR, momentum=MOMENTUM)
-        fn = jax.jit(_flax_train_step(twin, tx), donate_argnums=(0, 1, 2))
-        state = [params, tx.init(params), rest]
+        # parity.training's one Flax step, its buffers donated (params, batch statistics, optimizer state)
+        fn = jax.jit(flax_train_step(twin, tx, _mse_over_targets, measure=False), donate_argnums=(0, 1, 2))
+        state = [params, rest, tx.init(params)]
 
         def run():
             step = _aot(compiled, fn, [*state, args, y])
@@ -431,23 +433,11 @@ def jax_peak_bytes(exe, dev) -> tuple[int | None, str]:
     return int(mem["peak_bytes_in_use"]), "jax device.memory_stats()['peak_bytes_in_use'] (process-wide peak)"
 
 
-def _flax_train_step(twin: FlaxTwin, tx):
-    """One SGD-momentum step on the summed MSE loss, differentiated by the engine's
-    value_and_grad_fn (the same core parity.training uses); non-param collections (BatchNorm
-    statistics) updated. args: the Flax-layout input pytree; y: {Flax output path: target}."""
-
-    def loss(out, y):
-        out = flatten(out)
-        return sum(jnp.mean((out[p] - t) ** 2) for p, t in y.items())  # F.mse_loss(mean) per leaf
-
-    grad_fn = value_and_grad_fn(twin, loss)
-
-    def train_step(params, opt_state, rest, args, y):
-        loss, grads, new_rest = grad_fn({"params": params, **rest}, args, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, new_rest, loss
-
-    return train_step
+def _mse_over_targets(out, y) -> jax.Array:
+    """The benchmark's training loss: F.mse_loss (mean) per output leaf with a target, summed.
+    y: {Flax output path: target}."""
+    out = flatten(out)
+    return sum(jnp.mean((out[p] - t) ** 2) for p, t in y.items())
 
 
 def _flops_or_reason(value: int | None, source: str) -> tuple[int | None, str]:

@@ -173,13 +173,16 @@ def _target_maker(pair: PreparedPair, settings: TrainSettings) -> Callable[[np.n
 
 
 # --- the Flax step ------------------------------------------------------------------------------
-def flax_train_step(twin: FlaxTwin, tx: optax.GradientTransformation, loss: str, *, measure: bool = True) -> Callable:
+def flax_train_step(twin: FlaxTwin, tx: optax.GradientTransformation, loss: str | Callable, *,
+                    measure: bool = True) -> Callable:
     """The Flax side of one training step, jitted (training parity on one device and sharded, the
-    data-parallel benchmark): (params, other collections, optimizer state, inputs, target) ->
-    (params, updated collections, optimizer state, loss, global gradient norm, gradients);
-    measure=False: the first four only (timing). Inputs and target in Flax layout; the gradient
-    comes from the engine's value_and_grad_fn."""
-    grad_fn = value_and_grad_fn(twin, lambda out, y: flax_loss(loss, first_leaf(out), y))
+    data-parallel benchmark, the benchmark workloads' train phase): (params, other collections,
+    optimizer state, inputs, target) -> (params, updated collections, optimizer state, loss,
+    global gradient norm, gradients); measure=False: the first four only (timing). Inputs and
+    target in Flax layout; loss: a name (parity.training's losses, on the first output leaf) or
+    ``loss(outputs, target) -> scalar``; the gradient comes from the engine's value_and_grad_fn."""
+    loss_fn = loss if callable(loss) else (lambda out, y: flax_loss(loss, first_leaf(out), y))
+    grad_fn = value_and_grad_fn(twin, loss_fn)
 
     @jax.jit
     def step(p, rest, state, x, y):
