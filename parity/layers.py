@@ -731,7 +731,10 @@ def analyze_layers(
                                           probe_vals=probe.output_values if probe else None)
         row.input_accumulated = judge_inputs(pc, pc.flax_inputs)
         t_g = {p: g for p, g in tc.output_grads.items() if p in pc.out_layouts}
-        if grads and t_g and set(t_g) <= set(pc.flax_cots):
+        # Not at the root: its output cotangent is the seeded one on both sides (nothing computed),
+        # and torch's hook on a returned tensor also sums the tensor's uses inside the root (BERT's
+        # pooler reads last_hidden_state), which a perturbation of Flax's returned value cannot see.
+        if grads and t_g and set(t_g) <= set(pc.flax_cots) and not pc.is_root:
             row.grad_accumulated = _compare_leaves(f"d/d {row.name}", {p: pc.flax_cots[p] for p in t_g}, t_g,
                                                    pc.out_layouts, rows, grad=True, tc=tc,
                                                    probe_vals=probe.output_grads if probe else None)

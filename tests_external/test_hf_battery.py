@@ -44,10 +44,15 @@ def _check(pair, dtype, **kw):
     pytest.param(n, d, id=f"{n}-{d}") for n in PAIRS for d in ("float32", "float64")
     if not (d == "float64" and n in FLOAT32_INSIDE | NO_TORCH_FLOAT64)])
 def test_hf_pair_passes(name, dtype):
-    r = _check(PAIRS[name], dtype)
+    # Per-layer rows in the float32 check only: a float32 check judges its rows on its float64
+    # run (both sides in float64, a nudged float32 torch probe measuring their noise), which is
+    # exactly what a float64 check's rows are (the same runs, tables and probe), so a second set of
+    # rows would judge the same numbers again (a third of the battery's time).
+    r = _check(PAIRS[name], dtype, layers=dtype == "float32")
     assert r.verdict == "PASS", r
-    judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
-    assert len(judged) >= 5, r
+    if dtype == "float32":
+        judged = [row for row in r.layers if row.isolated is not None and row.torch_path]
+        assert len(judged) >= 5, r
     assert r.outputs and all(c.mismatches == 0 for c in r.outputs)  # compared, not a structure row
     # The trap lint reads these models' own forward (torch.fx traces none of them): no finding,
     # not even a note that it could not read one (HF builds masks inside torch.vmap).
