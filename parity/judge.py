@@ -244,7 +244,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
         ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
         own = None
         if flax_probe is not None and flax_reference is not None:
-            own = (_as_float64(flax_probe), _as_float64(flax_reference))
+            # as they are: _row_norms reads them in float64 a block at a time
+            own = (to_numpy(flax_probe), to_numpy(flax_reference))
             if own[0].shape != expected.shape or own[1].shape != expected.shape:
                 own = None
         return _measured(name, actual, expected, ref, prb, rule, stats, ax, own)
@@ -428,6 +429,30 @@ class _Stats:
     extra: dict = field(default_factory=dict)
 
 
+# Elements per block of the blockwise reductions below: each temporary is a block (32 MiB in
+# float64), never the tensor's size (a 50k-token vocabulary's embedding gradient is 400 MB).
+_BLOCK = 1 << 22
+
+
+def _blocks(n: int, per_row: int):
+    """Row ranges [i, j) of an n-row array in blocks of about _BLOCK elements."""
+    step = max(1, _BLOCK // max(per_row, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _row_norms(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """||a_i - b_i|| (||a_i|| without ``b``) of each row of 2-d ``a``, in float64, a block of rows at
+    a time: each row's norm is the same computation as ``np.linalg.norm(a - b, axis=1)``'s, without
+    its whole-tensor temporaries (the difference, and its square)."""
+    f64 = lambda x: np.asarray(x, dtype=np.float64)  # noqa: E731
+    if not a.shape[0] or not a.shape[1] or not (a.flags.c_contiguous and (b is None or b.flags.c_contiguous)):
+        # strided rows (a channels-last slice view): numpy's reduction order there depends on the
+        # whole array's layout, so the blocks could round differently; in one piece, as before
+        return np.linalg.norm(f64(a) if b is None else f64(a) - f64(b), axis=1)
+    return np.concatenate([np.linalg.norm(f64(a[i:j]) if b is None else f64(a[i:j]) - f64(b[i:j]), axis=1)
+                           for i, j in _blocks(a.shape[0], a.shape[1])])
+
+
 def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     finite = np.isfinite(actual)
     finite &= np.isfinite(expected)
@@ -475,10 +500,19 @@ def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     ref_norm = float(np.linalg.norm(expected)) if expected.size else 0.0
     norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0
     rel_norm = norm_diff / ref_norm if ref_norm > 0 else (0.0 if norm_diff == 0 else math.inf)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.divide(diff, expected, out=np.where(diff > 0, np.inf, 0.0), where=expected != 0)
-    np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
-    return _Stats(diff, none, none, none, ref_norm, rel_norm, float(rel.max()) if rel.size else 0.0)
+    max_rel = 0.0
+    if diff.ndim and diff.size:  # a block of rows at a time: |diff / expected| without its whole copy
+        for i, j in _blocks(diff.shape[0], diff.size // diff.shape[0]):
+            d, e = diff[i:j], expected[i:j]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rel = np.divide(d, e, out=np.where(d > 0, np.inf, 0.0), where=e != 0)
+            np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
+            max_rel = max(max_rel, float(rel.max()) if rel.size else 0.0)
+    elif diff.size:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.divide(diff, expected, out=np.where(diff > 0, np.inf, 0.0), where=expected != 0)
+        max_rel = float(np.abs(rel).max())
+    return _Stats(diff, none, none, none, ref_norm, rel_norm, max_rel)
 
 
 def _worst_in_slice(diff: np.ndarray, axis, row: int) -> tuple[int, ...]:
@@ -572,15 +606,15 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
             raise NoEvidence(f"{name}: the reference or probe run is not finite where both sides are")
         z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
     fl, rf, pr = _slices(z(actual), axis), _slices(z(ref), axis), _slices(z(probe), axis)
-    flax_err = np.linalg.norm(fl - rf, axis=1)
-    probe_err = np.linalg.norm(pr - rf, axis=1)
+    flax_err = _row_norms(fl, rf)
+    probe_err = _row_norms(pr, rf)
     noise = rule.noise_scale * probe_err
-    ref_n = np.linalg.norm(rf, axis=1)
+    ref_n = _row_norms(rf)
     if own is not None and np.isfinite(own[0]).all() and np.isfinite(own[1]).all():
-        scale = np.maximum(np.linalg.norm(pr, axis=1), ref_n)
+        scale = np.maximum(_row_norms(pr), ref_n)
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(scale > 0, probe_err / np.where(scale > 0, scale, 1.0), 1.0)
-        own_noise = rule.noise_scale * np.linalg.norm(_slices(own[0], axis) - _slices(own[1], axis), axis=1)
+        own_noise = rule.noise_scale * _row_norms(_slices(own[0], axis), _slices(own[1], axis))
         counts = (share >= NOISE_SLICE_SHARE) | rule.own_everywhere
         own_decided = counts & (own_noise > noise) & (flax_err > rule.k * noise)
         noise = np.where(counts, np.maximum(noise, own_noise), noise)
