@@ -186,15 +186,29 @@ def _n_slices(x: np.ndarray, axis: int | None) -> tuple[int, int]:
     return n, (x.size // n if n else 0)
 
 
-def _slice_norms(x: np.ndarray, axis: int | None) -> np.ndarray:
-    """The 2-norm of each slice of ``x`` along ``axis`` (one for the whole array when ``axis`` is
-    None or ``x`` has fewer than 2 dimensions), shape [slices]. One pass, no temporaries: no moved
-    copy of ``x``, no squared copy (a 50k x 1k embedding gradient is 400 MB in float64)."""
-    if axis is None or x.ndim < 2:
-        flat = x.reshape(-1)
-        return np.sqrt(np.array([np.dot(flat, flat)]))
-    dims = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
-    return np.sqrt(np.einsum(f"{dims},{dims}->{dims[axis]}", x, x))
+def _slice_norms(a: np.ndarray, axis: int | None, b: np.ndarray | None = None) -> np.ndarray:
+    """The 2-norm of each slice of ``a - b`` (of ``a`` without ``b``) along ``axis`` (one for the
+    whole array when ``axis`` is None or it has fewer than 2 dimensions), in float64, shape
+    [slices]. A block of the leading axis at a time, the sums of squares by einsum: the
+    temporaries are a block (the difference, a float32 value read in float64), never the tensor's
+    size, and no moved or squared copy (a 50k x 1k embedding gradient is 400 MB in float64)."""
+    whole = axis is None or a.ndim < 2
+    if a.ndim == 0 or not a.size:
+        d = np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
+        return np.sqrt(np.array([float(np.sum(d * d))]) if whole else np.zeros(a.shape[axis]))
+    dims = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
+    keep = "" if whole else dims[axis % a.ndim]
+    parts, total = [], 0.0
+    for i, j in _blocks(a.shape[0], a.size // a.shape[0]):
+        d = np.asarray(a[i:j], np.float64)
+        if b is not None:
+            d = d - np.asarray(b[i:j], np.float64)
+        sq = np.einsum(f"{dims},{dims}->{keep}", d, d)
+        if keep == "a":  # slices along the blocked axis: each block holds whole slices
+            parts.append(sq)
+        else:
+            total = total + sq
+    return np.sqrt(np.concatenate(parts) if parts else np.atleast_1d(total))
 
 
 def failed_comparison(name: str, reason: str, rule: Rule | Tolerance | None = None) -> Comparison:
@@ -255,7 +269,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
         ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
         own = None
         if flax_probe is not None and flax_reference is not None:
-            own = (_as_float64(flax_probe), _as_float64(flax_reference))
+            # as they are: _slice_norms reads them in float64 a block at a time
+            own = (to_numpy(flax_probe), to_numpy(flax_reference))
             if own[0].shape != expected.shape or own[1].shape != expected.shape:
                 own = None
         return _measured(name, actual, expected, ref, prb, rule, stats, ax, own)
@@ -460,6 +475,17 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(np.add.reduce(x, axis=None))) or bool(np.isfinite(x).all())
 
 
+# Elements per block of the blockwise reductions below: each temporary is a block (32 MiB in
+# float64), never the tensor's size (a 50k-token vocabulary's embedding gradient is 400 MB).
+_BLOCK = 1 << 22
+
+
+def _blocks(n: int, per_row: int):
+    """Ranges [i, j) of an n-entry leading axis in blocks of about _BLOCK elements."""
+    step = max(1, _BLOCK // max(per_row, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     if _all_finite(actual) and _all_finite(expected):
         return _finite_statistics(actual, expected)
@@ -504,16 +530,21 @@ def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     none = np.zeros(actual.shape, dtype=bool)  # no infinity, no NaN (pages never written)
     diff = np.asarray(actual - expected)  # an array also for 0-d values (a loss), then made |.| in place
     np.abs(diff, out=diff)
-    ref_norm = float(_slice_norms(expected, None)[0]) if expected.size else 0.0
-    norm_diff = float(_slice_norms(diff, None)[0]) if diff.size else 0.0
+    ref_norm = float(np.linalg.norm(expected)) if expected.size else 0.0  # a dot product: no temporary
+    norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0
     rel_norm = norm_diff / ref_norm if ref_norm > 0 else (0.0 if norm_diff == 0 else math.inf)
     max_rel = 0.0
-    if diff.size:
+    if diff.ndim == 0:
         with np.errstate(invalid="ignore", divide="ignore"):
-            rel = np.asarray(np.divide(diff, expected))  # expected 0: inf if diff > 0, NaN if 0 / 0
-        np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
-        max_rel = float(np.fmax.reduce(rel, axis=None))  # fmax skips the NaNs: 0 / 0 is agreement
-        max_rel = 0.0 if math.isnan(max_rel) else max_rel
+            rel = float(abs(diff / expected)) if expected != 0 else (math.inf if diff > 0 else 0.0)
+        max_rel = 0.0 if math.isnan(rel) else rel
+    elif diff.size:  # a block at a time: |diff / expected| without its whole-tensor copy
+        for i, j in _blocks(diff.shape[0], diff.size // diff.shape[0]):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rel = np.divide(diff[i:j], expected[i:j])  # expected 0: inf if diff > 0, NaN if 0 / 0
+            np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
+            top = float(np.fmax.reduce(rel, axis=None))  # fmax skips the NaNs: 0 / 0 is agreement
+            max_rel = max_rel if math.isnan(top) else max(max_rel, top)
     return _Stats(diff, none, none, none, ref_norm, rel_norm, max_rel)
 
 
@@ -609,15 +640,15 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
         z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
     fl, rf, pr = z(actual), z(ref), z(probe)
     n_slices, per_slice = _n_slices(rf, axis)
-    flax_err = _slice_norms(fl - rf, axis)
-    probe_err = _slice_norms(pr - rf, axis)
+    flax_err = _slice_norms(fl, axis, rf)
+    probe_err = _slice_norms(pr, axis, rf)
     noise = rule.noise_scale * probe_err
     ref_n = _slice_norms(rf, axis)
     if own is not None and _all_finite(own[0]) and _all_finite(own[1]):
         scale = np.maximum(_slice_norms(pr, axis), ref_n)
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(scale > 0, probe_err / np.where(scale > 0, scale, 1.0), 1.0)
-        own_noise = rule.noise_scale * _slice_norms(own[0] - own[1], axis)
+        own_noise = rule.noise_scale * _slice_norms(own[0], axis, own[1])
         counts = (share >= NOISE_SLICE_SHARE) | rule.own_everywhere
         own_decided = counts & (own_noise > noise) & (flax_err > rule.k * noise)
         noise = np.where(counts, np.maximum(noise, own_noise), noise)

@@ -209,20 +209,25 @@ def test_layer_cap_names_itself_and_leaves_nothing(tmp_path):
 def test_failing_write_leaves_no_bundle(tmp_path, monkeypatch):
     import safetensors.numpy
 
+    from parity.golden._bundle import StreamedFile
+
     calls = []
 
-    def save_then_fail(tensors, filename):
+    def save(tensors, filename):
         calls.append(filename)
-        if len(calls) == 2:  # the second file: the first is on disk already
-            raise OSError("disk full (planted)")
         return real(tensors, filename)
 
+    def fail(self):  # the run's file, written a tensor at a time: the weights are on disk already
+        calls.append(self.name)
+        raise OSError("disk full (planted)")
+
     real = safetensors.numpy.save_file
-    monkeypatch.setattr(safetensors.numpy, "save_file", save_then_fail)
+    monkeypatch.setattr(safetensors.numpy, "save_file", save)
+    monkeypatch.setattr(StreamedFile, "close", fail)
     out = tmp_path / "b"
     with pytest.raises(OSError, match="planted"):
         _record("mlp", out)
-    assert len(calls) == 2
+    assert len(calls) == 2 and calls[1] == "run.safetensors"
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -259,6 +264,75 @@ def test_record_copies_the_model_once(tmp_path, monkeypatch):
     _record("mlp", tmp_path / "b")
     assert len(copies) == 1, copies
     assert parity.verify(tmp_path / "b", _twin("mlp")).verdict == "PASS"
+
+
+def test_record_writes_each_gradient_as_autograd_finishes_it(tmp_path, monkeypatch):
+    """record's runs hand every parameter gradient to the bundle as autograd finishes it and hold
+    none (the float64 run's are twice the model's bytes: GPT-2-medium's record peaked with the
+    float32 and float64 gradients and the float64 model all at once), and the private copy's
+    parameters are freed before the bundle is written (the outputs' autograd graph held them)."""
+    import copy
+    import weakref
+
+    import torch
+
+    import parity.golden._record as rec
+
+    returned, params = [], []
+    real_run, real_copy = rec.run_torch, copy.deepcopy
+
+    def run(module, *a, **kw):
+        t = real_run(module, *a, **kw)
+        if kw.get("grads"):
+            returned.append((dict(t.param_grads), [n for n, p in module.named_parameters() if p.grad is not None]))
+        return t
+
+    def private_copy(x, *a, **kw):
+        out = real_copy(x, *a, **kw)
+        if isinstance(x, torch.nn.Module) and not params:
+            params.extend(weakref.ref(p) for p in out.parameters())
+        return out
+
+    alive = []
+
+    def progress(msg):
+        if msg == "writing the bundle":
+            alive.append(sum(r() is not None for r in params))
+
+    monkeypatch.setattr(rec, "run_torch", run)
+    monkeypatch.setattr(rec.copy, "deepcopy", private_copy)
+    _record("mlp", tmp_path / "b", progress=progress)
+    assert len(returned) == 2 and all(held == ({}, []) for held in returned), returned  # main, then float64
+    assert params and alive == [0], alive
+    keys = read_bundle(tmp_path / "b").keys("run.safetensors")
+    names = [n for n, _ in select(["mlp"])[0].build(seed=0)[0].named_parameters()]
+    assert {f"{g}|pgrad|{n}" for g in ("main", "ref") for n in names} <= set(keys)
+    assert parity.verify(tmp_path / "b", _twin("mlp")).verdict == "PASS"
+
+
+def test_streamed_file_is_a_safetensors_file(tmp_path):
+    """A bundle file written a tensor at a time reads back as safetensors writes it (the same keys,
+    dtypes, shapes and values; a 0-d value as shape [1], as BundleWriter.add stores it), hashed."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    from parity.golden._bundle import BundleWriter
+
+    tensors = {"main|out|out": np.arange(6, dtype=np.float32).reshape(2, 3).T, "ref|pgrad|w": np.ones((3, 5)),
+               "main|input|input[0]": np.arange(4, dtype=np.int64), "empty": np.zeros((0, 2), np.float32),
+               "loss": np.float64(2.5), "half": np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16)}
+    with BundleWriter(tmp_path / "b") as w:
+        f = w.stream("run.safetensors")
+        f.update(tensors)
+        f.close()
+        w.add("weights.safetensors", {"w": np.ones(2, np.float32)})
+        w.finish({})
+    got = load_file(str(tmp_path / "b" / "run.safetensors"))
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == np.asarray(v).dtype and np.array_equal(got[k], np.ascontiguousarray(v)), k
+    assert sorted(os.listdir(tmp_path / "b")) == ["manifest.json", "run.safetensors", "weights.safetensors"]
+    assert read_bundle(tmp_path / "b").keys("run.safetensors") == sorted(tensors)  # sizes and hashes hold
 
 
 class _TwoLinears:
@@ -319,8 +393,17 @@ def test_verify_runs_the_twins_own_noise_only_for_what_needs_it(tmp_path, mlp_bu
         events.append(("drop", key))
         return drop(self, key)
 
+    computed, forward_backward = [], v.forward_backward
+
+    def spy_fb(*a, **kw):
+        f = forward_backward(*a, **kw)
+        if kw.get("param_grads") is not None:
+            computed.extend(f.param_grads)
+        return f
+
     monkeypatch.setattr(v, "_run_twin", spy_run)
     monkeypatch.setattr(v._FlaxSide, "drop", spy_drop)
+    monkeypatch.setattr(v, "forward_backward", spy_fb)
     bundle = parity.record(_TwoLinears.torch(), np.random.default_rng(0).standard_normal((8, 64)), tmp_path / "b",
                            input_layout="as_is")
     report = parity.verify(bundle, _TwoLinears.flax())
@@ -333,6 +416,10 @@ def test_verify_runs_the_twins_own_noise_only_for_what_needs_it(tmp_path, mlp_bu
     assert ("drop", "param:fc.weight") in events[own:] and ("drop", "param:fc.weight") not in events[:own]
     assert {c.name: c.ok for c in report.outputs + report.grads} == {
         "output": True, "grad input": True, "grad fc.weight": True, "grad fc2.weight": True}
+
+    # the own-noise run computes the gradients it was asked for and no other (XLA leaves the rest
+    # out of the program: a float64 run of all of them is twice the model's bytes)
+    assert set(computed) == {"fc"}, computed
 
     events.clear()
     assert parity.verify(mlp_bundle, _twin("mlp")).verdict == "PASS"

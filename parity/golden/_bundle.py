@@ -79,6 +79,11 @@ class BundleWriter:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(self.tmp / name))
         self.listed[name] = {"bytes": (self.tmp / name).stat().st_size, "sha256": _sha256(self.tmp / name)}
 
+    def stream(self, name: str) -> StreamedFile:
+        """A safetensors file written a tensor at a time (``put``), listed when closed: what is
+        put can be dropped at once (parity.record hands each gradient over as autograd makes it)."""
+        return StreamedFile(self, name)
+
     def finish(self, manifest: dict) -> Path:
         (self.tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": self.listed}, indent=1))
         os.rename(self.tmp, self.dest)
@@ -90,6 +95,60 @@ class BundleWriter:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+              "uint32": "U32", "uint64": "U64"}
+
+
+class StreamedFile:
+    """One safetensors file of a BundleWriter, written as its tensors come: each ``put`` appends
+    the tensor's bytes to a spill file beside it and keeps only its dtype and shape; ``close``
+    writes the header and then the spilled bytes after it (a file copy, a block at a time), so
+    the file's tensors are never all in memory at once. The same format as safetensors' own
+    save_file (its reader checks that the offsets tile the data), in the order put."""
+
+    def __init__(self, writer: BundleWriter, name: str):
+        self.writer, self.name = writer, name
+        self.spill = writer.tmp / (name + ".spill")
+        self._f = open(self.spill, "wb")
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        if name in self.header:
+            raise ValueError(f"{self.name}: {name!r} put twice")
+        a = np.ascontiguousarray(array)  # as ``add`` stores it (a 0-d value as shape [1])
+        if a.dtype.name not in _ST_DTYPES:
+            raise TypeError(f"{self.name}: {name!r} has dtype {a.dtype}, which safetensors cannot hold")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        self._f.write(a.reshape(-1).view(np.uint8).data)  # bytes as stored (bfloat16 has no buffer format)
+        self.header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                             "data_offsets": [self.size, self.size + a.nbytes]}
+        self.size += a.nbytes
+
+    def update(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for k, v in tensors.items():
+            self.put(k, v)
+
+    def close(self) -> None:
+        """Write the file (header, then the spilled bytes) and list it in the manifest."""
+        self._f.close()
+        head = json.dumps(self.header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+        path = self.writer.tmp / self.name
+        digest = hashlib.sha256()
+        with open(path, "wb") as out, open(self.spill, "rb") as src:
+            for block in (len(head).to_bytes(8, "little"), head):
+                out.write(block)
+                digest.update(block)
+            for block in iter(lambda: src.read(1 << 24), b""):
+                out.write(block)
+                digest.update(block)
+        os.remove(self.spill)
+        self.writer.listed[self.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def write_bundle(path: str | os.PathLike, manifest: dict, files: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
@@ -268,5 +327,5 @@ def decode_tree(desc, leaves: Mapping[str, np.ndarray]):
     return leaves[name]
 
 
-__all__ = ["Bundle", "BundleError", "Recorded", "BundleWriter", "BundleTooLarge", "FORMAT", "decode_tree", "encode_tree", "key", "read_bundle",
+__all__ = ["Bundle", "BundleError", "Recorded", "BundleWriter", "BundleTooLarge", "FORMAT", "StreamedFile", "decode_tree", "encode_tree", "key", "read_bundle",
            "write_bundle"]

@@ -200,9 +200,19 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
         state, tied = _state(tm)
         writer.add("weights.safetensors", state)
         del state
+        # run.safetensors a tensor at a time: each parameter gradient is written as autograd
+        # finishes it (run_torch's param_grad_sink) and never held, in this run or the float64 one
+        run_file = writer.stream("run.safetensors")
+
+        def sink(group):
+            return lambda n, g: run_file.put(key(group, "pgrad", n), g)
+
         say("torch forward/backward")
         t = run_torch(tm, args, train=train, grads=True, cotangent_seed=seed + 1, capture=layers and dtype == "float64",
-                      watch_precision=tdtype if dtype == "float64" else None)
+                      watch_precision=tdtype if dtype == "float64" else None, param_grad_sink=sink("main"))
+        # the outputs' autograd graph holds every parameter: dropped, so that the model's storage
+        # is freed when the model is (below: before the bundle's tensors are written)
+        t.raw_outputs = {}
         # The torch half of a prepared pair (no twin on this machine): the probe below is the
         # checker's own, run the same way.
         like = PreparedPair(tm, None, None, None, {}, given, (), in_layouts, dtype, "cpu", train)
@@ -242,10 +252,12 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
             tm64 = tm.to(torch.float64)
             args64 = torch_inputs(given, torch.float64, "cpu", True)
             ref = run_torch(tm64, args64, train=train, grads=True, cotangents=t.cotangents, capture=layers,
-                            watch_precision=torch.float64)
+                            watch_precision=torch.float64, param_grad_sink=sink("ref"))
+            ref.raw_outputs = {}
             lower["ref"], lower["ref_first"] = ref.lower_precision, ref.lower_first
             run.update(_run_tensors("ref", ref, cotangents=False))
             del tm, tm64  # the float64 model, before the run's tensors are written
+            gc.collect()  # its modules sit in reference cycles (the traces' hooks close over them)
             if layers:
                 acts = ActivationLayouts(ref.calls, model_input_ids(args64, in_layouts), ref.aliases, layer_layouts)
                 calls_meta["rows"], tens = _calls("rows", ref.calls, acts, budget)
@@ -254,7 +266,9 @@ def record(torch_module: torch.nn.Module, example_input, path, *, layers: bool =
                 layer_files.update(tens)
                 layer_files.update({key("probe_params", n): g for n, g in probe_params.items()})
         say("writing the bundle")
-        writer.add("run.safetensors", run)
+        run_file.update(run)
+        del run
+        run_file.close()
         if layers:
             writer.add("layers.safetensors", layer_files)
         manifest = {

@@ -389,13 +389,17 @@ def to_host(tree):
 
 def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
                      cotangents: Mapping[str, np.ndarray] | None, *, capture: bool = False,
-                     offsets: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> FlaxRun:
+                     offsets: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                     param_grads: Callable[[tuple[str, ...]], bool] | None = None) -> FlaxRun:
     """Forward, and with ``cotangents`` (by output path, Flax layout) the VJP with respect to the
     params and the float input leaves, as ONE jitted program (XLA compiles it once; eager JAX
     would compile every primitive separately). capture: record every submodule call, and the
     cotangent at every recorded float output (zero perturbations, differentiated). offsets (with
     capture): {call key: {output path: array}} added to those recorded outputs, so the rest of the
-    model runs on another value there (the per-layer analysis hands one layer torch's output)."""
+    model runs on another value there (the per-layer analysis hands one layer torch's output).
+    param_grads(path): whether the gradient of the param at ``path`` (its keys in the "params"
+    tree) is wanted (default: all); the others are left out of the program's results, so XLA
+    never computes or holds them (a float64 own-noise run wants a few of a model's)."""
     variables = dict(variables)
     params = variables.get("params", {})
     rest = {k: v for k, v in variables.items() if k != "params"}
@@ -426,7 +430,11 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         out, vjp, aux = jax.vjp(fn, params, floats, perts, has_aux=True)
         ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
                   else np.zeros(o.shape, jax.dtypes.float0)) for p, o in out.items()}
-        return out, aux, vjp(ct)
+        grads = vjp(ct)
+        if param_grads is not None and isinstance(grads[0], Mapping):
+            flat = traverse_util.flatten_dict(grads[0]) if grads[0] else {}
+            grads = (traverse_util.unflatten_dict({k: g for k, g in flat.items() if param_grads(k)}), *grads[1:])
+        return out, aux, grads
 
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
     out, ((c_in, c_out), new_rest), grads = to_host(jax.jit(run)(params, floats, perts, cots))

@@ -9,6 +9,7 @@ dataclasses, HF ModelOutput): they are flattened to {path: array} (parity.runtim
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -230,6 +231,7 @@ def run_torch(
     capture: bool = False,
     watch_precision: torch.dtype | None = None,
     ops: bool = False,
+    param_grad_sink: Callable[[str, np.ndarray], None] | None = None,
 ) -> TorchRun:
     """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
 
@@ -241,6 +243,9 @@ def run_torch(
     that upcasts into float32 on purpose is only float32-accurate there.
     ops: record every torch function the forward calls, credited to the innermost module running
     (TorchOp, call order; parity.runtime.torch_ops), for the trap lint.
+    param_grad_sink(name, grad): each parameter's gradient is handed over as soon as autograd has
+    finished it and dropped from the module (TorchRun.param_grads is then empty): a recorder
+    writes it and never holds all of them (a float64 run's are twice the model's bytes).
     The module's parameter .grad fields are reset first; call it on a private copy.
     """
     module.train(train)
@@ -248,6 +253,20 @@ def run_torch(
     recorder = _Recorder(module, grads) if capture else None
     watch = _PrecisionWatch(watch_precision, recorder) if watch_precision is not None else None
     op_recorder = OpRecorder(module) if ops else None  # after the capture hooks: it skips them
+    sunk: set[str] = set()
+    handles = []
+    if grads and param_grad_sink is not None:
+        # Autograd sums every use of a parameter (a tied LM head and embedding) before its one
+        # accumulation, so the hook sees the finished gradient, once.
+        def sink(name):
+            def hook(p):
+                param_grad_sink(name, to_numpy(p.grad))
+                sunk.add(name)
+                p.grad = None
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(sink(n)) for n, p in module.named_parameters()
+                   if p.requires_grad]
     try:
         # The op recorder is the outer mode: it sees each op after the watch, and what it computes
         # itself (reading a scalar's value) runs with both modes off, unseen by the watch.
@@ -267,6 +286,8 @@ def run_torch(
             recorder.remove()
         if op_recorder is not None:
             op_recorder.remove()
+        for h in handles:
+            h.remove()
     in_grads = {}
     if grads:
         for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(tuple(args))[0],
@@ -275,7 +296,10 @@ def run_torch(
                 in_grads[keystr(path)] = (to_numpy(leaf.grad) if leaf.grad is not None
                                           else np.zeros(tuple(leaf.shape)))
     p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
-               for n, p in module.named_parameters()} if grads else {}
+               for n, p in module.named_parameters() if n not in sunk} if grads else {}
+    if param_grad_sink is not None:  # the ones autograd never reached (zeros, as above)
+        for n in list(p_grads):
+            param_grad_sink(n, p_grads.pop(n))
     lowest = str(watch.lowest).replace("torch.", "") if watch is not None and watch.lowest is not None else ""
     return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
                     recorder.aliases if recorder else {}, lowest, watch.first if watch is not None else None,
