@@ -7,12 +7,14 @@ result between the xdist workers of one test run.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from parity._xla_flags import with_cpu_devices
@@ -68,3 +70,23 @@ def one_line_error(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``parity *args`` run by parity.cli.main in this process, from ``cwd``: its exit code, stdout
+    and stderr, as a subprocess would give them. The CLI is main(); a child process only adds the
+    imports (3 s each), so the suite starts one only where the process itself is under test (the
+    ``python -m parity.cli`` entry, a run without torch, simulated devices)."""
+    from parity.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's own usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["parity", *args], code, out.getvalue(), err.getvalue())

@@ -1,4 +1,5 @@
-"""`parity check` as users run it (subprocess): exit codes, one-line errors, JSON and PNG files.
+"""`parity check` as users run it: exit codes, one-line errors, JSON and PNG files (parity.cli.main
+in this process; the built-in model's run goes through `python -m parity.cli` in a child).
 
 Own-pair runs use the small LayerNorm/GELU pair from tests/planted.py (cheap to start)."""
 from __future__ import annotations
@@ -12,12 +13,17 @@ from pathlib import Path
 import pytest
 
 from parity.cli import main
-from child_process import one_line_error
+from child_process import cli_in_process, one_line_error
 
 TESTS = Path(__file__).parent
 
 
 def _parity(*args: str, cwd: Path = TESTS) -> subprocess.CompletedProcess:
+    return cli_in_process("check", *args, cwd=cwd)
+
+
+def _parity_process(*args: str, cwd: Path = TESTS) -> subprocess.CompletedProcess:
+    """``python -m parity.cli check`` in a child process: the entry point itself."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "parity.cli", "check", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -55,7 +61,7 @@ def test_setup_errors_exit_2_with_one_line(args, expected):
 
 
 def test_built_in_model_passes():
-    proc = _parity("mlp", "--dtype", "float64", "--no-layers", "--quiet")
+    proc = _parity_process("mlp", "--dtype", "float64", "--no-layers", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[2].startswith("mlp ")
 

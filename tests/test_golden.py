@@ -16,7 +16,7 @@ import parity
 import weight_port
 from parity.golden import BundleError, BundleTooLarge, read_bundle
 from parity.registry import select
-from child_process import one_line_error
+from child_process import cli_in_process, one_line_error
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -35,9 +35,11 @@ def _twin(name: str):
 
 
 def _cli(*args: str, no_torch: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if no_torch:  # tests/no_torch/sitecustomize.py makes ``import torch`` fail in the child
-        env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "no_torch"), str(ROOT)])
+    """``parity *args``: in this process (parity.cli.main), or with ``no_torch`` through
+    ``python -m parity.cli`` in a child where ``import torch`` fails (tests/no_torch/sitecustomize.py)."""
+    if not no_torch:
+        return cli_in_process(*args, cwd=ROOT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS / "no_torch"), str(ROOT)])}
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -116,9 +118,7 @@ def test_twin_with_a_code_bug_exits_1_from_the_cli(tmp_path, mlp_bundle):
         "        return x\n"
         "def make():\n"
         "    return GeluMLP(select(['mlp'])[0].tiny())\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    proc = subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(mlp_bundle), "--flax", "bad_twin:make"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = cli_in_process("verify", str(mlp_bundle), "--flax", "bad_twin:make", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout and "first divergence: <root>" in proc.stdout
 

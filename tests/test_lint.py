@@ -304,15 +304,13 @@ def make_flax_same() -> _FlaxModel:
 
 
 def _parity_check(*args: str):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    return subprocess.run([sys.executable, "-m", "parity.cli", "check", "--torch", "test_lint:make_torch_model",
-                           "--flax", "test_lint:make_flax_same", "--input-shape", "2,3,7,7", "--layout", "NC...",
-                           "--no-layers", "--no-grads", "--quiet", *args], cwd=Path(__file__).parent,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    from child_process import cli_in_process
+
+    return cli_in_process("check", "--torch", "test_lint:make_torch_model", "--flax", "test_lint:make_flax_same",
+                          "--input-shape", "2,3,7,7", "--layout", "NC...", "--no-layers", "--no-grads", "--quiet",
+                          *args, cwd=Path(__file__).parent)
 
 
 def test_cli_prints_traps_and_strict_exits_1():

@@ -196,19 +196,15 @@ def test_verify_logit_rule_in_a_bfloat16_bundle(tmp_path):
 
 
 def test_cli_verify_logits_flag(tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from child_process import cli_in_process
+
     bundle = parity.record(torch_lm(), lm_ids(), tmp_path / "lm")
-    tests = Path(__file__).parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "parity.cli", "verify", str(bundle), "--flax",
-                               "logit_pairs:FlaxLM", "--no-layers", "--quiet", *args], cwd=tests.parent, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return cli_in_process("verify", str(bundle), "--flax", "logit_pairs:FlaxLM", "--no-layers", "--quiet",
+                              *args, cwd=Path(__file__).parent)
 
     proc = cli("--logits", "scores")
     assert proc.returncode == 2 and "logits='scores' names no output" in proc.stderr, proc.stderr
