@@ -7,6 +7,7 @@ result between the xdist workers of one test run.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import io
 import json
 import os
@@ -81,6 +82,10 @@ def cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(cwd)
+    # the CLI finds MODULE:FACTORY's module in its working directory ("." on sys.path, as
+    # `python -m` does): forget what the import system cached of another test's "."
+    importlib.invalidate_caches()
+    sys.path_importer_cache.pop(".", None)
     try:
         with redirect_stdout(out), redirect_stderr(err):
             try:
