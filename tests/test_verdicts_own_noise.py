@@ -127,3 +127,37 @@ def test_an_own_noise_run_that_raises_is_a_warning_in_check_and_verify(tmp_path)
     v = parity.verify(bundle, FCNoFloat64(), layers=False)
     assert v.verdict == "FAIL" and any("own-noise run (the other precision) failed (TypeError" in w
                                        for w in v.warnings), v.warnings
+
+
+def test_a_verify_without_rows_hands_its_variables_to_the_own_noise_run(tmp_path, monkeypatch):
+    """Verify's last run of the twin (its own noise, no rows to follow) takes over the variables it
+    ported and casts them a leaf at a time: the model is never held in both dtypes. A caller's
+    variables stay the caller's."""
+    import weakref
+
+    import jax
+
+    from parity.golden import _verify
+
+    taken = []
+    real = _verify._recast
+
+    def spy(held, dtype):
+        refs = [weakref.ref(a) for a in jax.tree_util.tree_leaves(held[0])]
+        out = real(held, dtype)
+        # during the run: nothing of verify's still holds a float32 leaf (its frame's name dropped)
+        taken.append([r() is None for r in refs])
+        return out
+
+    monkeypatch.setattr(_verify, "_recast", spy)
+    bundle = parity.record(TorchLinear(), torch.as_tensor(X, dtype=torch.float32), tmp_path / "b",
+                           input_layout="as_is", layers=False)
+    r = parity.verify(bundle, FC(), layers=False)
+    assert r.verdict == "PASS" and len(taken) == 1, r.warnings  # the own-noise run took them over
+    assert taken[0] and all(taken[0])  # and the float32 leaves were gone before it ran
+    taken.clear()
+    import weight_port
+
+    mine = weight_port.torch_to_flax(TorchLinear(), FC(), torch.as_tensor(X, dtype=torch.float32), input_layout="as_is")
+    assert parity.verify(bundle, FC(), layers=False, variables=mine).verdict == "PASS"
+    assert taken == []  # the caller's variables are not consumed
