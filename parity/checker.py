@@ -24,7 +24,7 @@ from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, 
 from parity.pair import CheckOptions, PreparedPair, devices, prepare
 from parity.report import Report
 from parity.runtime import (ActivationLayouts, FlaxRun, TorchRun, forward_backward, input_paths, match_outputs,
-                            output_layouts, output_shapes, structure)
+                            output_layouts, output_shapes, param_grads_for, structure)
 from parity.runtime.layouts import model_input_ids, split_output_spec
 from parity.runtime.torch_runner import keystr
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
@@ -367,7 +367,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         with x64():
             run = ev.rows_run = run_pair(pair, o, layers=True, say=say, watch=dname == "float64")
     report.reference = "float64" if ev.ref is not None else None
-    mj = _model_judge(run, ev)
+    mj = _model_judge(run, ev, every_key=bool(o.data_parallel))
     mj.fill(report, run.torch, SimpleNamespace(outputs=run.flax.outputs, input_grads=run.flax.input_grads,
                                                param_grads=run.f_p_grads), run.out_layouts, run.in_layouts,
             frozen={n for n, p in run.torch_module.named_parameters() if not p.requires_grad},
@@ -425,7 +425,7 @@ class Evidence:
     # low-precision check), by ModelJudge key, torch layout: its own noise on noise slices. A
     # thunk, run only when a tensor does not pass on torch's noise alone (the twin's own noise
     # only ever widens the bound: a pass without it is a pass with it).
-    flax_other: Callable[[], dict[str, np.ndarray] | None] | None = None
+    flax_other: Callable[[list[str] | None], dict[str, np.ndarray] | None] | None = None
 
 
 def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: bool, cotangents,
@@ -468,9 +468,9 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         rows = RowJudge(tf, tg, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
                         all_float32=effective == "float32" and not run.torch.lower_precision)
 
-        def other():
+        def other(keys):
             with jax.enable_x64(True):  # a twin declared float64 keeps its dtype (and says nothing)
-                return _flax_values(run, "float32")
+                return _flax_values(run, "float32", keys)
         return Evidence(dname, rule, tf, tg, probe=probe, rows_run=run, rows=rows, flax_other=other)
     say("float64 reference run")
     try:
@@ -497,9 +497,9 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         # computes it its own way. The twin's own noise counts on every slice then.
         rule = replace(rule, own_everywhere=True)
     if not o.layers:
-        def other():
+        def other(keys):
             with jax.enable_x64(True):
-                return _flax_values(run, "float64")
+                return _flax_values(run, "float64", keys)
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
     lower = _lower_warning(ref_torch, report, "float64 reference run") or _float32_tables(ref, report)
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
@@ -512,15 +512,16 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                f"{str(exc)[:120]}): rows judged by the float64 table")
         rows = RowJudge(t64f, t64g)
-    def other():  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
+    def other(keys):  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
         with jax.enable_x64(True):
-            return _flax_values(run, "float64")
+            return _flax_values(run, "float64", keys)
     return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
 
 
-def _flax_values(run: CapturedRun, dname: str) -> dict[str, np.ndarray]:
+def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None) -> dict[str, np.ndarray]:
     """The twin run again in ``dname`` (variables, inputs and cotangents of ``run`` cast): its
-    model-level tensors by ModelJudge key, torch layout. The twin's own rounding noise is this
+    model-level tensors by ModelJudge key, torch layout; with ``keys``, the parameter gradients
+    of those keys alone (parity.runtime.param_grads_for). The twin's own rounding noise is this
     run's distance to ``run``'s values (a bug, being in both, cancels)."""
     dt = jnp.dtype(dname)
 
@@ -531,14 +532,15 @@ def _flax_values(run: CapturedRun, dname: str) -> dict[str, np.ndarray]:
     to_f = {tp: fp for fp, tp in to_t.items()}
     cots = {to_f[p]: cast(to_flax_layout(c, run.out_layouts[p], p)) for p, c in run.torch.cotangents.items()
             if p in to_f} or None
+    plan, wanted = param_grads_for(run.plan, keys) if keys is not None and cots is not None else (run.plan, None)
     f = forward_backward(run.pair.twin_in(dname), jax.tree_util.tree_map(cast, run.variables),
-                         jax.tree_util.tree_map(cast, run.flax_args), cots)
+                         jax.tree_util.tree_map(cast, run.flax_args), cots, param_grads=wanted)
     out = {to_t[p]: to_torch_layout(np.asarray(v), run.out_layouts[to_t[p]]) for p, v in f.outputs.items()
            if p in to_t}
     if cots is not None:
         out.update({p: to_torch_layout(np.asarray(g), run.in_layouts[p]) for p, g in f.input_grads.items()
                     if p in run.in_layouts})
-        named = run.plan.to_torch({"params": f.param_grads}, collections=("params",))
+        named = plan.to_torch({"params": f.param_grads}, collections=("params",))
         out.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
     return out
 
@@ -615,11 +617,12 @@ def _lower_warning(t: TorchRun, report: Report, what: str) -> str | None:
     return t.lower_precision
 
 
-def _model_judge(run: CapturedRun, ev: Evidence) -> ModelJudge:
+def _model_judge(run: CapturedRun, ev: Evidence, every_key: bool = False) -> ModelJudge:
     """The check's ModelJudge (parity.judge; verify's is the same): a low-precision check judges
     against the float64 run with torch's own error as the noise; a float64 check against torch's
     own run with the float32 probe's error, scaled. The twin's own noise (ev.flax_other) is run
-    by the judge when a tensor first needs it, for every key (the data-parallel rows reuse it)."""
+    by the judge when a tensor first needs it, for the tensors that need it; ``every_key``: for
+    all of them (the data-parallel rows judge every tensor again and reuse it)."""
     refs = probes = None
     if ev.model_rule is not None and ev.ref is not None:  # the probe: torch's own value (probes None)
         refs = _tensors(ev.ref if isinstance(ev.ref, TorchRun) else ev.ref.torch)
@@ -627,7 +630,7 @@ def _model_judge(run: CapturedRun, ev: Evidence) -> ModelJudge:
         refs, probes = _tensors(run.torch), _tensors(ev.probe)
 
     def own_noise(keys):
-        other = ev.flax_other()
+        other = ev.flax_other(None if every_key else keys)
         if other is None:
             return None
         # low precision: this run against the twin's float64 run; float64: its float32 run against this

@@ -161,3 +161,24 @@ def test_a_verify_without_rows_hands_its_variables_to_the_own_noise_run(tmp_path
     mine = weight_port.torch_to_flax(TorchLinear(), FC(), torch.as_tensor(X, dtype=torch.float32), input_layout="as_is")
     assert parity.verify(bundle, FC(), layers=False, variables=mine).verdict == "PASS"
     assert taken == []  # the caller's variables are not consumed
+
+
+def test_checks_own_noise_run_computes_only_the_gradients_it_judges_again(monkeypatch):
+    """As verify's: fc's weight gradient passes only on the twin's own noise, fc2's on torch's
+    alone, so the twin's float64 run computes and converts fc's gradient and no other."""
+    import parity.checker as ck
+    from test_golden import _TwoLinears
+
+    computed, real = [], ck.forward_backward
+
+    def spy(*a, **kw):
+        f = real(*a, **kw)
+        if kw.get("param_grads") is not None:
+            computed.append(sorted(f.param_grads))
+        return f
+
+    monkeypatch.setattr(ck, "forward_backward", spy)
+    r = parity.check(_TwoLinears.torch(), _TwoLinears.flax(), X, input_layout="as_is", layers=False, lint=False)
+    assert r.verdict == "PASS", str(r)
+    assert computed == [["fc"]], computed
+    assert {c.name: c.ok for c in r.grads} == {"grad input": True, "grad fc.weight": True, "grad fc2.weight": True}

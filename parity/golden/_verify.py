@@ -24,7 +24,8 @@ from parity.options import Options
 from parity.judge import ModelJudge, Table, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.report import Report
-from parity.runtime import FlaxTwin, flax_inputs, forward_backward, match_outputs, output_shapes
+from parity.runtime import (FlaxTwin, flax_inputs, forward_backward, match_outputs, output_shapes,
+                            param_grads_for)
 from parity.runtime.layouts import LayoutSpec, declared, output_layouts
 from parity.sharding import Placement, ShardingError, ShardOptions
 from parity.tolerances import FORWARD, GRAD, REFERENCE, tolerance_for
@@ -132,14 +133,9 @@ def _run_twin(twin, variables, f_args, cots, to_t, out_layouts, in_layouts, plan
     f_cots = {to_f[p]: cast(to_flax_layout(c, out_layouts[p], p)) for p, c in cots.items()}
     wanted = None
     if keys is not None:  # only the layers of the wanted gradients: XLA computes no other
-        names = {k.removeprefix("param:") for k in keys if k.startswith("param:")}
-        names |= {plan.tied[n] for n in names if n in plan.tied}
-        plan = replace(plan, layers=[layer for layer in plan.layers if any(
-            t.collection == "params" and layer.torch_key(t.torch_name) in names for t in layer.rule.tensors)])
-        wanted = {layer.flax_leaf("params", t.flax_name)[1:] for layer in plan.layers for t in layer.rule.tensors
-                  if t.collection == "params"}
+        plan, wanted = param_grads_for(plan, keys)
     f = forward_backward(twin, jax.tree_util.tree_map(cast, variables), jax.tree_util.tree_map(cast, f_args), f_cots,
-                         param_grads=None if wanted is None else lambda path: tuple(map(str, path)) in wanted)
+                         param_grads=wanted)
     # the variables as cast (a float64 run's: twice the model's bytes) are not needed past the run
     f.new_variables = None
     outs = {to_t[p]: v for p, v in f.outputs.items()}

@@ -494,3 +494,19 @@ def flax_inputs(args: tuple, layouts: Mapping[str, str], dtype=None) -> tuple:
 
 __all__ = ["FlaxCall", "FlaxRun", "FlaxTwin", "call_key", "flax_inputs", "forward_backward",
            "is_nnx", "output_shapes", "submodule", "value_and_grad_fn"]
+
+
+def param_grads_for(plan, keys) -> tuple[Any, Callable[[tuple[str, ...]], bool]]:
+    """The port plan cut to the layers holding the parameters ``keys`` name (judge keys
+    ``param:<torch name>``; a tied parameter's partner with it), and the predicate
+    ``forward_backward(param_grads=...)`` takes for their Flax leaves: a run that needs some
+    parameters' gradients (the twin's own-noise run of the tensors that need it) computes and
+    converts those alone (XLA drops the rest of the weight-gradient work)."""
+    names = {k.removeprefix("param:") for k in keys if k.startswith("param:")}
+    names |= {plan.tied[n] for n in names if n in getattr(plan, "tied", {})}
+    plan = replace(plan, layers=[layer for layer in plan.layers if any(
+        t.collection == "params" and layer.torch_key(t.torch_name) in names for t in layer.rule.tensors)])
+    wanted = {layer.flax_leaf("params", t.flax_name)[1:] for layer in plan.layers for t in layer.rule.tensors
+              if t.collection == "params"}
+    return plan, lambda path: tuple(map(str, path)) in wanted
+
