@@ -1110,8 +1110,7 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
 def _named_grads(p_grads, fpath, plan: PortPlan) -> dict[str, np.ndarray]:
     """A layer's parameter gradients (its subtree) by torch name, in torch layout, through the
     port's own flax -> torch mapping (kernel transposes, flips, flatten permutations) cut to the
-    layers that own them: converting a whole model's worth of zeros around them for every layer
-    cost a model's bytes and a full conversion per row (139 rows of BERT-base)."""
+    layers that own them, rather than through a whole model's tree of zeros around them."""
     flat = {tuple(str(p) for p in (*fpath, *k)): np.asarray(v)
             for k, v in traverse_util.flatten_dict(dict(p_grads)).items()}
     owners = [layer for layer in plan.layers if any(
