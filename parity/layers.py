@@ -22,7 +22,7 @@ bug that only exists in gradients (stop_gradient, a wrong custom_vjp) is pinned 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from parity import _layer_runs
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
 from parity.runtime import (FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, match_outputs,
                             to_host)
@@ -393,25 +394,37 @@ class IsolatedLayer:
     # remake(computing=(dtype, checked)) -> the layer cloned to compute in dtype (None: no clone
     # differs), for the twin's own noise (FlaxTwin.layer_fn)
     remake: Callable[..., Callable | None] | None = None
+    # What decides ``fn``'s program besides its arguments (the Linen module, the call's non-array
+    # arguments), for sharing one compile between equal layers (parity._layer_runs); None when
+    # ``fn`` closes over arrays (BatchNorm statistics, an NNX graph): never shared.
+    static: tuple | None = None
 
     @property
     def floats(self) -> list[jax.Array]:
         """The float inputs in Flax layout, ``float_names`` order: the second argument of forward."""
         return [self.inputs[n] for n in self.float_names]
 
-    def forward(self, params: Mapping, floats: Sequence[jax.Array], fn: Callable | None = None) -> dict[str, jax.Array]:
+    @property
+    def others(self) -> dict[str, jax.Array]:
+        """The inputs that are not floating (ids, integer masks), by Flax input name."""
+        return {n: a for n, a in self.inputs.items() if n not in self.float_names}
+
+    def forward(self, params: Mapping, floats: Sequence[jax.Array], fn: Callable | None = None,
+                others: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
         """The layer's outputs by Flax output path (parity.runtime.flatten), Flax layout, for
         ``params`` and ``floats`` (Flax layout) in place of the captured ones (``fn``: another
-        build of the layer, e.g. computing in float64)."""
-        return flatten((fn or self.fn)(params, {**self.inputs, **dict(zip(self.float_names, floats))}))
+        build of the layer, e.g. computing in float64; ``others``: another layer's non-float
+        inputs, run by this one's program: parity._layer_runs)."""
+        inputs = self.inputs if others is None else {**self.inputs, **others}
+        return flatten((fn or self.fn)(params, {**inputs, **dict(zip(self.float_names, floats))}))
 
     def fwd_bwd(self, params: Mapping, floats: Sequence[jax.Array], cots: Mapping[str, jax.Array] | None,
-                fn: Callable | None = None):
+                fn: Callable | None = None, others: Mapping[str, jax.Array] | None = None):
         """(outputs as ``forward``, (param grads tree, [input grads, Flax layout, like floats]) from
         the VJP with ``cots`` (Flax layout, by Flax output path; outputs without one get zero));
         the gradients are None when ``cots`` is None or does not fit the outputs' shapes (the
         forward comparison then says why)."""
-        out, vjp = jax.vjp(lambda p, f: self.forward(p, f, fn), params, floats)
+        out, vjp = jax.vjp(lambda p, f: self.forward(p, f, fn, others), params, floats)
         if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
             return out, None
         ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
@@ -757,8 +770,9 @@ def analyze_layers(
     # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
     # gradients are held together, and a parameter's gradient once per module that holds it
     # (BERT's query kernel by encoder, layer.i, attention, self and query: 5 copies).
-    for chunk in _chunks(jobs):
-        for job, result in zip(chunk, _run_jobs(chunk)):
+    shared = _layer_runs.shared_programs(jobs)  # one compile per kind of layer met more than once
+    for chunk in _layer_runs.chunks(jobs):
+        for job, result in zip(chunk, _layer_runs.run_jobs(chunk, shared)):
             if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
                 job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
             path = job.torch_call.path
@@ -932,34 +946,6 @@ def _own_run(job: IsolatedLayer, rows: RowJudge):
         return None
 
 
-def _job_bytes(job: IsolatedLayer) -> int:
-    """What running ``job`` holds: its parameters, inputs and cotangents, and as much again for the
-    parameter and input gradients and the outputs they come with."""
-    leaves = jax.tree_util.tree_leaves((job.params, job.inputs, job.cots))
-    return 2 * sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
-
-
-_CHUNK_BYTES = 256 << 20
-
-
-def _chunks(jobs: Sequence[IsolatedLayer]) -> Iterator[list[IsolatedLayer]]:
-    """Consecutive jobs up to the larger of 256 MiB and the largest job: one chunk (one compile)
-    for small models, and for big ones never more than the largest job (the encoder, which is most
-    of the model) held at a time."""
-    sizes = [_job_bytes(j) for j in jobs]
-    budget = max([_CHUNK_BYTES, *sizes])
-    chunk: list[IsolatedLayer] = []
-    held = 0
-    for job, size in zip(jobs, sizes):
-        if chunk and held + size > budget:
-            yield chunk
-            chunk, held = [], 0
-        chunk.append(job)
-        held += size
-    if chunk:
-        yield chunk
-
-
 def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, np.ndarray], twin: FlaxTwin,
              variables: Mapping, fpath: tuple[str, ...], out_layouts: dict, grads: bool,
              layouts: ActivationLayouts, flatten_: tuple[int, ...] | None,
@@ -1013,30 +999,12 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
         to_f = {t: f for f, t in out_map.items()}
         cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
                 for p, g in t_g.items()}
+    # Only params travel as arguments: other collections (BatchNorm statistics) are closed over,
+    # as is an NNX submodule's graph, so such a layer's program is its own.
+    static = None if twin.nnx or set(sub) - {"params"} else (fc.module, fc.args, fc.kwargs)
     return IsolatedLayer(row, tc, fpath, twin.layer_fn(fc, sub), sub.get("params", {}), arrays, float_names, cots,
                          out_layouts, in_layouts, names, out_map,
-                         remake=lambda computing: twin.layer_fn(fc, sub, computing=computing))
-
-
-def _run_jobs(jobs: list[IsolatedLayer]) -> list:
-    """All isolated runs as one jitted program: one XLA compile instead of one per primitive
-    per layer (the dominant cost on CPU). Falls back to one layer at a time, so a layer that
-    cannot run alone costs only its own row."""
-    if not jobs:
-        return []
-    args = [(j.params, j.floats, j.cots) for j in jobs]
-    try:
-        batched = jax.jit(lambda a: [j.fwd_bwd(*x) for j, x in zip(jobs, a)])
-        return to_host(batched(args))
-    except Exception:
-        pass
-    results = []
-    for j, a in zip(jobs, args):
-        try:
-            results.append(to_host(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a)))
-        except Exception as exc:
-            results.append(exc)
-    return results
+                         remake=lambda computing: twin.layer_fn(fc, sub, computing=computing), static=static)
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, t_param_grads: Mapping[str, np.ndarray],

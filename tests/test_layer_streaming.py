@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import parity
-import parity.layers as layers
+import parity._layer_runs as runs
 from parity.registry import PAIRS
 from test_hf_layer_rows import FlaxShared, TorchShared
 
@@ -38,14 +38,14 @@ def _check(name: str):
 def test_chunked_rows_equal_one_chunk(name, monkeypatch):
     whole = _check(name)
     chunks: list[int] = []
-    real = layers._run_jobs
+    real = runs.run_jobs
 
-    def spy(jobs):
+    def spy(jobs, shared=None):
         chunks.append(len(jobs))
-        return real(jobs)
+        return real(jobs, shared)
 
-    monkeypatch.setattr(layers, "_run_jobs", spy)
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 0)  # chunks no bigger than the largest layer
+    monkeypatch.setattr(runs, "run_jobs", spy)
+    monkeypatch.setattr(runs, "CHUNK_BYTES", 0)  # chunks no bigger than the largest layer
     streamed = _check(name)
     assert len(chunks) > 1, chunks  # it did stream
     assert streamed.verdict == whole.verdict == "PASS"
@@ -57,16 +57,16 @@ def test_chunked_rows_equal_one_chunk(name, monkeypatch):
 
 def test_each_chunk_holds_at_most_the_largest_layer_or_the_budget(monkeypatch):
     held: list[tuple[int, int]] = []
-    real_chunks = layers._chunks
+    real_chunks = runs.chunks
 
     def spy(jobs):
-        largest = max(layers._job_bytes(j) for j in jobs)
+        largest = max(runs.job_bytes(j) for j in jobs)
         for chunk in real_chunks(jobs):
-            size = sum(layers._job_bytes(j) for j in chunk)
-            held.append((size, max(largest, layers._CHUNK_BYTES) if len(chunk) > 1 else size))
+            size = sum(runs.job_bytes(j) for j in chunk)
+            held.append((size, max(largest, runs.CHUNK_BYTES) if len(chunk) > 1 else size))
             yield chunk
 
-    monkeypatch.setattr(layers, "_chunks", spy)
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 0)
+    monkeypatch.setattr(runs, "chunks", spy)
+    monkeypatch.setattr(runs, "CHUNK_BYTES", 0)
     assert _check("unet-same-bn").ok
     assert len(held) > 1 and all(size <= bound for size, bound in held), held

@@ -122,9 +122,31 @@ class _Recorder:
         self.stack: list[TorchCall] = []  # the calls running now, outermost first
         self.counts: dict[str, int] = defaultdict(int)
         self.names = {id(m): p for p, m in module.named_modules()}
+        self.copies: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         for mod in dict((id(m), m) for _, m in module.named_modules()).values():
             self.handles.append(mod.register_forward_pre_hook(self.pre, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self.post))
+
+    def copy_of(self, t: torch.Tensor) -> np.ndarray:
+        """``t``'s values now, as a read-only numpy copy made once per distinct content: a layer's
+        output is the next one's input, and the same tensor reaches a block, its attention and its
+        projections (BERT-base: a third of the copies are distinct). The key is where the values
+        live and the tensor's version counter, which every in-place op bumps; the tensor is held
+        until the run ends, so its memory cannot be reused under the same key."""
+        t = t.detach()  # shares the storage and the version counter
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                   t.device, t.is_neg(), t.is_conj(), t._version)
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, a tensor subclass)
+            key = None
+        hit = self.copies.get(key) if key is not None else None
+        if hit is None:
+            values = to_numpy(t).copy()
+            values.flags.writeable = False  # shared by every call that saw this content
+            hit = (t, values)
+            if key is not None:
+                self.copies[key] = hit
+        return hit[1]
 
     def pre(self, mod, args, kwargs):
         path = self.names[id(mod)]
@@ -136,12 +158,12 @@ class _Recorder:
                 return x
             call.input_ids[name] = id(x)
             call.arrived[name] = x
-            call.input_values[name] = to_numpy(x.detach()).copy()
+            call.input_values[name] = self.copy_of(x)
             if self.grads and x.requires_grad:
                 v = x.view_as(x)
                 self.aliases[id(v)] = id(x)  # the module (and its children) see the view
                 x = v
-                x.register_hook(lambda g: call.input_grads.__setitem__(name, to_numpy(g).copy()))
+                x.register_hook(lambda g: call.input_grads.__setitem__(name, self.copy_of(g)))
             call.inputs[name] = x
             return x
 
@@ -156,14 +178,14 @@ class _Recorder:
         if call in self.stack:
             self.stack.remove(call)
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
-        call.output_values = {p: to_numpy(o.detach()).copy() for p, o in call.outputs.items()}
+        call.output_values = {p: self.copy_of(o) for p, o in call.outputs.items()}
         self.calls.append(call)
         if not self.grads or not any(o.requires_grad for o in call.outputs.values()):
             return None
         if call.path == "":  # the model's own outputs: nothing inside uses them afterwards
             for p, o in call.outputs.items():
                 if o.requires_grad:
-                    o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, to_numpy(g).copy()))
+                    o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, self.copy_of(g)))
             return None
 
         # A layer may return a tensor it also uses itself (Wav2Vec2's feature projection returns
@@ -175,7 +197,7 @@ class _Recorder:
             view = leaf.view_as(leaf)
             self.aliases[id(view)] = id(leaf)
             call.handed[path] = view
-            view.register_hook(lambda g, p=path: call.output_grads.__setitem__(p, to_numpy(g).copy()))
+            view.register_hook(lambda g, p=path: call.output_grads.__setitem__(p, self.copy_of(g)))
             return view
 
         return map_with_path(hand, output)
@@ -183,6 +205,7 @@ class _Recorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.copies.clear()  # the gradients it held (the forward tensors are held by the calls)
 
 
 class _PrecisionWatch(torch.overrides.TorchFunctionMode):

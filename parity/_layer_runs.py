@@ -1,0 +1,157 @@
+"""Running the per-layer analysis's isolated layers: in chunks (streamed), and one compiled program
+per kind of layer that occurs more than once.
+
+A transformer's twelve blocks are the same Flax module with the same fields on the same shapes:
+compiled once each, the twelve blocks (and their attention, projections, norms) cost one block's
+XLA compile instead of twelve. On the CPU the compile, not the run, is most of what a layer run
+alone costs (BERT-base: 139 layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from parity.runtime import to_host
+
+# parity.layers.IsolatedLayer, by its attributes (params, inputs, floats, others, cots, static,
+# fwd_bwd): that module imports this one, and the layering test forbids the cycle.
+IsolatedLayer = Any
+
+CHUNK_BYTES = 256 << 20
+
+
+def job_bytes(job: IsolatedLayer) -> int:
+    """What running ``job`` holds: its parameters, inputs and cotangents, and as much again for the
+    parameter and input gradients and the outputs they come with."""
+    leaves = jax.tree_util.tree_leaves((job.params, job.inputs, job.cots))
+    return 2 * sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
+
+
+def chunks(jobs: Sequence[IsolatedLayer], budget_bytes: int | None = None) -> Iterator[list[IsolatedLayer]]:
+    """Consecutive jobs up to the larger of ``budget_bytes`` (default CHUNK_BYTES: 256 MiB) and the
+    largest job: one chunk for small models, and for big ones never more than the largest job
+    (the encoder, which is most of the model) held at a time."""
+    sizes = [job_bytes(j) for j in jobs]
+    budget = max([CHUNK_BYTES if budget_bytes is None else budget_bytes, *sizes])
+    chunk: list[IsolatedLayer] = []
+    held = 0
+    for job, size in zip(jobs, sizes):
+        if chunk and held + size > budget:
+            yield chunk
+            chunk, held = [], 0
+        chunk.append(job)
+        held += size
+    if chunk:
+        yield chunk
+
+
+def same_static(a, b, depth: int = 0) -> bool:
+    """Whether two layers' static parts (Linen module fields, the call's non-array arguments) are
+    equal, so one traced program computes both. Conservative: anything it cannot compare for sure
+    (an object without a boolean ``==``, nesting deeper than 32) is different. A Linen module's
+    ``parent`` and ``name`` are where it sits, not what it computes, and are not compared. Two
+    functions are equal when their code, globals, defaults and closed-over values are: HF's
+    modules build a fresh ``kernel_init=normal(0.02)`` closure per layer."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or depth > 32:
+        return False
+    same = functools.partial(same_static, depth=depth + 1)
+    if isinstance(a, types.FunctionType):
+        return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__
+                and same(a.__defaults__, b.__defaults__) and same(a.__kwdefaults__, b.__kwdefaults__)
+                and same(_cells(a), _cells(b)))
+    if isinstance(a, functools.partial):
+        return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
+    if isinstance(a, (np.ndarray, jax.Array)):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(same(getattr(a, f.name, None), getattr(b, f.name, None))
+                   for f in dataclasses.fields(a) if f.name not in ("parent", "name"))
+    try:
+        equal = a == b
+    except Exception:  # noqa: BLE001 -- an object that cannot say: not the same
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
+def _cells(fn) -> tuple:
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            out.append(_EMPTY)
+    return tuple(out)
+
+
+_EMPTY = object()
+
+
+def _shapes(job: IsolatedLayer) -> tuple:
+    """What jax.jit keys a compiled program on, besides the function: structure, shapes, dtypes."""
+    leaves, tree = jax.tree_util.tree_flatten((job.params, job.floats, job.others, job.cots))
+    return tree, tuple((tuple(np.shape(a)), np.dtype(a.dtype).str) for a in leaves)
+
+
+def shared_programs(jobs: Sequence[IsolatedLayer]) -> dict[int, Callable]:
+    """id(job) -> one jitted fwd_bwd per kind of layer that occurs more than once (equal static
+    parts, ``same_static``, on equal shapes), for the jobs that have one. The program takes the
+    layer's parameters, float inputs, other inputs and cotangents as arguments, so the one compile
+    serves every layer of the kind. A layer with closed-over state (BatchNorm statistics, an NNX
+    module's graph) has no static part and is not shared."""
+    kinds: dict[tuple, list[tuple[IsolatedLayer, list[IsolatedLayer]]]] = {}
+    for job in jobs:
+        if job.static is None:
+            continue
+        entries = kinds.setdefault(_shapes(job), [])
+        for rep, members in entries:
+            if same_static(rep.static, job.static):
+                members.append(job)
+                break
+        else:
+            entries.append((job, [job]))
+    out: dict[int, Callable] = {}
+    for entries in kinds.values():
+        for rep, members in entries:
+            if len(members) > 1:
+                fn = jax.jit(lambda a, rep=rep: rep.fwd_bwd(a[0], a[1], a[3], others=a[2]))
+                out.update((id(m), fn) for m in members)
+    return out
+
+
+def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = None) -> list:
+    """Each job's fwd_bwd on the host, in order (an Exception in place of a layer that cannot run
+    alone: it costs only its own row). A job with a shared program runs it; the rest run as one
+    jitted program (one XLA compile instead of one per primitive per layer), else one at a time."""
+    shared = shared or {}
+    results: dict[int, object] = {}
+    for j in jobs:
+        if id(j) in shared:
+            try:
+                results[id(j)] = to_host(shared[id(j)]((j.params, j.floats, j.others, j.cots)))
+            except Exception as exc:  # noqa: BLE001
+                results[id(j)] = exc
+    alone = [j for j in jobs if id(j) not in shared]
+    if alone:
+        args = [(j.params, j.floats, j.cots) for j in alone]
+        try:
+            batched = jax.jit(lambda a: [j.fwd_bwd(*x) for j, x in zip(alone, a)])
+            results.update(zip(map(id, alone), to_host(batched(args))))
+        except Exception:  # noqa: BLE001
+            for j, a in zip(alone, args):
+                try:
+                    results[id(j)] = to_host(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a))
+                except Exception as exc:  # noqa: BLE001
+                    results[id(j)] = exc
+    return [results[id(j)] for j in jobs]

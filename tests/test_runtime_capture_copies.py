@@ -1,0 +1,51 @@
+"""The torch recorder copies each distinct tensor content once (a layer's output is the next one's
+input), and never hands a call a value changed in place after the call saw it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parity.runtime import run_torch
+
+
+class Twice(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0  # saves nothing for backward: its input may change in place afterwards
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = Twice()
+        self.c = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)  # b gets a's output as it was ...
+        h.mul_(3.0)  # ... then it changes in place (nothing saved for backward reads it) ...
+        h += 1.0  # ... and again
+        return y + self.c(h)  # c gets the changed value
+
+
+def test_copies_are_shared_per_content_and_follow_in_place_changes():
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    run = run_torch(net, (x,), capture=True, grads=True, cotangents={"out": np.ones((3, 4))})
+    calls = {c.path: c for c in run.calls}
+    a_out = calls["a"].output_values["out"]
+    expected = (x.detach() @ net.a.weight.detach().T + net.a.bias.detach()).numpy()
+    np.testing.assert_array_equal(a_out, expected)
+    assert calls["b"].input_values["args[0]"] is a_out  # one copy of one content
+    assert not a_out.flags.writeable  # shared: nobody may change it
+    np.testing.assert_array_equal(calls["b"].output_values["out"], 2.0 * expected)
+    c_in = calls["c"].input_values["args[0]"]
+    assert c_in is not a_out
+    np.testing.assert_array_equal(c_in, expected * 3.0 + 1.0)
+    # gradients: c's input gradient is c's weight applied to the ones cotangent
+    g_c = calls["c"].input_grads["args[0]"]
+    np.testing.assert_allclose(g_c, np.ones((3, 4)) @ net.c.weight.detach().numpy(), rtol=1e-12)
+    with pytest.raises(ValueError):
+        a_out[0, 0] = 0.0
