@@ -60,10 +60,11 @@ class CapturedRun:
 
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
-         cotangents: Mapping[str, np.ndarray] | None = None) -> CapturedRun:
+         cotangents: Mapping[str, np.ndarray] | None = None, flax_param_grads: bool = True) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
-    casts share."""
+    casts share. flax_param_grads=False: the twin's VJP leaves its parameter gradients out
+    (``f_p_grads`` and ``flax.param_grads`` empty): a run only its per-layer rows read."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
                              cotangent_seed=o.seed + 1, watch=watch)
@@ -98,9 +99,11 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
     f_cots = ({to_f[p]: to_flax_layout(c, pair.out_layouts[p], p) for p, c in t.cotangents.items()}
               if o.grads else None)
     say("flax forward/vjp" + (" with every layer recorded" if layers else ""))
-    f = forward_backward(pair.twin, pair.variables, pair.flax_args, f_cots, capture=layers)
+    f = forward_backward(pair.twin, pair.variables, pair.flax_args, f_cots, capture=layers,
+                         param_grads=None if flax_param_grads else (lambda path: False))
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
-    f_named = pair.plan.to_torch({"params": f.param_grads}, collections=("params",)) if o.grads else {}
+    f_named = (pair.plan.to_torch({"params": f.param_grads}, collections=("params",))
+               if o.grads and flax_param_grads else {})
     return CapturedRun(pair, t, f, f_named, acts)
 
 
@@ -380,6 +383,11 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
             attach(report, run, o.data_parallel, mj)
     if o.layers:
         lr = ev.rows_run
+        if lr is not run:
+            # Judged: the report holds numbers. The rows read the float64 run alone, so the
+            # checked-dtype run's gradients (the model's size, twice) are freed before they start.
+            for grads in (run.torch.param_grads, run.f_p_grads, run.flax.param_grads or {}):
+                grads.clear()
         ldt = "float64" if lr is not run else dname
         with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
             report.layers = analyze_layers(
@@ -481,7 +489,11 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
             # where verdicts are sharp.
             ref_pair = pair.cast("float64", flax=o.layers)
             if o.layers:
-                ref = run_pair(ref_pair, o, layers=True, say=say, watch=True, cotangents=cots)
+                # The rows read the twin's recorded activations and cotangents, and run each layer
+                # alone for its parameter gradients: the whole twin's are never read here (a
+                # third of its backward, and the model's size in float64, saved).
+                ref = run_pair(ref_pair, o, layers=True, say=say, watch=True, cotangents=cots,
+                               flax_param_grads=False)
                 ref_torch = ref.torch
             else:
                 ref = ref_torch = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True)[0]
