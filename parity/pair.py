@@ -198,7 +198,7 @@ class PreparedPair:
         its float32 parts, as torch's upcasts keep theirs: parity.checker judges those by float32
         noise). Call under jax.enable_x64 for float64 variables."""
         tdt = TORCH_DTYPES[dtype]
-        tm = copy.deepcopy(self.torch_module).to(tdt)
+        tm = _copy_in(self.torch_module, tdt)
         jdt = jnp.dtype(dtype)
         variables = jax.tree_util.tree_map(
             lambda a: jnp.asarray(a, jdt) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
@@ -206,6 +206,19 @@ class PreparedPair:
         args = torch_inputs(self.torch_args, tdt, self.device, False)
         return replace(self, torch_module=tm, variables=variables, torch_args=args,
                        flax_args=flax_inputs(args, self.in_layouts), dtype=dtype, notes=[])
+
+
+def _copy_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of ``module`` with its floating parameters and buffers made in ``dtype``
+    directly (``deepcopy(...).to(dtype)`` would copy every weight twice: a float64 copy of
+    BERT-base is 0.9 GB, the first copy 0.4 GB more, each written once more)."""
+    memo: dict[int, object] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in memo or not t.is_floating_point():
+            continue
+        made = t.detach().to(dtype).clone() if t.dtype == dtype else t.detach().to(dtype)
+        memo[id(t)] = torch.nn.Parameter(made, t.requires_grad) if isinstance(t, torch.nn.Parameter) else made
+    return copy.deepcopy(module, memo).to(dtype)  # .to: what the memo left (complex), as Module.to does
 
 
 def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -32,3 +32,29 @@ def test_float64_rows_run_leaves_the_twins_parameter_gradients_out(monkeypatch):
     assert not rows[0][2](("blocks_0", "fc", "kernel"))  # ... computes no parameter gradient
     assert r.layer("blocks.1.fc").grad_isolated is not None  # each layer's backward, from the layer run alone
     assert len(r.param_grads) == sum(1 for _ in TorchStack().parameters())  # the whole model's, judged
+
+
+def test_a_cast_pair_copies_each_weight_once_in_its_dtype():
+    from parity.pair import _copy_in
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.emb.weight  # tied, as an LM head is
+            self.norm = torch.nn.BatchNorm1d(3)
+            self.norm.weight.requires_grad_(False)
+
+    m = Tied()
+    c = _copy_in(m, torch.float64)
+    assert c.head.weight is c.emb.weight  # still one tensor
+    assert not c.norm.weight.requires_grad and c.emb.weight.requires_grad
+    assert isinstance(c.emb.weight, torch.nn.Parameter)
+    assert c.norm.num_batches_tracked.dtype == torch.int64  # integers stay integers
+    for (n, a), b in zip(m.state_dict().items(), c.state_dict().values()):
+        assert a.data_ptr() != b.data_ptr(), n  # a copy, never the caller's storage
+        assert torch.equal(a.to(b.dtype), b), n
+        assert b.dtype == (torch.float64 if a.is_floating_point() else a.dtype), n
+    same = _copy_in(m, torch.float32)  # already in the dtype: still a copy
+    assert same.emb.weight.data_ptr() != m.emb.weight.data_ptr()
