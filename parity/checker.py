@@ -525,16 +525,18 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
                                f"{str(exc)[:120]}): rows judged by the float64 table")
         rows = RowJudge(t64f, t64g)
     def other(keys):  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
-        with jax.enable_x64(True):
-            return _flax_values(run, "float64", keys)
+        with jax.enable_x64(True):  # on the rows' float64 variables: the same cast, not a second copy
+            return _flax_values(run, "float64", keys, variables=ref.variables)
     return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
 
 
-def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,
+                 variables: Mapping | None = None) -> dict[str, np.ndarray]:
     """The twin run again in ``dname`` (variables, inputs and cotangents of ``run`` cast): its
     model-level tensors by ModelJudge key, torch layout; with ``keys``, the parameter gradients
-    of those keys alone (parity.runtime.param_grads_for). The twin's own rounding noise is this
-    run's distance to ``run``'s values (a bug, being in both, cancels)."""
+    of those keys alone (parity.runtime.param_grads_for). variables: ``run``'s already cast to
+    ``dname`` (the rows' float64 pair holds them). The twin's own rounding noise is this run's
+    distance to ``run``'s values (a bug, being in both, cancels)."""
     dt = jnp.dtype(dname)
 
     def cast(a):
@@ -545,7 +547,8 @@ def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None) ->
     cots = {to_f[p]: cast(to_flax_layout(c, run.out_layouts[p], p)) for p, c in run.torch.cotangents.items()
             if p in to_f} or None
     plan, wanted = param_grads_for(run.plan, keys) if keys is not None and cots is not None else (run.plan, None)
-    f = forward_backward(run.pair.twin_in(dname), jax.tree_util.tree_map(cast, run.variables),
+    f = forward_backward(run.pair.twin_in(dname), jax.tree_util.tree_map(cast, run.variables) if variables is None
+                         else variables,
                          jax.tree_util.tree_map(cast, run.flax_args), cots, param_grads=wanted)
     out = {to_t[p]: to_torch_layout(np.asarray(v), run.out_layouts[to_t[p]]) for p, v in f.outputs.items()
            if p in to_t}

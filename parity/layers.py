@@ -376,7 +376,9 @@ class IsolatedLayer:
     ``float_names`` order, the arguments that ``forward`` / ``fwd_bwd`` take (and differentiate).
     params: the layer's own ``params`` subtree (linen-style); its other collections
     (``batch_stats``) are closed over. cots: torch's cotangents at the layer's outputs in Flax
-    layout, by Flax output path (None: forward only). All three functions are pure and jittable.
+    layout, by Flax output path (None: forward only). Inputs and cotangents are numpy (views of
+    torch's recorded values where the layout allows), moved to the device when the layer runs.
+    All three functions are pure and jittable.
     """
 
     row: LayerRow
@@ -384,9 +386,9 @@ class IsolatedLayer:
     flax_path: tuple[str, ...]
     fn: Callable  # fn(params, inputs by Flax input name) -> the layer's output pytree
     params: Mapping
-    inputs: dict[str, jax.Array]
+    inputs: dict[str, np.ndarray]
     float_names: list[str]
-    cots: dict[str, jax.Array] | None
+    cots: dict[str, np.ndarray] | None
     out_layouts: dict[str, str]  # by torch output path
     in_layouts: dict[str, _InputLayout]  # by Flax input name
     torch_names: dict[str, str]  # Flax input name -> torch input name
@@ -990,14 +992,17 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
             row.notes.append(f"input {tn}: integer values differ between the sides (torch hands this layer "
                              "other indices than Flax does); not run alone")
             return None
-        arrays[fn], in_layouts[fn], names[fn] = jnp.asarray(x), lay, tn
+        # numpy, a view of torch's recorded value where the layout allows: a job holds no copy
+        # until its chunk runs (jit takes numpy arguments), so the rows never hold every
+        # layer's inputs twice
+        arrays[fn], in_layouts[fn], names[fn] = np.asarray(x), lay, tn
     float_names = [n for n, a in arrays.items() if jnp.issubdtype(a.dtype, jnp.floating)]
     sub = _subtree(variables, fpath)
     cots = None
     t_g = {p: g for p, g in tc.output_grads.items() if p in out_layouts}
     if grads and t_g:
         to_f = {t: f for f, t in out_map.items()}
-        cots = {to_f.get(p, p): jnp.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
+        cots = {to_f.get(p, p): np.asarray(to_flax_layout(g, out_layouts[p], f"d/d {row.name} {p}"))
                 for p, g in t_g.items()}
     # Only params travel as arguments: other collections (BatchNorm statistics) are closed over,
     # as is an NNX submodule's graph, so such a layer's program is its own.

@@ -182,3 +182,26 @@ def test_checks_own_noise_run_computes_only_the_gradients_it_judges_again(monkey
     assert r.verdict == "PASS", str(r)
     assert computed == [["fc"]], computed
     assert {c.name: c.ok for c in r.grads} == {"grad input": True, "grad fc.weight": True, "grad fc2.weight": True}
+
+
+def test_with_rows_the_own_noise_run_takes_the_rows_float64_variables(monkeypatch):
+    """A float32 check with rows holds the variables in float64 for its rows' run: the twin's own
+    float64 run takes those, not a second cast of the model (0.8 GB at BERT-base size)."""
+    import jax
+
+    import parity.checker as ck
+
+    seen, real = [], ck.forward_backward
+
+    def spy(twin, variables, *a, capture=False, **kw):
+        seen.append((capture, jax.tree_util.tree_leaves(variables)))
+        return real(twin, variables, *a, capture=capture, **kw)
+
+    monkeypatch.setattr(ck, "forward_backward", spy)
+    r = parity.check(TorchLinear(), FC(), X, input_layout="as_is", lint=False)
+    assert r.verdict == "PASS", str(r)
+    assert "within the twin's own rounding noise only" in r.outputs[0].note
+    rows = [leaves for capture, leaves in seen if capture]
+    own = [leaves for capture, leaves in seen if not capture and leaves[0].dtype == np.float64]
+    assert len(rows) == 1 and len(own) == 1, [(c, ls[0].dtype) for c, ls in seen]
+    assert all(a is b for a, b in zip(own[0], rows[0]))
