@@ -29,3 +29,18 @@ def test_table_ratios_against_the_floor_the_check_needed():
     assert own[3:6] == ["1.80", "1.20", "165"] and own[6:8] == ["1.65", "1.10"]
     plain = rows["check-layers"]
     assert plain[3:5] == ["3.00", ""] and plain[6:8] == ["3.00", ""]  # no own-noise run: no floor-own ratio
+
+
+def test_a_run_that_dies_is_a_row_saying_so_and_the_others_still_run(monkeypatch):
+    def child(module, args):
+        if args[1] == "check-layers":  # as the OOM killer ends a run: SIGKILL, nothing on stderr
+            raise RuntimeError(f"{module} child {' '.join(args)} failed, killed by signal 9 (SIGKILL: the OOM "
+                               "killer?):\n")
+        return {"workload": args[0], "kind": args[1], "wall_s": 1.0, "peak_rss_growth_mib": 2.0, "model_mib": 1.0}
+
+    monkeypatch.setattr(check_cost, "in_fresh_process", child)
+    costs = check_cost.measure(["m"], ("floor", "check-layers", "check"))
+    assert [c.kind for c in costs] == ["floor", "check-layers", "check"]
+    assert costs[1].verdict.startswith("failed: ") and "killed by signal 9" in costs[1].verdict
+    assert costs[2].wall_s == 1.0
+    assert "killed by signal 9" in table(costs)

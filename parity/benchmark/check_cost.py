@@ -7,7 +7,8 @@ time and peak RSS growth are measured after the models are built and the imports
 kernel's peak-RSS mark is reset there through /proc/self/clear_refs), so a figure is that run's
 own. Workloads: a registry pair (its "full" config) and Hugging Face BertModel built from a
 config (random init, never from the hub): ``tiny`` (2 layers of 32) or ``base`` (BERT-base, 110M
-parameters), ids + mask at batch 2 x 128.
+parameters), ids + mask at batch 2 x 128; and HF GPT-2 with its LM head as
+parity.benchmark.golden_cost builds it (``gpt2-tiny``, ``gpt2-8x1024``, ``gpt2-medium``: 355M).
 
 floor-own: the floor plus the twin's own float64 forward/VJP with its compile, which the judge
 also runs when a tensor does not pass on torch's noise alone (the twin's own rounding noise:
@@ -59,6 +60,14 @@ def _build(workload: str):
         x = Inputs(ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
                    position_ids=torch.arange(128)[None].repeat(2, 1), flax_only=dict(head_mask=None))
         return tm, FlaxBertModule(cfg), x, {}
+    if workload.startswith("gpt2-"):  # GPT-2 with its LM head (tied), as parity.benchmark.golden_cost builds it
+        import transformers
+
+        from parity.benchmark import golden_cost
+
+        torch.manual_seed(0)
+        tm = transformers.GPT2LMHeadModel(golden_cost._config(workload)).eval()
+        return tm, golden_cost._twin(workload), golden_cost._inputs(workload), {}
     from parity.registry import PAIRS
 
     pair = PAIRS[workload]
@@ -115,8 +124,22 @@ def child(workload: str, kind: str) -> Cost:
 
 
 def measure(workloads: list[str], kinds: tuple[str, ...] = KINDS) -> list[Cost]:
-    """Each (workload, kind) in a fresh process, one after another."""
-    return [Cost(**in_fresh_process("parity.benchmark.check_cost", [w, k])) for w in workloads for k in kinds]
+    """Each (workload, kind) in a fresh process, one after another. A run that fails (the OOM
+    killer's SIGKILL included) is a row saying so, and the others still run."""
+    out = []
+    for w in workloads:
+        for k in kinds:
+            try:
+                out.append(Cost(**in_fresh_process("parity.benchmark.check_cost", [w, k])))
+            except RuntimeError as exc:
+                out.append(Cost(w, k, float("nan"), float("nan"), float("nan"), f"failed: {_why(str(exc))}"))
+    return out
+
+
+def _why(message: str) -> str:
+    """One line for a child that failed: its exit status, or the last line of its stderr."""
+    lines = [ln for ln in message.splitlines() if ln.strip()]
+    return lines[-1][:160] if len(lines) > 1 else lines[0][:160] if lines else "unknown"
 
 
 def table(costs: list[Cost]) -> str:
@@ -128,15 +151,18 @@ def table(costs: list[Cost]) -> str:
 
     def ratio(a: float, floor: Cost | None, attr: str) -> str:
         b = getattr(floor, attr) if floor else 0.0
-        return f"{a / b:.2f}" if b > 0 else ""
+        return f"{a / b:.2f}" if b > 0 and a == a else ""  # a == a: not a failed run's NaN
+
+    def num(a: float, fmt: str) -> str:
+        return format(a, fmt) if a == a else ""
     for c in costs:
         f, fo = floors.get((c.workload, "floor")), floors.get((c.workload, "floor-own"))
         fo = fo if c.own_noise or c.kind == "floor-own" else None
-        lines.append(f"| {c.workload} | {c.kind}{' (own noise run)' if c.own_noise else ''} | {c.wall_s:.1f} | "
+        lines.append(f"| {c.workload} | {c.kind}{' (own noise run)' if c.own_noise else ''} | {num(c.wall_s, '.1f')} | "
                      f"{ratio(c.wall_s, f, 'wall_s')} | {ratio(c.wall_s, fo, 'wall_s')} | "
-                     f"{c.peak_rss_growth_mib:.0f} | {ratio(c.peak_rss_growth_mib, f, 'peak_rss_growth_mib')} | "
+                     f"{num(c.peak_rss_growth_mib, '.0f')} | {ratio(c.peak_rss_growth_mib, f, 'peak_rss_growth_mib')} | "
                      f"{ratio(c.peak_rss_growth_mib, fo, 'peak_rss_growth_mib')} | "
-                     f"{c.peak_rss_growth_mib / c.model_mib:.1f} | {c.verdict} |")
+                     f"{num(c.peak_rss_growth_mib / c.model_mib, '.1f')} | {c.verdict} |")
     return "\n".join(lines)
 
 
@@ -145,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", nargs=2, metavar=("WORKLOAD", "KIND"), help=argparse.SUPPRESS)
     ap.add_argument("workloads", nargs="*", default=["vit", "bert-tiny"])
     ap.add_argument("--out", help="write the costs as JSON here")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="the runs to measure (default: all; the ratios need the floors)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(asdict(child(*args.child))))
         return 0
-    costs = measure(args.workloads)
+    costs = measure(args.workloads, tuple(args.kinds))
     print(table(costs))
     if args.out:
         with open(args.out, "w") as f:

@@ -60,7 +60,9 @@ def in_fresh_process(module: str, args: list[str], env: dict[str, str] | None = 
     res = subprocess.run([sys.executable, "-m", module, "--child", *args], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
     if res.returncode != 0:
-        raise RuntimeError(f"{module} child {' '.join(args)} failed:\n{res.stderr[-2000:]}")
+        how = (f"killed by signal {-res.returncode}" + (" (SIGKILL: the OOM killer?)" if res.returncode == -9 else "")
+               if res.returncode < 0 else f"exit status {res.returncode}")
+        raise RuntimeError(f"{module} child {' '.join(args)} failed, {how}:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
