@@ -514,6 +514,9 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
                 return _flax_values(run, "float64", keys)
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
     lower = _lower_warning(ref_torch, report, "float64 reference run") or _float32_tables(ref, report)
+    # Nothing reads torch's float64 weights after its run (the rows read what it recorded): freed
+    # before the probe and the judging (the model's size in float64).
+    ref.pair.free_torch_weights()
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
     say("float32 probe run (measures the float64 rows' noise)")
     try:

@@ -185,6 +185,14 @@ class PreparedPair:
                     buffers[n].copy_(b)
         return run, args
 
+    def free_torch_weights(self) -> None:
+        """Free the torch copy's parameter and buffer storage once nothing will run it again (a
+        cast's float64 copy after its one run): every tensor becomes empty in place, so the memory
+        goes even where the recorded calls and their autograd graph still hold the module."""
+        with torch.no_grad():
+            for t in list(self.torch_module.parameters()) + list(self.torch_module.buffers()):
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
     def twin_in(self, dtype: str) -> FlaxTwin:
         """The twin computing in ``dtype`` (FlaxTwin.computing_in: a Linen ``dtype`` field equal to
         this pair's dtype is cloned with ``dtype``)."""

@@ -58,3 +58,24 @@ def test_a_cast_pair_copies_each_weight_once_in_its_dtype():
         assert b.dtype == (torch.float64 if a.is_floating_point() else a.dtype), n
     same = _copy_in(m, torch.float32)  # already in the dtype: still a copy
     assert same.emb.weight.data_ptr() != m.emb.weight.data_ptr()
+
+
+def test_the_float64_torch_copy_is_freed_once_run_and_the_rows_still_locate(monkeypatch):
+    from parity.pair import PreparedPair
+
+    freed, real = [], PreparedPair.free_torch_weights
+
+    def spy(self):
+        before = sum(p.numel() for p in self.torch_module.parameters())
+        real(self)
+        freed.append((self.dtype, before, sum(p.numel() for p in self.torch_module.parameters())))
+
+    monkeypatch.setattr(PreparedPair, "free_torch_weights", spy)
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    tm = TorchStack()
+    r = parity.check(tm, Stack(tanh_at=1), x, input_layout="as_is", lint=False)
+    n = sum(p.numel() for p in tm.parameters())
+    assert freed == [("float64", n, 0)]  # the float64 copy, all of it
+    assert all(p.numel() for p in tm.parameters())  # never the caller's module
+    assert (r.verdict, r.first_divergence) == ("FAIL", "blocks.1"), r.summary()
