@@ -60,11 +60,14 @@ class CapturedRun:
 
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
-         cotangents: Mapping[str, np.ndarray] | None = None, flax_param_grads: bool = True) -> CapturedRun:
+         cotangents: Mapping[str, np.ndarray] | None = None, flax_param_grads: bool = True,
+         flax_side: bool = True) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
     casts share. flax_param_grads=False: the twin's VJP leaves its parameter gradients out
-    (``f_p_grads`` and ``flax.param_grads`` empty): a run only its per-layer rows read."""
+    (``f_p_grads`` and ``flax.param_grads`` empty): a run only its per-layer rows read.
+    flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
+    that needs the twin's side later (the rows' float64 run: after the model is judged)."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
                              cotangent_seed=o.seed + 1, watch=watch)
@@ -94,6 +97,16 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
         pair.out_layouts = output_layouts(output_layout, {p: o_.shape for p, o_ in t.outputs.items()}, f_shapes,
                                           producer)
         pair.output_map = to_t
+    run = CapturedRun(pair, t, None, {}, acts)
+    if flax_side:
+        run_flax_side(run, o, layers=layers, say=say, flax_param_grads=flax_param_grads)
+    return run
+
+
+def run_flax_side(run: CapturedRun, o: CheckOptions, *, layers: bool, say, flax_param_grads: bool = True) -> None:
+    """The twin's forward/VJP of ``run`` (made by run_pair with flax_side=False), with torch's
+    cotangents: sets ``run.flax`` and ``run.f_p_grads``."""
+    pair, t = run.pair, run.torch
     to_t = pair.output_map
     to_f = {tp: fp for fp, tp in to_t.items()}
     f_cots = ({to_f[p]: to_flax_layout(c, pair.out_layouts[p], p) for p, c in t.cotangents.items()}
@@ -102,9 +115,9 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
     f = forward_backward(pair.twin, pair.variables, pair.flax_args, f_cots, capture=layers,
                          param_grads=None if flax_param_grads else (lambda path: False))
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
-    f_named = (pair.plan.to_torch({"params": f.param_grads}, collections=("params",))
-               if o.grads and flax_param_grads else {})
-    return CapturedRun(pair, t, f, f_named, acts)
+    run.flax = f
+    run.f_p_grads = (pair.plan.to_torch({"params": f.param_grads}, collections=("params",))
+                     if o.grads and flax_param_grads else {})
 
 
 def capture(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
@@ -382,13 +395,15 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         with x64():
             attach(report, run, o.data_parallel, mj)
     if o.layers:
-        lr = ev.rows_run
-        if lr is not run:
+        if ev.rows_run is not run:
             # Judged: the report holds numbers. The rows read the float64 run alone, so the
             # checked-dtype run's gradients (the model's size, twice) are freed before they start.
             for grads in (run.torch.param_grads, run.f_p_grads, run.flax.param_grads or {}):
                 grads.clear()
-        ldt = "float64" if lr is not run else dname
+        if ev.finish_rows is not None:
+            ev.finish_rows()
+        lr = ev.rows_run
+        ldt = lr.pair.dtype
         with (jax.enable_x64(True) if ldt == "float64" else contextlib.nullcontext()):
             report.layers = analyze_layers(
                 lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
@@ -434,6 +449,9 @@ class Evidence:
     # thunk, run only when a tensor does not pass on torch's noise alone (the twin's own noise
     # only ever widens the bound: a pass without it is a pass with it).
     flax_other: Callable[[list[str] | None], dict[str, np.ndarray] | None] | None = None
+    # What the rows still need, run after the model is judged (its runs' gradients freed first):
+    # a low-precision check's float64 rows run of the twin and its float32 probe; sets ``rows``.
+    finish_rows: Callable[[], None] | None = None
 
 
 def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: bool, cotangents,
@@ -489,11 +507,9 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
             # where verdicts are sharp.
             ref_pair = pair.cast("float64", flax=o.layers)
             if o.layers:
-                # The rows read the twin's recorded activations and cotangents, and run each layer
-                # alone for its parameter gradients: the whole twin's are never read here (a
-                # third of its backward, and the model's size in float64, saved).
-                ref = run_pair(ref_pair, o, layers=True, say=say, watch=True, cotangents=cots,
-                               flax_param_grads=False)
+                # torch's side now (the model's reference); the twin's side of the rows later
+                # (Evidence.finish_rows), once the model is judged and its runs' gradients freed
+                ref = run_pair(ref_pair, o, layers=True, say=say, watch=True, cotangents=cots, flax_side=False)
                 ref_torch = ref.torch
             else:
                 ref = ref_torch = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True)[0]
@@ -518,19 +534,43 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
     # before the probe and the judging (the model's size in float64).
     ref.pair.free_torch_weights()
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
-    say("float32 probe run (measures the float64 rows' noise)")
-    try:
-        probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True)
-        rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
-                        all_float32=lower == "float32" and not ref_torch.lower_precision)
-    except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
-        report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
-                               f"{str(exc)[:120]}): rows judged by the float64 table")
-        rows = RowJudge(t64f, t64g)
+    ev = Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref)
+
+    def finish_rows() -> None:
+        """The twin's float64 run with every layer recorded (no whole-model parameter gradients:
+        the rows take each layer's from the layer run alone), then torch's float32 probe; the
+        checked-dtype pair freed as each of its sides has run its last."""
+        try:
+            with jax.enable_x64(True):
+                run_flax_side(ref, o, layers=True, say=say, flax_param_grads=False)
+        except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot
+            # The rows in the checked dtype then, their noise measured there (a nudged torch run).
+            rows_run = run_pair(pair, o, layers=True, say=say)
+            fallback = _same_dtype_evidence(
+                rows_run, o, prec, platform, tf, tg, report, say,
+                f"the twin's float64 run of the per-layer rows failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"the rows are {dname}")
+            ev.rows_run, ev.rows = rows_run, fallback.rows
+            return
+        # The checked-dtype pair has run its last but for torch's probe: the rows run on the
+        # float64 one. Its variables go now, its torch weights after the probe.
+        pair.variables = {}
+        say("float32 probe run (measures the float64 rows' noise)")
+        try:
+            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True)
+            ev.rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
+                               all_float32=lower == "float32" and not ref_torch.lower_precision)
+        except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
+            report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
+                                   f"{str(exc)[:120]}): rows judged by the float64 table")
+            ev.rows = RowJudge(t64f, t64g)
+        pair.free_torch_weights()
+
     def other(keys):  # the twin truly in float64 (twin_in), not the rows' run of the twin as declared
         with jax.enable_x64(True):  # on the rows' float64 variables: the same cast, not a second copy
             return _flax_values(run, "float64", keys, variables=ref.variables)
-    return Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref, rows=rows, flax_other=other)
+    ev.flax_other, ev.finish_rows = other, finish_rows
+    return ev
 
 
 def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,

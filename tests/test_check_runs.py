@@ -3,7 +3,9 @@ twin's whole-model parameter gradients once (in float32, for the verdict); its f
 records every layer but leaves them out (the rows take each layer's from the layer run alone)."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -60,7 +62,7 @@ def test_a_cast_pair_copies_each_weight_once_in_its_dtype():
     assert same.emb.weight.data_ptr() != m.emb.weight.data_ptr()
 
 
-def test_the_float64_torch_copy_is_freed_once_run_and_the_rows_still_locate(monkeypatch):
+def test_the_torch_copies_are_freed_once_run_and_the_rows_still_locate(monkeypatch):
     from parity.pair import PreparedPair
 
     freed, real = [], PreparedPair.free_torch_weights
@@ -76,6 +78,37 @@ def test_the_float64_torch_copy_is_freed_once_run_and_the_rows_still_locate(monk
     tm = TorchStack()
     r = parity.check(tm, Stack(tanh_at=1), x, input_layout="as_is", lint=False)
     n = sum(p.numel() for p in tm.parameters())
-    assert freed == [("float64", n, 0)]  # the float64 copy, all of it
+    # the float64 copy once recorded, then the checked-dtype one once the probe has run: all of each
+    assert freed == [("float64", n, 0), ("float32", n, 0)]
     assert all(p.numel() for p in tm.parameters())  # never the caller's module
     assert (r.verdict, r.first_divergence) == ("FAIL", "blocks.1"), r.summary()
+
+
+class _TorchFC(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _Float32Only(nn.Module):
+    """A twin that refuses float64 (torch's float64 run works: the model is judged by it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype != jnp.float32:
+            raise TypeError(f"float32 only, got {x.dtype}")
+        return nn.Dense(4, name="fc")(x)
+
+
+def test_rows_of_a_twin_that_cannot_run_in_float64_are_made_in_the_checked_dtype():
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    r = parity.check(_TorchFC(), _Float32Only(), x, input_layout="as_is", lint=False)
+    assert r.verdict == "PASS", r.summary()
+    assert r.reference == "float64"  # the model judged against torch's float64 run
+    assert any("float64 run of the per-layer rows failed" in w and "TypeError" in w for w in r.warnings), r.warnings
+    fc = r.layer("fc")
+    assert fc.isolated is not None and fc.isolated.ok  # and the rows still made, in float32
