@@ -400,6 +400,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
             # checked-dtype run's gradients (the model's size, twice) are freed before they start.
             for grads in (run.torch.param_grads, run.f_p_grads, run.flax.param_grads or {}):
                 grads.clear()
+            run.flax.new_variables = None  # it holds the variables, which the pair frees later
         if ev.finish_rows is not None:
             ev.finish_rows()
         lr = ev.rows_run

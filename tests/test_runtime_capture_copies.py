@@ -49,3 +49,33 @@ def test_copies_are_shared_per_content_and_follow_in_place_changes():
     np.testing.assert_allclose(g_c, np.ones((3, 4)) @ net.c.weight.detach().numpy(), rtol=1e-12)
     with pytest.raises(ValueError):
         a_out[0, 0] = 0.0
+
+
+def test_the_flax_recording_returns_each_distinct_array_once():
+    import flax.linen as nn
+    import jax
+
+    from parity.runtime import FlaxTwin, call_key, forward_backward
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="inner")(x) * 2.0
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4, name="a")(x)
+            return Twice(name="b")(h) + nn.Dense(4, name="c")(h)
+
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    variables = Net().init(jax.random.PRNGKey(0), x)
+    run = forward_backward(FlaxTwin(Net()), variables, (x,), {"out": np.ones((3, 4), np.float32)}, capture=True)
+    a_out = run.call_outputs[call_key(("a",), 0)]["out"]
+    # a's output reaches b, b's inner Dense and c: one array for the four places
+    for path in (("b",), ("b", "inner"), ("c",)):
+        assert run.call_inputs[call_key(path, 0)]["args[0]"] is a_out, path
+    h = x @ np.asarray(variables["params"]["a"]["kernel"]) + np.asarray(variables["params"]["a"]["bias"])
+    np.testing.assert_allclose(a_out, h, rtol=1e-6)
+    # and every layer still has its own cotangent
+    assert set(run.call_output_cots) >= {call_key(p, 0) for p in (("a",), ("b",), ("b", "inner"), ("c",))}

@@ -406,17 +406,31 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
     floats, float_paths, rebuild = _split_floats(args)
     recorders: list[_Recorder] = []
 
+    layouts: list[tuple] = []  # per trace of fn: (tree of the recorded arrays, index of each leaf)
+
     def fn(params, floats, perts):
         rec = _Recorder(perts) if capture else None
         out, new = twin.apply({"params": params, **rest}, rebuild(floats), rec)
         if rec is not None:
             recorders.append(rec)
-        aux = (rec.inputs, rec.outputs) if rec else ({}, {})
-        return flatten(out), (aux, {k: v for k, v in new.items() if k != "params"})
+        # Each distinct recorded array once: a layer's output is the next one's input and a block
+        # hands its input down to its children (BERT: the same value recorded 3-6 times). The
+        # program returns it once; the host gets one numpy array, shared by every place.
+        leaves, tree = jax.tree_util.tree_flatten((rec.inputs, rec.outputs) if rec else ({}, {}))
+        first: dict[int, int] = {}
+        index = [first.setdefault(id(leaf), len(first)) for leaf in leaves]
+        unique = list({id(leaf): leaf for leaf in leaves}.values())  # first-seen order, as ``index``
+        layouts.append((tree, index))
+        return flatten(out), (unique, {k: v for k, v in new.items() if k != "params"})
+
+    def recorded(unique) -> tuple:
+        tree, index = layouts[-1]
+        return jax.tree_util.tree_unflatten(tree, [unique[i] for i in index])
 
     perts = None
     if capture and (cotangents is not None or offsets):
-        _, ((_, shapes), _) = jax.eval_shape(fn, params, floats, None)
+        _, (unique_shapes, _) = jax.eval_shape(fn, params, floats, None)
+        _, shapes = recorded(unique_shapes)
         given = offsets or {}
         perts = {k: {p: (jnp.asarray(given[k][p], s.dtype) if p in given.get(k, {}) else jnp.zeros(s.shape, s.dtype))
                      for p, s in v.items() if jnp.issubdtype(s.dtype, jnp.floating)}
@@ -437,7 +451,8 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         return out, aux, grads
 
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
-    out, ((c_in, c_out), new_rest), grads = to_host(jax.jit(run)(params, floats, perts, cots))
+    out, (unique, new_rest), grads = to_host(jax.jit(run)(params, floats, perts, cots))
+    c_in, c_out = recorded(unique)
     result = FlaxRun({p: np.asarray(o) for p, o in out.items()},
                      new_variables={"params": params, **new_rest}, args=tuple(args))
     if grads is not None:
