@@ -44,3 +44,12 @@ def test_a_run_that_dies_is_a_row_saying_so_and_the_others_still_run(monkeypatch
     assert costs[1].verdict.startswith("failed: ") and "killed by signal 9" in costs[1].verdict
     assert costs[2].wall_s == 1.0
     assert "killed by signal 9" in table(costs)
+
+
+def test_repeated_runs_keep_the_least_wall_and_memory(monkeypatch):
+    walls, rss = iter([3.0, 2.0, 4.0]), iter([30.0, 50.0, 20.0])
+    monkeypatch.setattr(check_cost, "in_fresh_process", lambda module, args: {
+        "workload": args[0], "kind": args[1], "wall_s": next(walls), "peak_rss_growth_mib": next(rss),
+        "model_mib": 1.0})
+    (c,) = check_cost.measure(["m"], ("check",), repeat=3)
+    assert (c.wall_s, c.peak_rss_growth_mib, c.runs) == (2.0, 20.0, 3)

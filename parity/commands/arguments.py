@@ -248,8 +248,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the port-throughput benchmark (bench/port_throughput.py)")
     p.add_argument("--check-cost", nargs="*", default=None, metavar="WORKLOAD",
                    help="what a check costs against its floor (the runs the judge needs, each once), wall and "
-                        "peak RSS, each run in a fresh process: registry names and bert-tiny / bert-base "
-                        "(default: vit bert-tiny); writes check_cost.json/.md under --out")
+                        "peak RSS, each run in a fresh process: registry names, bert-tiny / bert-base "
+                        "/ gpt2-tiny / gpt2-medium (default: vit bert-tiny); writes check_cost.json/.md under --out")
+    p.add_argument("--cost-repeat", type=int, default=1, metavar="N",
+                   help="--check-cost: N fresh processes per run, the least wall and peak RSS of them (default 1)")
     p.add_argument("--golden-cost", nargs="*", default=None, metavar="WORKLOAD",
                    help="peak RSS growth of parity record (torch side) and parity verify (torch-free), each in "
                         "a fresh process, against the golden-bundle targets: gpt2-tiny, gpt2-8x1024, gpt2-medium (default: "

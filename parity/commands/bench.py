@@ -225,7 +225,7 @@ def _check_cost(args: argparse.Namespace) -> int:
 
     from parity.benchmark.check_cost import measure, table
 
-    costs = measure(args.check_cost or ["vit", "bert-tiny"])
+    costs = measure(args.check_cost or ["vit", "bert-tiny"], repeat=max(1, args.cost_repeat))
     text = table(costs)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
