@@ -33,12 +33,12 @@ def job_bytes(job: IsolatedLayer) -> int:
     return 2 * sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
 
 
-def chunks(jobs: Sequence[IsolatedLayer], budget_bytes: int | None = None) -> Iterator[list[IsolatedLayer]]:
-    """Consecutive jobs up to the larger of ``budget_bytes`` (default CHUNK_BYTES: 256 MiB) and the
-    largest job: one chunk for small models, and for big ones never more than the largest job
-    (the encoder, which is most of the model) held at a time."""
+def chunks(jobs: Sequence[IsolatedLayer]) -> Iterator[list[IsolatedLayer]]:
+    """Consecutive jobs up to the larger of CHUNK_BYTES (256 MiB) and the largest job: one chunk
+    for small models, and for big ones never more than the largest job (the encoder, which is
+    most of the model) held at a time."""
     sizes = [job_bytes(j) for j in jobs]
-    budget = max([CHUNK_BYTES if budget_bytes is None else budget_bytes, *sizes])
+    budget = max([CHUNK_BYTES, *sizes])
     chunk: list[IsolatedLayer] = []
     held = 0
     for job, size in zip(jobs, sizes):

@@ -60,13 +60,10 @@ class CapturedRun:
 
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
-         cotangents: Mapping[str, np.ndarray] | None = None, flax_param_grads: bool = True,
-         flax_side: bool = True) -> CapturedRun:
+         cotangents: Mapping[str, np.ndarray] | None = None, flax_side: bool = True) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
-    casts share. flax_param_grads=False: the twin's VJP leaves its parameter gradients out
-    (``f_p_grads`` and ``flax.param_grads`` empty): a run only its per-layer rows read.
-    flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
+    casts share. flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
     that needs the twin's side later (the rows' float64 run: after the model is judged)."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
@@ -99,13 +96,14 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
         pair.output_map = to_t
     run = CapturedRun(pair, t, None, {}, acts)
     if flax_side:
-        run_flax_side(run, o, layers=layers, say=say, flax_param_grads=flax_param_grads)
+        run_flax_side(run, o, layers=layers, say=say)
     return run
 
 
 def run_flax_side(run: CapturedRun, o: CheckOptions, *, layers: bool, say, flax_param_grads: bool = True) -> None:
     """The twin's forward/VJP of ``run`` (made by run_pair with flax_side=False), with torch's
-    cotangents: sets ``run.flax`` and ``run.f_p_grads``."""
+    cotangents: sets ``run.flax`` and ``run.f_p_grads``. flax_param_grads=False: the VJP leaves
+    the parameter gradients out (both empty): a run only its per-layer rows read."""
     pair, t = run.pair, run.torch
     to_t = pair.output_map
     to_f = {tp: fp for fp, tp in to_t.items()}

@@ -402,12 +402,12 @@ class IsolatedLayer:
     static: tuple | None = None
 
     @property
-    def floats(self) -> list[jax.Array]:
+    def floats(self) -> list[np.ndarray]:
         """The float inputs in Flax layout, ``float_names`` order: the second argument of forward."""
         return [self.inputs[n] for n in self.float_names]
 
     @property
-    def others(self) -> dict[str, jax.Array]:
+    def others(self) -> dict[str, np.ndarray]:
         """The inputs that are not floating (ids, integer masks), by Flax input name."""
         return {n: a for n, a in self.inputs.items() if n not in self.float_names}
 

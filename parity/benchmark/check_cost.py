@@ -145,7 +145,7 @@ def measure(workloads: list[str], kinds: tuple[str, ...] = KINDS, repeat: int = 
 def _why(message: str) -> str:
     """One line for a child that failed: its exit status, or the last line of its stderr."""
     lines = [ln for ln in message.splitlines() if ln.strip()]
-    return lines[-1][:160] if len(lines) > 1 else lines[0][:160] if lines else "unknown"
+    return lines[-1][:160] if lines else "unknown"
 
 
 def table(costs: list[Cost]) -> str:

@@ -417,10 +417,9 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
         # hands its input down to its children (BERT: the same value recorded 3-6 times). The
         # program returns it once; the host gets one numpy array, shared by every place.
         leaves, tree = jax.tree_util.tree_flatten((rec.inputs, rec.outputs) if rec else ({}, {}))
-        first: dict[int, int] = {}
-        index = [first.setdefault(id(leaf), len(first)) for leaf in leaves]
-        unique = list({id(leaf): leaf for leaf in leaves}.values())  # first-seen order, as ``index``
-        layouts.append((tree, index))
+        unique = list({id(leaf): leaf for leaf in leaves}.values())
+        position = {id(leaf): i for i, leaf in enumerate(unique)}
+        layouts.append((tree, [position[id(leaf)] for leaf in leaves]))
         return flatten(out), (unique, {k: v for k, v in new.items() if k != "params"})
 
     def recorded(unique) -> tuple:
