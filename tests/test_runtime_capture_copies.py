@@ -1,6 +1,9 @@
-"""The torch recorder copies each distinct tensor content once (a layer's output is the next one's
-input), and never hands a call a value changed in place after the call saw it."""
+"""The torch recorder keeps each distinct tensor content once (a layer's output is the next one's
+input), as a view of what the run made where nothing writes into it later, and never hands a call
+a value changed in place after the call saw it."""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ class Twice(torch.nn.Module):
 
 
 class Net(torch.nn.Module):
+    unseen = False  # the in-place writes below hidden from torch function modes (an op inside C++)
+
     def __init__(self):
         super().__init__()
         self.a = torch.nn.Linear(4, 4)
@@ -24,14 +29,25 @@ class Net(torch.nn.Module):
     def forward(self, x):
         h = self.a(x)
         y = self.b(h)  # b gets a's output as it was ...
-        h.mul_(3.0)  # ... then it changes in place (nothing saved for backward reads it) ...
-        h += 1.0  # ... and again
+        with torch._C.DisableTorchFunction() if self.unseen else contextlib.nullcontext():
+            h.mul_(3.0)  # ... then it changes in place (nothing saved for backward reads it) ...
+            h += 1.0  # ... and again
         return y + self.c(h)  # c gets the changed value
 
 
-def test_copies_are_shared_per_content_and_follow_in_place_changes():
+@pytest.mark.parametrize("unseen", [False, True], ids=["write-seen", "write-unseen"])
+def test_copies_are_shared_per_content_and_follow_in_place_changes(unseen, monkeypatch):
+    # Seen: the write is copied before it happens. Unseen (the recorder's torch function mode
+    # cannot see it): the version counter shows it after the backward, and the run is made
+    # again with every value copied.
+    from parity.runtime import torch_runner
+
+    runs = []
+    real = torch_runner._run
+    monkeypatch.setattr(torch_runner, "_run", lambda *a, **k: runs.append(k["copy_all"]) or real(*a, **k))
     torch.manual_seed(0)
     net = Net().double()
+    net.unseen = unseen
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     run = run_torch(net, (x,), capture=True, grads=True, cotangents={"out": np.ones((3, 4))})
     calls = {c.path: c for c in run.calls}
@@ -49,6 +65,40 @@ def test_copies_are_shared_per_content_and_follow_in_place_changes():
     np.testing.assert_allclose(g_c, np.ones((3, 4)) @ net.c.weight.detach().numpy(), rtol=1e-12)
     with pytest.raises(ValueError):
         a_out[0, 0] = 0.0
+    assert runs == ([False, True] if unseen else [False])
+    assert len(run.calls) == 4  # one run's calls, not two
+    np.testing.assert_array_equal(x.grad.numpy(), run.input_grads["input[0]"])
+
+
+def test_values_from_before_the_run_are_copied_and_the_runs_own_are_views():
+    # A weight handed to a submodule as an input can change after the run (an optimizer step, the
+    # judge's one-ulp probe): copied. What the run made is held by the calls anyway: a view.
+    class Scale(torch.nn.Module):
+        def forward(self, x, w):
+            return x * w
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
+            self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+            self.scale = Scale()
+
+        def forward(self, x):
+            return self.scale(self.lin(x), self.w)
+
+    net = Net()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    run = run_torch(net, (x,), capture=True, grads=True, cotangents={"out": np.ones((3, 4))})
+    calls = {c.path: c for c in run.calls}
+    w_seen, h_seen = calls["scale"].input_values["args[1]"], calls["scale"].input_values["args[0]"]
+    with torch.no_grad():
+        net.w.add_(1.0)
+        x.add_(1.0)
+    np.testing.assert_array_equal(w_seen, np.full(4, 2.0))
+    assert not np.shares_memory(calls["lin"].input_values["args[0]"], x.detach().numpy())
+    assert np.shares_memory(h_seen, calls["lin"].outputs["out"].detach().numpy())  # a view, no copy
+    assert calls["lin"].output_values["out"] is h_seen
 
 
 def test_the_flax_recording_returns_each_distinct_array_once():

@@ -113,9 +113,18 @@ def _call_leaves(args: tuple, kwargs: dict) -> list[tuple[str, object]]:
 class _Recorder:
     """Forward pre/post hooks on every submodule. The pre-hook hands each module a ``view_as`` of
     its float inputs, so a gradient hook on that view sees exactly this module's share of the
-    input cotangent even when one tensor feeds several modules (a UNet skip)."""
+    input cotangent even when one tensor feeds several modules (a UNet skip).
 
-    def __init__(self, module: torch.nn.Module, grads: bool):
+    Recorded values are read-only numpy arrays. A CPU tensor this run made (an activation, a
+    gradient) is recorded as a view, not a copy (the calls hold the tensors anyway: BERT-base in
+    float64 records 714 MiB): ``_Writes`` copies such a value just before an op writes into its
+    storage (``h += residual``, ReLU(inplace=True)), and ``changed`` finds any write it did not
+    see (an op inside C++), after which run_torch runs again with every value copied
+    (``copy_all``). Tensors from before the run (weights, buffers, inputs, cached tables) and
+    the gradients of leaf inputs (autograd accumulates into them in place) are always copied.
+    """
+
+    def __init__(self, module: torch.nn.Module, grads: bool, copy_all: bool = False):
         self.grads, self.calls, self.handles = grads, [], []
         self.aliases: dict[int, int] = {}
         self.open: dict[int, list[TorchCall]] = defaultdict(list)
@@ -123,6 +132,10 @@ class _Recorder:
         self.counts: dict[str, int] = defaultdict(int)
         self.names = {id(m): p for p, m in module.named_modules()}
         self.copies: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+        # Uncopied values: storage pointer -> their keys, and where each was put (dict, name).
+        self.views: dict[int, list[tuple]] = defaultdict(list)
+        self.places: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
+        self.writes = None if copy_all else _Writes(self)
         # The gradient hooks on recorded tensors close over their call, and the call holds the
         # tensor: a cycle through autograd's C++ graph that Python's collector cannot see, so
         # every recorded run stayed in memory for good (BERT-base float64: 1-2 GB a run).
@@ -132,26 +145,56 @@ class _Recorder:
             self.handles.append(mod.register_forward_pre_hook(self.pre, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self.post))
 
-    def copy_of(self, t: torch.Tensor) -> np.ndarray:
-        """``t``'s values now, as a read-only numpy copy made once per distinct content: a layer's
-        output is the next one's input, and the same tensor reaches a block, its attention and its
-        projections (BERT-base: a third of the copies are distinct). The key is where the values
-        live and the tensor's version counter, which every in-place op bumps; the tensor is held
-        until the run ends, so its memory cannot be reused under the same key."""
+    def keep(self, into: dict, name: str, t: torch.Tensor, *, made: bool | None = None) -> None:
+        """``into[name]`` = ``t``'s values now, a read-only numpy array made once per distinct
+        content: a layer's output is the next one's input, and the same tensor reaches a block,
+        its attention and its projections (BERT-base: a third of the values are distinct). The
+        key is where the values live and the tensor's version counter, which every in-place op
+        bumps; the tensor is held until the run ends, so its memory cannot be reused under the
+        same key. made: whether this run made ``t`` (True: a gradient autograd just made, which
+        nothing else holds; False: copy it; None: a forward value, made here when _Writes saw an op
+        make its storage)."""
         t = t.detach()  # shares the storage and the version counter
         try:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
-                   t.device, t.is_neg(), t.is_conj(), t._version)
+            ptr = t.untyped_storage().data_ptr()
+            key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t.is_neg(),
+                   t.is_conj(), t._version)
         except (RuntimeError, NotImplementedError):  # no plain storage (sparse, a tensor subclass)
-            key = None
+            ptr = key = None
         hit = self.copies.get(key) if key is not None else None
         if hit is None:
-            values = to_numpy(t).copy()
+            view = (key is not None and self.writes is not None and t.device.type == "cpu"
+                    and (ptr in self.writes.born if made is None else made))
+            values = to_numpy(t)
+            values = values.view() if view else (values if t.device.type != "cpu" else values.copy())
             values.flags.writeable = False  # shared by every call that saw this content
             hit = (t, values)
             if key is not None:
                 self.copies[key] = hit
-        return hit[1]
+                if view:
+                    self.views[ptr].append(key)
+        if key is not None and key[0] in self.views and key in self.views[key[0]]:
+            self.places[key].append((into, name))
+        into[name] = hit[1]
+
+    def before_write(self, t: torch.Tensor) -> None:
+        """An op is about to write into ``t``'s storage: every value recorded there as a view is
+        copied now, and the copy replaces the view wherever it was put."""
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        for key in self.views.pop(ptr, ()):
+            tensor, values = self.copies[key]
+            values = values.copy()
+            values.flags.writeable = False
+            self.copies[key] = (tensor, values)
+            for into, name in self.places.pop(key, ()):
+                into[name] = values
+
+    def changed(self) -> bool:
+        """Whether a value recorded as a view was written after it was recorded, unseen."""
+        return any(self.copies[key][0]._version != key[-1] for keys in self.views.values() for key in keys)
 
     def pre(self, mod, args, kwargs):
         path = self.names[id(mod)]
@@ -163,13 +206,14 @@ class _Recorder:
                 return x
             call.input_ids[name] = id(x)
             call.arrived[name] = x
-            call.input_values[name] = self.copy_of(x)
+            self.keep(call.input_values, name, x)
             if self.grads and x.requires_grad:
+                leaf = x.is_leaf  # autograd accumulates a leaf's gradient in place: copied
                 v = x.view_as(x)
                 self.aliases[id(v)] = id(x)  # the module (and its children) see the view
                 x = v
                 self.tensor_hooks.append(
-                    x.register_hook(lambda g: call.input_grads.__setitem__(name, self.copy_of(g))))
+                    x.register_hook(lambda g: self.keep(call.input_grads, name, g, made=not leaf)))
             call.inputs[name] = x
             return x
 
@@ -184,7 +228,8 @@ class _Recorder:
         if call in self.stack:
             self.stack.remove(call)
         call.outputs = {p: o for p, o in flatten(output).items() if isinstance(o, torch.Tensor)}
-        call.output_values = {p: self.copy_of(o) for p, o in call.outputs.items()}
+        for p, o in call.outputs.items():
+            self.keep(call.output_values, p, o)
         self.calls.append(call)
         if not self.grads or not any(o.requires_grad for o in call.outputs.values()):
             return None
@@ -192,7 +237,7 @@ class _Recorder:
             for p, o in call.outputs.items():
                 if o.requires_grad:
                     self.tensor_hooks.append(
-                        o.register_hook(lambda g, p=p: call.output_grads.__setitem__(p, self.copy_of(g))))
+                        o.register_hook(lambda g, p=p: self.keep(call.output_grads, p, g, made=True)))
             return None
 
         # A layer may return a tensor it also uses itself (Wav2Vec2's feature projection returns
@@ -205,7 +250,7 @@ class _Recorder:
             self.aliases[id(view)] = id(leaf)
             call.handed[path] = view
             self.tensor_hooks.append(
-                view.register_hook(lambda g, p=path: call.output_grads.__setitem__(p, self.copy_of(g))))
+                view.register_hook(lambda g, p=path: self.keep(call.output_grads, p, g, made=True)))
             return view
 
         return map_with_path(hand, output)
@@ -214,6 +259,52 @@ class _Recorder:
         for h in self.handles + self.tensor_hooks:
             h.remove()
         self.copies.clear()  # the gradients it held (the forward tensors are held by the calls)
+        self.views.clear()
+        self.places.clear()
+
+
+# Tensor methods that write into their first argument without a trailing underscore.
+_WRITING = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                      "__irshift__"})
+
+
+class _Writes(torch.overrides.TorchFunctionMode):
+    """The recorder's eyes on the forward's ops: the storages this run made (``born``: only those
+    may be recorded as views; a weight, an input or a cached table can change after the run), and
+    every write into a recorded storage, just before it happens (the recorder copies first). A
+    write is an op named with a trailing underscore (``add_``, ``relu_``), an in-place operator
+    (``+=``, ``x[i] = v``), an ``out=`` argument or ``inplace=True`` (F.relu, F.dropout)."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder, self.born = recorder, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.recorder.views:
+            name = getattr(func, "__name__", "")
+            written = []
+            if (name.endswith("_") and not name.endswith("__")) or name in _WRITING or kwargs.get("inplace") is True:
+                written.append(args[0] if args else None)
+            written += jax.tree_util.tree_leaves(kwargs.get("out"))
+            for t in written:
+                if isinstance(t, torch.Tensor):
+                    self.recorder.before_write(t)
+        out = func(*args, **kwargs)
+        # A new storage is born here; a view (of an input, of a weight) shares its source's.
+        seen = {_storage(t) for t in jax.tree_util.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for leaf in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(leaf, torch.Tensor) and _storage(leaf) not in seen:
+                self.born.add(_storage(leaf))
+        return out
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no plain storage (sparse, a tensor subclass)
+        return None
 
 
 class _PrecisionWatch(torch.overrides.TorchFunctionMode):
@@ -279,9 +370,35 @@ def run_torch(
     writes it and never holds all of them (a float64 run's are twice the model's bytes).
     The module's parameter .grad fields are reset first; call it on a private copy.
     """
+    # A captured run records what this run made as views (_Recorder); if an op it could not see
+    # wrote into one of them, the run is made again, from the same inputs and buffers, with
+    # every value copied. A run that hands its gradients on (the sink) or its ops cannot be
+    # repeated unseen: it copies from the start.
+    copy_all = ops or param_grad_sink is not None
+    if not capture or copy_all:
+        return _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
+                    param_grad_sink, copy_all=True)[0]
+    state = [(t, t.detach().clone()) for t in jax.tree_util.tree_leaves(tuple(args)) + list(module.buffers())
+             if isinstance(t, torch.Tensor)]
+    run, changed = _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
+                        param_grad_sink, copy_all=False)
+    if not changed:
+        return run
+    del run
+    with torch.no_grad():
+        for t, was in state:
+            t.copy_(was)
+            t.grad = None
+    return _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
+                param_grad_sink, copy_all=True)[0]
+
+
+def _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops, param_grad_sink,
+         *, copy_all: bool) -> tuple[TorchRun, bool]:
+    """run_torch once: (the run, whether a value recorded as a view changed unseen)."""
     module.train(train)
     module.zero_grad(set_to_none=True)
-    recorder = _Recorder(module, grads) if capture else None
+    recorder = _Recorder(module, grads, copy_all) if capture else None
     watch = _PrecisionWatch(watch_precision, recorder) if watch_precision is not None else None
     op_recorder = OpRecorder(module) if ops else None  # after the capture hooks: it skips them
     sunk: set[str] = set()
@@ -301,7 +418,9 @@ def run_torch(
     try:
         # The op recorder is the outer mode: it sees each op after the watch, and what it computes
         # itself (reading a scalar's value) runs with both modes off, unseen by the watch.
-        with op_recorder or contextlib.nullcontext(), watch or contextlib.nullcontext():
+        writes = recorder.writes if recorder is not None else None
+        with op_recorder or contextlib.nullcontext(), watch or contextlib.nullcontext(), \
+                writes or contextlib.nullcontext():
             raw = module(*args)
         outs = {p: o for p, o in flatten(raw).items() if isinstance(o, torch.Tensor)}
         values = {p: to_numpy(o.detach()).copy() for p, o in outs.items()}
@@ -312,6 +431,7 @@ def run_torch(
             if pairs:
                 loss = sum((o * torch.as_tensor(c, dtype=o.dtype, device=o.device)).sum() for o, c in pairs)
                 loss.backward()
+        changed = recorder is not None and recorder.changed()
     finally:
         if recorder is not None:
             recorder.remove()
@@ -334,7 +454,7 @@ def run_torch(
     lowest = str(watch.lowest).replace("torch.", "") if watch is not None and watch.lowest is not None else ""
     return TorchRun(values, cots, in_grads, p_grads, recorder.calls if recorder else None, outs,
                     recorder.aliases if recorder else {}, lowest, watch.first if watch is not None else None,
-                    op_recorder.ops if op_recorder else None)
+                    op_recorder.ops if op_recorder else None), changed
 
 
 def train_mode_matters(module: torch.nn.Module) -> bool:
