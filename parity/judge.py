@@ -397,9 +397,10 @@ class ModelJudge:
 
         Two passes: every tensor on torch's noise first; then, when some failed there, the twin's
         own noise is run once for those keys alone and they are judged again. release(key), when
-        given, is called as soon as a tensor's comparison is final (its reference, probe and own
-        values are dropped here; the caller drops its own): parity.verify frees what it has judged
-        before the twin's own-noise run needs the memory."""
+        given, is called as soon as a tensor's comparison is final and passed (its reference,
+        probe and own values are dropped here; the caller drops its own; a failure's stay, where
+        the caller looks for the first NaN): parity.check and parity.verify free what they have
+        judged before the twin's own-noise run needs the memory."""
         tied = tied or {}
         again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
 
@@ -409,7 +410,7 @@ class ModelJudge:
             if self._own_noise_may_pass(c):
                 again.append((out, len(out) - 1, key, (kind, key, name, flax_of, torch_of, layout, axis)))
             else:
-                self._done(key, release)
+                self._done(key, release, c.ok)
 
         report.outputs, report.input_grads, report.param_grads = [], [], []
         single = len(torch_side.outputs) == 1
@@ -435,7 +436,7 @@ class ModelJudge:
             self._run_own_noise([key for _, _, key, _ in again])
         for out, i, key, (kind, key, name, flax_of, torch_of, layout, axis) in again:
             out[i] = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
-            self._done(key, release)
+            self._done(key, release, out[i].ok)
         own = [c.name for c in report.outputs + report.input_grads + report.param_grads
                if "twin's own rounding noise only" in c.note]
         if own:
@@ -445,13 +446,14 @@ class ModelJudge:
                 "reductions XLA accumulates in the low dtype): the same computation, rounded differently")
         report.warnings += self.notes
 
-    def _done(self, key: str, release) -> None:
+    def _done(self, key: str, release, ok: bool) -> None:
         if release is None:  # kept: the data-parallel rows judge the same keys again
             return
         for d in (self.refs, self.probes, self.own_probe, self.own_ref):
             if isinstance(d, dict):
                 d.pop(key, None)
-        release(key)
+        if ok:  # a failure's values stay: the check looks in them for where a NaN or Inf began
+            release(key)
 
 
 @dataclass

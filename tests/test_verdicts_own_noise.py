@@ -205,3 +205,51 @@ def test_with_rows_the_own_noise_run_takes_the_rows_float64_variables(monkeypatc
     own = [leaves for capture, leaves in seen if not capture and leaves[0].dtype == np.float64]
     assert len(rows) == 1 and len(own) == 1, [(c, ls[0].dtype) for c, ls in seen]
     assert all(a is b for a, b in zip(own[0], rows[0]))
+
+
+class TorchTwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 16, bias=False)
+        self.other = torch.nn.Linear(64, 8, bias=False)
+
+    def forward(self, x):
+        return self.fc(x), self.other(x)
+
+
+class TwoHeads(nn.Module):
+    dtype: jnp.dtype = jnp.float32  # the own-noise run clones it with float64
+
+    @nn.compact
+    def __call__(self, x):
+        return ShiftedDense(dtype=self.dtype, name="fc")(x), nn.Dense(8, use_bias=False, name="other")(x)
+
+
+def test_gradients_that_passed_are_freed_before_the_twins_own_noise_run(monkeypatch):
+    # The own-noise run is a whole-model float64 run: the gradients already judged (both sides'
+    # and the float64 reference's) are dropped first, not held beside it (BERT-base: 1.6 GB).
+    import parity.checker as checker
+
+    seen = {}
+    real_release, real_values = checker._release, checker._flax_values
+
+    def release(run, ev, o):
+        seen["ref"] = ev.ref
+        return real_release(run, ev, o)
+
+    def values(run, dname, keys=None, variables=None):
+        seen["held"] = {"torch": set(run.torch.param_grads), "flax": set(run.f_p_grads),
+                        "reference": set(seen["ref"].param_grads), "keys": set(keys)}
+        return real_values(run, dname, keys, variables)
+
+    monkeypatch.setattr(checker, "_release", release)
+    monkeypatch.setattr(checker, "_flax_values", values)
+    r = parity.check(TorchTwoHeads(), TwoHeads(), X, input_layout="as_is", layers=False, lint=False)
+    assert r.verdict == "PASS", str(r)
+    held = seen["held"]
+    assert "param:other.weight" not in held["keys"]  # passed on torch's noise ...
+    for side in ("torch", "flax", "reference"):  # ... and freed on every side before the run
+        assert "other.weight" not in held[side], held
+    pending = {k.removeprefix("param:") for k in held["keys"] if k.startswith("param:")}
+    assert pending <= held["torch"] and pending <= held["reference"]  # what is judged again stays
