@@ -475,14 +475,16 @@ class Evidence:
 
 
 def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: bool, cotangents,
-                perturb: bool = False) -> TorchRun:
+                perturb: bool = False, last: bool = False) -> TorchRun:
     """The pair's torch side again in ``dname``: the same (already rounded) weights and inputs,
     the same cotangents; forward ops below ``dname``'s precision noted. perturb: the noise probe
     of PreparedPair.run_torch (a random half of every weight, buffer and input one ulp nearer
-    zero). In the pair's own dtype no copy is made."""
+    zero). In the pair's own dtype no copy is made; last: nothing runs the pair's torch side
+    again (a nudged copy, or the pair itself, is left as the probe made it: a pass over every
+    weight saved)."""
     p = pair if dname == pair.dtype else pair.cast(dname, flax=False)
     t, _ = p.run_torch(grads=o.grads, capture=capture, cotangents=cotangents or None, watch=True,
-                       perturb=o.seed + 7 if perturb else None)
+                       perturb=o.seed + 7 if perturb else None, restore=p is pair and not last)
     return t
 
 
@@ -580,7 +582,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         pair.variables = {}
         say("float32 probe run (measures the float64 rows' noise)")
         try:
-            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True)
+            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=True)
             ev.rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
                                all_float32=lower == "float32" and not ref_torch.lower_precision)
         except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table

@@ -142,7 +142,7 @@ class PreparedPair:
 
     def run_torch(self, *, grads: bool, capture: bool = False, cotangents: Mapping | None = None,
                   cotangent_seed: int = 1, watch: bool = False, ops: bool = False,
-                  perturb: int | None = None) -> tuple[TorchRun, tuple]:
+                  perturb: int | None = None, restore: bool = True) -> tuple[TorchRun, tuple]:
         """One torch forward (and backward with ``grads``) of the private copy on fresh inputs:
         (the run, the inputs it was given). The copy is left as it was: train-mode BatchNorm
         statistics are restored and the parameter .grad fields freed (the run holds its own
@@ -153,7 +153,8 @@ class PreparedPair:
         rounding, so a structure that cancels exactly in one precision shows the noise it has in
         another), and move the weights back afterwards, bit for bit. Integer values (0, 1, an
         index kept in a float buffer, a mask's finfo.min) carry no rounding and are left alone:
-        XGLM turns such a float into an index, and a nudged 3.0 is index 2."""
+        XGLM turns such a float into an index, and a nudged 3.0 is index 2. restore=False leaves
+        the weights nudged: for a copy nothing runs again (its caller frees or drops it)."""
         tm = self.torch_module
         args = self.inputs(grads)
         saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
@@ -177,7 +178,7 @@ class PreparedPair:
         finally:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for tensor, flip in flips:  # one ulp back, away from zero: the exact original value
+                for tensor, flip in flips if restore else ():  # one ulp back, away from zero: exact
                     away = torch.copysign(torch.full_like(tensor, float("inf")), tensor)
                     tensor.copy_(torch.where(flip, torch.nextafter(tensor, away), tensor))
                 buffers = dict(tm.named_buffers())

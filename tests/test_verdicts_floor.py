@@ -140,6 +140,14 @@ def test_the_nudged_probe_leaves_the_pair_bit_for_bit_as_it_was():
     assert all(torch.equal(before[k], after[k]) and
                torch.equal(torch.signbit(before[k]), torch.signbit(after[k])) for k in before)
     assert all(p.grad is None for p in tm.parameters())  # the run's gradients are not kept twice
+    # The last run of the pair's torch side (the rows' probe, freed after it) skips the pass that
+    # moves every weight back: the same probe, the weights left nudged.
+    o = CheckOptions(layers=False)
+    assert o.seed + 7 == 7  # _torch_only's probe is the one above
+    last = checker._torch_only(run.pair, o, "float32", capture=False, cotangents=probe.cotangents, perturb=True,
+                               last=True)
+    np.testing.assert_array_equal(last.outputs["out"], probe.outputs["out"])
+    assert not all(torch.equal(before[k], v) for k, v in tm.state_dict().items())
 
 
 @MODES
