@@ -122,6 +122,8 @@ class _Recorder:
     see (an op inside C++), after which run_torch runs again with every value copied
     (``copy_all``). Tensors from before the run (weights, buffers, inputs, cached tables) and
     the gradients of leaf inputs (autograd accumulates into them in place) are always copied.
+    A write through numpy or a raw data pointer moves neither the mode nor the version counter:
+    no model's forward writes that way, and a recorded view would not see it.
     """
 
     def __init__(self, module: torch.nn.Module, grads: bool, copy_all: bool = False):
