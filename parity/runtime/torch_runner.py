@@ -136,7 +136,7 @@ class _Recorder:
         self.copies: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         # Uncopied values: storage pointer -> their keys, and where each was put (dict, name).
         self.views: dict[int, list[tuple]] = defaultdict(list)
-        self.places: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
+        self.places: dict[tuple, list[tuple[dict, str]]] = {}
         self.writes = None if copy_all else _Writes(self)
         # The gradient hooks on recorded tensors close over their call, and the call holds the
         # tensor: a cycle through autograd's C++ graph that Python's collector cannot see, so
@@ -175,18 +175,15 @@ class _Recorder:
                 self.copies[key] = hit
                 if view:
                     self.views[ptr].append(key)
-        if key is not None and key[0] in self.views and key in self.views[key[0]]:
+                    self.places[key] = []
+        if key in self.places:  # a view: where it goes, for before_write to put its copy there
             self.places[key].append((into, name))
         into[name] = hit[1]
 
     def before_write(self, t: torch.Tensor) -> None:
         """An op is about to write into ``t``'s storage: every value recorded there as a view is
         copied now, and the copy replaces the view wherever it was put."""
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return
-        for key in self.views.pop(ptr, ()):
+        for key in self.views.pop(_storage(t), ()):
             tensor, values = self.copies[key]
             values = values.copy()
             values.flags.writeable = False
