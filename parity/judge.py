@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from parity import _blockwise
 from parity.tolerances import (EPS, FEW_ELEMENTS, FORWARD, GRAD, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE,
                                 TOLERANCES, Tolerance)
 from weight_port.layout import AS_IS, to_torch_layout
@@ -194,26 +195,8 @@ def _n_slices(x: np.ndarray, axis: int | None) -> tuple[int, int]:
 def _slice_norms(a: np.ndarray, axis: int | None, b: np.ndarray | None = None) -> np.ndarray:
     """The 2-norm of each slice of ``a - b`` (of ``a`` without ``b``) along ``axis`` (one for the
     whole array when ``axis`` is None or it has fewer than 2 dimensions), in float64, shape
-    [slices]. A block of the leading axis at a time, the sums of squares by einsum: the
-    temporaries are a block (the difference, a float32 value read in float64), never the tensor's
-    size, and no moved or squared copy (a 50k x 1k embedding gradient is 400 MB in float64)."""
-    whole = axis is None or a.ndim < 2
-    if a.ndim == 0 or not a.size:
-        d = np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
-        return np.sqrt(np.array([float(np.sum(d * d))]) if whole else np.zeros(a.shape[axis]))
-    dims = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
-    keep = "" if whole else dims[axis % a.ndim]
-    parts, total = [], 0.0
-    for i, j in _blocks(a.shape[0], a.size // a.shape[0]):
-        d = np.asarray(a[i:j], np.float64)
-        if b is not None:
-            d = d - np.asarray(b[i:j], np.float64)
-        sq = np.einsum(f"{dims},{dims}->{keep}", d, d)
-        if keep == "a":  # slices along the blocked axis: each block holds whole slices
-            parts.append(sq)
-        else:
-            total = total + sq
-    return np.sqrt(np.concatenate(parts) if parts else np.atleast_1d(total))
+    [slices]; a cache-sized tile at a time (parity._blockwise): no temporary of the tensor's size."""
+    return np.sqrt(_blockwise.slice_sums(a, axis, b))
 
 
 def failed_comparison(name: str, reason: str, rule: Rule | Tolerance | None = None) -> Comparison:
@@ -263,23 +246,26 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
     expected = _as_float(torch_value)
     if actual.shape != expected.shape:
         raise ValueError(f"{name}: shape mismatch, flax {actual.shape} (torch layout) vs torch {expected.shape}")
-    stats = _statistics(actual, expected)
     if isinstance(rule, Measured):
         if reference is None or probe is None:
             raise NoEvidence(f"{name}: the measured-noise rule needs a reference and a probe")
-        # a low-precision run's probe is torch's own value: one float64 copy of it, not two
+        # a low-precision run's probe is torch's own value: the same array (its tiles read once)
         ref, prb = _as_float(reference), expected if probe is torch_value else _as_float(probe)
         if ref.shape != expected.shape or prb.shape != expected.shape:
             raise NoEvidence(f"{name}: reference {ref.shape} / probe {prb.shape} do not match torch {expected.shape}")
         ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
+        # The usual case, every value finite: all the numbers in one pass over the four arrays
+        m = _blockwise.measure(actual, expected, ref, prb, ax) if expected.ndim and expected.size else None
+        stats = _statistics(actual, expected) if m is None else _finite_stats(
+            actual, expected, m["max_abs"], math.sqrt(m["diff"]), math.sqrt(m["expected"]), m["max_rel"])
         own = None
         if flax_probe is not None and flax_reference is not None:
             # as they are: _slice_norms reads them in float64 a block at a time
             own = (to_numpy(flax_probe), to_numpy(flax_reference))
             if own[0].shape != expected.shape or own[1].shape != expected.shape:
                 own = None
-        return _measured(name, actual, expected, ref, prb, rule, stats, ax, own)
-    return _table(name, actual, expected, rule, stats)
+        return _measured(name, actual, expected, ref, prb, rule, stats, ax, own, m)
+    return _table(name, actual, expected, rule, _statistics(actual, expected))
 
 
 def judge_or_table(name: str, flax_value, torch_value, rule: Rule | None, table: Table, *, layout: str = AS_IS,
@@ -463,17 +449,44 @@ class ModelJudge:
 
 @dataclass
 class _Stats:
-    diff: np.ndarray  # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite
     agree_inf: np.ndarray
     nan_both: np.ndarray
     one_sided: np.ndarray
     ref_norm: float
     rel_norm: float
     max_rel: float
+    max_abs: float = 0.0
     note: str = ""
     nonfinite: str = ""
-    extra: dict = field(default_factory=dict)
     finite: bool = False  # both sides proven finite (_finite_statistics): no need to look again
+    # |a - b|, 0 where both agree on an infinity, inf where one side only is non-finite; made
+    # when first read (only the elementwise table reads every element), from ``values``
+    made_diff: np.ndarray | None = None
+    values: tuple | None = None
+
+    @property
+    def diff(self) -> np.ndarray:
+        if self.made_diff is None:
+            self.made_diff = _blockwise.abs_diff(*self.values)
+        return self.made_diff
+
+    def any_one_sided(self) -> bool:
+        return not self.finite and bool(self.one_sided.any())
+
+    def worst_in_slice(self, axis, row: int) -> tuple[int, ...]:
+        """Index of the largest |a - b| of slice ``row`` along ``axis`` (the whole array when
+        ``axis`` is None or it has fewer than 2 dimensions): the first one in C order, as an argmax
+        over the whole array masked to that slice finds it, without the mask's copy (nor, for
+        finite values, the whole difference's)."""
+        if self.made_diff is not None or not self.finite:
+            return _worst_in_slice(self.diff, axis, row)
+        a, b = self.values
+        if axis is None or a.ndim < 2:
+            return _blockwise.argmax_abs_diff(a, b)
+        at = (slice(None),) * (axis % a.ndim) + (row,)  # the slice as a view: no copy
+        idx = list(_blockwise.argmax_abs_diff(a[at], b[at]))
+        idx.insert(axis % a.ndim, row)
+        return tuple(idx)
 
 
 def _all_finite(x: np.ndarray) -> bool:
@@ -481,17 +494,6 @@ def _all_finite(x: np.ndarray) -> bool:
     in one pass without a mask; a sum that overflows (finite values near float64's limit) is
     answered by the mask."""
     return bool(np.isfinite(np.add.reduce(x, axis=None))) or bool(np.isfinite(x).all())
-
-
-# Elements per block of the blockwise reductions below: each temporary is a block (32 MiB in
-# float64), never the tensor's size (a 50k-token vocabulary's embedding gradient is 400 MB).
-_BLOCK = 1 << 22
-
-
-def _blocks(n: int, per_row: int):
-    """Ranges [i, j) of an n-entry leading axis in blocks of about _BLOCK elements."""
-    step = max(1, _BLOCK // max(per_row, 1))
-    return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
@@ -519,8 +521,8 @@ def _masked_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     denom = np.abs(np.where(finite, expected, 0.0))
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.divide(diff, denom, out=np.where(diff > 0, np.inf, 0.0), where=denom > 0)
-    s = _Stats(diff, agree_inf, nan_both, one_sided, ref_norm, rel_norm, float(rel.max()) if rel.size else 0.0,
-               finite=bool(finite.all()))
+    s = _Stats(agree_inf, nan_both, one_sided, ref_norm, rel_norm, float(rel.max()) if rel.size else 0.0,
+               float(diff.max()) if diff.size else 0.0, finite=bool(finite.all()), made_diff=diff)
     if nan_both.any():
         s.nonfinite, s.note = "NaN", "NaN on both sides"
     elif one_sided.any():
@@ -533,35 +535,35 @@ def _masked_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
     return s
 
 
-def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
-    """_statistics of two finite arrays (the usual case) without the masks' copies: the same
-    numbers, in a third of the memory (a 50k-token vocabulary's embedding gradient is 400 MB in
-    float64, and each of the general path's masked copies is as large again)."""
-    none = np.zeros(actual.shape, dtype=bool)  # no infinity, no NaN (pages never written)
-    # in float64 whatever the inputs (float32 is cast inside the ufunc); an array also for 0-d
-    # values (a loss), then made |.| in place
-    diff = np.asarray(np.subtract(actual, expected, dtype=np.float64))
-    np.abs(diff, out=diff)
-    if expected.dtype == np.float64 or not expected.size:
-        ref_norm = float(np.linalg.norm(expected)) if expected.size else 0.0  # a dot product: no temporary
-    else:  # float32: squared and summed in float64 inside einsum (buffered casts, no whole copy)
-        dims = "abcdefghijklmnopqrstuvwxyz"[:expected.ndim]
-        ref_norm = math.sqrt(float(np.einsum(f"{dims},{dims}->", expected, expected, dtype=np.float64)))
-    norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0
+def _finite_stats(actual, expected, max_abs: float, norm_diff: float, ref_norm: float, max_rel: float,
+                  diff: np.ndarray | None = None) -> _Stats:
+    """_Stats of two arrays proven finite (no masks; |a - b| made when first read, unless given)."""
+    none = np.zeros((), dtype=bool)  # no infinity, no NaN (any_one_sided: finite)
     rel_norm = norm_diff / ref_norm if ref_norm > 0 else (0.0 if norm_diff == 0 else math.inf)
-    max_rel = 0.0
-    if diff.ndim == 0:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rel = float(abs(diff / expected)) if expected != 0 else (math.inf if diff > 0 else 0.0)
-        max_rel = 0.0 if math.isnan(rel) else rel
-    elif diff.size:  # a block at a time: |diff / expected| without its whole-tensor copy
-        for i, j in _blocks(diff.shape[0], diff.size // diff.shape[0]):
+    return _Stats(none, none, none, ref_norm, rel_norm, max_rel, max_abs, finite=True, made_diff=diff,
+                  values=(actual, expected))
+
+
+def _finite_statistics(actual: np.ndarray, expected: np.ndarray) -> _Stats:
+    """_statistics of two finite arrays (the usual case), a tile at a time (parity._blockwise):
+    the same numbers as the masked path's without its masks, and without |a - b| itself until
+    something reads every element of it (the elementwise table). Judging BERT-base's gradients
+    made 0.9 GB of float64 temporaries, and on a VM touching fresh pages costs what the
+    arithmetic on them does."""
+    if actual.ndim == 0 or not actual.size:
+        diff = np.asarray(np.subtract(actual, expected, dtype=np.float64))
+        np.abs(diff, out=diff)
+        ref_norm = float(np.linalg.norm(np.asarray(expected, np.float64))) if expected.size else 0.0
+        norm_diff = float(np.linalg.norm(diff)) if diff.size else 0.0
+        max_rel = 0.0
+        if diff.ndim == 0:
             with np.errstate(invalid="ignore", divide="ignore"):
-                rel = np.divide(diff[i:j], expected[i:j])  # expected 0: inf if diff > 0, NaN if 0 / 0
-            np.abs(rel, out=rel)  # |diff / expected| is diff / |expected| exactly
-            top = float(np.fmax.reduce(rel, axis=None))  # fmax skips the NaNs: 0 / 0 is agreement
-            max_rel = max_rel if math.isnan(top) else max(max_rel, top)
-    return _Stats(diff, none, none, none, ref_norm, rel_norm, max_rel, finite=True)
+                rel = float(abs(diff / expected)) if expected != 0 else (math.inf if diff > 0 else 0.0)
+            max_rel = 0.0 if math.isnan(rel) else rel
+        return _finite_stats(actual, expected, float(diff.max()) if diff.size else 0.0, norm_diff, ref_norm,
+                             max_rel, diff)
+    max_abs, sq_diff, sq_ref, max_rel = _blockwise.pair_statistics(actual, expected)
+    return _finite_stats(actual, expected, max_abs, math.sqrt(sq_diff), math.sqrt(sq_ref), max_rel)
 
 
 def _worst_in_slice(diff: np.ndarray, axis, row: int) -> tuple[int, ...]:
@@ -592,15 +594,15 @@ def _result(name, actual, expected, s: _Stats, *, ok, score, mismatches, excess,
         worst, exp_w, act_w = _worst(s.diff, excess, actual, expected)
     else:  # found by the caller
         worst = worst_index
-        exp_w, act_w = (float(expected[worst]), float(actual[worst])) if s.diff.size else (0.0, 0.0)
+        exp_w, act_w = (float(expected[worst]), float(actual[worst])) if expected.size else (0.0, 0.0)
     notes = "; ".join(n for n in (s.note, note) if n)
     return Comparison(
-        name=name, shape=tuple(expected.shape), max_abs=float(s.diff.max()) if s.diff.size else 0.0,
+        name=name, shape=tuple(expected.shape), max_abs=s.max_abs,
         max_rel=s.max_rel, rel_norm=float(s.rel_norm), mismatches=int(mismatches), worst_index=worst,
         expected_at_worst=exp_w, actual_at_worst=act_w, tolerance=tolerance,
-        ok=bool(ok) and not s.nonfinite and not s.one_sided.any(), score=float(score), note=notes,
+        ok=bool(ok) and not s.nonfinite and not s.any_one_sided(), score=float(score), note=notes,
         ref_norm=s.ref_norm, nonfinite=s.nonfinite, judge=judge_name,
-        inconclusive=bool(inconclusive) and bool(ok) and not s.nonfinite and not s.one_sided.any(),
+        inconclusive=bool(inconclusive) and bool(ok) and not s.nonfinite and not s.any_one_sided(),
         floor=float(floor or 0.0))
 
 
@@ -642,12 +644,13 @@ def _table(name, actual, expected, rule: Table, s: _Stats) -> Comparison:
                    floor=tol.abs_norm or 0.0)
 
 
-def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axis, own=None) -> Comparison:
-    # Elements where flax, torch and the reference all hold the same infinity agree; elsewhere a
-    # non-finite reference cannot measure anything.
+def _masked_noise(name, actual, expected, ref, probe, s: _Stats, axis):
+    """(ref, probe as judged, and the per-slice flax error, probe error and reference norm)
+    where some value is not finite. Elements where flax, torch and the reference all hold the same
+    infinity agree; elsewhere a non-finite reference cannot measure anything."""
     proven = {id(actual), id(expected)} if s.finite else set()
     if all(_all_finite(x) for x in {id(x): x for x in (actual, expected, ref, probe)}.values() if id(x) not in proven):
-        z = lambda x: x  # noqa: E731 -- the usual case: no mask, no masked copies (each the tensor's size)
+        z = lambda x: x  # noqa: E731 -- no mask, no masked copies (each the tensor's size)
     else:
         fine = np.isfinite(actual)
         for x in (expected, ref, probe):
@@ -657,13 +660,19 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
             raise NoEvidence(f"{name}: the reference or probe run is not finite where both sides are")
         z = lambda x: np.where(fine, x, 0.0)  # noqa: E731
     fl, rf, pr = z(actual), z(ref), z(probe)
+    return (rf, pr, *(np.sqrt(x) for x in _blockwise.noise_sums(fl, rf, pr, axis)))
+
+
+def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axis, own=None,
+              m: dict | None = None) -> Comparison:
+    """m: _blockwise.measure's sums when every value is finite (then no mask, nothing read again)."""
+    if m is not None:
+        rf, pr = ref, probe
+        flax_err, probe_err, ref_n = np.sqrt(m["err"]), np.sqrt(m["noise"]), np.sqrt(m["norm"])
+    else:
+        rf, pr, flax_err, probe_err, ref_n = _masked_noise(name, actual, expected, ref, probe, s, axis)
     n_slices, per_slice = _n_slices(rf, axis)
-    # |flax - torch| is already at hand when torch's value is the reference (rows, float64
-    # checks): the same float64 differences, so the same norms, without another pass
-    flax_err = _slice_norms(s.diff, axis) if rf is expected and fl is actual else _slice_norms(fl, axis, rf)
-    probe_err = _slice_norms(pr, axis, rf)
     noise = rule.noise_scale * probe_err
-    ref_n = _slice_norms(rf, axis)
     if own is not None and _all_finite(own[0]) and _all_finite(own[1]):
         scale = np.maximum(_slice_norms(pr, axis), ref_n)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -686,7 +695,7 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
     ok = bad_slices == 0
     excess_slices = ratio
     # Worst element for reading: the largest |flax - torch| inside the worst slice.
-    worst_index = _worst_in_slice(s.diff, axis if n_slices > 1 else None, worst)
+    worst_index = s.worst_in_slice(axis if n_slices > 1 else None, worst)
     rn = ref_n[worst] if ref_n.size else 0.0
     where = f" (slice {worst} of axis {axis})" if axis is not None and n_slices > 1 else ""
     note = (f"vs fp64{where}: flax {flax_err[worst] / rn if rn else flax_err[worst]:.2e}, "
