@@ -59,6 +59,20 @@ def test_no_fast_variance_finding_where_it_cannot_matter(fast, bias):
     assert "fast-variance" not in _kinds(lint_pair(m, FlaxNormed(fast=fast), X, input_layouts="as_is"))
 
 
+def test_the_lint_reads_the_norms_inputs_in_its_one_torch_forward():
+    # the inline ops and the norms' inputs come from the same forward (a second one cost
+    # BERT-base 0.3 s per check)
+    m = _model()
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        found = lint_pair(m, FlaxNormed(), X, input_layouts="as_is")
+    finally:
+        handle.remove()
+    assert "fast-variance" in _kinds(found)
+    assert len(calls) == 1
+
+
 def test_check_prints_the_finding_and_strict_fails():
     r = parity.check(_model(), FlaxNormed(), X, input_layout="as_is", strict=True, layers=False)
     assert any(w.startswith("trap: fast-variance at torch norm / Flax norm") for w in r.warnings), r.warnings

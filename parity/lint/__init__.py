@@ -34,7 +34,7 @@ import torch
 
 from parity.lint._attention import attention_findings
 from parity.lint._common import LINT_ERROR, Finding
-from parity.lint._norms import fast_variance_findings
+from parity.lint._norms import fast_variance_watch
 from parity.lint._resize import resize_findings
 from parity.lint._torch import inline_calls, traced_ops
 from parity.lint._trace import flax_trace as _flax_eqns
@@ -85,13 +85,14 @@ def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_ar
     Finding instead)."""
     try:
         trace = _flax_eqns(twin, variables, flax_args)
-        calls, notes = _inline(torch_module, torch_args, train)
+        with fast_variance_watch(torch_module, plan, train) as fast_variance:  # the same forward
+            calls, notes = _inline(torch_module, torch_args, train)
         nnx = twin.nnx
         return (notes + gelu_findings(torch_module, plan, trace, calls, nnx) + conv_findings(plan, trace)
                 + dropout_findings(torch_module, trace, train, nnx) + pool_ceil_findings(torch_module, nnx)
                 + pool_pad_findings(torch_module, trace, nnx) + resize_findings(torch_module, trace, calls, nnx)
                 + attention_findings(torch_module, plan, trace, calls, nnx)
-                + fast_variance_findings(torch_module, plan, torch_args, train))
+                + fast_variance)
     except Exception as exc:  # noqa: BLE001  (a lint crash must never break a check)
         return [_crash(exc)]
 

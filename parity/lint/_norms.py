@@ -2,9 +2,13 @@
 GroupNorm and BatchNorm) computes var = E[x^2] - E[x]^2, torch the two-pass E[(x - mean)^2]. The
 one-pass form cancels: in float32 it keeps about eps32 * (1 + mean^2 / var) of the variance, so
 it differs from torch only where the normalised values have a large mean against their spread.
-That depends on the data, so this trap is read on the check's own input: one torch forward with a
-pre-hook on each such norm, named only where the input reaches the ratio where it matters."""
+That depends on the data, so this trap is read on the check's own input: a pre-hook on each such
+norm during the lint's one torch forward, named only where the input reaches the ratio where it
+matters."""
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -35,50 +39,40 @@ def _mean_over_std(module: torch.nn.Module, x: torch.Tensor) -> float:
     return float(ratio.max()) if ratio.numel() else 0.0
 
 
-def fast_variance_findings(torch_module: torch.nn.Module, plan, torch_args: tuple | None,
-                           train: bool) -> list[Finding]:
-    """One finding per torch norm whose Flax twin uses fast variance and whose input on this
-    check reaches FAST_VARIANCE_RATIO (BatchNorm only in train mode: in eval both sides use
-    the running variance). torch_args: the torch module's positional inputs, torch layout."""
-    if plan is None or torch_args is None:
-        return []
+@contextlib.contextmanager
+def fast_variance_watch(torch_module: torch.nn.Module, plan, train: bool) -> Iterator[list[Finding]]:
+    """Watch the torch forward run inside the block (the lint's one forward, on the check's
+    input): a pre-hook on each torch norm whose Flax twin uses fast variance (BatchNorm only in
+    train mode: in eval both sides use the running variance). The list yielded holds, once the
+    block exits, one finding per such norm whose input reached FAST_VARIANCE_RATIO (none when no
+    forward ran). The hooks compute nothing the forward sees, and the block's forward is the one
+    that puts the module back as it found it."""
+    found: list[Finding] = []
     paired = {}
-    for layer in plan.layers:
+    for layer in plan.layers if plan is not None else ():
         m, fm = layer.info.torch_module, getattr(layer.info, "flax_module", None)
         if (isinstance(m, _NORMS) and getattr(fm, "use_fast_variance", False)
                 and (train or not isinstance(m, torch.nn.modules.batchnorm._BatchNorm))):
             paired[m] = layer
-    if not paired:
-        return []
     worst: dict[torch.nn.Module, float] = {}
 
     def pre(mod, args):
         worst[mod] = max(worst.get(mod, 0.0), _mean_over_std(mod, args[0]))
 
-    # A train-mode forward moves BatchNorm running statistics: put them back afterwards, so that
-    # reading the inputs leaves the caller's module as it was.
-    saved = [(b, b.detach().clone()) for m in torch_module.modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers(recurse=False)]
     handles = [m.register_forward_pre_hook(pre) for m in paired]
     try:
-        with torch.no_grad():
-            torch_module(*torch_args)
+        yield found
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
-    out = []
     for m, ratio in worst.items():
         if ratio >= FAST_VARIANCE_RATIO:
             layer = paired[m]
-            out.append(Finding(
+            found.append(Finding(
                 "fast-variance", tpath(layer.info.torch_path), flax_path_str(tuple(layer.info.flax_path)),
                 f"Flax computes the variance as E[x^2] - E[x]^2 (use_fast_variance=True), torch as "
                 f"E[(x - mean)^2]; this input's |mean|/std reaches {ratio:.3g} here (>= "
                 f"{FAST_VARIANCE_RATIO:g}), where the one-pass form cancels: set use_fast_variance=False"))
-    return out
 
 
-__all__ = ["FAST_VARIANCE_RATIO", "fast_variance_findings"]
+__all__ = ["FAST_VARIANCE_RATIO", "fast_variance_watch"]
