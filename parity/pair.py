@@ -164,13 +164,11 @@ class PreparedPair:
             with torch.no_grad():
                 for tensor in list(tm.parameters()) + list(tm.buffers()):
                     if tensor.is_floating_point():
-                        flip = _nudge_mask(tensor, gen)
-                        tensor.copy_(torch.where(flip, torch.nextafter(tensor, torch.zeros_like(tensor)), tensor))
-                        flips.append((tensor, flip))
+                        flip = _nudge(tensor, gen, keep=restore)
+                        if restore:
+                            flips.append((tensor, flip))
             args = jax.tree_util.tree_map(
-                lambda a: torch.where(_nudge_mask(a, gen), torch.nextafter(a.detach(), torch.zeros_like(a)),
-                                      a.detach()).requires_grad_(a.requires_grad)
-                if isinstance(a, torch.Tensor) and a.is_floating_point() else a, args)
+                lambda a: _nudged(a, gen) if isinstance(a, torch.Tensor) and a.is_floating_point() else a, args)
         try:
             run = run_torch(tm, args, train=self.train, grads=grads, cotangents=cotangents,
                             cotangent_seed=cotangent_seed, capture=capture,
@@ -178,9 +176,12 @@ class PreparedPair:
         finally:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for tensor, flip in flips if restore else ():  # one ulp back, away from zero: exact
-                    away = torch.copysign(torch.full_like(tensor, float("inf")), tensor)
-                    tensor.copy_(torch.where(flip, torch.nextafter(tensor, away), tensor))
+                for tensor, flip in flips:  # one ulp back, away from zero: exact
+                    parts = _chunks(tensor)
+                    masks = [flip] if len(parts) == 1 else flip.view(-1).split(_NUDGE_CHUNK)
+                    for part, f in zip(parts, masks):
+                        away = torch.copysign(part.new_tensor(float("inf")), part)
+                        part.copy_(torch.where(f, torch.nextafter(part, away), part))
                 buffers = dict(tm.named_buffers())
                 for n, b in saved.items():
                     buffers[n].copy_(b)
@@ -230,9 +231,47 @@ def _copy_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module, memo).to(dtype)  # .to: what the memo left (complex), as Module.to does
 
 
+# Elements per chunk of the probe's nudge: its temporaries (the random draw, the mask, the nudged
+# values) are a chunk, reused by the allocator, never a weight's size (BERT-base's word
+# embedding is 23M elements; whole-weight temporaries cost a third of the probe run on a VM).
+_NUDGE_CHUNK = 1 << 20
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Views of a contiguous ``t``'s elements in C order, _NUDGE_CHUNK at a time; ``[t]`` itself
+    otherwise (a strided buffer: whole)."""
+    if not t.is_contiguous() or t.numel() <= _NUDGE_CHUNK:
+        return [t]
+    flat = t.view(-1)
+    return [flat[i:i + _NUDGE_CHUNK] for i in range(0, flat.numel(), _NUDGE_CHUNK)]
+
+
 def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random half of ``t``'s finite, non-integer elements (drawn on the CPU generator)."""
     return (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
+
+
+def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> torch.Tensor | None:
+    """Move a random half of ``t``'s finite, non-integer elements one ulp toward zero, in place, a
+    chunk at a time (the same draws, in the same order, as one draw of the whole: the CPU
+    generator's stream does not depend on how it is cut). The mask (``keep``), else None."""
+    masks = []
+    zero = t.new_zeros(())
+    for part in _chunks(t):
+        flip = _nudge_mask(part, gen)
+        part.copy_(torch.where(flip, torch.nextafter(part, zero), part))
+        if keep:
+            masks.append(flip)
+    if not keep:
+        return None
+    return masks[0] if len(masks) == 1 else torch.cat(masks).view(t.shape)
+
+
+def _nudged(a: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A nudged copy of input ``a`` (``_nudge``), requiring grad as ``a`` does."""
+    out = a.detach().clone()
+    _nudge(out, gen, keep=False)
+    return out.requires_grad_(a.requires_grad)
 
 
 def _plan_layouts(args: tuple, in_layouts: Mapping[str, str]) -> list[str]:

@@ -16,6 +16,7 @@ import planted
 import verdict_pairs as vp
 from parity.cli import main
 import parity.checker as checker
+import parity.pair as pair_module
 from parity.pair import CheckOptions
 from weight_port import build_plan
 
@@ -148,6 +149,25 @@ def test_the_nudged_probe_leaves_the_pair_bit_for_bit_as_it_was():
                                last=True)
     np.testing.assert_array_equal(last.outputs["out"], probe.outputs["out"])
     assert not all(torch.equal(before[k], v) for k, v in tm.state_dict().items())
+
+
+def test_the_nudge_a_chunk_at_a_time_is_the_nudge_of_the_whole(monkeypatch):
+    # Weights far larger than a chunk (as at full size) get the same draws, the same probe, and
+    # are moved back bit for bit; a strided buffer is nudged whole.
+    run = checker.capture(vp.make_torch_centered(), vp.make_flax_centered(), CENTERED_X, dtype="float32",
+                          input_layout="as_is", layers=False)
+    tm = run.pair.torch_module
+    tm.register_buffer("strided", torch.linspace(0.1, 3.3, 40).reshape(8, 5).t())  # not contiguous
+    before = {k: v.clone() for k, v in tm.state_dict().items()}
+    whole, _ = run.pair.run_torch(grads=True, perturb=7)
+    monkeypatch.setattr(pair_module, "_NUDGE_CHUNK", 5)
+    assert max(p.numel() for p in tm.parameters()) > 5
+    chunked, _ = run.pair.run_torch(grads=True, perturb=7)
+    np.testing.assert_array_equal(chunked.outputs["out"], whole.outputs["out"])
+    for a, b in zip(chunked.param_grads.values(), whole.param_grads.values()):
+        np.testing.assert_array_equal(a, b)
+    after = tm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @MODES
