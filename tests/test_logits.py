@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import parity
-from parity._logits import judge_logits, logit_metrics, logit_paths
+from parity._logits import _top_k, judge_logits, logit_metrics, logit_paths
 from parity.judge import LOGITS, Comparison, Table, judge, logit_rule
 from parity.tolerances import FORWARD, LOGIT_RULE, tolerance_for
 from logit_pairs import FlaxLM, lm_ids, torch_lm
@@ -213,3 +213,27 @@ def test_cli_verify_logits_flag(tmp_path):
     assert [m["path"] for m in json.loads((tmp_path / "r.json").read_text())["logits"]] == ["out.hidden", "out.logits"]
     proc = cli("--logits", "none", "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["logits"] == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_top_k_is_a_stable_sorts_first_k_ties_and_all(seed):
+    # the top-k overlap reads sets of classes: the partition must pick the same set as a stable
+    # descending sort, ties at the k-th value going to the lower class index (integer logits are
+    # all ties; an inf and a -inf column on top)
+    rng = np.random.default_rng(seed)
+    for ties in (True, False):
+        x = rng.integers(-3, 3, size=(6, 30)).astype(float) if ties else rng.standard_normal((6, 30))
+        x[0, 4], x[:, 7] = np.inf, -np.inf
+        for k in (1, 2, 5, 29, 30, 31):
+            want = np.sort(np.argsort(-x, axis=-1, kind="stable")[..., :min(k, 30)], axis=-1)
+            np.testing.assert_array_equal(_top_k(x, min(k, 30)), want)
+
+
+def test_the_metrics_a_block_of_positions_at_a_time_are_the_whole_ones(monkeypatch):
+    from parity import _logits
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((2, 7, 50)).astype(np.float32)
+    f = (t + 1e-2 * rng.standard_normal(t.shape)).astype(np.float32)
+    whole = logit_metrics("out", "out", f, t)
+    monkeypatch.setattr(_logits, "_BLOCK", 120)  # 2 positions per block, the last one short
+    assert logit_metrics("out", "out", f, t) == whole
