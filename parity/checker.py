@@ -18,7 +18,7 @@ import torch
 from parity._logits import judge_logits, logit_paths
 from parity.judge import ModelJudge, Table, failed_comparison, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
-from parity.lint import lint_traced
+from parity.lint import lint_traced, watch_forward
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
                              reduced_float32)
 from parity.pair import CheckOptions, PreparedPair, devices, prepare
@@ -60,14 +60,16 @@ class CapturedRun:
 
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
-         cotangents: Mapping[str, np.ndarray] | None = None, flax_side: bool = True) -> CapturedRun:
+         cotangents: Mapping[str, np.ndarray] | None = None, flax_side: bool = True,
+         ops: bool = False) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
     casts share. flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
-    that needs the twin's side later (the rows' float64 run: after the model is judged)."""
+    that needs the twin's side later (the rows' float64 run: after the model is judged). ops:
+    torch's run records the torch functions its forward calls (``run.torch.ops``, for the lint)."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
-                             cotangent_seed=o.seed + 1, watch=watch)
+                             cotangent_seed=o.seed + 1, watch=watch, ops=ops)
     module_paths = [p for p, _ in pair.torch_module.named_modules()]
     # output_layout entries naming a layer (by torch module path) are for its per-layer rows
     output_layout, layer_layouts = split_output_spec(o.output_layout, list(t.outputs), module_paths)
@@ -353,17 +355,24 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     # A low-precision check judges its per-layer rows on the float64 run, which records every
     # layer itself: this run records none (half the memory), unless the float64 run fails.
     rows_here = o.layers and (dname == "float64" or o.override)
-    with x64():
-        run = run_pair(pair, o, layers=rows_here, say=say, watch=dname == "float64")
+    # The lint reads torch's side off this run (its ops, the norms' inputs): one forward fewer.
+    # Not off a recorded run: one that records its ops copies every value it records.
+    lint = o.lint or o.strict
+    with (watch_forward(pair.torch_module, pair.plan, o.train) if lint and not rows_here
+          else contextlib.nullcontext()) as torch_side, x64():
+        run = run_pair(pair, o, layers=rows_here, say=say, watch=dname == "float64",
+                       ops=torch_side is not None)
+    if torch_side is not None:
+        torch_side.ops = run.torch.ops
     notes += pair.notes + _dtype_warnings(run, dname, pair.user_variables)
     report = Report(model=name, dtype=dname, mode="train" if o.train else "eval", outputs=[], env=env,
                     warnings=notes)
     prec = jax_precision()
-    if o.lint or o.strict:
+    if lint:
         say("trap lint")
         with x64():  # the twin is traced on the run's own (possibly float64) variables
             found = lint_traced(pair.torch_module, pair.twin, pair.variables, pair.flax_args, pair.plan,
-                                train=o.train, torch_args=pair.inputs(False))
+                                train=o.train, torch_args=pair.inputs(False), torch_side=torch_side)
         report.warnings += [f"trap: {f}" for f in found]
         if o.strict:  # a "note" (a forward the lint could not run) says what was not read: no trap
             report.strict_findings = [str(f) for f in found if f.kind != "note"]

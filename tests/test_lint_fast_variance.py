@@ -73,6 +73,21 @@ def test_the_lint_reads_the_norms_inputs_in_its_one_torch_forward():
     assert len(calls) == 1
 
 
+def test_a_check_reads_the_lints_torch_side_off_the_run_it_judges():
+    # parity.check's lint takes the ops and the norms' inputs from the float32 run it judges:
+    # torch runs twice (float32, and the float64 reference), not a third time for the lint. The
+    # hook travels with the module into the check's private copies.
+    m = _model()
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        r = parity.check(m, FlaxNormed(), X, input_layout="as_is", layers=False)
+    finally:
+        handle.remove()
+    assert any(w.startswith("trap: fast-variance at torch norm / Flax norm") for w in r.warnings), r.warnings
+    assert len(calls) == 2
+
+
 def test_check_prints_the_finding_and_strict_fails():
     r = parity.check(_model(), FlaxNormed(), X, input_layout="as_is", strict=True, layers=False)
     assert any(w.startswith("trap: fast-variance at torch norm / Flax norm") for w in r.warnings), r.warnings

@@ -28,7 +28,9 @@ momentum (the weight port's attribute check warns about those).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,18 +77,44 @@ def lint_pair(torch_module: torch.nn.Module, flax_module, example_input, *, inpu
         return [_crash(exc)]
 
 
+@dataclass
+class TorchSide:
+    """What the lint reads of a torch forward its caller runs itself (``watch_forward``): that
+    forward's ops (run_torch(ops=True).ops, set by the caller) and the norms' fast-variance
+    findings (set when the watch ends)."""
+
+    ops: list | None = None
+    fast_variance: list[Finding] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def watch_forward(torch_module: torch.nn.Module, plan, train: bool) -> Iterator[TorchSide]:
+    """The lint's torch side read from the caller's own forward of ``torch_module`` (on the
+    check's inputs, run inside the block with run_torch(ops=True); set ``.ops`` from it): then
+    lint_traced(torch_side=...) runs no forward of its own. parity.check reads it off the run it
+    judges: a model's forward fewer per check."""
+    side = TorchSide()
+    with fast_variance_watch(torch_module, plan, train) as found:
+        yield side
+    side.fast_variance = found
+
+
 def lint_traced(torch_module: torch.nn.Module, twin, variables: Mapping, flax_args: tuple, plan, *,
-                train: bool, torch_args: tuple | None = None) -> list[Finding]:
+                train: bool, torch_args: tuple | None = None, torch_side: TorchSide | None = None) -> list[Finding]:
     """lint_pair for a caller that already has the twin, its variables, the Flax-layout inputs
     and the port's plan (parity.check). torch_args: the same inputs in torch layout, for the
     one torch forward that reads the inline ops (F.gelu, F.interpolate, attention) and for the
     traps that depend on the data (fast variance); without them those are not read (a "note"
-    says so). The forward leaves ``torch_module`` as it found it. Never raises (a "lint-error"
-    Finding instead)."""
+    says so). torch_side: that forward's reading, made by the caller (``watch_forward``):
+    torch_args are then not run. The forward leaves ``torch_module`` as it found it. Never
+    raises (a "lint-error" Finding instead)."""
     try:
         trace = _flax_eqns(twin, variables, flax_args)
-        with fast_variance_watch(torch_module, plan, train) as fast_variance:  # the same forward
-            calls, notes = _inline(torch_module, torch_args, train)
+        if torch_side is not None and torch_side.ops is not None:
+            calls, notes, fast_variance = inline_calls(torch_module, torch_side.ops), [], torch_side.fast_variance
+        else:
+            with fast_variance_watch(torch_module, plan, train) as fast_variance:  # the same forward
+                calls, notes = _inline(torch_module, torch_args, train)
         nnx = twin.nnx
         return (notes + gelu_findings(torch_module, plan, trace, calls, nnx) + conv_findings(plan, trace)
                 + dropout_findings(torch_module, trace, train, nnx) + pool_ceil_findings(torch_module, nnx)
@@ -113,4 +141,4 @@ def _crash(exc: Exception) -> Finding:
     return Finding(LINT_ERROR, "-", "-", f"the trap lint failed: {type(exc).__name__}: {exc}")
 
 
-__all__ = ["Finding", "LINT_ERROR", "lint_pair", "lint_traced"]
+__all__ = ["Finding", "LINT_ERROR", "TorchSide", "lint_pair", "lint_traced", "watch_forward"]
