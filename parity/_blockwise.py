@@ -85,58 +85,44 @@ def slice_sums(a: np.ndarray, axis: int | None, b: np.ndarray | None = None) -> 
     float64, shape [slices]; one slice (shape [1]) when ``axis`` is None or ``a`` has fewer than 2
     dimensions. ``a`` and ``b`` of the same shape, any strides (a channels-last view is read as it
     is, never copied whole)."""
-    if b is None:
-        return noise_sums(a, None, None, axis)[2]
-    return noise_sums(a, b, None, axis)[0]
-
-
-def noise_sums(actual: np.ndarray, ref: np.ndarray | None, probe: np.ndarray | None,
-               axis: int | None) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-    """Per slice along ``axis`` (as slice_sums), in one pass over the tiles: the sums of squares
-    of ``actual - ref``, of ``probe - ref`` (None without a probe) and of ``ref``; with ref None,
-    (None, None, those of ``actual`` alone). The measured judge's three norms of one tensor, each
-    array read once."""
-    a = actual
-    if a.ndim >= 2 and axis is not None and not a.size:
-        empty = np.zeros(a.shape[axis])
-        return (None, None, empty) if ref is None else (empty, None if probe is None else empty, empty)
-    if a.ndim == 0 or not a.size or axis is None or a.ndim < 2:
-        if ref is None:
-            return None, None, _whole(a, None)
-        return _whole(a, ref), (None if probe is None else _whole(probe, ref)), _whole(ref, None)
-    axis %= a.ndim
-    n = a.shape[axis]
-    err, noise, norm = np.zeros(n), np.zeros(n), np.zeros(n)
-    for index, d, i, j in tiles(a.shape):
-        if ref is None:
-            _add(norm, _into(a, index, None), index, d, i, j, axis)
-            continue
-        _add(err, _into(a, index, ref), index, d, i, j, axis)
-        if probe is not None:
-            _add(noise, _into(probe, index, ref), index, d, i, j, axis)
-        _add(norm, _into(ref, index, None, 1), index, d, i, j, axis)
-    return (None, None, norm) if ref is None else (err, None if probe is None else noise, norm)
-
-
-def _whole(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """[the sum of squares of ``a - b`` over the whole array] (shape [1])."""
     if a.ndim == 0 or not a.size:
-        x = np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
-        return np.array([float(np.sum(x * x))])
-    return np.array([_total(a, b)])
+        return _untiled(a, b, axis)
+    sums = _Sums(a.shape, axis)
+    for tile in tiles(a.shape):
+        sums.add("x", _into(a, tile[0], b), tile)
+    return sums.get("x")
+
+
+def noise_sums(actual: np.ndarray, ref: np.ndarray, probe: np.ndarray | None,
+               axis: int | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per slice along ``axis`` (as slice_sums), in one pass over the tiles: the sums of squares
+    of ``actual - ref``, of ``probe - ref`` (None without a probe) and of ``ref``. The measured
+    judge's three norms of one tensor, each array read once."""
+    if actual.ndim == 0 or not actual.size:
+        return (_untiled(actual, ref, axis), None if probe is None else _untiled(probe, ref, axis),
+                _untiled(ref, None, axis))
+    sums = _Sums(actual.shape, axis)
+    for tile in tiles(actual.shape):
+        index = tile[0]
+        sums.add("err", _into(actual, index, ref), tile)
+        if probe is not None:
+            sums.add("noise", _into(probe, index, ref), tile)
+        sums.add("norm", _into(ref, index, None, 1), tile)
+    return sums.get("err"), None if probe is None else sums.get("noise"), sums.get("norm")
+
+
+def _untiled(a: np.ndarray, b: np.ndarray | None, axis: int | None) -> np.ndarray:
+    """slice_sums of what has nothing to tile: a 0-d value (a loss), or an empty array (every
+    slice of an empty batch sums to 0)."""
+    if not a.size and a.ndim >= 2 and axis is not None:
+        return np.zeros(a.shape[axis])
+    d = np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
+    return np.array([float(np.sum(d * d))])
 
 
 def _sig(ndim: int, keep: int | None) -> str:
     dims = _LETTERS[:ndim]
     return f"{dims},{dims}->{'' if keep is None else dims[keep]}"
-
-
-def _total(a: np.ndarray, b: np.ndarray | None) -> float:
-    """The sum of squares of ``a - b`` over the whole array (``_Whole``)."""
-    w = _Whole(a.shape)
-    for tile in tiles(a.shape):
-        w.add(_into(a, tile[0], b), *tile)
-    return w.total()
 
 
 def measure(actual: np.ndarray, expected: np.ndarray, ref: np.ndarray | None = None,
@@ -154,33 +140,21 @@ def measure(actual: np.ndarray, expected: np.ndarray, ref: np.ndarray | None = N
     it enters non-finite, so finite sums prove every element finite without a mask), or a sum
     that overflows; the caller then takes the masked path. ``ref`` or ``probe`` may be
     ``expected`` itself (torch's own value as the reference or the probe): its tile is read once."""
-    shape = actual.shape
-    sliced = ref is not None and axis is not None and actual.ndim >= 2
-    ax = axis % actual.ndim if sliced else None
-    whole = {"diff": _Whole(shape), "expected": _Whole(shape)}
-    if ref is not None and not sliced:
-        whole.update(err=_Whole(shape), noise=_Whole(shape), norm=_Whole(shape))
-    per = {k: np.zeros(shape[ax]) for k in ("err", "noise", "norm")} if sliced else {}
-
-    def add(key: str, x: np.ndarray, tile) -> None:
-        if key in per:
-            _add(per[key], x, *tile, ax)
-        else:
-            whole[key].add(x, *tile)
+    whole, sliced = _Sums(actual.shape, None), _Sums(actual.shape, axis)
     with np.errstate(all="ignore"):  # a non-finite value only makes its sums non-finite: None
-        max_abs, max_rel = _measure_tiles(actual, expected, ref, probe, add)
-    out = {k: w.total() for k, w in whole.items()}
-    out.update(per)
+        max_abs, max_rel = _measure_tiles(actual, expected, ref, probe, whole, sliced)
+    out = {"diff": float(whole.get("diff")[0]), "expected": float(whole.get("expected")[0])}
+    if ref is not None:
+        out.update({k: sliced.get(k) for k in ("err", "noise", "norm")})
     if not all(np.all(np.isfinite(v)) for v in out.values()) or math.isnan(max_abs):
         return None
-    if not sliced and ref is not None:
-        out.update({k: np.array([out[k]]) for k in ("err", "noise", "norm")})
     out.update(max_abs=max_abs, max_rel=max_rel)
     return out
 
 
-def _measure_tiles(actual, expected, ref, probe, add) -> tuple[float, float]:
-    """measure's pass: every sum through ``add(key, float64 tile, tile)``; (max_abs, max_rel)."""
+def _measure_tiles(actual, expected, ref, probe, whole: _Sums, sliced: _Sums) -> tuple[float, float]:
+    """measure's pass: the whole-array sums into ``whole``, the per-slice ones into ``sliced``;
+    (max_abs, max_rel)."""
     max_abs, max_rel = 0.0, 0.0
     for tile in tiles(actual.shape):
         index = tile[0]
@@ -188,8 +162,8 @@ def _measure_tiles(actual, expected, ref, probe, add) -> tuple[float, float]:
         np.abs(x, out=x)
         e = _into(expected, index, None, 1)
         max_abs = max(max_abs, float(x.max()))
-        add("diff", x, tile)
-        add("expected", e, tile)
+        whole.add("diff", x, tile)
+        whole.add("expected", e, tile)
         rel = _buffer(x.size, 2).reshape(x.shape)  # e may be the caller's own float64 tile: never written
         np.divide(x, e, out=rel)  # e 0: inf if the difference is not, NaN for 0 / 0
         np.abs(rel, out=rel)
@@ -198,34 +172,47 @@ def _measure_tiles(actual, expected, ref, probe, add) -> tuple[float, float]:
         if ref is None:
             continue
         if ref is expected:  # |a - e| and e are at hand
-            add("err", x, tile)
-            add("norm", e, tile)
+            sliced.add("err", x, tile)
+            sliced.add("norm", e, tile)
         else:
-            add("err", _into(actual, index, ref, 2), tile)
-            add("norm", _into(ref, index, None, 3), tile)
+            sliced.add("err", _into(actual, index, ref, 2), tile)
+            sliced.add("norm", _into(ref, index, None, 3), tile)
         if probe is not None and probe is not ref:
-            add("noise", _into(probe, index, ref, 2), tile)
+            sliced.add("noise", _into(probe, index, ref, 2), tile)
     return max_abs, max_rel
 
 
-class _Whole:
-    """A sum of squares over a whole array of ``shape``, tile by tile: per leading entry, then
-    those summed (the same value at any tile size while a leading entry fits a tile)."""
+class _Sums:
+    """Sums of squares of an array's float64 tiles (from ``tiles``), by key: per slice along
+    ``axis``; over the whole array when ``axis`` is None or the array has fewer than 2
+    dimensions, as per-leading-entry sums then summed (the same value at any tile size while a
+    leading entry fits a tile). ``get``: shape [slices] ([1] whole), zeros for a key never added."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.lead = np.zeros(shape[0]) if len(shape) > 1 else None
-        self.sum = 0.0
+    def __init__(self, shape: tuple[int, ...], axis: int | None):
+        self.shape = shape
+        self.axis = None if axis is None or len(shape) < 2 else axis % len(shape)
+        self.parts: dict[str, np.ndarray] = {}
 
-    def add(self, x: np.ndarray, index: tuple, d: int, i: int, j: int) -> None:
-        if self.lead is None:
-            self.sum += float(np.einsum("a,a->", x, x))
-        elif d == 0:
-            self.lead[i:j] += np.einsum(_sig(x.ndim, 0), x, x)
-        else:
-            self.lead[index[0]] += float(np.einsum(_sig(x.ndim, None), x, x))
+    def add(self, key: str, x: np.ndarray, tile: tuple) -> None:
+        index, d, i, j = tile
+        if self.axis is not None:
+            _add(self.parts.setdefault(key, np.zeros(self.shape[self.axis])), x, index, d, i, j, self.axis)
+        elif len(self.shape) < 2:  # one scalar sum, tile after tile
+            self.parts.setdefault(key, np.zeros(1))[0] += float(np.einsum("a,a->", x, x))
+        else:  # per leading entry
+            lead = self.parts.setdefault(key, np.zeros(self.shape[0]))
+            if d == 0:
+                lead[i:j] += np.einsum(_sig(x.ndim, 0), x, x)
+            else:
+                lead[index[0]] += float(np.einsum(_sig(x.ndim, None), x, x))
 
-    def total(self) -> float:
-        return self.sum if self.lead is None else float(np.sum(self.lead))
+    def get(self, key: str) -> np.ndarray:
+        part = self.parts.get(key)
+        if self.axis is not None:
+            return part if part is not None else np.zeros(self.shape[self.axis])
+        if part is None:
+            return np.zeros(1)
+        return part if len(self.shape) < 2 else np.array([float(np.sum(part))])
 
 
 def pair_statistics(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float, float, float]:

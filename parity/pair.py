@@ -158,15 +158,15 @@ class PreparedPair:
         tm = self.torch_module
         args = self.inputs(grads)
         saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
-        flips: list[tuple[torch.Tensor, torch.Tensor]] = []
+        flips: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         if perturb is not None:
             gen = torch.Generator().manual_seed(perturb)
             with torch.no_grad():
                 for tensor in list(tm.parameters()) + list(tm.buffers()):
                     if tensor.is_floating_point():
-                        flip = _nudge(tensor, gen, keep=restore)
+                        masks = _nudge(tensor, gen, keep=restore)
                         if restore:
-                            flips.append((tensor, flip))
+                            flips.append((tensor, masks))
             args = jax.tree_util.tree_map(
                 lambda a: _nudged(a, gen) if isinstance(a, torch.Tensor) and a.is_floating_point() else a, args)
         try:
@@ -176,10 +176,8 @@ class PreparedPair:
         finally:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for tensor, flip in flips:  # one ulp back, away from zero: exact
-                    parts = _chunks(tensor)
-                    masks = [flip] if len(parts) == 1 else flip.view(-1).split(_NUDGE_CHUNK)
-                    for part, f in zip(parts, masks):
+                for tensor, masks in flips:  # one ulp back, away from zero: exact
+                    for part, f in zip(_chunks(tensor), masks):
                         away = torch.copysign(part.new_tensor(float("inf")), part)
                         part.copy_(torch.where(f, torch.nextafter(part, away), part))
                 buffers = dict(tm.named_buffers())
@@ -251,10 +249,11 @@ def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
 
 
-def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> torch.Tensor | None:
+def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> list[torch.Tensor]:
     """Move a random half of ``t``'s finite, non-integer elements one ulp toward zero, in place, a
     chunk at a time (the same draws, in the same order, as one draw of the whole: the CPU
-    generator's stream does not depend on how it is cut). The mask (``keep``), else None."""
+    generator's stream does not depend on how it is cut). The mask of each of ``_chunks(t)``
+    (``keep``), else nothing."""
     masks = []
     zero = t.new_zeros(())
     for part in _chunks(t):
@@ -262,9 +261,7 @@ def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> torch.Tensor
         part.copy_(torch.where(flip, torch.nextafter(part, zero), part))
         if keep:
             masks.append(flip)
-    if not keep:
-        return None
-    return masks[0] if len(masks) == 1 else torch.cat(masks).view(t.shape)
+    return masks
 
 
 def _nudged(a: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
