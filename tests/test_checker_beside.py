@@ -1,0 +1,65 @@
+"""A check without per-layer rows runs torch's float64 reference in a worker thread beside the
+twin's float32 trace, compile and run (parity.checker._beside): the same numbers as one after
+the other, and a check that fails on the twin's side returns with no torch run still going."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+import parity
+import parity.checker as checker
+from parity.registry import PAIRS
+
+
+def _cnn():
+    pair = PAIRS["cnn"]
+    cfg = pair.config("tiny")
+    tm, fm = pair.build(cfg)
+    return tm, fm, pair.example_input(cfg, batch=2), pair.layout
+
+
+def _in_line(fn, *args) -> Future:
+    """_beside, but run at once on the caller's thread."""
+    done: Future = Future()
+    done.set_result(fn(*args))
+    return done
+
+
+def test_the_reference_runs_in_another_thread_and_changes_no_number(monkeypatch):
+    tm, fm, x, layout = _cnn()
+    threads, real = [], checker._float64_reference
+
+    def spy(run, o):
+        threads.append(threading.current_thread())
+        return real(run, o)
+
+    monkeypatch.setattr(checker, "_float64_reference", spy)
+    beside = parity.check(tm, fm, x, input_layout=layout, layers=False)
+    monkeypatch.setattr(checker, "_beside", _in_line)
+    in_line = parity.check(tm, fm, x, input_layout=layout, layers=False)
+    assert [t is threading.main_thread() for t in threads] == [False, True]
+    assert beside.verdict == in_line.verdict == "PASS", str(beside)
+    assert beside.to_dict() == in_line.to_dict()
+
+
+def test_a_twin_run_that_raises_waits_for_the_reference(monkeypatch):
+    tm, fm, x, layout = _cnn()
+    finished, real = [], checker._float64_reference
+
+    def slow(run, o):
+        time.sleep(0.5)  # still running when the twin's side raises
+        ref = real(run, o)
+        finished.append(True)
+        return ref
+
+    def broken(*a, **kw):
+        raise RuntimeError("the twin's side broke")
+
+    monkeypatch.setattr(checker, "_float64_reference", slow)
+    monkeypatch.setattr(checker, "run_flax_side", broken)
+    with pytest.raises(RuntimeError, match="the twin's side broke"):
+        parity.check(tm, fm, x, input_layout=layout, layers=False)
+    assert finished == [True]  # no torch run of this check goes on after it returned
