@@ -39,7 +39,9 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -395,13 +397,12 @@ class ModelJudge:
         tied = tied or {}
         again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
 
+        # Judged a few at a time in worker threads (_in_order), taken in order: each tensor's
+        # comparison depends on its own values alone (BERT-base's 224 tensors: 1.35 -> 0.9 s).
+        jobs: list = []  # (the report's list, the key, how to judge it or the comparison made)
+
         def one(out: list, kind, key, name, flax_of, torch_of, layout, axis) -> None:
-            c = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
-            out.append(c)
-            if self._own_noise_may_pass(c):
-                again.append((out, len(out) - 1, key, (kind, key, name, flax_of, torch_of, layout, axis)))
-            else:
-                self._done(key, release, c.ok)
+            jobs.append((out, key, (kind, key, name, flax_of, torch_of, layout, axis)))
 
         report.outputs, report.input_grads, report.param_grads = [], [], []
         single = len(torch_side.outputs) == 1
@@ -416,18 +417,31 @@ class ModelJudge:
             if n in frozen:
                 continue
             if n not in flax_side.param_grads:
-                report.param_grads.append(failed_comparison(
+                jobs.append((report.param_grads, f"param:{n}", failed_comparison(
                     f"grad {n}", "the port gives no Flax gradient for this torch parameter"
-                    + (f" (tied to {tied[n]})" if n in tied else ""), self.table_grad))
-                self._done(f"param:{n}", release)
+                    + (f" (tied to {tied[n]})" if n in tied else ""), self.table_grad)))
                 continue
             one(report.param_grads, GRAD, f"param:{n}", f"grad {n}", lambda n=n: flax_side.param_grads[n],
                 lambda n=n: torch_side.param_grads[n], AS_IS, 0)
+
+        def first(job) -> Comparison:
+            how = job[2]
+            if isinstance(how, Comparison):
+                return how
+            kind, key, name, flax_of, torch_of, layout, axis = how
+            return self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
+
+        for (out, key, how), c in zip(jobs, _in_order(first, jobs)):
+            out.append(c)
+            if not isinstance(how, Comparison) and self._own_noise_may_pass(c):
+                again.append((out, len(out) - 1, key, how))
+            else:
+                self._done(key, release, c.ok)
         if again and self._own_noise is not None:
             self._run_own_noise([key for _, _, key, _ in again])
-        for out, i, key, (kind, key, name, flax_of, torch_of, layout, axis) in again:
-            out[i] = self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
-            self._done(key, release, out[i].ok)
+        for (out, i, key, _), c in zip(again, _in_order(lambda job: first((None, None, job[3])), again)):
+            out[i] = c
+            self._done(key, release, c.ok)
         own = [c.name for c in report.outputs + report.input_grads + report.param_grads
                if "twin's own rounding noise only" in c.note]
         if own:
@@ -445,6 +459,24 @@ class ModelJudge:
                 d.pop(key, None)
         if ok:  # a failure's values stay: the check looks in them for where a NaN or Inf began
             release(key)
+
+
+# Threads that judge a model's tensors side by side: numpy's loops over a tile release the GIL
+# (parity._blockwise keeps one set of tile buffers per thread).
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _in_order(fn, items: list) -> Iterator:
+    """fn(item) of each item, yielded in the items' order, computed by _WORKERS threads (the
+    ones not yet begun are cancelled when the caller stops or one raises)."""
+    if _WORKERS == 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="parity-judge")
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass

@@ -7,10 +7,12 @@ import threading
 import time
 from concurrent.futures import Future
 
+import jax
 import pytest
 
 import parity
 import parity.checker as checker
+import weight_port
 from parity.registry import PAIRS
 
 
@@ -63,3 +65,34 @@ def test_a_twin_run_that_raises_waits_for_the_reference(monkeypatch):
     with pytest.raises(RuntimeError, match="the twin's side broke"):
         parity.check(tm, fm, x, input_layout=layout, layers=False)
     assert finished == [True]  # no torch run of this check goes on after it returned
+
+
+def test_the_judge_takes_a_models_tensors_in_threads_and_in_order(monkeypatch):
+    # ModelJudge.fill judges tensors side by side (parity.judge._in_order): the report is the one
+    # a single thread writes, order and numbers, the twin's own-noise pass included.
+    import parity.judge as judge
+    from test_verdicts_own_noise import X, TorchTwoHeads, TwoHeads
+
+    threads, real = set(), judge.ModelJudge._judge
+
+    def spy(self, *a, **kw):
+        threads.add(threading.current_thread())
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(judge.ModelJudge, "_judge", spy)
+    tm, fm, x, layout = _cnn()
+    # a wrong twin's numbers: every weight 1% off
+    wrong = jax.tree_util.tree_map(lambda a: a * 1.01, weight_port.torch_to_flax(tm, fm, x, input_layout=layout))
+    reports = {}
+    for workers in (2, 1):
+        monkeypatch.setattr(judge, "_WORKERS", workers)
+        threads.clear()
+        reports[workers] = [parity.check(tm, fm, x, input_layout=layout, layers=False),
+                            parity.check(TorchTwoHeads(), TwoHeads(), X, input_layout="as_is", layers=False,
+                                         lint=False),
+                            parity.check(tm, fm, x, input_layout=layout, layers=False, variables=wrong)]
+        assert (threading.main_thread() in threads) == (workers == 1), threads
+    cnn, own, bad = reports[2]
+    assert cnn.verdict == own.verdict == "PASS" and bad.verdict == "FAIL", (cnn.verdict, own.verdict, bad.verdict)
+    assert "within the twin's own rounding noise only" in own.outputs[0].note
+    assert [r.to_dict() for r in reports[2]] == [r.to_dict() for r in reports[1]]
