@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from parity._logits import judge_logits, logit_paths
+from parity._threads import beside, settle
 from parity.judge import ModelJudge, Table, failed_comparison, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced, watch_forward
@@ -371,19 +371,20 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     if torch_side is not None:
         torch_side.ops = run.torch.ops
     reference = None
-    # Without rows the float64 reference's torch run goes beside the twin's (_beside). With rows
-    # it records every activation: two threads first-touching fresh memory contend in the kernel,
-    # and side by side was no faster (BERT-base, 27.4 s vs 27.2 s; the rows' probe beside the
-    # twin's float64 run: 30.3 s).
+    # Without rows the float64 reference's torch run goes beside the twin's float32 trace,
+    # compile and run: those keep one core busy while torch's kernels, which release the GIL, use
+    # another (BERT-base on 2 cores: 15.3 -> 14.3 s). With rows it records every activation: two
+    # threads first-touching fresh memory contend in the kernel, and side by side was no faster
+    # (27.4 s vs 27.2 s; the rows' probe beside the twin's float64 run: 30.3 s).
     if run.structure_error is None and not o.override and dname != "float64" and not o.layers:
         say("float64 reference run (torch, beside the twin's run)")
-        reference = _beside(_float64_reference, run, o)
+        reference = beside(_float64_reference, run, o)
     if run.structure_error is None:
         try:
             with x64():
                 run_flax_side(run, o, layers=rows_here, say=say)
         except BaseException:
-            _settle(reference)
+            settle(reference)
             raise
     notes += pair.notes + _dtype_warnings(run, dname, pair.user_variables)
     report = Report(model=name, dtype=dname, mode="train" if o.train else "eval", outputs=[], env=env,
@@ -408,7 +409,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     try:
         ev = _evidence(run, o, prec, platform, report, say, reference)
     finally:
-        _settle(reference)  # a setup error above (an unknown logits path): its run ends before we return
+        settle(reference)  # a setup error above (an unknown logits path): its run ends before we return
     if o.layers and ev.rows_run is run and run.torch.calls is None:
         # No float64 run to take the rows from: this run again, every layer recorded.
         with x64():
@@ -521,40 +522,14 @@ def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: boo
     return t
 
 
-def _beside(fn: Callable[..., Any], *args) -> Future:
-    """``fn(*args)`` in a worker thread, beside the caller's work, under the caller's JAX device
-    (jax.default_device is per thread; pinned numerics and torch's flags are global). Torch's
-    kernels and XLA's compile release the GIL, and tracing and compiling the twin keep one core
-    busy: on a 2-core CPU the float64 reference's torch run beside the twin's float32 trace,
-    compile and run costs 0.9 s less than after it (BERT-base, 8.0 -> 7.2 s for the two)."""
-    device = jax.config.jax_default_device
-
-    def job():
-        with jax.default_device(device) if device is not None else contextlib.nullcontext():
-            return fn(*args)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="parity-beside")
-    try:
-        return pool.submit(job)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with its one job
-
-
-def _settle(future: Future | None) -> None:
-    """Wait for a run started by _beside that nothing will read (its caller is failing): the
-    caller returns with no torch work of its still going on (and its memory freed)."""
-    if future is not None and not future.cancel():
-        with contextlib.suppress(BaseException):
-            future.result()
-
-
 def _float64_reference(run: CapturedRun, o: CheckOptions):
     """The torch side of a low-precision check's float64 reference: the same pair in float64
     (weights and inputs already rounded to the checked dtype, so the reference differs from the
     low-precision runs by their arithmetic only), the same plan and the same cotangents. With
     per-layer rows (which run in float64 on both sides, where verdicts are sharp): a CapturedRun
     whose twin's side runs later (Evidence.finish_rows), once the model is judged and its runs'
-    gradients freed; else the TorchRun alone, in a worker thread (_beside): it says nothing and
-    writes no report."""
+    gradients freed; else the TorchRun alone, in a worker thread (parity._threads.beside): it
+    says nothing and writes no report."""
     cots = run.torch.cotangents
     with jax.enable_x64(True):
         ref_pair = run.pair.cast("float64", flax=o.layers)
@@ -572,8 +547,8 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
               reference: Future | None = None) -> Evidence:
     """Run what the measured-noise judge needs (the float64 reference of a low-precision check,
     the float32 probe of a float64 check), or say in a warning why the table decides instead.
-    reference: the float64 reference's torch side, started beside the twin's run (_beside);
-    None: it runs here."""
+    reference: the float64 reference's torch side, started beside the twin's run
+    (parity._threads.beside); None: it runs here."""
     dname, pair, cots = o.dtype, run.pair, run.torch.cotangents
     fwd_t = tolerance_for(dname, FORWARD, prec, platform)
     grd_t = tolerance_for(dname, GRAD, prec, platform)

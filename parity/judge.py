@@ -39,14 +39,13 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from parity import _blockwise
+from parity._threads import in_order
 from parity.tolerances import (EPS, FEW_ELEMENTS, FORWARD, GRAD, LOGIT_RULE, NOISE_SLICE_SHARE, OWN_NOISE_EVERYWHERE,
                                 TOLERANCES, Tolerance)
 from weight_port.layout import AS_IS, to_torch_layout
@@ -397,7 +396,7 @@ class ModelJudge:
         tied = tied or {}
         again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
 
-        # Judged a few at a time in worker threads (_in_order), taken in order: each tensor's
+        # Judged a few at a time in worker threads (parity._threads.in_order), taken in order: each tensor's
         # comparison depends on its own values alone (BERT-base's 224 tensors: 1.35 -> 0.9 s).
         jobs: list = []  # (the report's list, the key, how to judge it or the comparison made)
 
@@ -431,7 +430,7 @@ class ModelJudge:
             kind, key, name, flax_of, torch_of, layout, axis = how
             return self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
 
-        for (out, key, how), c in zip(jobs, _in_order(first, jobs)):
+        for (out, key, how), c in zip(jobs, in_order(first, jobs)):
             out.append(c)
             if not isinstance(how, Comparison) and self._own_noise_may_pass(c):
                 again.append((out, len(out) - 1, key, how))
@@ -439,7 +438,7 @@ class ModelJudge:
                 self._done(key, release, c.ok)
         if again and self._own_noise is not None:
             self._run_own_noise([key for _, _, key, _ in again])
-        for (out, i, key, _), c in zip(again, _in_order(lambda job: first((None, None, job[3])), again)):
+        for (out, i, key, _), c in zip(again, in_order(lambda job: first((None, None, job[3])), again)):
             out[i] = c
             self._done(key, release, c.ok)
         own = [c.name for c in report.outputs + report.input_grads + report.param_grads
@@ -459,24 +458,6 @@ class ModelJudge:
                 d.pop(key, None)
         if ok:  # a failure's values stay: the check looks in them for where a NaN or Inf began
             release(key)
-
-
-# Threads that judge a model's tensors side by side: numpy's loops over a tile release the GIL
-# (parity._blockwise keeps one set of tile buffers per thread).
-_WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-
-def _in_order(fn, items: list) -> Iterator:
-    """fn(item) of each item, yielded in the items' order, computed by _WORKERS threads (the
-    ones not yet begun are cancelled when the caller stops or one raises)."""
-    if _WORKERS == 1 or len(items) < 2:
-        yield from map(fn, items)
-        return
-    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="parity-judge")
-    try:
-        yield from pool.map(fn, items)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass

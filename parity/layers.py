@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from parity import _layer_runs
+from parity._threads import in_order
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
 from parity.runtime import (FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, match_outputs,
                             to_host)
@@ -1064,7 +1065,7 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
     own_named = _named_grads(own_grads, fpath, plan) if own_grads is not None else {}
     prefix = f"{row.torch_path}." if row.torch_path else ""
     shared = set(tied) | set(tied.values())
-    out = []
+    judged = []
     for name, value in named.items():
         if not name.startswith(prefix) or name not in t_param_grads:
             continue
@@ -1074,10 +1075,16 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
             row.notes.append(f"{name} is tied ({'alias of ' + tied[name] if name in tied else 'shared'}); "
                              "its gradient is judged whole-model")
             continue
-        out.append(rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=tc,
-                              probe_value=rows.probe_params.get(name), axis=0,
-                              own=(value, own_named[name]) if name in own_named else None))
-    return out
+        judged.append((name, value))
+
+    def one(item) -> Comparison:
+        name, value = item
+        return rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=tc,
+                          probe_value=rows.probe_params.get(name), axis=0,
+                          own=(value, own_named[name]) if name in own_named else None)
+    # A container's row holds every parameter beneath it (GPT-2's transformer: the whole model's):
+    # judged side by side in worker threads, in order (parity._threads.in_order).
+    return list(in_order(one, judged))
 
 
 def _named_grads(p_grads, fpath, plan: PortPlan) -> dict[str, np.ndarray]:

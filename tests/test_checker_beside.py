@@ -1,5 +1,5 @@
 """A check without per-layer rows runs torch's float64 reference in a worker thread beside the
-twin's float32 trace, compile and run (parity.checker._beside): the same numbers as one after
+twin's float32 trace, compile and run (parity._threads.beside): the same numbers as one after
 the other, and a check that fails on the twin's side returns with no torch run still going."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _cnn():
 
 
 def _in_line(fn, *args) -> Future:
-    """_beside, but run at once on the caller's thread."""
+    """beside, but run at once on the caller's thread."""
     done: Future = Future()
     done.set_result(fn(*args))
     return done
@@ -40,7 +40,7 @@ def test_the_reference_runs_in_another_thread_and_changes_no_number(monkeypatch)
 
     monkeypatch.setattr(checker, "_float64_reference", spy)
     beside = parity.check(tm, fm, x, input_layout=layout, layers=False)
-    monkeypatch.setattr(checker, "_beside", _in_line)
+    monkeypatch.setattr(checker, "beside", _in_line)
     in_line = parity.check(tm, fm, x, input_layout=layout, layers=False)
     assert [t is threading.main_thread() for t in threads] == [False, True]
     assert beside.verdict == in_line.verdict == "PASS", str(beside)
@@ -68,8 +68,9 @@ def test_a_twin_run_that_raises_waits_for_the_reference(monkeypatch):
 
 
 def test_the_judge_takes_a_models_tensors_in_threads_and_in_order(monkeypatch):
-    # ModelJudge.fill judges tensors side by side (parity.judge._in_order): the report is the one
+    # ModelJudge.fill judges tensors side by side (parity._threads.in_order): the report is the one
     # a single thread writes, order and numbers, the twin's own-noise pass included.
+    import parity._threads as threads_
     import parity.judge as judge
     from test_verdicts_own_noise import X, TorchTwoHeads, TwoHeads
 
@@ -85,7 +86,7 @@ def test_the_judge_takes_a_models_tensors_in_threads_and_in_order(monkeypatch):
     wrong = jax.tree_util.tree_map(lambda a: a * 1.01, weight_port.torch_to_flax(tm, fm, x, input_layout=layout))
     reports = {}
     for workers in (2, 1):
-        monkeypatch.setattr(judge, "_WORKERS", workers)
+        monkeypatch.setattr(threads_, "WORKERS", workers)
         threads.clear()
         reports[workers] = [parity.check(tm, fm, x, input_layout=layout, layers=False),
                             parity.check(TorchTwoHeads(), TwoHeads(), X, input_layout="as_is", layers=False,
@@ -96,3 +97,28 @@ def test_the_judge_takes_a_models_tensors_in_threads_and_in_order(monkeypatch):
     assert cnn.verdict == own.verdict == "PASS" and bad.verdict == "FAIL", (cnn.verdict, own.verdict, bad.verdict)
     assert "within the twin's own rounding noise only" in own.outputs[0].note
     assert [r.to_dict() for r in reports[2]] == [r.to_dict() for r in reports[1]]
+
+
+def test_a_rows_parameter_gradients_are_judged_in_threads_and_in_order(monkeypatch):
+    # A container's row holds every parameter beneath it: judged side by side, the rows are the
+    # ones a single thread writes (to_dict: every number, note and verdict).
+    import parity._threads as threads_
+    from parity.layers import RowJudge
+
+    threads, real = set(), RowJudge.judge
+
+    def spy(self, name, *a, **kw):
+        if name.startswith("grad "):
+            threads.add(threading.current_thread())
+        return real(self, name, *a, **kw)
+
+    monkeypatch.setattr(RowJudge, "judge", spy)
+    tm, fm, x, layout = _cnn()
+    reports = {}
+    for workers in (2, 1):
+        monkeypatch.setattr(threads_, "WORKERS", workers)
+        threads.clear()
+        reports[workers] = parity.check(tm, fm, x, input_layout=layout)
+        assert threads and (threading.main_thread() in threads) == (workers == 1), threads
+    assert reports[2].verdict == "PASS" and reports[2].layers, str(reports[2])
+    assert reports[2].to_dict() == reports[1].to_dict()
