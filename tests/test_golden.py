@@ -447,3 +447,25 @@ def test_bundle_reads_each_file_once(mlp_bundle):
     first, again = b.group("run.safetensors", "main"), b.group("run.safetensors", "main")
     assert first and all(first[k] is again[k] for k in first)
     assert b.tensors("weights.safetensors", keep=False) is not b.tensors("weights.safetensors", keep=False)
+
+
+def test_verify_rows_run_computes_no_whole_model_parameter_gradients(mlp_bundle, monkeypatch):
+    # The rows take each layer's parameter gradients from its run alone: the recorded float64
+    # run of the twin computes none (as parity.check's rows run), where it used to compute all
+    # of them (twice the model's bytes) and never read them.
+    import parity.golden._verify as v
+
+    recorded, forward_backward = [], v.forward_backward
+
+    def spy(*a, capture=False, **kw):
+        f = forward_backward(*a, capture=capture, **kw)
+        if capture:
+            recorded.append(sorted(f.param_grads or {}))
+        return f
+
+    monkeypatch.setattr(v, "forward_backward", spy)
+    report = parity.verify(mlp_bundle, _twin("mlp"))
+    assert report.verdict == "PASS" and report.layers, str(report)
+    assert recorded == [[]], recorded
+    layers = [row for row in report.layers if row.torch_path.startswith("layers.")]
+    assert layers and all(row.grad_isolated is not None and row.grad_isolated.ok for row in layers), str(report)

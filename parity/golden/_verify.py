@@ -400,8 +400,10 @@ def _rows(bundle: Bundle, twin, variables, plan: PortPlan, f_args, cots, to_t, o
         to_f = {tp: fp for fp, tp in to_t.items()}
         r_cots = {to_f[p]: jnp.asarray(to_flax_layout(c, out_layouts[p], p), jnp.float64) for p, c in cots.items()}
         # the rows run the twin as declared, as parity.check's rows do: own noise is measured
-        # by the twin truly in float64 (computing_in) above, the rows judge what the port computes
-        rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True)
+        # by the twin truly in float64 (computing_in) above, the rows judge what the port computes.
+        # No whole-model parameter gradients: the rows take each layer's from its run alone (in
+        # float64 they were twice the model's bytes, computed and never read).
+        rows_flax = forward_backward(twin, rows_vars, r_args, r_cots, capture=True, param_grads=lambda path: False)
         return analyze_layers(_calls(bundle, "rows"), rows_flax, twin, rows_vars, plan,
                               RecordedLayouts(m["calls"]["rows"]), grads=True, train=train, rows=row_judge,
                               param_grads=truth.param_grads, progress=say,
