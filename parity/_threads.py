@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,13 +24,18 @@ WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaf
 
 
 def beside(fn: Callable[..., Any], *args) -> Future:
-    """``fn(*args)`` in a worker thread, beside the caller's work, under the caller's JAX device
-    (jax.default_device is per thread; pinned numerics and torch's flags are global)."""
+    """``fn(*args)`` in a worker thread, beside the caller's work, under the caller's JAX default
+    device and torch's current CUDA device (both are per thread; pinned numerics and torch's
+    flags are global)."""
     import jax  # here: parity.judge imports this module, and the judge alone needs no framework
 
     device = jax.config.jax_default_device
+    torch = sys.modules.get("torch")
+    cuda = torch.cuda.current_device() if torch is not None and torch.cuda.is_initialized() else None
 
     def job():
+        if cuda is not None:
+            torch.cuda.set_device(cuda)
         with jax.default_device(device) if device is not None else contextlib.nullcontext():
             return fn(*args)
     pool = ThreadPoolExecutor(1, thread_name_prefix="parity-beside")
