@@ -100,21 +100,22 @@ def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: b
         pair.output_map = to_t
     run = CapturedRun(pair, t, None, {}, acts)
     if flax_side:
-        run_flax_side(run, o, layers=layers, say=say)
+        run_flax_side(run, o.grads, layers=layers, say=say)
     return run
 
 
-def run_flax_side(run: CapturedRun, o: CheckOptions, *, layers: bool, say,
+def run_flax_side(run: CapturedRun, grads: bool, *, layers: bool, say,
                   flax_param_grads: bool | list[str] = True) -> None:
-    """The twin's forward/VJP of ``run`` (made by run_pair with flax_side=False), with torch's
-    cotangents: sets ``run.flax`` and ``run.f_p_grads``. flax_param_grads=False: the VJP leaves
+    """The twin's forward and, with ``grads``, its VJP of ``run`` (made by run_pair with
+    flax_side=False), with torch's cotangents: sets ``run.flax`` and ``run.f_p_grads``. The
+    twin, variables and inputs are ``run.pair``'s. flax_param_grads=False: the VJP leaves
     the parameter gradients out (both empty): a run only its per-layer rows read; a list of
     ModelJudge keys: the gradients of those parameters alone (parity.runtime.param_grads_for)."""
     pair, t = run.pair, run.torch
     to_t = pair.output_map
     to_f = {tp: fp for fp, tp in to_t.items()}
     f_cots = ({to_f[p]: to_flax_layout(c, pair.out_layouts[p], p) for p, c in t.cotangents.items()}
-              if o.grads else None)
+              if grads else None)
     say("flax forward/vjp" + (" with every layer recorded" if layers else ""))
     plan, wanted = pair.plan, None if flax_param_grads else (lambda path: False)
     if isinstance(flax_param_grads, list) and f_cots is not None:
@@ -123,7 +124,7 @@ def run_flax_side(run: CapturedRun, o: CheckOptions, *, layers: bool, say,
     f.outputs = {to_t[p]: v for p, v in f.outputs.items()}
     run.flax = f
     run.f_p_grads = (plan.to_torch({"params": f.param_grads}, collections=("params",))
-                     if o.grads and flax_param_grads else {})
+                     if grads and flax_param_grads else {})
 
 
 def capture(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
@@ -382,7 +383,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     if run.structure_error is None:
         try:
             with x64():
-                run_flax_side(run, o, layers=rows_here, say=say)
+                run_flax_side(run, o.grads, layers=rows_here, say=say)
         except BaseException:
             settle(reference)
             raise
@@ -612,7 +613,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         try:
             if ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
                 with jax.enable_x64(True):
-                    run_flax_side(ref, o, layers=True, say=say, flax_param_grads=False)
+                    run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=False)
         except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot
             # The rows in the checked dtype then, their noise measured there (a nudged torch run).
             rows_run = run_pair(pair, o, layers=True, say=say)
@@ -644,7 +645,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
                 return _flax_values(run, "float64", keys, variables=ref.variables)
             # The twin as declared computes in float64: its own-noise run is the rows' float64 run,
             # made now with the gradients the judge asks for (one whole-model float64 run, not two)
-            run_flax_side(ref, o, layers=True, say=say, flax_param_grads=True if keys is None else keys)
+            run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=True if keys is None else keys)
             values = _flax_tensors(ref)
             ref.flax.param_grads, ref.f_p_grads = None, {}  # the judge holds them; the rows never read them
             return values
@@ -654,7 +655,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
 
 def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,
                  variables: Mapping | None = None) -> dict[str, np.ndarray]:
-    """The twin run again in ``dname`` (variables, inputs and cotangents of ``run`` cast): its
+    """The twin run again in ``dname`` (variables and inputs of ``run`` cast, its cotangents): its
     model-level tensors by ModelJudge key, torch layout; with ``keys``, the parameter gradients
     of those keys alone (parity.runtime.param_grads_for). variables: ``run``'s already cast to
     ``dname`` (the rows' float64 pair holds them). The twin's own rounding noise is this run's
@@ -664,22 +665,13 @@ def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,
     def cast(a):
         return jnp.asarray(a, dt) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    to_t = run.output_map or {}
-    to_f = {tp: fp for fp, tp in to_t.items()}
-    cots = {to_f[p]: cast(to_flax_layout(c, run.out_layouts[p], p)) for p, c in run.torch.cotangents.items()
-            if p in to_f} or None
-    plan, wanted = param_grads_for(run.plan, keys) if keys is not None and cots is not None else (run.plan, None)
-    f = forward_backward(run.pair.twin_in(dname), jax.tree_util.tree_map(cast, run.variables) if variables is None
-                         else variables,
-                         jax.tree_util.tree_map(cast, run.flax_args), cots, param_grads=wanted)
-    out = {to_t[p]: to_torch_layout(np.asarray(v), run.out_layouts[to_t[p]]) for p, v in f.outputs.items()
-           if p in to_t}
-    if cots is not None:
-        out.update({p: to_torch_layout(np.asarray(g), run.in_layouts[p]) for p, g in f.input_grads.items()
-                    if p in run.in_layouts})
-        named = plan.to_torch({"params": f.param_grads}, collections=("params",))
-        out.update({f"param:{n}": np.asarray(g) for n, g in named.items()})
-    return out
+    pair = replace(run.pair, twin=run.pair.twin_in(dname), dtype=dname,
+                   variables=jax.tree_util.tree_map(cast, run.variables) if variables is None else variables,
+                   flax_args=jax.tree_util.tree_map(cast, run.flax_args))
+    other = CapturedRun(pair, run.torch, None, {}, None)
+    run_flax_side(other, bool(run.torch.cotangents), layers=False, say=lambda msg: None,
+                  flax_param_grads=True if keys is None else keys)
+    return _flax_tensors(other)
 
 
 def _flax_tensors(run: CapturedRun) -> dict[str, np.ndarray]:

@@ -396,8 +396,8 @@ class ModelJudge:
         tied = tied or {}
         again = []  # (list, index, key, how to judge it) of tensors the twin's own noise may pass
 
-        # Judged a few at a time in worker threads (parity._threads.in_order), taken in order: each tensor's
-        # comparison depends on its own values alone (BERT-base's 224 tensors: 1.35 -> 0.9 s).
+        # Judged a few at a time in worker threads (parity._threads.in_order), taken in order:
+        # each tensor's comparison depends on its own values alone (BERT-base's 224: 1.35 -> 0.9 s).
         jobs: list = []  # (the report's list, the key, how to judge it or the comparison made)
 
         def one(out: list, kind, key, name, flax_of, torch_of, layout, axis) -> None:
@@ -423,14 +423,13 @@ class ModelJudge:
             one(report.param_grads, GRAD, f"param:{n}", f"grad {n}", lambda n=n: flax_side.param_grads[n],
                 lambda n=n: torch_side.param_grads[n], AS_IS, 0)
 
-        def first(job) -> Comparison:
-            how = job[2]
+        def judged(how) -> Comparison:  # on what the judge holds now (the twin's own noise once run)
             if isinstance(how, Comparison):
                 return how
             kind, key, name, flax_of, torch_of, layout, axis = how
             return self._judge(kind, key, name, flax_of(), torch_of(), layout, axis, None)
 
-        for (out, key, how), c in zip(jobs, in_order(first, jobs)):
+        for (out, key, how), c in zip(jobs, in_order(judged, [how for _, _, how in jobs])):
             out.append(c)
             if not isinstance(how, Comparison) and self._own_noise_may_pass(c):
                 again.append((out, len(out) - 1, key, how))
@@ -438,7 +437,7 @@ class ModelJudge:
                 self._done(key, release, c.ok)
         if again and self._own_noise is not None:
             self._run_own_noise([key for _, _, key, _ in again])
-        for (out, i, key, _), c in zip(again, in_order(lambda job: first((None, None, job[3])), again)):
+        for (out, i, key, _), c in zip(again, in_order(judged, [how for *_, how in again])):
             out[i] = c
             self._done(key, release, c.ok)
         own = [c.name for c in report.outputs + report.input_grads + report.param_grads
