@@ -17,10 +17,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # Threads that judge tensors side by side (parity.judge, parity.layers): numpy's loops over a
-# tile release the GIL, and parity._blockwise keeps one set of tile buffers per thread. The
-# cores this process may use (taskset, a CI job's share), at most 4: the judge is bound by
-# memory bandwidth beyond that.
-WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# tile release the GIL, and parity._blockwise keeps one set of tile buffers per thread. None:
+# as many as torch's CPU thread pool has (the cores the caller gives torch: pytest-xdist workers
+# get one each in this suite, where more threads only contend), or without torch (verify) the
+# cores this process may use; at most 4, where the judge is bound by memory bandwidth.
+WORKERS: int | None = None
+
+
+def workers() -> int:
+    """The threads ``in_order`` uses now (WORKERS)."""
+    if WORKERS is not None:
+        return WORKERS
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        n = torch.get_num_threads()
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, n))
 
 
 def beside(fn: Callable[..., Any], *args) -> Future:
@@ -54,13 +67,14 @@ def settle(future: Future | None) -> None:
 
 
 def in_order(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """fn(item) of each item, yielded in the items' order, computed by WORKERS threads (the ones
-    not yet begun are cancelled when the caller stops or one raises)."""
+    """fn(item) of each item, yielded in the items' order, computed by ``workers()`` threads (the
+    ones not yet begun are cancelled when the caller stops or one raises)."""
     items = list(items)
-    if WORKERS == 1 or len(items) < 2:
+    n = workers()
+    if n == 1 or len(items) < 2:
         yield from map(fn, items)
         return
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="parity-judge")
+    pool = ThreadPoolExecutor(n, thread_name_prefix="parity-judge")
     try:
         yield from pool.map(fn, items)
     finally:

@@ -122,3 +122,21 @@ def test_a_rows_parameter_gradients_are_judged_in_threads_and_in_order(monkeypat
         assert threads and (threading.main_thread() in threads) == (workers == 1), threads
     assert reports[2].verdict == "PASS" and reports[2].layers, str(reports[2])
     assert reports[2].to_dict() == reports[1].to_dict()
+
+
+def test_the_judge_takes_as_many_threads_as_torchs_cpu_pool(monkeypatch):
+    # The cores the caller gives torch (pytest-xdist workers: one each in this suite, where more
+    # threads would only contend with the other worker), at most 4.
+    import torch
+
+    import parity._threads as threads_
+
+    before = torch.get_num_threads()
+    try:
+        for n, expected in ((1, 1), (3, 3), (8, 4)):
+            torch.set_num_threads(n)
+            assert threads_.workers() == expected
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(threads_, "WORKERS", 2)
+    assert threads_.workers() == 2
