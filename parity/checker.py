@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from parity._logits import judge_logits, logit_paths
+from parity._heap import give_back
 from parity._threads import beside, settle
 from parity.judge import ModelJudge, Table, failed_comparison, measured, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
@@ -434,6 +435,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
             for grads in (run.torch.param_grads, run.f_p_grads, run.flax.param_grads or {}):
                 grads.clear()  # the ones still held: what failed, and all of them with data_parallel
             run.flax.new_variables = None  # it holds the variables, which the pair frees later
+            give_back()
         if ev.finish_rows is not None:
             ev.finish_rows()
         lr = ev.rows_run
@@ -533,7 +535,8 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
     says nothing and writes no report."""
     cots = run.torch.cotangents
     with jax.enable_x64(True):
-        ref_pair = run.pair.cast("float64", flax=o.layers)
+        # the twin's float64 variables are made when its side runs (PreparedPair.cast_variables)
+        ref_pair = run.pair.cast("float64", flax=False)
         if o.layers:
             return run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
                             flax_side=False)
@@ -541,6 +544,7 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
         # Its outputs' autograd graph holds the float64 weights (the model's size, twice) for as
         # long as the run is alive; nothing reads them again.
         ref_pair.free_torch_weights()
+        give_back()
         return ref
 
 
@@ -596,6 +600,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         rule = replace(rule, own_everywhere=True)
     if not o.layers:
         def other(keys):
+            give_back()  # the gradients that passed are freed (ModelJudge.fill's release)
             with jax.enable_x64(True):
                 return _flax_values(run, "float64", keys)
         return Evidence(dname, rule, tf, tg, ref=ref_torch, flax_other=other)
@@ -603,6 +608,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
     # Nothing reads torch's float64 weights after its run (the rows read what it recorded): freed
     # before the probe and the judging (the model's size in float64).
     ref.pair.free_torch_weights()
+    give_back()
     t64f, t64g = Table(tolerance_for("float64", FORWARD)), Table(tolerance_for("float64", GRAD))
     ev = Evidence(dname, rule, tf, tg, ref=ref, rows_run=ref)
 
@@ -613,6 +619,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         try:
             if ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
                 with jax.enable_x64(True):
+                    ref.pair.cast_variables()
                     run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=False)
         except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot
             # The rows in the checked dtype then, their noise measured there (a nudged torch run).
@@ -626,6 +633,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         # The checked-dtype pair has run its last but for torch's probe: the rows run on the
         # float64 one. Its variables go now, its torch weights after the probe.
         pair.variables = {}
+        give_back()
         say("float32 probe run (measures the float64 rows' noise)")
         try:
             probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=True)
@@ -636,9 +644,12 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
                                    f"{str(exc)[:120]}): rows judged by the float64 table")
             ev.rows = RowJudge(t64f, t64g)
         pair.free_torch_weights()
+        give_back()
 
     def other(keys):
+        give_back()  # the gradients that passed are freed (ModelJudge.fill's release)
         with jax.enable_x64(True):
+            ref.pair.cast_variables()
             if pair.twin_in("float64") is not pair.twin:
                 # the twin truly in float64 (a Linen dtype field cloned), not the rows' run of the
                 # twin as declared; on the rows' float64 variables: the same cast, not a second copy

@@ -32,10 +32,11 @@ import numpy as np
 from flax import traverse_util
 
 from parity import _layer_runs
+from parity._heap import give_back
 from parity._threads import in_order
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
 from parity.runtime import (FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, match_outputs,
-                            to_host)
+                            param_grads_for, to_host)
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -762,8 +763,8 @@ def analyze_layers(
 
     def judge_job(job: IsolatedLayer, result, total) -> None:
         notes = len(job.row.notes)
-        _judge(job, result, plan, param_grads, tied, rows, total)
-        own = _own_run(job, rows) if not job.row.ok else None
+        failed = _judge(job, result, plan, param_grads, tied, rows, total)
+        own = _own_run(job, rows, plan, failed) if not job.row.ok else None
         if own is not None:  # judged again, the twin's own rounding noise measured
             del job.row.notes[notes:]
             own_total = own[1][0] if own[1] is not None and total is not None and totals.calls[
@@ -775,6 +776,7 @@ def analyze_layers(
     # (BERT's query kernel by encoder, layer.i, attention, self and query: 5 copies).
     shared = _layer_runs.shared_programs(jobs)  # one compile per kind of layer met more than once
     for chunk in _layer_runs.chunks(jobs):
+        big = sum(map(_layer_runs.job_bytes, chunk)) > _layer_runs.CHUNK_BYTES // 4
         for job, result in zip(chunk, _layer_runs.run_jobs(chunk, shared)):
             if isinstance(result, Exception):  # a layer that cannot run alone is reported, not fatal
                 job.row.notes.append(f"could not run the Flax layer alone: {type(result).__name__}: {result}"[:200])
@@ -790,6 +792,8 @@ def analyze_layers(
                 first, first_result = waiting.pop(path)
                 judge_job(first, first_result, totals.pop(path))
                 first.release()
+        if big:  # a container's layer (GPT-2's transformer: the model in float64, twice) freed
+            give_back()
     for job, result in waiting.values():  # some call of the module did not run alone
         judge_job(job, result, None)
         job.release()
@@ -928,8 +932,12 @@ class _ParamGradTotals:
         return self.sums.pop(path, None)
 
 
-def _own_run(job: IsolatedLayer, rows: RowJudge):
-    """The layer alone, on the same inputs, cloned to compute truly in float64, or None.
+def _own_run(job: IsolatedLayer, rows: RowJudge, plan: PortPlan, failed: set[str]):
+    """The layer alone, on the same inputs, cloned to compute truly in float64, or None; of its
+    parameter gradients, those of the layers holding the parameters in ``failed`` (torch names)
+    alone: a container's row (GPT-2's transformer: the whole model) would otherwise compute and
+    hold every parameter's float64 gradient a second time beside the first run's, for the few
+    its judge needs (GPT-2-medium: its 24 attention projections, 0.6 of 2.8 GB).
 
     Where the twin computes in float32 inside the float64 rows' run (an HF module's dtype=float32
     field: RowJudge.all_float32), a row's error is the twin's float32 rounding, judged against
@@ -943,8 +951,18 @@ def _own_run(job: IsolatedLayer, rows: RowJudge):
     fn = job.remake(computing=("float64", rows.probe_dtype))
     if fn is None:
         return None
+    _, wanted = param_grads_for(plan, [f"param:{n}" for n in failed])
+
+    def run(x):
+        out, grads = job.fwd_bwd(*x, fn=fn)
+        if grads is None or not isinstance(grads[0], Mapping):
+            return out, grads
+        # The unwanted gradients dropped inside the program: XLA leaves out their work.
+        flat = traverse_util.flatten_dict(dict(grads[0])) if grads[0] else {}
+        keep = {k: g for k, g in flat.items() if wanted((*job.flax_path, *k))}
+        return out, (traverse_util.unflatten_dict(keep), *grads[1:])
     try:
-        return to_host(jax.jit(lambda x: job.fwd_bwd(*x, fn=fn))((job.params, job.floats, job.cots)))
+        return to_host(jax.jit(run)((job.params, job.floats, job.cots)))
     except Exception:  # noqa: BLE001 - the float64 clone cannot run alone: the row stands as judged
         return None
 
@@ -1014,21 +1032,22 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], rows: RowJudge, total, own=None, own_total=None) -> None:
+           tied: Mapping[str, str], rows: RowJudge, total, own=None, own_total=None) -> set[str]:
     """Judge ``job``'s isolated outputs and input gradients; with call 0 of a module, its parameter
     gradients as ``total`` (the sum over every call, _ParamGradTotals; None: not judged per layer).
     own / own_total: the same layer's run (and total) truly in float64 (``_own_run``), whose
-    distance to ``result`` is the twin's own rounding noise."""
+    distance to ``result`` is the twin's own rounding noise. Returns the torch names of the
+    parameters whose gradients failed."""
     row, tc = job.row, job.torch_call
     probe = rows.probe_call(tc)
     out, grads = result
     own_out, own_grads = own if own is not None else (None, None)
     row.isolated = job.check(out, rows, probe, own=own_out)
     if grads is None:
-        return
+        return set()
     p_grads, in_grads = grads
     own_in = own_grads[1] if own_grads is not None else [None] * len(in_grads)
-    comps = []
+    comps, failed = [], set()
     for fn, g, og in zip(job.float_names, in_grads, own_in):
         tn = job.torch_names[fn]
         t = tc.input_grads.get(tn)
@@ -1053,14 +1072,18 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, t_param_grads: Mapping[st
             row.notes.append("parameter gradients not judged per layer: some call of this module did not "
                              "run alone (torch's gradient sums every call); judged whole-model")
         else:
-            comps.extend(_param_grad_comps(row, total, job.flax_path, plan, t_param_grads, tied,
-                                           rows, tc, own_total))
+            by_name = _param_grad_comps(row, total, job.flax_path, plan, t_param_grads, tied, rows, tc, own_total)
+            comps.extend(by_name.values())
+            failed = {name for name, c in by_name.items() if not c.ok}
     row.grad_isolated = worst_of([c for c in comps if c is not None])
+    return failed
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
                       t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
-                      rows: RowJudge, tc: TorchCall | None = None, own_grads=None) -> list[Comparison]:
+                      rows: RowJudge, tc: TorchCall | None = None, own_grads=None) -> dict[str, Comparison]:
+    """The isolated gradients of the parameters beneath ``row`` (``p_grads``: the Flax layer's,
+    at ``fpath``) judged against torch's, by torch name; tied ones are left to the model level."""
     named = _named_grads(p_grads, fpath, plan)
     own_named = _named_grads(own_grads, fpath, plan) if own_grads is not None else {}
     prefix = f"{row.torch_path}." if row.torch_path else ""
@@ -1084,7 +1107,7 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
                           own=(value, own_named[name]) if name in own_named else None)
     # A container's row holds every parameter beneath it (GPT-2's transformer: the whole model's):
     # judged side by side in worker threads, in order (parity._threads.in_order).
-    return list(in_order(one, judged))
+    return dict(zip((name for name, _ in judged), in_order(one, judged)))
 
 
 def _named_grads(p_grads, fpath, plan: PortPlan) -> dict[str, np.ndarray]:
