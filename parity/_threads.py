@@ -38,18 +38,21 @@ def workers() -> int:
 
 def beside(fn: Callable[..., Any], *args) -> Future:
     """``fn(*args)`` in a worker thread, beside the caller's work, under the caller's JAX default
-    device and torch's current CUDA device (both are per thread; pinned numerics and torch's
-    flags are global)."""
+    device, JAX's x64 mode and torch's current CUDA device (each is per thread: a float64 run
+    in a thread without the caller's ``jax.enable_x64`` would be float32; pinned numerics and
+    torch's flags are global)."""
     import jax  # here: parity.judge imports this module, and the judge alone needs no framework
 
     device = jax.config.jax_default_device
+    x64 = bool(jax.config.jax_enable_x64)
     torch = sys.modules.get("torch")
     cuda = torch.cuda.current_device() if torch is not None and torch.cuda.is_initialized() else None
 
     def job():
         if cuda is not None:
             torch.cuda.set_device(cuda)
-        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        with (jax.default_device(device) if device is not None else contextlib.nullcontext(),
+              jax.enable_x64(x64)):
             return fn(*args)
     pool = ThreadPoolExecutor(1, thread_name_prefix="parity-beside")
     try:

@@ -140,3 +140,17 @@ def test_the_judge_takes_as_many_threads_as_torchs_cpu_pool(monkeypatch):
         torch.set_num_threads(before)
     monkeypatch.setattr(threads_, "WORKERS", 2)
     assert threads_.workers() == 2
+
+
+def test_a_run_beside_keeps_the_callers_float64_mode():
+    # jax.enable_x64 is per thread: a float64 run started beside a float64 caller, in a thread
+    # without it, would compute in float32
+    import jax
+    import jax.numpy as jnp
+
+    from parity._threads import beside
+
+    with jax.enable_x64(True):
+        dtype = beside(lambda: jnp.zeros(1, jnp.float64).dtype).result()
+    assert dtype == jnp.float64
+    assert beside(lambda: bool(jax.config.jax_enable_x64)).result() is False
