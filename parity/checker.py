@@ -64,15 +64,16 @@ class CapturedRun:
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
          cotangents: Mapping[str, np.ndarray] | None = None, flax_side: bool = True,
-         ops: bool = False) -> CapturedRun:
+         ops: bool = False, free_weights: bool = False) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
     casts share. flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
     that needs the twin's side later (the rows' float64 run: after the model is judged). ops:
-    torch's run records the torch functions its forward calls (``run.torch.ops``, for the lint)."""
+    torch's run records the torch functions its forward calls (``run.torch.ops``, for the lint).
+    free_weights: torch's weights are freed as their gradients come (PreparedPair.run_torch)."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
-                             cotangent_seed=o.seed + 1, watch=watch, ops=ops)
+                             cotangent_seed=o.seed + 1, watch=watch, ops=ops, free_weights=free_weights)
     module_paths = [p for p, _ in pair.torch_module.named_modules()]
     # output_layout entries naming a layer (by torch module path) are for its per-layer rows
     output_layout, layer_layouts = split_output_spec(o.output_layout, list(t.outputs), module_paths)
@@ -534,18 +535,29 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
     gradients freed; else the TorchRun alone, in a worker thread (parity._threads.beside): it
     says nothing and writes no report."""
     cots = run.torch.cotangents
-    with jax.enable_x64(True):
+
+    def once(free: bool):
         # the twin's float64 variables are made when its side runs (PreparedPair.cast_variables)
         ref_pair = run.pair.cast("float64", flax=False)
         if o.layers:
             return run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
-                            flax_side=False)
-        ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True)[0]
+                            flax_side=False, free_weights=free)
+        ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True, free_weights=free)[0]
         # Its outputs' autograd graph holds the float64 weights (the model's size, twice) for as
         # long as the run is alive; nothing reads them again.
         ref_pair.free_torch_weights()
         give_back()
         return ref
+    with jax.enable_x64(True):
+        # Nothing runs this copy again: its weights go as their gradients come (the float64
+        # weights and gradients are not held whole together). A run that cannot be made so (a
+        # backward that reads a freed weight, a recorded value that changed unseen) is made again
+        # on a fresh copy, keeping its weights.
+        try:
+            return once(free=True)
+        except Exception:  # noqa: BLE001 -- the same run again decides: one that fails fails there too
+            give_back()
+            return once(free=False)
 
 
 def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, report: Report, say,

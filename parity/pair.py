@@ -142,7 +142,8 @@ class PreparedPair:
 
     def run_torch(self, *, grads: bool, capture: bool = False, cotangents: Mapping | None = None,
                   cotangent_seed: int = 1, watch: bool = False, ops: bool = False,
-                  perturb: int | None = None, restore: bool = True) -> tuple[TorchRun, tuple]:
+                  perturb: int | None = None, restore: bool = True,
+                  free_weights: bool = False) -> tuple[TorchRun, tuple]:
         """One torch forward (and backward with ``grads``) of the private copy on fresh inputs:
         (the run, the inputs it was given). The copy is left as it was: train-mode BatchNorm
         statistics are restored and the parameter .grad fields freed (the run holds its own
@@ -154,7 +155,10 @@ class PreparedPair:
         another), and move the weights back afterwards, bit for bit. Integer values (0, 1, an
         index kept in a float buffer, a mask's finfo.min) carry no rounding and are left alone:
         XGLM turns such a float into an index, and a nudged 3.0 is index 2. restore=False leaves
-        the weights nudged: for a copy nothing runs again (its caller frees or drops it)."""
+        the weights nudged: for a copy nothing runs again (its caller frees or drops it).
+        free_weights: each parameter's storage is freed as autograd finishes its gradient
+        (parity.runtime.run_torch): for a copy nothing runs again, whose caller then frees the
+        rest (free_torch_weights)."""
         tm = self.torch_module
         args = self.inputs(grads)
         saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
@@ -172,7 +176,8 @@ class PreparedPair:
         try:
             run = run_torch(tm, args, train=self.train, grads=grads, cotangents=cotangents,
                             cotangent_seed=cotangent_seed, capture=capture,
-                            watch_precision=self.torch_dtype if watch else None, ops=ops)
+                            watch_precision=self.torch_dtype if watch else None, ops=ops,
+                            free_weights=free_weights)
         finally:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():

@@ -67,19 +67,23 @@ def test_the_torch_copies_are_freed_once_run_and_the_rows_still_locate(monkeypat
 
     freed, real = [], PreparedPair.free_torch_weights
 
+    def held(module) -> int:  # elements of storage (a freed weight's stand-in holds one)
+        return sum(p.untyped_storage().nbytes() // p.element_size() for p in module.parameters())
+
     def spy(self):
-        before = sum(p.numel() for p in self.torch_module.parameters())
+        before = held(self.torch_module)
         real(self)
-        freed.append((self.dtype, before, sum(p.numel() for p in self.torch_module.parameters())))
+        freed.append((self.dtype, before, held(self.torch_module)))
 
     monkeypatch.setattr(PreparedPair, "free_torch_weights", spy)
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     tm = TorchStack()
     r = parity.check(tm, Stack(tanh_at=1), x, input_layout="as_is", lint=False)
-    n = sum(p.numel() for p in tm.parameters())
-    # the float64 copy once recorded, then the checked-dtype one once the probe has run: all of each
-    assert freed == [("float64", n, 0), ("float32", n, 0)]
+    n, k = sum(p.numel() for p in tm.parameters()), len(list(tm.parameters()))
+    # the float64 copy's weights went during its run, as their gradients came (a one-element
+    # stand-in each is left when it is freed); the checked-dtype one once the probe has run
+    assert freed == [("float64", k, 0), ("float32", n, 0)]
     assert all(p.numel() for p in tm.parameters())  # never the caller's module
     assert (r.verdict, r.first_divergence) == ("FAIL", "blocks.1"), r.summary()
 
@@ -141,3 +145,61 @@ def test_the_twins_float64_variables_are_made_after_torchs_float64_run(monkeypat
     assert r.verdict == "PASS", r.summary()
     assert seen == [{"float32"}], seen  # the reference's one torch run, the twin's variables not cast yet
     assert rows_vars == [{"float64"}], rows_vars
+
+
+class _ScaleInBackward(torch.autograd.Function):
+    """x * module.scale, whose backward reads the module's weight from its ctx (not an input:
+    autograd does not wait for it before finishing that weight's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return x * module.scale.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.module.scale, None
+
+
+class _TorchScaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scale = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        # scale's one differentiable use is the later one: its gradient is finished (and, in a
+        # run that frees weights as their gradients come, its weight freed) before the Function's
+        # backward reads it
+        return self.fc(_ScaleInBackward.apply(x, self) * self.scale)
+
+
+class _FlaxScaled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        s = self.param("scale", nn.initializers.ones, (8,))
+        return nn.Dense(4, name="fc")(x * jax.lax.stop_gradient(s) * s)
+
+
+def test_a_backward_that_reads_a_freed_weight_is_made_again_keeping_the_weights(monkeypatch):
+    # torch's float64 reference frees each weight as its gradient comes; a freed weight reads as
+    # NaN, so this backward's input gradient is NaN: the reference is made again on a fresh copy
+    # that keeps its weights, and the correct twin passes (with a NaN reference it would not)
+    from parity.pair import PreparedPair
+
+    runs = []
+    real = PreparedPair.run_torch
+
+    def spy(self, *a, **kw):
+        runs.append((self.dtype, kw.get("free_weights", False)))
+        return real(self, *a, **kw)
+    monkeypatch.setattr(PreparedPair, "run_torch", spy)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    for layers in (False, True):
+        runs.clear()
+        r = parity.check(_TorchScaled(), _FlaxScaled(), x, input_layout="as_is", lint=False, layers=layers)
+        assert r.verdict == "PASS", r.summary()
+        assert [f for d, f in runs if d == "float64"] == [True, False], runs
+        # judged against a float64 reference (a NaN one leaves the input gradient to the table)
+        assert [c.judge for c in r.input_grads] == ["reference"], r.input_grads

@@ -353,6 +353,7 @@ def run_torch(
     watch_precision: torch.dtype | None = None,
     ops: bool = False,
     param_grad_sink: Callable[[str, np.ndarray], None] | None = None,
+    free_weights: bool = False,
 ) -> TorchRun:
     """Forward, and with ``grads`` backward of sum <output leaf, cotangent leaf>.
 
@@ -368,6 +369,16 @@ def run_torch(
     finished it and dropped from the module (TorchRun.param_grads is then empty): a recorder
     writes it and never holds all of them (a float64 run's are twice the model's bytes).
     The module's parameter .grad fields are reset first; call it on a private copy.
+    free_weights: a run of a copy nothing runs again (a cast's float64 copy): each parameter's
+    storage is freed as soon as autograd has finished its gradient (every node that takes it as
+    an input has run by then), so the weights go as their gradients come instead of both being
+    held whole at the end of the backward (GPT-2-medium in float64: 2.8 GB each). A freed weight
+    reads as NaN (one element, broadcast to its shape): a backward that still reads one (a custom
+    Function holding the module in its ctx, a checkpointed segment recomputing a tied weight)
+    makes a non-finite gradient, and a run whose gradients are not all finite raises
+    RuntimeError, as does one that would have to be made again (a recorded value changed unseen,
+    below): its weights are gone; the caller makes it again keeping them. The caller frees the
+    rest (buffers, parameters autograd never reached: PreparedPair.free_torch_weights).
     """
     # A captured run records what this run made as views (_Recorder); if an op it could not see
     # wrote into one of them, the run is made again, from the same inputs and buffers, with
@@ -376,14 +387,17 @@ def run_torch(
     copy_all = ops or param_grad_sink is not None
     if not capture or copy_all:
         return _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
-                    param_grad_sink, copy_all=True)[0]
+                    param_grad_sink, copy_all=True, free_weights=free_weights)[0]
     state = [(t, t.detach().clone()) for t in jax.tree_util.tree_leaves(tuple(args)) + list(module.buffers())
              if isinstance(t, torch.Tensor)]
     run, changed = _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
-                        param_grad_sink, copy_all=False)
+                        param_grad_sink, copy_all=False, free_weights=free_weights)
     if not changed:
         return run
     del run
+    if free_weights:
+        raise RuntimeError("a value the run recorded changed unseen, and its weights were freed as their "
+                           "gradients came: it cannot be made again")
     with torch.no_grad():
         for t, was in state:
             t.copy_(was)
@@ -393,7 +407,7 @@ def run_torch(
 
 
 def _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops, param_grad_sink,
-         *, copy_all: bool) -> tuple[TorchRun, bool]:
+         *, copy_all: bool, free_weights: bool = False) -> tuple[TorchRun, bool]:
     """run_torch once: (the run, whether a value recorded as a view changed unseen)."""
     module.train(train)
     module.zero_grad(set_to_none=True)
@@ -414,6 +428,12 @@ def _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_
 
         handles = [p.register_post_accumulate_grad_hook(sink(n)) for n, p in module.named_parameters()
                    if p.requires_grad]
+    if grads and free_weights:
+        # After the accumulation every node with this parameter as an input has run; a node that
+        # saved a view or a detached alias of it holds that storage itself, and it stays alive.
+        def free(p):
+            p.data = torch.full((1,) * p.dim(), float("nan"), dtype=p.dtype, device=p.device).expand(p.shape)
+        handles += [p.register_post_accumulate_grad_hook(free) for p in module.parameters() if p.requires_grad]
     try:
         # The op recorder is the outer mode: it sees each op after the watch, and what it computes
         # itself (reading a scalar's value) runs with both modes off, unseen by the watch.
@@ -447,6 +467,9 @@ def _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_
                                           else np.zeros(tuple(leaf.shape)))
     p_grads = {n: (to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape)))
                for n, p in module.named_parameters() if n not in sunk} if grads else {}
+    if free_weights and not all(np.isfinite(np.sum(g)) for g in [*in_grads.values(), *p_grads.values()]):
+        # Every gradient the backward computes flows into some leaf's: a freed weight it read is here.
+        raise RuntimeError("a gradient is not finite in a run that freed its weights as their gradients came")
     if param_grad_sink is not None:  # the ones autograd never reached (zeros, as above)
         for n in list(p_grads):
             param_grad_sink(n, p_grads.pop(n))
