@@ -628,12 +628,19 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         """The twin's float64 run with every layer recorded (no whole-model parameter gradients:
         the rows take each layer's from the layer run alone), then torch's float32 probe; the
         checked-dtype pair freed as each of its sides has run its last."""
+        with jax.enable_x64(True):
+            ref.pair.cast_variables()
+        # The checked-dtype variables are read no more (the float64 ones are their cast, exact):
+        # freed before the twin's float64 rows run, not after it; remade from those if it fails.
+        dtypes = jax.tree_util.tree_map(lambda a: jnp.asarray(a).dtype, pair.variables)
+        pair.variables = {}
+        give_back()
         try:
             if ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
                 with jax.enable_x64(True):
-                    ref.pair.cast_variables()
                     run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=False)
         except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot
+            pair.variables = jax.tree_util.tree_map(lambda a, d: jnp.asarray(a, d), ref.pair.variables, dtypes)
             # The rows in the checked dtype then, their noise measured there (a nudged torch run).
             rows_run = run_pair(pair, o, layers=True, say=say)
             fallback = _same_dtype_evidence(
@@ -643,9 +650,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
             ev.rows_run, ev.rows = rows_run, fallback.rows
             return
         # The checked-dtype pair has run its last but for torch's probe: the rows run on the
-        # float64 one. Its variables go now, its torch weights after the probe.
-        pair.variables = {}
-        give_back()
+        # float64 one. Its torch weights go after the probe.
         say("float32 probe run (measures the float64 rows' noise)")
         try:
             probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=True)

@@ -762,14 +762,16 @@ def analyze_layers(
     totals = _ParamGradTotals(t_calls)
 
     def judge_job(job: IsolatedLayer, result, total) -> None:
-        notes = len(job.row.notes)
-        failed = _judge(job, result, plan, param_grads, tied, rows, total)
-        own = _own_run(job, rows, plan, failed) if not job.row.ok else None
+        failed, first = _judge(job, result, plan, param_grads, tied, rows, total)
+        if job.row.ok:
+            return
+        if total is not None:  # the gradients that passed are final: freed before the own run
+            _keep_grads_of(total, job.flax_path, plan, failed)
+        own = _own_run(job, rows, plan, failed)
         if own is not None:  # judged again, the twin's own rounding noise measured
-            del job.row.notes[notes:]
             own_total = own[1][0] if own[1] is not None and total is not None and totals.calls[
                 job.torch_call.path] == 1 else None
-            _judge(job, result, plan, param_grads, tied, rows, total, own, own_total)
+            _judge(job, result, plan, param_grads, tied, rows, total, own, own_total, first=(first, failed))
     waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
     # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
     # gradients are held together, and a parameter's gradient once per module that holds it
@@ -1032,22 +1034,26 @@ def _prepare(row: LayerRow, tc: TorchCall, fc: FlaxCall, f_inputs: Mapping[str, 
 
 
 def _judge(job: IsolatedLayer, result, plan: PortPlan, t_param_grads: Mapping[str, np.ndarray],
-           tied: Mapping[str, str], rows: RowJudge, total, own=None, own_total=None) -> set[str]:
+           tied: Mapping[str, str], rows: RowJudge, total, own=None, own_total=None,
+           first: tuple[dict[str, Comparison], set[str]] | None = None) -> tuple[set[str], dict[str, Comparison]]:
     """Judge ``job``'s isolated outputs and input gradients; with call 0 of a module, its parameter
     gradients as ``total`` (the sum over every call, _ParamGradTotals; None: not judged per layer).
     own / own_total: the same layer's run (and total) truly in float64 (``_own_run``), whose
-    distance to ``result`` is the twin's own rounding noise. Returns the torch names of the
-    parameters whose gradients failed."""
+    distance to ``result`` is the twin's own rounding noise. first: the first judgment's parameter
+    comparisons and the names that failed there: those alone are judged again (``total`` may hold
+    no others: a passed gradient is final, the twin's own noise only widens the bound). Returns
+    the names of the parameters whose gradients failed and their comparisons by name."""
     row, tc = job.row, job.torch_call
     probe = rows.probe_call(tc)
     out, grads = result
     own_out, own_grads = own if own is not None else (None, None)
     row.isolated = job.check(out, rows, probe, own=own_out)
     if grads is None:
-        return set()
+        return set(), {}
     p_grads, in_grads = grads
     own_in = own_grads[1] if own_grads is not None else [None] * len(in_grads)
-    comps, failed = [], set()
+    comps: list[Comparison] = []
+    by_name: dict[str, Comparison] = {}
     for fn, g, og in zip(job.float_names, in_grads, own_in):
         tn = job.torch_names[fn]
         t = tc.input_grads.get(tn)
@@ -1069,28 +1075,33 @@ def _judge(job: IsolatedLayer, result, plan: PortPlan, t_param_grads: Mapping[st
         # torch's parameter gradient sums every call of this module: judge the sum of the Flax
         # layer's per-call gradients (equal to this call's own when it ran once).
         if total is None:
-            row.notes.append("parameter gradients not judged per layer: some call of this module did not "
-                             "run alone (torch's gradient sums every call); judged whole-model")
-        else:
+            if first is None:
+                row.notes.append("parameter gradients not judged per layer: some call of this module did "
+                                 "not run alone (torch's gradient sums every call); judged whole-model")
+        elif first is None:
             by_name = _param_grad_comps(row, total, job.flax_path, plan, t_param_grads, tied, rows, tc, own_total)
-            comps.extend(by_name.values())
-            failed = {name for name, c in by_name.items() if not c.ok}
+        else:
+            by_name = {**first[0], **_param_grad_comps(row, total, job.flax_path, plan, t_param_grads, tied, rows,
+                                                       tc, own_total, names=first[1])}
+        comps.extend(by_name.values())
     row.grad_isolated = worst_of([c for c in comps if c is not None])
-    return failed
+    return {name for name, c in by_name.items() if not c.ok}, by_name
 
 
 def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
                       t_param_grads: Mapping[str, np.ndarray], tied: Mapping[str, str],
-                      rows: RowJudge, tc: TorchCall | None = None, own_grads=None) -> dict[str, Comparison]:
+                      rows: RowJudge, tc: TorchCall | None = None, own_grads=None,
+                      names: set[str] | None = None) -> dict[str, Comparison]:
     """The isolated gradients of the parameters beneath ``row`` (``p_grads``: the Flax layer's,
-    at ``fpath``) judged against torch's, by torch name; tied ones are left to the model level."""
+    at ``fpath``) judged against torch's, by torch name; tied ones are left to the model level
+    (a note says so); with ``names``, those alone (judged again: the notes are made)."""
     named = _named_grads(p_grads, fpath, plan)
     own_named = _named_grads(own_grads, fpath, plan) if own_grads is not None else {}
     prefix = f"{row.torch_path}." if row.torch_path else ""
     shared = set(tied) | set(tied.values())
     judged = []
     for name, value in named.items():
-        if not name.startswith(prefix) or name not in t_param_grads:
+        if not name.startswith(prefix) or name not in t_param_grads or (names is not None and name not in names):
             continue
         if name in shared:
             # A tied tensor's torch gradient is the sum over every layer that uses it; this layer
@@ -1108,6 +1119,24 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
     # A container's row holds every parameter beneath it (GPT-2's transformer: the whole model's):
     # judged side by side in worker threads, in order (parity._threads.in_order).
     return dict(zip((name for name, _ in judged), in_order(one, judged)))
+
+
+def _keep_grads_of(p_grads, fpath, plan: PortPlan, names: set[str]) -> None:
+    """Drop from ``p_grads`` (a layer's parameter gradients, its subtree at ``fpath``: nested dicts,
+    changed in place) every gradient but those of the layers holding the parameters ``names``
+    (torch names), as the own run computes them (parity.runtime.param_grads_for)."""
+    _, wanted = param_grads_for(plan, [f"param:{n}" for n in names])
+
+    def prune(tree, path: tuple) -> None:
+        for k in list(tree):
+            if isinstance(tree[k], dict):
+                prune(tree[k], (*path, k))
+                if not tree[k]:
+                    del tree[k]
+            elif not wanted((*fpath, *path, k)):
+                del tree[k]
+    if isinstance(p_grads, dict):  # (an immutable tree stays whole: correct, only held longer)
+        prune(p_grads, ())
 
 
 def _named_grads(p_grads, fpath, plan: PortPlan) -> dict[str, np.ndarray]:

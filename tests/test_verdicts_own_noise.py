@@ -415,3 +415,17 @@ def test_a_container_with_a_real_gradient_error_still_fails_there():
     assert r.first_divergence == "block.fc_b", str(r)
     block = r.layer("block")
     assert block.grad_isolated is not None and not block.grad_isolated.ok, block
+
+
+def test_a_rows_passed_gradients_are_dropped_before_its_own_run():
+    # what the block's row holds while its own run computes: fc_a's gradient (failed on torch's
+    # noise alone, judged again), not fc_b's (passed: final)
+    from parity.layers import _keep_grads_of
+    from parity.pair import CheckOptions, prepare
+
+    pair = prepare(TorchBlockPair(), FlaxBlockPair(), X, CheckOptions(input_layout="as_is"))
+    block = {"fc_a": {"kernel": np.ones((64, 32))}, "fc_b": {"kernel": np.ones((32, 16))}}
+    _keep_grads_of(block, ("block",), pair.plan, {"block.fc_a.weight"})
+    assert list(block) == ["fc_a"] and list(block["fc_a"]) == ["kernel"], block
+    _keep_grads_of(block, ("block",), pair.plan, set())
+    assert block == {}
