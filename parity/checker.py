@@ -550,7 +550,9 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
         return ref
     with jax.enable_x64(True):
         # Nothing runs this copy again: its weights go as their gradients come (the float64
-        # weights and gradients are not held whole together). A run that cannot be made so (a
+        # weights and gradients are not held whole together). What is read after the run stays:
+        # the tables the twin computes (_float32_tables) are frozen parameters, which the port
+        # alone drops (weight_port drop_computed_tables), and get no gradient. A run that cannot be made so (a
         # backward that reads a freed weight, a recorded value that changed unseen) is made again
         # on a fresh copy, keeping its weights.
         try:
