@@ -551,10 +551,10 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
     with jax.enable_x64(True):
         # Nothing runs this copy again: its weights go as their gradients come (the float64
         # weights and gradients are not held whole together). What is read after the run stays:
-        # the tables the twin computes (_float32_tables) are frozen parameters, which the port
-        # alone drops (weight_port drop_computed_tables), and get no gradient. A run that cannot be made so (a
-        # backward that reads a freed weight, a recorded value that changed unseen) is made again
-        # on a fresh copy, keeping its weights.
+        # the tables the twin computes (_float32_tables) are frozen parameters, the only ones the
+        # port drops (weight_port drop_computed_tables), and get no gradient. A run that cannot be
+        # made so (a backward that reads a freed weight, a recorded value that changed unseen) is
+        # made again on a fresh copy, keeping its weights.
         try:
             return once(free=True)
         except Exception:  # noqa: BLE001 -- the same run again decides: one that fails fails there too
