@@ -696,8 +696,9 @@ def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,
         return jnp.asarray(a, dt) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
 
     pair = replace(run.pair, twin=run.pair.twin_in(dname), dtype=dname,
-                   variables=jax.tree_util.tree_map(cast, run.variables) if variables is None else variables,
-                   flax_args=jax.tree_util.tree_map(cast, run.flax_args))
+                   flax_args=jax.tree_util.tree_map(cast, run.flax_args),
+                   variables=run.variables if variables is None else variables)
+    pair.cast_variables()  # (already cast when given: no copy)
     other = CapturedRun(pair, run.torch, None, {}, None)
     run_flax_side(other, bool(run.torch.cotangents), layers=False, say=lambda msg: None,
                   flax_param_grads=True if keys is None else keys)

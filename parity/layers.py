@@ -36,7 +36,7 @@ from parity._heap import give_back
 from parity._threads import in_order
 from parity.judge import Comparison, NoEvidence, Table, failed_comparison, judge, measured, slice_axis, worst_of
 from parity.runtime import (FlaxCall, FlaxRun, FlaxTwin, call_key, flatten, forward_backward, match_outputs,
-                            param_grads_for, to_host)
+                            param_grads_for, to_host, wanted_grads)
 from parity.runtime.layouts import fitting_layouts, resolve
 from parity.tolerances import Tolerance
 from weight_port.layout import AS_IS, to_flax_layout, to_torch_layout
@@ -959,10 +959,7 @@ def _own_run(job: IsolatedLayer, rows: RowJudge, plan: PortPlan, failed: set[str
         out, grads = job.fwd_bwd(*x, fn=fn)
         if grads is None or not isinstance(grads[0], Mapping):
             return out, grads
-        # The unwanted gradients dropped inside the program: XLA leaves out their work.
-        flat = traverse_util.flatten_dict(dict(grads[0])) if grads[0] else {}
-        keep = {k: g for k, g in flat.items() if wanted((*job.flax_path, *k))}
-        return out, (traverse_util.unflatten_dict(keep), *grads[1:])
+        return out, (wanted_grads(grads[0], wanted, tuple(job.flax_path)), *grads[1:])
     try:
         return to_host(jax.jit(run)((job.params, job.floats, job.cots)))
     except Exception:  # noqa: BLE001 - the float64 clone cannot run alone: the row stands as judged

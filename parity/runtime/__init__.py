@@ -11,7 +11,7 @@ package on machines without torch (parity verify).
 import importlib
 
 from parity.runtime.flax_runner import (FlaxCall, FlaxRun, FlaxTwin, call_key, flax_inputs,
-                                        forward_backward, is_nnx, output_shapes, param_grads_for,
+                                        forward_backward, is_nnx, output_shapes, param_grads_for, wanted_grads,
                                         to_host, value_and_grad_fn)
 from parity.runtime.layouts import ActivationLayouts, declared, input_layouts, output_layouts
 from parity.runtime.tree import (as_args, canonical_path, flatten, input_paths, map_with_path, match_outputs,
@@ -23,7 +23,7 @@ from weight_port.layout import (AS_IS, CHANNELS_FIRST, LayoutError, to_flax_layo
 __all__ = ["AS_IS", "CHANNELS_FIRST", "ActivationLayouts", "FlaxCall", "FlaxRun", "FlaxTwin",
            "LayoutError", "TRAIN_KWARGS", "TensorRef", "TorchCall", "TorchOp", "TorchRun", "TrainModeError", "as_args",
            "call_key", "call_kwargs", "canonical_path", "declared", "flatten", "flax_inputs", "forward_backward",
-           "input_layouts", "input_paths", "is_nnx", "map_with_path", "match_outputs", "output_layouts", "param_grads_for",
+           "input_layouts", "input_paths", "is_nnx", "map_with_path", "match_outputs", "output_layouts", "param_grads_for", "wanted_grads",
            "output_shapes", "random_cotangents", "run_torch", "structure", "to_flax_layout",
            "to_host", "to_torch_layout", "torch_inputs", "train_kwarg_of", "train_mode_matters", "value_and_grad_fn"]
 

@@ -445,8 +445,7 @@ def forward_backward(twin: FlaxTwin, variables: Mapping, args: tuple,
                   else np.zeros(o.shape, jax.dtypes.float0)) for p, o in out.items()}
         grads = vjp(ct)
         if param_grads is not None and isinstance(grads[0], Mapping):
-            flat = traverse_util.flatten_dict(grads[0]) if grads[0] else {}
-            grads = (traverse_util.unflatten_dict({k: g for k, g in flat.items() if param_grads(k)}), *grads[1:])
+            grads = (wanted_grads(grads[0], param_grads), *grads[1:])
         return out, aux, grads
 
     cots = None if cotangents is None else {p: jnp.asarray(c) for p, c in cotangents.items()}
@@ -508,6 +507,14 @@ def flax_inputs(args: tuple, layouts: Mapping[str, str], dtype=None) -> tuple:
 
 __all__ = ["FlaxCall", "FlaxRun", "FlaxTwin", "call_key", "flax_inputs", "forward_backward",
            "is_nnx", "output_shapes", "submodule", "value_and_grad_fn"]
+
+
+def wanted_grads(p_grads: Mapping, wanted: Callable[[tuple[str, ...]], bool], prefix: tuple[str, ...] = ()) -> dict:
+    """The gradients of ``p_grads`` (the "params" tree, or a layer's subtree at ``prefix``) whose
+    path in the "params" tree ``wanted`` keeps. Inside a jitted program XLA then leaves out the
+    others' work (forward_backward(param_grads=...), a per-layer row's own-noise run)."""
+    flat = traverse_util.flatten_dict(dict(p_grads)) if p_grads else {}
+    return traverse_util.unflatten_dict({k: g for k, g in flat.items() if wanted((*prefix, *k))})
 
 
 def param_grads_for(plan, keys) -> tuple[Any, Callable[[tuple[str, ...]], bool]]:
