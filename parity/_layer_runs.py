@@ -11,26 +11,77 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from parity.runtime import to_host
 
-# parity.layers.IsolatedLayer, by its attributes (params, inputs, floats, others, cots, static,
-# fwd_bwd): that module imports this one, and the layering test forbids the cycle.
+# parity.layers.IsolatedLayer, by its attributes (params, fixed, inputs, floats, others, cots,
+# static, fwd_bwd): that module imports this one, and the layering test forbids the cycle.
 IsolatedLayer = Any
 
 CHUNK_BYTES = 256 << 20
 
 
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
 def job_bytes(job: IsolatedLayer) -> int:
     """What running ``job`` holds: its parameters, inputs and cotangents, and as much again for the
-    parameter and input gradients and the outputs they come with."""
-    leaves = jax.tree_util.tree_leaves((job.params, job.inputs, job.cots))
-    return 2 * sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in leaves)
+    parameter and input gradients and the outputs they come with (the parameters it does not
+    differentiate, ``fixed``, once)."""
+    return 2 * _nbytes((job.params, job.inputs, job.cots)) + _nbytes(job.fixed)
+
+
+def merged(params: Mapping, fixed: Mapping) -> Mapping:
+    """One ``params`` tree of a layer's differentiated parameters and its ``fixed`` ones."""
+    if not fixed:
+        return params
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(dict(params)),
+                                         **traverse_util.flatten_dict(dict(fixed))})
+
+
+def split_params(jobs: Sequence[IsolatedLayer], plan, calls: Mapping[str, int]) -> None:
+    """Give each parameter's gradient to one job: the innermost whose module judges parameter
+    gradients (every one of its ``calls[torch path]`` calls runs alone with cotangents: torch's
+    gradient sums them) and holds every parameter of the parameter's port layer (``plan``: a
+    rule's tensors convert together). An outer job (a container: BERT's encoder, GPT-2's
+    transformer) still reads those parameters, as ``fixed``, but does not differentiate them,
+    so it neither computes nor holds their gradients, nor judges them a second time. Parameters
+    no inner job can judge (its layer cannot run alone, a call of it does not, it is in no port
+    layer) stay with every job holding them, as before. Changes the jobs in place."""
+    ready = Counter(j.torch_call.path for j in jobs if j.cots is not None)
+    judging = {tuple(j.flax_path) for j in jobs
+               if j.params and ready[j.torch_call.path] == calls.get(j.torch_call.path, 0)}
+    owner: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for layer in plan.layers:
+        leaves = [tuple(map(str, layer.flax_leaf("params", t.flax_name)[1:]))
+                  for t in layer.rule.tensors if t.collection == "params"]
+        if not leaves:
+            continue
+        common = leaves[0]
+        for leaf in leaves[1:]:
+            n = next((i for i, (a, b) in enumerate(zip(common, leaf)) if a != b), min(len(common), len(leaf)))
+            common = common[:n]
+        at = next((common[:n] for n in range(len(common), -1, -1) if common[:n] in judging), None)
+        if at is not None:
+            owner.update((leaf, at) for leaf in leaves)
+    for job in jobs:
+        if not job.params:
+            continue
+        here = tuple(job.flax_path)
+        mine, rest = {}, {}
+        for k, v in traverse_util.flatten_dict(dict(job.params)).items():
+            at = owner.get(tuple(map(str, (*here, *k))))
+            (rest if at is not None and len(at) > len(here) else mine)[k] = v
+        if rest:
+            job.params, job.fixed = traverse_util.unflatten_dict(mine), traverse_util.unflatten_dict(rest)
 
 
 def chunks(jobs: Sequence[IsolatedLayer]) -> Iterator[list[IsolatedLayer]]:
@@ -100,7 +151,7 @@ _EMPTY = object()
 
 def _shapes(job: IsolatedLayer) -> tuple:
     """What jax.jit keys a compiled program on, besides the function: structure, shapes, dtypes."""
-    leaves, tree = jax.tree_util.tree_flatten((job.params, job.floats, job.others, job.cots))
+    leaves, tree = jax.tree_util.tree_flatten((job.params, job.fixed, job.floats, job.others, job.cots))
     return tree, tuple((tuple(np.shape(a)), np.dtype(a.dtype).str) for a in leaves)
 
 
@@ -125,7 +176,7 @@ def shared_programs(jobs: Sequence[IsolatedLayer]) -> dict[int, Callable]:
     for entries in kinds.values():
         for rep, members in entries:
             if len(members) > 1:
-                fn = jax.jit(lambda a, rep=rep: rep.fwd_bwd(a[0], a[1], a[3], others=a[2]))
+                fn = jax.jit(lambda a, rep=rep: rep.fwd_bwd(a[0], a[2], a[4], others=a[3], fixed=a[1]))
                 out.update((id(m), fn) for m in members)
     return out
 
@@ -139,19 +190,19 @@ def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = Non
     for j in jobs:
         if id(j) in shared:
             try:
-                results[id(j)] = to_host(shared[id(j)]((j.params, j.floats, j.others, j.cots)))
+                results[id(j)] = to_host(shared[id(j)]((j.params, j.fixed, j.floats, j.others, j.cots)))
             except Exception as exc:  # noqa: BLE001
                 results[id(j)] = exc
     alone = [j for j in jobs if id(j) not in shared]
     if alone:
-        args = [(j.params, j.floats, j.cots) for j in alone]
+        args = [(j.params, j.fixed, j.floats, j.cots) for j in alone]
         try:
-            batched = jax.jit(lambda a: [j.fwd_bwd(*x) for j, x in zip(alone, a)])
+            batched = jax.jit(lambda a: [j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]) for j, x in zip(alone, a)])
             results.update(zip(map(id, alone), to_host(batched(args))))
         except Exception:  # noqa: BLE001
             for j, a in zip(alone, args):
                 try:
-                    results[id(j)] = to_host(jax.jit(lambda x, j=j: j.fwd_bwd(*x))(a))
+                    results[id(j)] = to_host(jax.jit(lambda x, j=j: j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))(a))
                 except Exception as exc:  # noqa: BLE001
                     results[id(j)] = exc
     return [results[id(j)] for j in jobs]

@@ -55,7 +55,8 @@ class LayerRow:
 
     isolated / accumulated: forward error of the output (see the module docstring).
     grad_isolated: worst of the input cotangents and the parameter gradients of this layer's
-    subtree from the Flax layer's VJP at torch's input with torch's output cotangent.
+    subtree from the Flax layer's VJP at torch's input with torch's output cotangent (of the
+    parameters no layer beneath it judges: _layer_runs.split_params).
     grad_accumulated: cotangent at this layer's output, full Flax backward vs full torch backward.
     """
 
@@ -376,8 +377,10 @@ class IsolatedLayer:
     inputs: the layer's array arguments by Flax input name, torch's values converted to Flax
     layout ([N, H, W, C] where torch had [N, C, H, W]); ``floats`` are the floating ones, in
     ``float_names`` order, the arguments that ``forward`` / ``fwd_bwd`` take (and differentiate).
-    params: the layer's own ``params`` subtree (linen-style); its other collections
-    (``batch_stats``) are closed over. cots: torch's cotangents at the layer's outputs in Flax
+    params: the layer's ``params`` subtree (linen-style) whose gradients it computes: all of it,
+    less ``fixed``, the parameters of the layers beneath it that are judged in their own rows
+    (``_layer_runs.split_params``), which it reads but does not differentiate; its other
+    collections (``batch_stats``) are closed over. cots: torch's cotangents at the layer's outputs in Flax
     layout, by Flax output path (None: forward only). Inputs and cotangents are numpy (views of
     torch's recorded values where the layout allows), moved to the device when the layer runs.
     All three functions are pure and jittable.
@@ -402,6 +405,7 @@ class IsolatedLayer:
     # arguments), for sharing one compile between equal layers (parity._layer_runs); None when
     # ``fn`` closes over arrays (BatchNorm statistics, an NNX graph): never shared.
     static: tuple | None = None
+    fixed: Mapping = field(default_factory=dict)
 
     @property
     def floats(self) -> list[np.ndarray]:
@@ -414,21 +418,26 @@ class IsolatedLayer:
         return {n: a for n, a in self.inputs.items() if n not in self.float_names}
 
     def forward(self, params: Mapping, floats: Sequence[jax.Array], fn: Callable | None = None,
-                others: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+                others: Mapping[str, jax.Array] | None = None, fixed: Mapping | None = None) -> dict[str, jax.Array]:
         """The layer's outputs by Flax output path (parity.runtime.flatten), Flax layout, for
         ``params`` and ``floats`` (Flax layout) in place of the captured ones (``fn``: another
         build of the layer, e.g. computing in float64; ``others``: another layer's non-float
-        inputs, run by this one's program: parity._layer_runs)."""
+        inputs, run by this one's program: parity._layer_runs; ``fixed``: the parameters not
+        differentiated, ``self.fixed`` when None: pass them as an argument under jit, or they
+        are compiled in as constants)."""
         inputs = self.inputs if others is None else {**self.inputs, **others}
-        return flatten((fn or self.fn)(params, {**inputs, **dict(zip(self.float_names, floats))}))
+        both = _layer_runs.merged(params, self.fixed if fixed is None else fixed)
+        return flatten((fn or self.fn)(both, {**inputs, **dict(zip(self.float_names, floats))}))
 
     def fwd_bwd(self, params: Mapping, floats: Sequence[jax.Array], cots: Mapping[str, jax.Array] | None,
-                fn: Callable | None = None, others: Mapping[str, jax.Array] | None = None):
+                fn: Callable | None = None, others: Mapping[str, jax.Array] | None = None,
+                fixed: Mapping | None = None):
         """(outputs as ``forward``, (param grads tree, [input grads, Flax layout, like floats]) from
         the VJP with ``cots`` (Flax layout, by Flax output path; outputs without one get zero));
         the gradients are None when ``cots`` is None or does not fit the outputs' shapes (the
-        forward comparison then says why)."""
-        out, vjp = jax.vjp(lambda p, f: self.forward(p, f, fn, others), params, floats)
+        forward comparison then says why). The gradients are those of ``params`` alone: ``fixed``
+        (as ``forward``) is read, not differentiated, so XLA leaves out their weight-gradient work."""
+        out, vjp = jax.vjp(lambda p, f: self.forward(p, f, fn, others, fixed), params, floats)
         if cots is None or any(p in cots and cots[p].shape != o.shape for p, o in out.items()):
             return out, None
         ct = {p: (cots[p].astype(o.dtype) if p in cots and jnp.issubdtype(o.dtype, jnp.floating)
@@ -438,7 +447,7 @@ class IsolatedLayer:
 
     def release(self) -> None:
         """Drop the arrays once judged (the analysis streams: run, judge, free)."""
-        self.inputs, self.cots, self.params, self.remake = {}, None, {}, None
+        self.inputs, self.cots, self.params, self.fixed, self.remake = {}, None, {}, {}, None
 
     def check(self, out: Mapping[str, np.ndarray], rows: "RowJudge | Tolerance",
               probe: TorchCall | None = None, own: Mapping[str, np.ndarray] | None = None) -> Comparison | None:
@@ -776,6 +785,10 @@ def analyze_layers(
     # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
     # gradients are held together, and a parameter's gradient once per module that holds it
     # (BERT's query kernel by encoder, layer.i, attention, self and query: 5 copies).
+    # A parameter's gradient is computed and judged once, in the innermost row that can judge it
+    # (BERT-base's query kernel was in five: encoder, layer.i, attention, self and query; GPT-2's
+    # transformer row computed the whole model's gradients, 2.8 GB in float64 for GPT-2-medium).
+    _layer_runs.split_params(jobs, plan, Counter(tc.path for tc in t_calls))
     shared = _layer_runs.shared_programs(jobs)  # one compile per kind of layer met more than once
     for chunk in _layer_runs.chunks(jobs):
         big = sum(map(_layer_runs.job_bytes, chunk)) > _layer_runs.CHUNK_BYTES // 4
@@ -956,12 +969,12 @@ def _own_run(job: IsolatedLayer, rows: RowJudge, plan: PortPlan, failed: set[str
     _, wanted = param_grads_for(plan, [f"param:{n}" for n in failed])
 
     def run(x):
-        out, grads = job.fwd_bwd(*x, fn=fn)
+        out, grads = job.fwd_bwd(x[0], x[2], x[3], fn=fn, fixed=x[1])
         if grads is None or not isinstance(grads[0], Mapping):
             return out, grads
         return out, (wanted_grads(grads[0], wanted, tuple(job.flax_path)), *grads[1:])
     try:
-        return to_host(jax.jit(run)((job.params, job.floats, job.cots)))
+        return to_host(jax.jit(run)((job.params, job.fixed, job.floats, job.cots)))
     except Exception:  # noqa: BLE001 - the float64 clone cannot run alone: the row stands as judged
         return None
 

@@ -363,28 +363,39 @@ class FlaxBlockPair(nn.Module):
         return FlaxBlock(dtype=self.dtype, name="block")(x)
 
 
-def test_a_containers_own_run_computes_only_the_parameter_gradients_that_needed_it(monkeypatch):
-    # The block's row holds both layers' kernels; only fc_a's gradient is rounded worse than
-    # torch's. Its own run (the block cloned to float64, run alone) computes fc_a's gradient and
-    # not fc_b's: a container's row (GPT-2's transformer: the whole model) would otherwise hold
-    # every parameter's float64 gradient twice for the few its judge needs.
+def test_a_containers_row_leaves_its_layers_parameter_gradients_to_their_own_rows(monkeypatch):
+    # Each parameter's gradient is computed and judged once, in the innermost row that can judge
+    # it: the block's row reads fc_a's and fc_b's kernels but does not differentiate them (a
+    # container's row, GPT-2's transformer: the whole model, would otherwise compute and hold
+    # every parameter's float64 gradient again). fc_a's gradient is rounded worse than torch's:
+    # its own row's own run (cloned to float64) computes it.
+    import parity._layer_runs as layer_runs
     import parity.layers as layers
+    from flax import traverse_util
 
-    made = {}
-    own_run = layers._own_run
+    made, split, own_run = {}, {}, layers._own_run
 
     def spy(job, rows, plan, failed):
         out = own_run(job, rows, plan, failed)
         if out is not None and out[1] is not None:
-            made[job.torch_call.path] = set(out[1][0])
+            made[job.torch_call.path] = set(traverse_util.flatten_dict(dict(out[1][0])))
         return out
+
+    def spy_split(jobs, plan, calls):
+        split_params(jobs, plan, calls)
+        split.update((j.torch_call.path, (set(traverse_util.flatten_dict(dict(j.params))),
+                                          set(traverse_util.flatten_dict(dict(j.fixed))))) for j in jobs)
+    split_params = layer_runs.split_params
     monkeypatch.setattr(layers, "_own_run", spy)
+    monkeypatch.setattr(layer_runs, "split_params", spy_split)
     r = parity.check(TorchBlockPair(), FlaxBlockPair(), X, input_layout="as_is", lint=False)
     assert r.verdict == "PASS", str(r)
     block = r.layer("block")
     assert block.grad_isolated is not None and block.grad_isolated.ok, block
-    assert made.get("block") == {"fc_a"}, made
-    assert made.get("block.fc_a") == {"kernel"}, made  # a leaf's row: its subtree is its kernel
+    assert split["block"] == (set(), {("fc_a", "kernel"), ("fc_b", "kernel")}), split
+    assert split["block.fc_a"] == ({("kernel",)}, set()), split
+    assert made.get("block.fc_a") == {("kernel",)}, made
+    assert not made.get("block"), made  # nothing of the block's own failed
 
 
 class ScaledDense(nn.Module):
