@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from parity.benchmark.devices import Device
 from parity.benchmark.names import PHASES, VARIANTS
-from parity.pair import CheckOptions
+from parity.pair import TORCH_DTYPES, CheckOptions
 from parity.pair import prepare as prepare_pair
 from parity.runtime import (CHANNELS_FIRST, FlaxTwin, as_args, flatten, flax_inputs, to_flax_layout,
                             to_torch_layout, torch_inputs)
@@ -45,9 +45,6 @@ from weight_port import to_numpy
 
 LR, MOMENTUM = 1e-3, 0.9
 TORCH_COMPILE_MODE = "default"
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class VariantUnavailable(Exception):
@@ -113,9 +110,9 @@ def prepare(pair, config, batch: int, device: Device, *, dtype: str = "float32",
     prepared = prepare_pair(torch_module, flax_module, torch.as_tensor(x, dtype=torch.float32),
                             CheckOptions(input_layout=pair.input_layout, train_kwarg=pair.train_kwarg))
     variables = _numpy_variables(prepared.variables)
-    torch_module = prepared.torch_module.to(_TORCH_DTYPES[dtype])
+    torch_module = prepared.torch_module.to(TORCH_DTYPES[dtype])
     with torch.no_grad():
-        out = torch_module.eval()(torch.as_tensor(x[:1], dtype=_TORCH_DTYPES[dtype]))
+        out = torch_module.eval()(torch.as_tensor(x[:1], dtype=TORCH_DTYPES[dtype]))
     shapes = {p: (batch, *o.shape[1:]) for p, o in flatten(out).items()}
     return Prepared(
         pair.name, batch, dtype, device, torch_module, flax_module, variables, (x,),
@@ -151,7 +148,7 @@ def prepare_own(torch_module: torch.nn.Module, flax_module, example_input, devic
     train_mode = _has_batch_statistics(torch_module)
     return Prepared(
         name, example_batch(args), dtype, device,
-        copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype]), flax_module, _numpy_variables(run.variables),
+        copy.deepcopy(torch_module).to(TORCH_DTYPES[dtype]), flax_module, _numpy_variables(run.variables),
         args, in_layouts=dict(run.in_layouts), out_layouts=dict(run.out_layouts),
         targets=_targets({p: s for p, s in torch_shapes.items() if p in flax_paths
                           and np.issubdtype(run.torch.outputs[p].dtype, np.floating)}, seed),
@@ -271,7 +268,7 @@ def _torch_step(prep: Prepared, variant: str, phase: str) -> Step:
 def _torch_setup(prep: Prepared) -> tuple[torch.nn.Module, tuple, dict[str, torch.Tensor]]:
     """A private copy of the module on the device, the inputs (the engine's torch_inputs: float
     leaves in the benchmark dtype, ids and masks as they are) and the targets."""
-    dev, tdt = prep.device.torch_device, _TORCH_DTYPES[prep.dtype]
+    dev, tdt = prep.device.torch_device, TORCH_DTYPES[prep.dtype]
     model = copy.deepcopy(prep.torch_module).to(dev)
     args = torch_inputs(prep.args, tdt, dev, grads=False)
     targets = {p: torch.as_tensor(t, dtype=tdt, device=dev) for p, t in prep.targets.items()}
@@ -332,7 +329,7 @@ def _jax_step(prep: Prepared, phase: str) -> Step:
     jitted; inputs by the engine's flax_inputs, targets and outputs converted by the declared or
     inferred layouts (Prepared.in_layouts / out_layouts)."""
     dev = prep.device.jax_device
-    jdt = _JAX_DTYPES[prep.dtype]
+    jdt = jnp.dtype(prep.dtype)
 
     def put(a):
         # jnp.array copies, so donating a Step's buffers never touches prep.variables.
