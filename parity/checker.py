@@ -350,7 +350,10 @@ def check(
     with jax.default_device(jdev), pinned(precision=o.precision, tf32=o.tf32):
         with x64:  # record x64 as it is for the run itself (on only inside float64 checks)
             env = numerics_env(devices(o.device)[0])
-            pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say)
+            # A check changes no weight for good (its noise probe moves them back bit for bit):
+            # its copy keeps the caller's weights, so the model is held once, not twice.
+            pair = prepare(torch_module, flax_module, example_input, o, variables=variables, progress=say,
+                           share_weights=True)
         return _check_pair(pair, o, env, jdev.platform, name or type(torch_module).__name__, say)
 
 

@@ -131,6 +131,9 @@ class PreparedPair:
     user_variables: bool = False
     output_map: dict[str, str] | None = None
     out_layouts: dict[str, str] | None = None
+    # The copy's parameters keep the caller's storage (prepare(share_weights=True)): a run that
+    # nudges them moves them back (run_torch), and nothing changes them in place otherwise.
+    shares_weights: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -155,12 +158,14 @@ class PreparedPair:
         another), and move the weights back afterwards, bit for bit. Integer values (0, 1, an
         index kept in a float buffer, a mask's finfo.min) carry no rounding and are left alone:
         XGLM turns such a float into an index, and a nudged 3.0 is index 2. restore=False leaves
-        the weights nudged: for a copy nothing runs again (its caller frees or drops it).
+        the weights nudged: for a copy nothing runs again (its caller frees or drops it); not for
+        a pair that shares the caller's weights (``shares_weights``), whose weights always go back.
         free_weights: each parameter's storage is freed as autograd finishes its gradient
         (parity.runtime.run_torch): for a copy nothing runs again, whose caller then frees the
         rest (free_torch_weights)."""
         tm = self.torch_module
         args = self.inputs(grads)
+        restore = restore or self.shares_weights  # the caller's own weights: never left nudged
         saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
         flips: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         if perturb is not None:
@@ -193,7 +198,9 @@ class PreparedPair:
     def free_torch_weights(self) -> None:
         """Free the torch copy's parameter and buffer storage once nothing will run it again (a
         cast's float64 copy after its one run): every tensor becomes empty in place, so the memory
-        goes even where the recorded calls and their autograd graph still hold the module."""
+        goes even where the recorded calls and their autograd graph still hold the module. A
+        parameter that shares the caller's storage (``shares_weights``) is only let go: the
+        copy's Parameter is rebound, the caller's tensor is untouched."""
         with torch.no_grad():
             for t in list(self.torch_module.parameters()) + list(self.torch_module.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -211,10 +218,10 @@ class PreparedPair:
         its float32 parts, as torch's upcasts keep theirs: parity.checker judges those by float32
         noise). Call under jax.enable_x64 for float64 variables."""
         tdt = TORCH_DTYPES[dtype]
-        tm = _copy_in(self.torch_module, tdt)
+        tm, _ = _copy_in(self.torch_module, tdt, self.device)
         args = torch_inputs(self.torch_args, tdt, self.device, False)
         out = replace(self, torch_module=tm, torch_args=args, flax_args=flax_inputs(args, self.in_layouts),
-                      dtype=dtype, notes=[])
+                      dtype=dtype, notes=[], shares_weights=False)
         if flax:
             out.cast_variables()
         return out
@@ -231,17 +238,30 @@ class PreparedPair:
             self.variables)
 
 
-def _copy_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A deep copy of ``module`` with its floating parameters and buffers made in ``dtype``
-    directly (``deepcopy(...).to(dtype)`` would copy every weight twice: a float64 copy of
-    BERT-base is 0.9 GB, the first copy 0.4 GB more, each written once more)."""
+def _copy_in(module: torch.nn.Module, dtype: torch.dtype, device: str = "cpu", *,
+             share: bool = False) -> tuple[torch.nn.Module, bool]:
+    """A deep copy of ``module`` with its floating parameters and buffers made in ``dtype`` on
+    ``device`` directly (``deepcopy(...).to(dtype)`` would copy every weight twice: a float64 copy
+    of BERT-base is 0.9 GB, the first copy 0.4 GB more, each written once more), and whether it
+    shares weights with ``module``. share: a parameter already in ``dtype`` on ``device`` keeps
+    the caller's storage under a Parameter object of the copy's own (its ``.grad``, its
+    ``requires_grad``, its ``.data`` rebinding are the copy's), so a check of a float32 model in
+    float32 holds its weights once, not twice (GPT-2-medium: 1.4 GB); buffers (BatchNorm
+    statistics a train-mode run updates) are always the copy's own."""
     memo: dict[int, object] = {}
+    shared = False
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) in memo or not t.is_floating_point():
             continue
-        made = t.detach().to(dtype).clone() if t.dtype == dtype else t.detach().to(dtype)
+        made = t.detach().to(device=device, dtype=dtype)
+        if t.numel() and made.data_ptr() == t.data_ptr():  # .to made nothing: the caller's storage
+            if share and type(t) is torch.nn.Parameter:
+                shared = True
+            else:
+                made = made.clone()
         memo[id(t)] = torch.nn.Parameter(made, t.requires_grad) if isinstance(t, torch.nn.Parameter) else made
-    return copy.deepcopy(module, memo).to(dtype)  # .to: what the memo left (complex), as Module.to does
+    # .to: what the memo left (complex), as Module.to does
+    return copy.deepcopy(module, memo).to(device=device, dtype=dtype), shared
 
 
 # Elements per chunk of the probe's nudge: its temporaries (the random draw, the mask, the nudged
@@ -330,7 +350,8 @@ def grouped_plan_notes(plan_notes: list[str]) -> list[str]:
 
 def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: CheckOptions | None = None, *,
             variables: Mapping | None = None, progress: Callable[[str], None] | None = None,
-            check_attributes: str = "warn", dropout: bool | None = None) -> PreparedPair:
+            check_attributes: str = "warn", dropout: bool | None = None,
+            share_weights: bool = False) -> PreparedPair:
     """Prepare ``torch_module`` and its Flax twin once: copy and cast torch to ``options.dtype``,
     bind keyword inputs (parity.Inputs), declare or infer every input's layout, port the weights
     (one plan) unless ``variables`` are given.
@@ -342,12 +363,15 @@ def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: 
     ("warn": a check measures and reports it; training parity passes "ignore" and names the
     BatchNorm ones itself). dropout: the twin's dropout in train mode (None: as ``train``;
     training parity holds it off, as it holds torch's Dropout modules in eval mode).
+    share_weights: the private copy keeps the caller's parameter storage where it is already in
+    the pair's dtype and device (_copy_in): for a consumer that never changes weights in place
+    (a check; not training, whose optimizer steps do).
     """
     o = options or CheckOptions()
     say = progress or (lambda msg: None)
     tdev, _ = devices(o.device)
     tdtype = TORCH_DTYPES[o.dtype]
-    tm = copy.deepcopy(torch_module).to(device=tdev, dtype=tdtype)
+    tm, shared = _copy_in(torch_module, tdtype, tdev, share=share_weights)
     tm.train(o.train)
     # Keyword inputs are bound into the private torch copy and a rebuilt Flax module: everything
     # after this calls both top modules positionally.
@@ -362,7 +386,7 @@ def prepare(torch_module: torch.nn.Module, flax_module, example_input, options: 
     if variables is None:
         variables = plan.to_flax(tm.state_dict())
     return PreparedPair(tm, flax_module, twin, plan, variables, args, flax_inputs(args, in_layouts), in_layouts,
-                        o.dtype, tdev, o.train, notes, given)
+                        o.dtype, tdev, o.train, notes, given, shares_weights=shared)
 
 
 __all__ = ["CheckOptions", "Inputs", "PreparedPair", "prepare", "dtype_name", "devices", "TORCH_DTYPES"]

@@ -49,7 +49,8 @@ def test_a_cast_pair_copies_each_weight_once_in_its_dtype():
             self.norm.weight.requires_grad_(False)
 
     m = Tied()
-    c = _copy_in(m, torch.float64)
+    c, shared = _copy_in(m, torch.float64)
+    assert not shared
     assert c.head.weight is c.emb.weight  # still one tensor
     assert not c.norm.weight.requires_grad and c.emb.weight.requires_grad
     assert isinstance(c.emb.weight, torch.nn.Parameter)
@@ -58,8 +59,68 @@ def test_a_cast_pair_copies_each_weight_once_in_its_dtype():
         assert a.data_ptr() != b.data_ptr(), n  # a copy, never the caller's storage
         assert torch.equal(a.to(b.dtype), b), n
         assert b.dtype == (torch.float64 if a.is_floating_point() else a.dtype), n
-    same = _copy_in(m, torch.float32)  # already in the dtype: still a copy
-    assert same.emb.weight.data_ptr() != m.emb.weight.data_ptr()
+    same, shared = _copy_in(m, torch.float32)  # already in the dtype: still a copy
+    assert same.emb.weight.data_ptr() != m.emb.weight.data_ptr() and not shared
+    # share=True (a check's pair): the caller's storage under the copy's own Parameter objects,
+    # still tied, the buffers the copy's own
+    kept, shared = _copy_in(m, torch.float32, share=True)
+    assert shared and kept.emb.weight is not m.emb.weight and kept.head.weight is kept.emb.weight
+    assert kept.emb.weight.data_ptr() == m.emb.weight.data_ptr()
+    assert not kept.norm.weight.requires_grad and kept.emb.weight.requires_grad
+    assert kept.norm.running_mean.data_ptr() != m.norm.running_mean.data_ptr()
+    kept.emb.weight.data = torch.zeros(0)  # what free_torch_weights does: the caller's stays
+    assert m.emb.weight.shape == (5, 3) and m.head.weight is m.emb.weight
+
+
+class _TorchBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.bn = torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class _FlaxBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(4, use_bias=False, name="fc")(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+
+
+def test_a_check_holds_the_callers_weights_once_and_leaves_them_bit_for_bit(monkeypatch):
+    # A check's pair keeps the caller's weight storage (the model once, not twice); its noise
+    # probe nudges those weights in place and must move them back even where it is the pair's
+    # last run (a private copy is left nudged then: it is freed next).
+    from parity.pair import PreparedPair
+
+    runs, real = [], PreparedPair.run_torch
+
+    def spy(self, **kw):
+        shares = any(p.data_ptr() == q.data_ptr() for p, q in zip(self.torch_module.parameters(), tm.parameters()))
+        runs.append((self.dtype, shares, kw.get("perturb") is not None, kw.get("restore", True)))
+        return real(self, **kw)
+
+    monkeypatch.setattr(PreparedPair, "run_torch", spy)
+    for tm, fm, x, train in [
+        (TorchStack(), Stack(), np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32), False),
+        (_TorchBN(), _FlaxBN(), np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32), True),
+    ]:
+        before = {k: v.clone() for k, v in tm.state_dict().items()}
+        runs.clear()
+        mode = dict(train=True, train_kwarg="train") if train else {}
+        r = parity.check(tm, fm, x, input_layout="as_is", lint=False, **mode)
+        assert r.verdict == "PASS", r.summary()
+        # the float32 runs (the checked one and, with rows, the nudged probe, its last) are on
+        # the caller's storage; the float64 reference on a copy of its own
+        assert ("float32", True, True, False) in runs and ("float32", True, False, True) in runs, runs
+        assert all(not shares for dt, shares, *_ in runs if dt == "float64"), runs
+        after = tm.state_dict()
+        assert after.keys() == before.keys()
+        for k, v in before.items():  # weights moved back bit for bit; train-mode statistics untouched
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+        assert all(p.grad is None for p in tm.parameters())
 
 
 def test_the_torch_copies_are_freed_once_run_and_the_rows_still_locate(monkeypatch):

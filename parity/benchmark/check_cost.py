@@ -89,7 +89,7 @@ def _floor(tm, fm, x, opts: dict, own: bool = False) -> str:
 
     o = CheckOptions(**opts)
     with pinned(precision="highest", tf32=False):
-        pair = prepare(tm, fm, x, o)
+        pair = prepare(tm, fm, x, o, share_weights=True)  # as parity.check prepares its pair
         run = run_pair(pair, o, layers=False, say=lambda m: None)  # torch float32, the twin's jit + VJP
         jax.block_until_ready(run.flax.outputs)
         with jax.enable_x64(True):
