@@ -367,6 +367,12 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     # A low-precision check judges its per-layer rows on the float64 run, which records every
     # layer itself: this run records none (half the memory), unless the float64 run fails.
     rows_here = o.layers and (dname == "float64" or o.override)
+    # A twin that computes in its Linen dtype field (HF's Flax modules) computes in that dtype on
+    # the rows' float64 variables too: its rows' run would be this run again, but for an op that
+    # mixes a float64 parameter in before casting back (LayerNorm's scale: one rounding where this
+    # run has two). Its layers are recorded here instead, what the checked model itself computes
+    # at each one, and the rows read this run (Evidence.finish_rows): one whole-model run fewer.
+    twin_rows_here = o.layers and not rows_here and pair.twin_in("float64") is not pair.twin
     # The lint reads torch's side off this run (its ops, the norms' inputs): one forward fewer.
     # Not off a recorded run: one that records its ops copies every value it records.
     lint = o.lint or o.strict
@@ -388,7 +394,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     if run.structure_error is None:
         try:
             with x64():
-                run_flax_side(run, o.grads, layers=rows_here, say=say)
+                run_flax_side(run, o.grads, layers=rows_here or twin_rows_here, say=say)
         except BaseException:
             settle(reference)
             raise
@@ -641,7 +647,11 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         pair.variables = {}
         give_back()
         try:
-            if ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
+            if ref.flax is None and run.flax is not None and run.flax.calls:
+                # The twin computes in its dtype field: its checked run recorded every layer and is
+                # the rows' run (_check_pair: twin_rows_here); its whole-model gradients are freed.
+                ref.flax = run.flax
+            elif ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
                 with jax.enable_x64(True):
                     run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=False)
         except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot

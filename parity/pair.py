@@ -106,7 +106,8 @@ class CheckOptions(Options):
 class PreparedPair:
     """One torch module and its Flax twin, ready to run in one dtype.
 
-    torch_module: a private copy cast to ``dtype`` (keyword inputs bound; never the caller's).
+    torch_module: a private copy cast to ``dtype`` (keyword inputs bound; never the caller's
+    module, though with ``shares_weights`` its parameters keep the caller's storage).
     torch_args: the inputs as given (torch layout, ``dtype``), kept pristine: every run gets a
     fresh copy (a torch model may change its inputs in place: XGLM adds its offset to
     position_ids with +=). flax_args: the same inputs in Flax layout ([N, H, W, C] for "NC..."

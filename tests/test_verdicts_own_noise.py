@@ -186,26 +186,35 @@ def test_checks_own_noise_run_computes_only_the_gradients_it_judges_again(monkey
 
 
 def test_with_rows_the_own_noise_run_takes_the_rows_float64_variables(monkeypatch):
-    """A float32 check with rows holds the variables in float64 for its rows' run: the twin's own
-    float64 run takes those, not a second cast of the model (0.8 GB at BERT-base size)."""
+    """A float32 check with rows holds the variables in float64 for its rows (each layer run
+    alone): the twin's own float64 run takes those, not a second cast of the model (0.8 GB at
+    BERT-base size). The twin computes in its dtype field, so its rows read the checked run,
+    which records every layer: no other whole-model run of it is recorded."""
     import jax
 
     import parity.checker as ck
 
     seen, real = [], ck.forward_backward
+    rows_vars, analyze = [], ck.analyze_layers
 
     def spy(twin, variables, *a, capture=False, **kw):
         seen.append((capture, jax.tree_util.tree_leaves(variables)))
         return real(twin, variables, *a, capture=capture, **kw)
 
+    def spy_rows(t_calls, f_run, twin, variables, *a, **kw):
+        rows_vars.append(jax.tree_util.tree_leaves(variables))
+        return analyze(t_calls, f_run, twin, variables, *a, **kw)
+
     monkeypatch.setattr(ck, "forward_backward", spy)
+    monkeypatch.setattr(ck, "analyze_layers", spy_rows)
     r = parity.check(TorchLinear(), FC(), X, input_layout="as_is", lint=False)
     assert r.verdict == "PASS", str(r)
     assert "within the twin's own rounding noise only" in r.outputs[0].note
-    rows = [leaves for capture, leaves in seen if capture]
+    recorded = [leaves for capture, leaves in seen if capture]
     own = [leaves for capture, leaves in seen if not capture and leaves[0].dtype == np.float64]
-    assert len(rows) == 1 and len(own) == 1, [(c, ls[0].dtype) for c, ls in seen]
-    assert all(a is b for a, b in zip(own[0], rows[0]))
+    assert len(recorded) == 1 and recorded[0][0].dtype == np.float32, [(c, ls[0].dtype) for c, ls in seen]
+    assert len(own) == 1 and len(rows_vars) == 1 and rows_vars[0][0].dtype == np.float64
+    assert all(a is b for a, b in zip(own[0], rows_vars[0]))
 
 
 class TorchTwoHeads(torch.nn.Module):
