@@ -51,11 +51,11 @@ def split_params(jobs: Sequence[IsolatedLayer], plan, calls: Mapping[str, int]) 
     """Give each parameter's gradient to one job: the innermost whose module judges parameter
     gradients (every one of its ``calls[torch path]`` calls runs alone with cotangents: torch's
     gradient sums them) and holds every parameter of the parameter's port layer (``plan``: a
-    rule's tensors convert together). An outer job (a container: BERT's encoder, GPT-2's
+    rule's tensors convert together). An outer job (a container: BERT's intermediate, GPT-2's
     transformer) still reads those parameters, as ``fixed``, but does not differentiate them,
     so it neither computes nor holds their gradients, nor judges them a second time. Parameters
     no inner job can judge (its layer cannot run alone, a call of it does not, it is in no port
-    layer) stay with every job holding them, as before. Changes the jobs in place."""
+    layer) stay with every job holding them. Changes the jobs in place."""
     ready = Counter(j.torch_call.path for j in jobs if j.cots is not None)
     judging = {tuple(j.flax_path) for j in jobs
                if j.params and ready[j.torch_call.path] == calls.get(j.torch_call.path, 0)}
