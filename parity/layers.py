@@ -782,12 +782,11 @@ def analyze_layers(
                 job.torch_call.path] == 1 else None
             _judge(job, result, plan, param_grads, tied, rows, total, own, own_total, first=(first, failed))
     waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
-    # Streamed: run a chunk, judge it, free it. All at once, the layers' outputs and parameter
-    # gradients are held together, and a parameter's gradient once per module that holds it
-    # (BERT's query kernel by encoder, layer.i, attention, self and query: 5 copies).
-    # A parameter's gradient is computed and judged once, in the innermost row that can judge it
-    # (BERT-base's query kernel was in five: encoder, layer.i, attention, self and query; GPT-2's
-    # transformer row computed the whole model's gradients, 2.8 GB in float64 for GPT-2-medium).
+    # Streamed: run a chunk, judge it, free it (all at once, every layer's outputs and parameter
+    # gradients were held together). A parameter's gradient is computed and judged once, in the
+    # innermost row that can judge it (BERT-base's query kernel was in five: encoder, layer.i,
+    # attention, self and query; GPT-2's transformer row computed the whole model's gradients,
+    # 2.8 GB in float64 for GPT-2-medium).
     _layer_runs.split_params(jobs, plan, Counter(tc.path for tc in t_calls))
     shared = _layer_runs.shared_programs(jobs)  # one compile per kind of layer met more than once
     for chunk in _layer_runs.chunks(jobs):
@@ -807,7 +806,7 @@ def analyze_layers(
                 first, first_result = waiting.pop(path)
                 judge_job(first, first_result, totals.pop(path))
                 first.release()
-        if big:  # a container's layer (GPT-2's transformer: the model in float64, twice) freed
+        if big:  # a container's layer (GPT-2's transformer: the model's weights in float64) freed
             give_back()
     for job, result in waiting.values():  # some call of the module did not run alone
         judge_job(job, result, None)
@@ -950,9 +949,9 @@ class _ParamGradTotals:
 def _own_run(job: IsolatedLayer, rows: RowJudge, plan: PortPlan, failed: set[str]):
     """The layer alone, on the same inputs, cloned to compute truly in float64, or None; of its
     parameter gradients, those of the layers holding the parameters in ``failed`` (torch names)
-    alone: a container's row (GPT-2's transformer: the whole model) would otherwise compute and
-    hold every parameter's float64 gradient a second time beside the first run's, for the few
-    its judge needs (GPT-2-medium: its 24 attention projections, 0.6 of 2.8 GB).
+    alone: a row holding many (a container whose layers cannot run alone) would otherwise
+    compute and hold every one's float64 gradient a second time beside the first run's, for the
+    few its judge needs.
 
     Where the twin computes in float32 inside the float64 rows' run (an HF module's dtype=float32
     field: RowJudge.all_float32), a row's error is the twin's float32 rounding, judged against
@@ -1126,7 +1125,7 @@ def _param_grad_comps(row: LayerRow, p_grads, fpath, plan: PortPlan,
         return rows.judge(f"grad {name} (isolated)", value, t_param_grads[name], grad=True, tc=tc,
                           probe_value=rows.probe_params.get(name), axis=0,
                           own=(value, own_named[name]) if name in own_named else None)
-    # A container's row holds every parameter beneath it (GPT-2's transformer: the whole model's):
+    # A row may hold many (a container's whose layers cannot run alone, a model's embeddings):
     # judged side by side in worker threads, in order (parity._threads.in_order).
     return dict(zip((name for name, _ in judged), in_order(one, judged)))
 
