@@ -19,7 +19,7 @@ import torch
 from parity._logits import judge_logits, logit_paths
 from parity._heap import give_back
 from parity._threads import beside, settle
-from parity.judge import ModelJudge, Table, failed_comparison, measured, worst_of
+from parity.judge import ModelJudge, Table, failed_comparison, measured, reduce_probe, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
 from parity.lint import lint_traced, watch_forward
 from parity.numerics import (REDUCED_FLOAT32_NOTE, jax_precision, numerics_env, pinned, precision_warnings,
@@ -415,6 +415,12 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         report.outputs = [failed_comparison("output structure", run.structure_error, fwd)]
         return report
     logit_paths(list(run.torch.outputs), o.logits)  # a declared path that names no output: stop before the runs
+    if o.layers and not rows_here and not o.override and not o.data_parallel and pair.release_variables():
+        # The twin runs again in float64 only (its own noise, its rows), on variables ported
+        # again in float64 when it does (_float64_variables): the checked-dtype ones are not held
+        # through torch's float64 run and the own-noise run (GPT-2-medium: 1.35 GB off each).
+        run.flax.new_variables = None
+        give_back()
     report.warnings += (_constant_input_warnings(pair.torch_args) + _batch_of_one_warnings(pair.torch_args)
                         + _empty_input_warnings(pair.torch_args) + _zero_warnings(run)
                         + _initial_buffer_warnings(pair.torch_module, o.train))
@@ -433,7 +439,8 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
             frozen={n for n, p in run.torch_module.named_parameters() if not p.requires_grad},
             tied=getattr(run.plan, "tied", None) or {}, release=_release(run, ev, o))
     _judge_logits(report, run, o)
-    _locate_nonfinite(report, run, lambda: run_pair(pair, o, layers=True, say=say) if run.torch.calls is None else run)
+    _locate_nonfinite(report, run, lambda: run_pair(_with_variables(pair), o, layers=True, say=say)
+                      if run.torch.calls is None else run)
     if o.data_parallel:  # sharded Flax vs torch and vs 1 device, BatchNorm semantics named
         from parity.data_parallel import attach
         with x64():
@@ -455,6 +462,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
                 lr.torch.calls, lr.flax, lr.twin, lr.variables, lr.plan, lr.act_layouts,
                 grads=o.grads, train=o.train, rows=ev.rows, param_grads=lr.torch.param_grads, progress=say,
                 root=(worst_of(report.outputs), worst_of(report.grads)),  # the whole-model verdicts
+                release_param_grads=True,  # judged: the report holds numbers
             )
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
     say("done")
@@ -522,16 +530,19 @@ class Evidence:
 
 
 def _torch_only(pair: PreparedPair, o: CheckOptions, dname: str, *, capture: bool, cotangents,
-                perturb: bool = False, last: bool = False) -> TorchRun:
+                perturb: bool = False, last: bool = False,
+                param_grad_sink: Callable[[str, np.ndarray], None] | None = None) -> TorchRun:
     """The pair's torch side again in ``dname``: the same (already rounded) weights and inputs,
     the same cotangents; forward ops below ``dname``'s precision noted. perturb: the noise probe
     of PreparedPair.run_torch (a random half of every weight, buffer and input one ulp nearer
     zero). In the pair's own dtype no copy is made; last: nothing runs the pair's torch side
     again (a nudged copy, or the pair itself, is left as the probe made it: a pass over every
-    weight saved)."""
+    weight saved). param_grad_sink: PreparedPair.run_torch's (the run's param_grads are then
+    empty)."""
     p = pair if dname == pair.dtype else pair.cast(dname, flax=False)
     t, _ = p.run_torch(grads=o.grads, capture=capture, cotangents=cotangents or None, watch=True,
-                       perturb=o.seed + 7 if perturb else None, restore=p is pair and not last)
+                       perturb=o.seed + 7 if perturb else None, restore=p is pair and not last,
+                       param_grad_sink=param_grad_sink)
     return t
 
 
@@ -639,23 +650,34 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         """The twin's float64 run with every layer recorded (no whole-model parameter gradients:
         the rows take each layer's from the layer run alone), then torch's float32 probe; the
         checked-dtype pair freed as each of its sides has run its last."""
-        with jax.enable_x64(True):
-            ref.pair.cast_variables()
+        # A twin that computes in its dtype field: its checked run recorded every layer and is the
+        # rows' run (_check_pair: twin_rows_here); its whole-model gradients are freed. Nothing
+        # runs it on the float64 variables before the rows do: where they can be ported again
+        # (not the caller's), the own-noise run's go now and the rows' come after torch's probe,
+        # which then does not run beside them (GPT-2-medium: 2.7 GB off the probe's peak).
+        recorded = ref.flax is None and run.flax is not None and bool(run.flax.calls)
+        later = recorded and not pair.user_variables
+        if recorded:
+            ref.flax = run.flax
+        if later:
+            ref.pair.variables = None
+        else:
+            with jax.enable_x64(True):
+                _float64_variables(ref, pair)
         # The checked-dtype variables are read no more (the float64 ones are their cast, exact):
-        # freed before the twin's float64 rows run, not after it; remade from those if it fails.
-        dtypes = jax.tree_util.tree_map(lambda a: jnp.asarray(a).dtype, pair.variables)
+        # freed before the twin's float64 rows run, not after it (where _check_pair has not freed
+        # them already); remade from those if it fails.
+        dtypes = (None if pair.variables is None
+                  else jax.tree_util.tree_map(lambda a: jnp.asarray(a).dtype, pair.variables))
         pair.variables = {}
         give_back()
         try:
-            if ref.flax is None and run.flax is not None and run.flax.calls:
-                # The twin computes in its dtype field: its checked run recorded every layer and is
-                # the rows' run (_check_pair: twin_rows_here); its whole-model gradients are freed.
-                ref.flax = run.flax
-            elif ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
+            if ref.flax is None:  # else the twin's own-noise run was this run (own_noise below)
                 with jax.enable_x64(True):
                     run_flax_side(ref, o.grads, layers=True, say=say, flax_param_grads=False)
         except Exception as exc:  # noqa: BLE001 -- torch ran in float64 (the model is judged by it), the twin cannot
-            pair.variables = jax.tree_util.tree_map(lambda a, d: jnp.asarray(a, d), ref.pair.variables, dtypes)
+            pair.variables = (pair.port_variables() if dtypes is None else
+                              jax.tree_util.tree_map(lambda a, d: jnp.asarray(a, d), ref.pair.variables, dtypes))
             # The rows in the checked dtype then, their noise measured there (a nudged torch run).
             rows_run = run_pair(pair, o, layers=True, say=say)
             fallback = _same_dtype_evidence(
@@ -667,21 +689,34 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         # The checked-dtype pair has run its last but for torch's probe: the rows run on the
         # float64 one. Its torch weights go after the probe.
         say("float32 probe run (measures the float64 rows' noise)")
+        # The rows judge each parameter gradient along axis 0 against torch's float64 one (held for
+        # them): the probe's is kept as those sums alone as autograd finishes it (judge.ProbeSums),
+        # not as a float32 copy of the model's gradients (GPT-2-medium: 1.4 GB through the rows).
+        t64_grads, probe_grads = ref_torch.param_grads, {}
+
+        def reduce(name: str, grad: np.ndarray) -> None:
+            probe_grads[name] = reduce_probe(grad, t64_grads[name], 0) if name in t64_grads else np.array(grad)
         try:
-            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=True)
-            ev.rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe.param_grads,
+            # last: nothing runs the pair's torch side again, unless the rows' variables are ported
+            # from its weights after it (then they are moved back, as a shared weight always is)
+            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=not later,
+                                param_grad_sink=reduce if o.grads else None)
+            ev.rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe_grads,
                                all_float32=lower == "float32" and not ref_torch.lower_precision)
         except Exception as exc:  # noqa: BLE001 -- rows then by the float64 table
             report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                    f"{str(exc)[:120]}): rows judged by the float64 table")
             ev.rows = RowJudge(t64f, t64g)
+        if later:
+            with jax.enable_x64(True):
+                _float64_variables(ref, pair)
         pair.free_torch_weights()
         give_back()
 
     def other(keys):
         give_back()  # the gradients that passed are freed (ModelJudge.fill's release)
         with jax.enable_x64(True):
-            ref.pair.cast_variables()
+            _float64_variables(ref, pair)
             if pair.twin_in("float64") is not pair.twin:
                 # the twin truly in float64 (a Linen dtype field cloned), not the rows' run of the
                 # twin as declared; on the rows' float64 variables: the same cast, not a second copy
@@ -694,6 +729,22 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
             return values
     ev.flax_other, ev.finish_rows = other, finish_rows
     return ev
+
+
+def _with_variables(pair: PreparedPair) -> PreparedPair:
+    """``pair`` with its variables, ported again where _check_pair released them."""
+    if pair.variables is None:
+        pair.variables = pair.port_variables()
+    return pair
+
+
+def _float64_variables(ref: CapturedRun, pair: PreparedPair) -> None:
+    """The float64 variables of the rows' pair ``ref.pair`` (a cast of ``pair`` made with
+    flax=False): the checked-dtype ones cast, or, where _check_pair released those, the port again
+    from ``pair``'s torch weights straight to float64 (the same values). Under jax.enable_x64."""
+    if ref.pair.variables is None:
+        ref.pair.variables = pair.port_variables("float64")
+    ref.pair.cast_variables()
 
 
 def _flax_values(run: CapturedRun, dname: str, keys: list[str] | None = None,
@@ -736,6 +787,7 @@ def _same_dtype_evidence(run: CapturedRun, o: CheckOptions, prec: str, platform:
     rounding-sized changes move torch by). Where even that cannot run, the table, with
     INCONCLUSIVE for a pass that only atol explains."""
     dname = o.dtype
+    _with_variables(run.pair)  # its rows run the twin again in this dtype
     say(f"{dname} probe run (no float64 run: measures the noise in {dname})")
     try:
         probe = _torch_only(run.pair, o, dname, capture=o.layers, cotangents=run.torch.cotangents, perturb=True)

@@ -168,6 +168,39 @@ def measured(tol: Tolerance, dtype: str, *, probe_dtype: str | None = None,
 Rule = Table | Measured
 
 
+@dataclass(frozen=True)
+class ProbeSums:
+    """A probe reduced to what the measured judge reads of it, for one tensor judged along
+    ``axis``: per slice, the sums of squares of ``probe - ref`` (``noise``) and of ``probe``
+    (``norm``), in float64 (parity._blockwise.slice_sums: the same tiles, the same sums, as the
+    judge takes from the whole arrays). A run whose gradients come one at a time (a torch probe's
+    ``param_grad_sink``) keeps these instead of a model-sized copy of itself; the per-layer rows
+    then judge against the same ``ref`` by them."""
+
+    shape: tuple[int, ...]
+    axis: int | None
+    noise: np.ndarray
+    norm: np.ndarray
+
+
+def reduce_probe(probe, ref, axis: int | None):
+    """``probe`` (torch layout) as a ProbeSums against ``ref`` along ``axis``; ``probe`` itself, as
+    a numpy array, when a sum is not finite (the judge's masked path needs its values) or the
+    shapes differ (the judge names the mismatch)."""
+    p, r = _as_float(probe), _as_float(ref)
+    if p.shape != r.shape or not p.ndim or not p.size:
+        return p
+    noise, norm = _blockwise.slice_sums(p, axis, r), _blockwise.slice_sums(p, axis)
+    if not (np.all(np.isfinite(noise)) and np.all(np.isfinite(norm))):
+        return p
+    return ProbeSums(p.shape, _normal_axis(axis, p.ndim), noise, norm)
+
+
+def _normal_axis(axis: int | None, ndim: int) -> int | None:
+    """``axis`` as _blockwise sums it: None for a vector (one slice), else non-negative."""
+    return None if axis is None or ndim < 2 else axis % ndim
+
+
 # --- the judge -----------------------------------------------------------------------------------
 def _as_float(x) -> np.ndarray:
     """``x`` as a float32 or float64 numpy array: float32 stays as it is (each judging step reads it
@@ -250,6 +283,9 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
     if isinstance(rule, Measured):
         if reference is None or probe is None:
             raise NoEvidence(f"{name}: the measured-noise rule needs a reference and a probe")
+        if isinstance(probe, ProbeSums):
+            return _judge_sums(name, actual, expected, _as_float(reference), probe, rule, axis, flax_probe,
+                               flax_reference, layout)
         # a low-precision run's probe is torch's own value: the same array (its tiles read once)
         ref, prb = _as_float(reference), expected if probe is torch_value else _as_float(probe)
         if ref.shape != expected.shape or prb.shape != expected.shape:
@@ -267,6 +303,28 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
                 own = None
         return _measured(name, actual, expected, ref, prb, rule, stats, ax, own, m)
     return _table(name, actual, expected, rule, _statistics(actual, expected))
+
+
+def _judge_sums(name, actual, expected, ref, sums: ProbeSums, rule: Measured, axis, flax_probe, flax_reference,
+                layout) -> Comparison:
+    """judge() by a probe kept as its sums (ProbeSums): the same numbers as from the whole probe
+    when every value is finite; else NoEvidence (the masked path needs the probe's values)."""
+    ax = slice_axis(layout, expected.ndim) if axis == "auto" else axis
+    if ref.shape != expected.shape or sums.shape != expected.shape or sums.axis != _normal_axis(ax, expected.ndim):
+        raise NoEvidence(f"{name}: the probe's sums (shape {sums.shape}, axis {sums.axis}) do not match torch "
+                         f"{expected.shape} judged along axis {ax}")
+    m = _blockwise.measure(actual, expected, ref, None, ax) if expected.ndim and expected.size else None
+    if m is None:
+        raise NoEvidence(f"{name}: a value is not finite, and the probe was kept as its sums alone")
+    m["noise"] = sums.noise
+    stats = _finite_stats(actual, expected, m["max_abs"], math.sqrt(m["diff"]), math.sqrt(m["expected"]),
+                          m["max_rel"])
+    own = None
+    if flax_probe is not None and flax_reference is not None:
+        own = (to_numpy(flax_probe), to_numpy(flax_reference))
+        if own[0].shape != expected.shape or own[1].shape != expected.shape:
+            own = None
+    return _measured(name, actual, expected, ref, sums, rule, stats, ax, own, m)
 
 
 def judge_or_table(name: str, flax_value, torch_value, rule: Rule | None, table: Table, *, layout: str = AS_IS,
@@ -686,7 +744,7 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
     n_slices, per_slice = _n_slices(rf, axis)
     noise = rule.noise_scale * probe_err
     if own is not None and _all_finite(own[0]) and _all_finite(own[1]):
-        scale = np.maximum(_slice_norms(pr, axis), ref_n)
+        scale = np.maximum(np.sqrt(pr.norm) if isinstance(pr, ProbeSums) else _slice_norms(pr, axis), ref_n)
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(scale > 0, probe_err / np.where(scale > 0, scale, 1.0), 1.0)
         own_noise = rule.noise_scale * _slice_norms(own[0], axis, own[1])
@@ -721,5 +779,5 @@ def _measured(name, actual, expected, ref, probe, rule: Measured, s: _Stats, axi
                    note=note, worst_index=worst_index)
 
 
-__all__ = ["Comparison", "LOGITS", "Measured", "ModelJudge", "NoEvidence", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
-           "judge", "logit_rule", "measured", "slice_axis", "worst_of"]
+__all__ = ["Comparison", "LOGITS", "Measured", "ModelJudge", "NoEvidence", "ProbeSums", "REFERENCE", "Rule", "TABLE", "Table", "failed_comparison",
+           "judge", "logit_rule", "measured", "reduce_probe", "slice_axis", "worst_of"]

@@ -717,6 +717,7 @@ def analyze_layers(
     param_grads: Mapping[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
     root: tuple[Comparison | None, Comparison | None] | None = None,
+    release_param_grads: bool = False,
 ) -> list[LayerRow]:
     """Per-layer rows in execution order from one recorded run of each side (parity.runtime).
 
@@ -725,7 +726,9 @@ def analyze_layers(
     torch's parameter gradients of the same run. rows: how each tensor is judged (RowJudge: by
     measured noise where a probe run has the same tensor). root: the top module's isolated
     (forward, backward) verdicts, which *are* the whole-model check, so the top module is not
-    rerun. Pairing and the layers run alone: ``isolated_layers``.
+    rerun. Pairing and the layers run alone: ``isolated_layers``. release_param_grads: each of
+    ``param_grads`` (a dict the caller reads no more) is dropped from it once its row has judged
+    it for good (GPT-2-medium's float64 gradients: 2.7 GB, let go as the rows go).
     """
     say = progress or (lambda msg: None)
     tied = getattr(plan, "tied", None) or {}
@@ -772,15 +775,17 @@ def analyze_layers(
 
     def judge_job(job: IsolatedLayer, result, total) -> None:
         failed, first = _judge(job, result, plan, param_grads, tied, rows, total)
-        if job.row.ok:
-            return
-        if total is not None:  # the gradients that passed are final: freed before the own run
-            _keep_grads_of(total, job.flax_path, plan, failed)
-        own = _own_run(job, rows, plan, failed)
-        if own is not None:  # judged again, the twin's own rounding noise measured
-            own_total = own[1][0] if own[1] is not None and total is not None and totals.calls[
-                job.torch_call.path] == 1 else None
-            _judge(job, result, plan, param_grads, tied, rows, total, own, own_total, first=(first, failed))
+        if not job.row.ok:
+            if total is not None:  # the gradients that passed are final: freed before the own run
+                _keep_grads_of(total, job.flax_path, plan, failed)
+            own = _own_run(job, rows, plan, failed)
+            if own is not None:  # judged again, the twin's own rounding noise measured
+                own_total = own[1][0] if own[1] is not None and total is not None and totals.calls[
+                    job.torch_call.path] == 1 else None
+                _judge(job, result, plan, param_grads, tied, rows, total, own, own_total, first=(first, failed))
+        if release_param_grads:  # each parameter is judged in one row (split_params): final here
+            for name in first:
+                param_grads.pop(name, None)
     waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
     # Streamed: run a chunk, judge it, free it (all at once, every layer's outputs and parameter
     # gradients were held together). A parameter's gradient is computed and judged once, in the

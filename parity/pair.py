@@ -146,8 +146,8 @@ class PreparedPair:
 
     def run_torch(self, *, grads: bool, capture: bool = False, cotangents: Mapping | None = None,
                   cotangent_seed: int = 1, watch: bool = False, ops: bool = False,
-                  perturb: int | None = None, restore: bool = True,
-                  free_weights: bool = False) -> tuple[TorchRun, tuple]:
+                  perturb: int | None = None, restore: bool = True, free_weights: bool = False,
+                  param_grad_sink: Callable[[str, np.ndarray], None] | None = None) -> tuple[TorchRun, tuple]:
         """One torch forward (and backward with ``grads``) of the private copy on fresh inputs:
         (the run, the inputs it was given). The copy is left as it was: train-mode BatchNorm
         statistics are restored and the parameter .grad fields freed (the run holds its own
@@ -163,7 +163,8 @@ class PreparedPair:
         a pair that shares the caller's weights (``shares_weights``), whose weights always go back.
         free_weights: each parameter's storage is freed as autograd finishes its gradient
         (parity.runtime.run_torch): for a copy nothing runs again, whose caller then frees the
-        rest (free_torch_weights)."""
+        rest (free_torch_weights). param_grad_sink(name, grad): each parameter's gradient handed
+        over as autograd finishes it, never all held (parity.runtime.run_torch)."""
         tm = self.torch_module
         args = self.inputs(grads)
         restore = restore or self.shares_weights  # the caller's own weights: never left nudged
@@ -183,7 +184,7 @@ class PreparedPair:
             run = run_torch(tm, args, train=self.train, grads=grads, cotangents=cotangents,
                             cotangent_seed=cotangent_seed, capture=capture,
                             watch_precision=self.torch_dtype if watch else None, ops=ops,
-                            free_weights=free_weights)
+                            free_weights=free_weights, param_grad_sink=param_grad_sink)
         finally:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -226,6 +227,23 @@ class PreparedPair:
         if flax:
             out.cast_variables()
         return out
+
+    def release_variables(self) -> bool:
+        """Free the twin's ported variables until ``port_variables`` makes them again (the port
+        is exact: the same values): for a check whose twin runs next in another dtype only (a
+        low-precision check's float64 own-noise and rows runs), so the checked-dtype copy is not
+        held through torch's float64 run. The caller's own variables (``user_variables``) cannot
+        be made again and are kept: False then."""
+        if self.user_variables:
+            return False
+        self.variables = None
+        return True
+
+    def port_variables(self, dtype: str | None = None) -> dict:
+        """The twin's variables ported again from this pair's torch copy (its weights as they are
+        now), cast to ``dtype`` (default: the pair's) leaf by leaf as they are made: bit for bit
+        the port's values cast. Call under jax.enable_x64 for float64."""
+        return self.plan.to_flax(self.torch_module.state_dict(), dtype=jnp.dtype(dtype or self.dtype))
 
     def cast_variables(self) -> None:
         """Make the variables this pair's dtype, in place: a cast made with ``flax=False`` (whose

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 import parity
@@ -227,19 +228,33 @@ def test_rows_of_a_twin_that_cannot_run_in_float64_are_made_in_the_checked_dtype
     assert fc.isolated is not None and fc.isolated.ok  # and the rows still made, in float32
 
 
-def test_the_twins_float64_variables_are_made_after_torchs_float64_run(monkeypatch):
-    # With rows, torch's float64 run holds its float64 weights and gradients: the twin's float64
+@pytest.mark.parametrize("given", [False, True], ids=["ported", "callers-variables"])
+def test_no_twin_variables_are_held_through_torchs_float64_run(monkeypatch, given):
+    # With rows, torch's float64 run holds its float64 weights and gradients. The twin's float64
     # variables (the model's size in float64 again) are made after it, when the twin's side runs
-    # (GPT-2-medium: 2.8 GB off the check's peak), and the rows still run on float64 variables.
+    # (GPT-2-medium: 2.8 GB off the check's peak), and its checked-dtype ones, which the twin never
+    # runs on again, are freed before it and ported again in float64 when they are needed
+    # (GPT-2-medium: 1.35 GB). The caller's own variables cannot be ported again: kept, and cast.
+    import gc
+    import weakref
+
     from parity.pair import PreparedPair
 
-    seen = []
-    run_torch = PreparedPair.run_torch
+    seen, alive, checked = [], [], []
+    run_torch, prepare = PreparedPair.run_torch, checker.prepare
+
+    def spy_prepare(*a, **kw):
+        pair = prepare(*a, **kw)
+        checked.extend(weakref.ref(v) for v in jax.tree_util.tree_leaves(pair.variables))
+        return pair
 
     def spy(self, *a, **kw):
         if self.dtype == "float64":
+            gc.collect()
             seen.append({str(v.dtype) for v in jax.tree_util.tree_leaves(self.variables)})
+            alive.append(sum(r() is not None for r in checked))
         return run_torch(self, *a, **kw)
+    monkeypatch.setattr(checker, "prepare", spy_prepare)
     monkeypatch.setattr(PreparedPair, "run_torch", spy)
     rows_vars = []
     analyze = checker.analyze_layers
@@ -250,9 +265,20 @@ def test_the_twins_float64_variables_are_made_after_torchs_float64_run(monkeypat
     monkeypatch.setattr(checker, "analyze_layers", spy_rows)
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
-    r = parity.check(TorchStack(), Stack(), x, input_layout="as_is", lint=False)
-    assert r.verdict == "PASS", r.summary()
-    assert seen == [{"float32"}], seen  # the reference's one torch run, the twin's variables not cast yet
+    tm, fm = TorchStack(), Stack()
+    variables = None
+    if given:
+        variables = fm.init(jax.random.PRNGKey(1), jnp.asarray(x))
+        with torch.no_grad():
+            for p in tm.parameters():
+                p.mul_(0)  # the caller's variables decide the twin's side: a planted difference
+    r = parity.check(tm, fm, x, input_layout="as_is", lint=False, variables=variables)
+    if given:  # the caller's variables were used and kept: the port of torch's weights would pass
+        assert r.verdict == "FAIL", r.summary()
+        assert seen == [{"float32"}] and alive[0] == len(checked), (seen, alive)
+    else:
+        assert r.verdict == "PASS", r.summary()
+        assert seen == [set()] and alive == [0], (seen, alive)  # no twin variables in any dtype
     assert rows_vars == [{"float64"}], rows_vars
 
 

@@ -469,3 +469,22 @@ def test_verify_rows_run_computes_no_whole_model_parameter_gradients(mlp_bundle,
     assert recorded == [[]], recorded
     layers = [row for row in report.layers if row.torch_path.startswith("layers.")]
     assert layers and all(row.grad_isolated is not None and row.grad_isolated.ok for row in layers), str(report)
+
+
+def test_verify_rows_read_the_probes_gradients_as_each_row_asks(mlp_bundle, monkeypatch):
+    """The rows of a float32 bundle read its float32 probe's parameter gradients one at a time from
+    the file (parity.golden's Recorded), never the model's worth of them at once; the same rows."""
+    import parity.golden._verify as verify_mod
+    from parity.golden._bundle import Recorded
+
+    seen = {}
+    analyze = verify_mod.analyze_layers
+
+    def spy(*args, **kwargs):
+        seen["probe"] = kwargs["rows"].probe_params
+        return analyze(*args, **kwargs)
+    monkeypatch.setattr(verify_mod, "analyze_layers", spy)
+    report = parity.verify(mlp_bundle, _twin("mlp"), layers=True)
+    assert report.verdict == "PASS", str(report)
+    assert isinstance(seen["probe"], Recorded) and len(seen["probe"]) == 6, seen
+    assert {c.judge for row in report.layers for c in [row.grad_isolated] if c is not None} == {"reference"}

@@ -389,7 +389,9 @@ def _rows(bundle: Bundle, twin, variables, plan: PortPlan, f_args, cots, to_t, o
         probe_pgrads = _side(bundle, "probe").param_grads
     else:
         where = ()
-        probe_pgrads = bundle.group("layers.safetensors", "probe_params")
+        # read as each row asks and dropped after (Recorded): the probe's parameter gradients are
+        # a float32 copy of the model's (GPT-2-medium: 1.4 GB), judged a layer at a time
+        probe_pgrads = bundle.recorded("layers.safetensors", "probe_params")
     t64f, t64g = (Table(tolerance_for("float64", kind, *where)) for kind in (FORWARD, GRAD))
     probe_calls = {(c.path, c.call): c for c in _calls(bundle, "probe")}
     row_judge = RowJudge(t64f, t64g, tolerance_for("float64", REFERENCE), "float32", probe_calls, probe_pgrads)
