@@ -651,19 +651,15 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         the rows take each layer's from the layer run alone), then torch's float32 probe; the
         checked-dtype pair freed as each of its sides has run its last."""
         # A twin that computes in its dtype field: its checked run recorded every layer and is the
-        # rows' run (_check_pair: twin_rows_here); its whole-model gradients are freed. Nothing
-        # runs it on the float64 variables before the rows do: where they can be ported again
-        # (not the caller's), the own-noise run's go now and the rows' come after torch's probe,
-        # which then does not run beside them (GPT-2-medium: 2.7 GB off the probe's peak).
-        recorded = ref.flax is None and run.flax is not None and bool(run.flax.calls)
-        later = recorded and not pair.user_variables
-        if recorded:
+        # rows' run (_check_pair: twin_rows_here); its whole-model gradients are freed. Its float64
+        # variables, ported for its own-noise run, stay for the rows: freed before torch's probe
+        # and ported again after it, they came off the probe's peak (GPT-2-medium: 2.7 GB), but
+        # the check's peak stayed at 9.7 GiB (its own-noise run and the rows' first layers) and
+        # the second port cost 1-3 s.
+        if ref.flax is None and run.flax is not None and run.flax.calls:
             ref.flax = run.flax
-        if later:
-            ref.pair.variables = None
-        else:
-            with jax.enable_x64(True):
-                _float64_variables(ref, pair)
+        with jax.enable_x64(True):
+            _float64_variables(ref, pair)
         # The checked-dtype variables are read no more (the float64 ones are their cast, exact):
         # freed before the twin's float64 rows run, not after it (where _check_pair has not freed
         # them already); remade from those if it fails.
@@ -697,9 +693,7 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
         def reduce(name: str, grad: np.ndarray) -> None:
             probe_grads[name] = reduce_probe(grad, t64_grads[name], 0) if name in t64_grads else np.array(grad)
         try:
-            # last: nothing runs the pair's torch side again, unless the rows' variables are ported
-            # from its weights after it (then they are moved back, as a shared weight always is)
-            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=not later,
+            probe = _torch_only(pair, o, "float32", capture=True, cotangents=cots, perturb=True, last=True,
                                 param_grad_sink=reduce if o.grads else None)
             ev.rows = RowJudge(t64f, t64g, ref64, "float32", _calls_by_key(probe.calls), probe_grads,
                                all_float32=lower == "float32" and not ref_torch.lower_precision)
@@ -707,9 +701,6 @@ def _evidence(run: CapturedRun, o: CheckOptions, prec: str, platform: str, repor
             report.warnings.append(f"the float32 probe run of the per-layer rows failed ({type(exc).__name__}: "
                                    f"{str(exc)[:120]}): rows judged by the float64 table")
             ev.rows = RowJudge(t64f, t64g)
-        if later:
-            with jax.enable_x64(True):
-                _float64_variables(ref, pair)
         pair.free_torch_weights()
         give_back()
 
