@@ -295,13 +295,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
         m = _blockwise.measure(actual, expected, ref, prb, ax) if expected.ndim and expected.size else None
         stats = _statistics(actual, expected) if m is None else _finite_stats(
             actual, expected, m["max_abs"], math.sqrt(m["diff"]), math.sqrt(m["expected"]), m["max_rel"])
-        own = None
-        if flax_probe is not None and flax_reference is not None:
-            # as they are: _slice_norms reads them in float64 a block at a time
-            own = (to_numpy(flax_probe), to_numpy(flax_reference))
-            if own[0].shape != expected.shape or own[1].shape != expected.shape:
-                own = None
-        return _measured(name, actual, expected, ref, prb, rule, stats, ax, own, m)
+        return _measured(name, actual, expected, ref, prb, rule, stats, ax,
+                         _own(flax_probe, flax_reference, expected.shape), m)
     return _table(name, actual, expected, rule, _statistics(actual, expected))
 
 
@@ -319,12 +314,17 @@ def _judge_sums(name, actual, expected, ref, sums: ProbeSums, rule: Measured, ax
     m["noise"] = sums.noise
     stats = _finite_stats(actual, expected, m["max_abs"], math.sqrt(m["diff"]), math.sqrt(m["expected"]),
                           m["max_rel"])
-    own = None
-    if flax_probe is not None and flax_reference is not None:
-        own = (to_numpy(flax_probe), to_numpy(flax_reference))
-        if own[0].shape != expected.shape or own[1].shape != expected.shape:
-            own = None
-    return _measured(name, actual, expected, ref, sums, rule, stats, ax, own, m)
+    return _measured(name, actual, expected, ref, sums, rule, stats, ax, _own(flax_probe, flax_reference, expected.shape),
+                     m)
+
+
+def _own(flax_probe, flax_reference, shape: tuple[int, ...]) -> tuple | None:
+    """The twin's own two runs of a tensor (torch layout), as they are (_slice_norms reads them in
+    float64 a block at a time); None without both, or when their shape is not ``shape``."""
+    if flax_probe is None or flax_reference is None:
+        return None
+    own = (to_numpy(flax_probe), to_numpy(flax_reference))
+    return own if own[0].shape == shape and own[1].shape == shape else None
 
 
 def judge_or_table(name: str, flax_value, torch_value, rule: Rule | None, table: Table, *, layout: str = AS_IS,
