@@ -262,7 +262,8 @@ def judge(name: str, flax_value, torch_value, rule: Rule | Tolerance, *, layout:
     """Judge a Flax result (Flax layout) against torch (torch layout) by ``rule``.
 
     A Measured rule needs ``reference`` (torch layout; the truth) and ``probe`` (torch layout; the
-    run whose distance to the reference is the measured noise); without a usable reference
+    run whose distance to the reference is the measured noise; or that run reduced against this
+    reference by ``reduce_probe``, a ProbeSums: the same verdict and score); without a usable reference
     (missing, or non-finite where both sides are finite) it raises ValueError. A bare Tolerance
     is a Table rule whose atol decides (a caller's torch.testing-style check). The Flax value is
     converted to torch layout here and nowhere else, so every index means the same thing to a
