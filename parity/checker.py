@@ -6,7 +6,8 @@ plain sum would hide sign and permutation errors that cancel).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections import ChainMap
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ import torch
 
 from parity._logits import judge_logits, logit_paths
 from parity._heap import give_back
+from parity._spill import Renamed, Spill, spill_wanted
 from parity._threads import beside, settle
 from parity.judge import ModelJudge, Table, failed_comparison, measured, reduce_probe, worst_of
 from parity.layers import RowJudge, analyze_layers, first_divergence
@@ -64,16 +66,18 @@ class CapturedRun:
 
 def run_pair(pair: PreparedPair, o: CheckOptions, *, layers: bool, say, watch: bool = False,
          cotangents: Mapping[str, np.ndarray] | None = None, flax_side: bool = True,
-         ops: bool = False, free_weights: bool = False) -> CapturedRun:
+         ops: bool = False, free_weights: bool = False,
+         param_grad_sink: Callable[[str, np.ndarray], None] | None = None) -> CapturedRun:
     """One forward + backward of both sides of ``pair`` (cotangents: torch's, by output path;
     default: seeded random); the first run also settles the output map and layouts the pair's
     casts share. flax_side=False: torch's side alone (``flax`` None until ``run_flax_side``), for a caller
     that needs the twin's side later (the rows' float64 run: after the model is judged). ops:
     torch's run records the torch functions its forward calls (``run.torch.ops``, for the lint).
-    free_weights: torch's weights are freed as their gradients come (PreparedPair.run_torch)."""
+    free_weights, param_grad_sink: PreparedPair.run_torch's."""
     say("torch forward/backward")
     t, args = pair.run_torch(grads=o.grads, capture=layers, cotangents=cotangents or None,
-                             cotangent_seed=o.seed + 1, watch=watch, ops=ops, free_weights=free_weights)
+                             cotangent_seed=o.seed + 1, watch=watch, ops=ops, free_weights=free_weights,
+                             param_grad_sink=param_grad_sink)
     module_paths = [p for p, _ in pair.torch_module.named_modules()]
     # output_layout entries naming a layer (by torch module path) are for its per-layer rows
     output_layout, layer_layouts = split_output_spec(o.output_layout, list(t.outputs), module_paths)
@@ -336,6 +340,10 @@ def check(
     may turn that leaf's FAIL into a pass (parity.judge.logit_rule; the report says so), never the
     reverse, never for a NaN, and never under the caller's own rtol/atol.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
+    spill: torch's float64 parameter gradients (a low-precision check's reference, read again
+    by the judge, the rows' noise probe and the rows) kept in files in TMPDIR between those reads
+    and deleted when judged or at the end (parity._spill): None (default) when they hold 1 GiB or
+    more (a 134M-parameter model), True always, False never. The same numbers either way.
     lint: read both graphs for known convention traps first (parity.lint: GELU exact vs tanh,
     'SAME' vs symmetric padding with stride > 1, conv geometry, dropout left on, ceil_mode); each
     finding is a report warning "trap: ...". strict (runs the lint even with lint=False): any
@@ -485,8 +493,10 @@ def _release(run: CapturedRun, ev: Evidence, o: CheckOptions) -> Callable[[str],
 
     def release(key: str) -> None:
         if key.startswith("param:"):
+            name = key.removeprefix("param:")
             for grads in held:
-                grads.pop(key.removeprefix("param:"), None)
+                if name in grads:  # del, not pop: a Spill deletes its file unread
+                    del grads[name]
     return release
 
 
@@ -555,14 +565,29 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
     gradients freed; else the TorchRun alone, in a worker thread (parity._threads.beside): it
     says nothing and writes no report."""
     cots = run.torch.cotangents
+    # Its parameter gradients (the model's size in float64) are read long after the run: by the
+    # model judge, the rows' probe and the rows. A large model's go to files as autograd makes
+    # them and are read back a tensor at a time (parity._spill; GPT-2-medium with rows: 2.8 GB
+    # off torch's float64 run, the twin's own-noise run, the probe and the rows).
+    nbytes = 8 * sum(p.numel() for p in run.torch_module.parameters() if p.requires_grad)
+    spill = Spill() if o.grads and spill_wanted(o.spill, nbytes) else None
 
     def once(free: bool):
         # the twin's float64 variables are made when its side runs (PreparedPair.cast_variables)
         ref_pair = run.pair.cast("float64", flax=False)
+        if spill is not None:
+            spill.clear()  # a run made again starts afresh
+        sink = None if spill is None else spill.__setitem__
         if o.layers:
-            return run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
-                            flax_side=False, free_weights=free)
-        ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True, free_weights=free)[0]
+            made = run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
+                            flax_side=False, free_weights=free, param_grad_sink=sink)
+            if spill is not None:
+                made.torch.param_grads = spill
+            return made
+        ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True, free_weights=free,
+                                 param_grad_sink=sink)[0]
+        if spill is not None:
+            ref.param_grads = spill
         # Its outputs' autograd graph holds the float64 weights (the model's size, twice) for as
         # long as the run is alive; nothing reads them again.
         ref_pair.free_torch_weights()
@@ -856,8 +881,11 @@ def _model_judge(run: CapturedRun, ev: Evidence, every_key: bool = False) -> Mod
                       own_noise if ev.flax_other is not None else None)
 
 
-def _tensors(t: TorchRun) -> dict[str, np.ndarray]:
-    """A torch run's model-level tensors by ModelJudge key."""
+def _tensors(t: TorchRun) -> MutableMapping[str, np.ndarray]:
+    """A torch run's model-level tensors by ModelJudge key. Gradients kept in files (a Spill)
+    stay there: a view reads each as the judge asks."""
+    if isinstance(t.param_grads, Spill):
+        return ChainMap({**t.outputs, **t.input_grads}, Renamed(t.param_grads, "param:"))
     return {**t.outputs, **t.input_grads, **{f"param:{n}": g for n, g in t.param_grads.items()}}
 
 

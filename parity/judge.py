@@ -39,7 +39,7 @@ verdict); a NaN or inf on one side only is a FAIL that names the side.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -512,7 +512,7 @@ class ModelJudge:
         if release is None:  # kept: the data-parallel rows judge the same keys again
             return
         for d in (self.refs, self.probes, self.own_probe, self.own_ref):
-            if isinstance(d, dict):
+            if isinstance(d, MutableMapping):  # (a ChainMap over a Spill's view drops its dict part only)
                 d.pop(key, None)
         if ok:  # a failure's values stay: the check looks in them for where a NaN or Inf began
             release(key)

@@ -785,7 +785,8 @@ def analyze_layers(
                 _judge(job, result, plan, param_grads, tied, rows, total, own, own_total, first=(first, failed))
         if release_param_grads:  # each parameter is judged in one row (split_params): final here
             for name in first:
-                param_grads.pop(name, None)
+                if name in param_grads:  # del, not pop: a Spill (parity._spill) deletes its file unread
+                    del param_grads[name]
     waiting: dict[str, tuple[IsolatedLayer, object]] = {}  # call 0 of a module called again later
     # Streamed: run a chunk, judge it, free it (all at once, every layer's outputs and parameter
     # gradients were held together). A parameter's gradient is computed and judged once, in the

@@ -282,7 +282,8 @@ def check_options(args: argparse.Namespace) -> CheckOptions:
     return CheckOptions(grads=not args.no_grads, layers=not args.no_layers, rtol=args.rtol, atol=args.atol,
                         precision=args.precision, device=args.device, seed=args.seed,
                         reference="float64" if args.fp64_reference else None, data_parallel=args.data_parallel,
-                        lint=not args.no_lint, strict=args.strict, logits=logits_option(args.logits))
+                        lint=not args.no_lint, strict=args.strict, logits=logits_option(args.logits),
+                        spill=args.spill)
 
 
 def _jobs(args: argparse.Namespace):

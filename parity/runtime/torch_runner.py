@@ -82,7 +82,7 @@ class TorchRun:
     outputs: dict[str, np.ndarray]
     cotangents: dict[str, np.ndarray]  # float output leaves only
     input_grads: dict[str, np.ndarray]  # float input leaves only
-    param_grads: dict[str, np.ndarray]  # by torch parameter name
+    param_grads: dict[str, np.ndarray]  # by torch parameter name (a check may swap in a parity._spill.Spill)
     calls: list[TorchCall] | None  # completion order, when capture=True
     raw_outputs: dict[str, torch.Tensor]  # the output tensors themselves (for producer lookup)
     aliases: dict[int, int] = field(default_factory=dict)  # id(view made by a hook) -> id(tensor)
@@ -383,8 +383,9 @@ def run_torch(
     # A captured run records what this run made as views (_Recorder); if an op it could not see
     # wrote into one of them, the run is made again, from the same inputs and buffers, with
     # every value copied. A run that hands its gradients on (the sink) or its ops cannot be
-    # repeated unseen: it copies from the start.
-    copy_all = ops or param_grad_sink is not None
+    # repeated unseen: it copies from the start; but one that frees its weights is never made
+    # again here (it raises, and its caller makes it again with a fresh sink): views.
+    copy_all = ops or (param_grad_sink is not None and not free_weights)
     if not capture or copy_all:
         return _run(module, args, train, grads, cotangents, cotangent_seed, capture, watch_precision, ops,
                     param_grad_sink, copy_all=True, free_weights=free_weights)[0]

@@ -1,0 +1,162 @@
+"""Arrays kept in files between the reads of them: a check's float64 parameter gradients, which
+the model judge, the rows' probe and the per-layer rows each read once, long after torch's
+float64 run made them (GPT-2-medium: 2.8 GB held through three whole-model runs otherwise).
+
+Each array is one raw file in a private temporary directory (``tempfile``'s: set TMPDIR to move
+it), written by a worker thread while the caller goes on (torch's backward); a read maps the
+file read-only (the page cache's pages, not a copy: 0.3 s for 2.9 GB where reading into fresh
+arrays took 1.2 s on the 2-core VM) and keeps nothing, and a dropped key deletes its file. The
+directory goes with the mapping (``close``, or when it is garbage-collected).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, MutableMapping
+
+import numpy as np
+
+# A check spills torch's float64 gradients when they would hold at least this much (the model's
+# parameters, 8 bytes each): BERT-base's 0.9 GB stay in memory, where reading them back three
+# times would cost ~1 s of a 25 s check; GPT-2-medium's 2.8 GB go to files (its check's peak
+# with rows 9.7 -> 7.3 GiB, for about 2 s of a 70 s check: docs/checking.md).
+SPILL_BYTES = 1 << 30
+
+
+def spill_wanted(spill: bool | None, nbytes: int) -> bool:
+    """Whether gradients of ``nbytes`` go to files: ``spill`` True or False says so; None (the
+    default) when they are at least SPILL_BYTES."""
+    return nbytes >= SPILL_BYTES if spill is None else bool(spill)
+
+
+class Spill(MutableMapping):
+    """{name: array} held in files (one per array, its raw bytes); ``spill[name]`` is a read-only
+    array mapped from its file, ``del`` deletes the file (unread). Arrays keep their dtype and
+    shape exactly. Writes go to a worker thread, at most ``in_flight`` bytes handed over and not
+    yet written (the caller waits past that); a read or a delete of a key waits for its write."""
+
+    def __init__(self, prefix: str = "parity-spill-", in_flight: int = 256 << 20):
+        self.directory = tempfile.mkdtemp(prefix=prefix)
+        self._meta: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {}
+        self._count = 0
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+        self._cv = threading.Condition()
+        self._queue: list[tuple[str, np.ndarray]] = []  # handed over, not yet written, in order
+        self._limit, self._bytes = in_flight, 0
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __setitem__(self, name: str, value) -> None:
+        a = np.asarray(value)
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+        if a.dtype.hasobject:
+            raise TypeError(f"cannot spill {name!r}: an object array")
+        if name in self._meta:
+            del self[name]
+        with self._cv:
+            self._cv.wait_for(lambda: self._bytes <= self._limit or self._error is not None)
+            self._raise()
+            self._count += 1
+            path = os.path.join(self.directory, f"{self._count}.bin")
+            self._queue.append((path, a))
+            self._bytes += a.nbytes
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._write, name="parity-spill", daemon=True)
+                self._worker.start()
+        self._meta[name] = (path, a.dtype, a.shape)
+
+    def _write(self) -> None:
+        """The worker: writes what is queued, in order, and ends when nothing is."""
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._worker = None
+                    return
+                path, a = self._queue[0]
+            try:
+                with open(path, "wb") as f:
+                    f.write(memoryview(a.reshape(-1).view(np.uint8)))  # the GIL is let go while it writes
+            except BaseException as exc:  # noqa: BLE001 -- raised by the next read or write
+                self._error = exc
+            with self._cv:
+                self._queue.pop(0)
+                self._bytes -= a.nbytes
+                self._cv.notify_all()
+            del a
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise OSError(f"writing a spilled array under {self.directory} failed: {self._error}")
+
+    def _written(self, path: str) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: all(p != path for p, _ in self._queue) or self._error is not None)
+            self._raise()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, dtype, shape = self._meta[name]
+        self._written(path)
+        if not shape or 0 in shape:
+            return np.fromfile(path, dtype=dtype).reshape(shape)  # (mmap cannot map 0 bytes)
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(m, dtype=dtype).reshape(shape)  # read-only; unmapped when dropped
+
+    def __delitem__(self, name: str) -> None:
+        path = self._meta.pop(name)[0]
+        self._written(path)
+        os.remove(path)
+
+    def __contains__(self, name) -> bool:
+        return name in self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._meta))
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """An array's shape (nothing read)."""
+        return self._meta[name][2]
+
+    def clear(self) -> None:
+        """Drop every array, reading none."""
+        for name in list(self._meta):
+            del self[name]
+
+    def close(self) -> None:
+        """Delete every file and the directory (the mapping is empty after)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._queue)
+        self._meta.clear()
+        self._finalizer()
+
+
+class Renamed(Mapping):
+    """A read-only view of ``source`` under ``prefix`` + its keys (``param:`` + a torch name):
+    reads go through to ``source`` as asked, so a Spill is read a tensor at a time."""
+
+    def __init__(self, source: Mapping, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def __getitem__(self, key: str):
+        if not key.startswith(self.prefix):
+            raise KeyError(key)
+        return self.source[key[len(self.prefix):]]
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key.startswith(self.prefix) and key[len(self.prefix):] in self.source
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.prefix + k for k in self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+__all__ = ["SPILL_BYTES", "Renamed", "Spill", "spill_wanted"]

@@ -1,0 +1,134 @@
+"""torch's float64 parameter gradients kept in files between the judge's reads (parity._spill):
+the mapping keeps every array exactly, frees what is dropped, leaves no file behind, and a check
+that spills gives the report one that does not gives, a planted mis-port included."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import parity
+import parity.checker as checker
+from parity._spill import SPILL_BYTES, Renamed, Spill, spill_wanted
+
+
+def _gone(directory: str) -> bool:
+    """The directory deleted once the mapping is collected (its writer thread, holding it while it
+    writes, ends first: waited for up to 10 s)."""
+    for _ in range(100):
+        gc.collect()
+        if not os.path.exists(directory):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_arrays_come_back_exactly_and_read_only():
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((5, 3)), "b": rng.standard_normal(7).astype(np.float32),
+              "h": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16), "s": np.float64(3.5),
+              "e": np.zeros((0, 4)), "t": rng.standard_normal((4, 6)).T}  # not contiguous
+    s = Spill(in_flight=1)  # every write waits for the one before: the queue's own path
+    for k, v in arrays.items():
+        s[k] = v
+    assert sorted(s) == sorted(arrays) and len(s) == len(arrays) and s.shape("w") == (5, 3)
+    for k, v in arrays.items():
+        got = s[k]
+        assert got.dtype == np.asarray(v).dtype and got.shape == np.shape(v), k
+        assert got.tobytes() == np.asarray(v).tobytes(), k  # bit for bit
+    with pytest.raises(ValueError, match="read-only"):
+        s["w"][0, 0] = 1.0
+    s["w"] = np.ones(2)  # replaced: the old file goes
+    assert np.array_equal(s["w"], np.ones(2)) and len(os.listdir(s.directory)) == len(arrays)
+    del s["w"]
+    assert "w" not in s and len(os.listdir(s.directory)) == len(arrays) - 1
+    s.clear()
+    assert len(s) == 0 and os.listdir(s.directory) == []
+    directory = s.directory
+    s.close()
+    assert not os.path.exists(directory)
+
+
+def test_the_directory_goes_with_the_mapping_and_a_failed_write_is_named():
+    s = Spill()
+    s["a"] = np.ones(3)
+    directory = s.directory
+    del s
+    assert _gone(directory)
+    s = Spill()
+    os.rmdir(s.directory)  # the write then fails, in the worker: the next read says so
+    s["a"] = np.ones(3)
+    with pytest.raises(OSError, match="writing a spilled array under"):
+        s["a"]
+    s.close()
+
+
+def test_renamed_reads_through():
+    s = Spill()
+    s["fc.weight"] = np.arange(3.0)
+    view = Renamed(s, "param:")
+    assert "param:fc.weight" in view and "fc.weight" not in view and list(view) == ["param:fc.weight"]
+    assert np.array_equal(view["param:fc.weight"], np.arange(3.0))
+    with pytest.raises(KeyError):
+        view["fc.weight"]
+    s.close()
+
+
+def test_spill_by_default_from_one_gib_of_gradients():
+    assert spill_wanted(None, SPILL_BYTES) and not spill_wanted(None, SPILL_BYTES - 1)
+    assert spill_wanted(True, 0) and not spill_wanted(False, 10 * SPILL_BYTES)
+
+
+class _Torch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class _Flax(nn.Module):
+    low: str = ""  # the layer that computes in bfloat16 instead: a planted mis-port
+
+    @nn.compact
+    def __call__(self, x):
+        def dt(name):
+            return jnp.bfloat16 if name == self.low else None
+        h = nn.Dense(16, dtype=dt("fc1"), name="fc1")(x)
+        return nn.Dense(4, dtype=dt("fc2"), name="fc2")(jnp.tanh(h)).astype(x.dtype)
+
+
+@pytest.mark.parametrize("layers", [False, True], ids=["model", "rows"])
+@pytest.mark.parametrize("low", ["", "fc2"], ids=["correct", "mis-port"])
+def test_a_check_that_spills_gives_the_same_report(monkeypatch, layers, low):
+    made, read = [], []
+    setitem = Spill.__setitem__
+    monkeypatch.setattr(Spill, "__setitem__", lambda self, k, v: (made.append(self), setitem(self, k, v))[1])
+    analyze = checker.analyze_layers
+
+    def spy(*args, **kwargs):
+        read.append(kwargs["param_grads"])
+        return analyze(*args, **kwargs)
+    monkeypatch.setattr(checker, "analyze_layers", spy)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    reports = [parity.check(_Torch(), _Flax(low=low), x, input_layout="as_is", lint=False, layers=layers,
+                            spill=spill).to_dict() for spill in (False, True)]
+    for r in reports:
+        r["env"] = None  # (timings and versions aside)
+    assert reports[0] == reports[1]
+    assert reports[0]["verdict"] == ("FAIL" if low else "PASS"), reports[0]["verdict"]
+    assert len(made) == 4 and len({id(s) for s in made}) == 1  # the second check's, every parameter
+    if layers:  # the rows read them from the files, and let each go once judged
+        assert not isinstance(read[0], Spill) and isinstance(read[1], Spill) and len(read[1]) == 0
+    directory = made[0].directory
+    made.clear(), read.clear()  # (the spies held the mapping)
+    assert _gone(directory)  # nothing left behind
