@@ -3,13 +3,16 @@ the model judge, the rows' probe and the per-layer rows each read once, long aft
 float64 run made them (GPT-2-medium: 2.8 GB held through three whole-model runs otherwise).
 
 Each array is one raw file in a private temporary directory (``tempfile``'s: set TMPDIR to move
-it), written by a worker thread while the caller goes on (torch's backward); a read maps the
+it; where that is a memory filesystem and TMPDIR is not set, /var/tmp), written by a worker
+thread while the caller goes on (torch's backward); one that cannot be written (a full disk) is
+kept in memory instead and the mapping says why (``failed``). A read maps the
 file read-only (the page cache's pages, not a copy: 0.3 s for 2.9 GB where reading into fresh
 arrays took 1.2 s on the 2-core VM) and keeps nothing, and a dropped key deletes its file. The
 directory goes with the mapping (``close``, or when it is garbage-collected).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import shutil
@@ -33,14 +36,53 @@ def spill_wanted(spill: bool | None, nbytes: int) -> bool:
     return nbytes >= SPILL_BYTES if spill is None else bool(spill)
 
 
+def spill_root(mounts: str | None = None) -> str:
+    """Where a Spill's directory goes: tempfile's (TMPDIR), unless that is memory (tmpfs, ramfs:
+    /tmp on many systems) and TMPDIR is not set, then /var/tmp when it is on a disk.
+    mounts: /proc/mounts' text (read when None)."""
+    root = tempfile.gettempdir()
+    if "TMPDIR" in os.environ or not in_memory(root, mounts):
+        return root
+    other = "/var/tmp"
+    usable = os.path.isdir(other) and os.access(other, os.W_OK | os.X_OK)
+    return other if usable and not in_memory(other, mounts) else root
+
+
+def in_memory(path: str, mounts: str | None = None) -> bool:
+    """Whether ``path`` is on a memory filesystem (tmpfs, ramfs), by its longest mount point in
+    ``mounts`` (/proc/mounts' text, read when None; False where there is none)."""
+    if mounts is None:
+        try:
+            with open("/proc/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return False
+    real, best, kind = os.path.realpath(path), "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        under = real == point or real.startswith(point.rstrip("/") + "/")
+        if under and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind in ("tmpfs", "ramfs")
+
+
 class Spill(MutableMapping):
     """{name: array} held in files (one per array, its raw bytes); ``spill[name]`` is a read-only
     array mapped from its file, ``del`` deletes the file (unread). Arrays keep their dtype and
     shape exactly. Writes go to a worker thread, at most ``in_flight`` bytes handed over and not
-    yet written (the caller waits past that); a read or a delete of a key waits for its write."""
+    yet written (the caller waits past that); a read or a delete of a key waits for its write.
+    failed: why an array could not be written ("" when all were); it and every array after it
+    are kept in memory. in_memory: the directory is on a memory filesystem (nothing saved)."""
 
     def __init__(self, prefix: str = "parity-spill-", in_flight: int = 256 << 20):
-        self.directory = tempfile.mkdtemp(prefix=prefix)
+        root = spill_root()
+        self.directory = tempfile.mkdtemp(prefix=prefix, dir=root)
+        self.in_memory = in_memory(root)
+        self.failed = ""
+        self._kept: dict[str, np.ndarray] = {}  # path -> an array that could not be written
         self._meta: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {}
         self._count = 0
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
@@ -48,7 +90,6 @@ class Spill(MutableMapping):
         self._queue: list[tuple[str, np.ndarray]] = []  # handed over, not yet written, in order
         self._limit, self._bytes = in_flight, 0
         self._worker: threading.Thread | None = None
-        self._error: BaseException | None = None
 
     def __setitem__(self, name: str, value) -> None:
         a = np.asarray(value)
@@ -58,10 +99,13 @@ class Spill(MutableMapping):
         if name in self._meta:
             del self[name]
         with self._cv:
-            self._cv.wait_for(lambda: self._bytes <= self._limit or self._error is not None)
-            self._raise()
+            self._cv.wait_for(lambda: self._bytes <= self._limit)
             self._count += 1
             path = os.path.join(self.directory, f"{self._count}.bin")
+            if self.failed:  # the disk said no once: the rest stay in memory
+                self._kept[path] = a
+                self._meta[name] = (path, a.dtype, a.shape)
+                return
             self._queue.append((path, a))
             self._bytes += a.nbytes
             if self._worker is None:
@@ -80,26 +124,29 @@ class Spill(MutableMapping):
             try:
                 with open(path, "wb") as f:
                     f.write(memoryview(a.reshape(-1).view(np.uint8)))  # the GIL is let go while it writes
-            except BaseException as exc:  # noqa: BLE001 -- raised by the next read or write
-                self._error = exc
+            except OSError as exc:  # a full disk, a directory gone: kept in memory, and said
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                with self._cv:
+                    self._kept[path] = a
+                    self.failed = self.failed or f"{type(exc).__name__}: {exc}"
             with self._cv:
                 self._queue.pop(0)
                 self._bytes -= a.nbytes
                 self._cv.notify_all()
             del a
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise OSError(f"writing a spilled array under {self.directory} failed: {self._error}")
-
     def _written(self, path: str) -> None:
         with self._cv:
-            self._cv.wait_for(lambda: all(p != path for p, _ in self._queue) or self._error is not None)
-            self._raise()
+            self._cv.wait_for(lambda: all(p != path for p, _ in self._queue))
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, dtype, shape = self._meta[name]
         self._written(path)
+        if path in self._kept:
+            kept = self._kept[path].view()
+            kept.flags.writeable = False  # read-only, as a mapped one is
+            return kept
         if not shape or 0 in shape:
             return np.fromfile(path, dtype=dtype).reshape(shape)  # (mmap cannot map 0 bytes)
         with open(path, "rb") as f:
@@ -109,7 +156,8 @@ class Spill(MutableMapping):
     def __delitem__(self, name: str) -> None:
         path = self._meta.pop(name)[0]
         self._written(path)
-        os.remove(path)
+        if self._kept.pop(path, None) is None:
+            os.remove(path)
 
     def __contains__(self, name) -> bool:
         return name in self._meta
@@ -134,6 +182,7 @@ class Spill(MutableMapping):
         with self._cv:
             self._cv.wait_for(lambda: not self._queue)
         self._meta.clear()
+        self._kept.clear()
         self._finalizer()
 
 
@@ -159,4 +208,4 @@ class Renamed(Mapping):
         return len(self.source)
 
 
-__all__ = ["SPILL_BYTES", "Renamed", "Spill", "spill_wanted"]
+__all__ = ["SPILL_BYTES", "Renamed", "Spill", "in_memory", "spill_root", "spill_wanted"]

@@ -473,8 +473,25 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
                 release_param_grads=True,  # judged: the report holds numbers
             )
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
+    report.warnings += _spill_notes(ev)
     say("done")
     return report
+
+
+def _spill_notes(ev: Evidence) -> list[str]:
+    """What the report says of torch's float64 gradients kept in files (parity._spill): a write
+    that failed (they stayed in memory), or files that are memory themselves."""
+    ref = ev.ref.torch if isinstance(ev.ref, CapturedRun) else ev.ref
+    spill = getattr(ref, "param_grads", None)
+    if not isinstance(spill, Spill):
+        return []
+    if spill.failed:
+        return [f"torch's float64 gradients could not all be kept in files under {spill.directory} "
+                f"({spill.failed}): the rest were held in memory"]
+    if spill.in_memory:
+        return [f"torch's float64 gradients were kept in files under {spill.directory}, a memory filesystem: "
+                "set TMPDIR to a directory on a disk to take them out of memory"]
+    return []
 
 
 def _release(run: CapturedRun, ev: Evidence, o: CheckOptions) -> Callable[[str], None] | None:

@@ -16,7 +16,7 @@ import torch
 
 import parity
 import parity.checker as checker
-from parity._spill import SPILL_BYTES, Renamed, Spill, spill_wanted
+from parity._spill import SPILL_BYTES, Renamed, Spill, in_memory, spill_root, spill_wanted
 
 
 def _gone(directory: str) -> bool:
@@ -56,18 +56,49 @@ def test_arrays_come_back_exactly_and_read_only():
     assert not os.path.exists(directory)
 
 
-def test_the_directory_goes_with_the_mapping_and_a_failed_write_is_named():
+def test_the_directory_goes_with_the_mapping():
     s = Spill()
     s["a"] = np.ones(3)
     directory = s.directory
     del s
     assert _gone(directory)
+
+
+def test_what_cannot_be_written_stays_in_memory_and_says_why():
     s = Spill()
-    os.rmdir(s.directory)  # the write then fails, in the worker: the next read says so
-    s["a"] = np.ones(3)
-    with pytest.raises(OSError, match="writing a spilled array under"):
-        s["a"]
+    os.rmdir(s.directory)  # the write then fails, in the worker (as on a full disk)
+    s["a"], s["b"] = np.arange(3.0), np.ones(2)
+    assert np.array_equal(s["a"], np.arange(3.0)) and np.array_equal(s["b"], np.ones(2))
+    assert "FileNotFoundError" in s.failed, s.failed
+    with pytest.raises(ValueError, match="read-only"):
+        s["a"][0] = 1.0
+    del s["a"]
+    assert list(s) == ["b"]
     s.close()
+
+
+MOUNTS = """/dev/vda / ext4 rw 0 0
+tmpfs /tmp tmpfs rw,nosuid 0 0
+tmpfs /dev/shm tmpfs rw 0 0
+/dev/vdb /var/tmp ext4 rw 0 0
+"""
+
+
+def test_a_memory_filesystem_is_seen_by_its_longest_mount_point():
+    assert in_memory("/tmp/x", MOUNTS) and in_memory("/dev/shm", MOUNTS)
+    assert not in_memory("/var/tmp", MOUNTS) and not in_memory("/tmpfoo", MOUNTS) and not in_memory("/", MOUNTS)
+    assert not in_memory("/tmp", "/dev/vda / ext4 rw 0 0\n")
+
+
+def test_spills_leave_a_memory_tmp_for_var_tmp_unless_tmpdir_is_set(monkeypatch):
+    import tempfile
+
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/tmp")
+    assert spill_root(MOUNTS) == ("/var/tmp" if os.access("/var/tmp", os.W_OK) else "/tmp")
+    assert spill_root("/dev/vda / ext4 rw 0 0\n") == "/tmp"  # /tmp on a disk: kept
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    assert spill_root(MOUNTS) == "/tmp"  # the user's choice
 
 
 def test_renamed_reads_through():
@@ -132,3 +163,22 @@ def test_a_check_that_spills_gives_the_same_report(monkeypatch, layers, low):
     directory = made[0].directory
     made.clear(), read.clear()  # (the spies held the mapping)
     assert _gone(directory)  # nothing left behind
+
+
+def test_a_check_whose_files_fail_still_judges_and_says_so(monkeypatch):
+    import parity._spill as spill_module
+
+    init = Spill.__init__
+
+    def no_directory(self, *a, **kw):
+        init(self, *a, **kw)
+        os.rmdir(self.directory)
+    monkeypatch.setattr(Spill, "__init__", no_directory)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    r = parity.check(_Torch(), _Flax(low="fc2"), x, input_layout="as_is", lint=False, spill=True)
+    assert r.verdict == "FAIL" and r.first_divergence == "fc2", r.summary()
+    assert any("could not all be kept in files" in w and "held in memory" in w for w in r.warnings), r.warnings
+    monkeypatch.setattr(Spill, "__init__", init)
+    monkeypatch.setattr(spill_module, "in_memory", lambda *a, **kw: True)
+    r = parity.check(_Torch(), _Flax(), x, input_layout="as_is", lint=False, spill=True)
+    assert r.verdict == "PASS" and any("a memory filesystem: set TMPDIR" in w for w in r.warnings), r.warnings
