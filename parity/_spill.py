@@ -1,6 +1,7 @@
-"""Arrays kept in files between the reads of them: a check's float64 parameter gradients, which
-the model judge, the rows' probe and the per-layer rows each read once, long after torch's
-float64 run made them (GPT-2-medium: 2.8 GB held through three whole-model runs otherwise).
+"""Arrays kept in files between the reads of them: a low-precision check's torch parameter
+gradients, which wait through torch's float64 run for the judge (the checked run's), or which the
+model judge, the rows' probe and the per-layer rows each read once, long after torch's float64
+run made them (the reference's: GPT-2-medium's 2.8 GB held through three whole-model runs).
 
 Each array is one raw file in a private temporary directory (``tempfile``'s: set TMPDIR to move
 it; where that is a memory filesystem and TMPDIR is not set, /var/tmp), written by a worker
@@ -167,6 +168,14 @@ class Spill(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._meta)
+
+    def reorder(self, names) -> Spill:
+        """Iterate in the order of ``names`` (a model's parameter order, where a sink filled it in
+        autograd's), the names not in it after them, as they were. Returns the mapping."""
+        names = [n for n in names if n in self._meta]
+        rest = {n: m for n, m in self._meta.items() if n not in set(names)}
+        self._meta = {**{n: self._meta[n] for n in names}, **rest}
+        return self
 
     def shape(self, name: str) -> tuple[int, ...]:
         """An array's shape (nothing read)."""

@@ -384,10 +384,16 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
     # The lint reads torch's side off this run (its ops, the norms' inputs): one forward fewer.
     # Not off a recorded run: one that records its ops copies every value it records.
     lint = o.lint or o.strict
+    # A large model's torch gradients in the checked dtype wait through torch's float64 run for
+    # the judge: in files too, as autograd makes them (GPT-2-medium: 1.4 GB off that run's peak).
+    spill = Spill() if _spills(pair, o) else None
     with (watch_forward(pair.torch_module, pair.plan, o.train) if lint and not rows_here
           else contextlib.nullcontext()) as torch_side, x64():
         run = run_pair(pair, o, layers=rows_here, say=say, watch=dname == "float64",
-                       ops=torch_side is not None, flax_side=False)
+                       ops=torch_side is not None, flax_side=False,
+                       param_grad_sink=None if spill is None else spill.__setitem__)
+    if spill is not None:  # in the model's parameter order, as the report lists them (not autograd's)
+        run.torch.param_grads = spill.reorder(n for n, _ in pair.torch_module.named_parameters())
     if torch_side is not None:
         torch_side.ops = run.torch.ops
     reference = None
@@ -473,23 +479,31 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
                 release_param_grads=True,  # judged: the report holds numbers
             )
         report.first_divergence, report.divergence_kind = first_divergence(report.layers)
-    report.warnings += _spill_notes(ev)
+    report.warnings += _spill_notes(run, ev)
     say("done")
     return report
 
 
-def _spill_notes(ev: Evidence) -> list[str]:
-    """What the report says of torch's float64 gradients kept in files (parity._spill): a write
-    that failed (they stayed in memory), or files that are memory themselves."""
+def _spills(pair: PreparedPair, o: CheckOptions) -> bool:
+    """Whether a low-precision check keeps torch's parameter gradients (the checked run's and the
+    float64 reference's) in files between the judge's reads (parity._spill; CheckOptions.spill:
+    by default when the float64 ones hold 1 GiB or more)."""
+    if not o.grads or o.override or o.dtype == "float64":
+        return False
+    return spill_wanted(o.spill, 8 * sum(p.numel() for p in pair.torch_module.parameters() if p.requires_grad))
+
+
+def _spill_notes(run: CapturedRun, ev: Evidence) -> list[str]:
+    """What the report says of torch's gradients kept in files (parity._spill): a write that
+    failed (they stayed in memory), or files that are memory themselves."""
     ref = ev.ref.torch if isinstance(ev.ref, CapturedRun) else ev.ref
-    spill = getattr(ref, "param_grads", None)
-    if not isinstance(spill, Spill):
-        return []
-    if spill.failed:
-        return [f"torch's float64 gradients could not all be kept in files under {spill.directory} "
-                f"({spill.failed}): the rest were held in memory"]
-    if spill.in_memory:
-        return [f"torch's float64 gradients were kept in files under {spill.directory}, a memory filesystem: "
+    spills = [s for s in (run.torch.param_grads, getattr(ref, "param_grads", None)) if isinstance(s, Spill)]
+    failed = [s for s in spills if s.failed]
+    if failed:
+        return [f"torch's gradients could not all be kept in files under {failed[0].directory} "
+                f"({failed[0].failed}): the rest were held in memory"]
+    if spills and spills[0].in_memory:
+        return [f"torch's gradients were kept in files under {spills[0].directory}, a memory filesystem: "
                 "set TMPDIR to a directory on a disk to take them out of memory"]
     return []
 
@@ -586,8 +600,7 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
     # model judge, the rows' probe and the rows. A large model's go to files as autograd makes
     # them and are read back a tensor at a time (parity._spill; GPT-2-medium with rows: 2.8 GB
     # off torch's float64 run, the twin's own-noise run, the probe and the rows).
-    nbytes = 8 * sum(p.numel() for p in run.torch_module.parameters() if p.requires_grad)
-    spill = Spill() if o.grads and spill_wanted(o.spill, nbytes) else None
+    spill = Spill() if _spills(run.pair, o) else None
 
     def once(free: bool):
         # the twin's float64 variables are made when its side runs (PreparedPair.cast_variables)
@@ -599,12 +612,12 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
             made = run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
                             flax_side=False, free_weights=free, param_grad_sink=sink)
             if spill is not None:
-                made.torch.param_grads = spill
+                made.torch.param_grads = spill.reorder(n for n, _ in ref_pair.torch_module.named_parameters())
             return made
         ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True, free_weights=free,
                                  param_grad_sink=sink)[0]
         if spill is not None:
-            ref.param_grads = spill
+            ref.param_grads = spill.reorder(n for n, _ in ref_pair.torch_module.named_parameters())
         # Its outputs' autograd graph holds the float64 weights (the model's size, twice) for as
         # long as the run is alive; nothing reads them again.
         ref_pair.free_torch_weights()
