@@ -340,10 +340,11 @@ def check(
     may turn that leaf's FAIL into a pass (parity.judge.logit_rule; the report says so), never the
     reverse, never for a NaN, and never under the caller's own rtol/atol.
     data_parallel: also run the twin under jit on the batch sharded over N devices (parity.data_parallel).
-    spill: torch's float64 parameter gradients (a low-precision check's reference, read again
-    by the judge, the rows' noise probe and the rows) kept in files in TMPDIR between those reads
-    and deleted when judged or at the end (parity._spill): None (default) when they hold 1 GiB or
-    more (a 134M-parameter model), True always, False never. The same numbers either way.
+    spill: a low-precision check's torch parameter gradients (the checked run's, and the float64
+    reference's, which the judge, the rows' noise probe and the rows read again) kept in files in
+    TMPDIR between those reads and deleted when judged or at the end (parity._spill): None
+    (default) when the float64 ones hold 1 GiB or more (a 134M-parameter model), True always,
+    False never. The same numbers either way.
     lint: read both graphs for known convention traps first (parity.lint: GELU exact vs tanh,
     'SAME' vs symmetric padding with stride > 1, conv geometry, dropout left on, ceil_mode); each
     finding is a report warning "trap: ...". strict (runs the lint even with lint=False): any

@@ -82,9 +82,9 @@ class CheckOptions(Options):
     # Output leaves that are logits (class axis last): a path or paths (``out.logits``, ``logits``);
     # None infers them (a leaf whose path ends in ``logits``), () declares none (parity._logits).
     logits: str | tuple[str, ...] | None = None
-    # torch's float64 parameter gradients (a low-precision check's reference) kept in files
-    # between the judge's reads of them (parity._spill, in TMPDIR): None when they are 1 GiB or
-    # more, True always, False never.
+    # a low-precision check's torch parameter gradients (its checked run's and its float64
+    # reference's) kept in files between the judge's reads of them (parity._spill, in TMPDIR):
+    # None when the float64 ones are 1 GiB or more, True always, False never.
     spill: bool | None = None
 
     def __post_init__(self):

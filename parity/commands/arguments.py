@@ -57,8 +57,8 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="any trap-lint finding makes the check FAIL (exit 1), not only a warning")
     p.add_argument("--spill", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep torch's float64 gradients in files in TMPDIR between the judge's reads of "
-                        "them (default: when they hold 1 GiB or more; the same numbers either way)")
+                   help="keep torch's gradients in files in TMPDIR between the judge's reads of them "
+                        "(default: when the float64 ones hold 1 GiB or more; the same numbers either way)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=None,
                    help="built-ins: batch size of the example input (default 2; 2N with --data-parallel N)")
