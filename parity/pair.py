@@ -173,7 +173,7 @@ class PreparedPair:
         args = self.inputs(grads)
         restore = restore or self.shares_weights  # the caller's own weights: never left nudged
         saved = {n: b.detach().clone() for n, b in tm.named_buffers()} if self.train else {}
-        flips: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        flips: list[tuple[torch.Tensor, list[np.ndarray]]] = []
         if perturb is not None:
             gen = torch.Generator().manual_seed(perturb)
             with torch.no_grad():
@@ -193,9 +193,9 @@ class PreparedPair:
             tm.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for tensor, masks in flips:  # one ulp back, away from zero: exact
-                    for part, f in zip(_chunks(tensor), masks):
+                    for part, bits in zip(_chunks(tensor), masks):
                         away = torch.copysign(part.new_tensor(float("inf")), part)
-                        part.copy_(torch.where(f, torch.nextafter(part, away), part))
+                        part.copy_(torch.where(_unpacked(bits, part), torch.nextafter(part, away), part))
                 buffers = dict(tm.named_buffers())
                 for n, b in saved.items():
                     buffers[n].copy_(b)
@@ -307,19 +307,26 @@ def _nudge_mask(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(t.shape, generator=gen) < 0.5).to(t.device) & torch.isfinite(t) & (t != t.round())
 
 
-def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> list[torch.Tensor]:
+def _nudge(t: torch.Tensor, gen: torch.Generator, *, keep: bool) -> list[np.ndarray]:
     """Move a random half of ``t``'s finite, non-integer elements one ulp toward zero, in place, a
     chunk at a time (the same draws, in the same order, as one draw of the whole: the CPU
     generator's stream does not depend on how it is cut). The mask of each of ``_chunks(t)``
-    (``keep``), else nothing."""
+    (``keep``), packed 8 to a byte (a bool per weight is 355 MB on GPT-2-medium; the masks
+    cannot be drawn again: a value one ulp from an integer can become that integer), else nothing."""
     masks = []
     zero = t.new_zeros(())
     for part in _chunks(t):
         flip = _nudge_mask(part, gen)
         part.copy_(torch.where(flip, torch.nextafter(part, zero), part))
         if keep:
-            masks.append(flip)
+            masks.append(np.packbits(flip.reshape(-1).cpu().numpy()))
     return masks
+
+
+def _unpacked(bits: np.ndarray, part: torch.Tensor) -> torch.Tensor:
+    """The bool mask ``_nudge`` packed for ``part``, on its device and in its shape."""
+    flip = np.unpackbits(bits, count=part.numel()).view(bool)
+    return torch.from_numpy(flip).reshape(part.shape).to(part.device)
 
 
 def _nudged(a: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -184,3 +184,13 @@ def test_a_real_error_in_a_zero_in_theory_output_still_fails(dtype, reference):
     # torch's output is still noise: the Flax side's error is what fails.
     assert not out.ok and out.judge == "reference"
     assert (r.first_divergence, r.divergence_kind) == ("fc", "forward")
+
+
+def test_the_probe_keeps_its_masks_as_bits():
+    # A bool per weight to move them back was 355 MB on GPT-2-medium through the rows' probe:
+    # kept 8 to a byte, and unpacked to the very mask that moved them.
+    t = torch.linspace(0.1, 9.9, 1001).reshape(7, 143)
+    drawn = pair_module._nudge_mask(t.clone(), torch.Generator().manual_seed(3))
+    (bits,) = pair_module._nudge(t, torch.Generator().manual_seed(3), keep=True)
+    assert bits.nbytes == (1001 + 7) // 8
+    assert torch.equal(pair_module._unpacked(bits, t), drawn) and drawn.any() and not drawn.all()
