@@ -155,3 +155,15 @@ def test_example_input_and_input_shape_are_exclusive():
     proc = _parity("--torch", "planted:make_torch_tokens", "--flax", "planted:make_flax_tokens",
                    "--example-input", "planted:example_tokens", "--input-shape", "2,7")
     assert "exactly one of --input-shape and --example-input" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("flag, spill", [([], None), (["--spill"], True), (["--no-spill"], False)])
+def test_spill_flag_reaches_the_check(flag, spill):
+    import argparse
+
+    from parity.commands.arguments import add_check_arguments
+    from parity.commands.check import check_options
+
+    p = argparse.ArgumentParser()
+    add_check_arguments(p)
+    assert check_options(p.parse_args(["mlp", *flag])).spill is spill
