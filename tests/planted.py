@@ -284,3 +284,31 @@ def make_nnx_block():
             return self.fc2(nnx.gelu(self.norm(self.fc1(x)), approximate=False))
 
     return NNXBlock(nnx.Rngs(0))
+
+
+class TorchTwoFC(torch.nn.Module):
+    """Linear -> tanh -> Linear, seeded: the smallest pair with two layers to locate."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class FlaxTwoFC(nn.Module):
+    """TorchTwoFC's twin. dtype: HF-style, every layer computes in it (None: in its inputs' and
+    parameters' dtype, as a twin declared without one). low: the layer that computes in
+    bfloat16 instead (a planted mis-port)."""
+
+    dtype: jnp.dtype | None = jnp.float32
+    low: str = ""
+
+    @nn.compact
+    def __call__(self, x):
+        def dt(name):
+            return jnp.bfloat16 if name == self.low else self.dtype
+        h = nn.Dense(16, dtype=dt("fc1"), name="fc1")(x)
+        return nn.Dense(4, dtype=dt("fc2"), name="fc2")(jnp.tanh(h)).astype(self.dtype or x.dtype)

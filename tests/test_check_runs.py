@@ -12,6 +12,7 @@ import torch
 
 import parity
 import parity.checker as checker
+from planted import FlaxTwoFC, TorchTwoFC
 from test_layer_runs import Stack, TorchStack
 
 
@@ -37,28 +38,6 @@ def test_float64_rows_run_leaves_the_twins_parameter_gradients_out(monkeypatch):
     assert len(r.param_grads) == sum(1 for _ in TorchStack().parameters())  # the whole model's, judged
 
 
-class _TorchTwoFC(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-class _FlaxTwoFC(nn.Module):
-    dtype: jnp.dtype = jnp.float32  # HF-style: every layer computes in the dtype field
-    low: str = ""  # the layer that computes in bfloat16 instead (a planted mis-port)
-
-    @nn.compact
-    def __call__(self, x):
-        def dt(name):
-            return jnp.bfloat16 if name == self.low else self.dtype
-        h = nn.Dense(16, dtype=dt("fc1"), name="fc1")(x)
-        return nn.Dense(4, dtype=dt("fc2"), name="fc2")(jnp.tanh(h)).astype(self.dtype)
-
-
 def test_rows_of_a_twin_computing_in_its_dtype_field_read_the_checked_run(monkeypatch):
     # On the rows' float64 variables such a twin computes in its dtype field all the same: the
     # checked run records its layers and the rows read it; no whole-model run of the twin in
@@ -72,7 +51,7 @@ def test_rows_of_a_twin_computing_in_its_dtype_field_read_the_checked_run(monkey
 
     monkeypatch.setattr(checker, "forward_backward", spy)
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
-    r = parity.check(_TorchTwoFC(), _FlaxTwoFC(), x, input_layout="as_is", lint=False)
+    r = parity.check(TorchTwoFC(), FlaxTwoFC(), x, input_layout="as_is", lint=False)
     assert r.verdict == "PASS", r.summary()
     assert calls[0] == (True, "float32"), calls  # the checked run, every layer recorded
     assert (True, "float64") not in calls, calls  # no rows' run of its own
@@ -81,7 +60,7 @@ def test_rows_of_a_twin_computing_in_its_dtype_field_read_the_checked_run(monkey
         assert row.isolated is not None and row.isolated.ok and row.accumulated is not None, row
         assert row.grad_isolated is not None and row.grad_accumulated is not None, row
     # a layer computing in bfloat16 (a mis-port the checked run shows): located there
-    bad = parity.check(_TorchTwoFC(), _FlaxTwoFC(low="fc1"), x, input_layout="as_is", lint=False)
+    bad = parity.check(TorchTwoFC(), FlaxTwoFC(low="fc1"), x, input_layout="as_is", lint=False)
     assert (bad.verdict, bad.first_divergence) == ("FAIL", "fc1"), bad.summary()
 
 

@@ -7,15 +7,13 @@ import gc
 import os
 import time
 
-import flax.linen as nn
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
 import parity
 import parity.checker as checker
+from planted import FlaxTwoFC, TorchTwoFC
 from parity._spill import SPILL_BYTES, Renamed, Spill, in_memory, spill_root, spill_wanted
 
 
@@ -117,27 +115,6 @@ def test_spill_by_default_from_one_gib_of_gradients():
     assert spill_wanted(True, 0) and not spill_wanted(False, 10 * SPILL_BYTES)
 
 
-class _Torch(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-class _Flax(nn.Module):
-    low: str = ""  # the layer that computes in bfloat16 instead: a planted mis-port
-
-    @nn.compact
-    def __call__(self, x):
-        def dt(name):
-            return jnp.bfloat16 if name == self.low else None
-        h = nn.Dense(16, dtype=dt("fc1"), name="fc1")(x)
-        return nn.Dense(4, dtype=dt("fc2"), name="fc2")(jnp.tanh(h)).astype(x.dtype)
-
-
 @pytest.mark.parametrize("layers", [False, True], ids=["model", "rows"])
 @pytest.mark.parametrize("low", ["", "fc2"], ids=["correct", "mis-port"])
 def test_a_check_that_spills_gives_the_same_report(monkeypatch, layers, low):
@@ -151,7 +128,7 @@ def test_a_check_that_spills_gives_the_same_report(monkeypatch, layers, low):
         return analyze(*args, **kwargs)
     monkeypatch.setattr(checker, "analyze_layers", spy)
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
-    reports = [parity.check(_Torch(), _Flax(low=low), x, input_layout="as_is", lint=False, layers=layers,
+    reports = [parity.check(TorchTwoFC(), FlaxTwoFC(dtype=None, low=low), x, input_layout="as_is", lint=False, layers=layers,
                             spill=spill).to_dict() for spill in (False, True)]
     for r in reports:
         r["env"] = None  # (timings and versions aside)
@@ -176,10 +153,10 @@ def test_a_check_whose_files_fail_still_judges_and_says_so(monkeypatch):
         os.rmdir(self.directory)
     monkeypatch.setattr(Spill, "__init__", no_directory)
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
-    r = parity.check(_Torch(), _Flax(low="fc2"), x, input_layout="as_is", lint=False, spill=True)
+    r = parity.check(TorchTwoFC(), FlaxTwoFC(dtype=None, low="fc2"), x, input_layout="as_is", lint=False, spill=True)
     assert r.verdict == "FAIL" and r.first_divergence == "fc2", r.summary()
     assert any("torch's gradients could not all be kept in files" in w and "held in memory" in w for w in r.warnings), r.warnings
     monkeypatch.setattr(Spill, "__init__", init)
     monkeypatch.setattr(spill_module, "in_memory", lambda *a, **kw: True)
-    r = parity.check(_Torch(), _Flax(), x, input_layout="as_is", lint=False, spill=True)
+    r = parity.check(TorchTwoFC(), FlaxTwoFC(dtype=None), x, input_layout="as_is", lint=False, spill=True)
     assert r.verdict == "PASS" and any("a memory filesystem: set TMPDIR" in w for w in r.warnings), r.warnings
