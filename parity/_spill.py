@@ -24,10 +24,10 @@ from collections.abc import Iterator, Mapping, MutableMapping
 
 import numpy as np
 
-# A check spills torch's float64 gradients when they would hold at least this much (the model's
-# parameters, 8 bytes each): BERT-base's 0.9 GB stay in memory, where reading them back three
-# times would cost ~1 s of a 25 s check; GPT-2-medium's 2.8 GB go to files (its check's peak
-# with rows 9.7 -> 7.3 GiB, for about 2 s of a 70 s check: docs/checking.md).
+# A check spills torch's gradients when the float64 ones would hold at least this much (the
+# model's parameters, 8 bytes each): BERT-base's 0.9 GB stay in memory (its check is within its
+# memory targets; the writes would only add work on 2 cores); GPT-2-medium's go to files (its
+# check's peak with rows 9.5-9.8 -> 7.0 GiB, for about 2.6 s of a 60 s check: docs/checking.md).
 SPILL_BYTES = 1 << 30
 
 
