@@ -393,8 +393,7 @@ def _check_pair(pair: PreparedPair, o: CheckOptions, env: dict, platform: str, n
         run = run_pair(pair, o, layers=rows_here, say=say, watch=dname == "float64",
                        ops=torch_side is not None, flax_side=False,
                        param_grad_sink=None if spill is None else spill.__setitem__)
-    if spill is not None:  # in the model's parameter order, as the report lists them (not autograd's)
-        run.torch.param_grads = spill.reorder(n for n, _ in pair.torch_module.named_parameters())
+    _take_spilled(run.torch, spill, pair.torch_module)
     if torch_side is not None:
         torch_side.ops = run.torch.ops
     reference = None
@@ -492,6 +491,14 @@ def _spills(pair: PreparedPair, o: CheckOptions) -> bool:
     if not o.grads or o.override or o.dtype == "float64":
         return False
     return spill_wanted(o.spill, 8 * sum(p.numel() for p in pair.torch_module.parameters() if p.requires_grad))
+
+
+def _take_spilled(t: TorchRun, spill: Spill | None, module: torch.nn.Module) -> None:
+    """A run whose parameter gradients its sink put in ``spill`` (None: none did): they are its
+    ``param_grads``, in ``module``'s parameter order as the report lists them (the sink saw
+    autograd's)."""
+    if spill is not None:
+        t.param_grads = spill.reorder(n for n, _ in module.named_parameters())
 
 
 def _spill_notes(run: CapturedRun, ev: Evidence) -> list[str]:
@@ -612,13 +619,11 @@ def _float64_reference(run: CapturedRun, o: CheckOptions):
         if o.layers:
             made = run_pair(ref_pair, o, layers=True, say=lambda m: None, watch=True, cotangents=cots,
                             flax_side=False, free_weights=free, param_grad_sink=sink)
-            if spill is not None:
-                made.torch.param_grads = spill.reorder(n for n, _ in ref_pair.torch_module.named_parameters())
+            _take_spilled(made.torch, spill, ref_pair.torch_module)
             return made
         ref = ref_pair.run_torch(grads=o.grads, cotangents=cots or None, watch=True, free_weights=free,
                                  param_grad_sink=sink)[0]
-        if spill is not None:
-            ref.param_grads = spill.reorder(n for n, _ in ref_pair.torch_module.named_parameters())
+        _take_spilled(ref, spill, ref_pair.torch_module)
         # Its outputs' autograd graph holds the float64 weights (the model's size, twice) for as
         # long as the run is alive; nothing reads them again.
         ref_pair.free_torch_weights()
