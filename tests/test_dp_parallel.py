@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from parity.checker import check
+from parity._xla_flags import FORCE_DEVICES
 from parity.data_parallel import DataParallelError, data_mesh
 from parity.registry import PAIRS
 from parity.tolerances import FORWARD, GRAD, tolerance_for
@@ -94,9 +95,10 @@ def test_cli_data_parallel(capsys):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    # no XLA_FLAGS from outside: the command asks for its devices itself (--processes: per process)
+    # no device count from outside: the command asks for its devices itself (--processes: per
+    # process); the suite's other XLA flags stay (its compile settings: tests/run_dir.py)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FORCE_DEVICES))
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT / "tests", env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -24,8 +24,10 @@ def test_once_per_run_computes_once_and_shares_the_result():
     assert len(calls) == 1
 
 
-def test_suite_compiles_at_backend_level_0_unless_told():
-    assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"].split()
+def test_suite_compiles_at_backend_level_0_and_without_fusion_emitters_unless_told():
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_backend_optimization_level=0" in flags
+    assert "--xla_cpu_use_fusion_emitters=false" in flags
 
 
 def test_device_count_keeps_the_other_flags():
