@@ -12,9 +12,11 @@ FORCE_DEVICES = "--xla_force_host_platform_device_count"
 def with_cpu_devices(flags: str, n: int, *, replace: bool = True) -> str:
     """``flags`` (an XLA_FLAGS value) asking for ``n`` simulated CPU devices. ``replace=False``
     keeps a device count already there (the user's choice wins); the other flags always stay."""
-    kept = flags.split()
-    if any(f.startswith(FORCE_DEVICES) for f in kept):
-        if not replace:
-            return flags
-        kept = [f for f in kept if not f.startswith(FORCE_DEVICES)]
-    return " ".join([*kept, f"{FORCE_DEVICES}={n}"])
+    if not replace and any(f.startswith(FORCE_DEVICES) for f in flags.split()):
+        return flags
+    return " ".join([*without_cpu_devices(flags).split(), f"{FORCE_DEVICES}={n}"])
+
+
+def without_cpu_devices(flags: str) -> str:
+    """``flags`` (an XLA_FLAGS value) without a simulated CPU device count; the others stay."""
+    return " ".join(f for f in flags.split() if not f.startswith(FORCE_DEVICES))

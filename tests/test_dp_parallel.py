@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from parity.checker import check
-from parity._xla_flags import FORCE_DEVICES
+from parity._xla_flags import without_cpu_devices
 from parity.data_parallel import DataParallelError, data_mesh
 from parity.registry import PAIRS
 from parity.tolerances import FORWARD, GRAD, tolerance_for
@@ -98,7 +98,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     # no device count from outside: the command asks for its devices itself (--processes: per
     # process); the suite's other XLA flags stay (its compile settings: tests/run_dir.py)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FORCE_DEVICES))
+    env["XLA_FLAGS"] = without_cpu_devices(env.get("XLA_FLAGS", ""))
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT / "tests", env=env,
                           capture_output=True, text=True, timeout=600)
 

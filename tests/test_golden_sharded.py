@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import parity
-from parity._xla_flags import FORCE_DEVICES, with_cpu_devices
+from parity._xla_flags import with_cpu_devices, without_cpu_devices
 from parity.registry import select
 from parity.sharding import ShardingError, ShardOptions, ShardRule, parse_mesh
 from parity.tolerances import FORWARD, GRAD, tolerance_for
@@ -172,7 +172,7 @@ def _cli(*args: str, devices: int | None = None) -> subprocess.CompletedProcess:
     # torch blocked (tests/no_torch): sharded verify runs where torch is not installed
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS / "no_torch"), str(ROOT)])}
     # no device count unless asked (the suite's other XLA flags stay)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FORCE_DEVICES))
+    env["XLA_FLAGS"] = without_cpu_devices(env.get("XLA_FLAGS", ""))
     if devices is not None:
         env["XLA_FLAGS"] = with_cpu_devices(env["XLA_FLAGS"], devices)
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], cwd=ROOT, env=env, capture_output=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from parity._xla_flags import FORCE_DEVICES, with_cpu_devices
+from parity._xla_flags import FORCE_DEVICES, with_cpu_devices, without_cpu_devices
 from child_process import once_per_run
 
 
@@ -36,3 +36,8 @@ def test_device_count_keeps_the_other_flags():
     assert with_cpu_devices(f"{FORCE_DEVICES}=8 --a", 2).split() == ["--a", f"{FORCE_DEVICES}=2"]
     assert with_cpu_devices(f"{FORCE_DEVICES}=8 --a", 2, replace=False) == f"{FORCE_DEVICES}=8 --a"
     assert with_cpu_devices("", 3) == f"{FORCE_DEVICES}=3"
+
+
+def test_dropping_the_device_count_keeps_the_other_flags():
+    assert without_cpu_devices(f"--a {FORCE_DEVICES}=8 --b").split() == ["--a", "--b"]
+    assert without_cpu_devices("--a") == "--a" and without_cpu_devices("") == ""
