@@ -1,5 +1,5 @@
-"""Running the per-layer analysis's isolated layers: in chunks (streamed), and one compiled program
-per kind of layer that occurs more than once.
+"""Running the per-layer analysis's isolated layers: in chunks (streamed), dispatched a chunk at a
+time ahead of their judging, and one compiled program per kind of layer that occurs more than once.
 
 A transformer's twelve blocks are the same Flax module with the same fields on the same shapes:
 compiled once each, the twelve blocks (and their attention, projections, norms) cost one block's
@@ -181,28 +181,44 @@ def shared_programs(jobs: Sequence[IsolatedLayer]) -> dict[int, Callable]:
     return out
 
 
-def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = None) -> list:
-    """Each job's fwd_bwd on the host, in order (an Exception in place of a layer that cannot run
-    alone: it costs only its own row). A job with a shared program runs it; the rest run as one
-    jitted program (one XLA compile instead of one per primitive per layer), else one at a time."""
+def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = None) -> Iterator:
+    """Each job's fwd_bwd, dispatched now; an iterator of their results on the host, in order
+    (an Exception in place of a layer that cannot run alone: it costs only its own row). A job
+    with a shared program runs it; the rest run as one jitted program (one XLA compile instead
+    of one per primitive per layer), else one at a time. Every job of the list is dispatched
+    before the first is waited for (XLA runs them asynchronously): the caller judges a layer
+    while the next ones compute (BERT-base's per-layer phase: 5.8-6.1 -> 5.0-5.2 s). The next
+    chunk dispatched before this one is judged was no faster (5.1 s)."""
     shared = shared or {}
-    results: dict[int, object] = {}
-    for j in jobs:
-        if id(j) in shared:
-            try:
-                results[id(j)] = to_host(shared[id(j)]((j.params, j.fixed, j.floats, j.others, j.cots)))
-            except Exception as exc:  # noqa: BLE001
-                results[id(j)] = exc
+    pending: dict[int, object] = {}  # id(job) -> its results on the device, or an Exception
     alone = [j for j in jobs if id(j) not in shared]
     if alone:
         args = [(j.params, j.fixed, j.floats, j.cots) for j in alone]
         try:
             batched = jax.jit(lambda a: [j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]) for j, x in zip(alone, a)])
-            results.update(zip(map(id, alone), to_host(batched(args))))
+            pending.update(zip(map(id, alone), batched(args)))
         except Exception:  # noqa: BLE001
             for j, a in zip(alone, args):
                 try:
-                    results[id(j)] = to_host(jax.jit(lambda x, j=j: j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))(a))
+                    pending[id(j)] = jax.jit(lambda x, j=j: j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))(a)
                 except Exception as exc:  # noqa: BLE001
-                    results[id(j)] = exc
-    return [results[id(j)] for j in jobs]
+                    pending[id(j)] = exc
+    for j in jobs:
+        if id(j) in shared:
+            try:
+                pending[id(j)] = shared[id(j)]((j.params, j.fixed, j.floats, j.others, j.cots))
+            except Exception as exc:  # noqa: BLE001
+                pending[id(j)] = exc
+    return _fetched(jobs, pending)
+
+
+def _fetched(jobs: list[IsolatedLayer], pending: dict[int, object]) -> Iterator:
+    """run_jobs' results on the host, in job order, each waited for when asked."""
+    for j in jobs:
+        result = pending.pop(id(j))
+        if not isinstance(result, Exception):
+            try:
+                result = to_host(result)
+            except Exception as exc:  # noqa: BLE001 -- an error XLA reports when the run ends
+                result = exc
+        yield result

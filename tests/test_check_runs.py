@@ -207,20 +207,30 @@ def test_rows_of_a_twin_that_cannot_run_in_float64_are_made_in_the_checked_dtype
     assert fc.isolated is not None and fc.isolated.ok  # and the rows still made, in float32
 
 
-@pytest.mark.parametrize("given", [False, True], ids=["ported", "callers-variables"])
-def test_no_twin_variables_are_held_through_torchs_float64_run(monkeypatch, given):
+@pytest.mark.parametrize("given,large", [(False, True), (False, False), (True, True)],
+                         ids=["ported-large", "ported-small", "callers-variables"])
+def test_no_twin_variables_are_held_through_torchs_float64_run(monkeypatch, given, large):
     # With rows, torch's float64 run holds its float64 weights and gradients. The twin's float64
     # variables (the model's size in float64 again) are made after it, when the twin's side runs
-    # (GPT-2-medium: 2.8 GB off the check's peak), and its checked-dtype ones, which the twin never
-    # runs on again, are freed before it and ported again in float64 when they are needed
-    # (GPT-2-medium: 1.35 GB). The caller's own variables cannot be ported again: kept, and cast.
+    # (GPT-2-medium: 2.8 GB off the check's peak). A large model's checked-dtype ones, which the
+    # twin never runs on again, are freed before it and ported again in float64 when they are
+    # needed (GPT-2-medium: 1.35 GB); a smaller model's are kept and cast, with no second port
+    # (BERT-base: 1.0 s). The caller's own variables cannot be ported again: kept, and cast.
     import gc
     import weakref
 
+    import parity._spill as spill_module
     from parity.pair import PreparedPair
 
-    seen, alive, checked = [], [], []
-    run_torch, prepare = PreparedPair.run_torch, checker.prepare
+    if large:  # the model is "large" from 1 byte on
+        monkeypatch.setattr(spill_module, "SPILL_BYTES", 1)
+    seen, alive, checked, ports = [], [], [], []
+    run_torch, prepare, port = PreparedPair.run_torch, checker.prepare, PreparedPair.port_variables
+
+    def spy_port(self, *a, **kw):
+        ports.append(a)
+        return port(self, *a, **kw)
+    monkeypatch.setattr(PreparedPair, "port_variables", spy_port)
 
     def spy_prepare(*a, **kw):
         pair = prepare(*a, **kw)
@@ -255,9 +265,15 @@ def test_no_twin_variables_are_held_through_torchs_float64_run(monkeypatch, give
     if given:  # the caller's variables were used and kept: the port of torch's weights would pass
         assert r.verdict == "FAIL", r.summary()
         assert seen == [{"float32"}] and alive[0] == len(checked), (seen, alive)
-    else:
+        assert ports == [], ports
+    elif large:
         assert r.verdict == "PASS", r.summary()
         assert seen == [set()] and alive == [0], (seen, alive)  # no twin variables in any dtype
+        assert ports == [("float64",)], ports  # ported again, straight to float64
+    else:  # the checked-dtype ones alone (no float64 copy yet), cast later: never ported again
+        assert r.verdict == "PASS", r.summary()
+        assert seen == [{"float32"}] and alive[0] == len(checked), (seen, alive)
+        assert ports == [], ports
     assert rows_vars == [{"float64"}], rows_vars
 
 

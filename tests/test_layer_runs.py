@@ -122,3 +122,28 @@ def test_same_static_compares_what_a_program_computes():
         def __eq__(self, other):
             return np.array([True, False])
     assert not same_static(Ambiguous(), Ambiguous())
+
+
+def test_a_chunks_layers_are_all_dispatched_before_the_first_is_waited_for(monkeypatch):
+    # XLA runs a dispatched program asynchronously: the rows judge one layer while the next ones
+    # compute, so every program of a chunk is dispatched before the first result is fetched
+    events: list[str] = []
+    real_shared, real_host = runs.shared_programs, runs.to_host
+
+    def spy_shared(jobs):
+        def traced(fn):
+            def call(*a):
+                events.append("dispatch")
+                return fn(*a)
+            return call
+        return {k: traced(fn) for k, fn in real_shared(jobs).items()}
+
+    def spy_host(tree):
+        events.append("wait")
+        return real_host(tree)
+    monkeypatch.setattr(runs, "shared_programs", spy_shared)
+    monkeypatch.setattr(runs, "to_host", spy_host)
+    r = _check(Stack())
+    assert r.verdict == "PASS"
+    assert events.count("dispatch") >= 12, events  # the 4 blocks, their norms and their fc's
+    assert events.index("wait") > max(i for i, e in enumerate(events) if e == "dispatch"), events
