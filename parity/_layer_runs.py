@@ -191,16 +191,18 @@ def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = Non
     chunk dispatched before this one is judged was no faster (5.1 s)."""
     shared = shared or {}
     pending: dict[int, object] = {}  # id(job) -> its results on the device, or an Exception
+    batched_args: dict[int, tuple] = {}  # id(job) -> its arguments, for the batched program's jobs
     alone = [j for j in jobs if id(j) not in shared]
     if alone:
         args = [(j.params, j.fixed, j.floats, j.cots) for j in alone]
         try:
             batched = jax.jit(lambda a: [j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]) for j, x in zip(alone, a)])
             pending.update(zip(map(id, alone), batched(args)))
+            batched_args.update(zip(map(id, alone), args))
         except Exception:  # noqa: BLE001
             for j, a in zip(alone, args):
                 try:
-                    pending[id(j)] = jax.jit(lambda x, j=j: j.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))(a)
+                    pending[id(j)] = _own_program(j)(a)
                 except Exception as exc:  # noqa: BLE001
                     pending[id(j)] = exc
     for j in jobs:
@@ -209,16 +211,28 @@ def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = Non
                 pending[id(j)] = shared[id(j)]((j.params, j.fixed, j.floats, j.others, j.cots))
             except Exception as exc:  # noqa: BLE001
                 pending[id(j)] = exc
-    return _fetched(jobs, pending)
+    return _fetched(jobs, pending, batched_args)
 
 
-def _fetched(jobs: list[IsolatedLayer], pending: dict[int, object]) -> Iterator:
-    """run_jobs' results on the host, in job order, each waited for when asked."""
+def _own_program(job: IsolatedLayer) -> Callable:
+    return jax.jit(lambda x: job.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))
+
+
+def _fetched(jobs: list[IsolatedLayer], pending: dict[int, object], batched_args: dict[int, tuple]) -> Iterator:
+    """run_jobs' results on the host, in job order, each waited for when asked. A job of the
+    batched program that ends in an error (XLA reports a run's errors when its results are
+    fetched) runs again in a program of its own: the error costs only the row that makes it."""
     for j in jobs:
         result = pending.pop(id(j))
         if not isinstance(result, Exception):
             try:
                 result = to_host(result)
-            except Exception as exc:  # noqa: BLE001 -- an error XLA reports when the run ends
+            except Exception as exc:  # noqa: BLE001
                 result = exc
+                if id(j) in batched_args:
+                    try:
+                        result = to_host(_own_program(j)(batched_args[id(j)]))
+                    except Exception as again:  # noqa: BLE001
+                        result = again
+        batched_args.pop(id(j), None)
         yield result

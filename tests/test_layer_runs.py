@@ -147,3 +147,25 @@ def test_a_chunks_layers_are_all_dispatched_before_the_first_is_waited_for(monke
     assert r.verdict == "PASS"
     assert events.count("dispatch") >= 12, events  # the 4 blocks, their norms and their fc's
     assert events.index("wait") > max(i for i, e in enumerate(events) if e == "dispatch"), events
+
+
+def test_a_batched_layer_whose_run_fails_when_fetched_runs_again_alone(monkeypatch):
+    # XLA reports a dispatched program's runtime errors when its results are fetched: a layer of
+    # the batched program (the layers met once) whose fetch fails runs again in its own program
+    # and keeps its row, as a failure at dispatch always did
+    real_host = runs.to_host
+    failed: list[int] = []
+
+    def flaky(tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        if not failed and leaves and not isinstance(leaves[0], np.ndarray):
+            failed.append(1)
+            raise RuntimeError("planted: the batched program's run failed")
+        return real_host(tree)
+    monkeypatch.setattr(runs, "shared_programs", lambda jobs: {})  # every layer in the batched program
+    monkeypatch.setattr(runs, "to_host", flaky)
+    r = _check(Stack())
+    assert failed == [1]
+    assert r.verdict == "PASS", r.summary()
+    assert not any("could not run the Flax layer alone" in n for row in r.layers for n in row.notes), \
+        [row.notes for row in r.layers]
