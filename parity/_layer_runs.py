@@ -215,6 +215,7 @@ def run_jobs(jobs: list[IsolatedLayer], shared: dict[int, Callable] | None = Non
 
 
 def _own_program(job: IsolatedLayer) -> Callable:
+    """``job``'s fwd_bwd jitted alone (its arguments as the batched program takes them)."""
     return jax.jit(lambda x: job.fwd_bwd(x[0], x[2], x[3], fixed=x[1]))
 
 

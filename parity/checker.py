@@ -493,14 +493,19 @@ def _spills(pair: PreparedPair, o: CheckOptions) -> bool:
     by default when the float64 ones hold 1 GiB or more)."""
     if not o.grads or o.override or o.dtype == "float64":
         return False
-    return spill_wanted(o.spill, 8 * sum(p.numel() for p in pair.torch_module.parameters() if p.requires_grad))
+    return spill_wanted(o.spill, _float64_bytes(pair, trainable=True))
 
 
 def _large(pair: PreparedPair) -> bool:
     """Whether the pair's torch parameters hold SPILL_BYTES (1 GiB) or more in float64, the size
     from which a check trades time for memory: GPT-2-medium's 2.8 GB do, BERT-base's 0.9 GB do
     not."""
-    return spill_wanted(None, 8 * sum(p.numel() for p in pair.torch_module.parameters()))
+    return spill_wanted(None, _float64_bytes(pair))
+
+
+def _float64_bytes(pair: PreparedPair, *, trainable: bool = False) -> int:
+    """The bytes of the pair's torch parameters in float64 (trainable: those with gradients alone)."""
+    return 8 * sum(p.numel() for p in pair.torch_module.parameters() if p.requires_grad or not trainable)
 
 
 def _take_spilled(t: TorchRun, spill: Spill | None, module: torch.nn.Module) -> None:
